@@ -1,0 +1,67 @@
+"""Exception types: one per kind of failure, so callers (and the HTTP layer) can map them."""
+
+from __future__ import annotations
+
+
+class MuxServeError(Exception):
+    """Base of every error MuxServe raises on purpose."""
+
+
+class ConfigError(MuxServeError, ValueError):
+    """A configuration file is missing, malformed, or names an invalid value.
+
+    The message names the file and the offending key.
+    """
+
+
+class CheckpointError(MuxServeError):
+    """A Hugging Face checkpoint folder cannot be served (missing files or tensors)."""
+
+
+class UnsupportedArchitectureError(CheckpointError):
+    """The checkpoint's `architectures` names a model family MuxServe does not implement."""
+
+
+class RequestError(MuxServeError, ValueError):
+    """A request that cannot be served as asked; nothing was allocated for it.
+
+    `param` names the offending field where there is one (OpenAI's error `param`).
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnknownModelError(RequestError):
+    """The request names a model this engine does not serve."""
+
+    def __init__(self, model: str, served: list[str]) -> None:
+        super().__init__(
+            f"model {model!r} is not served here; served models: {', '.join(served)}", "model"
+        )
+        self.model = model
+
+
+class EmptyPromptError(RequestError):
+    """The prompt has no tokens."""
+
+
+class PromptTooLongError(RequestError):
+    """Prompt plus requested output exceed what the model (or the KV pool) can hold."""
+
+
+class InvalidSamplingParamsError(RequestError):
+    """A sampling parameter is out of range; `param` names it."""
+
+
+class QueueFullError(RequestError):
+    """A model's bounded waiting queue is full; retry later (HTTP 429)."""
+
+
+class RequestAbortedError(MuxServeError):
+    """The request was aborted before it finished."""
+
+
+class WorkerFailedError(MuxServeError):
+    """The worker running a request's job failed; the request cannot complete."""

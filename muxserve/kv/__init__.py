@@ -1,0 +1,1 @@
+"""KV pool accounting (torch-free): block ids, per-model quotas, block tables."""

@@ -1,0 +1,1 @@
+"""Model execution: the KV pool tensor, attention over it, sampling."""

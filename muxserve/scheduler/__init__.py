@@ -1,0 +1,1 @@
+"""Scheduling (torch-free): per-model queues, KV quotas, and the jobs handed to executors."""

@@ -1,0 +1,67 @@
+"""The typed seam between scheduler and executor: a job to run and the result it gives back."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+from muxserve.sampling_params import SamplingParams
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class SeqWork:
+    """One sequence's share of a job: which tokens to compute, where its KV lives."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # tokens to feed now (a prefill chunk, or the last token)
+    start_pos: int  # tokens of this sequence already in the pool; positions start here
+    block_table: np.ndarray  # (num_logical_blocks, layers, kv_heads) int32, covers all tokens
+    sample: bool  # the chunk ends at the last known token: sample the next one
+    params: SamplingParams
+    seed: int  # the request's sampling seed (given, or drawn at admission)
+    step: int  # index of the output token being sampled: with `seed`, fixes its randomness
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One forward pass of one model in one phase over a batch of its sequences."""
+
+    job_id: int
+    model: str
+    phase: Phase
+    seqs: tuple[SeqWork, ...]
+    sm_share: float  # fraction of the device's SMs this job may use
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass(frozen=True)
+class SeqResult:
+    """What a job produced for one sequence; `token_id` is None when it did not sample."""
+
+    request_id: str
+    token_id: int | None
+    logprob: float | None = None  # of the sampled token, when logprobs were asked for
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """The outcome of a job, aligned with `job.seqs`; `error` is set when the job failed."""
+
+    job_id: int
+    outputs: tuple[SeqResult, ...]
+    error: str | None = None
