@@ -129,7 +129,9 @@ def parse_hf_config(raw: dict[str, Any], source: str = "config.json") -> HFModel
     rope_theta, rope_scaling = _parse_rope(raw, source)
 
     is_qwen2 = arch == "Qwen2ForCausalLM"
-    attention_bias = bool(raw.get("attention_bias", False))
+    # only transformers' Llama reads these two; Mistral and Qwen2 hard-code their biases
+    is_llama = arch == "LlamaForCausalLM"
+    attention_bias = is_llama and bool(raw.get("attention_bias", False))
     windows = _sliding_windows(raw, arch, layers)
 
     eos = raw.get("eos_token_id")
@@ -150,7 +152,7 @@ def parse_hf_config(raw: dict[str, Any], source: str = "config.json") -> HFModel
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=is_qwen2 or attention_bias,
         o_bias=(not is_qwen2) and attention_bias,
-        mlp_bias=bool(raw.get("mlp_bias", False)),
+        mlp_bias=is_llama and bool(raw.get("mlp_bias", False)),
         layer_sliding_windows=windows,
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         bos_token_id=raw.get("bos_token_id"),
@@ -176,15 +178,29 @@ def _parse_rope(raw: dict[str, Any], source: str) -> tuple[float, dict[str, Any]
     scaling.pop("type", None)
     scaling.pop("rope_theta", None)
     scaling["rope_type"] = rope_type
+    if rope_type in ("llama3", "yarn"):  # as transformers' standardize_rope_params fills it in
+        top = raw.get("original_max_position_embeddings")
+        if top is not None:
+            scaling["original_max_position_embeddings"] = int(top)
+        else:
+            scaling.setdefault(
+                "original_max_position_embeddings", int(raw.get("max_position_embeddings", 2048))
+            )
     return theta, None if rope_type == "default" else scaling
 
 
 def _sliding_windows(raw: dict[str, Any], arch: str, layers: int) -> tuple[int | None, ...]:
     window = raw.get("sliding_window")
+    if arch == "LlamaForCausalLM":  # transformers' Llama has no window, whatever the config says
+        window = None
     if arch == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
         window = None
     if window is None:
         return (None,) * layers
+    if (
+        arch == "MistralForCausalLM"
+    ):  # transformers' Mistral windows every layer, ignores layer_types
+        return (int(window),) * layers
     types = raw.get("layer_types")
     if types is None:
         if arch == "Qwen2ForCausalLM":

@@ -1,0 +1,86 @@
+"""A request's whole state, from admission to finish; torch-free.
+
+Prefill vs decode is derived from token counts, not stored: a request is decoding when every
+token but the last sampled one is in the KV cache.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from muxserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued; holds no blocks
+    RUNNING = "running"  # admitted; holds blocks
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS, a stop token, or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"  # the client went away or asked
+    ERROR = "error"  # the worker failed
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprob of a sampled token and the top alternatives at that step."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request for one model."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    seed: int  # sampling seed: the request's own, or one drawn at admission
+    eos_token_ids: frozenset[int] = frozenset()
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the pool
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    in_flight: bool = False  # a job that includes this request is running
+    pending_finish: FinishReason | None = None  # finish asked while in flight: apply on return
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.num_computed_tokens == self.num_tokens - 1 and bool(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_at(self, pos: int) -> int:
+        p = len(self.prompt_token_ids)
+        return self.prompt_token_ids[pos] if pos < p else self.output_token_ids[pos - p]
+
+    def tokens_from(self, start: int, end: int) -> tuple[int, ...]:
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return tuple(self.prompt_token_ids[start:end])
+        return tuple(self.all_token_ids[start:end])

@@ -1,0 +1,52 @@
+"""What the scheduler knows of one served model, and its queues."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from muxserve.config import SMShare
+from muxserve.kv.layout import KVLayout
+from muxserve.request import Request
+from muxserve.scheduler.job import Phase
+
+
+@dataclass(frozen=True)
+class ModelSlot:
+    """A served model as the scheduler sees it: no weights, just sizes and limits."""
+
+    name: str
+    layout: KVLayout
+    max_model_len: int  # prompt + output tokens at most
+    eos_token_ids: frozenset[int] = frozenset()
+    rate: float = 1.0  # expected requests/s: weight of the initial KV quota
+    sm_share: SMShare = SMShare()
+    max_waiting: int = 1024
+
+    def share(self, phase: Phase) -> float:
+        return self.sm_share.prefill if phase is Phase.PREFILL else self.sm_share.decode
+
+
+@dataclass(eq=False)
+class ModelQueue:
+    """Per-model scheduling state: waiting requests (FIFO) and admitted ones."""
+
+    slot: ModelSlot
+    waiting: deque[Request] = field(default_factory=deque)
+    running: list[Request] = field(default_factory=list)  # admission order
+    busy: set[Phase] = field(default_factory=set)  # phases with a job in flight
+    blocked: bool = False  # the head of `waiting` could not get blocks at the last try
+
+    @property
+    def name(self) -> str:
+        return self.slot.name
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def requeue(self, req: Request) -> None:
+        """Put a preempted request back in arrival order, ahead of later arrivals."""
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].arrival_time <= req.arrival_time:
+            i += 1
+        self.waiting.insert(i, req)

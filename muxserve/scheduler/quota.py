@@ -1,0 +1,97 @@
+"""How the unified pool is split between models: static, or adaptive (ADBS)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from muxserve.kv.block_pool import BlockPool, proportional_split
+from muxserve.kv.block_tables import BlockTables
+from muxserve.scheduler.model_slot import ModelQueue
+
+
+class QuotaPolicy(Protocol):
+    adaptive: bool  # whether `rebalance` ever moves blocks
+
+    def initial(self, num_blocks: int, queues: Mapping[str, ModelQueue]) -> dict[str, int]: ...
+
+    def ceiling(self, pool: BlockPool, model: str) -> int:
+        """The most blocks `model` could ever hold: a request needing more can never run."""
+        ...
+
+    def rebalance(
+        self, pool: BlockPool, tables: BlockTables, queues: Mapping[str, ModelQueue]
+    ) -> None: ...
+
+
+def quota_weights(queues: Mapping[str, ModelQueue]) -> dict[str, float]:
+    """A model's claim on the pool: its rate times its KV bytes per token."""
+    return {n: q.slot.rate * q.slot.layout.kv_bytes_per_token for n, q in queues.items()}
+
+
+class StaticQuota:
+    """A fixed, equal partition: each model owns 1/n of the pool, for ever (the spatial baseline)."""
+
+    adaptive = False
+
+    def initial(self, num_blocks: int, queues: Mapping[str, ModelQueue]) -> dict[str, int]:
+        return proportional_split(num_blocks, dict.fromkeys(queues, 1.0))
+
+    def ceiling(self, pool: BlockPool, model: str) -> int:
+        return pool.quota(model)
+
+    def rebalance(
+        self, pool: BlockPool, tables: BlockTables, queues: Mapping[str, ModelQueue]
+    ) -> None:
+        return None
+
+
+class AdaptiveQuota:
+    """ADBS quotas: start proportional to rate x KV bytes/token, then follow the load.
+
+    At each rebalance a model keeps what its requests hold; the free blocks go first to models
+    with unmet demand (requests waiting for blocks, decodes about to cross a block boundary), in
+    proportion to their weight and capped at that demand, and the rest by weight to everyone,
+    so an idle model still has room for its next request.
+    """
+
+    adaptive = True
+
+    def initial(self, num_blocks: int, queues: Mapping[str, ModelQueue]) -> dict[str, int]:
+        return proportional_split(num_blocks, quota_weights(queues))
+
+    def ceiling(self, pool: BlockPool, model: str) -> int:
+        return pool.num_blocks
+
+    def rebalance(
+        self, pool: BlockPool, tables: BlockTables, queues: Mapping[str, ModelQueue]
+    ) -> None:
+        weights = quota_weights(queues)
+        demand = {n: _demand(q, tables, pool.num_free) for n, q in queues.items()}
+        give = dict.fromkeys(queues, 0)
+        spare = pool.num_free
+        hungry = {n for n, d in demand.items() if d > 0}
+        while spare > 0 and hungry:  # water-filling over models with demand
+            split = proportional_split(spare, {n: weights[n] for n in hungry})
+            for n in list(hungry):
+                take = min(split[n], demand[n] - give[n])
+                give[n] += take
+                spare -= take
+                if give[n] >= demand[n]:
+                    hungry.discard(n)
+        for n, extra in proportional_split(spare, weights).items():
+            give[n] += extra
+        pool.set_quotas({n: pool.used(n) + give[n] for n in queues})
+
+
+def _demand(q: ModelQueue, tables: BlockTables, cap: int) -> int:
+    """Blocks the model could use now beyond what it holds."""
+    layout = q.slot.layout
+    need = 0
+    for r in q.running:  # the next token of each running request
+        need += tables.blocks_to_cover(q.name, r.request_id, r.num_tokens + 1)
+    for r in q.waiting:
+        if need >= cap:
+            break
+        need += layout.physical_blocks_for(r.num_tokens + 1)
+    return min(need, cap)

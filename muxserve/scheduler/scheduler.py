@@ -1,0 +1,341 @@
+"""The event-driven scheduler over the shared KV pool (ADBS, or the FCFS / static baselines).
+
+`schedule()` hands out jobs for idle (model, phase) workers; `on_job_done()` applies their
+results. The same object drives the inline executor, worker processes and the simulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from muxserve.config import EngineConfig
+from muxserve.errors import PromptTooLongError, QueueFullError
+from muxserve.kv.block_pool import BlockPool
+from muxserve.kv.block_tables import BlockTables
+from muxserve.request import FinishReason, Request, RequestStatus, TokenLogprobs
+from muxserve.scheduler.job import Job, JobResult, Phase, SeqResult, SeqWork
+from muxserve.scheduler.model_slot import ModelQueue, ModelSlot
+from muxserve.scheduler.policy import AdbsPolicy, FcfsPolicy, JobPolicy
+from muxserve.scheduler.quota import AdaptiveQuota, QuotaPolicy, StaticQuota
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """A model's scheduling state, for metrics."""
+
+    waiting: int
+    running: int
+    blocks_used: int
+    blocks_quota: int
+
+
+class Scheduler:
+    """Per-model queues over one pool; forms jobs and applies their results."""
+
+    def __init__(
+        self,
+        slots: Sequence[ModelSlot],
+        num_blocks: int,
+        *,
+        policy: JobPolicy,
+        quota: QuotaPolicy,
+        prefill_token_budget: int = 2048,
+        max_batch_size: int = 256,
+        rebalance_interval: int = 8,
+        sm_overload: float = 0.1,
+    ) -> None:
+        if not slots:
+            raise ValueError("the scheduler needs at least one model")
+        self.queues = {s.name: ModelQueue(s) for s in slots}
+        self._order = list(self.queues.values())
+        self.policy = policy
+        self.quota = quota
+        self.pool = BlockPool(num_blocks, quota.initial(num_blocks, self.queues))
+        self.tables = BlockTables(self.pool, {s.name: s.layout for s in slots})
+        self.prefill_token_budget = prefill_token_budget
+        self.max_batch_size = max_batch_size
+        self.rebalance_interval = rebalance_interval
+        self.sm_limit = 1.0 + sm_overload
+        self._requests: dict[str, Request] = {}
+        self._in_flight: dict[int, Job] = {}
+        self._sm_in_use = 0.0
+        self._next_job_id = 0
+        self._steps = 0
+        self._needs_rebalance = False
+        self.num_preemptions = 0
+
+    @classmethod
+    def create(cls, slots: Sequence[ModelSlot], num_blocks: int, config: EngineConfig) -> Scheduler:
+        """The scheduler the config asks for: policy adbs|fcfs, kv_mode unified|static."""
+        return cls(
+            slots,
+            num_blocks,
+            policy=AdbsPolicy() if config.policy == "adbs" else FcfsPolicy(),
+            quota=AdaptiveQuota() if config.kv_mode == "unified" else StaticQuota(),
+            prefill_token_budget=config.prefill_token_budget,
+            max_batch_size=config.max_batch_size,
+            rebalance_interval=config.rebalance_interval,
+            sm_overload=config.sm_overload,
+        )
+
+    # ---- requests ----------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        """Queue a request; raises before anything is allocated if it can never run."""
+        q = self.queues[req.model]
+        slot = q.slot
+        total = req.num_prompt_tokens + req.params.max_tokens
+        if req.num_prompt_tokens >= slot.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {req.num_prompt_tokens} tokens; {slot.name}'s context is "
+                f"{slot.max_model_len} tokens",
+                "prompt",
+            )
+        if total > slot.max_model_len:
+            raise PromptTooLongError(
+                f"{slot.name}'s context is {slot.max_model_len} tokens, but {total} were asked "
+                f"({req.num_prompt_tokens} in the prompt, {req.params.max_tokens} to generate)",
+                "max_tokens",
+            )
+        need = slot.layout.physical_blocks_for(total)
+        ceiling = self.quota.ceiling(self.pool, slot.name)
+        if need > ceiling:
+            raise PromptTooLongError(
+                f"{total} tokens of {slot.name} need {need} KV blocks; its share of the pool "
+                f"holds {ceiling} ({slot.layout.tokens_per_block * ceiling // slot.layout.blocks_per_logical} tokens)",
+                "max_tokens",
+            )
+        if len(q.waiting) >= slot.max_waiting:
+            raise QueueFullError(f"{slot.name}: {len(q.waiting)} requests already waiting", "model")
+        if req.request_id in self._requests:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        self._requests[req.request_id] = req
+        q.waiting.append(req)
+
+    def get(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Abort a request and free its blocks (at once, or when its job returns)."""
+        return self.finish(request_id, FinishReason.ABORT)
+
+    def finish(self, request_id: str, reason: FinishReason) -> Request | None:
+        """End a request early (abort, a stop string); None if it is unknown or done."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        if req.in_flight:
+            req.pending_finish = reason
+        else:
+            self._finish(self.queues[req.model], req, reason)
+        return req
+
+    def has_work(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def jobs_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # ---- steps -------------------------------------------------------------------------
+    def schedule(self) -> list[Job]:
+        """Jobs to start now: one per idle (model, phase) with work, within the SM budget."""
+        self._steps += 1
+        if self.quota.adaptive and (
+            self._needs_rebalance or self._steps % self.rebalance_interval == 0
+        ):
+            self.quota.rebalance(self.pool, self.tables, self.queues)
+            self._needs_rebalance = False
+        cap = self.policy.max_jobs_in_flight
+        jobs: list[Job] = []
+        for q, phase in self.policy.candidates(self._order, len(self._in_flight)):
+            if cap is not None and len(self._in_flight) >= cap:
+                break
+            share = q.slot.share(phase)
+            if phase in q.busy or (self._in_flight and self._sm_in_use + share > self.sm_limit):
+                continue
+            seqs = self._prefill_seqs(q) if phase is Phase.PREFILL else self._decode_seqs(q)
+            if not seqs:
+                continue
+            job = Job(self._next_job_id, q.name, phase, tuple(seqs), share)
+            self._next_job_id += 1
+            for s in seqs:
+                self._requests[s.request_id].in_flight = True
+            q.busy.add(phase)
+            self._in_flight[job.job_id] = job
+            self._sm_in_use += share
+            jobs.append(job)
+        return jobs
+
+    def on_job_done(self, job: Job, result: JobResult) -> list[Request]:
+        """Apply a job's outputs; returns the requests that changed (new token or finished)."""
+        self._in_flight.pop(job.job_id)
+        q = self.queues[job.model]
+        q.busy.discard(job.phase)
+        self._sm_in_use = max(self._sm_in_use - job.sm_share, 0.0) if self._in_flight else 0.0
+        changed: list[Request] = []
+        for i, seq in enumerate(job.seqs):
+            req = self._requests.get(seq.request_id)
+            if req is None:
+                continue
+            req.in_flight = False
+            if req.pending_finish is not None or result.error is not None:
+                self._finish(q, req, req.pending_finish or FinishReason.ERROR)
+                changed.append(req)
+                continue
+            req.num_computed_tokens = seq.end_pos
+            out = result.outputs[i]
+            if out.token_id is None:
+                continue
+            self._append(q, req, out)
+            changed.append(req)
+        return changed
+
+    # ---- job building --------------------------------------------------------------------
+    def _prefill_seqs(self, q: ModelQueue) -> list[SeqWork]:
+        """Continue chunked prefills, then admit waiting requests FIFO, within the token budget."""
+        budget, seqs = self.prefill_token_budget, []
+        for req in q.running:
+            if budget <= 0 or len(seqs) >= self.max_batch_size:
+                return seqs
+            if not req.in_flight and not req.is_decoding:
+                seqs.append(self._chunk(req, budget))
+                budget -= len(seqs[-1].token_ids)
+        q.blocked = False
+        while q.waiting and budget > 0 and len(seqs) < self.max_batch_size:
+            req = q.waiting[0]
+            if not self.tables.can_cover(q.name, req.request_id, req.num_tokens):
+                q.blocked = True
+                self._needs_rebalance = True
+                break
+            self.tables.cover(q.name, req.request_id, req.num_tokens)
+            q.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            q.running.append(req)
+            seqs.append(self._chunk(req, budget))
+            budget -= len(seqs[-1].token_ids)
+        return seqs
+
+    def _chunk(self, req: Request, budget: int) -> SeqWork:
+        start = req.num_computed_tokens
+        end = min(req.num_tokens, start + budget)
+        return SeqWork(
+            request_id=req.request_id,
+            token_ids=req.tokens_from(start, end),
+            start_pos=start,
+            block_table=self.tables.table(req.request_id),
+            sample=end == req.num_tokens,
+            params=req.params,
+            seed=req.seed,
+            step=len(req.output_token_ids),
+        )
+
+    def _decode_seqs(self, q: ModelQueue) -> list[SeqWork]:
+        """One token for each decoding request, oldest first; preempt the newest when short."""
+        seqs: list[SeqWork] = []
+        batched: set[str] = set()
+        for req in list(q.running):
+            if len(seqs) >= self.max_batch_size:
+                break
+            if req.in_flight or not req.is_decoding or req.status is not RequestStatus.RUNNING:
+                continue
+            if not self._make_room(q, req, batched):
+                continue
+            batched.add(req.request_id)
+            seqs.append(
+                SeqWork(
+                    request_id=req.request_id,
+                    token_ids=(req.output_token_ids[-1],),
+                    start_pos=req.num_tokens - 1,
+                    block_table=self.tables.table(req.request_id),
+                    sample=True,
+                    params=req.params,
+                    seed=req.seed,
+                    step=len(req.output_token_ids),
+                )
+            )
+        return seqs
+
+    def _make_room(self, q: ModelQueue, req: Request, batched: set[str]) -> bool:
+        """Cover `req`'s next token, preempting newer requests of the model if needed."""
+        while not self.tables.can_cover(q.name, req.request_id, req.num_tokens):
+            victim = next(
+                (r for r in reversed(q.running) if not r.in_flight and r.request_id not in batched),
+                None,
+            )
+            if victim is None:
+                self._needs_rebalance = True
+                return False
+            self._preempt(q, victim)
+            if victim is req:
+                return False
+        self.tables.cover(q.name, req.request_id, req.num_tokens)
+        return True
+
+    def _preempt(self, q: ModelQueue, req: Request) -> None:
+        """Free a request's blocks; it recomputes its tokens when admitted again."""
+        self.tables.release(req.request_id)
+        q.running.remove(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._needs_rebalance = True
+        q.requeue(req)
+
+    # ---- results -----------------------------------------------------------------------
+    def _append(self, q: ModelQueue, req: Request, out: SeqResult) -> None:
+        token = out.token_id
+        assert token is not None
+        req.output_token_ids.append(token)
+        if req.params.logprobs is not None and out.logprob is not None:
+            req.output_logprobs.append(TokenLogprobs(token, out.logprob, out.top_logprobs))
+        reason = self._stop_reason(q.slot, req, token)
+        if reason is not None:
+            self._finish(q, req, reason)
+
+    @staticmethod
+    def _stop_reason(slot: ModelSlot, req: Request, token: int) -> FinishReason | None:
+        if not req.params.ignore_eos and token in req.eos_token_ids:
+            return FinishReason.STOP
+        if token in req.params.stop_token_ids:
+            return FinishReason.STOP
+        if (
+            len(req.output_token_ids) >= req.params.max_tokens
+            or req.num_tokens >= slot.max_model_len
+        ):
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, q: ModelQueue, req: Request, reason: FinishReason) -> None:
+        self.tables.release(req.request_id)
+        if req.status is RequestStatus.RUNNING:
+            q.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            q.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.pending_finish = None
+        del self._requests[req.request_id]
+
+    # ---- introspection -----------------------------------------------------------------
+    def stats(self) -> dict[str, ModelStats]:
+        return {
+            n: ModelStats(len(q.waiting), len(q.running), self.pool.used(n), self.pool.quota(n))
+            for n, q in self.queues.items()
+        }
+
+    def check_integrity(self) -> None:
+        """The pool's invariants, plus: exactly the running requests hold blocks."""
+        self.pool.check_integrity()
+        running = {r.request_id for q in self._order for r in q.running}
+        waiting = {r.request_id for q in self._order for r in q.waiting}
+        assert not running & waiting, "a request is both running and waiting"
+        assert running | waiting == set(self._requests), "request index out of sync"
+        assert self.tables.holders() == len(running), "a non-running request holds blocks"
+        for q in self._order:
+            for r in q.running:
+                have = self.tables.num_logical(r.request_id) * q.slot.layout.tokens_per_block
+                assert have >= r.num_computed_tokens, (
+                    f"{r.request_id}: computed tokens without blocks"
+                )
