@@ -115,4 +115,4 @@ def proportional_split(total: int, weights: Mapping[str, float]) -> dict[str, in
     parts = np.floor(exact).astype(np.int64)
     for i in np.argsort(-(exact - parts), kind="stable")[: total - int(parts.sum())]:
         parts[i] += 1
-    return {n: int(p) for n, p in zip(names, parts)}
+    return {n: int(p) for n, p in zip(names, parts, strict=True)}

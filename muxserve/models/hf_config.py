@@ -173,7 +173,8 @@ def _parse_rope(raw: dict[str, Any], source: str) -> tuple[float, dict[str, Any]
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise CheckpointError(
-            f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+            f"{source}: rope type {rope_type!r} is not supported; "
+            f"supported: {', '.join(ROPE_TYPES)}"
         )
     scaling.pop("type", None)
     scaling.pop("rope_theta", None)

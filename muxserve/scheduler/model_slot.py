@@ -20,7 +20,7 @@ class ModelSlot:
     max_model_len: int  # prompt + output tokens at most
     eos_token_ids: frozenset[int] = frozenset()
     rate: float = 1.0  # expected requests/s: weight of the initial KV quota
-    sm_share: SMShare = SMShare()
+    sm_share: SMShare = field(default_factory=SMShare)
     max_waiting: int = 1024
 
     def share(self, phase: Phase) -> float:

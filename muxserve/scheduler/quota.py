@@ -30,7 +30,7 @@ def quota_weights(queues: Mapping[str, ModelQueue]) -> dict[str, float]:
 
 
 class StaticQuota:
-    """A fixed, equal partition: each model owns 1/n of the pool, for ever (the spatial baseline)."""
+    """A fixed equal partition: each model owns 1/n of the pool for ever (the spatial baseline)."""
 
     adaptive = False
 

@@ -100,9 +100,10 @@ class Scheduler:
         need = slot.layout.physical_blocks_for(total)
         ceiling = self.quota.ceiling(self.pool, slot.name)
         if need > ceiling:
+            fits = ceiling // slot.layout.blocks_per_logical * slot.layout.tokens_per_block
             raise PromptTooLongError(
                 f"{total} tokens of {slot.name} need {need} KV blocks; its share of the pool "
-                f"holds {ceiling} ({slot.layout.tokens_per_block * ceiling // slot.layout.blocks_per_logical} tokens)",
+                f"holds {ceiling} blocks ({fits} tokens)",
                 "max_tokens",
             )
         if len(q.waiting) >= slot.max_waiting:
