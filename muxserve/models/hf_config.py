@@ -198,9 +198,7 @@ def _sliding_windows(raw: dict[str, Any], arch: str, layers: int) -> tuple[int |
         window = None
     if window is None:
         return (None,) * layers
-    if (
-        arch == "MistralForCausalLM"
-    ):  # transformers' Mistral windows every layer, ignores layer_types
+    if arch == "MistralForCausalLM":  # transformers' Mistral ignores layer_types
         return (int(window),) * layers
     types = raw.get("layer_types")
     if types is None:

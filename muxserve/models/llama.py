@@ -1,0 +1,133 @@
+"""The Llama family (Llama, Mistral, Qwen2) as one torch model, driven by `HFModelConfig`.
+
+Tokens of all sequences of a batch are flattened into one axis T; attention over the KV cache is
+not done here but by an `Attention` the runner passes in, since only the runner knows which
+token belongs to which sequence and where each sequence's cache lives. Module and parameter
+names follow transformers', so an HF state dict loads by name.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from muxserve.models.hf_config import HFModelConfig
+from muxserve.models.norm import RMSNorm
+from muxserve.models.rope import RotaryEmbedding, apply_rotary
+
+
+class Attention(Protocol):
+    """Attention over the KV cache, supplied by the runner; it knows the batch layout.
+
+    `q`: (T, num_heads, head_dim) after RoPE; `k`, `v`: (T, num_kv_heads, head_dim), `k` after
+    RoPE; returns (T, num_heads, head_dim). T = all tokens of all sequences of the batch,
+    flattened. The implementation stores k/v in its cache and applies the 1/sqrt(head_dim) scale,
+    causal masking, GQA (query head h reads KV head h // (num_heads // num_kv_heads)) and the
+    layer's sliding window `config.layer_sliding_windows[layer]`: with a window w, a query at
+    position p sees keys at positions p - w < p_k <= p (w keys, itself included), as in HF.
+    """
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: HFModelConfig) -> None:
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaAttention(nn.Module):
+    """q/k/v projections, RoPE, the runner's attention, and the output projection."""
+
+    def __init__(self, config: HFModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, config.q_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, config.kv_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, config.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.q_size, h, bias=config.o_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: Attention) -> Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, nh, hd)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, nkv, hd)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, nkv, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention(self.layer, q, k, v)  # (T, nh, hd)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))  # (T, hidden)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: HFModelConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: Attention) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: HFModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: Attention) -> Tensor:
+        x = self.embed_tokens(input_ids)  # (T, hidden)
+        cos, sin = self.rotary_emb(positions, x.dtype)  # (T, hd) each, shared by all layers
+        for layer in self.layers:
+            x = layer(x, cos, sin, attention)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama, Mistral or Qwen2 causal LM; `config` decides biases, GQA, windows, RoPE, tying."""
+
+    def __init__(self, config: HFModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        # tied: the head reads embed_tokens.weight and there is no lm_head parameter at all
+        self.lm_head: nn.Linear | None = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: Attention) -> Tensor:
+        """Final hidden states (T, hidden) after the last norm, for (T,) int64 ids and positions."""
+        return self.model(input_ids, positions, attention)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """(N, hidden) -> (N, vocab) float32 logits; the matmul runs in the model's dtype, as HF."""
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, head).float()
+
+    @torch.no_grad()
+    def build_rope_cache(self, device: torch.device) -> None:
+        """Allocate the RoPE cos/sin table on `device` now, before the KV pool takes the rest."""
+        self.model.rotary_emb.build_cache(device)
