@@ -1,0 +1,317 @@
+"""MuxEngine: several models on one device, one KV pool, one scheduler, one loop.
+
+The loop is three calls — `schedule()`, `executor.run(jobs)`, `on_job_done()` — then the
+outputs. It runs in the caller's thread (`step()`, `generate()`) or in a background thread
+(`start()`) while an event loop adds requests and reads their streams.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from muxserve.config import ModelEntry, MuxConfig, load_config
+from muxserve.errors import EmptyPromptError, RequestError, UnknownModelError
+from muxserve.executor.inline import InlineExecutor
+from muxserve.kv.layout import KVLayout
+from muxserve.models.hf_config import DTYPE_BYTES, HFModelConfig
+from muxserve.models.loader import load_model, validate_checkpoint
+from muxserve.output_processor import Completion, OutputSink, RequestOutput, TextState
+from muxserve.request import FinishReason, Request
+from muxserve.runner.kv_pool import KVPool
+from muxserve.runner.model_runner import ModelRunner
+from muxserve.sampling_params import SamplingParams
+from muxserve.scheduler.model_slot import ModelSlot
+from muxserve.scheduler.scheduler import ModelStats, Scheduler
+from muxserve.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the engine knows of a model it serves."""
+
+    name: str
+    path: Path
+    config: HFModelConfig
+    tokenizer: Tokenizer
+    dtype: str
+    max_model_len: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class MuxEngine:
+    """Serves every model of a config from one process, one device and one KV pool."""
+
+    def __init__(self, config: MuxConfig, progress: bool = False) -> None:
+        self.config = config
+        eng = config.engine
+        self.device = resolve_device(eng.device)
+        # Everything that can fail on bad input is checked before any memory is taken.
+        checked = {
+            m.name: (validate_checkpoint(m.path), Tokenizer.from_pretrained(m.path))
+            for m in config.models
+        }
+        self.models: dict[str, ServedModel] = {}
+        slots = []
+        for m in config.models:
+            hf, tok = checked[m.name]
+            served = self._served(m, hf, tok)
+            self.models[m.name] = served
+            layout = KVLayout(
+                hf.num_layers,
+                hf.num_kv_heads,
+                hf.head_dim,
+                DTYPE_BYTES[served.dtype],
+                eng.block_bytes,
+            )
+            eos = frozenset(hf.eos_token_ids) | tok.eos_token_ids
+            slots.append(
+                ModelSlot(
+                    m.name, layout, served.max_model_len, eos, m.rate, m.sm_share, m.max_waiting
+                )
+            )
+        num_blocks = eng.kv_pool_bytes // eng.block_bytes
+        self.scheduler = Scheduler.create(slots, num_blocks, eng)
+        self.pool = KVPool(num_blocks, eng.block_bytes, self.device)
+        runners = {}
+        for slot in self._progress(slots, progress, "loading models"):
+            sm = self.models[slot.name]
+            dtype = TORCH_DTYPES[sm.dtype]
+            model, _ = load_model(sm.path, dtype, self.device)
+            runners[slot.name] = ModelRunner(
+                slot.name, model, sm.config, self.pool, slot.layout, dtype
+            )
+        self.executor = InlineExecutor(runners, self.device)
+        self._lock = threading.RLock()  # guards the scheduler and the per-request state
+        self._wake = threading.Condition(self._lock)
+        self._texts: dict[str, TextState] = {}
+        self._sinks: dict[str, OutputSink] = {}
+        self._rng = random.Random(eng.seed)
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._running = False
+
+    @classmethod
+    def from_config(cls, path: str | Path | MuxConfig, progress: bool = False) -> MuxEngine:
+        config = path if isinstance(path, MuxConfig) else load_config(path)
+        return cls(config, progress=progress)
+
+    def _served(self, m: ModelEntry, hf: HFModelConfig, tok: Tokenizer) -> ServedModel:
+        if m.dtype is not None:
+            dtype = m.dtype
+        elif self.device.type == "cuda" and hf.torch_dtype in TORCH_DTYPES:
+            dtype = hf.torch_dtype
+        else:
+            dtype = "float32"
+        limits = [hf.max_position_embeddings, m.max_model_len, self.config.engine.max_model_len]
+        max_len = min(x for x in limits if x is not None)
+        return ServedModel(m.name, Path(m.path), hf, tok, dtype, max_len)
+
+    @staticmethod
+    def _progress(items: list[ModelSlot], show: bool, desc: str) -> list[ModelSlot]:
+        if not show:
+            return items
+        from tqdm import tqdm
+
+        return list(tqdm(items, desc=desc, unit="model"))
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(
+        self,
+        model: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Tokenize and queue a request; raises a RequestError subclass, allocating nothing."""
+        served = self.models.get(model)
+        if served is None:
+            raise UnknownModelError(model, list(self.models))
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            ids = served.tokenizer.encode(prompt) if prompt else []
+        else:
+            ids = list(prompt)
+            bad = [
+                t
+                for t in ids
+                if isinstance(t, bool)
+                or not isinstance(t, int)
+                or not 0 <= t < served.config.vocab_size
+            ]
+            if bad:
+                raise RequestError(
+                    f"prompt token ids must be integers in [0, {served.config.vocab_size}); got {bad[0]!r}",
+                    "prompt",
+                )
+        if not ids:
+            raise EmptyPromptError("the prompt is empty", "prompt")
+        rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        slot = self.scheduler.queues[model].slot
+        req = Request(rid, model, ids, params, time.monotonic(), seed, slot.eos_token_ids)
+        sink = OutputSink()
+        with self._lock:
+            self.scheduler.add_request(req)
+            self._sinks[rid] = sink
+            self._texts[rid] = TextState(req, served.tokenizer, sink)
+            self._wake.notify()
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request; its blocks are freed now, or when its running job returns."""
+        with self._lock:
+            req = self.scheduler.abort(request_id)
+            if req is None:
+                return False
+            if req.is_finished:
+                self._emit(req)
+            return True
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yield a request's outputs as they come; the last has `finished` set."""
+        sink = self._sinks.get(request_id)
+        if sink is None:
+            raise KeyError(f"unknown request {request_id!r}")
+        while True:
+            out = await sink.get()
+            yield out
+            if out.finished:
+                return
+
+    # ---- the loop ------------------------------------------------------------------------
+    def step(self) -> int:
+        """Run one round of jobs; returns how many jobs ran (0: nothing to do right now)."""
+        with self._lock:
+            jobs = self.scheduler.schedule()
+        if not jobs:
+            return 0
+        results = self.executor.run(jobs)
+        with self._lock:
+            for job, result in results:
+                for req in self.scheduler.on_job_done(job, result):
+                    self._emit(req, result.error)
+        return len(jobs)
+
+    def _emit(self, req: Request, error: str | None = None) -> None:
+        text = self._texts.get(req.request_id)
+        if text is None:
+            return
+        if text.update(req):
+            self.scheduler.finish(req.request_id, FinishReason.STOP)
+        if req.first_token_time is None and req.output_token_ids:
+            req.first_token_time = time.monotonic()
+        text.emit(req, error if req.finish_reason is FinishReason.ERROR else None)
+        if req.is_finished:
+            del self._texts[req.request_id]
+            self._sinks.pop(req.request_id, None)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_work()
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        model: str | Sequence[str] | None = None,
+    ) -> list[Completion]:
+        """Offline: run prompts to completion and return them in order (like vLLM's LLM.generate).
+
+        `model` is one served name for all prompts or one per prompt; default: the first model.
+        """
+        n = len(prompts)
+        models = (
+            [model or next(iter(self.models))] * n
+            if model is None or isinstance(model, str)
+            else list(model)
+        )
+        plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * n
+        if len(models) != n or len(plist) != n:
+            raise ValueError("give one model and one SamplingParams per prompt, or one for all")
+        done: dict[str, Completion] = {}
+        sinks = {}
+        order = []
+        for p, m, sp in zip(prompts, models, plist, strict=True):
+            rid = self.add_request(m, p, sp)
+            sinks[rid] = self._sinks[rid]
+            ids = self.scheduler.get(rid)
+            done[rid] = Completion(rid, m, list(ids.prompt_token_ids) if ids else [])
+            order.append(rid)
+        pending = set(order)
+        while pending:
+            if self._thread is None and not self.step() and not self.has_work():
+                break
+            if self._thread is not None:
+                time.sleep(0.001)
+            for rid in list(pending):
+                for out in sinks[rid].drain():
+                    done[rid].add(out)
+                    if out.finished:
+                        pending.discard(rid)
+        return [done[r] for r in order]
+
+    # ---- background loop -----------------------------------------------------------------
+    def start(self) -> None:
+        """Run the loop in a background thread (for the server)."""
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="muxserve-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while self._running:
+            with self._lock:
+                while self._running and not self.scheduler.has_work():
+                    self._wake.wait(timeout=0.5)
+            if self._running and not self.step():
+                time.sleep(0.0005)  # work exists but none can run yet (e.g. waiting for blocks)
+
+    def shutdown(self) -> None:
+        """Stop the loop and abort whatever is left; every block ends free."""
+        if self._thread is not None:
+            with self._lock:
+                self._running = False
+                self._wake.notify_all()
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            for rid in list(self._texts):
+                self.abort(rid)
+            while self.scheduler.jobs_in_flight:  # only possible with asynchronous executors
+                time.sleep(0.001)
+        self.executor.shutdown()
+
+    # ---- introspection -------------------------------------------------------------------
+    def stats(self) -> dict[str, ModelStats]:
+        with self._lock:
+            return self.scheduler.stats()
+
+    def check_integrity(self) -> None:
+        with self._lock:
+            self.scheduler.check_integrity()
+
+    def __enter__(self) -> MuxEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

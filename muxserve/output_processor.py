@@ -1,0 +1,162 @@
+"""Turns a request's new tokens into what its caller sees: text deltas, stop strings, usage.
+
+Runs in the engine loop; hands each output to the request's `OutputSink`, which an asyncio
+consumer (the server) or a plain thread (offline `generate`) drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+from muxserve.request import FinishReason, Request, TokenLogprobs
+from muxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One increment of a request's output; the last one has `finished` set."""
+
+    request_id: str
+    model: str
+    text: str  # new text since the previous output
+    token_ids: tuple[int, ...]  # new token ids since the previous output
+    logprobs: tuple[TokenLogprobs, ...]  # for the new tokens, when asked for
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort", "error" on the last output
+    prompt_tokens: int
+    completion_tokens: int  # so far
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    """A whole finished request, as the offline `generate()` returns it."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs
+        if out.finished:
+            self.finish_reason, self.error = out.finish_reason, out.error
+
+
+class OutputSink:
+    """A thread-safe queue of one request's outputs, readable from a thread or an event loop."""
+
+    def __init__(self) -> None:
+        self._items: deque[RequestOutput] = deque()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def put(self, out: RequestOutput) -> None:
+        with self._lock:
+            self._items.append(out)
+            loop, event = self._loop, self._event
+        if loop is not None and event is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(event.set)
+
+    def drain(self) -> list[RequestOutput]:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+    async def get(self) -> RequestOutput:
+        """The next output, waiting on the running event loop."""
+        with self._lock:
+            if self._event is None:
+                self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+            event = self._event
+        while True:
+            event.clear()
+            with self._lock:
+                if self._items:
+                    return self._items.popleft()
+            await event.wait()
+
+
+class TextState:
+    """Per-request detokenizer and stop-string matcher."""
+
+    def __init__(self, req: Request, tokenizer: Tokenizer, sink: OutputSink) -> None:
+        self.request_id = req.request_id
+        self.model = req.model
+        self.prompt_tokens = req.num_prompt_tokens
+        self.sink = sink
+        self.stop = req.params.stop
+        # hold back text that could still turn out to start a stop string
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.detok = IncrementalDetokenizer(
+            tokenizer, req.prompt_token_ids, req.params.skip_special_tokens
+        )
+        self.text = ""  # all text, minus a matched stop string
+        self.sent = 0  # characters of `text` already sent
+        self.tokens_seen = 0  # output tokens detokenized
+        self.tokens_sent = 0  # output tokens sent
+        self.logprobs_seen = 0
+        self.stopped_by_string = False
+
+    def update(self, req: Request) -> bool:
+        """Take the request's new tokens; True if a stop string matched (caller finishes it)."""
+        new = req.output_token_ids[self.tokens_seen :]
+        self.tokens_seen = len(req.output_token_ids)
+        if req.is_finished and req.finish_reason is FinishReason.STOP and new:
+            last = new[-1]
+            if last in req.eos_token_ids or last in req.params.stop_token_ids:
+                new = new[:-1]  # a stop token ends the text; it is not part of it
+        if self.stopped_by_string:
+            return False
+        delta = self.detok.step(new)
+        if req.is_finished:
+            delta += self.detok.flush()
+        if not delta:
+            return False
+        start = max(len(self.text) - self.hold, 0)
+        self.text += delta
+        for s in self.stop:
+            i = self.text.find(s, start)
+            if i >= 0:
+                self.text = self.text[:i]
+                self.stopped_by_string = True
+        return self.stopped_by_string
+
+    def emit(self, req: Request, error: str | None = None) -> None:
+        """Send what is new since the last output (all of it when the request finished)."""
+        done = req.is_finished
+        upto = len(self.text) if done or self.stopped_by_string else len(self.text) - self.hold
+        upto = max(upto, self.sent)
+        tokens = tuple(req.output_token_ids[self.tokens_sent :])
+        logprobs = tuple(req.output_logprobs[self.logprobs_seen :])
+        if not done and not tokens and upto == self.sent:
+            return
+        self.tokens_sent = len(req.output_token_ids)
+        self.logprobs_seen = len(req.output_logprobs)
+        reason = req.finish_reason.value if done and req.finish_reason else None
+        self.sink.put(
+            RequestOutput(
+                request_id=self.request_id,
+                model=self.model,
+                text=self.text[self.sent : upto],
+                token_ids=tokens,
+                logprobs=logprobs,
+                finished=done,
+                finish_reason=reason,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=len(req.output_token_ids),
+                error=error,
+            )
+        )
+        self.sent = upto

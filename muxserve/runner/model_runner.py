@@ -1,0 +1,84 @@
+"""Runs one model's jobs: forward over the pool, then sampling."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from muxserve.kv.layout import KVLayout
+from muxserve.models.hf_config import HFModelConfig
+from muxserve.models.llama import LlamaForCausalLM
+from muxserve.runner.attention import BatchLayout, PagedAttention
+from muxserve.runner.kv_pool import KVPool
+from muxserve.runner.sampler import SampledBatch, sample
+from muxserve.scheduler.job import Job, JobResult, SeqResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LaunchedJob:
+    """A job whose work is queued on the device; `collect` waits for it."""
+
+    job: Job
+    sampled: SampledBatch | None  # None when no sequence of the job samples
+    error: str | None = None
+
+
+class ModelRunner:
+    """One model's weights and its view of the shared pool."""
+
+    def __init__(
+        self,
+        name: str,
+        model: LlamaForCausalLM,
+        config: HFModelConfig,
+        pool: KVPool,
+        layout: KVLayout,
+        dtype: torch.dtype,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.config = config
+        self.layout = layout
+        self.device = pool.buffer.device
+        self.cache = pool.view(layout, dtype)  # (num_blocks, 2, tokens_per_block, head_dim)
+
+    def execute(self, job: Job) -> JobResult:
+        """Run a job to completion (launch, then collect)."""
+        return self.collect(self.launch(job))
+
+    @torch.inference_mode()
+    def launch(self, job: Job) -> LaunchedJob:
+        """Queue the forward pass and sampling on the current stream; no host sync."""
+        try:
+            tokens = [t for s in job.seqs for t in s.token_ids]
+            input_ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)  # (T,)
+            batch = BatchLayout.from_seqs(job.seqs, self.device)
+            attention = PagedAttention(self.cache, batch, self.config.layer_sliding_windows)
+            hidden = self.model(input_ids, batch.pos_of_token, attention)  # (T, hidden)
+            sampling = [i for i, s in enumerate(job.seqs) if s.sample]
+            if not sampling:
+                return LaunchedJob(job, None)
+            last = torch.cumsum(batch.q_lens, 0) - 1  # (B,) index of each sequence's last token
+            rows = last[torch.tensor(sampling, device=self.device)]
+            logits = self.model.compute_logits(hidden[rows])  # (N, vocab) float32
+            return LaunchedJob(job, sample(logits, [job.seqs[i] for i in sampling]))
+        except Exception as e:  # a failed job fails its requests, not the engine
+            log.exception("%s: job %d failed", self.name, job.job_id)
+            return LaunchedJob(job, None, f"{type(e).__name__}: {e}")
+
+    def collect(self, launched: LaunchedJob) -> JobResult:
+        """Wait for a launched job and return its per-sequence results, aligned with its seqs."""
+        job = launched.job
+        if launched.error is not None:
+            return JobResult(job.job_id, (), launched.error)
+        sampled = (
+            {}
+            if launched.sampled is None
+            else {r.request_id: r for r in launched.sampled.to_results()}
+        )
+        outputs = tuple(sampled.get(s.request_id, SeqResult(s.request_id, None)) for s in job.seqs)
+        return JobResult(job.job_id, outputs)
