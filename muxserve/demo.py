@@ -24,7 +24,7 @@ from tokenizers import Tokenizer as _Backend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
-from muxserve.config import default_cache_dir
+from muxserve.config import MuxConfig, default_cache_dir, parse_config
 from muxserve.demo_corpus import DEMO_CORPUS
 from muxserve.errors import CheckpointError
 
@@ -34,6 +34,15 @@ STAMP_FILE = ".muxserve-demo.json"  # written last; a folder without the right o
 
 VOCAB_SIZE = 1024  # target of the BPE trainer (the corpus is large enough to reach it)
 MAX_POSITIONS = 1024
+# What configs/demo.yaml says too (a test keeps them equal): rates weight the initial KV quotas.
+DEMO_RATES = {"llama-demo": 3.0, "qwen-demo": 2.0, "mistral-demo": 1.0}
+DEMO_ENGINE: dict[str, Any] = {
+    "kv_pool_bytes": 8 << 20,  # ~4k tokens of the largest demo model: plenty on a CPU
+    "block_bytes": 4096,  # 8 to 32 tokens per block, by head size
+    "prefill_token_budget": 512,
+    "max_batch_size": 32,
+}
+
 BOS, EOS, PAD, END = "<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>", END)  # ids 0..6
 
@@ -137,6 +146,13 @@ def ensure_demo_models(
             _build_into(root, name, tokenizer, replace=force)
             bar.update()
     return folders
+
+
+def default_config(out: Path | None = None, progress: bool = True) -> MuxConfig:
+    """The config of configs/demo.yaml, with the demo models built first if need be."""
+    folders = ensure_demo_models(out, progress=progress)
+    models = [{"name": n, "path": str(p), "rate": DEMO_RATES[n]} for n, p in folders.items()]
+    return parse_config({"models": models, "engine": DEMO_ENGINE}, source="demo config")
 
 
 def build_tokenizer() -> _Backend:
