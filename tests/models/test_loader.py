@@ -1,0 +1,212 @@
+"""validate_checkpoint / load_model on good and broken checkpoint folders."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from muxserve.errors import CheckpointError, UnsupportedArchitectureError
+from muxserve.models import loader
+from muxserve.models.loader import (
+    expected_shapes,
+    load_model,
+    read_safetensors_header,
+    validate_checkpoint,
+)
+
+MakeCheckpoint = Callable[..., Path]
+
+Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
+Q_RE = re.escape(Q_PROJ)
+
+
+@pytest.fixture
+def no_tensor_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any attempt to read tensor data fail: validation must use the headers alone."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("validate_checkpoint read tensor data")
+
+    monkeypatch.setattr(loader, "safe_open", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_single_file(folder: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_valid_checkpoints_return_their_config(
+    make_checkpoint: MakeCheckpoint, no_tensor_reads: None
+) -> None:
+    config = validate_checkpoint(make_checkpoint("qwen2", max_shard_size="20KB"))
+    assert config.architecture == "Qwen2ForCausalLM" and config.qkv_bias
+    config = validate_checkpoint(make_checkpoint("mistral"))
+    assert config.layer_sliding_windows == (4, 4)
+
+
+def test_expected_shapes_follow_hf_names(make_checkpoint: MakeCheckpoint) -> None:
+    folder = make_checkpoint("llama", head_dim=16, num_key_value_heads=2)
+    shapes = expected_shapes(validate_checkpoint(folder))
+    on_disk = {n: i.shape for n, i in read_safetensors_header(folder / "model.safetensors").items()}
+    assert shapes == on_disk
+    assert shapes[Q_PROJ] == (64, 32) and shapes["model.layers.0.self_attn.k_proj.weight"] == (
+        32,
+        32,
+    )
+
+
+def test_unsupported_architecture(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
+) -> None:
+    folder = copy_checkpoint(make_checkpoint("llama"), tmp_path / "gpt2")
+    raw = json.loads((folder / "config.json").read_text())
+    raw["architectures"] = ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel"):
+        validate_checkpoint(folder)
+    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel"):
+        load_model(folder, torch.float32, "cpu")
+
+
+def test_missing_config_json(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
+) -> None:
+    folder = copy_checkpoint(make_checkpoint("llama"), tmp_path / "noconfig")
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"noconfig.*config\.json"):
+        validate_checkpoint(folder)
+
+
+def test_missing_shard(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
+) -> None:
+    folder = copy_checkpoint(make_checkpoint("qwen2", max_shard_size="20KB"), tmp_path / "sharded")
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"sharded.*shard {shard.name} .* is missing"):
+        validate_checkpoint(folder)
+
+
+def test_index_naming_a_tensor_its_shard_lacks(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
+) -> None:
+    folder = copy_checkpoint(make_checkpoint("qwen2", max_shard_size="20KB"), tmp_path / "badindex")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    moved = next(n for n, f in index["weight_map"].items() if f == shards[0])
+    index["weight_map"][moved] = shards[1]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"'{moved}' in {shards[1]}"):
+        validate_checkpoint(folder)
+
+
+def test_missing_tensor(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
+) -> None:
+    folder = copy_checkpoint(make_checkpoint("llama"), tmp_path / "missing")
+    rewrite_single_file(folder, lambda t: t.pop(Q_PROJ))
+    with pytest.raises(CheckpointError, match=rf"missing.*{Q_RE}.*is missing"):
+        validate_checkpoint(folder)
+
+
+def test_untied_checkpoint_without_lm_head(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
+) -> None:
+    folder = copy_checkpoint(make_checkpoint("llama"), tmp_path / "nohead")
+    rewrite_single_file(folder, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(CheckpointError, match=r"'lm_head\.weight'.*is missing"):
+        validate_checkpoint(folder)
+
+
+def test_wrong_shape(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
+) -> None:
+    folder = copy_checkpoint(make_checkpoint("llama"), tmp_path / "shape")
+    rewrite_single_file(folder, lambda t: t.update({Q_PROJ: torch.zeros(16, 32)}))
+    with pytest.raises(CheckpointError, match=rf"shape.*'{Q_RE}'.*\(16, 32\), expected \(32, 32\)"):
+        validate_checkpoint(folder)
+
+
+def test_unexpected_tensor(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
+) -> None:
+    folder = copy_checkpoint(make_checkpoint("llama"), tmp_path / "extra")
+    rewrite_single_file(
+        folder, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": t[Q_PROJ].clone()})
+    )
+    with pytest.raises(
+        CheckpointError, match=re.escape("unexpected tensor 'model.layers.2.mlp.up_proj.weight'")
+    ):
+        validate_checkpoint(folder)
+
+
+def test_quantized_dtype_is_refused(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
+) -> None:
+    folder = copy_checkpoint(make_checkpoint("llama"), tmp_path / "int8")
+    rewrite_single_file(folder, lambda t: t.update({Q_PROJ: t[Q_PROJ].to(torch.int8)}))
+    with pytest.raises(CheckpointError, match=rf"'{Q_RE}'.*dtype I8"):
+        validate_checkpoint(folder)
+
+
+def test_truncated_file(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
+) -> None:
+    folder = copy_checkpoint(make_checkpoint("llama"), tmp_path / "truncated")
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
+        validate_checkpoint(folder)
+
+
+def test_no_safetensors(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
+) -> None:
+    folder = copy_checkpoint(make_checkpoint("llama"), tmp_path / "bin")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: only safetensors"):
+        validate_checkpoint(folder)
+
+
+def test_tolerated_extras_are_skipped(make_checkpoint: MakeCheckpoint, tmp_path: Path) -> None:
+    """A tied checkpoint that still saved lm_head, and an old rotary inv_freq buffer."""
+    folder = copy_checkpoint(make_checkpoint("qwen2"), tmp_path / "extras")
+
+    def add(t: dict[str, torch.Tensor]) -> None:
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+
+    rewrite_single_file(folder, add)
+    model, config = load_model(folder, torch.float32, "cpu")
+    assert config.tie_word_embeddings and model.lm_head is None
+
+
+def test_load_casts_every_weight_exactly(make_checkpoint: MakeCheckpoint) -> None:
+    folder = make_checkpoint("llama", attention_bias=True)
+    on_disk = load_file(folder / "model.safetensors")
+    model, _ = load_model(folder, torch.bfloat16, "cpu")
+    params = dict(model.named_parameters())
+    assert params.keys() == on_disk.keys()
+    for name, tensor in on_disk.items():
+        assert torch.equal(params[name], tensor.to(torch.bfloat16)), name
+
+
+def test_bad_model_dtype(make_checkpoint: MakeCheckpoint) -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(make_checkpoint("llama"), torch.int8, "cpu")
