@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _Backend
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
 from muxserve.config import MuxConfig, default_cache_dir, parse_config
@@ -29,7 +29,7 @@ from muxserve.demo_corpus import DEMO_CORPUS
 from muxserve.errors import CheckpointError
 
 DEMO_MODEL_NAMES = ("llama-demo", "qwen-demo", "mistral-demo")
-DEMO_VERSION = 1  # bump whenever what is written changes: older caches are then rebuilt
+DEMO_VERSION = 2  # bump whenever what is written changes: older caches are then rebuilt
 STAMP_FILE = ".muxserve-demo.json"  # written last; a folder without the right one is rebuilt
 
 VOCAB_SIZE = 1024  # target of the BPE trainer (the corpus is large enough to reach it)
@@ -45,6 +45,14 @@ DEMO_ENGINE: dict[str, Any] = {
 
 BOS, EOS, PAD, END = "<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>", END)  # ids 0..6
+
+# Qwen2's (and, but for \p{N}{1,3}, Llama 3's) split before byte-level BPE. Our tokenizer.json
+# uses it because transformers 5 rebuilds any qwen2 checkpoint's tokenizer with this split and
+# NFC, whatever tokenizer.json says: with the same pipeline its ids match ours.
+SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # Each turn is `<|role|>\n{content}<|end|>\n`; `<|end|>` ends the assistant's turn, so it is an
 # EOS id in generation_config.json next to <|eos|>.
@@ -158,7 +166,13 @@ def default_config(out: Path | None = None, progress: bool = True) -> MuxConfig:
 def build_tokenizer() -> _Backend:
     """Train the byte-level BPE tokenizer all demo models share, on the built-in corpus."""
     tok = _Backend(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -253,6 +267,7 @@ def write_model(folder: Path, name: str, tokenizer: _Backend) -> None:
         "bos_token": BOS,
         "eos_token": EOS,
         "pad_token": PAD,
+        "unk_token": None,  # byte-level BPE has none (transformers' Qwen2 class would add one)
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,

@@ -20,7 +20,6 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
-from tokenizers import processors
 
 from muxserve.errors import CheckpointError, RequestError
 
@@ -42,7 +41,9 @@ class Tokenizer:
     """Encode and decode text for one checkpoint, and render its chat template.
 
     Build it with `from_pretrained(folder)`. Ids match transformers' `AutoTokenizer` for the same
-    folder (BPE tokenizers never apply `clean_up_tokenization_spaces`, as in transformers 5).
+    folder. As in transformers 5, tokenizer.json's post-processor alone decides which special
+    tokens `encode` adds (`add_bos_token` in tokenizer_config.json is not read), and byte-level
+    BPE decoding never applies `clean_up_tokenization_spaces`.
     """
 
     def __init__(
@@ -101,12 +102,6 @@ class Tokenizer:
         if eos_id is not None:
             eos_ids.add(eos_id)
 
-        if "add_bos_token" in config or "add_eos_token" in config:
-            # transformers rebuilds the post-processor from these flags when they are explicit
-            backend.post_processor = _bos_eos_processor(
-                _added(config.get("add_bos_token"), bos, bos_id),
-                _added(config.get("add_eos_token"), eos, eos_id),
-            )
         return cls(
             backend,
             special,
@@ -277,24 +272,6 @@ def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) else None
-
-
-def _added(flag: object, token: str | None, tid: int | None) -> tuple[str, int] | None:
-    """(token, id) when the flag asks to add a token the vocab has, else None."""
-    return (token, tid) if flag and token is not None and tid is not None else None
-
-
-def _bos_eos_processor(
-    bos: tuple[str, int] | None, eos: tuple[str, int] | None
-) -> processors.TemplateProcessing:
-    """The post-processor transformers builds from explicit add_bos_token/add_eos_token."""
-    b0, b1 = (f"{bos[0]}:0 ", f"{bos[0]}:1 ") if bos else ("", "")
-    e0, e1 = (f" {eos[0]}:0", f" {eos[0]}:1") if eos else ("", "")
-    return processors.TemplateProcessing(
-        single=f"{b0}$A:0{e0}",
-        pair=f"{b0}$A:0{e0} {b1}$B:1{e1}",
-        special_tokens=[t for t in (bos, eos) if t is not None],
-    )
 
 
 class _GenerationTag(jinja2.ext.Extension):
