@@ -165,13 +165,19 @@ class RotaryEmbedding(nn.Module):
         self.max_position = config.max_position_embeddings
         cpu = torch.device("cpu")  # explicit: the model may be built under a meta-device context
         self.inv_freq, self.attention_scaling = rope_parameters(config, cpu)
-        self._cos: Tensor | None = None  # (L, hd // 2) float32, already times attention_scaling
-        self._sin: Tensor | None = None
+        # (cos, sin), each (L, hd // 2) float32 times attention_scaling; one attribute, swapped
+        # whole, so a job on another thread never sees a cos and a sin of different lengths
+        self._table: tuple[Tensor, Tensor] | None = None
 
     def build_cache(self, device: torch.device, length: int = 0) -> None:
         """(Re)build the cos/sin table on `device` for positions `[0, max(length, mpe))`."""
+        self._build(device, length)
+
+    def _build(self, device: torch.device, length: int) -> tuple[Tensor, Tensor]:
         positions = torch.arange(max(length, self.max_position), device=device)
-        self._cos, self._sin = self._half_tables(positions, self.inv_freq.to(device))
+        table = self._half_tables(positions, self.inv_freq.to(device))
+        self._table = table
+        return table
 
     def _half_tables(self, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
         freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, hd/2)
@@ -186,13 +192,13 @@ class RotaryEmbedding(nn.Module):
             inv_freq, _ = rope_parameters(self.config, positions.device, seq_len)
             cos, sin = self._half_tables(positions, inv_freq)
         else:
-            cached = 0 if self._cos is None else self._cos.shape[0]
-            if self._cos is None or cached < longest:
-                self.build_cache(positions.device, max(longest, 2 * cached))
-            elif self._cos.device != positions.device:
-                self.build_cache(positions.device, cached)
-            assert self._cos is not None and self._sin is not None
-            cos, sin = self._cos[positions], self._sin[positions]  # (T, hd/2)
+            table = self._table
+            cached = 0 if table is None else table[0].shape[0]
+            if table is None or cached < longest:
+                table = self._build(positions.device, max(longest, 2 * cached))
+            elif table[0].device != positions.device:
+                table = self._build(positions.device, cached)
+            cos, sin = table[0][positions], table[1][positions]  # (T, hd/2)
         cos = torch.cat((cos, cos), dim=-1)  # (T, hd)
         sin = torch.cat((sin, sin), dim=-1)
         return cos.to(dtype), sin.to(dtype)
