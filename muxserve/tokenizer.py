@@ -144,6 +144,8 @@ class Tokenizer:
             )
         if not messages:
             raise RequestError("messages is empty", "messages")
+        if not all(isinstance(m, dict) for m in messages):
+            raise RequestError("each message must be an object with a role", "messages")
         # transformers drops None values: templates handle a missing key, not a literal None
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
@@ -163,70 +165,66 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Turns a request's output ids into text deltas as they are generated.
 
-    Decodes only a short window of recent tokens per step (vLLM's prefix/read offsets): text
-    before `_prefix` is final; `_prefix:_read` is kept as context so that decoders that look at
-    neighbouring tokens (SentencePiece's leading space) render new tokens as they would appear
-    in the whole text. A delta never ends inside a multi-byte character: while the window ends
-    in U+FFFD the undecided tail is held back. For byte-level tokenizers the concatenation of
-    all deltas (and `flush()`) equals `tokenizer.decode(output_ids)`.
+    Decodes only a short window per step, as vLLM does with its prefix/read offsets: the window
+    is the last emitted tokens (context) plus the undecided ones. The context makes decoders
+    that look at neighbours (SentencePiece's leading space) render new tokens as in the whole
+    text; the first context is the end of the prompt. A delta never ends inside a multi-byte
+    character: while the window ends in U+FFFD that tail is held back. For byte-level tokenizers
+    the concatenation of all deltas (and `flush()`) equals `tokenizer.decode(output_ids)`.
     """
 
     CONTEXT_TOKENS = 5  # prompt tokens decoded as context for the first output tokens
-    MAX_HELD_TOKENS = 32  # past this many undecided tokens, give up waiting (invalid bytes)
+    MAX_HELD_TOKENS = 32  # past this many undecided tokens, stop waiting (invalid bytes)
 
     def __init__(
         self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True
     ) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        context = list(prompt_ids[len(prompt_ids) - self.CONTEXT_TOKENS :])
+        context = list(prompt_ids[max(0, len(prompt_ids) - self.CONTEXT_TOKENS) :])
         context_text = tokenizer.decode(context, skip_special_tokens)
         if context_text.endswith(_REPLACEMENT):
             # the prompt ends inside a character: decode the output on its own instead
             context, context_text = [], ""
-        self._ids = context  # the window's tokens start at index 0 of this list
-        self._prefix = 0  # window start: tokens before it are never decoded again
-        self._read = len(context)  # tokens before it are fully emitted
-        self._prefix_len = len(context_text)  # len(decode(ids[prefix:read]))
-        self._emitted = 0  # characters of decode(ids[prefix:]) past prefix_len already emitted
+        self._window = context  # context tokens, then the undecided ones
+        self._num_context = len(context)
+        self._context_len = len(context_text)  # characters the context decodes to
+        self._emitted = 0  # characters of the window past the context already emitted
         self.text = ""  # all output text emitted so far
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Add generated ids; return the text they complete (possibly empty)."""
-        self._ids.extend(new_ids)
-        window = self._tok.decode(self._ids[self._prefix :], self._skip)
-        start = self._prefix_len + self._emitted
-        held = len(self._ids) - self._read
-        if window.endswith(_REPLACEMENT) and held <= self.MAX_HELD_TOKENS:
-            # emit the complete characters before the undecided tail, keep the window open
-            stable = len(window.rstrip(_REPLACEMENT))
-            delta = window[start:stable] if stable > start else ""
+        self._window.extend(new_ids)
+        text = self._tok.decode(self._window, self._skip)
+        start = self._context_len + self._emitted
+        held = len(self._window) - self._num_context
+        if text.endswith(_REPLACEMENT) and held <= self.MAX_HELD_TOKENS:
+            # emit the complete characters before the undecided tail; keep the window open
+            stable = len(text.rstrip(_REPLACEMENT))
+            delta = text[start:stable] if stable > start else ""
             self._emitted += len(delta)
         else:
-            delta = window[start:]
+            delta = text[start:]
             self._advance()
         self.text += delta
         return delta
 
     def flush(self) -> str:
         """Return whatever was held back (an incomplete character at the end of the output)."""
-        if self._read == len(self._ids):
+        if len(self._window) == self._num_context:
             return ""
-        window = self._tok.decode(self._ids[self._prefix :], self._skip)
-        delta = window[self._prefix_len + self._emitted :]
+        text = self._tok.decode(self._window, self._skip)
+        delta = text[self._context_len + self._emitted :]
         self._advance()
         self.text += delta
         return delta
 
     def _advance(self) -> None:
-        """Mark every token emitted; the tokens just emitted become the next window's context."""
-        self._prefix, self._read = self._read, len(self._ids)
-        self._prefix_len = len(self._tok.decode(self._ids[self._prefix :], self._skip))
+        """All undecided tokens are emitted: they become the context of the next window."""
+        del self._window[: self._num_context]
+        self._num_context = len(self._window)
+        self._context_len = len(self._tok.decode(self._window, self._skip))
         self._emitted = 0
-        # drop tokens no window will decode again, so the list stays short
-        del self._ids[: self._prefix]
-        self._read -= self._prefix
-        self._prefix = 0
 
 
 # ---- helpers -------------------------------------------------------------------------------

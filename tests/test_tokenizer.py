@@ -174,6 +174,8 @@ def test_chat_template_errors_are_request_errors(
     assert e.value.param == "messages"
     with pytest.raises(RequestError, match="empty"):
         tok.apply_chat_template([])
+    with pytest.raises(RequestError, match="object"):
+        tok.apply_chat_template(["hi"])  # type: ignore[list-item]
 
 
 def test_no_chat_template(demo_models: dict[str, Path], tmp_path: Path) -> None:
