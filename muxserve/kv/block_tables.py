@@ -22,9 +22,14 @@ class BlockTables:
         self.layouts = dict(layouts)
         self._tables: dict[str, np.ndarray] = {}
         self._owner: dict[str, str] = {}  # request id -> model
+        self._capacity: dict[str, int] = {}  # request id -> tokens its table holds
 
     def table(self, request_id: str) -> np.ndarray:
         return self._tables[request_id]
+
+    def capacity(self, request_id: str) -> int:
+        """Tokens the request's table holds now (0 without a table)."""
+        return self._capacity.get(request_id, 0)
 
     def num_logical(self, request_id: str) -> int:
         t = self._tables.get(request_id)
@@ -51,12 +56,15 @@ class BlockTables:
             return
         old = self._tables[request_id]
         new = self.pool.allocate(model, n).reshape(-1, *old.shape[1:])
-        self._tables[request_id] = np.concatenate([old, new]) if old.size else new
+        table = np.concatenate([old, new]) if old.size else new
+        self._tables[request_id] = table
+        self._capacity[request_id] = table.shape[0] * self.layouts[model].tokens_per_block
 
     def release(self, request_id: str) -> int:
         """Free every block of the request; returns how many. Unknown ids free nothing."""
         table = self._tables.pop(request_id, None)
         model = self._owner.pop(request_id, None)
+        self._capacity.pop(request_id, None)
         if table is None or model is None:
             return 0
         self.pool.free(model, table)

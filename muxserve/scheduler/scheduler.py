@@ -147,6 +147,16 @@ class Scheduler:
         ):
             self.quota.rebalance(self.pool, self.tables, self.queues)
             self._needs_rebalance = False
+        jobs = self._form_jobs()
+        if not jobs and not self._in_flight and self._needs_rebalance and self.quota.adaptive:
+            # Idle with work that is short of quota: rebalance now, not at the next call, which
+            # an event-driven caller would only make once something else happened.
+            self.quota.rebalance(self.pool, self.tables, self.queues)
+            self._needs_rebalance = False
+            jobs = self._form_jobs()
+        return jobs
+
+    def _form_jobs(self) -> list[Job]:
         cap = self.policy.max_jobs_in_flight
         jobs: list[Job] = []
         for q, phase in self.policy.candidates(self._order, len(self._in_flight)):
@@ -185,6 +195,10 @@ class Scheduler:
                 changed.append(req)
                 continue
             req.num_computed_tokens = seq.end_pos
+            # A recomputed request whose chunk stops one short is decoding already: its last
+            # token is an output token that the next decode step feeds.
+            if job.phase is Phase.PREFILL and (seq.sample or req.is_decoding):
+                q.prefilling.remove(req)
             out = result.outputs[i]
             if out.token_id is None:
                 continue
@@ -196,10 +210,10 @@ class Scheduler:
     def _prefill_seqs(self, q: ModelQueue) -> list[SeqWork]:
         """Continue chunked prefills, then admit waiting requests FIFO, within the token budget."""
         budget, seqs = self.prefill_token_budget, []
-        for req in q.running:
+        for req in q.prefilling:
             if budget <= 0 or len(seqs) >= self.max_batch_size:
                 return seqs
-            if not req.in_flight and not req.is_decoding:
+            if not req.in_flight:
                 seqs.append(self._chunk(req, budget))
                 budget -= len(seqs[-1].token_ids)
         q.blocked = False
@@ -213,6 +227,7 @@ class Scheduler:
             q.waiting.popleft()
             req.status = RequestStatus.RUNNING
             q.running.append(req)
+            q.prefilling.append(req)
             seqs.append(self._chunk(req, budget))
             budget -= len(seqs[-1].token_ids)
         return seqs
@@ -235,19 +250,21 @@ class Scheduler:
         """One token for each decoding request, oldest first; preempt the newest when short."""
         seqs: list[SeqWork] = []
         batched: set[str] = set()
-        for req in list(q.running):
+        capacity = self.tables.capacity
+        for req in list(q.running):  # a copy: making room may preempt
             if len(seqs) >= self.max_batch_size:
                 break
-            if req.in_flight or not req.is_decoding or req.status is not RequestStatus.RUNNING:
+            if req.in_flight or req.status is not RequestStatus.RUNNING or not req.is_decoding:
                 continue
-            if not self._make_room(q, req, batched):
+            num_tokens = req.num_tokens
+            if num_tokens > capacity(req.request_id) and not self._make_room(q, req, batched):
                 continue
             batched.add(req.request_id)
             seqs.append(
                 SeqWork(
                     request_id=req.request_id,
                     token_ids=(req.output_token_ids[-1],),
-                    start_pos=req.num_tokens - 1,
+                    start_pos=num_tokens - 1,
                     block_table=self.tables.table(req.request_id),
                     sample=True,
                     params=req.params,
@@ -277,6 +294,8 @@ class Scheduler:
         """Free a request's blocks; it recomputes its tokens when admitted again."""
         self.tables.release(req.request_id)
         q.running.remove(req)
+        if req in q.prefilling:
+            q.prefilling.remove(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -312,6 +331,8 @@ class Scheduler:
         self.tables.release(req.request_id)
         if req.status is RequestStatus.RUNNING:
             q.running.remove(req)
+            if req in q.prefilling:
+                q.prefilling.remove(req)
         elif req.status is RequestStatus.WAITING:
             q.waiting.remove(req)
         req.status = RequestStatus.FINISHED
@@ -334,6 +355,9 @@ class Scheduler:
         assert not running & waiting, "a request is both running and waiting"
         assert running | waiting == set(self._requests), "request index out of sync"
         assert self.tables.holders() == len(running), "a non-running request holds blocks"
+        for q in self._order:
+            partial = [r for r in q.running if not r.is_decoding]
+            assert partial == q.prefilling, f"{q.name}: prefilling list out of sync"
         for q in self._order:
             for r in q.running:
                 have = self.tables.num_logical(r.request_id) * q.slot.layout.tokens_per_block

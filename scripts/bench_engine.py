@@ -1,0 +1,160 @@
+"""Engine benchmark: tokens/s under ADBS vs the baselines, and the scheduler's own overhead.
+
+    python scripts/bench_engine.py [--requests 24] [--out benchmarks/results/engine]
+
+1. The same requests over the three demo models, co-located in one engine, under
+   adbs+unified (MuxServe), fcfs+unified (temporal) and adbs+static (static KV partition);
+   tokens/s and the ratio to fcfs, measured in this one process.
+2. schedule() + on_job_done() cost with 256 running requests over 4 models and a zero-cost
+   runner (no torch work at all), in µs per round and per job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+from muxserve.config import EngineConfig, SMShare, parse_config
+from muxserve.kv.layout import KVLayout
+from muxserve.request import Request
+from muxserve.sampling_params import SamplingParams
+from muxserve.scheduler.job import JobResult, SeqResult
+from muxserve.scheduler.model_slot import ModelSlot
+from muxserve.scheduler.scheduler import Scheduler
+
+MODES = [("adbs", "unified"), ("fcfs", "unified"), ("adbs", "static")]
+
+
+def bench_throughput(args: argparse.Namespace) -> list[dict[str, object]]:
+    from muxserve.demo import ensure_demo_models
+    from muxserve.engine import MuxEngine
+
+    models = ensure_demo_models()
+    rng = random.Random(0)
+    work = []
+    for i in range(args.requests * len(models)):
+        name = list(models)[i % len(models)]
+        prompt = [rng.randrange(3, 900) for _ in range(rng.randint(16, 128))]
+        work.append((name, prompt, SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)))
+    rows = []
+    for policy, kv_mode in MODES:
+        config = parse_config(
+            {
+                "models": [{"name": n, "path": str(p), "rate": 1.0} for n, p in models.items()],
+                "engine": {
+                    "kv_pool_bytes": args.pool_blocks * 4096,
+                    "block_bytes": 4096,
+                    "policy": policy,
+                    "kv_mode": kv_mode,
+                },
+            }
+        )
+        engine = MuxEngine(config)
+        engine.generate(["warm up"], SamplingParams(max_tokens=2), list(models)[0])
+        start = time.perf_counter()
+        outs = engine.generate([w[1] for w in work], [w[2] for w in work], [w[0] for w in work])
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(c.token_ids) for c in outs)
+        rows.append(
+            {
+                "policy": policy,
+                "kv_mode": kv_mode,
+                "requests": len(outs),
+                "tokens": tokens,
+                "seconds": round(elapsed, 3),
+                "tokens_per_s": round(tokens / elapsed, 1),
+                "preemptions": engine.scheduler.num_preemptions,
+            }
+        )
+        print(f"  {policy}+{kv_mode}: {tokens} tokens in {elapsed:.2f}s", file=sys.stderr)
+        engine.shutdown()
+    base = next(r["tokens_per_s"] for r in rows if r["policy"] == "fcfs")
+    for r in rows:
+        r["ratio_to_fcfs"] = round(float(r["tokens_per_s"]) / float(base), 3)  # type: ignore[arg-type]
+    return rows
+
+
+def bench_scheduler(running: int, num_models: int, share: float, rounds: int) -> dict[str, float]:
+    """Steady-state decode rounds with `running` requests over `num_models` models."""
+    slots = [
+        ModelSlot(f"m{i}", KVLayout(32, 8, 128, 2, 64 << 10), 1 << 20, sm_share=SMShare(prefill=share, decode=share))
+        for i in range(num_models)
+    ]
+    config = EngineConfig(max_batch_size=running, prefill_token_budget=1 << 20)
+    sched = Scheduler.create(slots, 1 << 20, config)
+    params = SamplingParams(max_tokens=1 << 16, ignore_eos=True)
+    for i in range(running):
+        sched.add_request(Request(f"r{i}", f"m{i % num_models}", [1] * 100, params, float(i), i))
+
+    results = {f"r{i}": SeqResult(f"r{i}", 7) for i in range(running)}  # zero-cost "runner"
+
+    def one_round() -> int:
+        jobs = sched.schedule()
+        for job in jobs:
+            outs = tuple(results[s.request_id] for s in job.seqs)
+            sched.on_job_done(job, JobResult(job.job_id, outs))
+        return len(jobs)
+
+    while any(not r.is_decoding for q in sched.queues.values() for r in q.running) or any(
+        q.waiting for q in sched.queues.values()
+    ):
+        one_round()
+    jobs = 0
+    start = time.perf_counter()
+    for _ in range(rounds):
+        jobs += one_round()
+    elapsed = time.perf_counter() - start
+    sched.check_integrity()
+    return {
+        "running": running,
+        "models": num_models,
+        "sm_share": share,
+        "us_per_round": round(elapsed / rounds * 1e6, 1),
+        "jobs_per_round": round(jobs / rounds, 2),
+        "us_per_job": round(elapsed / jobs * 1e6, 1),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=24, help="requests per model")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--pool-blocks", type=int, default=2048, help="KV pool size in 4 KiB blocks")
+    p.add_argument("--rounds", type=int, default=2000)
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/engine")
+    args = p.parse_args()
+
+    result: dict[str, object] = {"machine": platform.platform(), "python": platform.python_version()}
+    print("scheduler overhead (zero-cost runner)", file=sys.stderr)
+    overhead = [
+        bench_scheduler(256, 4, share, args.rounds) for share in (1.0, 0.25)
+    ]
+    result["scheduler_overhead"] = overhead
+    print(f"{'sm share':>8} {'jobs/round':>10} {'us/round':>9} {'us/job':>8}")
+    for o in overhead:
+        print(f"{o['sm_share']:>8} {o['jobs_per_round']:>10} {o['us_per_round']:>9} {o['us_per_job']:>8}")
+    if not args.skip_throughput:
+        print("throughput on the demo models", file=sys.stderr)
+        rows = bench_throughput(args)
+        result["throughput"] = rows
+        print(f"\n{'policy':>6} {'kv_mode':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs fcfs':>8} {'preempt':>8}")
+        for r in rows:
+            print(
+                f"{r['policy']:>6} {r['kv_mode']:>8} {r['tokens']:>7} {r['seconds']:>8} "
+                f"{r['tokens_per_s']:>8} {r['ratio_to_fcfs']:>8} {r['preemptions']:>8}"
+            )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_engine.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out / 'bench_engine.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
