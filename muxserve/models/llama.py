@@ -131,3 +131,35 @@ class LlamaForCausalLM(nn.Module):
     def build_rope_cache(self, device: torch.device) -> None:
         """Allocate the RoPE cos/sin table on `device` now, before the KV pool takes the rest."""
         self.model.rotary_emb.build_cache(device)
+
+
+def parameter_shapes(config: HFModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of `LlamaForCausalLM(config)`, by HF name, with its shape.
+
+    Computed from the config alone (building even a meta-device model costs seconds the first
+    time), so checkpoint validation stays cheap; a test keeps it equal to `named_parameters()`.
+    """
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.q_size, config.kv_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for n in range(config.num_layers):
+        prefix = f"model.layers.{n}."
+        linears = {
+            "self_attn.q_proj": (q, h, config.qkv_bias),
+            "self_attn.k_proj": (kv, h, config.qkv_bias),
+            "self_attn.v_proj": (kv, h, config.qkv_bias),
+            "self_attn.o_proj": (h, q, config.o_bias),
+            "mlp.gate_proj": (i, h, config.mlp_bias),
+            "mlp.up_proj": (i, h, config.mlp_bias),
+            "mlp.down_proj": (h, i, config.mlp_bias),
+        }
+        for name, (out_features, in_features, bias) in linears.items():
+            shapes[f"{prefix}{name}.weight"] = (out_features, in_features)
+            if bias:
+                shapes[f"{prefix}{name}.bias"] = (out_features,)
+        shapes[f"{prefix}input_layernorm.weight"] = (h,)
+        shapes[f"{prefix}post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes

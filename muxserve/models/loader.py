@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from muxserve.errors import CheckpointError
 from muxserve.models.hf_config import HFModelConfig, load_hf_config
-from muxserve.models.llama import LlamaForCausalLM
+from muxserve.models.llama import LlamaForCausalLM, parameter_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -91,7 +91,7 @@ def plan_checkpoint(path: str | Path) -> CheckpointPlan:
         raise CheckpointError(f"{folder}: not a checkpoint folder")
     config = load_hf_config(folder)
     found = _read_headers(folder)
-    expected = expected_shapes(config)
+    expected = parameter_shapes(config)
 
     for name, shape in expected.items():
         info = found.get(name)
@@ -120,13 +120,6 @@ def plan_checkpoint(path: str | Path) -> CheckpointPlan:
     for name in expected:
         shards.setdefault(found[name].file, []).append(name)
     return CheckpointPlan(config, shards)
-
-
-def expected_shapes(config: HFModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter the model for `config` has, by HF name, with its shape."""
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        model = LlamaForCausalLM(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def _ignorable(name: str, info: TensorInfo, config: HFModelConfig) -> bool:

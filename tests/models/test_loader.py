@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from muxserve.errors import CheckpointError, UnsupportedArchitectureError
 from muxserve.models import loader
+from muxserve.models.llama import LlamaForCausalLM, parameter_shapes
 from muxserve.models.loader import (
-    expected_shapes,
     load_model,
     read_safetensors_header,
     validate_checkpoint,
@@ -59,9 +59,27 @@ def test_valid_checkpoints_return_their_config(
     assert config.layer_sliding_windows == (4, 4)
 
 
-def test_expected_shapes_follow_hf_names(make_checkpoint: MakeCheckpoint) -> None:
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 16}),
+        ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
+        ("qwen2", {}),
+        ("mistral", {}),
+    ],
+)
+def test_parameter_shapes_equal_the_models_parameters(
+    family: str, overrides: dict[str, object], make_checkpoint: MakeCheckpoint
+) -> None:
+    config = validate_checkpoint(make_checkpoint(family, **overrides))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert parameter_shapes(config) == {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def test_parameter_shapes_follow_hf_names(make_checkpoint: MakeCheckpoint) -> None:
     folder = make_checkpoint("llama", head_dim=16, num_key_value_heads=2)
-    shapes = expected_shapes(validate_checkpoint(folder))
+    shapes = parameter_shapes(validate_checkpoint(folder))
     on_disk = {n: i.shape for n, i in read_safetensors_header(folder / "model.safetensors").items()}
     assert shapes == on_disk
     assert shapes[Q_PROJ] == (64, 32) and shapes["model.layers.0.self_attn.k_proj.weight"] == (
