@@ -115,12 +115,11 @@ class MuxEngine:
         return cls(config, progress=progress)
 
     def _served(self, m: ModelEntry, hf: HFModelConfig, tok: Tokenizer) -> ServedModel:
+        dtype: str = "float32"
         if m.dtype is not None:
             dtype = m.dtype
         elif self.device.type == "cuda" and hf.torch_dtype in TORCH_DTYPES:
             dtype = hf.torch_dtype
-        else:
-            dtype = "float32"
         limits = [hf.max_position_embeddings, m.max_model_len, self.config.engine.max_model_len]
         max_len = min(x for x in limits if x is not None)
         return ServedModel(m.name, Path(m.path), hf, tok, dtype, max_len)
@@ -159,7 +158,8 @@ class MuxEngine:
             ]
             if bad:
                 raise RequestError(
-                    f"prompt token ids must be integers in [0, {served.config.vocab_size}); got {bad[0]!r}",
+                    f"prompt token ids must be integers in [0, {served.config.vocab_size}); "
+                    f"got {bad[0]!r}",
                     "prompt",
                 )
         if not ids:

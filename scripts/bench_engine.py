@@ -40,7 +40,13 @@ def bench_throughput(args: argparse.Namespace) -> list[dict[str, object]]:
     for i in range(args.requests * len(models)):
         name = list(models)[i % len(models)]
         prompt = [rng.randrange(3, 900) for _ in range(rng.randint(16, 128))]
-        work.append((name, prompt, SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)))
+        work.append(
+            (
+                name,
+                prompt,
+                SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True),
+            )
+        )
     rows = []
     for policy, kv_mode in MODES:
         config = parse_config(
@@ -55,7 +61,7 @@ def bench_throughput(args: argparse.Namespace) -> list[dict[str, object]]:
             }
         )
         engine = MuxEngine(config)
-        engine.generate(["warm up"], SamplingParams(max_tokens=2), list(models)[0])
+        engine.generate(["warm up"], SamplingParams(max_tokens=2), next(iter(models)))
         start = time.perf_counter()
         outs = engine.generate([w[1] for w in work], [w[2] for w in work], [w[0] for w in work])
         elapsed = time.perf_counter() - start
@@ -82,7 +88,12 @@ def bench_throughput(args: argparse.Namespace) -> list[dict[str, object]]:
 def bench_scheduler(running: int, num_models: int, share: float, rounds: int) -> dict[str, float]:
     """Steady-state decode rounds with `running` requests over `num_models` models."""
     slots = [
-        ModelSlot(f"m{i}", KVLayout(32, 8, 128, 2, 64 << 10), 1 << 20, sm_share=SMShare(prefill=share, decode=share))
+        ModelSlot(
+            f"m{i}",
+            KVLayout(32, 8, 128, 2, 64 << 10),
+            1 << 20,
+            sm_share=SMShare(prefill=share, decode=share),
+        )
         for i in range(num_models)
     ]
     config = EngineConfig(max_batch_size=running, prefill_token_budget=1 << 20)
@@ -121,7 +132,9 @@ def bench_scheduler(running: int, num_models: int, share: float, rounds: int) ->
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--requests", type=int, default=24, help="requests per model")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--pool-blocks", type=int, default=2048, help="KV pool size in 4 KiB blocks")
@@ -130,25 +143,26 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results/engine")
     args = p.parse_args()
 
-    result: dict[str, object] = {"machine": platform.platform(), "python": platform.python_version()}
+    result: dict[str, object] = {
+        "machine": platform.platform(),
+        "python": platform.python_version(),
+    }
     print("scheduler overhead (zero-cost runner)", file=sys.stderr)
-    overhead = [
-        bench_scheduler(256, 4, share, args.rounds) for share in (1.0, 0.25)
-    ]
+    overhead = [bench_scheduler(256, 4, share, args.rounds) for share in (1.0, 0.25)]
     result["scheduler_overhead"] = overhead
-    print(f"{'sm share':>8} {'jobs/round':>10} {'us/round':>9} {'us/job':>8}")
+    print("".join(f"{h:>10}" for h in ("sm share", "jobs/round", "us/round", "us/job")))
     for o in overhead:
-        print(f"{o['sm_share']:>8} {o['jobs_per_round']:>10} {o['us_per_round']:>9} {o['us_per_job']:>8}")
+        cells = (o["sm_share"], o["jobs_per_round"], o["us_per_round"], o["us_per_job"])
+        print("".join(f"{c:>10}" for c in cells))
     if not args.skip_throughput:
         print("throughput on the demo models", file=sys.stderr)
         rows = bench_throughput(args)
         result["throughput"] = rows
-        print(f"\n{'policy':>6} {'kv_mode':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs fcfs':>8} {'preempt':>8}")
+        heads = ("policy", "kv_mode", "tokens", "seconds", "tok/s", "vs fcfs", "preempt")
+        print("\n" + "".join(f"{h:>9}" for h in heads))
         for r in rows:
-            print(
-                f"{r['policy']:>6} {r['kv_mode']:>8} {r['tokens']:>7} {r['seconds']:>8} "
-                f"{r['tokens_per_s']:>8} {r['ratio_to_fcfs']:>8} {r['preemptions']:>8}"
-            )
+            keys = ("policy", "kv_mode", "tokens", "seconds", "tokens_per_s", "ratio_to_fcfs")
+            print("".join(f"{r[k]!s:>9}" for k in (*keys, "preemptions")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_engine.json").write_text(json.dumps(result, indent=2) + "\n")

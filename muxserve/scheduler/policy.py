@@ -22,7 +22,7 @@ class JobPolicy(Protocol):
 class AdbsPolicy:
     """Prefill before decode, round-robin across models, several jobs in flight at once."""
 
-    max_jobs_in_flight = None
+    max_jobs_in_flight: int | None = None
 
     def __init__(self) -> None:
         self._next = 0
@@ -43,7 +43,7 @@ class FcfsPolicy:
     order. Later candidates are fallbacks for when the oldest cannot run (no blocks yet).
     """
 
-    max_jobs_in_flight = 1
+    max_jobs_in_flight: int | None = 1
 
     def candidates(
         self, queues: Sequence[ModelQueue], jobs_in_flight: int

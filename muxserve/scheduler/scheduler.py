@@ -68,10 +68,11 @@ class Scheduler:
     @classmethod
     def create(cls, slots: Sequence[ModelSlot], num_blocks: int, config: EngineConfig) -> Scheduler:
         """The scheduler the config asks for: policy adbs|fcfs, kv_mode unified|static."""
+        policy: JobPolicy = AdbsPolicy() if config.policy == "adbs" else FcfsPolicy()
         return cls(
             slots,
             num_blocks,
-            policy=AdbsPolicy() if config.policy == "adbs" else FcfsPolicy(),
+            policy=policy,
             quota=AdaptiveQuota() if config.kv_mode == "unified" else StaticQuota(),
             prefill_token_budget=config.prefill_token_budget,
             max_batch_size=config.max_batch_size,
@@ -209,7 +210,7 @@ class Scheduler:
     # ---- job building --------------------------------------------------------------------
     def _prefill_seqs(self, q: ModelQueue) -> list[SeqWork]:
         """Continue chunked prefills, then admit waiting requests FIFO, within the token budget."""
-        budget, seqs = self.prefill_token_budget, []
+        budget, seqs = self.prefill_token_budget, list[SeqWork]()
         for req in q.prefilling:
             if budget <= 0 or len(seqs) >= self.max_batch_size:
                 return seqs
