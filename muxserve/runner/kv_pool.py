@@ -28,6 +28,10 @@ class KVPool:
         itemsize = torch.empty((), dtype=dtype).element_size()
         if itemsize != layout.dtype_bytes or self.block_bytes % itemsize:
             raise ValueError(f"layout dtype bytes {layout.dtype_bytes} do not match {dtype}")
+        if layout.block_bytes != self.block_bytes:
+            raise ValueError(
+                f"layout block_bytes {layout.block_bytes} != the pool's {self.block_bytes}"
+            )
         typed = self.buffer.view(dtype)
         tpb, hd = layout.tokens_per_block, layout.head_dim
         stride = self.block_bytes // itemsize

@@ -32,7 +32,7 @@ class SampledBatch:
     logprobs: torch.Tensor | None  # (N,) float32, of the sampled tokens
     top_ids: torch.Tensor | None  # (N, k) int64
     top_logprobs: torch.Tensor | None  # (N, k) float32
-    top_n: list[int]  # per row: how many of the top k to report
+    top_n: list[int | None]  # per row: how many of the top k to report; None: no logprobs
 
     def to_results(self) -> list[SeqResult]:
         tokens = self.token_ids.tolist()
@@ -42,6 +42,8 @@ class SampledBatch:
         lps, tids, tlps = self.logprobs.tolist(), self.top_ids.tolist(), self.top_logprobs.tolist()
         return [
             SeqResult(r, t, lp, tuple(zip(ti[:n], tl[:n], strict=True)))
+            if n is not None
+            else SeqResult(r, t)
             for r, t, lp, ti, tl, n in zip(
                 self.request_ids, tokens, lps, tids, tlps, self.top_n, strict=True
             )
@@ -68,7 +70,7 @@ def sample(logits: torch.Tensor, seqs: Sequence[SeqWork]) -> SampledBatch:
         logprobs=logp.gather(1, tokens[:, None])[:, 0],
         top_ids=top.indices if top is not None else empty,
         top_logprobs=top.values if top is not None else empty.float(),
-        top_n=[w or 0 for w in want],
+        top_n=want,
     )
 
 

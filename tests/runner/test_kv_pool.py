@@ -125,11 +125,6 @@ def test_view_raises_when_block_bytes_are_not_whole_elements() -> None:
         pool.view(make_layout(16, torch.float32, block_bytes=518), torch.float32)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KVPool.view does not check layout.block_bytes against the pool's block_bytes: a "
-    "smaller one is silently accepted, a larger one fails with an opaque as_strided RuntimeError",
-)
 @pytest.mark.parametrize("layout_block_bytes", [256, 1024])
 def test_view_with_a_layout_for_another_block_size_raises(layout_block_bytes: int) -> None:
     pool = KVPool(NUM_BLOCKS, BLOCK_BYTES, CPU)

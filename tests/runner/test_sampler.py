@@ -195,11 +195,6 @@ def test_rows_without_logprobs_get_no_top_list_in_a_batch_with_logprobs() -> Non
     assert len(results[1].top_logprobs) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sampler.sample/SampledBatch.to_results give every row a logprob once any row of "
-    "the batch asks for logprobs; SeqResult.logprob should be None where logprobs is None",
-)
 def test_rows_without_logprobs_get_no_logprob_in_a_batch_with_logprobs() -> None:
     logits = random_logits(2, 30, seed=9)
     results = sample(logits, [seq("a", temperature=0.0), seq("b", logprobs=3)]).to_results()
