@@ -140,7 +140,19 @@ class MuxEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> str:
-        """Tokenize and queue a request; raises a RequestError subclass, allocating nothing."""
+        """Tokenize and queue a request; raises a RequestError subclass, allocating nothing.
+
+        Its outputs are kept until read with `stream()` (or by `generate()`).
+        """
+        return self._submit(model, prompt, params, request_id).request_id
+
+    def _submit(
+        self,
+        model: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None,
+        request_id: str | None,
+    ) -> Request:
         served = self.models.get(model)
         if served is None:
             raise UnknownModelError(model, list(self.models))
@@ -174,7 +186,7 @@ class MuxEngine:
             self._sinks[rid] = sink
             self._texts[rid] = TextState(req, served.tokenizer, sink)
             self._wake.notify()
-        return rid
+        return req
 
     def abort(self, request_id: str) -> bool:
         """Abort a request; its blocks are freed now, or when its running job returns."""
@@ -190,9 +202,11 @@ class MuxEngine:
         """Yield a request's outputs as they come; the last has `finished` set."""
         sink = self._sinks.get(request_id)
         if sink is None:
-            raise KeyError(f"unknown request {request_id!r}")
+            raise KeyError(f"unknown request {request_id!r} (or its outputs were read already)")
         while True:
             out = await sink.get()
+            if out.finished:
+                self._sinks.pop(request_id, None)
             yield out
             if out.finished:
                 return
@@ -221,8 +235,7 @@ class MuxEngine:
             req.first_token_time = time.monotonic()
         text.emit(req, error if req.finish_reason is FinishReason.ERROR else None)
         if req.is_finished:
-            del self._texts[req.request_id]
-            self._sinks.pop(req.request_id, None)
+            del self._texts[req.request_id]  # the sink stays until its reader takes the end
 
     def has_work(self) -> bool:
         with self._lock:
@@ -251,10 +264,10 @@ class MuxEngine:
         sinks = {}
         order = []
         for p, m, sp in zip(prompts, models, plist, strict=True):
-            rid = self.add_request(m, p, sp)
+            req = self._submit(m, p, sp, None)
+            rid = req.request_id
             sinks[rid] = self._sinks[rid]
-            ids = self.scheduler.get(rid)
-            done[rid] = Completion(rid, m, list(ids.prompt_token_ids) if ids else [])
+            done[rid] = Completion(rid, m, list(req.prompt_token_ids))
             order.append(rid)
         pending = set(order)
         while pending:
@@ -267,6 +280,7 @@ class MuxEngine:
                     done[rid].add(out)
                     if out.finished:
                         pending.discard(rid)
+                        self._sinks.pop(rid, None)
         return [done[r] for r in order]
 
     # ---- background loop -----------------------------------------------------------------
