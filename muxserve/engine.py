@@ -13,7 +13,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,12 +125,12 @@ class MuxEngine:
         return ServedModel(m.name, Path(m.path), hf, tok, dtype, max_len)
 
     @staticmethod
-    def _progress(items: list[ModelSlot], show: bool, desc: str) -> list[ModelSlot]:
+    def _progress(items: list[ModelSlot], show: bool, desc: str) -> Iterable[ModelSlot]:
         if not show:
             return items
         from tqdm import tqdm
 
-        return list(tqdm(items, desc=desc, unit="model"))
+        return tqdm(items, desc=desc, unit="model")
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
