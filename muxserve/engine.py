@@ -189,8 +189,13 @@ class MuxEngine:
         return req
 
     def abort(self, request_id: str) -> bool:
-        """Abort a request; its blocks are freed now, or when its running job returns."""
+        """Abort a request; its blocks are freed now, or when its running job returns.
+
+        Its unread outputs are dropped (a reader already inside `stream()` still gets the
+        final "abort" output), so a caller that gives up on a request leaves nothing behind.
+        """
         with self._lock:
+            self._sinks.pop(request_id, None)
             req = self.scheduler.abort(request_id)
             if req is None:
                 return False

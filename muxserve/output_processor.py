@@ -65,8 +65,11 @@ class OutputSink:
         with self._lock:
             self._items.append(out)
             loop, event = self._loop, self._event
-        if loop is not None and event is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(event.set)
+        if loop is not None and event is not None:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the reader's loop closed (it went away): nothing to wake
+                pass
 
     def drain(self) -> list[RequestOutput]:
         with self._lock:
