@@ -321,6 +321,11 @@ class MuxEngine:
         self.executor.shutdown()
 
     # ---- introspection -------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        """True while the background loop started by `start()` is alive (for health checks)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stats(self) -> dict[str, ModelStats]:
         with self._lock:
             return self.scheduler.stats()
