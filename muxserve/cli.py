@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-models": ("muxserve.demo", "create the small random-weight demo checkpoints"),
     "generate": ("muxserve.generate_cli", "generate offline with the engine (no server)"),
     "plan": ("placement.cli", "place models on GPUs: ILP, greedy, spatial, temporal"),
+    "serve": ("muxserve.server.cli", "serve every model of a config over the OpenAI HTTP API"),
 }
 
 

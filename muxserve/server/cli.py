@@ -1,0 +1,91 @@
+"""`muxserve serve`: every model of a config (or plan) behind one OpenAI-compatible endpoint.
+
+With no arguments it serves the demo models (created on first start) on 127.0.0.1:8000.
+SIGINT or SIGTERM: stop accepting connections, give in-flight requests `--grace` seconds,
+abort the rest, stop the engine, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+log = logging.getLogger("muxserve.serve")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        help="serving config or plan (YAML); default: the demo models, created on first start",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MUXSERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $MUXSERVE_API_KEY)",
+    )
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get 413")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        help="seconds in-flight requests get to finish on SIGINT/SIGTERM before being aborted",
+    )
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # Until the server's own handlers are in place, SIGTERM just ends the process quietly.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    from aiohttp import web
+
+    from muxserve.config import load_config
+    from muxserve.demo import default_config
+    from muxserve.engine import MuxEngine
+    from muxserve.server.app import create_app
+    from muxserve.server.context import ServerSettings
+
+    config = load_config(args.config) if args.config else default_config(progress=True)
+    if config.meshes:
+        log.info(
+            "the plan places %d models on %d meshes (%s); this process serves them all from "
+            "one engine on this device",
+            len(config.models),
+            len(config.meshes),
+            ", ".join(f"{m.name}: {[x.name for x in m.models]}" for m in config.meshes),
+        )
+    engine = MuxEngine.from_config(config, progress=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning(
+            "listening on %s without --api-key: anyone who can reach it may use it", args.host
+        )
+    settings = ServerSettings(api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20))
+    app = create_app(engine, settings)
+    log.info("serving %s on http://%s:%d/v1", ", ".join(engine.models), args.host, args.port)
+    extra: dict[str, Any] = {} if args.access_log else {"access_log": None}
+    try:
+        web.run_app(
+            app,
+            host=args.host,
+            port=args.port,
+            shutdown_timeout=args.grace,
+            handler_cancellation=True,  # a client that goes away cancels (and aborts) its request
+            print=None,
+            **extra,
+        )
+    except OSError as e:
+        log.error("cannot serve on %s:%d: %s", args.host, args.port, e)
+        engine.shutdown()
+        return 1
+    log.info("stopped")
+    return 0

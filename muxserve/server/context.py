@@ -1,0 +1,69 @@
+"""What every handler is given: the engine, the metrics, the settings; and body parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from muxserve.engine import MuxEngine, ServedModel
+from muxserve.errors import UnknownModelError
+from muxserve.server.metrics import ServerMetrics
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+OFFLOAD_BYTES = 64 << 10  # bodies and prompts past this are parsed/tokenized in a thread
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the HTTP side behaves; the engine has its own config."""
+
+    api_key: str | None = None  # None: no auth
+    max_body_bytes: int = 4 << 20  # larger bodies get 413
+    max_choices: int = 64  # prompts x n per request
+
+
+@dataclass
+class ServerContext:
+    """The dependencies handlers are built with."""
+
+    engine: MuxEngine
+    metrics: ServerMetrics
+    settings: ServerSettings
+    created: int = field(default_factory=lambda: int(time.time()))  # /v1/models' `created`
+
+    def model(self, name: str) -> ServedModel:
+        """The served model called `name`; UnknownModelError (404) otherwise."""
+        served = self.engine.models.get(name)
+        if served is None:
+            raise UnknownModelError(name, list(self.engine.models))
+        return served
+
+
+CONTEXT = web.AppKey("muxserve_context", ServerContext)
+
+
+async def offload(size: int, fn: Callable[..., T], *args: object) -> T:
+    """Run `fn(*args)` here when the input is small, in a worker thread when it is large.
+
+    Small inputs take microseconds, less than the thread hop; large ones would stall the
+    event loop (and /health) for milliseconds.
+    """
+    if size <= OFFLOAD_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+async def parse_body(request: web.Request, model: type[M], limit: int) -> M:
+    """Read and validate a JSON body; 413 past `limit`, ValidationError (400) if malformed."""
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    body = await request.read()
+    return await offload(len(body), model.model_validate_json, body)

@@ -1,0 +1,185 @@
+"""One HTTP request's engine requests (prompts x n): submitted, read and aborted together.
+
+Also where the per-request metrics are taken: the handlers only shape what comes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from muxserve.engine import MuxEngine
+from muxserve.output_processor import RequestOutput
+from muxserve.request import TokenLogprobs
+from muxserve.sampling_params import SamplingParams
+from muxserve.server.errors import APIError
+from muxserve.server.metrics import ServerMetrics
+
+
+@dataclass
+class Choice:
+    """One engine request: choice `index` of the response, for prompt `prompt_index`."""
+
+    index: int
+    prompt_index: int
+    request_id: str
+    prompt_tokens: int
+    first_token: float | None = None
+    last_token: float | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class ChoiceResult:
+    """A finished choice, as a non-streamed response needs it."""
+
+    text: str
+    num_tokens: int
+    logprobs: list[TokenLogprobs]
+    finish_reason: str
+
+
+class Generation:
+    """The engine requests behind one HTTP request.
+
+    Use as `try: submit(); ... read ... finally: close()`: `close()` aborts whatever has not
+    finished (the client went away, or the server is stopping), which frees its KV blocks.
+    """
+
+    def __init__(
+        self, engine: MuxEngine, model: str, metrics: ServerMetrics, arrival: float, prefix: str
+    ) -> None:
+        self.engine = engine
+        self.model = model
+        self.metrics = metrics
+        self.arrival = arrival  # time.monotonic() when the HTTP request came in
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.choices: list[Choice] = []
+        self.prompt_tokens = 0
+
+    # ---- submit --------------------------------------------------------------------------
+    def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> None:
+        """Queue every prompt once per params (choice i*n + j: prompt i, params j).
+
+        All or nothing: if one is refused (queue full, prompt too long) the rest are aborted.
+        """
+        try:
+            for i, ids in enumerate(prompts):
+                for j, p in enumerate(params):
+                    index = i * len(params) + j
+                    rid = self.engine.add_request(self.model, ids, p, f"{self.id}-{index}")
+                    self.choices.append(Choice(index, i, rid, len(ids)))
+        except BaseException:
+            self.close()
+            raise
+        self.prompt_tokens = sum(len(p) for p in prompts)  # usage: each prompt once, as OpenAI
+        self.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens * len(params))
+
+    # ---- read ----------------------------------------------------------------------------
+    async def outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+        """Every choice's outputs as they come, interleaved; ends when all have finished.
+
+        An output that ends a choice by abort or engine error raises APIError (503 / 500).
+        """
+        if len(self.choices) == 1:
+            choice = self.choices[0]
+            async for out in self._stream(choice):
+                yield choice, self._observe(choice, out)
+            return
+        queue: asyncio.Queue[tuple[Choice, RequestOutput] | BaseException] = asyncio.Queue()
+
+        async def pump(choice: Choice) -> None:
+            try:
+                async for out in self._stream(choice):
+                    queue.put_nowait((choice, out))
+            except Exception as e:
+                queue.put_nowait(e)
+
+        tasks = [asyncio.create_task(pump(c)) for c in self.choices]
+        try:
+            left = len(self.choices)
+            while left:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                choice, out = item
+                left -= out.finished
+                yield choice, self._observe(choice, out)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def results(self) -> list[ChoiceResult]:
+        """Wait for every choice to finish; results in choice order."""
+        parts: list[list[RequestOutput]] = [[] for _ in self.choices]
+        async for choice, out in self.outputs():
+            parts[choice.index].append(out)
+        results = []
+        for outs in parts:
+            last = outs[-1]
+            assert last.finish_reason is not None
+            results.append(
+                ChoiceResult(
+                    "".join(o.text for o in outs),
+                    last.completion_tokens,
+                    [lp for o in outs for lp in o.logprobs],
+                    last.finish_reason,
+                )
+            )
+        return results
+
+    async def _stream(self, choice: Choice) -> AsyncIterator[RequestOutput]:
+        try:
+            stream = self.engine.stream(choice.request_id)
+            async for out in stream:
+                if out.finished and out.finish_reason in ("abort", "error"):
+                    self._finish(choice, out.finish_reason)
+                    raise _ended(out)
+                yield out
+        except KeyError:  # aborted by the engine (shutting down) before we read anything
+            self._finish(choice, "abort")
+            raise _ended(None) from None
+
+    def _observe(self, choice: Choice, out: RequestOutput) -> RequestOutput:
+        now = time.monotonic()
+        model = self.model
+        if out.token_ids:
+            self.metrics.generation_tokens.labels(model).inc(len(out.token_ids))
+            if choice.first_token is None:
+                self.metrics.ttft.labels(model).observe(now - self.arrival)
+            elif choice.last_token is not None:
+                gap = (now - choice.last_token) / len(out.token_ids)
+                itl = self.metrics.itl.labels(model)
+                for _ in out.token_ids:
+                    itl.observe(gap)
+            choice.first_token = choice.first_token or now
+            choice.last_token = now
+        if out.finished:
+            self.metrics.e2e.labels(model).observe(now - self.arrival)
+            self._finish(choice, out.finish_reason or "stop")
+        return out
+
+    def _finish(self, choice: Choice, reason: str) -> None:
+        if choice.finish_reason is None:
+            choice.finish_reason = reason
+            self.metrics.requests.labels(self.model, reason).inc()
+
+    # ---- end -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Abort every choice that has not finished; idempotent."""
+        for choice in self.choices:
+            if choice.finish_reason is None:
+                self.engine.abort(choice.request_id)
+                self._finish(choice, "abort")
+
+
+def _ended(out: RequestOutput | None) -> APIError:
+    if out is not None and out.finish_reason == "error":
+        return APIError(500, f"the engine failed the request: {out.error}", "server_error")
+    return APIError(
+        503, "the request was aborted: the server is stopping", "server_error", code="unavailable"
+    )

@@ -1,0 +1,116 @@
+"""Prometheus metrics of one server, in a registry of its own (never the process-global one).
+
+Queue lengths and KV blocks are read from `engine.stats()` at scrape time; token counts and
+latencies are recorded by the handlers as outputs reach them, so they include the HTTP side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from muxserve.engine import MuxEngine
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 60)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300)
+
+
+class EngineCollector(Collector):
+    """Per-model scheduler state, read from the engine when scraped."""
+
+    def __init__(self, engine: MuxEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.engine.stats()
+        pool = self.engine.scheduler.pool
+        families = {
+            "running": GaugeMetricFamily(
+                "muxserve_requests_running", "Requests holding KV blocks", labels=["model"]
+            ),
+            "waiting": GaugeMetricFamily(
+                "muxserve_requests_waiting", "Requests queued for admission", labels=["model"]
+            ),
+            "blocks_used": GaugeMetricFamily(
+                "muxserve_kv_blocks_used", "KV blocks the model holds", labels=["model"]
+            ),
+            "blocks_quota": GaugeMetricFamily(
+                "muxserve_kv_blocks_quota", "KV blocks the model may hold now", labels=["model"]
+            ),
+        }
+        for model, s in stats.items():
+            families["running"].add_metric([model], s.running)
+            families["waiting"].add_metric([model], s.waiting)
+            families["blocks_used"].add_metric([model], s.blocks_used)
+            families["blocks_quota"].add_metric([model], s.blocks_quota)
+        yield from families.values()
+        yield GaugeMetricFamily(
+            "muxserve_kv_blocks_total", "KV blocks in the pool", pool.num_blocks
+        )
+        yield GaugeMetricFamily("muxserve_kv_blocks_free", "KV blocks free", pool.num_free)
+
+
+class ServerMetrics:
+    """The counters and histograms the handlers feed, and the scrape of all of them."""
+
+    def __init__(self, engine: MuxEngine) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.prompt_tokens = Counter(
+            "muxserve_prompt_tokens", "Prompt tokens of admitted requests", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "muxserve_generation_tokens", "Tokens generated", ["model"], registry=r
+        )
+        self.requests = Counter(
+            "muxserve_requests",
+            "Finished requests (one per choice) by finish reason",
+            ["model", "finish_reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "muxserve_time_to_first_token_seconds",
+            "From the HTTP request's arrival to its first token",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "muxserve_inter_token_latency_seconds",
+            "Between consecutive tokens of a request",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "muxserve_e2e_request_latency_seconds",
+            "From the HTTP request's arrival to its last token",
+            ["model"],
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.http_responses = Counter(
+            "muxserve_http_responses",
+            "HTTP responses by route and status (499: the client went away)",
+            ["route", "status"],
+            registry=r,
+        )
+        for model in engine.models:  # every model's series exists from the start, at 0
+            self.prompt_tokens.labels(model)
+            self.generation_tokens.labels(model)
+        r.register(EngineCollector(engine))
+
+    def on_response(self, request: web.Request, status: int) -> None:
+        """Count a response under its route's pattern (not the raw path: bounded labels)."""
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        self.http_responses.labels(name, str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
