@@ -7,6 +7,7 @@ from typing import Protocol
 
 from muxserve.kv.block_pool import BlockPool, proportional_split
 from muxserve.kv.block_tables import BlockTables
+from muxserve.request import Request
 from muxserve.scheduler.model_slot import ModelQueue
 
 
@@ -49,10 +50,12 @@ class StaticQuota:
 class AdaptiveQuota:
     """ADBS quotas: start proportional to rate x KV bytes/token, then follow the load.
 
-    At each rebalance a model keeps what its requests hold; the free blocks go first to models
-    with unmet demand (requests waiting for blocks, decodes about to cross a block boundary), in
-    proportion to their weight and capped at that demand, and the rest by weight to everyone,
-    so an idle model still has room for its next request.
+    At each rebalance a model keeps what its requests hold; the free blocks go first to the
+    model of the oldest waiting request, enough to admit it, then to models with unmet demand
+    (requests waiting for blocks, decodes about to cross a block boundary), in proportion to
+    their weight and capped at that demand, and the rest by weight to everyone, so an idle model
+    still has room for its next request. Without the first step, shares split by weight could
+    leave every model short of its next request, with nothing running to free blocks: a deadlock.
     """
 
     adaptive = True
@@ -70,7 +73,13 @@ class AdaptiveQuota:
         demand = {n: _demand(q, tables, pool.num_free) for n, q in queues.items()}
         give = dict.fromkeys(queues, 0)
         spare = pool.num_free
-        hungry = {n for n, d in demand.items() if d > 0}
+        head = _oldest_waiting(queues)
+        if head is not None:
+            need = queues[head.model].slot.layout.physical_blocks_for(head.num_tokens + 1)
+            if need <= spare:
+                give[head.model] = need
+                spare -= need
+        hungry = {n for n, d in demand.items() if d > give[n]}
         while spare > 0 and hungry:  # water-filling over models with demand
             split = proportional_split(spare, {n: weights[n] for n in hungry})
             for n in list(hungry):
@@ -82,6 +91,11 @@ class AdaptiveQuota:
         for n, extra in proportional_split(spare, weights).items():
             give[n] += extra
         pool.set_quotas({n: pool.used(n) + give[n] for n in queues})
+
+
+def _oldest_waiting(queues: Mapping[str, ModelQueue]) -> Request | None:
+    heads = [q.waiting[0] for q in queues.values() if q.waiting]
+    return min(heads, key=lambda r: r.arrival_time, default=None)
 
 
 def _demand(q: ModelQueue, tables: BlockTables, cap: int) -> int:
