@@ -1,0 +1,115 @@
+"""SamplingParams: every invalid field is rejected with `param` naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from muxserve.errors import InvalidSamplingParamsError, RequestError
+from muxserve.sampling_params import MAX_LOGPROBS, SamplingParams
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"max_tokens": "16"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": -0.01}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.0001}, "top_p"),
+        ({"top_p": -0.5}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.0}, "top_k"),
+        ({"top_k": True}, "top_k"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"stop": ("",)}, "stop"),
+        ({"stop": ("ok", "")}, "stop"),
+        ({"stop": (3,)}, "stop"),
+        ({"stop_token_ids": (-1,)}, "stop_token_ids"),
+        ({"stop_token_ids": (2, "3")}, "stop_token_ids"),
+        ({"stop_token_ids": (True,)}, "stop_token_ids"),
+        ({"seed": True}, "seed"),
+        ({"seed": 1.0}, "seed"),
+        ({"seed": "7"}, "seed"),
+    ],
+)
+def test_invalid_field_names_itself(kwargs: dict[str, object], param: str) -> None:
+    with pytest.raises(InvalidSamplingParamsError) as info:
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+    assert info.value.param == param
+    assert str(info.value).startswith(param)
+    assert isinstance(info.value, RequestError)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"max_tokens": 1},
+        {"temperature": 0},
+        {"temperature": 0.0},
+        {"temperature": 100.0},
+        {"top_p": 1},
+        {"top_p": 1e-9},
+        {"top_k": 1},
+        {"top_k": None},
+        {"logprobs": 0},
+        {"logprobs": MAX_LOGPROBS},
+        {"seed": 0},
+        {"seed": -3},
+        {"seed": 2**63},
+        {"stop": ("\n", "###")},
+        {"stop_token_ids": (0, 2)},
+    ],
+)
+def test_valid_edge_cases(kwargs: dict[str, object]) -> None:
+    SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_defaults() -> None:
+    p = SamplingParams()
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.logprobs) == (
+        16,
+        1.0,
+        1.0,
+        None,
+        None,
+        None,
+    )
+    assert (p.stop, p.stop_token_ids, p.ignore_eos, p.skip_special_tokens) == ((), (), False, True)
+    assert MAX_LOGPROBS == 20
+
+
+def test_greedy_is_temperature_zero() -> None:
+    assert SamplingParams(temperature=0).greedy
+    assert not SamplingParams(temperature=1e-6).greedy
+
+
+def test_frozen_and_extra_ignored_by_equality() -> None:
+    p = SamplingParams(max_tokens=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.max_tokens = 4  # type: ignore[misc]
+    assert SamplingParams(extra={"a": 1}) == SamplingParams(extra={"b": 2})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SamplingParams checks logprobs' range but not its type: '3' raises TypeError, "
+    "1.5 and True are accepted (the other integer fields reject them); the fix belongs in "
+    "muxserve/sampling_params.py, outside this test suite's remit",
+)
+@pytest.mark.parametrize("value", ["3", 1.5, True])
+def test_logprobs_must_be_an_integer(value: object) -> None:
+    with pytest.raises(InvalidSamplingParamsError) as info:
+        SamplingParams(logprobs=value)  # type: ignore[arg-type]
+    assert info.value.param == "logprobs"
