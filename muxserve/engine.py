@@ -1,6 +1,7 @@
 """MuxEngine: several models on one device, one KV pool, one scheduler, one loop.
 
-The loop is three calls — `schedule()`, `executor.run(jobs)`, `on_job_done()` — then the
+The loop is three calls — `schedule()` (jobs for idle workers), `executor.submit(jobs)`, and
+`on_job_done()` for each result `executor.poll()` hands back as its job finishes — then the
 outputs. It runs in the caller's thread (`step()`, `generate()`) or in a background thread
 (`start()`) while an event loop adds requests and reads their streams.
 """
@@ -13,7 +14,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,21 +22,22 @@ import torch
 
 from muxserve.config import ModelEntry, MuxConfig, load_config
 from muxserve.errors import EmptyPromptError, RequestError, UnknownModelError
-from muxserve.executor.inline import InlineExecutor
+from muxserve.executor.base import ModelSpec, create_executor
 from muxserve.kv.layout import KVLayout
 from muxserve.models.hf_config import DTYPE_BYTES, HFModelConfig
-from muxserve.models.loader import load_model, validate_checkpoint
+from muxserve.models.loader import validate_checkpoint
 from muxserve.output_processor import Completion, OutputSink, RequestOutput, TextState
 from muxserve.request import FinishReason, Request
 from muxserve.runner.kv_pool import KVPool
-from muxserve.runner.model_runner import ModelRunner
 from muxserve.sampling_params import SamplingParams
+from muxserve.scheduler.job import Job, JobResult
 from muxserve.scheduler.model_slot import ModelSlot
 from muxserve.scheduler.scheduler import ModelStats, Scheduler
 from muxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+POLL_S = 1.0  # longest a step waits for a result before it returns to its caller
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -90,16 +92,22 @@ class MuxEngine:
             )
         num_blocks = eng.kv_pool_bytes // eng.block_bytes
         self.scheduler = Scheduler.create(slots, num_blocks, eng)
-        self.pool = KVPool(num_blocks, eng.block_bytes, self.device)
-        runners = {}
-        for slot in self._progress(slots, progress, "loading models"):
-            sm = self.models[slot.name]
-            dtype = TORCH_DTYPES[sm.dtype]
-            model, _ = load_model(sm.path, dtype, self.device)
-            runners[slot.name] = ModelRunner(
-                slot.name, model, sm.config, self.pool, slot.layout, dtype
+        # worker processes map the pool: shared memory on CPU, CUDA IPC on GPU
+        self.pool = KVPool(num_blocks, eng.block_bytes, self.device, eng.executor == "mps")
+        specs = [
+            ModelSpec(
+                m.name,
+                self.models[m.name].path,
+                self.models[m.name].config,
+                slot.layout,
+                TORCH_DTYPES[self.models[m.name].dtype],
+                m.sm_share,
+                m.tensor_parallel,
             )
-        self.executor = InlineExecutor(runners, self.device)
+            for m, slot in zip(config.models, slots, strict=True)
+        ]
+        self.executor = create_executor(eng.executor, specs, self.pool, progress)
+        self._released: list[str] = []  # finished requests the executor may forget
         self._lock = threading.RLock()  # guards the scheduler and the per-request state
         self._wake = threading.Condition(self._lock)
         self._texts: dict[str, TextState] = {}
@@ -123,14 +131,6 @@ class MuxEngine:
         limits = [hf.max_position_embeddings, m.max_model_len, self.config.engine.max_model_len]
         max_len = min(x for x in limits if x is not None)
         return ServedModel(m.name, Path(m.path), hf, tok, dtype, max_len)
-
-    @staticmethod
-    def _progress(items: list[ModelSlot], show: bool, desc: str) -> Iterable[ModelSlot]:
-        if not show:
-            return items
-        from tqdm import tqdm
-
-        return tqdm(items, desc=desc, unit="model")
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
@@ -186,6 +186,7 @@ class MuxEngine:
             self._sinks[rid] = sink
             self._texts[rid] = TextState(req, served.tokenizer, sink)
             self._wake.notify()
+        self.executor.wake()  # a loop waiting on running jobs may start this one now
         return req
 
     def abort(self, request_id: str) -> bool:
@@ -218,17 +219,31 @@ class MuxEngine:
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> int:
-        """Run one round of jobs; returns how many jobs ran (0: nothing to do right now)."""
+        """Start jobs for idle workers, then apply the results of jobs that finish.
+
+        Waits (at most `POLL_S`) for a first result while any job runs, so a caller looping on
+        `step()` starts each worker's next job as soon as its last one is done. Returns how
+        many jobs finished (0: nothing ran, or nothing finished yet).
+        """
         with self._lock:
             jobs = self.scheduler.schedule()
-        if not jobs:
+            running = self.scheduler.jobs_in_flight
+            released, self._released = self._released, []
+        if released:
+            self.executor.release(released)
+        if jobs:
+            self.executor.submit(jobs)
+        if not running:
             return 0
-        results = self.executor.run(jobs)
+        results = self.executor.poll(POLL_S)
+        self._apply(results)
+        return len(results)
+
+    def _apply(self, results: Sequence[tuple[Job, JobResult]]) -> None:
         with self._lock:
             for job, result in results:
                 for req in self.scheduler.on_job_done(job, result):
                     self._emit(req, result.error)
-        return len(jobs)
 
     def _emit(self, req: Request, error: str | None = None) -> None:
         text = self._texts.get(req.request_id)
@@ -240,6 +255,7 @@ class MuxEngine:
             req.first_token_time = time.monotonic()
         text.emit(req, error if req.finish_reason is FinishReason.ERROR else None)
         if req.is_finished:
+            self._released.append(req.request_id)
             del self._texts[req.request_id]  # the sink stays until its reader takes the end
 
     def has_work(self) -> bool:
@@ -316,8 +332,8 @@ class MuxEngine:
         with self._lock:
             for rid in list(self._texts):
                 self.abort(rid)
-            while self.scheduler.jobs_in_flight:  # only possible with asynchronous executors
-                time.sleep(0.001)
+        while self.scheduler.jobs_in_flight:  # their results free the aborted requests' blocks
+            self._apply(self.executor.poll(POLL_S))
         self.executor.shutdown()
 
     # ---- introspection -------------------------------------------------------------------

@@ -23,6 +23,15 @@ class KVPool:
         if shared and device.type == "cpu":
             self.buffer.share_memory_()  # visible to worker processes
 
+    @classmethod
+    def from_buffer(cls, buffer: torch.Tensor, block_bytes: int) -> KVPool:
+        """A pool over an existing byte buffer: a worker process's view of the engine's pool."""
+        pool = cls.__new__(cls)
+        pool.num_blocks = buffer.numel() // block_bytes
+        pool.block_bytes = block_bytes
+        pool.buffer = buffer
+        return pool
+
     def view(self, layout: KVLayout, dtype: torch.dtype) -> torch.Tensor:
         """The pool as `(num_blocks, 2, tokens_per_block, head_dim)` of `dtype` (K at 0, V at 1)."""
         itemsize = torch.empty((), dtype=dtype).element_size()

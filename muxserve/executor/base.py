@@ -1,0 +1,114 @@
+"""The executor seam: what an engine hands an executor, and what it gets back.
+
+An executor runs jobs somewhere (this process, or worker processes) and returns their results
+as they finish, so the engine can start a new job for a (model, phase) as soon as its previous
+one is done, while the jobs of other models still run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from muxserve.config import SMShare
+from muxserve.kv.layout import KVLayout
+from muxserve.models.hf_config import HFModelConfig
+from muxserve.runner.kv_pool import KVPool
+from muxserve.scheduler.job import Job, JobResult, Phase
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as an executor needs it: where its weights are, how it views the pool, its SMs."""
+
+    name: str
+    path: Path
+    config: HFModelConfig
+    layout: KVLayout  # the model's view of a pool block (all its KV heads)
+    dtype: torch.dtype
+    sm_share: SMShare
+    tensor_parallel: int = 1
+
+    def share(self, phase: Phase) -> float:
+        return self.sm_share.prefill if phase is Phase.PREFILL else self.sm_share.decode
+
+
+class Executor(Protocol):
+    """Runs jobs and hands back their results as they finish.
+
+    One job per (model, phase) is in flight at a time (the scheduler sees to that). `submit`
+    never waits for a job; `poll` waits for results. Only the engine's loop thread calls
+    `submit`, `poll` and `release`; `wake` may be called from any thread.
+    """
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Start the jobs (or queue them for a worker that is still starting)."""
+        ...
+
+    def poll(self, timeout: float) -> list[tuple[Job, JobResult]]:
+        """Results of jobs that finished, waiting up to `timeout` s for the first.
+
+        Returns at once with [] when no job is in flight, and early with [] after `wake()`.
+        A job whose worker died comes back with `JobResult.error` set.
+        """
+        ...
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        """These requests finished: workers may forget what they keep of them."""
+        ...
+
+    def wake(self) -> None:
+        """Make a `poll` waiting in another thread return now (new work may be schedulable)."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop every worker and free what the executor holds; idempotent."""
+        ...
+
+
+def cpu_threads(share: float, cores: int | None = None) -> int:
+    """The CPU analogue of an SM share: intra-op threads for a worker with that share."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, round(share * (cores or 1)))
+
+
+def create_executor(
+    kind: str,
+    specs: Sequence[ModelSpec],
+    pool: KVPool,
+    progress: bool = False,
+) -> Executor:
+    """The executor `EngineConfig.executor` names, with every model's weights loaded.
+
+    For "mps" the pool must be shared (`KVPool(..., shared=True)`) so workers can map it.
+    """
+    if kind == "inline":
+        from muxserve.executor.inline import InlineExecutor
+
+        if any(s.tensor_parallel > 1 for s in specs):
+            bad = next(s for s in specs if s.tensor_parallel > 1)
+            raise ValueError(
+                f"{bad.name}: tensor_parallel={bad.tensor_parallel} needs worker processes; "
+                "set engine.executor: mps"
+            )
+        return InlineExecutor.create(specs, pool, progress)
+    if kind == "mps":
+        from muxserve.executor.mps import MpsExecutor
+
+        return MpsExecutor.create(specs, pool, progress)
+    raise ValueError(f"unknown executor {kind!r}; use 'inline' or 'mps'")
+
+
+def load_progress(specs: Sequence[ModelSpec], show: bool) -> Iterable[ModelSpec]:
+    """`specs`, with a progress bar that advances as each model loads when `show`."""
+    if not show:
+        return specs
+    from tqdm import tqdm
+
+    return tqdm(specs, desc="loading models", unit="model")

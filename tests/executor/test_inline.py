@@ -1,0 +1,76 @@
+"""The inline executor behind the submit/poll interface, and the CPU/GPU share arithmetic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from executor.factories import BLOCK_BYTES, NUM_BLOCKS, decode_job, make_spec, prefill_job
+from muxserve.executor.base import cpu_threads, create_executor
+from muxserve.executor.inline import InlineExecutor
+from muxserve.executor.sm_partition import green_context_sms
+from muxserve.runner.kv_pool import KVPool
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def inline(demo_models: dict[str, Path]) -> InlineExecutor:
+    specs = [make_spec(n, p) for n, p in demo_models.items() if n != "mistral-demo"]
+    ex = create_executor("inline", specs, KVPool(NUM_BLOCKS, BLOCK_BYTES, CPU))
+    assert isinstance(ex, InlineExecutor)
+    return ex
+
+
+def test_poll_with_nothing_in_flight_is_empty(inline):
+    assert inline.poll(5.0) == []
+
+
+def test_submit_then_poll_returns_each_job_once(demo_models, inline):
+    llama = make_spec("llama-demo", demo_models["llama-demo"])
+    qwen = make_spec("qwen-demo", demo_models["qwen-demo"])
+    jobs = [prefill_job(0, llama, [5, 6, 7], "a", 0), prefill_job(1, qwen, [9, 8], "b", 64)]
+    inline.submit(jobs)
+    results = inline.poll(0.0)
+    assert [j.job_id for j, _ in results] == [0, 1]
+    assert all(r.error is None and r.outputs[0].token_id is not None for _, r in results)
+    assert inline.poll(0.0) == []
+    # the next job of a model goes on from where its last one left the pool
+    first = results[0][1].outputs[0].token_id
+    inline.submit([decode_job(2, llama, jobs[0], first, 1)])
+    [(job, result)] = inline.poll(0.0)
+    assert job.job_id == 2 and result.outputs[0].request_id == "a"
+
+
+def test_tensor_parallel_needs_worker_processes(demo_models):
+    spec = make_spec("llama-demo", demo_models["llama-demo"], tp=2)
+    with pytest.raises(ValueError, match="executor: mps"):
+        create_executor("inline", [spec], KVPool(8, BLOCK_BYTES, CPU))
+
+
+def test_unknown_executor(demo_models):
+    with pytest.raises(ValueError, match="unknown executor 'ray'"):
+        create_executor("ray", [], KVPool(8, BLOCK_BYTES, CPU))
+
+
+@pytest.mark.parametrize(
+    "share,cores,threads", [(1.0, 16, 16), (0.5, 16, 8), (0.3, 16, 5), (0.01, 2, 1), (0.5, 2, 1)]
+)
+def test_cpu_threads_follow_the_share(share, cores, threads):
+    assert cpu_threads(share, cores) == threads
+
+
+@pytest.mark.parametrize(
+    "share,total,major,sms",
+    [
+        (0.5, 132, 9, 72),
+        (0.1, 132, 9, 16),
+        (0.01, 132, 9, 8),
+        (1.0, 132, 9, 132),
+        (0.3, 108, 8, 34),
+    ],
+)
+def test_green_context_sms_round_up_to_the_split_unit(share, total, major, sms):
+    assert green_context_sms(share, total, major) == sms
