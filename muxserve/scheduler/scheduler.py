@@ -276,10 +276,21 @@ class Scheduler:
         return seqs
 
     def _make_room(self, q: ModelQueue, req: Request, batched: set[str]) -> bool:
-        """Cover `req`'s next token, preempting newer requests of the model if needed."""
+        """Cover `req`'s next token: borrow free blocks first, else preempt newer requests."""
+        rebalanced = False
         while not self.tables.can_cover(q.name, req.request_id, req.num_tokens):
+            need = self.tables.blocks_to_cover(q.name, req.request_id, req.num_tokens)
+            if self.quota.adaptive and not rebalanced and self.pool.num_free >= need:
+                # the quota is stale, not the pool full: rebalance before evicting anyone
+                self.quota.rebalance(self.pool, self.tables, self.queues)
+                rebalanced = True
+                continue
             victim = next(
-                (r for r in reversed(q.running) if not r.in_flight and r.request_id not in batched),
+                (
+                    r
+                    for r in reversed(q.running)
+                    if not r.in_flight and r.request_id not in batched
+                ),
                 None,
             )
             if victim is None:
