@@ -117,7 +117,9 @@ def test_adaptive_quota_follows_load_and_keeps_the_idle_models_usage() -> None:
         snap = s.pool.snapshot()
         peak_a = max(peak_a, snap["a"][1])
         assert snap["b"][1] >= snap["b"][0]  # b's quota never drops below what b holds
-    assert peak_a == 37
+    # once b is done, a short of quota rebalances in place and borrows the whole pool rather
+    # than preempting its own requests
+    assert peak_a == 40
     assert s.pool.num_free == 40
     assert {r.finish_reason.value for r in runner.finished.values()} == {"length"}  # type: ignore[union-attr]
 
