@@ -39,6 +39,7 @@ def create_app(
     )
     app[CONTEXT] = ctx
     setup_routes(app, ctx)
+    app.on_shutdown.append(_drain)
     if manage_engine:
         app.on_startup.append(_start_engine)
         app.on_cleanup.append(_stop_engine)
@@ -86,6 +87,24 @@ class InfoHandlers:
 
 async def _start_engine(app: web.Application) -> None:
     app[CONTEXT].engine.start()
+
+
+async def _drain(app: web.Application) -> None:
+    """On shutdown (no new connections by now): give in-flight requests the grace period,
+    then abort the rest, whose clients get a 503 (or a last error event) rather than a cut."""
+    ctx = app[CONTEXT]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.settings.shutdown_grace
+    if ctx.active:
+        log.info(
+            "waiting up to %.1fs for %d requests", ctx.settings.shutdown_grace, len(ctx.active)
+        )
+    while ctx.active and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if ctx.active:
+        log.info("aborting %d requests", len(ctx.active))
+    for gen in list(ctx.active):
+        gen.close()
 
 
 async def _stop_engine(app: web.Application) -> None:

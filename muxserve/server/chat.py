@@ -55,7 +55,7 @@ class ChatHandler:
         # no limit asked: up to the context (a prompt that fills it is refused by the engine)
         max_tokens = req.requested_max_tokens() or max(1, served.max_model_len - len(ids))
         params = [req.params(max_tokens, j) for j in range(req.n)]
-        gen = Generation(ctx.engine, served.name, ctx.metrics, arrival, "chatcmpl")
+        gen = Generation(ctx.engine, served.name, ctx.metrics, arrival, "chatcmpl", ctx.active)
         try:
             gen.submit([ids], params)
             if req.stream:

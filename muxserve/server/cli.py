@@ -69,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
         log.warning(
             "listening on %s without --api-key: anyone who can reach it may use it", args.host
         )
-    settings = ServerSettings(api_key=args.api_key, max_body_bytes=int(args.max_body_mb * 2**20))
+    settings = ServerSettings(
+        api_key=args.api_key,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        shutdown_grace=args.grace,
+    )
     app = create_app(engine, settings)
     log.info("serving %s on http://%s:%d/v1", ", ".join(engine.models), args.host, args.port)
     extra: dict[str, Any] = {} if args.access_log else {"access_log": None}
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             app,
             host=args.host,
             port=args.port,
-            shutdown_timeout=args.grace,
+            shutdown_timeout=args.grace + 5.0,  # a backstop: the app aborts at `grace`
             handler_cancellation=True,  # a client that goes away cancels (and aborts) its request
             print=None,
             **extra,

@@ -44,7 +44,7 @@ class CompletionsHandler:
             )
         params = [req.params(j) for j in range(req.n)]
         ids = await offload(request.content_length or 0, tokenize, served.tokenizer, prompts)
-        gen = Generation(ctx.engine, served.name, ctx.metrics, arrival, "cmpl")
+        gen = Generation(ctx.engine, served.name, ctx.metrics, arrival, "cmpl", ctx.active)
         try:
             gen.submit(ids, params)
             if req.stream:

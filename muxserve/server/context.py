@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -14,6 +14,9 @@ from pydantic import BaseModel
 from muxserve.engine import MuxEngine, ServedModel
 from muxserve.errors import UnknownModelError
 from muxserve.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from muxserve.server.generation import Generation
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -28,6 +31,7 @@ class ServerSettings:
     api_key: str | None = None  # None: no auth
     max_body_bytes: int = 4 << 20  # larger bodies get 413
     max_choices: int = 64  # prompts x n per request
+    shutdown_grace: float = 5.0  # seconds in-flight requests get to finish when stopping
 
 
 @dataclass
@@ -38,6 +42,7 @@ class ServerContext:
     metrics: ServerMetrics
     settings: ServerSettings
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models' `created`
+    active: set[Generation] = field(default_factory=set)  # requests in flight, for shutdown
 
     def model(self, name: str) -> ServedModel:
         """The served model called `name`; UnknownModelError (404) otherwise."""

@@ -50,9 +50,16 @@ class Generation:
     """
 
     def __init__(
-        self, engine: MuxEngine, model: str, metrics: ServerMetrics, arrival: float, prefix: str
+        self,
+        engine: MuxEngine,
+        model: str,
+        metrics: ServerMetrics,
+        arrival: float,
+        prefix: str,
+        active: set[Generation] | None = None,
     ) -> None:
         self.engine = engine
+        self.active = active if active is not None else set()  # the server's in-flight ones
         self.model = model
         self.metrics = metrics
         self.arrival = arrival  # time.monotonic() when the HTTP request came in
@@ -67,6 +74,7 @@ class Generation:
 
         All or nothing: if one is refused (queue full, prompt too long) the rest are aborted.
         """
+        self.active.add(self)
         try:
             for i, ids in enumerate(prompts):
                 for j, p in enumerate(params):
@@ -171,6 +179,7 @@ class Generation:
     # ---- end -----------------------------------------------------------------------------
     def close(self) -> None:
         """Abort every choice that has not finished; idempotent."""
+        self.active.discard(self)
         for choice in self.choices:
             if choice.finish_reason is None:
                 self.engine.abort(choice.request_id)

@@ -29,7 +29,9 @@ class CompletionLogprobsBuilder:
             out.token_logprobs.append(lp.logprob)
             out.text_offset.append(self.offset)
             self.offset += len(text)
-            top = {token_text(self.tokenizer, t): v for t, v in lp.top}
+            top: dict[str, float] = {}
+            for t, v in lp.top:  # most likely first; tokens with the same text keep the first
+                top.setdefault(token_text(self.tokenizer, t), v)
             out.top_logprobs.append(top or {text: lp.logprob})
         return out
 

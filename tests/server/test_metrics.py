@@ -1,0 +1,115 @@
+"""/metrics (Prometheus text, one registry per app) and /health, also while models compute."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server.conftest import run_app
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(m: dict, name: str, **labels: str) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_counters_histograms_and_gauges(serve, engine):
+    async def body(client):
+        r = await client.post(
+            "/v1/completions",
+            json={
+                "model": "qwen-demo",
+                "prompt": [5, 6, 7],
+                "max_tokens": 4,
+                "n": 2,
+                "ignore_eos": True,
+            },
+        )
+        assert r.status == 200
+        await client.post("/v1/completions", json={"model": "qwen-demo", "prompt": 5})
+        m = await client.get("/metrics")
+        assert m.headers["Content-Type"].startswith("text/plain")
+        return await m.text()
+
+    m = samples(serve(body))
+    q = {"model": "qwen-demo"}
+    assert value(m, "muxserve_prompt_tokens_total", **q) == 6  # per engine request
+    assert value(m, "muxserve_generation_tokens_total", **q) == 8
+    assert value(m, "muxserve_requests_total", finish_reason="length", **q) == 2
+    assert value(m, "muxserve_time_to_first_token_seconds_count", **q) == 2
+    assert value(m, "muxserve_inter_token_latency_seconds_count", **q) == 6
+    assert value(m, "muxserve_e2e_request_latency_seconds_count", **q) == 2
+    assert value(m, "muxserve_http_responses_total", route="/v1/completions", status="200") == 1
+    assert value(m, "muxserve_http_responses_total", route="/v1/completions", status="400") == 1
+    pool = engine.scheduler.pool
+    assert value(m, "muxserve_kv_blocks_total") == pool.num_blocks
+    assert value(m, "muxserve_kv_blocks_free") == pool.num_blocks
+    for model, s in engine.stats().items():
+        assert value(m, "muxserve_requests_running", model=model) == 0
+        assert value(m, "muxserve_requests_waiting", model=model) == 0
+        assert value(m, "muxserve_kv_blocks_used", model=model) == 0
+        assert value(m, "muxserve_kv_blocks_quota", model=model) == s.blocks_quota
+
+
+def test_each_app_has_its_own_registry(serve):
+    async def one_request(client):
+        await client.post(
+            "/v1/completions", json={"model": "llama-demo", "prompt": "a", "max_tokens": 1}
+        )
+        return samples(await (await client.get("/metrics")).text())
+
+    first, second = serve(one_request), serve(one_request)
+    key = "muxserve_requests_total"
+    assert value(first, key, finish_reason="length", model="llama-demo") == 1
+    assert value(second, key, finish_reason="length", model="llama-demo") == 1
+
+
+def test_health_and_metrics_answer_while_models_compute(serve, engine):
+    async def body(client):
+        busy = [
+            asyncio.create_task(
+                client.post(
+                    "/v1/completions",
+                    json={"model": m, "prompt": "x", "max_tokens": 300, "n": 8, "ignore_eos": True},
+                )
+            )
+            for m in ("llama-demo", "qwen-demo", "mistral-demo")
+        ]
+        while sum(s.running for s in engine.stats().values()) < 8:
+            await asyncio.sleep(0.005)
+        worst = 0.0
+        running = []
+        for _ in range(10):
+            t = time.perf_counter()
+            health = await client.get("/health")
+            metrics = samples(await (await client.get("/metrics")).text())
+            worst = max(worst, time.perf_counter() - t)
+            assert health.status == 200
+            running.append(
+                sum(v for (n, _), v in metrics.items() if n == "muxserve_requests_running")
+            )
+        for t in busy:
+            t.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
+        return worst, running
+
+    worst, running = serve(body)
+    assert max(running) > 0  # measured while requests ran
+    assert worst < 1.0  # a step is a few ms; nothing waits for the 300 tokens
+
+
+def test_health_is_503_when_the_engine_loop_is_not_running(idle_engine):
+    async def body(client):
+        r = await client.get("/health")
+        return r.status, await r.json()
+
+    assert run_app(idle_engine, body) == (503, {"status": "engine not running"})
