@@ -62,6 +62,7 @@ class Generation:
         self.active = active if active is not None else set()  # the server's in-flight ones
         self.model = model
         self.metrics = metrics
+        self.series = metrics.models[model]
         self.arrival = arrival  # time.monotonic() when the HTTP request came in
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -85,7 +86,7 @@ class Generation:
             self.close()
             raise
         self.prompt_tokens = sum(len(p) for p in prompts)  # usage: each prompt once, as OpenAI
-        self.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens * len(params))
+        self.series.prompt_tokens.inc(self.prompt_tokens * len(params))
 
     # ---- read ----------------------------------------------------------------------------
     async def outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
@@ -154,20 +155,19 @@ class Generation:
 
     def _observe(self, choice: Choice, out: RequestOutput) -> RequestOutput:
         now = time.monotonic()
-        model = self.model
+        m = self.series
         if out.token_ids:
-            self.metrics.generation_tokens.labels(model).inc(len(out.token_ids))
+            m.generation_tokens.inc(len(out.token_ids))
             if choice.first_token is None:
-                self.metrics.ttft.labels(model).observe(now - self.arrival)
+                m.ttft.observe(now - self.arrival)
             elif choice.last_token is not None:
                 gap = (now - choice.last_token) / len(out.token_ids)
-                itl = self.metrics.itl.labels(model)
                 for _ in out.token_ids:
-                    itl.observe(gap)
+                    m.itl.observe(gap)
             choice.first_token = choice.first_token or now
             choice.last_token = now
         if out.finished:
-            self.metrics.e2e.labels(model).observe(now - self.arrival)
+            m.e2e.observe(now - self.arrival)
             self._finish(choice, out.finish_reason or "stop")
         return out
 

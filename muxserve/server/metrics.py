@@ -7,6 +7,7 @@ latencies are recorded by the handlers as outputs reach them, so they include th
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -56,6 +57,17 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("muxserve_kv_blocks_free", "KV blocks free", pool.num_free)
 
 
+@dataclass(frozen=True)
+class ModelMetrics:
+    """One model's series, looked up once (a `labels()` call per token adds up)."""
+
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    ttft: Histogram
+    itl: Histogram
+    e2e: Histogram
+
+
 class ServerMetrics:
     """The counters and histograms the handlers feed, and the scrape of all of them."""
 
@@ -101,9 +113,17 @@ class ServerMetrics:
             ["route", "status"],
             registry=r,
         )
-        for model in engine.models:  # every model's series exists from the start, at 0
-            self.prompt_tokens.labels(model)
-            self.generation_tokens.labels(model)
+        # every model's series exists from the start, at 0
+        self.models = {
+            m: ModelMetrics(
+                self.prompt_tokens.labels(m),
+                self.generation_tokens.labels(m),
+                self.ttft.labels(m),
+                self.itl.labels(m),
+                self.e2e.labels(m),
+            )
+            for m in engine.models
+        }
         r.register(EngineCollector(engine))
 
     def on_response(self, request: web.Request, status: int) -> None:
