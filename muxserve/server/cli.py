@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -47,6 +48,12 @@ def run(args: argparse.Namespace) -> int:
     # Until the server's own handlers are in place, SIGTERM just ends the process quietly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
+    try:  # the port first: a busy one fails at once, not after loading every model
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        log.error("cannot serve on %s:%d: %s", args.host, args.port, e)
+        return 1
+
     from aiohttp import web
 
     from muxserve.config import load_config
@@ -77,19 +84,26 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, settings)
     log.info("serving %s on http://%s:%d/v1", ", ".join(engine.models), args.host, args.port)
     extra: dict[str, Any] = {} if args.access_log else {"access_log": None}
-    try:
-        web.run_app(
-            app,
-            host=args.host,
-            port=args.port,
-            shutdown_timeout=args.grace + 5.0,  # a backstop: the app aborts at `grace`
-            handler_cancellation=True,  # a client that goes away cancels (and aborts) its request
-            print=None,
-            **extra,
-        )
-    except OSError as e:
-        log.error("cannot serve on %s:%d: %s", args.host, args.port, e)
-        engine.shutdown()
-        return 1
+    web.run_app(
+        app,
+        sock=sock,
+        shutdown_timeout=args.grace + 5.0,  # a backstop: the app aborts at `grace`
+        handler_cancellation=True,  # a client that goes away cancels (and aborts) its request
+        print=None,
+        **extra,
+    )
     log.info("stopped")
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on (host, port); OSError if the address is taken or invalid."""
+    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # rebind right after a restart
+    try:
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock

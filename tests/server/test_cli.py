@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from muxserve.config import dump_config
 from tests.server.conftest import demo_config
 
@@ -61,7 +63,7 @@ def request(
     return r.status, data
 
 
-def start(args: list[str], port: int) -> subprocess.Popen:
+def start(args: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -77,6 +79,7 @@ def start(args: list[str], port: int) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=env,
     )
     deadline = time.monotonic() + 90
     while True:
@@ -108,6 +111,9 @@ def stop_mid_stream(proc: subprocess.Popen, port: int, sig: int, key: str | None
     kids = children(proc.pid)
     t0 = time.monotonic()
     proc.send_signal(sig)
+    time.sleep(0.3)
+    with pytest.raises(ConnectionRefusedError):  # no new connections once stopping
+        request(port, "GET", "/health")
     out, _ = proc.communicate(timeout=GRACE + 30)
     took = time.monotonic() - t0
     reader.join(timeout=10)
@@ -156,9 +162,10 @@ def test_serve_a_plan_then_sigterm(demo_models, tmp_path):
     assert "stopped" in out
 
 
-def test_serve_demo_defaults_then_sigint(demo_models):
+def test_serve_with_no_config_builds_the_demo_models_then_sigint(tmp_path):
     port = free_port()
-    proc = start([], port)  # no --config: the demo models
+    env = {**os.environ, "MUXSERVE_CACHE": str(tmp_path)}  # an empty cache: first start
+    proc = start([], port, env)  # no --config: the demo models
     try:
         status, _ = request(
             port,
@@ -175,6 +182,12 @@ def test_serve_demo_defaults_then_sigint(demo_models):
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert "demo models: 100%" in out  # the progress bar of the first start
+    assert sorted(p.name for p in (tmp_path / "demo-models").iterdir()) == [
+        "llama-demo",
+        "mistral-demo",
+        "qwen-demo",
+    ]
     assert "serving llama-demo, qwen-demo, mistral-demo on http://127.0.0.1:" in out
 
 
