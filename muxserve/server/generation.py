@@ -83,7 +83,10 @@ class Generation:
                     rid = self.engine.add_request(self.model, ids, p, f"{self.id}-{index}")
                     self.choices.append(Choice(index, i, rid, len(ids)))
         except BaseException:
-            self.close()
+            for c in self.choices:  # never started, as far as the client can tell: not counted
+                self.engine.abort(c.request_id)
+            self.choices.clear()
+            self.active.discard(self)
             raise
         self.prompt_tokens = sum(len(p) for p in prompts)  # usage: each prompt once, as OpenAI
         self.series.prompt_tokens.inc(self.prompt_tokens * len(params))
