@@ -92,8 +92,6 @@ class MuxEngine:
             )
         num_blocks = eng.kv_pool_bytes // eng.block_bytes
         self.scheduler = Scheduler.create(slots, num_blocks, eng)
-        # worker processes map the pool: shared memory on CPU, CUDA IPC on GPU
-        self.pool = KVPool(num_blocks, eng.block_bytes, self.device, eng.executor == "mps")
         specs = [
             ModelSpec(
                 m.name,
@@ -106,7 +104,11 @@ class MuxEngine:
             )
             for m, slot in zip(config.models, slots, strict=True)
         ]
-        self.executor = create_executor(eng.executor, specs, self.pool, progress)
+        # the executor allocates the pool: worker processes map it (shared memory, CUDA IPC)
+        self.executor = create_executor(
+            eng.executor, specs, num_blocks, eng.block_bytes, self.device, progress
+        )
+        self.pool: KVPool = self.executor.pool
         self._released: list[str] = []  # finished requests the executor may forget
         self._lock = threading.RLock()  # guards the scheduler and the per-request state
         self._wake = threading.Condition(self._lock)

@@ -46,6 +46,8 @@ class Executor(Protocol):
     `submit`, `poll` and `release`; `wake` may be called from any thread.
     """
 
+    pool: KVPool  # the KV pool's memory on the device, allocated by the executor
+
     def submit(self, jobs: Sequence[Job]) -> None:
         """Start the jobs (or queue them for a worker that is still starting)."""
         ...
@@ -81,12 +83,16 @@ def cpu_threads(share: float, cores: int | None = None) -> int:
 def create_executor(
     kind: str,
     specs: Sequence[ModelSpec],
-    pool: KVPool,
+    num_blocks: int,
+    block_bytes: int,
+    device: torch.device,
     progress: bool = False,
 ) -> Executor:
-    """The executor `EngineConfig.executor` names, with every model's weights loaded.
+    """The executor `EngineConfig.executor` names, with its KV pool and every model loaded.
 
-    For "mps" the pool must be shared (`KVPool(..., shared=True)`) so workers can map it.
+    The executor allocates the pool because where it lives depends on the executor: worker
+    processes map it from shared memory (CPU) or by CUDA IPC, and on CUDA the MPS daemon must
+    run before this process first touches the GPU.
     """
     if kind == "inline":
         from muxserve.executor.inline import InlineExecutor
@@ -97,11 +103,11 @@ def create_executor(
                 f"{bad.name}: tensor_parallel={bad.tensor_parallel} needs worker processes; "
                 "set engine.executor: mps"
             )
-        return InlineExecutor.create(specs, pool, progress)
+        return InlineExecutor.create(specs, KVPool(num_blocks, block_bytes, device), progress)
     if kind == "mps":
         from muxserve.executor.mps import MpsExecutor
 
-        return MpsExecutor.create(specs, pool, progress)
+        return MpsExecutor.create(specs, num_blocks, block_bytes, device, progress)
     raise ValueError(f"unknown executor {kind!r}; use 'inline' or 'mps'")
 
 

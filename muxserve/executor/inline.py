@@ -24,11 +24,12 @@ class InlineExecutor:
     def __init__(
         self,
         runners: Mapping[str, ModelRunner],
-        device: torch.device,
+        pool: KVPool,
         shares: Mapping[tuple[str, Phase], float] | None = None,
     ) -> None:
         self.runners = dict(runners)
-        self.device = device
+        self.pool = pool
+        device = self.device = pool.buffer.device
         self._partitions: dict[tuple[str, Phase], SMPartition] = {}
         if device.type == "cuda":
             for name in runners:
@@ -50,7 +51,7 @@ class InlineExecutor:
                 spec.name, model, spec.config, pool, spec.layout, spec.dtype
             )
         shares = {(s.name, p): s.share(p) for s in specs for p in Phase}
-        return cls(runners, device, shares)
+        return cls(runners, pool, shares)
 
     def submit(self, jobs: Sequence[Job]) -> None:
         for job in jobs:

@@ -1,0 +1,99 @@
+"""The typed messages between the engine process and its worker processes.
+
+Per job, a worker gets only what changed since its last job: requests it has not seen (with
+their sampling parameters and block table, once), block ids appended to the tables it mirrors,
+the tokens and positions of this step, and the requests it may forget. It answers with the
+`JobResult` the scheduler consumes. Tensors (weights, the pool) travel once, in `WorkerInit`,
+as shared-memory or CUDA IPC handles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from muxserve.kv.layout import KVLayout
+from muxserve.models.hf_config import HFModelConfig
+from muxserve.models.llama import LlamaForCausalLM
+from muxserve.sampling_params import SamplingParams
+from muxserve.scheduler.job import Phase
+
+
+@dataclass(frozen=True)
+class TPRank:
+    """A worker's place in its (model, phase) tensor-parallel group."""
+
+    rank: int
+    world_size: int
+    init_method: str  # torch.distributed rendezvous, e.g. "tcp://127.0.0.1:29500"
+    backend: str  # "gloo" on CPU, "nccl" on GPU
+
+
+@dataclass
+class WorkerInit:
+    """A worker's first message: its model (weights shared, not copied) and the pool."""
+
+    name: str
+    phase: Phase
+    model: LlamaForCausalLM  # parameters in shared memory (CPU) or CUDA IPC handles
+    config: HFModelConfig
+    pool: torch.Tensor  # the KV pool's byte buffer, shared with every worker on the device
+    block_bytes: int
+    layout: KVLayout
+    dtype: torch.dtype
+    threads: int  # intra-op threads: the CPU analogue of the SM share
+    tp: TPRank | None = None
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """The worker mapped its model and pool and waits for jobs."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class WorkerStartFailed:
+    """The worker could not start; it exits after sending this."""
+
+    error: str
+
+
+@dataclass(slots=True)
+class NewSeq:
+    """A request the worker has not seen (or must forget what it had: it was preempted)."""
+
+    request_id: str
+    params: SamplingParams
+    seed: int
+    block_table: np.ndarray  # (logical blocks, layers, this rank's kv heads) int32
+
+
+@dataclass(slots=True)
+class SeqStep:
+    """One sequence's share of a job, relative to what the worker mirrors of it."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start_pos: int
+    sample: bool
+    step: int  # index of the output token being sampled
+    new_blocks: np.ndarray | None  # logical blocks appended to its table since the last job
+
+
+@dataclass(slots=True)
+class JobMessage:
+    """A job for one worker: new requests first, then the step of each sequence in order."""
+
+    job_id: int
+    sm_share: float
+    new: tuple[NewSeq, ...]
+    steps: tuple[SeqStep, ...]
+    finished: tuple[str, ...]  # requests the worker may forget
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Exit after the current job."""

@@ -1,0 +1,248 @@
+"""The multi-process executor: a worker process per (model, phase, TP rank), SM quotas by MPS.
+
+Each model's weights are loaded once, here, into shared memory (CPU) or GPU memory exported by
+CUDA IPC, and mapped by its prefill and decode workers; the KV pool buffer is mapped by every
+worker on the device. A job goes to its (model, phase) group as a delta message; results come
+back as the workers finish, in any order. A worker that dies fails only its group's job and is
+started again. On CUDA the executor runs its own MPS daemon and gives each worker
+`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` from its share; on CPU a share becomes a thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
+from typing import cast
+
+import torch
+import torch.multiprocessing
+
+from muxserve.errors import WorkerFailedError
+from muxserve.executor.base import ModelSpec, cpu_threads, load_progress
+from muxserve.executor.messages import TPRank, WorkerInit
+from muxserve.executor.mps_daemon import MpsDaemon
+from muxserve.executor.waker import Waker
+from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, WorkerGroup
+from muxserve.parallel.sharding import load_rank_models
+from muxserve.runner.kv_pool import KVPool
+from muxserve.scheduler.job import Job, JobResult, Phase
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 180.0  # every worker of the engine ready within this, or the engine fails
+MAX_FAILED_STARTS = 3  # restarts in a row that die before ready: the group gives up
+
+Waitable = Connection | int  # a worker's pipe, or a process sentinel
+
+
+class MpsExecutor:
+    """Worker processes per (model, phase); `submit` hands out jobs, `poll` collects results."""
+
+    def __init__(
+        self,
+        pools: dict[torch.device, KVPool],
+        pool: KVPool,
+        groups: dict[tuple[str, Phase], WorkerGroup],
+        daemon: MpsDaemon | None,
+    ) -> None:
+        self.pool = pool
+        self._pools = pools  # the pool's buffer on each device a rank runs on
+        self.groups = groups
+        self.daemon = daemon
+        self._waker = Waker()
+        self._failed: list[tuple[Job, JobResult]] = []  # jobs failed at submit, for the next poll
+        self._closed = False
+
+    @classmethod
+    def create(
+        cls,
+        specs: Sequence[ModelSpec],
+        num_blocks: int,
+        block_bytes: int,
+        device: torch.device,
+        progress: bool = False,
+        start_timeout: float = START_TIMEOUT_S,
+    ) -> MpsExecutor:
+        """Start MPS (on CUDA), load every model once, spawn its workers and wait until ready."""
+        daemon = None
+        if device.type == "cuda":
+            daemon = MpsDaemon.start()
+            _become_client(daemon)
+        groups: dict[tuple[str, Phase], WorkerGroup] = {}
+        try:
+            pools: dict[torch.device, KVPool] = {}
+
+            def pool_on(dev: torch.device) -> KVPool:
+                if dev not in pools:
+                    pools[dev] = KVPool(num_blocks, block_bytes, dev, shared=True)
+                return pools[dev]
+
+            main_pool = pool_on(device)
+            ctx = torch.multiprocessing.get_context("spawn")
+            for spec in load_progress(specs, progress):
+                ranks = load_rank_models(spec.path, spec.dtype, device, spec.tensor_parallel)
+                for phase in Phase:
+                    plans = []
+                    for r, (model, dev) in enumerate(ranks):
+                        share = spec.share(phase)
+                        tp = None
+                        if spec.tensor_parallel > 1:
+                            backend = "nccl" if dev.type == "cuda" else "gloo"
+                            tp = TPRank(r, spec.tensor_parallel, "", backend)
+                        init = WorkerInit(
+                            spec.name,
+                            phase,
+                            model,
+                            spec.config,
+                            pool_on(dev).buffer,
+                            block_bytes,
+                            spec.layout,
+                            spec.dtype,
+                            cpu_threads(share) if dev.type == "cpu" else 1,
+                            tp,
+                        )
+                        env = (
+                            daemon.client_env(share)
+                            if daemon is not None
+                            else {"OMP_NUM_THREADS": str(init.threads)}
+                        )
+                        heads = _kv_heads(spec.config.num_kv_heads, r, spec.tensor_parallel)
+                        plans.append(RankPlan(init, env, heads))
+                    groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
+            executor = cls(pools, main_pool, groups, daemon)
+        except BaseException:
+            if daemon is not None:
+                daemon.stop()
+            raise
+        try:
+            executor._start_all(start_timeout)
+        except BaseException:
+            executor.shutdown()
+            raise
+        return executor
+
+    def _start_all(self, timeout: float) -> None:
+        for g in self.groups.values():
+            g.start()
+        deadline = time.monotonic() + timeout
+        while starting := [g for g in self.groups.values() if g.state is GroupState.STARTING]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                names = ", ".join(g.label for g in starting)
+                raise WorkerFailedError(f"workers not ready after {timeout:.0f} s: {names}")
+            owners = self._owners()
+            for obj in _wait(list(owners), left):
+                event = owners[obj].on_readable(obj)
+                if isinstance(event, WorkerDied):
+                    raise WorkerFailedError(f"{owners[obj].label}: {event.reason}")
+
+    # ---- the executor interface ------------------------------------------------------------
+    def submit(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            # a chunk at position 0 means a fresh block table (first admission or after a
+            # preemption): every worker of the model must take it whole
+            restarted = [s.request_id for s in job.seqs if s.start_pos == 0]
+            if restarted:
+                for phase in Phase:
+                    for mirror in self.groups[(job.model, phase)].mirrors:
+                        mirror.invalidate(restarted)
+            group = self.groups[(job.model, job.phase)]
+            if group.broken is not None:
+                self._failed.append((job, JobResult(job.job_id, (), group.broken)))
+            else:
+                group.assign(job)
+
+    def poll(self, timeout: float) -> list[tuple[Job, JobResult]]:
+        results, self._failed = self._failed, []
+        if results or not any(g.job is not None for g in self.groups.values()):
+            return results
+        deadline = time.monotonic() + timeout
+        while True:
+            owners = self._owners()
+            waker = self._waker.fileno()
+            ready = _wait([*owners, waker], max(0.0, deadline - time.monotonic()))
+            woken = False
+            restarted: set[int] = set()  # groups replaced this round: their other events are old
+            for obj in sorted(ready, key=lambda o: not isinstance(o, Connection)):  # pipes first
+                if obj == waker:
+                    self._waker.clear()
+                    woken = True
+                    continue
+                group = owners[obj]
+                if id(group) in restarted:
+                    continue
+                event = group.on_readable(obj)
+                if isinstance(event, WorkerDied):
+                    results.extend(self._restart(group, event))
+                    restarted.add(id(group))
+                elif event is not None:
+                    results.append(event)
+            if results or woken or time.monotonic() >= deadline:
+                return results
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        for group in self.groups.values():
+            for mirror in group.mirrors:
+                mirror.forget(request_ids)
+
+    def wake(self) -> None:
+        self._waker.wake()
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for group in self.groups.values():
+            group.stop()
+        self._waker.close()
+        self._pools.clear()
+        if self.daemon is not None:
+            self.daemon.stop()
+
+    # ---- internals -----------------------------------------------------------------------
+    def _owners(self) -> dict[Waitable, WorkerGroup]:
+        return {obj: g for g in self.groups.values() for obj in g.waitables()}
+
+    def _restart(self, group: WorkerGroup, died: WorkerDied) -> list[tuple[Job, JobResult]]:
+        """Fail the group's job, if any, and start the group again (or give up on it)."""
+        job = group.take_job()
+        group.kill()
+        group.failed_starts = group.failed_starts + 1 if died.during_start else 0
+        error = f"{group.label}: {died.reason}; the request failed and the worker restarts"
+        if group.failed_starts >= MAX_FAILED_STARTS:
+            group.broken = f"{group.label}: workers failed to start {MAX_FAILED_STARTS} times"
+            error = f"{group.label}: {died.reason}; {group.broken}, so the model stops serving"
+        log.error("%s", error)
+        if group.broken is None:
+            group.start()
+        return [] if job is None else [(job, JobResult(job.job_id, (), error))]
+
+    def worker_pids(self) -> dict[tuple[str, Phase], list[int]]:
+        """The live worker processes, by (model, phase): for tests and operators."""
+        return {k: [p.pid for p in g.procs if p.pid is not None] for k, g in self.groups.items()}
+
+
+def _wait(objs: list[Waitable], timeout: float) -> list[Waitable]:
+    """`multiprocessing.connection.wait`, typed for what we give it."""
+    return cast(list[Waitable], wait(objs, timeout))
+
+
+def _kv_heads(num_kv_heads: int, rank: int, world_size: int) -> slice | None:
+    if world_size == 1:
+        return None
+    per = num_kv_heads // world_size
+    return slice(rank * per, (rank + 1) * per)
+
+
+def _become_client(daemon: MpsDaemon) -> None:
+    """Make this process an MPS client too: it allocates the pool and weights that workers map.
+
+    CUDA reads the variables once, when this process creates its context; if that happened
+    already (another engine in this process), this process stays outside MPS.
+    """
+    if torch.cuda.is_initialized():
+        log.warning("CUDA is initialised already: this process is not an MPS client")
+    os.environ.update(daemon.daemon_env())

@@ -1,0 +1,111 @@
+"""A worker process: runs the jobs of one (model, phase, tensor-parallel rank).
+
+Spawned by `WorkerGroup`. Its environment (MPS pipe directory, thread percentage) is set
+before anything touches CUDA; then it receives its `WorkerInit` (weights and pool as shared
+handles), says `WorkerReady`, and runs `JobMessage`s until `Stop` or until the engine's end of
+the pipe closes. Rank 0 answers each job with its `JobResult`; other ranks only compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import timedelta
+from multiprocessing.connection import Connection
+
+import torch
+
+from muxserve.executor.messages import (
+    JobMessage,
+    Stop,
+    TPRank,
+    WorkerInit,
+    WorkerReady,
+    WorkerStartFailed,
+)
+from muxserve.executor.mirror import RequestMirror
+from muxserve.runner.kv_pool import KVPool
+from muxserve.runner.model_runner import ModelRunner
+from muxserve.scheduler.job import JobResult
+
+log = logging.getLogger(__name__)
+
+TP_TIMEOUT = timedelta(seconds=60)  # a collective waiting longer than this: a peer is gone
+
+
+def worker_main(conn: Connection, env: dict[str, str]) -> None:
+    """Process entry point: set the environment, start the worker, serve until told to stop."""
+    os.environ.update(env)  # before CUDA initialises: MPS reads it once, at context creation
+    try:
+        init = conn.recv()
+        if not isinstance(init, WorkerInit):
+            raise TypeError(f"expected WorkerInit, got {type(init).__name__}")
+        worker = Worker(init)
+    except Exception as e:
+        conn.send(WorkerStartFailed(f"{type(e).__name__}: {e}"))
+        return
+    conn.send(WorkerReady(os.getpid()))
+    code = worker.serve(conn)
+    worker.close()
+    sys.exit(code)
+
+
+class Worker:
+    """One model's runner over the shared pool, with the mirror of its requests."""
+
+    def __init__(self, init: WorkerInit) -> None:
+        torch.set_num_threads(init.threads)
+        self.tp = init.tp
+        device = init.pool.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if init.tp is not None:
+            _join_group(init.tp, device)
+        pool = KVPool.from_buffer(init.pool, init.block_bytes)
+        self.runner = ModelRunner(init.name, init.model, init.config, pool, init.layout, init.dtype)
+        self.mirror = RequestMirror(init.name, init.phase)
+
+    def serve(self, conn: Connection) -> int:
+        """Run jobs until `Stop` (0) or the engine goes away (0); 1 if a TP rank fails a job."""
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return 0  # the engine closed its end: nothing more will come
+            if isinstance(msg, Stop):
+                return 0
+            if not isinstance(msg, JobMessage):
+                raise TypeError(f"expected JobMessage, got {type(msg).__name__}")
+            result = self.run(msg)
+            if self.tp is None or self.tp.rank == 0:
+                conn.send(result)
+            if result.error is not None and self.tp is not None:
+                # the ranks may now disagree on which collective comes next: restart the group
+                return 1
+
+    def run(self, msg: JobMessage) -> JobResult:
+        try:
+            job = self.mirror.apply(msg)
+        except Exception as e:  # a protocol bug fails this job, not the worker
+            log.exception("job %d: cannot apply the message", msg.job_id)
+            return JobResult(msg.job_id, (), f"worker mirror out of sync: {type(e).__name__}: {e}")
+        return self.runner.execute(job)
+
+    def close(self) -> None:
+        if self.tp is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _join_group(tp: TPRank, device: torch.device) -> None:
+    """Join this (model, phase)'s tensor-parallel group: the process's default group."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        tp.backend,
+        init_method=tp.init_method,
+        rank=tp.rank,
+        world_size=tp.world_size,
+        timeout=TP_TIMEOUT,
+        device_id=device if device.type == "cuda" else None,
+    )

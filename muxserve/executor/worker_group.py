@@ -1,0 +1,208 @@
+"""The engine's handle on the worker processes of one (model, phase): one per TP rank.
+
+It starts them, feeds them jobs (encoded per rank by its `WorkerMirror`), turns their answers
+and their deaths into events, and restarts them. All ranks of a group live and die together:
+a tensor-parallel job needs every rank, so a rank that dies takes its group's job with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import signal
+import socket
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext
+from multiprocessing.process import BaseProcess
+
+from muxserve.executor.messages import (
+    Stop,
+    WorkerInit,
+    WorkerReady,
+    WorkerStartFailed,
+)
+from muxserve.executor.mirror import WorkerMirror
+from muxserve.executor.worker import worker_main
+from muxserve.scheduler.job import Job, JobResult, Phase
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 5.0  # a worker not gone this long after `Stop` is killed
+
+
+class GroupState(enum.Enum):
+    STARTING = "starting"  # spawned; not every rank said WorkerReady yet
+    READY = "ready"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """How to start one rank's worker: its init message, environment and share of KV heads."""
+
+    init: WorkerInit
+    env: dict[str, str]
+    kv_heads: slice | None  # this rank's KV heads in the scheduler's block tables; None: all
+
+
+@dataclass(frozen=True)
+class WorkerDied:
+    """A rank's process ended (or could not start); `reason` says how, for the error text."""
+
+    reason: str
+    during_start: bool
+
+
+class WorkerGroup:
+    """The processes of one (model, phase), one per tensor-parallel rank, run as one."""
+
+    def __init__(self, ctx: SpawnContext, name: str, phase: Phase, ranks: list[RankPlan]) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.phase = phase
+        self.ranks = ranks
+        self.mirrors = [WorkerMirror(r.kv_heads) for r in ranks]
+        self.state = GroupState.STOPPED
+        self.procs: list[BaseProcess] = []
+        self.conns: list[Connection] = []
+        self.job: Job | None = None  # the job given to this group, until its result comes
+        self._sent = False  # the job went out (the group was ready)
+        self._ready: set[int] = set()
+        self.failed_starts = 0  # starts in a row that ended before every rank was ready
+        self.broken: str | None = None  # why the group gave up restarting; jobs fail at once
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.phase.value}"
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Spawn every rank and send its init; answers come through `on_readable`."""
+        port = _free_port() if len(self.ranks) > 1 else 0
+        for rank, plan in enumerate(self.ranks):
+            parent, child = self.ctx.Pipe()
+            proc = self.ctx.Process(
+                target=worker_main,
+                args=(child, plan.env),
+                name=f"muxserve-{self.name}-{self.phase.value}-{rank}",
+                daemon=True,  # never outlives the engine process
+            )
+            proc.start()
+            child.close()
+            init = plan.init
+            if init.tp is not None:
+                init = replace(init, tp=replace(init.tp, init_method=f"tcp://127.0.0.1:{port}"))
+            parent.send(init)
+            self.procs.append(proc)
+            self.conns.append(parent)
+        self.state = GroupState.STARTING
+        self._ready.clear()
+
+    def stop(self) -> None:
+        """Ask every rank to exit, kill those that do not, and close the pipes."""
+        for conn in self.conns:
+            with contextlib.suppress(OSError):  # already gone
+                conn.send(Stop())
+        for proc in self.procs:
+            proc.join(STOP_TIMEOUT_S)
+        self._reap()
+        self.state = GroupState.STOPPED
+
+    def kill(self) -> None:
+        """End every rank now (one died: the others cannot finish a job without it)."""
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in self.procs:
+            proc.join(STOP_TIMEOUT_S)
+        self._reap()
+        for m in self.mirrors:
+            m.reset()
+        self.state = GroupState.STOPPED
+
+    def _reap(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(STOP_TIMEOUT_S)
+            proc.close()
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns = [], []
+
+    # ---- jobs --------------------------------------------------------------------------
+    def assign(self, job: Job) -> None:
+        """Take a job; it goes out now if every rank is ready, else when they are."""
+        if self.job is not None:
+            raise RuntimeError(f"{self.label}: job {self.job.job_id} still running")
+        self.job, self._sent = job, False
+        if self.state is GroupState.READY:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        assert self.job is not None
+        for conn, mirror in zip(self.conns, self.mirrors, strict=True):
+            conn.send(mirror.encode(self.job))
+        self._sent = True
+
+    def take_job(self) -> Job | None:
+        """The job this group holds, which will now never finish (its workers are gone)."""
+        job, self.job = self.job, None
+        return job
+
+    # ---- events ------------------------------------------------------------------------
+    def waitables(self) -> list[Connection | int]:
+        """What `multiprocessing.connection.wait` watches for this group: pipes, then deaths."""
+        return [*self.conns, *(p.sentinel for p in self.procs)]
+
+    def on_readable(self, obj: Connection | int) -> tuple[Job, JobResult] | WorkerDied | None:
+        """Handle one ready waitable: a finished job, a death, or nothing to report."""
+        if isinstance(obj, int):
+            return self._died(self.procs[[p.sentinel for p in self.procs].index(obj)])
+        rank = self.conns.index(obj)
+        try:
+            msg = obj.recv()
+        except (EOFError, OSError):
+            return self._died(self.procs[rank])
+        if isinstance(msg, WorkerReady):
+            self._ready.add(rank)
+            if len(self._ready) == len(self.ranks):
+                self.state = GroupState.READY
+                self.failed_starts = 0
+                log.info("%s: %d worker(s) ready", self.label, len(self.ranks))
+                if self.job is not None and not self._sent:
+                    self._dispatch()
+            return None
+        if isinstance(msg, WorkerStartFailed):
+            return WorkerDied(f"could not start: {msg.error}", during_start=True)
+        if isinstance(msg, JobResult):
+            job = self.take_job()
+            if job is None or job.job_id != msg.job_id:
+                raise RuntimeError(f"{self.label}: result for job {msg.job_id}, expected {job}")
+            return job, msg
+        raise TypeError(f"{self.label}: unexpected message {type(msg).__name__}")
+
+    def owns(self, obj: Connection | int) -> bool:
+        """Whether `obj` is one of this group's current waitables (not a replaced one)."""
+        return any(obj is w or obj == w for w in self.waitables())
+
+    def _died(self, proc: BaseProcess) -> WorkerDied:
+        proc.join(STOP_TIMEOUT_S)
+        code = proc.exitcode
+        if code is not None and code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        return WorkerDied(
+            f"worker {proc.name} (pid {proc.pid}) {how}",
+            during_start=self.state is GroupState.STARTING,
+        )
+
+
+def _free_port() -> int:
+    """A TCP port free right now on the loopback, for a group's torch.distributed rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

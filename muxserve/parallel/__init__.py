@@ -1,0 +1,1 @@
+"""Tensor parallelism inside a mesh: sharded Llama layers over torch.distributed."""

@@ -1,0 +1,113 @@
+"""Faults and shutdown with the mps executor: a killed worker fails only its own job, restarts,
+and the model serves again; shutdown leaves no process and no shared memory behind.
+
+Runs after test_mps_engine.py on the same engine; the last test shuts it down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+from test_engine import MAX_NEW, prompts_for
+
+from executor.conftest import SHM
+from executor.hf_reference import hf_greedy
+from muxserve.engine import MuxEngine
+from muxserve.output_processor import RequestOutput
+from muxserve.sampling_params import SamplingParams
+from muxserve.scheduler.job import Phase
+
+MODELS = ["llama-demo", "qwen-demo", "mistral-demo"]
+GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+PER_MODEL = 4  # requests per model in flight when the worker dies
+
+
+def collect(engine: MuxEngine, rids: list[str]) -> list[list[RequestOutput]]:
+    async def run() -> list[list[RequestOutput]]:
+        return list(await asyncio.gather(*(_read(engine, r) for r in rids)))
+
+    return asyncio.run(run())
+
+
+async def _read(engine: MuxEngine, rid: str) -> list[RequestOutput]:
+    return [o async for o in engine.stream(rid)]
+
+
+def wait_for(cond, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_killed_worker_fails_only_its_job_and_restarts(mps_engine, demo_models):
+    engine = mps_engine
+    group = engine.executor.groups[("llama-demo", Phase.DECODE)]
+    [victim] = [p.pid for p in group.procs]
+    # stopped first, so that its first decode job is surely in flight when it dies
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        engine.start()
+        rids = {
+            m: [engine.add_request(m, p, GREEDY) for p in prompts_for(m)[:PER_MODEL]]
+            for m in MODELS
+        }
+        wait_for(lambda: group.job is not None)
+        in_job = {s.request_id for s in group.job.seqs}
+    finally:
+        os.kill(victim, signal.SIGKILL)
+    outs = {m: collect(engine, r) for m, r in rids.items()}
+
+    for m in MODELS:
+        want = [list(t) for t in hf_greedy(m, demo_models[m])[:PER_MODEL]]
+        for rid, out, tokens in zip(rids[m], outs[m], want, strict=True):
+            got = [t for o in out for t in o.token_ids]
+            if rid in in_job:  # the killed job's requests: failed, with the reason
+                assert out[-1].finish_reason == "error"
+                assert "killed by SIGKILL" in out[-1].error and "llama-demo/decode" in out[-1].error
+                assert got == tokens[: len(got)]
+            else:  # every other request, of this model or another, is unaffected
+                assert (got, out[-1].finish_reason) == (tokens, "length")
+    assert in_job
+
+    # restarted: the model serves again, within seconds
+    start = time.monotonic()
+    [again] = engine.generate([prompts_for("llama-demo")[0]], GREEDY, "llama-demo")
+    assert again.token_ids == list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
+    assert time.monotonic() - start < 60
+    assert group.procs[0].pid != victim
+    wait_for(lambda: engine.scheduler.jobs_in_flight == 0)
+    engine.check_integrity()
+    assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
+
+
+def test_shutdown_leaves_no_process_or_shared_memory(mps_engine, shm_before):
+    """Last: shuts the shared engine down."""
+    pids = [pid for group in mps_engine.executor.worker_pids().values() for pid in group]
+    assert len(pids) == 6
+    mps_engine.shutdown()
+    assert not multiprocessing.active_children()
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    # (the stdlib's resource tracker, one per Python process, is not the engine's)
+    assert not [c for c in _children(os.getpid()) if "resource_tracker" not in c]
+    ours = {str(os.getpid()), *map(str, pids)}
+    new = {p.name for p in SHM.iterdir()} - shm_before
+    assert not [n for n in new if any(pid in n.split("_") for pid in ours)]
+
+
+def _children(pid: int) -> list[str]:
+    """Command lines of the live child processes of `pid`."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append((status.parent / "cmdline").read_text().replace("\0", " "))
+    return found
