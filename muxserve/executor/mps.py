@@ -104,11 +104,7 @@ class MpsExecutor:
                             cpu_threads(share) if dev.type == "cpu" else 1,
                             tp,
                         )
-                        env = (
-                            daemon.client_env(share)
-                            if daemon is not None
-                            else {"OMP_NUM_THREADS": str(init.threads)}
-                        )
+                        env = worker_env(daemon, share, init.threads)
                         heads = _kv_heads(spec.config.num_kv_heads, r, spec.tensor_parallel)
                         plans.append(RankPlan(init, env, heads))
                     groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
@@ -223,6 +219,13 @@ class MpsExecutor:
     def worker_pids(self) -> dict[tuple[str, Phase], list[int]]:
         """The live worker processes, by (model, phase): for tests and operators."""
         return {k: [p.pid for p in g.procs if p.pid is not None] for k, g in self.groups.items()}
+
+
+def worker_env(daemon: MpsDaemon | None, share: float, threads: int) -> dict[str, str]:
+    """A worker's environment: its MPS client settings on CUDA, its thread count on CPU."""
+    if daemon is not None:
+        return daemon.client_env(share)
+    return {"OMP_NUM_THREADS": str(threads)}
 
 
 def _wait(objs: list[Waitable], timeout: float) -> list[Waitable]:
