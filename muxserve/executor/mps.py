@@ -203,8 +203,11 @@ class MpsExecutor:
         return {obj: g for g in self.groups.values() for obj in g.waitables()}
 
     def _restart(self, group: WorkerGroup, died: WorkerDied) -> list[tuple[Job, JobResult]]:
-        """Fail the group's job, if any, and start the group again (or give up on it)."""
-        job = group.take_job()
+        """Fail the job the group was running, and start the group again (or give up on it).
+
+        A job that never reached the workers is kept and goes to the new ones.
+        """
+        job = group.take_job() if group.delivered else None
         group.kill()
         group.failed_starts = group.failed_starts + 1 if died.during_start else 0
         error = f"{group.label}: {died.reason}; the request failed and the worker restarts"
@@ -214,6 +217,8 @@ class MpsExecutor:
         log.error("%s", error)
         if group.broken is None:
             group.start()
+        else:
+            job = job or group.take_job()
         return [] if job is None else [(job, JobResult(job.job_id, (), error))]
 
     def worker_pids(self) -> dict[tuple[str, Phase], list[int]]:

@@ -143,12 +143,20 @@ class WorkerGroup:
 
     def _dispatch(self) -> None:
         assert self.job is not None
-        for conn, mirror in zip(self.conns, self.mirrors, strict=True):
-            conn.send(mirror.encode(self.job))
+        try:
+            for conn, mirror in zip(self.conns, self.mirrors, strict=True):
+                conn.send(mirror.encode(self.job))
+        except OSError:
+            return  # a rank is gone: its death comes through `on_readable`, the job is kept
         self._sent = True
 
+    @property
+    def delivered(self) -> bool:
+        """The group's job reached every rank (it may have run, partly or all)."""
+        return self.job is not None and self._sent
+
     def take_job(self) -> Job | None:
-        """The job this group holds, which will now never finish (its workers are gone)."""
+        """Take back the group's job (finished, or never to finish: its workers are gone)."""
         job, self.job = self.job, None
         return job
 

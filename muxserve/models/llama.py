@@ -4,6 +4,10 @@ Tokens of all sequences of a batch are flattened into one axis T; attention over
 not done here but by an `Attention` the runner passes in, since only the runner knows which
 token belongs to which sequence and where each sequence's cache lives. Module and parameter
 names follow transformers', so an HF state dict loads by name.
+
+With `tp_size > 1` the model is one rank's shard (see muxserve/parallel): q/k/v and gate/up are
+column-parallel, o and down row-parallel, each rank holds `heads / tp_size` query and KV heads,
+and an untied LM head is split by vocabulary and gathered. Weights are sliced by the loader.
 """
 
 from __future__ import annotations
@@ -17,6 +21,12 @@ from torch import Tensor, nn
 from muxserve.models.hf_config import HFModelConfig
 from muxserve.models.norm import RMSNorm
 from muxserve.models.rope import RotaryEmbedding, apply_rotary
+from muxserve.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    gather_vocab,
+    shard_size,
+)
 
 
 class Attention(Protocol):
@@ -36,12 +46,20 @@ class Attention(Protocol):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: HFModelConfig) -> None:
+    def __init__(self, config: HFModelConfig, tp_size: int = 1) -> None:
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_proj: nn.Module
+        self.up_proj: nn.Module
+        self.down_proj: nn.Module
+        if tp_size == 1:
+            self.gate_proj = nn.Linear(h, i, bias=bias)
+            self.up_proj = nn.Linear(h, i, bias=bias)
+            self.down_proj = nn.Linear(i, h, bias=bias)
+        else:
+            self.gate_proj = ColumnParallelLinear(h, i, bias, tp_size)
+            self.up_proj = ColumnParallelLinear(h, i, bias, tp_size)
+            self.down_proj = RowParallelLinear(i, h, bias, tp_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -50,16 +68,28 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     """q/k/v projections, RoPE, the runner's attention, and the output projection."""
 
-    def __init__(self, config: HFModelConfig, layer: int) -> None:
+    def __init__(self, config: HFModelConfig, layer: int, tp_size: int = 1) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        # this rank's heads: all of them without tensor parallelism
+        self.num_heads = shard_size(config.num_heads, tp_size, "attention heads")
+        self.num_kv_heads = shard_size(config.num_kv_heads, tp_size, "KV heads")
         self.head_dim = config.head_dim
-        h = config.hidden_size
-        self.q_proj = nn.Linear(h, config.q_size, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(h, config.kv_size, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(h, config.kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.q_size, h, bias=config.o_bias)
+        h, bias = config.hidden_size, config.qkv_bias
+        self.q_proj: nn.Module
+        self.k_proj: nn.Module
+        self.v_proj: nn.Module
+        self.o_proj: nn.Module
+        if tp_size == 1:
+            self.q_proj = nn.Linear(h, config.q_size, bias=bias)
+            self.k_proj = nn.Linear(h, config.kv_size, bias=bias)
+            self.v_proj = nn.Linear(h, config.kv_size, bias=bias)
+            self.o_proj = nn.Linear(config.q_size, h, bias=config.o_bias)
+        else:
+            self.q_proj = ColumnParallelLinear(h, config.q_size, bias, tp_size)
+            self.k_proj = ColumnParallelLinear(h, config.kv_size, bias, tp_size)
+            self.v_proj = ColumnParallelLinear(h, config.kv_size, bias, tp_size)
+            self.o_proj = RowParallelLinear(config.q_size, h, config.o_bias, tp_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: Attention) -> Tensor:
         t = x.shape[0]
@@ -74,10 +104,10 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: HFModelConfig, layer: int) -> None:
+    def __init__(self, config: HFModelConfig, layer: int, tp_size: int = 1) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, layer, tp_size)
+        self.mlp = LlamaMLP(config, tp_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -89,10 +119,12 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
 
-    def __init__(self, config: HFModelConfig) -> None:
+    def __init__(self, config: HFModelConfig, tp_size: int = 1) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # replicated
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, tp_size) for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
@@ -107,15 +139,19 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """A Llama, Mistral or Qwen2 causal LM; `config` decides biases, GQA, windows, RoPE, tying."""
 
-    def __init__(self, config: HFModelConfig) -> None:
+    def __init__(self, config: HFModelConfig, tp_size: int = 1) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        # tied: the head reads embed_tokens.weight and there is no lm_head parameter at all
+        self.tp_size = tp_size
+        self.model = LlamaModel(config, tp_size)
+        # tied: the head reads embed_tokens.weight (whole on every rank) and there is no
+        # lm_head parameter at all; untied under tensor parallelism: split by vocabulary
+        self.vocab_parallel = (
+            tp_size > 1 and not config.tie_word_embeddings and config.vocab_size % tp_size == 0
+        )
+        vocab = config.vocab_size // tp_size if self.vocab_parallel else config.vocab_size
         self.lm_head: nn.Linear | None = (
-            None
-            if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, vocab, bias=False)
         )
 
     def forward(self, input_ids: Tensor, positions: Tensor, attention: Attention) -> Tensor:
@@ -125,7 +161,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """(N, hidden) -> (N, vocab) float32 logits; the matmul runs in the model's dtype, as HF."""
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, head).float()
+        logits = F.linear(hidden, head)  # (N, vocab), or this rank's (N, vocab / tp_size)
+        if self.vocab_parallel:
+            logits = gather_vocab(logits, self.tp_size)
+        return logits.float()
 
     @torch.no_grad()
     def build_rope_cache(self, device: torch.device) -> None:

@@ -1,4 +1,10 @@
-"""Load a model once per tensor-parallel rank, in memory that worker processes can map."""
+"""Load a model once per tensor-parallel rank, in memory that worker processes can map.
+
+A rank's shard is built like any model (`LlamaForCausalLM(config, tp_size)`) and filled from
+the whole model's tensors: where a parameter is smaller than the whole along one dimension,
+the rank takes its contiguous chunk of it (heads, features, vocabulary rows); where it is the
+same size (embeddings, norms, row-parallel biases) it takes all of it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from muxserve.models.hf_config import HFModelConfig
 from muxserve.models.llama import LlamaForCausalLM
 from muxserve.models.loader import load_model
 
@@ -16,11 +23,71 @@ def load_rank_models(
     """The model for each rank, with the device that rank runs on; weights shared, not copied.
 
     On CPU the parameters move to shared memory (the prefill and decode workers of a rank map
-    the same pages); on CUDA they stay where they are and travel to workers by CUDA IPC.
+    the same pages); on CUDA they stay on the rank's GPU and reach workers by CUDA IPC.
     """
-    if world_size != 1:
-        raise NotImplementedError("tensor parallelism")
-    model, _ = load_model(path, dtype, device)
-    if device.type == "cpu":
+    if world_size == 1:
+        model, _ = load_model(path, dtype, device)
+        _share(model)
+        return [(model, device)]
+    whole, config = load_model(path, dtype, "cpu")
+    check_divisible(config, world_size)
+    ranks = []
+    for rank in range(world_size):
+        dev = rank_device(device, rank)
+        shard = shard_model(whole, rank, world_size, dev)
+        _share(shard)
+        ranks.append((shard, dev))
+    return ranks
+
+
+def check_divisible(config: HFModelConfig, world_size: int) -> None:
+    """Raise a clear error when the model cannot be split `world_size` ways."""
+    sizes = {
+        "attention heads": config.num_heads,
+        "KV heads": config.num_kv_heads,
+        "intermediate size": config.intermediate_size,
+    }
+    bad = [f"{what} ({n})" for what, n in sizes.items() if n % world_size]
+    if bad:
+        raise ValueError(
+            f"tensor_parallel={world_size} must divide the model's {' and '.join(bad)}"
+        )
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r of a mesh runs on the r-th GPU from `device`; every rank of a CPU mesh on the CPU."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", (device.index or 0) + rank)
+
+
+@torch.no_grad()
+def shard_model(
+    whole: LlamaForCausalLM, rank: int, world_size: int, device: torch.device
+) -> LlamaForCausalLM:
+    """Rank `rank`'s shard of `whole` on `device`, in eval mode with gradients off."""
+    with torch.device("meta"):
+        shard = LlamaForCausalLM(whole.config, tp_size=world_size)
+    dtype = whole.model.embed_tokens.weight.dtype
+    shard = shard.to(dtype=dtype).to_empty(device=device)
+    full = dict(whole.named_parameters())
+    for name, param in shard.named_parameters():
+        param.copy_(_rank_slice(full[name], param.shape, rank, world_size))
+    shard.eval()
+    shard.requires_grad_(False)
+    shard.build_rope_cache(device)
+    return shard
+
+
+def _rank_slice(whole: torch.Tensor, shape: torch.Size, rank: int, world_size: int) -> torch.Tensor:
+    if whole.shape == shape:
+        return whole
+    dims = [d for d in range(whole.dim()) if whole.shape[d] != shape[d]]
+    if len(dims) != 1 or whole.shape[dims[0]] != shape[dims[0]] * world_size:
+        raise ValueError(f"cannot shard a {tuple(whole.shape)} tensor into {tuple(shape)}")
+    return whole.chunk(world_size, dim=dims[0])[rank]
+
+
+def _share(model: LlamaForCausalLM) -> None:
+    if next(model.parameters()).device.type == "cpu":
         model.share_memory()
-    return [(model, device)]
