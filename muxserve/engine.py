@@ -329,6 +329,7 @@ class MuxEngine:
             with self._lock:
                 self._running = False
                 self._wake.notify_all()
+            self.executor.wake()  # a step waiting for worker results returns now
             self._thread.join()
             self._thread = None
         with self._lock:

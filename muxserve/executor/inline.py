@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -12,6 +13,9 @@ from muxserve.models.loader import load_model
 from muxserve.runner.kv_pool import KVPool
 from muxserve.runner.model_runner import LaunchedJob, ModelRunner
 from muxserve.scheduler.job import Job, JobResult, Phase
+
+POLL_SLEEP_S = 20e-6  # between checks of the jobs' CUDA events
+POLL_S = 1.0
 
 
 class InlineExecutor:
@@ -36,7 +40,8 @@ class InlineExecutor:
                 for phase in Phase:
                     share = (shares or {}).get((name, phase), 1.0)
                     self._partitions[(name, phase)] = make_partition(device, share)
-        self._launched: list[LaunchedJob] = []
+        # launched jobs, each with the event recorded after it on its stream (CUDA only)
+        self._launched: list[tuple[LaunchedJob, torch.cuda.Event | None]] = []
 
     @classmethod
     def create(
@@ -58,21 +63,40 @@ class InlineExecutor:
             runner = self.runners[job.model]
             part = self._partitions.get((job.model, job.phase))
             if part is None:
-                self._launched.append(runner.launch(job))
+                self._launched.append((runner.launch(job), None))
                 continue
             part.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(part.stream):
-                self._launched.append(runner.launch(job))
+                launched = runner.launch(job)
+                done = torch.cuda.Event()
+                done.record(part.stream)
+            self._launched.append((launched, done))
 
     def poll(self, timeout: float = 0.0) -> list[tuple[Job, JobResult]]:
-        """Collect every launched job (waits for the device; `timeout` does not apply)."""
-        launched, self._launched = self._launched, []
-        return [(lj.job, self.runners[lj.job.model].collect(lj)) for lj in launched]
+        """Collect the launched jobs that are done, waiting up to `timeout` s for the first.
+
+        On CPU every launched job is done already. On CUDA a job is done when its stream
+        passed the event recorded after it; results are read only then, since the copy to the
+        host runs on another stream and would not wait for the job's.
+        """
+        if not self._launched:
+            return []
+        deadline = time.monotonic() + timeout
+        while not (ready := [x for x in self._launched if x[1] is None or x[1].query()]):
+            if time.monotonic() >= deadline:
+                return []
+            time.sleep(POLL_SLEEP_S)
+        taken = {id(x) for x in ready}
+        self._launched = [x for x in self._launched if id(x) not in taken]
+        return [(lj.job, self.runners[lj.job.model].collect(lj)) for lj, _ in ready]
 
     def run(self, jobs: Sequence[Job]) -> list[tuple[Job, JobResult]]:
         """Submit and collect: the whole round at once."""
         self.submit(jobs)
-        return self.poll()
+        results: list[tuple[Job, JobResult]] = []
+        while len(results) < len(jobs):
+            results.extend(self.poll(POLL_S))
+        return results
 
     def release(self, request_ids: Sequence[str]) -> None:
         """Nothing is kept per request in this process."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -65,9 +66,21 @@ def test_a_dead_rank_restarts_its_group(engine, demo_models):
     group = engine.executor.groups[("qwen-demo", Phase.DECODE)]
     old = [p.pid for p in group.procs]
     os.kill(old[1], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not dead(old[1]):  # gone before the job is sent: the job is kept for the new ranks
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     [c] = engine.generate([prompts_for("qwen-demo")[2]], GREEDY, "qwen-demo")
     assert c.token_ids == list(hf_greedy("qwen-demo", demo_models["qwen-demo"])[2])
     assert not set(old) & {p.pid for p in group.procs}
+
+
+def dead(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
 
 
 def test_a_model_whose_heads_do_not_divide_is_refused(demo_models):
