@@ -137,6 +137,8 @@ class MpsExecutor:
 
     # ---- the executor interface ------------------------------------------------------------
     def submit(self, jobs: Sequence[Job]) -> None:
+        if self._closed and jobs:
+            raise WorkerFailedError("the executor was shut down: its workers are gone")
         for job in jobs:
             # a chunk at position 0 means a fresh block table (first admission or after a
             # preemption): every worker of the model must take it whole

@@ -13,14 +13,16 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from test_engine import MAX_NEW, prompts_for
 
 from executor.conftest import SHM
 from executor.hf_reference import hf_greedy
 from muxserve.engine import MuxEngine
+from muxserve.errors import WorkerFailedError
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
-from muxserve.scheduler.job import Phase
+from muxserve.scheduler.job import Job, Phase
 
 MODELS = ["llama-demo", "qwen-demo", "mistral-demo"]
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
@@ -98,6 +100,8 @@ def test_shutdown_leaves_no_process_or_shared_memory(mps_engine, shm_before):
     ours = {str(os.getpid()), *map(str, pids)}
     new = {p.name for p in SHM.iterdir()} - shm_before
     assert not [n for n in new if any(pid in n.split("_") for pid in ours)]
+    with pytest.raises(WorkerFailedError, match="shut down"):
+        mps_engine.executor.submit([Job(10**6, "llama-demo", Phase.DECODE, (), 0.3)])
 
 
 def _children(pid: int) -> list[str]:
