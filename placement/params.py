@@ -1,0 +1,49 @@
+"""Tunable constants of the cost model and the planner, with their defaults.
+
+Both can be overridden in the cluster file (`cost_model:` and `planner:`), since they describe
+how a given machine behaves and how finely it is planned.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from placement.files import Strict
+
+DEFAULT_SM_LEVELS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+
+
+class AnalyticParams(Strict):
+    """Efficiencies and overheads of the analytic (roofline) cost model."""
+
+    compute_efficiency: float = Field(0.6, gt=0, le=1)  # achieved / peak FLOP/s in GEMMs
+    bandwidth_efficiency: float = Field(0.8, gt=0, le=1)  # achieved / peak HBM bandwidth
+    # SM share at which one job reaches full HBM bandwidth: below it, bandwidth ∝ share
+    sm_bandwidth_saturation: float = Field(0.4, gt=0, le=1)
+    step_overhead_s: float = Field(1.5e-3, ge=0)  # per forward pass: launch, scheduling
+    per_seq_overhead_s: float = Field(2e-5, ge=0)  # per sequence in a batch: bookkeeping
+    allreduce_latency_s: float = Field(1e-5, ge=0)  # fixed cost of one tensor-parallel all-reduce
+    reserve_bytes_per_model: int = Field(1 << 30, ge=0)  # CUDA context, workspaces, per GPU
+
+
+class PlannerParams(Strict):
+    """How finely shares are planned and how much headroom is kept."""
+
+    sm_levels: tuple[float, ...] = DEFAULT_SM_LEVELS  # decode SM shares to choose from
+    min_prefill_share: float = Field(0.3, gt=0, le=1)  # SMs left for a prefill beside decodes
+    memory_utilization: float = Field(0.9, gt=0, le=1)  # of each GPU's memory
+    mesh_sizes: tuple[int, ...] = (1, 2, 4, 8)  # GPUs per mesh (within one node)
+
+    @field_validator("sm_levels")
+    @classmethod
+    def _levels(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0 < x <= 1 for x in v):
+            raise ValueError("sm_levels must be a non-empty list of shares in (0, 1]")
+        return tuple(sorted(set(v)))
+
+    @field_validator("mesh_sizes")
+    @classmethod
+    def _sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(s < 1 for s in v):
+            raise ValueError("mesh_sizes must be a non-empty list of positive integers")
+        return tuple(sorted(set(v)))
