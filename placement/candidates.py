@@ -1,0 +1,216 @@
+"""Per (model, mesh size, SM level): what the model would serve there and what it would use.
+
+The whole cost model, reduced to a table. Under spatial-temporal multiplexing ("mux") a model's
+decode job holds its SM share for good (decodes run back to back), and gets the HBM bandwidth
+that share reaches; its prefills run beside the decodes on the SMs they leave. Under temporal
+multiplexing a model owns the whole mesh for a fraction of the time. Either way a candidate's
+use of each mesh resource is a constant, so a mesh is feasible when the uses add up to at most
+its capacity — which is what makes the exact ILP and the exhaustive check in the tests simple.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from placement.problem import Problem
+
+RESOURCES = ("memory", "sm", "hbm", "admission")
+
+
+class Mode(enum.Enum):
+    MUX = "mux"  # spatial-temporal: jobs of all models run at once, each in its SM share
+    TEMPORAL = "temporal"  # one job at a time on the whole mesh
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Model `model` on a mesh of `size` GPUs at `share` (decode SM share, or time share)."""
+
+    model: int
+    size: int
+    share: float
+    served: float  # requests/s it serves: min(rate, capacity at this share)
+    batch: float  # mean decode batch at that rate
+    tpot: float  # decode step latency at that batch (s)
+    ttft: float  # prefill latency of one prompt at the least prefill share (s)
+    kv_bytes: float  # KV bytes per GPU its running requests hold
+    use: tuple[float, float, float, float]  # per GPU: memory bytes, SM, HBM, decode SM admitted
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What one GPU of a mesh offers, in the units of `Candidate.use`."""
+
+    memory: float
+    sm: float
+    hbm: float
+    admission: float
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.memory, self.sm, self.hbm, self.admission)
+
+
+class CandidateTable:
+    """The candidates of every (model, mesh size), with dominated ones removed."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        mode: Mode,
+        capacity: Capacity,
+        options: dict[tuple[int, int], tuple[Candidate, ...]],
+    ) -> None:
+        self.problem = problem
+        self.mode = mode
+        self.capacity = capacity
+        self._options = options
+
+    def options(self, model: int, size: int) -> tuple[Candidate, ...]:
+        """Candidates of a model on a mesh size, highest served rate first."""
+        return self._options.get((model, size), ())
+
+    def sizes(self, model: int) -> list[int]:
+        return [s for s in self.problem.mesh_sizes if self._options.get((model, s))]
+
+    def fits(self, cands: Iterable[Candidate]) -> bool:
+        """Whether these candidates fit together on one mesh."""
+        return fits(cands, self.capacity)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._options.values())
+
+
+def fits(cands: Iterable[Candidate], capacity: Capacity, slack: float = 1e-9) -> bool:
+    total = [0.0, 0.0, 0.0, 0.0]
+    for c in cands:
+        for k in range(4):
+            total[k] += c.use[k]
+    return all(
+        t <= cap * (1 + slack) + slack for t, cap in zip(total, capacity.as_tuple(), strict=False)
+    )
+
+
+def mesh_capacity(problem: Problem, mode: Mode) -> Capacity:
+    """Per GPU: usable memory; SM time 1; HBM time 1; decode shares within the SM admission
+    limit less the SMs kept for a prefill (mux), unconstrained (temporal)."""
+    if mode is Mode.TEMPORAL:
+        return Capacity(problem.usable_memory, 1.0, 1.0, 1.0)
+    admission = problem.sm_limit - problem.params.min_prefill_share
+    return Capacity(problem.usable_memory, 1.0, 1.0, admission)
+
+
+def build_candidates(problem: Problem, mode: Mode = Mode.MUX, prune: bool = True) -> CandidateTable:
+    """Evaluate the cost model at every (model, mesh size, level); drop dominated candidates."""
+    cap = mesh_capacity(problem, mode)
+    options: dict[tuple[int, int], tuple[Candidate, ...]] = {}
+    for i in range(problem.num_models):
+        for size in problem.mesh_sizes:
+            if not problem.fits(i, size):
+                continue
+            found = [
+                c
+                for share in problem.params.sm_levels
+                if (c := _candidate(problem, mode, cap, i, size, share)) is not None
+            ]
+            if prune:
+                found = _pareto(found)
+            found.sort(key=lambda c: (-c.served, c.use))
+            if found:
+                options[(i, size)] = tuple(found)
+    return CandidateTable(problem, mode, cap, options)
+
+
+def _candidate(
+    p: Problem, mode: Mode, cap: Capacity, i: int, size: int, share: float
+) -> Candidate | None:
+    spec, t, cost = p.specs[i], p.targets[i], p.cost
+    if mode is Mode.MUX and share > cap.admission + 1e-12:
+        return None
+    fixed = cost.fixed_bytes(spec, size, p.engine)
+    kv_per_req = p.kv_bytes_per_request(i) / size  # per GPU
+    max_batch = min(p.engine.max_batch_size, int((p.usable_memory - fixed) // kv_per_req))
+    if max_batch < 1:
+        return None
+    ctx = t.mean_context
+    if mode is Mode.MUX:
+
+        def step(b: float) -> float:
+            return cost.decode_latency(spec, size, share, b, ctx)
+    else:
+
+        def step(b: float) -> float:  # the whole mesh, but a turn every 1/share of the time
+            return cost.decode_latency(spec, size, 1.0, b, ctx) / share
+
+    prefill_sm = 1.0 if mode is Mode.TEMPORAL else p.params.min_prefill_share
+    ttft = cost.prefill_latency(spec, size, prefill_sm, 1, t.prompt_len)
+    if t.ttft is not None and ttft > t.ttft:
+        return None
+    if t.tpot is not None:
+        max_batch = _largest(lambda b: step(b) <= t.tpot, max_batch)  # type: ignore[operator]
+        if max_batch < 1:
+            return None
+    capacity = max_batch / (t.decode_steps * step(max_batch))
+    served = min(t.rate, capacity)
+    batch = _batch_at(served * t.decode_steps, step, max_batch)
+    tpot = step(batch)
+
+    # prefill: per request, SM-seconds at full share and HBM-seconds, batched by the budget
+    per_job = max(1, min(p.engine.max_batch_size, p.engine.prefill_token_budget // t.prompt_len))
+    prefill_s = cost.prefill_latency(spec, size, 1.0, per_job, t.prompt_len) / per_job
+    hbm_rate = p.cluster.gpu.hbm_bytes_per_s * p.cluster.cost_model.bandwidth_efficiency
+    prefill_hbm = cost.prefill_bytes(spec, size, per_job, t.prompt_len) / hbm_rate / per_job
+
+    kv = batch * kv_per_req
+    busy = 1.0 - math.exp(-batch)  # P(some request is decoding), M/G/inf with mean `batch`
+    if mode is Mode.MUX:
+        decode_hbm = busy * cost.decode_bytes(spec, size, batch, ctx) / tpot / hbm_rate
+        sm_time = busy * share + served * prefill_s
+        use = (fixed + kv, sm_time, decode_hbm + served * prefill_hbm, share)
+    else:
+        turns = busy * share + served * prefill_s  # its decode turns and prefills, one at a time
+        use = (fixed + kv, turns, turns, 0.0)
+    return Candidate(i, size, share, served, batch, tpot, ttft, kv, use)
+
+
+def _largest(ok: Callable[[int], bool], hi: int) -> int:
+    """The largest b in [1, hi] with ok(b) (ok monotone: true then false); 0 if none."""
+    if not ok(1):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _batch_at(arrivals_per_step: float, step: Callable[[float], float], max_batch: int) -> float:
+    """Mean decode batch b with b = (decode-token rate) × step(b) (Little's law), by bisection."""
+    lo, hi = 0.0, float(max_batch)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if arrivals_per_step * step(mid) > mid:
+            lo = mid
+        else:
+            hi = mid
+    return max(hi, 1e-9)
+
+
+def _pareto(cands: list[Candidate]) -> list[Candidate]:
+    """Drop candidates another one beats or equals on served rate and on every resource."""
+
+    def dominates(a: Candidate, b: Candidate) -> bool:
+        return a.served >= b.served and all(x <= y for x, y in zip(a.use, b.use, strict=False))
+
+    kept: list[Candidate] = []
+    for c in cands:
+        if any(dominates(k, c) for k in kept):
+            continue
+        kept = [k for k in kept if not dominates(c, k)]
+        kept.append(c)
+    return kept
