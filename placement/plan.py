@@ -1,0 +1,189 @@
+"""The `Placement` every algorithm returns, and its translation to a serving config.
+
+A placement lists meshes (GPUs of one node), and on each the models it hosts with their
+tensor-parallel degree, SM shares, KV share and the rate the cost model expects them to serve.
+`to_config` turns it into a `MuxConfig` that `muxserve serve --config` reads as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from muxserve.config import Mesh, MeshModel, ModelEntry, MuxConfig, SMShare
+from placement.candidates import Candidate, CandidateTable, Mode
+from placement.problem import Problem
+
+
+@dataclass(frozen=True)
+class PlacedModel:
+    """A model's place on a mesh, with the cost model's estimates."""
+
+    name: str
+    tensor_parallel: int
+    prefill_share: float  # SM share of its prefill jobs
+    decode_share: float  # SM share of its decode jobs
+    kv_share: float  # share of the mesh's KV pool
+    rate: float  # requested requests/s
+    served: float  # estimated requests/s served
+    batch: float  # estimated mean decode batch
+    tpot: float  # estimated decode step latency (s)
+    ttft: float  # estimated prefill latency of one prompt (s), queueing aside
+    time_share: float | None = None  # temporal: fraction of the mesh's time for its decodes
+
+
+@dataclass(frozen=True)
+class PlacedMesh:
+    """GPUs `gpus` (ids within node `node`) running one engine for `models`."""
+
+    node: int
+    gpus: tuple[int, ...]
+    models: tuple[PlacedModel, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.gpus)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which models share which GPUs, as one algorithm decided."""
+
+    algorithm: str
+    mode: Mode
+    meshes: tuple[PlacedMesh, ...]
+    solve_time_s: float
+    status: str  # "optimal", "time limit", "heuristic"
+    gap: float | None = None  # relative optimality gap (ILP), when known
+    kv_pool_bytes: int | None = None  # per GPU, the least over meshes
+
+    @property
+    def models(self) -> list[PlacedModel]:
+        return [m for mesh in self.meshes for m in mesh.models]
+
+    @property
+    def served_total(self) -> float:
+        return sum(m.served for m in self.models)
+
+    @property
+    def requested_total(self) -> float:
+        return sum(m.rate for m in self.models)
+
+    @property
+    def gpus_used(self) -> int:
+        return sum(mesh.size for mesh in self.meshes)
+
+    def served(self) -> dict[str, float]:
+        return {m.name: m.served for m in self.models}
+
+    def under_served(self, tolerance: float = 1e-6) -> list[PlacedModel]:
+        """Models the plan serves below their requested rate."""
+        return [m for m in self.models if m.served < m.rate * (1 - tolerance)]
+
+    def fairness(self) -> float:
+        """The least served / requested ratio over models."""
+        return min((m.served / m.rate for m in self.models), default=1.0)
+
+
+def assemble(
+    problem: Problem,
+    table: CandidateTable,
+    algorithm: str,
+    meshes: Sequence[tuple[int, tuple[int, ...], Sequence[Candidate]]],
+    *,
+    solve_time_s: float,
+    status: str,
+    gap: float | None = None,
+) -> Placement:
+    """Build a placement from (node, gpus, candidates) per mesh; empty meshes are dropped."""
+    placed, pools = [], []
+    for node, gpus, cands in sorted(meshes, key=lambda m: (m[0], m[1])):
+        if not cands:
+            continue
+        assert table.fits(cands), f"{algorithm}: mesh {node}:{gpus} is over capacity"
+        fixed = sum(problem.cost.fixed_bytes(problem.specs[c.model], c.size, problem.engine)
+                    for c in cands)  # fmt: skip
+        pools.append(problem.usable_memory - fixed)
+        kv_total = sum(c.kv_bytes for c in cands)
+        decode_sum = sum(c.share for c in cands)
+        models = []
+        for c in sorted(cands, key=lambda c: c.model):
+            if table.mode is Mode.MUX:
+                prefill = min(1.0, max(problem.params.min_prefill_share,
+                                       problem.sm_limit - decode_sum))  # fmt: skip
+                ttft = problem.cost.prefill_latency(
+                    problem.specs[c.model], c.size, prefill, 1, problem.targets[c.model].prompt_len
+                )
+                decode, time_share = c.share, None
+            else:
+                prefill, decode, time_share, ttft = 1.0, 1.0, c.share, c.ttft
+            models.append(
+                PlacedModel(
+                    name=problem.specs[c.model].name,
+                    tensor_parallel=c.size,
+                    prefill_share=round(prefill, 4),
+                    decode_share=round(decode, 4),
+                    kv_share=_share(c.kv_bytes, kv_total, len(cands)),
+                    rate=problem.targets[c.model].rate,
+                    served=c.served,
+                    batch=c.batch,
+                    tpot=c.tpot,
+                    ttft=ttft,
+                    time_share=time_share,
+                )
+            )
+        placed.append(PlacedMesh(node, tuple(gpus), tuple(models)))
+    block = problem.engine.block_bytes
+    pool = int(min(pools) // block * block) if pools else None
+    return Placement(algorithm, table.mode, tuple(placed), solve_time_s, status, gap, pool or None)
+
+
+def _share(part: float, total: float, n: int) -> float:
+    """A KV share rounded down to 1e-4 (so shares never sum past 1), at least 1e-4."""
+    raw = part / total if total > 0 else 1.0 / n
+    return max(math.floor(raw * 1e4) / 1e4, 1e-4)
+
+
+def to_config(placement: Placement, problem: Problem) -> MuxConfig:
+    """The plan as a serving config: the models (paths carried along) and `meshes:`."""
+    placed = {m.name: m for m in placement.models}
+    entries = problem.entries or tuple(
+        ModelEntry.model_validate({"name": s.name, "path": s.path, "dtype": s.dtype})
+        for s in problem.specs
+    )
+    models = []
+    for e, t in zip(entries, problem.targets, strict=True):
+        pm = placed[e.name]
+        models.append(
+            e.model_copy(
+                update={
+                    "rate": t.rate,
+                    "tensor_parallel": pm.tensor_parallel,
+                    "sm_share": SMShare(prefill=pm.prefill_share, decode=pm.decode_share),
+                }
+            )
+        )
+    meshes = [
+        Mesh(
+            name=f"mesh-{k}",
+            node=mesh.node,
+            gpus=list(mesh.gpus),
+            models=[
+                MeshModel(
+                    name=m.name,
+                    tensor_parallel=m.tensor_parallel,
+                    sm_share=SMShare(prefill=m.prefill_share, decode=m.decode_share),
+                    kv_share=m.kv_share,
+                    rate=round(m.served, 4),
+                )
+                for m in mesh.models
+            ],
+        )
+        for k, mesh in enumerate(placement.meshes)
+    ]
+    engine = problem.engine
+    updates: dict[str, object] = {"policy": "adbs" if placement.mode is Mode.MUX else "fcfs"}
+    if problem.engine_is_default and placement.kv_pool_bytes:
+        updates["kv_pool_bytes"] = placement.kv_pool_bytes
+    return MuxConfig(models=models, engine=engine.model_copy(update=updates), meshes=meshes)
