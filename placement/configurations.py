@@ -1,0 +1,238 @@
+"""Mesh configurations: which models (at which candidates) one mesh hosts, and pricing them.
+
+The configuration LP — choose a weight for every feasible mesh configuration so that each
+model is placed once and the meshes fit the nodes — is a far tighter relaxation of the
+placement program than its compact form. Column generation solves it: the LP over the
+configurations found so far gives dual prices, and `price` finds the configuration of a mesh
+size with the largest reduced value (a small multi-dimensional knapsack, solved exactly by
+branch and bound). When no configuration has a positive reduced value, the LP optimum is an
+upper bound on every placement; the best integer choice among the columns is a placement.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pulp
+
+from placement.candidates import Candidate
+
+NODE_LIMIT = 20_000  # branch-and-bound nodes per pricing call before handing over to the MIP
+
+
+@dataclass(frozen=True)
+class Config:
+    """A mesh of `size` GPUs hosting `cands` (one per model)."""
+
+    size: int
+    cands: tuple[Candidate, ...]
+
+    @property
+    def served(self) -> float:
+        return sum(c.served for c in self.cands)
+
+    @property
+    def key(self) -> tuple[int, tuple[tuple[int, float], ...]]:
+        return (self.size, tuple(sorted((c.model, c.share) for c in self.cands)))
+
+
+@dataclass(frozen=True)
+class Priced:
+    """Configurations found by one pricing call; `exact` if the search finished."""
+
+    configs: list[tuple[float, Config]]  # (reduced value, config), best first
+    exact: bool
+    upper: float  # no configuration is worth more than this
+
+
+def price(
+    size: int,
+    options: Sequence[Candidate],
+    model_price: Sequence[float],
+    capacity: tuple[float, float, float, float],
+    keep: int = 3,
+    threshold: float = 0.0,
+) -> Priced:
+    """The `keep` best configurations worth more than `threshold`, by Σ (served − model price).
+
+    Decides one model at a time (its best candidates first, then leaving it out). A node is
+    pruned by the least of three bounds: the sum of the remaining models' best values; the
+    Lagrangian bound, with multipliers on the four resources fitted at the root by
+    subgradient steps (O(1) per node); and per resource, the LP bound of its multiple-choice
+    knapsack (greedy over each model's upper convex hull of value against use).
+    """
+    by_model: dict[int, list[tuple[float, Candidate]]] = {}
+    for c in options:
+        v = c.served - model_price[c.model]
+        if v > 1e-9:
+            by_model.setdefault(c.model, []).append((v, c))
+    room0 = [cap * (1 + 1e-9) + 1e-9 for cap in capacity]
+    lam = _multipliers(list(by_model.values()), room0, threshold)
+
+    def net(vc: tuple[float, Candidate]) -> float:  # value less the multipliers' charge
+        return vc[0] - sum(lam[r] * vc[1].use[r] / room0[r] for r in range(4))
+
+    models = sorted(by_model, key=lambda m: (-max(v for v, _ in by_model[m]), m))
+    items = [sorted(by_model[m], key=lambda vc: (-vc[0], vc[1].share)) for m in models]
+    suffix = [0.0] * (len(models) + 1)  # Σ of each remaining model's best value
+    lsuffix = [0.0] * (len(models) + 1)  # the same, net of the multipliers' charge
+    for d in range(len(models) - 1, -1, -1):
+        suffix[d] = suffix[d + 1] + max(v for v, _ in items[d])
+        lsuffix[d] = lsuffix[d + 1] + max(max(net(vc) for vc in items[d]), 0.0)
+    hulls = [_increments(items, r) for r in range(4)]
+    best: list[tuple[float, tuple[Candidate, ...]]] = []
+    nodes, exact = 0, True
+
+    def floor() -> float:
+        return best[-1][0] if len(best) >= keep else max(threshold, 1e-9)
+
+    def bound(depth: int, used: list[float], need: float) -> float:
+        total = min(
+            suffix[depth],
+            lsuffix[depth] + sum(lam[r] * (1 - used[r] / room0[r]) for r in range(4)),
+        )
+        if total <= need:
+            return total
+        for r in range(4):
+            room, frac = room0[r] - used[r], 0.0
+            for dw, dv, d in hulls[r]:
+                if d < depth:
+                    continue
+                if dw <= room:
+                    room -= dw
+                    frac += dv
+                else:
+                    frac += dv * room / dw
+                    break
+            total = min(total, frac)
+        return total
+
+    def dfs(depth: int, used: list[float], value: float, chosen: list[Candidate]) -> None:
+        nonlocal nodes, exact
+        nodes += 1
+        if nodes > NODE_LIMIT:
+            exact = False
+            return
+        if depth == len(models):
+            return
+        need = floor() + 1e-12 - value
+        if bound(depth, used, need) <= need:
+            return
+        for v, c in items[depth]:
+            new = [used[r] + c.use[r] for r in range(4)]
+            if all(new[r] <= room0[r] for r in range(4)):
+                chosen.append(c)
+                if value + v > floor():
+                    best.append((value + v, tuple(chosen)))
+                    best.sort(key=lambda b: -b[0])
+                    del best[keep:]
+                dfs(depth + 1, new, value + v, chosen)
+                chosen.pop()
+        dfs(depth + 1, used, value, chosen)
+
+    dfs(0, [0.0] * 4, 0.0, [])
+    configs = [(v, Config(size, cands)) for v, cands in best]
+    if exact:
+        upper = configs[0][0] if configs else max(threshold, 0.0)
+    else:
+        upper = bound(0, [0.0] * 4, float("inf"))
+    return Priced(configs, exact, upper)
+
+
+def _multipliers(
+    items: list[list[tuple[float, Candidate]]], room: list[float], target: float
+) -> list[float]:
+    """Multipliers on the (capacity-normalised) resources that make the Lagrangian bound
+    Σ_models max(0, max_cand value − λ·use) + Σ λ small, by Polyak subgradient steps."""
+    lam = [0.0] * 4
+    best_lam, best_bound = list(lam), float("inf")
+    theta, stall = 2.0, 0
+    for _ in range(60):
+        used, total = [0.0] * 4, sum(lam)
+        for its in items:
+            net, pick = 0.0, None
+            for v, c in its:
+                x = v - sum(lam[r] * c.use[r] / room[r] for r in range(4))
+                if x > net:
+                    net, pick = x, c
+            if pick is not None:
+                total += net
+                for r in range(4):
+                    used[r] += pick.use[r] / room[r]
+        if total < best_bound - 1e-12:
+            best_bound, best_lam, stall = total, list(lam), 0
+        else:
+            stall += 1
+            if stall >= 5:
+                theta, stall = theta / 2, 0
+        grad = [1.0 - u for u in used]  # d bound / d λ
+        norm = sum(g * g for g in grad)
+        if norm < 1e-18 or theta < 1e-4:
+            break
+        step = theta * max(total - target, 1e-9) / norm
+        lam = [max(0.0, lam[r] - step * grad[r]) for r in range(4)]
+    return best_lam
+
+
+def _increments(
+    items: list[list[tuple[float, Candidate]]], r: int
+) -> list[tuple[float, float, int]]:
+    """Per model, the upper convex hull of (use of resource r, value) from (0, 0), as
+    increments (Δuse, Δvalue, model depth), all models merged by Δvalue / Δuse, best first."""
+    out = []
+    for d, its in enumerate(items):
+        pts = sorted({(c.use[r], v) for v, c in its})
+        hull: list[tuple[float, float]] = [(0.0, 0.0)]
+        for w, v in pts:
+            if v <= hull[-1][1]:
+                continue
+            while len(hull) >= 2:
+                (w1, v1), (w2, v2) = hull[-2], hull[-1]
+                if (v2 - v1) * (w - w1) <= (v - v1) * (w2 - w1):  # hull[-1] under the chord
+                    hull.pop()
+                else:
+                    break
+            hull.append((w, v))
+        for (w1, v1), (w2, v2) in itertools.pairwise(hull):
+            out.append((w2 - w1, v2 - v1, d))
+    out.sort(key=lambda inc: -inc[1] / inc[0] if inc[0] > 0 else float("-inf"))
+    return out
+
+
+def price_mip(
+    size: int,
+    options: Sequence[Candidate],
+    model_price: Sequence[float],
+    capacity: tuple[float, float, float, float],
+    threshold: float,
+    time_limit: float,
+) -> Priced:
+    """The best configuration by the same value, from CBC: for when branch and bound stalls."""
+    prob = pulp.LpProblem("pricing", pulp.LpMaximize)
+    terms: list[tuple[pulp.LpVariable, float, Candidate]] = []
+    by_model: dict[int, list[pulp.LpVariable]] = {}
+    for k, c in enumerate(options):
+        v = c.served - model_price[c.model]
+        if v > 1e-9:
+            x = pulp.LpVariable(f"x{k}", cat=pulp.LpBinary)
+            terms.append((x, v, c))
+            by_model.setdefault(c.model, []).append(x)
+    if not terms:
+        return Priced([], True, 0.0)
+    prob += pulp.LpAffineExpression([(x, v) for x, v, _ in terms])
+    for m, xs in by_model.items():
+        prob += pulp.lpSum(xs) <= 1, f"one_{m}"
+    for r in range(4):
+        prob += pulp.LpAffineExpression([(x, c.use[r]) for x, _, c in terms]) <= capacity[r]
+    prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
+    exact = prob.sol_status == pulp.LpSolutionOptimal
+    if prob.status != pulp.LpStatusOptimal:
+        return Priced([], False, float("inf"))
+    chosen = tuple(c for x, _, c in terms if (x.value() or 0) > 0.5)
+    value = sum(v for x, v, _ in terms if (x.value() or 0) > 0.5)
+    upper = max(value, threshold) if exact else float("inf")
+    if not chosen or value <= threshold:
+        return Priced([], exact, upper)
+    return Priced([(value, Config(size, chosen))], exact, upper)
