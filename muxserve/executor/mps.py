@@ -26,6 +26,7 @@ from muxserve.executor.messages import TPRank, WorkerInit
 from muxserve.executor.mps_daemon import MpsDaemon
 from muxserve.executor.waker import Waker
 from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, WorkerGroup
+from muxserve.models.llama import LlamaForCausalLM
 from muxserve.parallel.sharding import load_rank_models
 from muxserve.runner.kv_pool import KVPool
 from muxserve.scheduler.job import Job, JobResult, Phase
@@ -83,30 +84,14 @@ class MpsExecutor:
             main_pool = pool_on(device)
             ctx = torch.multiprocessing.get_context("spawn")
             for spec in load_progress(specs, progress):
-                ranks = load_rank_models(spec.path, spec.dtype, device, spec.tensor_parallel)
+                ranks = [
+                    (model, pool_on(dev))
+                    for model, dev in load_rank_models(
+                        spec.path, spec.dtype, device, spec.tensor_parallel
+                    )
+                ]
                 for phase in Phase:
-                    plans = []
-                    for r, (model, dev) in enumerate(ranks):
-                        share = spec.share(phase)
-                        tp = None
-                        if spec.tensor_parallel > 1:
-                            backend = "nccl" if dev.type == "cuda" else "gloo"
-                            tp = TPRank(r, spec.tensor_parallel, "", backend)
-                        init = WorkerInit(
-                            spec.name,
-                            phase,
-                            model,
-                            spec.config,
-                            pool_on(dev).buffer,
-                            block_bytes,
-                            spec.layout,
-                            spec.dtype,
-                            cpu_threads(share) if dev.type == "cpu" else 1,
-                            tp,
-                        )
-                        env = worker_env(daemon, share, init.threads)
-                        heads = _kv_heads(spec.config.num_kv_heads, r, spec.tensor_parallel)
-                        plans.append(RankPlan(init, env, heads))
+                    plans = _rank_plans(spec, phase, ranks, daemon)
                     groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
             executor = cls(pools, main_pool, groups, daemon)
         except BaseException:
@@ -226,6 +211,38 @@ class MpsExecutor:
     def worker_pids(self) -> dict[tuple[str, Phase], list[int]]:
         """The live worker processes, by (model, phase): for tests and operators."""
         return {k: [p.pid for p in g.procs if p.pid is not None] for k, g in self.groups.items()}
+
+
+def _rank_plans(
+    spec: ModelSpec,
+    phase: Phase,
+    ranks: list[tuple[LlamaForCausalLM, KVPool]],
+    daemon: MpsDaemon | None,
+) -> list[RankPlan]:
+    """How to start each rank's worker of `spec` in `phase`: its model shard, pool and share."""
+    share = spec.share(phase)
+    plans = []
+    for rank, (model, pool) in enumerate(ranks):
+        on_cpu = pool.buffer.device.type == "cpu"
+        tp = None
+        if spec.tensor_parallel > 1:
+            tp = TPRank(rank, spec.tensor_parallel, "", "gloo" if on_cpu else "nccl")
+        threads = cpu_threads(share) if on_cpu else 1
+        init = WorkerInit(
+            spec.name,
+            phase,
+            model,
+            spec.config,
+            pool.buffer,
+            pool.block_bytes,
+            spec.layout,
+            spec.dtype,
+            threads,
+            tp,
+        )
+        heads = _kv_heads(spec.config.num_kv_heads, rank, spec.tensor_parallel)
+        plans.append(RankPlan(init, worker_env(daemon, share, threads), heads))
+    return plans
 
 
 def worker_env(daemon: MpsDaemon | None, share: float, threads: int) -> dict[str, str]:
