@@ -13,6 +13,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("muxserve.generate_cli", "generate offline with the engine (no server)"),
     "plan": ("placement.cli", "place models on GPUs: ILP, greedy, spatial, temporal"),
     "serve": ("muxserve.server.cli", "serve every model of a config over the OpenAI HTTP API"),
+    "bench": (
+        "muxserve.bench.cli",
+        "replay a workload trace against an endpoint; latency, goodput",
+    ),
 }
 
 

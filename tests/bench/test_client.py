@@ -1,0 +1,86 @@
+"""The load client against a live server on loopback: counts, timings, errors, time limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from pathlib import Path
+
+from muxserve.bench.client import ClientOptions, replay, run_replay
+from muxserve.bench.metrics import SLO, run_to_json
+from muxserve.bench.workload import load_tokenizer
+from tests.bench.conftest import make_trace
+
+MODELS = ("llama-demo", "qwen-demo", "mistral-demo")
+
+
+def test_short_trace_counts_and_timings(server: str, demo_models: dict[str, Path]) -> None:
+    prompt_tokens = len(load_tokenizer(demo_models["llama-demo"]).encode("Once upon a time").ids)
+    trace = make_trace(*((0.05 * i, MODELS[i % 3], 3 + i) for i in range(9)))
+    run = run_replay(trace, ClientOptions(url=server, ignore_eos=True, progress=False))
+    assert run.stopped is None and len(run.records) == 9 == run.trace_requests
+    for r, e in zip(run.records, trace.entries, strict=True):
+        assert r.success, r.error
+        assert (r.model, r.output_len, r.status) == (e.model, e.max_tokens, 200)
+        assert r.prompt_len == prompt_tokens  # the server's count (with BOS), not the trace's
+        assert r.ttft is not None and r.latency is not None and 0 < r.ttft <= r.latency
+        assert len(r.itl) <= r.output_len - 1 and all(x >= 0 for x in r.itl)
+        assert r.sent_s >= r.arrival_s
+    data = json.loads(json.dumps(run_to_json(run, SLO.parse(["e2el:60000"]), rate=None)))
+    overall = data["summary"]["overall"]
+    assert (overall["requests"], overall["completed"], overall["failed"]) == (9, 9, 0)
+    assert overall["output_tokens"] == sum(3 + i for i in range(9))
+    assert overall["slo_attainment"] == 1.0
+    per_model = {m: s["completed"] for m, s in data["summary"]["models"].items()}
+    assert per_model == Counter(e.model for e in trace.entries)
+
+
+def test_unknown_model_is_a_per_request_error(server: str) -> None:
+    trace = make_trace((0.0, "llama-demo", 2), (0.01, "no-such-model", 2), (0.02, "qwen-demo", 2))
+    run = run_replay(trace, ClientOptions(url=server, progress=False))
+    assert [r.success for r in run.records] == [True, False, True]
+    bad = run.records[1]
+    assert bad.status == 404 and bad.error is not None and "no-such-model" in bad.error
+    summary = run_to_json(run, SLO())["summary"]
+    assert summary["models"]["no-such-model"]["failed"] == 1
+    assert summary["overall"]["completed"] == 2
+
+
+def test_chat_endpoint(server: str) -> None:
+    trace = make_trace((0.0, "qwen-demo", 5))
+    opts = ClientOptions(url=server, endpoint="chat", ignore_eos=True, progress=False)
+    (r,) = run_replay(trace, opts).records
+    assert r.success and r.output_len == 5 and r.prompt_len > 5  # the chat template's tokens
+
+
+def test_time_limit_cancels_what_is_open(server: str) -> None:
+    trace = make_trace((0.0, "mistral-demo", 900), (5.0, "llama-demo", 4))
+    opts = ClientOptions(url=server, ignore_eos=True, progress=False, max_duration_s=0.5)
+    run = run_replay(trace, opts)
+    assert run.stopped == "time limit" and run.duration_s < 3
+    (r,) = run.records  # the second request was never sent
+    assert r.error == "cancelled: time limit" and not r.success
+
+
+def test_stop_event_returns_partial_records(server: str) -> None:
+    trace = make_trace((0.0, "llama-demo", 2), (0.0, "mistral-demo", 900), (30.0, "qwen-demo", 2))
+
+    async def main() -> tuple[int, list[str | None]]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            replay(trace, ClientOptions(url=server, ignore_eos=True, progress=False), stop)
+        )
+        await asyncio.sleep(0.5)
+        stop.set()
+        run = await task
+        return len(run.records), [r.error for r in run.records]
+
+    sent, errors = asyncio.run(main())
+    assert sent == 2 and errors == [None, "cancelled: interrupted"]
+
+
+def test_unreachable_server_is_an_error_per_request() -> None:
+    trace = make_trace((0.0, "llama-demo", 2))
+    (r,) = run_replay(trace, ClientOptions(url="http://127.0.0.1:9", progress=False)).records
+    assert not r.success and r.error is not None and "Connect" in r.error

@@ -1,0 +1,121 @@
+"""Workload generation: seeded, power-law popularity, burstiness, staggered ramps, lengths."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from muxserve.bench.trace import read_trace, write_trace
+from muxserve.bench.workload import LengthDist, WorkloadSpec, generate, load_tokenizer
+
+MODELS = ("a", "b", "c")
+
+
+def spec(**kw: object) -> WorkloadSpec:
+    base: dict[str, object] = {"models": MODELS, "rate": 20.0, "duration_s": 100.0}
+    return WorkloadSpec(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def times(entries: list, model: str) -> np.ndarray:
+    return np.array([e.arrival_s for e in entries if e.model == model])
+
+
+def test_same_seed_same_trace_and_models_independent() -> None:
+    a, _ = generate(spec(seed=3))
+    assert a == generate(spec(seed=3))[0]
+    assert a != generate(spec(seed=4))[0]
+    # adding a model leaves the requests of the others as they were (rates aside)
+    two, _ = generate(spec(models=("a", "b"), alpha=0.0, rate=10.0))
+    three, _ = generate(spec(alpha=0.0, rate=15.0))
+    assert [e for e in two if e.model == "a"] == [e for e in three if e.model == "a"]
+
+
+def test_power_law_popularity() -> None:
+    s = spec(alpha=1.0, rate=30.0, duration_s=200.0)
+    assert s.model_rates() == pytest.approx([30 * 6 / 11, 30 * 3 / 11, 30 * 2 / 11])
+    counts = Counter(e.model for e in generate(s)[0])
+    for name, rate in zip(MODELS, s.model_rates(), strict=True):
+        assert counts[name] == pytest.approx(rate * 200, rel=0.1)
+
+
+@pytest.mark.parametrize("cv", [1.0, 3.0])
+def test_burstiness_is_the_interarrival_cv(cv: float) -> None:
+    t = times(generate(spec(models=("a",), rate=50.0, cv=cv))[0], "a")
+    gaps = np.diff(t)
+    assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.15)
+    assert len(t) == pytest.approx(5000, rel=0.15)
+
+
+def test_staggered_ramps_peak_in_turn() -> None:
+    s = spec(alpha=0.0, ramp="staggered", ramp_floor=0.05, rate=30.0)
+    entries, meta = generate(s)
+    hists = [np.histogram(times(entries, m), bins=3, range=(0, 100))[0] for m in MODELS]
+    peaks = [int(np.argmax(h)) for h in hists]
+    assert peaks == [0, 1, 2]  # model i peaks at (i + 0.5) / 3 of the duration
+    assert all(h.max() > 3 * h.min() for h in hists)
+    for m in MODELS:  # the mean rate is the power law's whatever the ramp
+        assert len(times(entries, m)) == pytest.approx(1000, rel=0.15)
+    assert meta["nominal_duration_s"] == 100.0 and meta["ramp"] == "staggered"
+
+
+def test_ramp_shape_has_mean_one_and_the_floor() -> None:
+    s = spec(ramp="staggered", ramp_floor=0.2, ramp_width=0.4, ramp_cycles=2)
+    t = np.linspace(0, 100, 100001)
+    for i in range(3):
+        shape = s.shape(i, t)
+        assert shape.mean() == pytest.approx(1.0, rel=1e-3)
+        assert shape.min() / shape.max() == pytest.approx(0.2, rel=1e-3)
+
+
+def test_lengths() -> None:
+    rng = np.random.default_rng(0)
+    assert set(LengthDist.parse("fixed:7").sample(rng, 100)) == {7}
+    u = LengthDist.parse("uniform:3:5").sample(rng, 1000)
+    assert set(u) == {3, 4, 5}
+    chat = LengthDist.parse("chat:100:100000").sample(rng, 100000)
+    assert chat.mean() == pytest.approx(100, rel=0.05)
+    assert np.percentile(chat, 99) > 5 * np.median(chat)  # long-tailed
+    assert LengthDist.parse("chat:50").high == 400
+    for bad in ("fixed", "uniform:5:3", "chat:0", "normal:5", "fixed:x"):
+        with pytest.raises(ValueError):
+            LengthDist.parse(bad)
+
+
+def test_max_total_len_caps_every_request() -> None:
+    s = spec(
+        prompt_len=LengthDist.parse("chat:200"),
+        output_len=LengthDist.parse("fixed:300"),
+        max_total_len=256,
+    )
+    entries, _ = generate(s)
+    assert max(e.prompt_len + e.max_tokens for e in entries) <= 256
+    assert min(min(e.prompt_len, e.max_tokens) for e in entries) >= 1
+
+
+def test_exact_prompt_lengths_with_a_tokenizer(demo_models: dict[str, Path]) -> None:
+    tok = load_tokenizer(demo_models["llama-demo"])
+    entries, meta = generate(
+        spec(rate=1.0, duration_s=20.0, prompt_len=LengthDist.parse("uniform:5:60")), tok
+    )
+    assert meta["tokenizer"] is True
+    for e in entries:
+        assert len(tok.encode(e.prompt, add_special_tokens=False).ids) == pytest.approx(
+            e.prompt_len, abs=1
+        )
+
+
+def test_trace_roundtrip_and_rescaling(tmp_path: Path) -> None:
+    entries, meta = generate(spec(rate=2.0, duration_s=10.0))
+    write_trace(tmp_path / "t.jsonl", entries, meta)
+    trace = read_trace(tmp_path / "t.jsonl")
+    assert list(trace.entries) == entries and trace.meta["seed"] == 0
+    assert trace.duration_s == 10.0 and trace.rate == len(entries) / 10.0
+    fast = trace.at_rate(2 * trace.rate)
+    assert fast.duration_s == pytest.approx(5.0)
+    assert [e.arrival_s for e in fast.entries] == pytest.approx([e.arrival_s / 2 for e in entries])
+    (tmp_path / "bad.jsonl").write_text('{"model": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
+        read_trace(tmp_path / "bad.jsonl")
