@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from muxserve.config import ModelEntry, MuxConfig, load_config
-from muxserve.errors import EmptyPromptError, RequestError, UnknownModelError
+from muxserve.errors import EmptyPromptError, EngineStoppedError, RequestError, UnknownModelError
 from muxserve.executor.base import ModelSpec, create_executor
 from muxserve.kv.layout import KVLayout
 from muxserve.models.hf_config import DTYPE_BYTES, HFModelConfig
@@ -155,6 +155,8 @@ class MuxEngine:
         params: SamplingParams | None,
         request_id: str | None,
     ) -> Request:
+        if self._thread is not None and not self._running:
+            raise EngineStoppedError("the engine loop is not running; see the server log")
         served = self.models.get(model)
         if served is None:
             raise UnknownModelError(model, list(self.models))
@@ -316,12 +318,24 @@ class MuxEngine:
         self._thread.start()
 
     def _loop(self) -> None:
-        while self._running:
-            with self._lock:
-                while self._running and not self.scheduler.has_work():
-                    self._wake.wait(timeout=0.5)
-            if self._running and not self.step():
-                time.sleep(0.0005)  # work exists but none can run yet (e.g. waiting for blocks)
+        try:
+            while self._running:
+                with self._lock:
+                    while self._running and not self.scheduler.has_work():
+                        self._wake.wait(timeout=0.5)
+                if self._running and not self.step():
+                    time.sleep(0.0005)  # work exists but none can run yet (e.g. no blocks yet)
+        except Exception as e:  # a bug, not bad input: fail loudly, leave nobody waiting
+            log.exception("the engine loop failed; every open request ends with an error")
+            self._fail_all(f"the engine loop failed: {type(e).__name__}: {e}")
+
+    def _fail_all(self, error: str) -> None:
+        """End every open request's stream with `error`; the loop is gone."""
+        with self._lock:
+            self._running = False
+            for rid, text in list(self._texts.items()):
+                text.fail(error)
+                del self._texts[rid]
 
     def shutdown(self) -> None:
         """Stop the loop and abort whatever is left; every block ends free."""
@@ -343,7 +357,7 @@ class MuxEngine:
     @property
     def is_running(self) -> bool:
         """True while the background loop started by `start()` is alive (for health checks)."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._running and self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> dict[str, ModelStats]:
         with self._lock:

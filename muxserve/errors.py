@@ -63,5 +63,9 @@ class RequestAbortedError(MuxServeError):
     """The request was aborted before it finished."""
 
 
+class EngineStoppedError(MuxServeError):
+    """The engine's loop is not running (it was shut down, or it failed): nothing is served."""
+
+
 class WorkerFailedError(MuxServeError):
     """The worker running a request's job failed; the request cannot complete."""

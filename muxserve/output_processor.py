@@ -7,6 +7,7 @@ consumer (the server) or a plain thread (offline `generate`) drains.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -66,10 +67,9 @@ class OutputSink:
             self._items.append(out)
             loop, event = self._loop, self._event
         if loop is not None and event is not None:
-            try:
+            # the reader's loop may have closed (it went away): then there is nothing to wake
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # the reader's loop closed (it went away): nothing to wake
-                pass
 
     def drain(self) -> list[RequestOutput]:
         with self._lock:
@@ -135,6 +135,23 @@ class TextState:
                 self.text = self.text[:i]
                 self.stopped_by_string = True
         return self.stopped_by_string
+
+    def fail(self, error: str) -> None:
+        """End the stream with an error whatever the request's state (the engine loop died)."""
+        self.sink.put(
+            RequestOutput(
+                request_id=self.request_id,
+                model=self.model,
+                text="",
+                token_ids=(),
+                logprobs=(),
+                finished=True,
+                finish_reason=FinishReason.ERROR.value,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.tokens_seen,
+                error=error,
+            )
+        )
 
     def emit(self, req: Request, error: str | None = None) -> None:
         """Send what is new since the last output (all of it when the request finished)."""

@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from pydantic import ValidationError
 
-from muxserve.errors import QueueFullError, RequestError, UnknownModelError
+from muxserve.errors import EngineStoppedError, QueueFullError, RequestError, UnknownModelError
 from muxserve.server.responses import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,8 @@ def error_middleware(on_response: OnResponse | None = None) -> Middleware:
             response = from_request_error(e).response()
         except ValidationError as e:
             response = from_validation_error(e).response()
+        except EngineStoppedError as e:
+            response = APIError(503, str(e), "server_error", code="engine_stopped").response()
         except web.HTTPException as e:
             if e.status < 400:
                 raise
