@@ -2,7 +2,8 @@
 
 Built once per job from the job's sequences; the model calls it once per layer. It writes the
 new K/V into the pool through the block tables, then attends over each sequence's cached
-tokens with causal and sliding-window masks. GPU kernels replace it where available.
+tokens with causal and sliding-window masks. On CUDA, `muxserve.ops` replaces it with kernels
+that read the pool in place; its torch fallback is this class.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ class PagedAttention:
         self._key_pos = key_pos
         self._masks: dict[int | None, torch.Tensor] = {}
 
-    def _mask(self, window: int | None) -> torch.Tensor:
-        """(B, 1, Lq, K) bool: which cached keys each query row may see."""
+    def mask(self, window: int | None) -> torch.Tensor:
+        """(B, 1, Lq, K) bool: which cached keys each padded query row may see."""
         if window not in self._masks:
             m = self._causal
             if window is not None:
@@ -91,29 +92,54 @@ class PagedAttention:
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
+        self.write(layer, k, v)
+        keys, vals = self.gather(layer)
+        return self.attend(q, keys, vals, self.windows[layer])
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new tokens' K/V, (T, Hkv, hd) each, in the pool through the block tables."""
         b = self.batch
         kv_heads = k.shape[1]
-        # 1. write the new K/V into the pool
         ids = b.block_tables[b.seq_of_token, self._slot_block, layer]  # (T, Hkv)
         off = self._slot_offset[:, None].expand(-1, kv_heads)  # (T, Hkv)
         self.cache[ids, 0, off] = k.to(self.cache.dtype)
         self.cache[ids, 1, off] = v.to(self.cache.dtype)
-        # 2. gather every sequence's cached K/V for this layer
+
+    def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's cached K and V of `layer`: (B, Hkv, nlb * tpb, hd) each."""
+        b = self.batch
         table = b.block_tables[:, : self._num_logical, layer]  # (B, nlb, Hkv)
         blocks = self.cache[table]  # (B, nlb, Hkv, 2, tpb, hd)
-        bsz, nlb, _, _, tpb, hd = blocks.shape
+        bsz, nlb, kv_heads, _, tpb, hd = blocks.shape
         keys = blocks[:, :, :, 0].permute(0, 2, 1, 3, 4).reshape(bsz, kv_heads, nlb * tpb, hd)
         vals = blocks[:, :, :, 1].permute(0, 2, 1, 3, 4).reshape(bsz, kv_heads, nlb * tpb, hd)
-        # 3. pad the queries per sequence: (B, Hq, Lq, hd)
-        heads = q.shape[1]
-        qpad = q.new_zeros(bsz, int(b.q_lens.max()), heads, hd)
+        return keys, vals
+
+    def pad_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """(T, Hq, hd) -> (B, Hq, Lq, hd): each sequence's query rows, zeros past its own."""
+        b = self.batch
+        qpad = q.new_zeros(b.q_lens.shape[0], int(b.q_lens.max()), q.shape[1], q.shape[2])
         qpad[b.seq_of_token, b.row_of_token] = q
-        qpad = qpad.transpose(1, 2)
-        group = heads // kv_heads
+        return qpad.transpose(1, 2)
+
+    def unpad(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, Hq, Lq, hd) -> (T, Hq, hd): the rows of real query tokens, in token order."""
+        b = self.batch
+        return out.transpose(1, 2)[b.seq_of_token, b.row_of_token]
+
+    def attend(
+        self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, window: int | None
+    ) -> torch.Tensor:
+        """Causal (and windowed) GQA attention of q (T, Hq, hd) over `gather`'s K/V."""
+        hd = keys.shape[-1]
+        kv_heads = keys.shape[1]
+        # pad the queries per sequence: (B, Hq, Lq, hd)
+        qpad = self.pad_queries(q)
+        group = q.shape[1] // kv_heads
         keys = keys.repeat_interleave(group, dim=1)  # (B, Hq, K, hd)
         vals = vals.repeat_interleave(group, dim=1)
         scores = torch.matmul(qpad.float(), keys.float().transpose(-1, -2)) / math.sqrt(hd)
-        scores = scores.masked_fill(~self._mask(self.windows[layer]), float("-inf"))
+        scores = scores.masked_fill(~self.mask(window), float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded rows see no key
         out = torch.matmul(probs.to(vals.dtype), vals)  # (B, Hq, Lq, hd)
-        return out.transpose(1, 2)[b.seq_of_token, b.row_of_token].to(q.dtype)  # (T, Hq, hd)
+        return self.unpad(out).to(q.dtype)  # (T, Hq, hd)

@@ -1,0 +1,494 @@
+"""Attention over the unified pool: CUDA kernels on a GPU, the torch reference elsewhere.
+
+The kernels (`csrc/`) read and write the pool in place; the reference is
+`muxserve.runner.attention.PagedAttention`, whose methods each function here falls back to, so
+the two paths share one definition of the math. `make_attention` gives the model's `Attention`
+for a job: `PagedAttention` itself on CPU (or with `MUXSERVE_KERNELS=off`), `KernelAttention`
+on CUDA. Prefill on CUDA gathers the sequences' K/V and calls torch's SDPA; docs/kernels.md
+says why. The kernels are built on first use (nvcc, then a torch extension for the binding)
+and cached under `$MUXSERVE_CACHE/kernels`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from muxserve.config import default_cache_dir
+from muxserve.models.llama import Attention
+from muxserve.runner.attention import BatchLayout, PagedAttention
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+KERNELS_ENV = "MUXSERVE_KERNELS"  # auto (default) | on | off | emulate
+KernelMode = Literal["auto", "on", "off", "emulate"]
+MIN_PARTITION = 256  # fewest tokens a decode split is worth a CTA and a merge for
+TARGET_CTAS_PER_SM = 32  # decode CTAs to aim for per SM (about 4 waves): a small last wave
+ALIGN = 16  # bytes: the kernels read rows with 16-byte loads
+
+
+class KernelBuildError(RuntimeError):
+    """The CUDA kernels could not be built or loaded on this machine."""
+
+
+def kernel_mode() -> KernelMode:
+    """`MUXSERVE_KERNELS`: `auto` uses the kernels on CUDA when they build (else warns once and
+    falls back to the reference), `on` raises if they do not build, `off` never uses them,
+    `emulate` runs them on CPU tensors through csrc/emulation/ (slow; for tests)."""
+    mode = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if mode in ("1", "true", "yes"):
+        return "on"
+    if mode in ("0", "false", "no"):
+        return "off"
+    if mode not in ("auto", "on", "off", "emulate"):
+        raise ValueError(f"{KERNELS_ENV}={mode!r}: expected auto, on, off or emulate")
+    return mode  # type: ignore[return-value]
+
+
+# ---- building ------------------------------------------------------------------------------
+EMULATED = "emulated"  # the build that runs the kernels on a CPU (csrc/emulation/; tests only)
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What a kernel build compiles, for which target, and where it is cached.
+
+    `arch` is a compute capability without the dot ("90"), or EMULATED: the same sources built
+    with g++ against csrc/emulation/, whose binding takes CPU tensors.
+    """
+
+    sources: tuple[Path, ...]  # csrc/*.cu
+    binding: Path  # csrc/bindings.cpp
+    arch: str
+    key: str  # hash of the sources, the compilers and torch: a new key is a new build
+    directory: Path
+
+    @property
+    def library(self) -> Path:
+        return self.directory / "libmuxserve_cuda.so"
+
+    @property
+    def module_name(self) -> str:
+        return f"muxserve_kernels_{self.key}"
+
+    def compile_command(self, source: Path, compiler: str) -> list[str]:
+        """The command that compiles one .cu file into a position-independent object."""
+        out = str(self.directory / f"{source.stem}.o")
+        if self.arch == EMULATED:
+            return [
+                compiler, "-c", "-std=c++20", "-O1", "-fPIC", "-fno-strict-aliasing",
+                "-Wno-unknown-pragmas", "-I", str(source.parent / "emulation"),
+                "-I", str(source.parent), "-x", "c++", str(source), "-o", out,
+            ]  # fmt: skip
+        gencode = f"arch=compute_{self.arch},code=sm_{self.arch}"
+        return [
+            compiler, "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-gencode", gencode,
+            "-I", str(source.parent), str(source), "-o", out,
+        ]  # fmt: skip
+
+    def link_command(self, output: Path, compiler: str) -> list[str]:
+        """The command that links the objects into one shared library (nvcc: cudart static)."""
+        objects = [str(self.directory / f"{s.stem}.o") for s in self.sources]
+        return [compiler, "-shared", "-o", str(output), *objects]
+
+
+def kernel_cache_dir() -> Path:
+    return default_cache_dir() / "kernels"
+
+
+def compiler_for(arch: str) -> str:
+    return os.environ.get("CXX", "g++") if arch == EMULATED else "nvcc"
+
+
+def build_plan(arch: str, cache_dir: Path | None = None) -> BuildPlan:
+    """The build for `arch` ("90", or EMULATED), keyed by everything that affects it."""
+    sources = tuple(sorted(CSRC.glob("*.cu")))
+    if not sources:
+        raise KernelBuildError(f"no CUDA sources in {CSRC}")
+    digest = hashlib.sha256()
+    for f in sorted(CSRC.rglob("*")):
+        if f.suffix in (".cu", ".cuh", ".h", ".cpp"):
+            digest.update(str(f.relative_to(CSRC)).encode() + b"\0" + f.read_bytes())
+    digest.update(_version(compiler_for(arch)).encode())
+    digest.update(f"{torch.__version__} {sys.version_info[:2]} {arch}".encode())
+    key = digest.hexdigest()[:16]
+    directory = (cache_dir or kernel_cache_dir()) / f"{arch}-{key}"
+    return BuildPlan(sources, CSRC / "bindings.cpp", arch, key, directory)
+
+
+def _version(compiler: str) -> str:
+    try:
+        return subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise KernelBuildError(f"{compiler} not usable ({e})") from e
+
+
+def build(plan: BuildPlan, verbose: bool = False) -> ModuleType:
+    """Compile (once; later calls find the cache) and import the kernels' torch extension.
+
+    nvcc compiles the .cu files into one shared library; torch's extension builder compiles
+    the binding against it (it includes no CUDA header, so any torch builds it).
+    """
+    from torch.utils import cpp_extension
+
+    compiler = compiler_for(plan.arch)
+    plan.directory.mkdir(parents=True, exist_ok=True)
+    with open(plan.directory / ".lock", "w") as lock:  # other processes may build it too
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not plan.library.exists():
+            workers = max(1, min(len(plan.sources), os.cpu_count() or 1))
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(lambda s: _run(plan.compile_command(s, compiler)), plan.sources))
+            tmp = plan.library.with_suffix(".tmp")
+            _run(plan.link_command(tmp, compiler))
+            tmp.replace(plan.library)  # complete or absent, never half-written
+        try:
+            return cpp_extension.load(
+                name=plan.module_name,
+                sources=[str(plan.binding)],
+                extra_cflags=["-O2", *(["-DMUXSERVE_EMULATION"] if plan.arch == EMULATED else [])],
+                extra_include_paths=[str(CSRC)],
+                extra_ldflags=[
+                    f"-L{plan.directory}",
+                    "-lmuxserve_cuda",
+                    f"-Wl,-rpath,{plan.directory}",
+                ],
+                build_directory=str(plan.directory),
+                with_cuda=False,
+                verbose=verbose,
+            )
+        except (OSError, RuntimeError, ImportError) as e:
+            raise KernelBuildError(f"building the torch binding failed: {e}") from e
+
+
+def _run(cmd: list[str]) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise KernelBuildError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
+
+
+@functools.cache
+def build_kernels(arch: str) -> ModuleType:
+    """The kernels for one target, built (or found in the cache) once per process."""
+    if shutil.which(compiler_for(arch)) is None:
+        raise KernelBuildError(f"{compiler_for(arch)} is not on PATH")
+    return build(build_plan(arch))
+
+
+@functools.cache
+def load_kernels(arch: str) -> ModuleType | None:
+    """`build_kernels`, or None (warned once) when the build fails and the mode is not `on`."""
+    try:
+        return build_kernels(arch)
+    except KernelBuildError as e:
+        if kernel_mode() == "on":
+            raise
+        log.warning("CUDA kernels unavailable, using the torch reference: %s", e)
+        return None
+
+
+def kernels_for(device: torch.device) -> ModuleType | None:
+    """The built kernels for `device`, or None: not CUDA, kernels off, or (auto) no build.
+
+    On CPU only `MUXSERVE_KERNELS=emulate` gives kernels: the emulated build, for tests.
+    """
+    mode = kernel_mode()
+    if device.type == "cpu" and mode == "emulate":
+        return load_kernels(EMULATED)
+    if device.type != "cuda" or mode in ("off", "emulate"):
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return load_kernels(f"{major}{minor}")
+
+
+def kernels_for_cache(cache: torch.Tensor) -> ModuleType | None:
+    """The kernels if they can serve this pool view (device, head size, dtype, alignment)."""
+    kernels = kernels_for(cache.device)
+    if kernels is None or not supports_view(cache, kernels.supports_head_dim(cache.shape[3])):
+        return None
+    return kernels
+
+
+def supports_view(cache: torch.Tensor, head_dim_compiled: bool) -> bool:
+    """Whether the kernels can read this pool view: a compiled head size, a half or float dtype,
+    rows and blocks 16-byte aligned (a pool whose block_bytes is not a multiple of 16 is not)."""
+    item = cache.element_size()
+    return (
+        head_dim_compiled
+        and cache.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and (cache.shape[3] * item) % ALIGN == 0
+        and (cache.stride(0) * item) % ALIGN == 0
+        and cache.data_ptr() % ALIGN == 0
+    )
+
+
+# ---- the three operations ------------------------------------------------------------------
+def split_plan(
+    num_seqs: int,
+    num_kv_heads: int,
+    group_size: int,
+    max_context: int,
+    window: int | None,
+    num_sms: int,
+) -> tuple[int, int]:
+    """(num_splits, partition_size) of a decode launch.
+
+    Split the context when there are too few (sequence, kv head) CTAs to fill the GPU several
+    times over, but never into partitions under MIN_PARTITION tokens. The last split takes any
+    tokens past `num_splits * partition_size`, so a low `max_context` costs speed, not results.
+    """
+    span = max(1, max_context if window is None else min(max_context, window))
+    gmax = 1 if group_size == 1 else 2 if group_size == 2 else 4 if group_size <= 4 else 8
+    ctas = max(1, num_seqs * num_kv_heads * math.ceil(group_size / gmax))
+    want = math.ceil(TARGET_CTAS_PER_SM * num_sms / ctas)
+    splits = max(1, min(want, span // MIN_PARTITION, 8192))
+    if splits == 1:
+        return 1, span
+    partition = math.ceil(span / splits / 64) * 64
+    return math.ceil(span / partition), partition
+
+
+def write_kv(
+    cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: BatchLayout, layer: int
+) -> None:
+    """Store new K/V (T, Hkv, hd) in the pool view `cache` through the batch's block tables."""
+    kernels = kernels_for_cache(cache)
+    if kernels is None:
+        PagedAttention(cache, batch, ()).write(layer, k, v)
+        return
+    _write_kv(kernels, cache, k, v, batch, layer)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    batch: BatchLayout,
+    layer: int,
+    window: int | None,
+    max_context: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per sequence, q (B, Hq, hd) at position ctx - 1, over the
+    pool (the K/V of these tokens already written); returns (B, Hq, hd).
+
+    `max_context`, a bound on `batch.ctx_lens` known on the host, sizes the split-K launch;
+    None reads it from the device (a sync).
+    """
+    kernels = kernels_for_cache(cache)
+    if kernels is None:
+        ref = PagedAttention(cache, batch, ())
+        return ref.attend(q, *ref.gather(layer), window)
+    if max_context is None:
+        max_context = int(batch.ctx_lens.max())
+    plan = _decode_plan(cache, q.shape[0], q.shape[1], batch, max_context, window)
+    return _decode(kernels, q, cache, batch, layer, window, plan)
+
+
+def prefill_attention(
+    q: torch.Tensor, cache: torch.Tensor, batch: BatchLayout, layer: int, window: int | None
+) -> torch.Tensor:
+    """Causal attention of the batch's new tokens q (T, Hq, hd) over their sequences' cached
+    tokens (theirs already written), chunked prefill included; returns (T, Hq, hd)."""
+    ref = PagedAttention(cache, batch, ())
+    if kernels_for_cache(cache) is None:
+        return ref.attend(q, *ref.gather(layer), window)
+    return _prefill_sdpa(ref, q, layer, window)
+
+
+# ---- the model's Attention -----------------------------------------------------------------
+def make_attention(
+    cache: torch.Tensor,
+    batch: BatchLayout,
+    sliding_windows: Sequence[int | None],
+    max_q_len: int,
+    max_context: int,
+) -> Attention:
+    """The `Attention` for one job: `KernelAttention` where the kernels serve this pool view,
+    `PagedAttention` (the reference) elsewhere. `max_q_len` and `max_context` are the job's
+    longest chunk and context, known on the host."""
+    kernels = kernels_for_cache(cache)
+    if kernels is None:
+        return PagedAttention(cache, batch, sliding_windows)
+    return KernelAttention(kernels, cache, batch, sliding_windows, max_q_len, max_context)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """A decode launch's split of the context and the workspace its partial results go to."""
+
+    num_splits: int
+    partition_size: int
+    workspace: torch.Tensor | None  # float32, None with one split
+
+
+class KernelAttention:
+    """The model's `Attention` on CUDA: K/V written and (for decode) read in place by kernels.
+
+    A decode job (one token per sequence) runs the paged decode kernel; a prefill job gathers
+    and runs SDPA. Nothing here syncs with the device in a decode job, so a CUDA graph can
+    capture it (muxserve/runner/cuda_graphs.py).
+    """
+
+    def __init__(
+        self,
+        kernels: ModuleType,
+        cache: torch.Tensor,
+        batch: BatchLayout,
+        sliding_windows: Sequence[int | None],
+        max_q_len: int,
+        max_context: int,
+    ) -> None:
+        self.kernels = kernels
+        self.cache = cache
+        self.batch = batch
+        self.windows = sliding_windows
+        self.max_context = max_context
+        self.is_decode = max_q_len == 1
+        # prefill reuses the reference's gather, padding and masks
+        self._reference = None if self.is_decode else PagedAttention(cache, batch, sliding_windows)
+        self._plans: dict[int | None, DecodePlan] = {}
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        _write_kv(self.kernels, self.cache, k, v, self.batch, layer)
+        window = self.windows[layer]
+        if self._reference is not None:
+            return _prefill_sdpa(self._reference, q, layer, window)
+        plan = self._plans.get(window)
+        if plan is None:  # one per window size: the workspace is reused by every layer
+            plan = _decode_plan(
+                self.cache, q.shape[0], q.shape[1], self.batch, self.max_context, window
+            )
+            self._plans[window] = plan
+        return _decode(self.kernels, q, self.cache, self.batch, layer, window, plan)
+
+
+def _stream(device: torch.device) -> int:
+    """The current CUDA stream's handle, as the binding takes it (0 for the CPU emulation)."""
+    return int(torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else 0
+
+
+def num_sms(device: torch.device) -> int:
+    """SMs of the device (1 for the CPU emulation: it runs blocks one after another)."""
+    return _num_sms(device.index or 0) if device.type == "cuda" else 1
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the pool's dtype with a contiguous, 16-byte aligned row per head."""
+    x = x.to(dtype)
+    if (
+        x.stride(-1) != 1
+        or x.data_ptr() % ALIGN
+        or any((s * x.element_size()) % ALIGN for s in x.stride()[:-1])
+    ):
+        x = x.contiguous()
+    return x
+
+
+def _write_kv(
+    kernels: ModuleType,
+    cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch: BatchLayout,
+    layer: int,
+) -> None:
+    kernels.write_kv(
+        cache,
+        _rows(k, cache.dtype),
+        _rows(v, cache.dtype),
+        batch.block_tables,
+        batch.seq_of_token,
+        batch.pos_of_token,
+        layer,
+        _stream(cache.device),
+    )
+
+
+def _decode_plan(
+    cache: torch.Tensor,
+    num_seqs: int,
+    num_heads: int,
+    batch: BatchLayout,
+    max_context: int,
+    window: int | None,
+) -> DecodePlan:
+    kv_heads = batch.block_tables.shape[3]
+    splits, partition = split_plan(
+        num_seqs,
+        kv_heads,
+        num_heads // kv_heads,
+        max_context,
+        window,
+        num_sms(cache.device),
+    )
+    workspace = None
+    if splits > 1:
+        floats = num_seqs * num_heads * splits * (cache.shape[3] + 2)
+        workspace = torch.empty(floats, dtype=torch.float32, device=cache.device)
+    return DecodePlan(splits, partition, workspace)
+
+
+def _decode(
+    kernels: ModuleType,
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    batch: BatchLayout,
+    layer: int,
+    window: int | None,
+    plan: DecodePlan,
+) -> torch.Tensor:
+    q_rows = _rows(q, cache.dtype)
+    out = torch.empty_like(q_rows)
+    kernels.decode_attention(
+        out,
+        q_rows,
+        cache,
+        batch.block_tables,
+        batch.ctx_lens,
+        layer,
+        window or 0,
+        1.0 / math.sqrt(cache.shape[3]),
+        plan.num_splits,
+        plan.partition_size,
+        plan.workspace,
+        _stream(cache.device),
+    )
+    return out.to(q.dtype)
+
+
+def _prefill_sdpa(
+    ref: PagedAttention, q: torch.Tensor, layer: int, window: int | None
+) -> torch.Tensor:
+    """Gather each sequence's K/V of `layer`, then SDPA with the reference's mask (GQA by
+    SDPA). A prefill is compute-bound: the gather's extra pass over K/V is small next to it."""
+    keys, vals = ref.gather(layer)  # (B, Hkv, K, hd)
+    qpad = ref.pad_queries(q.to(keys.dtype))  # (B, Hq, Lq, hd)
+    out = F.scaled_dot_product_attention(
+        qpad, keys, vals, attn_mask=ref.mask(window), enable_gqa=q.shape[1] != keys.shape[1]
+    )  # (B, Hq, Lq, hd)
+    return ref.unpad(out).to(q.dtype)
