@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from muxserve import ops
 from muxserve.kv.layout import KVLayout
 from muxserve.models.hf_config import HFModelConfig
 from muxserve.models.llama import LlamaForCausalLM
-from muxserve.runner.attention import BatchLayout, PagedAttention
+from muxserve.runner.attention import BatchLayout
+from muxserve.runner.cuda_graphs import DecodeGraphs
 from muxserve.runner.kv_pool import KVPool
 from muxserve.runner.sampler import SampledBatch, sample
 from muxserve.scheduler.job import Job, JobResult, SeqResult
@@ -45,6 +47,15 @@ class ModelRunner:
         self.layout = layout
         self.device = pool.buffer.device
         self.cache = pool.view(layout, dtype)  # (num_blocks, 2, tokens_per_block, head_dim)
+        # decode steps replay CUDA graphs where they fit one (CUDA with the kernels only)
+        self.graphs = DecodeGraphs.create(
+            model,
+            self.cache,
+            config.max_position_embeddings,
+            config.num_layers,
+            config.num_kv_heads,
+            config.layer_sliding_windows,
+        )
 
     def execute(self, job: Job) -> JobResult:
         """Run a job to completion (launch, then collect)."""
@@ -54,12 +65,24 @@ class ModelRunner:
     def launch(self, job: Job) -> LaunchedJob:
         """Queue the forward pass and sampling on the current stream; no host sync."""
         try:
+            sampling = [i for i, s in enumerate(job.seqs) if s.sample]
+            graphed = None if self.graphs is None else self.graphs.run(job.seqs)
+            if graphed is not None:  # (B, vocab) logits of a decode step
+                if not sampling:
+                    return LaunchedJob(job, None)
+                rows = torch.tensor(sampling, device=self.device)
+                return LaunchedJob(job, sample(graphed[rows], [job.seqs[i] for i in sampling]))
             tokens = [t for s in job.seqs for t in s.token_ids]
             input_ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)  # (T,)
             batch = BatchLayout.from_seqs(job.seqs, self.device)
-            attention = PagedAttention(self.cache, batch, self.config.layer_sliding_windows)
+            attention = ops.make_attention(
+                self.cache,
+                batch,
+                self.config.layer_sliding_windows,
+                max(len(s.token_ids) for s in job.seqs),
+                max(s.end_pos for s in job.seqs),
+            )
             hidden = self.model(input_ids, batch.pos_of_token, attention)  # (T, hidden)
-            sampling = [i for i, s in enumerate(job.seqs) if s.sample]
             if not sampling:
                 return LaunchedJob(job, None)
             last = torch.cumsum(batch.q_lens, 0) - 1  # (B,) index of each sequence's last token
