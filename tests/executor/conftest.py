@@ -31,7 +31,7 @@ def shm_before() -> set[str]:
 
 @pytest.fixture(scope="session")
 def mps_engine(demo_models: dict[str, Path], shm_before: set[str]) -> MuxEngine:
-    """Shared by test_mps_engine.py and test_mps_faults.py, whose last test shuts it down."""
+    """Shared by test_mps_engine.py and test_mps_faults.py; shut down at the end of the session."""
     eng = MuxEngine(mps_config(demo_models))
     yield eng
     eng.shutdown()

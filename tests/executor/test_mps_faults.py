@@ -1,7 +1,7 @@
 """Faults and shutdown with the mps executor: a killed worker fails only its own job, restarts,
 and the model serves again; shutdown leaves no process and no shared memory behind.
 
-Runs after test_mps_engine.py on the same engine; the last test shuts it down.
+The fault test shares test_mps_engine.py's session engine; the shutdown test builds its own.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from test_engine import MAX_NEW, prompts_for
 
-from executor.conftest import SHM
+from executor.conftest import SHM, mps_config
 from executor.hf_reference import hf_greedy
+from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.errors import WorkerFailedError
 from muxserve.output_processor import RequestOutput
@@ -88,15 +89,19 @@ def test_killed_worker_fails_only_its_job_and_restarts(mps_engine, demo_models):
     assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
 
 
-def test_shutdown_leaves_no_process_or_shared_memory(mps_engine, shm_before):
-    """Last: shuts the shared engine down."""
+def test_shutdown_leaves_no_process_or_shared_memory(demo_models, shm_before):
+    """An engine of its own (one model, two workers), so no other test depends on the order."""
+    raw = mps_config(demo_models).model_dump()
+    raw["models"] = [m for m in raw["models"] if m["name"] == "llama-demo"]
+    mps_engine = MuxEngine(parse_config(raw))
+    [done] = mps_engine.generate(["bye"], SamplingParams(max_tokens=3), "llama-demo")
+    assert len(done.token_ids) == 3
     pids = [pid for group in mps_engine.executor.worker_pids().values() for pid in group]
-    assert len(pids) == 6
+    assert len(pids) == 2
     mps_engine.shutdown()
-    assert not multiprocessing.active_children()
+    # the session engine's workers may still run: only this engine's must be gone
+    assert not [p for p in multiprocessing.active_children() if p.pid in pids]
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
-    # (the stdlib's resource tracker, one per Python process, is not the engine's)
-    assert not [c for c in _children(os.getpid()) if "resource_tracker" not in c]
     ours = {str(os.getpid()), *map(str, pids)}
     new = {p.name for p in SHM.iterdir()} - shm_before
     assert not [n for n in new if any(pid in n.split("_") for pid in ours)]
