@@ -24,8 +24,9 @@ def solve_spatial(problem: Problem, table: CandidateTable | None = None) -> Plac
     start = time.perf_counter()
     table = table or build_candidates(problem, Mode.TEMPORAL)
     best = {(i, s): _alone(table, i, s) for i in range(problem.num_models) for s in table.sizes(i)}
-    sizes = {i: min(s for (j, s), c in best.items() if j == i and c)
-             for i in range(problem.num_models)}  # fmt: skip
+    sizes = {
+        i: min(s for (j, s), c in best.items() if j == i and c) for i in range(problem.num_models)
+    }
     nodes = _pack(problem, sizes)
     if nodes is None:
         need = sum(sizes.values())

@@ -83,8 +83,10 @@ class BranchAndPrice:
                 alone = next((c for c in table.options(i, s) if table.fits([c])), None)
                 if alone is not None:
                     self.columns.setdefault(Config(s, (alone,)).key, Config(s, (alone,)))
-        self.options = {s: [c for i in range(problem.num_models) for c in table.options(i, s)]
-                        for s in problem.mesh_sizes}  # fmt: skip
+        self.options = {
+            s: [c for i in range(problem.num_models) for c in table.options(i, s)]
+            for s in problem.mesh_sizes
+        }
         self.penalty = 1e3 * (problem.total_rate + 1.0)
 
     def search(self, start: Incumbent, *, deadline: float, tolerance: float) -> Search:
@@ -203,8 +205,9 @@ class BranchAndPrice:
                         self.columns[cfg.key] = cfg
                         added += 1
             bound = min(bound, self._lagrangian(model_price, best_value))
-            if not added and all(b <= size_price[s] + 1e-6 * max(1.0, lp.value)
-                                 for s, b in best_value.items()):  # fmt: skip
+            if not added and all(
+                b <= size_price[s] + 1e-6 * max(1.0, lp.value) for s, b in best_value.items()
+            ):
                 # converged: no configuration improves the LP, whose value bounds the node
                 lp.bound, lp.converged = min(bound, lp.value), True
                 return lp
@@ -264,11 +267,14 @@ def master_program(
     """
     prob = pulp.LpProblem("master", pulp.LpMaximize)
     cat = pulp.LpBinary if integer else pulp.LpContinuous
-    lam = [pulp.LpVariable(f"c{j}", 0, 1 if integer else None, cat=cat)
-           for j in range(len(columns))]  # fmt: skip
+    lam = [
+        pulp.LpVariable(f"c{j}", 0, 1 if integer else None, cat=cat) for j in range(len(columns))
+    ]
     ncat = pulp.LpInteger if integer else pulp.LpContinuous
-    n = {k: pulp.LpVariable(f"n{k}", 0, problem.cluster.nodes, cat=ncat)
-         for k in range(len(patterns))}  # fmt: skip
+    n = {
+        k: pulp.LpVariable(f"n{k}", 0, problem.cluster.nodes, cat=ncat)
+        for k in range(len(patterns))
+    }
     art = [pulp.LpVariable(f"a{i}", 0) for i in range(problem.num_models)] if penalty else []
     obj = [(v, cfg.served) for v, cfg in zip(lam, columns, strict=True)]
     prob += pulp.LpAffineExpression(obj + [(a, -(penalty or 0.0)) for a in art])

@@ -47,18 +47,48 @@ class GPUSpec(Strict):
 BUILTIN_GPUS: dict[str, GPUSpec] = {
     g.name: g
     for g in (
-        GPUSpec(name="A100-40GB", memory_gib=40, peak_tflops=312, hbm_gbps=1555, sm_count=108,
-                interconnect_gbps=300),
-        GPUSpec(name="A100-80GB", memory_gib=80, peak_tflops=312, hbm_gbps=2039, sm_count=108,
-                interconnect_gbps=300),
-        GPUSpec(name="H100-80GB", memory_gib=80, peak_tflops=989, hbm_gbps=3350, sm_count=132,
-                interconnect_gbps=450),
-        GPUSpec(name="H200", memory_gib=141, peak_tflops=989, hbm_gbps=4800, sm_count=132,
-                interconnect_gbps=450),
-        GPUSpec(name="L40S", memory_gib=48, peak_tflops=362, hbm_gbps=864, sm_count=142,
-                interconnect_gbps=32),
+        GPUSpec(
+            name="A100-40GB",
+            memory_gib=40,
+            peak_tflops=312,
+            hbm_gbps=1555,
+            sm_count=108,
+            interconnect_gbps=300,
+        ),
+        GPUSpec(
+            name="A100-80GB",
+            memory_gib=80,
+            peak_tflops=312,
+            hbm_gbps=2039,
+            sm_count=108,
+            interconnect_gbps=300,
+        ),
+        GPUSpec(
+            name="H100-80GB",
+            memory_gib=80,
+            peak_tflops=989,
+            hbm_gbps=3350,
+            sm_count=132,
+            interconnect_gbps=450,
+        ),
+        GPUSpec(
+            name="H200",
+            memory_gib=141,
+            peak_tflops=989,
+            hbm_gbps=4800,
+            sm_count=132,
+            interconnect_gbps=450,
+        ),
+        GPUSpec(
+            name="L40S",
+            memory_gib=48,
+            peak_tflops=362,
+            hbm_gbps=864,
+            sm_count=142,
+            interconnect_gbps=32,
+        ),
     )
-}  # fmt: skip
+}
 
 
 class GPUOverride(Strict):

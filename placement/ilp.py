@@ -54,8 +54,12 @@ def solve_ilp(
         return max(time_limit - (time.perf_counter() - start), 1.0)
 
     if objective == "fair":
-        return _finish(problem, table, *_compact(problem, table, best, None, "fair", left(),
-                                                 solver, progress, threads), start)  # fmt: skip
+        return _finish(
+            problem,
+            table,
+            *_compact(problem, table, best, None, "fair", left(), solver, progress, threads),
+            start,
+        )
     patterns = node_patterns(problem.cluster.gpus_per_node, problem.mesh_sizes)
     nodes = [[m.size for m in best.meshes if m.node == k] for k in range(problem.cluster.nodes)]
     counts = dict(zip(patterns, pattern_counts(patterns, nodes), strict=True))
@@ -89,8 +93,15 @@ def _finish(
         gap = _gap(plan.served_total, bound)
         status = "optimal" if gap <= 1e-6 else "near-optimal"
     meshes = [(m.node, m.gpus, _cands(problem, table, m.size, m.models)) for m in plan.meshes]
-    return assemble(problem, table, "ilp", meshes, solve_time_s=time.perf_counter() - start,
-                    status=status, gap=gap)  # fmt: skip
+    return assemble(
+        problem,
+        table,
+        "ilp",
+        meshes,
+        solve_time_s=time.perf_counter() - start,
+        status=status,
+        gap=gap,
+    )
 
 
 def _cands(problem: Problem, table: CandidateTable, size: int, models: tuple) -> list[Candidate]:
@@ -171,11 +182,14 @@ def _plan(m: _Compact, problem: Problem, table: CandidateTable) -> Placement:
 
 def _build(problem: Problem, table: CandidateTable) -> _Compact:
     prob = pulp.LpProblem("placement", pulp.LpMaximize)
-    order = sorted(range(problem.num_models),
-                   key=lambda i: (-min(table.sizes(i)), -problem.targets[i].rate, i))  # fmt: skip
+    order = sorted(
+        range(problem.num_models), key=lambda i: (-min(table.sizes(i)), -problem.targets[i].rate, i)
+    )
     patterns = node_patterns(problem.cluster.gpus_per_node, problem.mesh_sizes)
-    n = {k: pulp.LpVariable(f"n{k}", 0, problem.cluster.nodes, cat=pulp.LpInteger)
-         for k in range(len(patterns))}  # fmt: skip
+    n = {
+        k: pulp.LpVariable(f"n{k}", 0, problem.cluster.nodes, cat=pulp.LpInteger)
+        for k in range(len(patterns))
+    }
     prob += pulp.lpSum(n.values()) <= problem.cluster.nodes, "nodes"
     x: dict[tuple[int, int, int, int], pulp.LpVariable] = {}
     per_model: dict[int, list[tuple[pulp.LpVariable, Candidate]]] = {i: [] for i in order}
@@ -224,8 +238,10 @@ def _set_start(m: _Compact, problem: Problem, table: CandidateTable, plan: Place
         for c in cands:
             li = table.options(c.model, mesh.size).index(c)
             m.x[(c.model, mesh.size, rep, li)].setInitialValue(1)
-    used = [[mesh.size for mesh in plan.meshes if mesh.node == node]
-            for node in range(problem.cluster.nodes)]  # fmt: skip
+    used = [
+        [mesh.size for mesh in plan.meshes if mesh.node == node]
+        for node in range(problem.cluster.nodes)
+    ]
     for k, count in enumerate(pattern_counts(m.patterns, used)):
         m.n[k].setInitialValue(count)
 

@@ -102,16 +102,18 @@ def assemble(
         if not cands:
             continue
         assert table.fits(cands), f"{algorithm}: mesh {node}:{gpus} is over capacity"
-        fixed = sum(problem.cost.fixed_bytes(problem.specs[c.model], c.size, problem.engine)
-                    for c in cands)  # fmt: skip
+        fixed = sum(
+            problem.cost.fixed_bytes(problem.specs[c.model], c.size, problem.engine) for c in cands
+        )
         pools.append(problem.usable_memory - fixed)
         kv_total = sum(c.kv_bytes for c in cands)
         decode_sum = sum(c.share for c in cands)
         models = []
         for c in sorted(cands, key=lambda c: c.model):
             if table.mode is Mode.MUX:
-                prefill = min(1.0, max(problem.params.min_prefill_share,
-                                       problem.sm_limit - decode_sum))  # fmt: skip
+                prefill = min(
+                    1.0, max(problem.params.min_prefill_share, problem.sm_limit - decode_sum)
+                )
                 ttft = problem.cost.prefill_latency(
                     problem.specs[c.model], c.size, prefill, 1, problem.targets[c.model].prompt_len
                 )
@@ -183,7 +185,6 @@ def to_config(placement: Placement, problem: Problem) -> MuxConfig:
         for k, mesh in enumerate(placement.meshes)
     ]
     engine = problem.engine
-    updates: dict[str, object] = {"policy": "adbs" if placement.mode is Mode.MUX else "fcfs"}
     if problem.engine_is_default and placement.kv_pool_bytes:
-        updates["kv_pool_bytes"] = placement.kv_pool_bytes
-    return MuxConfig(models=models, engine=engine.model_copy(update=updates), meshes=meshes)
+        engine = engine.model_copy(update={"kv_pool_bytes": placement.kv_pool_bytes})
+    return MuxConfig(models=models, engine=engine, meshes=meshes)

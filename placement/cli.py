@@ -1,0 +1,112 @@
+"""`muxserve plan`: place models on GPUs, print the plan per mesh, write it as a config.
+
+    muxserve plan --models M.yaml --cluster C.yaml --workload W.yaml
+        [--algorithm ilp|greedy|spatial|temporal|all] [--out plan.yaml] [--simulate]
+        [--time-limit S] [--plot FILE.png]
+
+The plan written by `--out` is a serving config (`muxserve serve --config plan.yaml`). With
+`--algorithm all`, it is the ILP's plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from muxserve.config import dump_config
+from placement.algorithms import ALGORITHMS, SolveOptions, solve
+from placement.greedy import stderr_progress
+from placement.ilp_solver import SOLVERS
+from placement.plan import to_config
+from placement.problem import load_problem
+from placement.report import format_comparison, format_placement, plot
+from placement.simulator import SimResult, simulate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `plan` subcommand's options."""
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--models", required=True, help="models file (YAML: models:, engine:)")
+    io.add_argument("--cluster", required=True, help="cluster file (YAML: gpu:, nodes:, ...)")
+    io.add_argument("--workload", required=True, help="workload file (YAML: rates, lengths, SLO)")
+    io.add_argument("--out", help="write the plan here as a serving config (YAML)")
+    io.add_argument("--plot", metavar="FILE.png", help="plot throughput and SLO per algorithm")
+    alg = parser.add_argument_group("algorithm")
+    alg.add_argument("--algorithm", choices=[*ALGORITHMS, "all"], default="ilp")
+    alg.add_argument(
+        "--objective",
+        choices=["throughput", "fair"],
+        default="throughput",
+        help="ILP: total served rate, or max-min fairness then total",
+    )
+    alg.add_argument(
+        "--time-limit",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="ILP: seconds to search (default 60)",
+    )
+    alg.add_argument(
+        "--gap",
+        type=float,
+        default=1e-3,
+        help="ILP: stop within this relative gap of optimal (default 0.001)",
+    )
+    alg.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        default="cbc",
+        help="ILP: CBC (bundled) or HiGHS (needs highspy)",
+    )
+    alg.add_argument("--threads", type=int, default=None, help="ILP: solver threads")
+    sim = parser.add_argument_group("simulation")
+    sim.add_argument(
+        "--simulate",
+        action="store_true",
+        help="replay the workload against each plan with the real scheduler",
+    )
+    sim.add_argument(
+        "--duration",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds of arrivals to simulate (default 30; 5 s warm-up)",
+    )
+    sim.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan, print, and write; bad input raises `ConfigError` (the CLI prints it)."""
+    problem = load_problem(args.models, args.cluster, args.workload)
+    names = ALGORITHMS if args.algorithm == "all" else (args.algorithm,)
+    options = SolveOptions(
+        time_limit=args.time_limit,
+        gap=args.gap,
+        solver=args.solver,
+        objective=args.objective,
+        threads=args.threads,
+    )
+    plans = solve(problem, names, options, progress=stderr_progress)
+    sims: dict[str, SimResult] = {}
+    if args.simulate:
+        for name, plan in plans.items():
+            sims[name] = simulate(
+                plan,
+                problem,
+                duration_s=args.duration,
+                seed=args.seed,
+                warmup_s=min(5.0, args.duration / 4),
+            )
+    for name, plan in plans.items():
+        print(format_placement(plan, sims.get(name)))
+        print()
+    if len(plans) > 1:
+        print(format_comparison(plans, sims or None))
+    if args.out:
+        chosen = plans["ilp"] if "ilp" in plans else next(iter(plans.values()))
+        dump_config(to_config(chosen, problem), args.out)
+        print(f"wrote the {chosen.algorithm} plan to {args.out}", file=sys.stderr)
+    if args.plot:
+        plot(plans, sims or None, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

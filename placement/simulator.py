@@ -1,0 +1,287 @@
+"""Discrete-event replay of a workload against a placement, driving the real scheduler.
+
+Each mesh runs its own `muxserve.scheduler.Scheduler` (the plan's engine settings; temporal
+and spatial plans give every job the whole GPU, so SM admission runs one job at a time) over a
+KV pool of the planned size. A clock advances by the cost model's latency of each job (slowed
+when the jobs running at once ask for more than the GPU's SMs or HBM bandwidth), and dummy
+tokens are fed back. Requests arrive for `duration_s`; the simulation then runs on until they
+finish or can no longer meet their SLO. Reported per model, over the window after warm-up:
+throughput (tokens generated in the window ÷ the mean output length: requests/s served,
+partial requests included, so a window shorter than a request still measures the rate),
+SLO attainment of the window's arrivals, and TTFT / TPOT percentiles.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from muxserve.config import EngineConfig, SMShare
+from muxserve.errors import RequestError
+from muxserve.kv.layout import KVLayout
+from muxserve.request import Request
+from muxserve.sampling_params import SamplingParams
+from muxserve.scheduler.job import Job, JobResult, Phase, SeqResult
+from muxserve.scheduler.model_slot import ModelSlot
+from muxserve.scheduler.scheduler import Scheduler
+from placement.plan import PlacedMesh, Placement
+from placement.problem import Problem
+
+SIM_BLOCK_BYTES = 256 << 10  # coarser than serving's blocks: same decisions, far fewer ids
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """One model's results over the measured window."""
+
+    name: str
+    rate: float  # requested requests/s
+    arrived: int  # requests that arrived in the window
+    completed: int  # of those, finished (within or after the window)
+    throughput: float  # requests/s served in the window (tokens ÷ mean output length)
+    slo_attainment: float  # of the window's arrivals, the share finished within its SLO
+    ttft_p50: float | None
+    ttft_p99: float | None
+    tpot_p50: float | None
+    tpot_p99: float | None
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """A placement's simulated service."""
+
+    algorithm: str
+    window_s: float
+    models: tuple[ModelStats, ...]
+
+    @property
+    def throughput(self) -> float:
+        return sum(m.throughput for m in self.models)
+
+    @property
+    def slo_attainment(self) -> float:
+        """Over all requests of the window."""
+        arrived = sum(m.arrived for m in self.models)
+        good = sum(m.slo_attainment * m.arrived for m in self.models)
+        return good / arrived if arrived else 1.0
+
+
+@dataclass
+class _Track:
+    """Timestamps of one request."""
+
+    model: str
+    arrival: float
+    first_token: float | None = None
+    finish: float | None = None
+    rejected: bool = False
+
+
+@dataclass(order=True)
+class _Running:
+    end: float
+    job_id: int
+    job: Job = field(compare=False)
+    sm: float = field(compare=False)
+    hbm: float = field(compare=False)
+
+
+def arrival_times(
+    rate: float, duration: float, process: str, cv: float, rng: np.random.Generator
+) -> list[float]:
+    """Arrival times in [0, duration): Poisson, or gamma intervals with the given cv."""
+    shape = 1.0 / (cv * cv) if process == "gamma" else 1.0
+    scale = 1.0 / (rate * shape)
+    out: list[float] = []
+    t = 0.0
+    while True:
+        t += float(rng.gamma(shape, scale))
+        if t >= duration:
+            return out
+        out.append(t)
+
+
+def simulate(
+    placement: Placement,
+    problem: Problem,
+    *,
+    duration_s: float = 30.0,
+    warmup_s: float = 5.0,
+    seed: int = 0,
+    block_bytes: int = SIM_BLOCK_BYTES,
+    progress: Callable[[str], None] | None = None,
+) -> SimResult:
+    """Replay `duration_s` of the problem's workload (Poisson or gamma) against `placement`."""
+    tracks: dict[str, _Track] = {}
+    tokens: dict[str, int] = {pm.name: 0 for pm in placement.models}
+    window = (warmup_s, duration_s)
+    for k, mesh in enumerate(placement.meshes):
+        if progress:
+            progress(f"simulate {placement.algorithm}: mesh {k + 1}/{len(placement.meshes)}")
+        rng = np.random.default_rng([seed, k])
+        tracks.update(_run_mesh(mesh, k, problem, duration_s, window, block_bytes, rng, tokens))
+    stats = []
+    for pm in placement.models:
+        t = problem.targets[problem.index(pm.name)]
+        mine = [r for r in tracks.values() if r.model == pm.name]
+        served = tokens[pm.name] / t.output_len / (duration_s - warmup_s)
+        stats.append(_stats(pm.name, t.rate, mine, served, window, t.ttft, t.tpot, t.output_len))
+    return SimResult(placement.algorithm, duration_s - warmup_s, tuple(stats))
+
+
+def _run_mesh(
+    mesh: PlacedMesh,
+    mesh_index: int,
+    problem: Problem,
+    duration: float,
+    window: tuple[float, float],
+    block_bytes: int,
+    rng: np.random.Generator,
+    tokens: dict[str, int],
+) -> dict[str, _Track]:
+    """Simulate one mesh; fills `tokens` with each model's tokens generated in `window`."""
+    cost, tp = problem.cost, mesh.size
+    engine = problem.engine.model_copy(update={"block_bytes": block_bytes})
+    specs = {pm.name: problem.specs[problem.index(pm.name)] for pm in mesh.models}
+    slots = []
+    for pm in mesh.models:
+        spec = specs[pm.name]
+        c = spec.config
+        layout = KVLayout(
+            c.num_layers, c.num_kv_heads // tp, c.head_dim, spec.dtype_bytes, block_bytes
+        )
+        share = SMShare(prefill=pm.prefill_share, decode=pm.decode_share)
+        slots.append(
+            ModelSlot(
+                pm.name,
+                layout,
+                spec.max_model_len,
+                frozenset(),
+                pm.rate,
+                share,
+                max_waiting=1 << 30,
+            )
+        )
+    fixed = sum(cost.fixed_bytes(specs[pm.name], tp, engine) for pm in mesh.models)
+    num_blocks = int((problem.usable_memory - fixed) // block_bytes)
+    sched = Scheduler.create(slots, num_blocks, EngineConfig.model_validate(engine.model_dump()))
+
+    arrivals: list[tuple[float, int, str]] = []
+    for pm in mesh.models:
+        t = problem.targets[problem.index(pm.name)]
+        arr = problem.arrival
+        for a in arrival_times(t.rate, duration, arr.process, arr.cv, rng):
+            arrivals.append((a, len(arrivals), pm.name))
+    arrivals.sort()
+    tracks: dict[str, _Track] = {}
+    running: list[_Running] = []
+    ids = itertools.count()
+    hbm = problem.cluster.gpu.hbm_bytes_per_s * problem.cluster.cost_model.bandwidth_efficiency
+    horizon = duration + _drain(problem, [problem.index(pm.name) for pm in mesh.models], duration)
+    now, a = 0.0, 0
+    while now < horizon:
+        while a < len(arrivals) and arrivals[a][0] <= now:
+            at, _, name = arrivals[a]
+            a += 1
+            t = problem.targets[problem.index(name)]
+            rid = f"m{mesh_index}-r{next(ids)}"
+            tracks[rid] = _Track(name, at)
+            req = Request(
+                rid,
+                name,
+                [1] * t.prompt_len,
+                SamplingParams(max_tokens=t.output_len, ignore_eos=True),
+                at,
+                0,
+            )
+            try:
+                sched.add_request(req)
+            except RequestError:
+                tracks[rid].rejected = True
+        for job in sched.schedule():
+            spec = specs[job.model]
+            if job.phase is Phase.PREFILL:
+                n = len(job.seqs)
+                lat = cost.prefill_latency(spec, tp, job.sm_share, n, job.num_tokens / n)
+                moved = cost.prefill_bytes(spec, tp, n, job.num_tokens / n)
+            else:
+                ctx = sum(s.end_pos for s in job.seqs) / len(job.seqs)
+                lat = cost.decode_latency(spec, tp, job.sm_share, len(job.seqs), ctx)
+                moved = cost.decode_bytes(spec, tp, len(job.seqs), ctx)
+            bw = moved / lat / hbm
+            slow = max(
+                1.0, job.sm_share + sum(r.sm for r in running), bw + sum(r.hbm for r in running)
+            )
+            heapq.heappush(running, _Running(now + lat * slow, job.job_id, job, job.sm_share, bw))
+        next_arrival = arrivals[a][0] if a < len(arrivals) else float("inf")
+        if not running and next_arrival == float("inf"):
+            break
+        if running and running[0].end <= next_arrival:
+            done = heapq.heappop(running)
+            now = done.end
+            if window[0] <= now < window[1]:
+                tokens[done.job.model] += sum(s.sample for s in done.job.seqs)
+            result = JobResult(
+                done.job.job_id,
+                tuple(SeqResult(s.request_id, 0 if s.sample else None) for s in done.job.seqs),
+            )
+            for req in sched.on_job_done(done.job, result):
+                tr = tracks[req.request_id]
+                if tr.first_token is None and req.output_token_ids:
+                    tr.first_token = now
+                if req.is_finished:
+                    tr.finish = now
+        else:
+            now = next_arrival
+    return tracks
+
+
+def _drain(problem: Problem, models: list[int], duration: float) -> float:
+    """How long to run on after the last arrival: until a request can no longer meet its SLO."""
+    longest = 0.0
+    for i in models:
+        t = problem.targets[i]
+        if t.ttft is None or t.tpot is None:
+            return duration
+        longest = max(longest, t.ttft + t.decode_steps * t.tpot)
+    return 1.05 * longest
+
+
+def _stats(
+    name: str,
+    rate: float,
+    tracks: list[_Track],
+    served: float,
+    window: tuple[float, float],
+    slo_ttft: float | None,
+    slo_tpot: float | None,
+    output_len: int,
+) -> ModelStats:
+    arrived = [r for r in tracks if window[0] <= r.arrival < window[1]]
+    done = [r for r in arrived if r.finish is not None and r.first_token is not None]
+    ttft = np.array([r.first_token - r.arrival for r in done])  # type: ignore[operator]
+    steps = max(output_len - 1, 1)
+    tpot = np.array([(r.finish - r.first_token) / steps for r in done])  # type: ignore[operator]
+    good = 0
+    for x, y in zip(ttft, tpot, strict=True):
+        good += (slo_ttft is None or x <= slo_ttft) and (slo_tpot is None or y <= slo_tpot)
+
+    def pct(xs: np.ndarray, q: float) -> float | None:
+        return float(np.percentile(xs, q)) if xs.size else None
+
+    return ModelStats(
+        name=name,
+        rate=rate,
+        arrived=len(arrived),
+        completed=len(done),
+        throughput=served,
+        slo_attainment=good / len(arrived) if arrived else 1.0,
+        ttft_p50=pct(ttft, 50),
+        ttft_p99=pct(ttft, 99),
+        tpot_p50=pct(tpot, 50),
+        tpot_p99=pct(tpot, 99),
+    )
