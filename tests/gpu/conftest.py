@@ -1,0 +1,130 @@
+"""GPU suite: `pytest -m gpu tests/gpu -s` on a CUDA machine; skipped without one.
+
+Each test prints its numbers; with `MUXSERVE_GPU_REPORT=file.jsonl` they are also appended to
+that file, one JSON object per measurement, with the GPU's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from muxserve import ops
+from muxserve.models.hf_config import HFModelConfig, load_hf_config
+from muxserve.models.llama import LlamaForCausalLM
+
+REPO = Path(__file__).resolve().parents[2]
+LLAMA_7B = REPO / "configs" / "models" / "llama-7b"  # the LLaMA-7B architecture (config only)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.fixture(scope="session")
+def gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+@pytest.fixture(scope="session")
+def kernels(device: torch.device) -> Iterator[ModuleType]:
+    """The kernels built for this GPU; MUXSERVE_KERNELS=on so nothing falls back silently."""
+    old = os.environ.get(ops.KERNELS_ENV)
+    os.environ[ops.KERNELS_ENV] = "on"
+    major, minor = torch.cuda.get_device_capability(device)
+    yield ops.build_kernels(f"{major}{minor}")
+    if old is None:
+        os.environ.pop(ops.KERNELS_ENV, None)
+    else:
+        os.environ[ops.KERNELS_ENV] = old
+
+
+Report = Callable[..., None]
+
+
+@pytest.fixture(scope="session")
+def report(gpu_name: str) -> Report:
+    """report(name, **numbers): print them, and append them to $MUXSERVE_GPU_REPORT if set."""
+
+    def record(name: str, **numbers: Any) -> None:
+        row = {"test": name, "gpu": gpu_name, **numbers}
+        print(f"\n[gpu-report] {json.dumps(row)}")
+        path = os.environ.get("MUXSERVE_GPU_REPORT")
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return record
+
+
+def cuda_time(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float:
+    """Median seconds of fn() on the current stream, by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth(device: torch.device, report: Report) -> float:
+    """Device-to-device copy bandwidth, bytes/s: (read + written bytes) / time of a 1 GiB copy."""
+    nbytes = 1 << 30
+    t = _copy_time(device, nbytes)
+    torch.cuda.empty_cache()
+    bandwidth = 2 * nbytes / t
+    report("copy_bandwidth", bytes=nbytes, seconds=t, gb_per_s=bandwidth / 1e9)
+    return bandwidth
+
+
+def _copy_time(device: torch.device, nbytes: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    return cuda_time(lambda: dst.copy_(src), repeat=20, warmup=3)
+
+
+def llama_7b_config() -> HFModelConfig:
+    return load_hf_config(LLAMA_7B)
+
+
+@torch.no_grad()
+def random_model(
+    config: HFModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> LlamaForCausalLM:
+    """The architecture with random weights of real sizes (N(0, 0.02); norms at 1)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype=dtype).to_empty(device=device).eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+    model.requires_grad_(False)
+    model.build_rope_cache(device)
+    return model
