@@ -102,8 +102,11 @@ __global__ void __launch_bounds__(kThreads)
       valid[u] = t < hi;
       const T* row = nullptr;
       if (valid[u]) {
-        const int64_t blk = table[(t / tpb) * tables.stride_logical];
-        row = cache + blk * pool.block_stride + (t % tpb) * HD;
+        // 32-bit division: positions are < 2^31, and 64-bit division costs ~3x the instructions
+        const int pos = int(t);
+        const int logical = pos / tpb;
+        const int64_t blk = table[logical * tables.stride_logical];
+        row = cache + blk * pool.block_stride + (pos - logical * tpb) * HD;
       }
 #pragma unroll
       for (int j = 0; j < NV; ++j) {
