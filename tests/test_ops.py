@@ -313,9 +313,19 @@ def test_decode_matches_reference(
     partition = math.ceil(max(ctx) / splits)
     ws = torch.empty(emulated.decode_workspace_floats(len(ctx), heads, head_dim, splits))
     emulated.decode_attention(
-        out, q, cache, batch.block_tables, batch.ctx_lens, 1, window or 0,
-        1 / math.sqrt(head_dim), splits, partition, ws if splits > 1 else None, 0,
-    )  # fmt: skip
+        out,
+        q,
+        cache,
+        batch.block_tables,
+        batch.ctx_lens,
+        1,
+        window or 0,
+        1 / math.sqrt(head_dim),
+        splits,
+        partition,
+        ws if splits > 1 else None,
+        0,
+    )
     assert not out.isnan().any()
     exact = exact_decode(q, cache, batch, 1, window)
     assert rel_err(out, exact) < (1e-5 if dt == torch.float32 else 1e-2)
@@ -332,9 +342,19 @@ def test_decode_padding_rows_are_zero_and_splits_agree(emulated: ModuleType) -> 
         out = torch.full_like(q, float("nan"))
         ws = torch.empty(emulated.decode_workspace_floats(3, 4, 64, splits))
         emulated.decode_attention(
-            out, q, cache, batch.block_tables, batch.ctx_lens, 0, 0, 0.125, splits, partition,
-            ws if splits > 1 else None, 0,
-        )  # fmt: skip
+            out,
+            q,
+            cache,
+            batch.block_tables,
+            batch.ctx_lens,
+            0,
+            0,
+            0.125,
+            splits,
+            partition,
+            ws if splits > 1 else None,
+            0,
+        )
         assert torch.equal(out[1], torch.zeros(4, 64))
         outs.append(out)
     for out in outs[1:]:
@@ -410,8 +430,24 @@ def test_kernel_attention_matches_reference_logits(
 # ---- CUDA graphs: bookkeeping --------------------------------------------------------------
 def test_batch_buckets() -> None:
     assert batch_buckets(256) == (
-        1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 96, 128, 160, 192, 224, 256,
-    )  # fmt: skip
+        1,
+        2,
+        4,
+        8,
+        16,
+        24,
+        32,
+        40,
+        48,
+        56,
+        64,
+        96,
+        128,
+        160,
+        192,
+        224,
+        256,
+    )
     assert batch_buckets(10) == (1, 2, 4, 8, 10)
     assert batch_buckets(1) == (1,)
     assert batch_buckets(100) == (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 96, 100)
@@ -420,11 +456,22 @@ def test_batch_buckets() -> None:
 def test_bucket_for_and_context_bucket() -> None:
     buckets = batch_buckets(64)
     assert [bucket_for(n, buckets) for n in (1, 3, 8, 9, 63, 64, 65)] == [
-        1, 4, 8, 16, 64, 64, None,
-    ]  # fmt: skip
+        1,
+        4,
+        8,
+        16,
+        64,
+        64,
+        None,
+    ]
     assert [context_bucket(c, 4096) for c in (1, 256, 257, 1000, 4096, 4097)] == [
-        256, 256, 512, 1024, 4096, None,
-    ]  # fmt: skip
+        256,
+        256,
+        512,
+        1024,
+        4096,
+        None,
+    ]
     assert context_bucket(700, 600) is None and context_bucket(500, 600) == 512
     assert context_bucket(300, 400) == 400  # the model's limit caps the bucket
 
@@ -521,10 +568,13 @@ def test_padded_graph_inputs_give_the_eager_result(
     assert key == GraphKey(4, 256)
     x = pad_decode_inputs(seqs, key, p.table_width(key.context), p.num_layers, p.num_kv_heads)
     padded = BatchLayout(
-        seq_of_token=torch.arange(4), pos_of_token=torch.from_numpy(x.pos_of_token),
-        row_of_token=torch.zeros(4, dtype=torch.int64), q_lens=torch.ones(4, dtype=torch.int64),
-        ctx_lens=torch.from_numpy(x.ctx_lens), block_tables=torch.from_numpy(x.block_tables),
-    )  # fmt: skip
+        seq_of_token=torch.arange(4),
+        pos_of_token=torch.from_numpy(x.pos_of_token),
+        row_of_token=torch.zeros(4, dtype=torch.int64),
+        q_lens=torch.ones(4, dtype=torch.int64),
+        ctx_lens=torch.from_numpy(x.ctx_lens),
+        block_tables=torch.from_numpy(x.block_tables),
+    )
     with torch.inference_mode():
         eager_batch = BatchLayout.from_seqs(seqs, CPU)
         eager = ops.make_attention(caches[0], eager_batch, config.layer_sliding_windows, 1, 30)

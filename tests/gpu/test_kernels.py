@@ -3,6 +3,7 @@ relative error under 1e-2, every output element written), and decode graphs agai
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from types import ModuleType
@@ -28,8 +29,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-def make_cache(num_blocks: int, block_bytes: int, head_dim: int, dtype: torch.dtype,
-               device: torch.device, gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+def make_cache(
+    num_blocks: int,
+    block_bytes: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+) -> torch.Tensor:
     item = torch.empty((), dtype=dtype).element_size()
     layout = KVLayout(1, 1, head_dim, item, block_bytes)
     cache = KVPool(num_blocks, block_bytes, device).view(layout, dtype)
@@ -37,8 +44,15 @@ def make_cache(num_blocks: int, block_bytes: int, head_dim: int, dtype: torch.dt
     return cache
 
 
-def decode_batch(ctx: list[int], tpb: int, layers: int, kv_heads: int, num_blocks: int,
-                 device: torch.device, gen: torch.Generator) -> BatchLayout:  # fmt: skip
+def decode_batch(
+    ctx: list[int],
+    tpb: int,
+    layers: int,
+    kv_heads: int,
+    num_blocks: int,
+    device: torch.device,
+    gen: torch.Generator,
+) -> BatchLayout:
     nlb = max(-(-c // tpb) for c in ctx)
     n = len(ctx) * nlb * layers * kv_heads
     ids = torch.randperm(num_blocks, generator=gen, device=device)[:n]
@@ -57,8 +71,9 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
-def exact_decode(q: torch.Tensor, cache: torch.Tensor, batch: BatchLayout, layer: int,
-                 window: int | None) -> torch.Tensor:  # fmt: skip
+def exact_decode(
+    q: torch.Tensor, cache: torch.Tensor, batch: BatchLayout, layer: int, window: int | None
+) -> torch.Tensor:
     """The reference in float32 over the same (rounded) inputs."""
     ref = PagedAttention(cache.float(), batch, ())
     return ref.attend(q.float(), *ref.gather(layer), window)
@@ -79,8 +94,16 @@ def test_write_kv_is_bit_exact(
     batch = decode_batch([100, 7, 300, 1], want.shape[2], 4, 8, 3000, device, gen)
     k, v = torch.randn(2, 4, 8, head_dim, generator=gen, device=device).to(dt)
     PagedAttention(want, batch, ()).write(2, k, v)
-    kernels.write_kv(got, k, v, batch.block_tables, batch.seq_of_token, batch.pos_of_token, 2,
-                     torch.cuda.current_stream().cuda_stream)  # fmt: skip
+    kernels.write_kv(
+        got,
+        k,
+        v,
+        batch.block_tables,
+        batch.seq_of_token,
+        batch.pos_of_token,
+        2,
+        torch.cuda.current_stream().cuda_stream,
+    )
     torch.cuda.synchronize()
     assert torch.equal(got, want), f"seed {SEED}"
 
@@ -120,7 +143,7 @@ def test_decode_matches_reference(
     block_bytes = 16 << 10
     tpb = block_bytes // (2 * head_dim * item)
     ctx = [1, 17, 513, 2000, 4500, 3]
-    num_blocks = sum(-(-c // tpb) for c in ctx) * 2 * kv_heads + 64
+    num_blocks = len(ctx) * -(-max(ctx) // tpb) * 2 * kv_heads + 64  # what decode_batch takes
     cache = make_cache(num_blocks, block_bytes, head_dim, dt, device, gen)
     batch = decode_batch(ctx, tpb, 2, kv_heads, num_blocks, device, gen)
     q = torch.randn(len(ctx), heads, head_dim, generator=gen, device=device).to(dt)
@@ -134,14 +157,32 @@ def test_decode_matches_reference(
             device=device,
         )
         kernels.decode_attention(
-            out, q, cache, batch.block_tables, batch.ctx_lens, 1, window or 0,
-            1 / math.sqrt(head_dim), splits, partition, ws if splits > 1 else None,
+            out,
+            q,
+            cache,
+            batch.block_tables,
+            batch.ctx_lens,
+            1,
+            window or 0,
+            1 / math.sqrt(head_dim),
+            splits,
+            partition,
+            ws if splits > 1 else None,
             torch.cuda.current_stream().cuda_stream,
-        )  # fmt: skip
+        )
     assert not out.isnan().any(), f"seed {SEED}"
     err = rel_err(out, exact_decode(q, cache, batch, 1, window))
-    report("decode_vs_reference", dtype=dtype, head_dim=head_dim, heads=heads,
-           kv_heads=kv_heads, window=window, splits=splits, rel_err=err, seed=SEED)  # fmt: skip
+    report(
+        "decode_vs_reference",
+        dtype=dtype,
+        head_dim=head_dim,
+        heads=heads,
+        kv_heads=kv_heads,
+        window=window,
+        splits=splits,
+        rel_err=err,
+        seed=SEED,
+    )
     assert err < TOL[dt], f"seed {SEED}"
 
 
@@ -164,14 +205,29 @@ def test_prefill_matches_reference(
         seqs = []
         for rid, start, end in call:
             tables.cover("m", rid, end)
-            seqs.append(SeqWork(rid, (0,) * (end - start), start, tables.table(rid), True,
-                                SamplingParams(), 0, 0))  # fmt: skip
+            seqs.append(
+                SeqWork(
+                    rid,
+                    (0,) * (end - start),
+                    start,
+                    tables.table(rid),
+                    True,
+                    SamplingParams(),
+                    0,
+                    0,
+                )
+            )
         batch = BatchLayout.from_seqs(seqs, device)
         n = int(batch.q_lens.sum())
         q = torch.randn(n, heads, hd, generator=gen, device=device).to(dt)
         k, v = torch.randn(2, n, kv_heads, hd, generator=gen, device=device).to(dt)
-        attention = ops.make_attention(cache, batch, [window] * layers, max(
-            len(s.token_ids) for s in seqs), max(s.end_pos for s in seqs))  # fmt: skip
+        attention = ops.make_attention(
+            cache,
+            batch,
+            [window] * layers,
+            max(len(s.token_ids) for s in seqs),
+            max(s.end_pos for s in seqs),
+        )
         assert isinstance(attention, ops.KernelAttention)
         got = attention(1, q, k, v)
         ref = PagedAttention(cache.float(), batch, [window] * layers)
@@ -193,8 +249,7 @@ def test_decode_graphs_match_eager(
     eager decode's (up to bf16 GEMM rounding at another batch shape) over several steps with
     growing contexts, and `execute` samples through the graphs."""
     base = llama_7b_config()
-    config = type(base)(**{**base.__dict__, "num_layers": 2,
-                           "layer_sliding_windows": (None, None)})  # fmt: skip
+    config = dataclasses.replace(base, num_layers=2, layer_sliding_windows=(None, None))
     model = random_model(config, torch.bfloat16, device, seed=SEED)
     layout = KVLayout(2, config.num_kv_heads, config.head_dim, 2, 16 << 10)
     runners, tables = {}, {}
@@ -207,15 +262,18 @@ def test_decode_graphs_match_eager(
     assert graphed is not None and runners["0"].graphs is None
     greedy = SamplingParams(temperature=0.0)
     gen = torch.Generator().manual_seed(SEED)
-    prompts = {f"r{i}": torch.randint(0, 32000, (20 + 7 * i,), generator=gen).tolist()
-               for i in range(batch_size)}  # fmt: skip
+    prompts = {
+        f"r{i}": torch.randint(0, 32000, (20 + 7 * i,), generator=gen).tolist()
+        for i in range(batch_size)
+    }
 
     def seqs_for(g: str, tokens: dict[str, list[int]], start: dict[str, int]) -> list[SeqWork]:
         out = []
         for rid, toks in tokens.items():
             tables[g].cover("m", rid, start[rid] + len(toks))
-            out.append(SeqWork(rid, tuple(toks), start[rid], tables[g].table(rid), True,
-                               greedy, 0, 0))  # fmt: skip
+            out.append(
+                SeqWork(rid, tuple(toks), start[rid], tables[g].table(rid), True, greedy, 0, 0)
+            )
         return out
 
     zero = dict.fromkeys(prompts, 0)
@@ -230,8 +288,9 @@ def test_decode_graphs_match_eager(
             got = graphed.run(seqs_for("1", tokens, start))
             seqs = seqs_for("0", tokens, start)
             batch = BatchLayout.from_seqs(seqs, device)
-            attention = ops.make_attention(runners["0"].cache, batch, (None, None), 1,
-                                           max(s.end_pos for s in seqs))  # fmt: skip
+            attention = ops.make_attention(
+                runners["0"].cache, batch, (None, None), 1, max(s.end_pos for s in seqs)
+            )
             ids = torch.tensor([t[0] for t in tokens.values()], device=device)
             want = model.compute_logits(model(ids, batch.pos_of_token, attention))
         assert got is not None
@@ -243,6 +302,10 @@ def test_decode_graphs_match_eager(
         Job(9, "m", Phase.DECODE, tuple(seqs_for("1", {rid: [5] for rid in prompts}, start)), 1.0)
     )
     assert res.error is None and all(o.token_id is not None for o in res.outputs)
-    report("decode_graphs_match_eager", batch=batch_size, rel_err=err,
-           graphs=[tuple(k) for k in graphed.captured])  # fmt: skip
+    report(
+        "decode_graphs_match_eager",
+        batch=batch_size,
+        rel_err=err,
+        graphs=[tuple(k) for k in graphed.captured],
+    )
     assert graphed.captured

@@ -57,19 +57,27 @@ def test_decode_attention_bandwidth(
     stream = torch.cuda.current_stream().cuda_stream
     out = torch.empty_like(q)
     for n in (1, 2, 3, 4, 6, 8):
-        ws = torch.empty(max(1, kernels.decode_workspace_floats(batch_size, heads, hd, n)),
-                         device=device)  # fmt: skip
+        ws = torch.empty(
+            max(1, kernels.decode_workspace_floats(batch_size, heads, hd, n)), device=device
+        )
         part = math.ceil(ctx / n)
 
         def launch(n: int = n, ws: torch.Tensor = ws, part: int = part) -> None:
-            kernels.decode_attention(out, q, cache, ids, ctx_lens, 0, 0, hd**-0.5, n, part,
-                                     ws if n > 1 else None, stream)  # fmt: skip
+            kernels.decode_attention(
+                out, q, cache, ids, ctx_lens, 0, 0, hd**-0.5, n, part, ws if n > 1 else None, stream
+            )
 
         splits[n] = nbytes / cuda_time(launch, repeat=30) / copy_bandwidth
     plan = ops.split_plan(batch_size, heads, 1, ctx, None, ops.num_sms(device))
-    report("decode_attention_bandwidth", seconds=t, gb_per_s=nbytes / t / 1e9,
-           copy_gb_per_s=copy_bandwidth / 1e9, fraction=fraction, plan=plan,
-           fraction_by_splits=splits)  # fmt: skip
+    report(
+        "decode_attention_bandwidth",
+        seconds=t,
+        gb_per_s=nbytes / t / 1e9,
+        copy_gb_per_s=copy_bandwidth / 1e9,
+        fraction=fraction,
+        plan=plan,
+        fraction_by_splits=splits,
+    )
     assert fraction >= MIN_BANDWIDTH_FRACTION
 
 
@@ -114,7 +122,13 @@ def test_llama7b_decode_step_near_floor(
         torch.cuda.empty_cache()
     floor = weight_bytes / copy_bandwidth
     ratio = steps["1"] / floor
-    report("llama7b_decode_step", weight_bytes=weight_bytes, floor_s=floor,
-           floor_without_embedding_s=(weight_bytes - embed_bytes) / copy_bandwidth,
-           step_s_graphs=steps["1"], step_s_eager=steps["0"], ratio=ratio)  # fmt: skip
+    report(
+        "llama7b_decode_step",
+        weight_bytes=weight_bytes,
+        floor_s=floor,
+        floor_without_embedding_s=(weight_bytes - embed_bytes) / copy_bandwidth,
+        step_s_graphs=steps["1"],
+        step_s_eager=steps["0"],
+        ratio=ratio,
+    )
     assert ratio <= MAX_FLOOR_RATIO
