@@ -27,7 +27,9 @@ class Mode(enum.Enum):
 
 @dataclass(frozen=True)
 class Candidate:
-    """Model `model` on a mesh of `size` GPUs at `share` (decode SM share, or time share)."""
+    """Model `model` on a mesh of `size` GPUs at `share` (decode SM share, or time share),
+    serving `served` requests/s: all it can there, or a planned fraction of that (to leave
+    memory and SMs to others when the cluster cannot serve everyone)."""
 
     model: int
     size: int
@@ -113,7 +115,7 @@ def build_candidates(problem: Problem, mode: Mode = Mode.MUX, prune: bool = True
             found = [
                 c
                 for share in problem.params.sm_levels
-                if (c := _candidate(problem, mode, cap, i, size, share)) is not None
+                for c in _candidates(problem, mode, cap, i, size, share)
             ]
             if prune:
                 found = _pareto(found)
@@ -123,17 +125,18 @@ def build_candidates(problem: Problem, mode: Mode = Mode.MUX, prune: bool = True
     return CandidateTable(problem, mode, cap, options)
 
 
-def _candidate(
+def _candidates(
     p: Problem, mode: Mode, cap: Capacity, i: int, size: int, share: float
-) -> Candidate | None:
+) -> list[Candidate]:
+    """The candidates at one share: serving all it can, and the service levels below."""
     spec, t, cost = p.specs[i], p.targets[i], p.cost
     if mode is Mode.MUX and share > cap.admission + 1e-12:
-        return None
+        return []
     fixed = cost.fixed_bytes(spec, size, p.engine)
     kv_per_req = p.kv_bytes_per_request(i) / size  # per GPU
     max_batch = min(p.engine.max_batch_size, int((p.usable_memory - fixed) // kv_per_req))
     if max_batch < 1:
-        return None
+        return []
     ctx = t.mean_context
     if mode is Mode.MUX:
 
@@ -147,15 +150,12 @@ def _candidate(
     prefill_sm = 1.0 if mode is Mode.TEMPORAL else p.params.min_prefill_share
     ttft = cost.prefill_latency(spec, size, prefill_sm, 1, t.prompt_len)
     if t.ttft is not None and ttft > t.ttft:
-        return None
+        return []
     if t.tpot is not None:
         max_batch = _largest(lambda b: step(b) <= t.tpot, max_batch)  # type: ignore[operator]
         if max_batch < 1:
-            return None
+            return []
     capacity = max_batch / (t.decode_steps * step(max_batch))
-    served = min(t.rate, capacity)
-    batch = _batch_at(served * t.decode_steps, step, max_batch)
-    tpot = step(batch)
 
     # prefill: per request, SM-seconds at full share and HBM-seconds, batched by the budget
     per_job = max(1, min(p.engine.max_batch_size, p.engine.prefill_token_budget // t.prompt_len))
@@ -163,16 +163,22 @@ def _candidate(
     hbm_rate = p.cluster.gpu.hbm_bytes_per_s * p.cluster.cost_model.bandwidth_efficiency
     prefill_hbm = cost.prefill_bytes(spec, size, per_job, t.prompt_len) / hbm_rate / per_job
 
-    kv = batch * kv_per_req
-    busy = 1.0 - math.exp(-batch)  # P(some request is decoding), M/G/inf with mean `batch`
-    if mode is Mode.MUX:
-        decode_hbm = busy * cost.decode_bytes(spec, size, batch, ctx) / tpot / hbm_rate
-        sm_time = busy * share + served * prefill_s
-        use = (fixed + kv, sm_time, decode_hbm + served * prefill_hbm, share)
-    else:
-        turns = busy * share + served * prefill_s  # its decode turns and prefills, one at a time
-        use = (fixed + kv, turns, turns, 0.0)
-    return Candidate(i, size, share, served, batch, tpot, ttft, kv, use)
+    out = []
+    for level in p.params.service_levels:
+        served = level * min(t.rate, capacity)
+        batch = _batch_at(served * t.decode_steps, step, max_batch)
+        tpot = step(batch)
+        kv = batch * kv_per_req
+        busy = 1.0 - math.exp(-batch)  # P(some request is decoding), M/G/inf with mean `batch`
+        if mode is Mode.MUX:
+            decode_hbm = busy * cost.decode_bytes(spec, size, batch, ctx) / tpot / hbm_rate
+            sm_time = busy * share + served * prefill_s
+            use = (fixed + kv, sm_time, decode_hbm + served * prefill_hbm, share)
+        else:
+            turns = busy * share + served * prefill_s  # its decode turns and prefills, in turn
+            use = (fixed + kv, turns, turns, 0.0)
+        out.append(Candidate(i, size, share, served, batch, tpot, ttft, kv, use))
+    return out
 
 
 def _largest(ok: Callable[[int], bool], hi: int) -> int:

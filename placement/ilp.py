@@ -21,6 +21,7 @@ from typing import Literal
 
 import pulp
 
+from muxserve.errors import ConfigError
 from placement.candidates import RESOURCES, Candidate, CandidateTable, Mode, build_candidates
 from placement.column_generation import BranchAndPrice, Incumbent
 from placement.configurations import Config
@@ -48,35 +49,56 @@ def solve_ilp(
     """The best placement found within `time_limit`, with its optimality gap."""
     start = time.perf_counter()
     table = table or build_candidates(problem, Mode.MUX)
-    best = warm_start or solve_greedy(problem, table, progress=progress)
+    best: Placement | None = warm_start
+    if best is None:
+        try:
+            best = solve_greedy(problem, table, progress=progress)
+        except ConfigError:  # the greedy found no group that holds everyone; the ILP may
+            best = None
 
     def left() -> float:
-        return max(time_limit - (time.perf_counter() - start), 1.0)
+        return max(time_limit - (time.perf_counter() - start), 0.0)
 
-    if objective == "fair":
-        return _finish(
+    def value(plan: Placement | None) -> float:
+        return float("-inf") if plan is None else plan.served_total
+
+    bound: float | None = None
+    if objective == "throughput":
+        initial = Incumbent(float("-inf"), [], {})
+        if best is not None:
+            patterns = node_patterns(problem.cluster.gpus_per_node, problem.mesh_sizes)
+            nodes = [[m.size for m in best.meshes if m.node == k]
+                     for k in range(problem.cluster.nodes)]  # fmt: skip
+            counts = dict(zip(patterns, pattern_counts(patterns, nodes), strict=True))
+            initial = Incumbent(best.served_total, _configs(problem, table, best), counts)
+        bp = BranchAndPrice(problem, table, solver=solver, threads=threads, progress=progress)
+        bp.final_s = 0.1 * time_limit
+        found = bp.search(initial, deadline=start + 0.75 * time_limit, tolerance=gap_tolerance)
+        if found.best.value > value(best) + 1e-9:
+            best = _from_configs(problem, table, found.best.configs, found.best.counts)
+        bound = found.bound
+    unproven = best is None or bound is None or _gap(best.served_total, bound) > gap_tolerance
+    if unproven and (best is None or objective == "fair" or left() > 2.0):
+        compact, compact_bound = _compact(
             problem,
             table,
-            *_compact(problem, table, best, None, "fair", left(), solver, progress, threads),
-            start,
+            best,
+            bound,
+            objective,
+            max(left() - 1.0, 1.0),
+            solver,
+            progress,
+            threads,
         )
-    patterns = node_patterns(problem.cluster.gpus_per_node, problem.mesh_sizes)
-    nodes = [[m.size for m in best.meshes if m.node == k] for k in range(problem.cluster.nodes)]
-    counts = dict(zip(patterns, pattern_counts(patterns, nodes), strict=True))
-    initial = Incumbent(best.served_total, _configs(problem, table, best), counts)
-    bp = BranchAndPrice(problem, table, solver=solver, threads=threads, progress=progress)
-    found = bp.search(initial, deadline=start + 0.8 * time_limit, tolerance=gap_tolerance)
-    if found.best.value > best.served_total + 1e-9:
-        best = _from_configs(problem, table, found.best.configs, found.best.counts)
-    bound = found.bound
-    if bound is None or _gap(best.served_total, bound) > gap_tolerance:
-        compact, compact_bound = _compact(
-            problem, table, best, bound, "throughput", left(), solver, progress, threads
-        )
-        if compact.served_total > best.served_total:
+        if compact is not None and (objective == "fair" or compact.served_total > value(best)):
             best = compact
         if compact_bound is not None:
             bound = compact_bound if bound is None else min(bound, compact_bound)
+    if best is None:
+        raise ConfigError(
+            f"no placement holds all {problem.num_models} models on this cluster "
+            f"(weights, activations and KV for one request each exceed its memory)"
+        )
     return _finish(problem, table, best, bound, start)
 
 
@@ -110,7 +132,13 @@ def _cands(problem: Problem, table: CandidateTable, size: int, models: tuple) ->
     for pm in models:
         i = problem.index(pm.name)
         share = pm.time_share if pm.time_share is not None else pm.decode_share
-        out.append(next(c for c in table.options(i, size) if abs(c.share - share) < 1e-9))
+        out.append(
+            next(
+                c
+                for c in table.options(i, size)
+                if abs(c.share - share) < 1e-9 and abs(c.served - pm.served) <= 1e-9 * c.served
+            )
+        )
     return out
 
 
@@ -147,18 +175,20 @@ class _Compact:
 def _compact(
     problem: Problem,
     table: CandidateTable,
-    start_plan: Placement,
+    start_plan: Placement | None,
     bound: float | None,
     objective: Objective,
     time_limit: float,
     solver: str,
     progress: Progress | None,
     threads: int | None,
-) -> tuple[Placement, float | None]:
-    """Solve the compact program; returns its plan and its bound on the total served."""
+) -> tuple[Placement | None, float | None]:
+    """Solve the compact program; returns its plan (None: infeasible) and its bound."""
     t0 = time.perf_counter()
     m = _build(problem, table)
-    _set_start(m, problem, table, start_plan)
+    first = None
+    if start_plan is not None:
+        _set_start(m, problem, table, start_plan)
     if bound is not None:
         m.prob += m.served <= bound * (1 + 1e-9) + 1e-9, "bound"
     if objective == "fair":
@@ -166,14 +196,23 @@ def _compact(
         for ratio in m.ratio.values():
             m.prob += theta <= ratio
         m.prob.setObjective(theta)
-        theta.setInitialValue(start_plan.fairness())
-        run_solver(m.prob, solver, time_limit / 2, progress, threads, "ilp (fairness)")
+        if start_plan is not None:
+            theta.setInitialValue(start_plan.fairness())
+        try:
+            first = run_solver(m.prob, solver, time_limit / 2, progress, threads, "ilp (fairness)")
+        except RuntimeError:
+            return None, None
         m.prob += theta >= (theta.value() or 0.0) - 1e-7, "fairness"
         time_limit = max(time_limit - (time.perf_counter() - t0), 1.0)
         _set_start(m, problem, table, _plan(m, problem, table))
     m.prob.setObjective(m.served)
-    result = run_solver(m.prob, solver, time_limit, progress, threads, "ilp")
-    return _plan(m, problem, table), result.bound if objective == "throughput" else None
+    try:
+        result = run_solver(m.prob, solver, time_limit, progress, threads, "ilp")
+    except RuntimeError:
+        return None, None
+    if objective == "fair" and (first is None or not first.optimal):
+        return _plan(m, problem, table), None  # the fairness level itself is not proven
+    return _plan(m, problem, table), result.bound
 
 
 def _plan(m: _Compact, problem: Problem, table: CandidateTable) -> Placement:

@@ -30,6 +30,8 @@ class PlannerParams(Strict):
     """How finely shares are planned and how much headroom is kept."""
 
     sm_levels: tuple[float, ...] = DEFAULT_SM_LEVELS  # decode SM shares to choose from
+    # fractions of what a model can serve at a share that it may be planned to serve
+    service_levels: tuple[float, ...] = (1.0, 0.5, 0.25)
     min_prefill_share: float = Field(0.3, gt=0, le=1)  # SMs left for a prefill beside decodes
     memory_utilization: float = Field(0.9, gt=0, le=1)  # of each GPU's memory
     mesh_sizes: tuple[int, ...] = (1, 2, 4, 8)  # GPUs per mesh (within one node)
@@ -40,6 +42,13 @@ class PlannerParams(Strict):
         if not v or any(not 0 < x <= 1 for x in v):
             raise ValueError("sm_levels must be a non-empty list of shares in (0, 1]")
         return tuple(sorted(set(v)))
+
+    @field_validator("service_levels")
+    @classmethod
+    def _service(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0 < x <= 1 for x in v) or max(v) != 1.0:
+            raise ValueError("service_levels must be fractions in (0, 1] including 1")
+        return tuple(sorted(set(v), reverse=True))
 
     @field_validator("mesh_sizes")
     @classmethod
