@@ -59,7 +59,7 @@ def format_placement(plan: Placement, sim: SimResult | None = None) -> str:
             f"simulated: {sim.throughput:.2f} req/s, SLO attainment {sim.slo_attainment:.1%} "
             f"over {sim.window_s:.0f} s"
         )
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _sim_cells(s: ModelStats) -> str:

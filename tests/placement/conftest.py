@@ -83,17 +83,14 @@ def workload(
     rates: list[float], prompt: int = 100, output: int = 100, slo: SLO | None = None
 ) -> Workload:
     slo = slo or SLO(scale=10.0)
-    return Workload(
-        tuple(Demand(f"m{i}", r, prompt, output, slo) for i, r in enumerate(rates))
-    )
+    return Workload(tuple(Demand(f"m{i}", r, prompt, output, slo) for i, r in enumerate(rates)))
 
 
 def problem(
     specs: list[ModelSpec], rates: list[float], cl: ClusterSpec | None = None, **wl_kw: object
 ) -> Problem:
     specs = [
-        ModelSpec(f"m{i}", s.path, s.dtype, s.config, s.max_model_len)
-        for i, s in enumerate(specs)
+        ModelSpec(f"m{i}", s.path, s.dtype, s.config, s.max_model_len) for i, s in enumerate(specs)
     ]
     return make_problem(specs, workload(rates, **wl_kw), cl or cluster())  # type: ignore[arg-type]
 

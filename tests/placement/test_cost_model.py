@@ -42,7 +42,9 @@ def test_sm_share_scales_compute_and_bandwidth() -> None:
     assert cm.bandwidth_share(0.8) == 1.0
     # a decode keeps full bandwidth down to the saturation share, then slows in proportion
     assert cm.decode_latency(s, 1, 0.5, 1, 0) == cm.decode_latency(s, 1, 1.0, 1, 0)
-    assert cm.decode_latency(s, 1, 0.25, 1, 0) == pytest.approx(2 * cm.decode_latency(s, 1, 1, 1, 0))
+    assert cm.decode_latency(s, 1, 0.25, 1, 0) == pytest.approx(
+        2 * cm.decode_latency(s, 1, 1, 1, 0)
+    )
     # a compute-bound prefill slows in proportion to its share
     assert cm.prefill_latency(s, 1, 0.5, 1, 2000) == pytest.approx(
         2 * cm.prefill_latency(s, 1, 1.0, 1, 2000)

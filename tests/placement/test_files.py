@@ -23,13 +23,17 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_top_level_must_be_a_mapping() -> None:
-    with pytest.raises(ConfigError, match=r"c\.yaml: expected a mapping at the top level, got list"):
+    with pytest.raises(
+        ConfigError, match=r"c\.yaml: expected a mapping at the top level, got list"
+    ):
         validate(ClusterFile, [1, 2], "c.yaml")
 
 
 def test_errors_name_the_dotted_key() -> None:
     raw = {"gpu": {"type": "A100-80GB", "memory_gib": -1}, "nodes": 2}
-    with pytest.raises(ConfigError, match=r"c\.yaml: gpu\.memory_gib: Input should be greater than 0"):
+    with pytest.raises(
+        ConfigError, match=r"c\.yaml: gpu\.memory_gib: Input should be greater than 0"
+    ):
         validate(ClusterFile, raw, "c.yaml")
 
 

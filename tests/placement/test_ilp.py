@@ -49,8 +49,11 @@ def test_ilp_is_at_least_the_greedy_on_the_paper_setup(paper_problem: Problem) -
 
 
 def test_overload_serves_the_most_and_names_the_rest() -> None:
-    p = problem([spec(hidden=1024, layers=8), spec(hidden=1024, layers=8)], [5000.0, 1.0],
-                cluster(nodes=1, gpus_per_node=2))  # fmt: skip
+    p = problem(
+        [spec(hidden=1024, layers=8), spec(hidden=1024, layers=8)],
+        [5000.0, 1.0],
+        cluster(nodes=1, gpus_per_node=2),
+    )
     plan = solve_ilp(p, gap_tolerance=0.0, progress=None)
     short = plan.under_served()
     assert [m.name for m in short] == ["m0"]

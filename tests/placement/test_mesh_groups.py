@@ -17,8 +17,13 @@ def test_patterns_of_an_8_gpu_node() -> None:
         (1, 1, 1, 1, 1, 1, 1, 1),
     ]
     assert node_patterns(6, (1, 2, 4, 8)) == [
-        (4, 2), (4, 1, 1), (2, 2, 2), (2, 2, 1, 1), (2, 1, 1, 1, 1), (1, 1, 1, 1, 1, 1)
-    ]  # fmt: skip
+        (4, 2),
+        (4, 1, 1),
+        (2, 2, 2),
+        (2, 2, 1, 1),
+        (2, 1, 1, 1, 1),
+        (1, 1, 1, 1, 1, 1),
+    ]
     assert node_patterns(3, (2,)) == [(2,)]  # maximal: one GPU stays idle
 
 
@@ -38,4 +43,8 @@ def test_pattern_counts_and_positions() -> None:
     assert pats == [(4,), (2, 2), (2, 1, 1), (1, 1, 1, 1)]
     counts = pattern_counts(pats, [[2, 1], [4]])
     assert counts == [1, 0, 1, 0]
-    assert positions(pats, counts) == {4: [(0, (0, 1, 2, 3))], 2: [(1, (0, 1))], 1: [(1, (2,)), (1, (3,))]}
+    assert positions(pats, counts) == {
+        4: [(0, (0, 1, 2, 3))],
+        2: [(1, (0, 1))],
+        1: [(1, (2,)), (1, (3,))],
+    }

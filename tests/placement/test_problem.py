@@ -23,7 +23,9 @@ def test_model_that_fits_nowhere_is_named() -> None:
 
 def test_heads_that_do_not_split_are_explained() -> None:
     odd = spec(hidden=2040, layers=28, heads=3)  # needs 2 GPUs, but 3 heads do not split
-    with pytest.raises(ConfigError, match=r"'m0'.*3 attention heads / 3 KV heads do not split over 2, 4"):
+    with pytest.raises(
+        ConfigError, match=r"'m0'.*3 attention heads / 3 KV heads do not split over 2, 4"
+    ):
         problem([odd], [1.0])
 
 

@@ -18,18 +18,36 @@ def table(path: Path, model: str) -> Path:
                 "format": "muxserve-profile/1",
                 "gpu": "TestGPU",
                 "entries": [
-                    {"model": model, "tp": 1, "sm": 1.0, "phase": "prefill",
-                     "tokens": [100, 200], "latency_s": [0.01, 0.03]},
-                    {"model": model, "tp": 1, "sm": 0.5, "phase": "decode",
-                     "batch": [1, 9], "context": [100, 300],
-                     "latency_s": [[0.010, 0.012], [0.018, 0.030]]},
-                    {"model": model, "tp": 1, "sm": 1.0, "phase": "decode",
-                     "batch": [1, 9], "context": [100, 300],
-                     "latency_s": [[0.005, 0.006], [0.009, 0.015]]},
+                    {
+                        "model": model,
+                        "tp": 1,
+                        "sm": 1.0,
+                        "phase": "prefill",
+                        "tokens": [100, 200],
+                        "latency_s": [0.01, 0.03],
+                    },
+                    {
+                        "model": model,
+                        "tp": 1,
+                        "sm": 0.5,
+                        "phase": "decode",
+                        "batch": [1, 9],
+                        "context": [100, 300],
+                        "latency_s": [[0.010, 0.012], [0.018, 0.030]],
+                    },
+                    {
+                        "model": model,
+                        "tp": 1,
+                        "sm": 1.0,
+                        "phase": "decode",
+                        "batch": [1, 9],
+                        "context": [100, 300],
+                        "latency_s": [[0.005, 0.006], [0.009, 0.015]],
+                    },
                 ],
             }
         )
-    )  # fmt: skip
+    )
     return path
 
 
@@ -76,9 +94,24 @@ def test_bad_tables(tmp_path: Path) -> None:
     f.write_text("{not json")
     with pytest.raises(ConfigError, match=r"t\.json: malformed JSON at line 1"):
         load_profile(f)
-    f.write_text(json.dumps({"format": "muxserve-profile/1", "gpu": "x", "entries": [
-        {"model": "m", "tp": 1, "sm": 1.0, "phase": "prefill", "tokens": [2, 1],
-         "latency_s": [1, 2]}]}))  # fmt: skip
+    f.write_text(
+        json.dumps(
+            {
+                "format": "muxserve-profile/1",
+                "gpu": "x",
+                "entries": [
+                    {
+                        "model": "m",
+                        "tp": 1,
+                        "sm": 1.0,
+                        "phase": "prefill",
+                        "tokens": [2, 1],
+                        "latency_s": [1, 2],
+                    }
+                ],
+            }
+        )
+    )
     with pytest.raises(ConfigError, match=r"t\.json: entries\.0\.prefill: .*strictly increasing"):
         load_profile(f)
     with pytest.raises(ConfigError, match="no such profile table"):

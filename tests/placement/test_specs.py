@@ -58,7 +58,11 @@ def write_model(folder: Path, **kw: int) -> None:
 def test_load_models_resolves_paths_against_the_file(tmp_path: Path) -> None:
     write_model(tmp_path / "ckpt" / "small")
     f = tmp_path / "models.yaml"
-    f.write_text("models:\n  - {name: a, path: ckpt/small}\n  - {name: b, path: ckpt/small, dtype: bfloat16}\n")
+    f.write_text(
+        "models:\n"
+        "  - {name: a, path: ckpt/small}\n"
+        "  - {name: b, path: ckpt/small, dtype: bfloat16}\n"
+    )
     ms = load_models(f)
     assert [e.path for e in ms.entries] == [str(tmp_path / "ckpt" / "small")] * 2
     assert [s.dtype for s in ms.specs] == ["float16", "bfloat16"]
@@ -77,7 +81,9 @@ def test_missing_config_json_names_file_and_key(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     f = tmp_path / "models.yaml"
     f.write_text("models:\n  - {name: a, path: empty}\n")
-    with pytest.raises(ConfigError, match=r"models\.yaml: models\.0\.path: .*empty/config\.json: no config\.json"):
+    with pytest.raises(
+        ConfigError, match=r"models\.yaml: models\.0\.path: .*empty/config\.json: no config\.json"
+    ):
         load_models(f)
 
 
@@ -87,14 +93,18 @@ def test_bad_config_key_names_it(tmp_path: Path) -> None:
     cfg.write_text(cfg.read_text().replace('"num_hidden_layers": 4', '"num_hidden_layers": 0'))
     f = tmp_path / "models.yaml"
     f.write_text("models: [{name: a, path: m}]\n")
-    with pytest.raises(ConfigError, match=r"models\.0\.path: .*'num_hidden_layers' must be a positive"):
+    with pytest.raises(
+        ConfigError, match=r"models\.0\.path: .*'num_hidden_layers' must be a positive"
+    ):
         load_models(f)
 
 
 def test_models_file_errors(tmp_path: Path) -> None:
     f = tmp_path / "models.yaml"
     f.write_text("models: [{name: a, path: x, rate: -1}]\n")
-    with pytest.raises(ConfigError, match=r"models\.yaml: models\.0\.rate: Input should be greater than 0"):
+    with pytest.raises(
+        ConfigError, match=r"models\.yaml: models\.0\.rate: Input should be greater than 0"
+    ):
         load_models(f)
     write_model(tmp_path / "x")
     f.write_text("models: [{name: a, path: x}, {name: a, path: x}]\n")

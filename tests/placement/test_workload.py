@@ -39,7 +39,9 @@ def test_order_follows_the_models_file(tmp_path: Path) -> None:
 def test_errors(tmp_path: Path) -> None:
     f = tmp_path / "w.yaml"
     f.write_text("models: [{name: a, rate: 0}]\n")
-    with pytest.raises(ConfigError, match=r"w\.yaml: models\.0\.rate: Input should be greater than 0"):
+    with pytest.raises(
+        ConfigError, match=r"w\.yaml: models\.0\.rate: Input should be greater than 0"
+    ):
         load_workload(f)
     f.write_text("models: [{name: a, rate: 1, slo: {scale: 2, ttft: 1}}]\n")
     with pytest.raises(ConfigError, match=r"models\.0\.slo: .*either scale, or ttft"):

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import cluster, problem, spec
+
+from placement.baselines import solve_spatial
+from placement.greedy import solve_greedy
+from placement.simulator import arrival_times, simulate
+
+
+def test_arrivals() -> None:
+    rng = np.random.default_rng(0)
+    poisson = arrival_times(50.0, 200.0, "poisson", 1.0, rng)
+    assert len(poisson) == pytest.approx(50 * 200, rel=0.03)
+    assert all(0 <= a < 200 for a in poisson) and poisson == sorted(poisson)
+    bursty = np.diff(arrival_times(50.0, 200.0, "gamma", 3.0, rng))
+    assert np.std(bursty) / np.mean(bursty) == pytest.approx(3.0, rel=0.15)
+
+
+def light() -> tuple:
+    p = problem([spec(), spec()], [4.0, 2.0], cluster(nodes=1, gpus_per_node=1), output=50)
+    return p, solve_greedy(p, progress=None)
+
+
+def test_light_load_is_served_within_slo() -> None:
+    p, plan = light()
+    sim = simulate(plan, p, duration_s=40.0, warmup_s=5.0, seed=1)
+    assert [m.name for m in sim.models] == [m.name for m in plan.models]
+    by = {m.name: m for m in sim.models}
+    assert by["m0"].throughput == pytest.approx(4.0, rel=0.2)
+    assert by["m1"].throughput == pytest.approx(2.0, rel=0.25)
+    assert sim.slo_attainment > 0.95
+    for m in sim.models:
+        assert m.completed == m.arrived
+        assert m.ttft_p50 is not None and m.ttft_p50 <= m.ttft_p99  # type: ignore[operator]
+        assert m.tpot_p50 is not None and m.tpot_p50 <= p.targets[0].tpot
+
+
+def test_deterministic_for_a_seed() -> None:
+    p, plan = light()
+    a = simulate(plan, p, duration_s=10.0, warmup_s=2.0, seed=3)
+    b = simulate(plan, p, duration_s=10.0, warmup_s=2.0, seed=3)
+    assert a == b
+
+
+def test_overload_shows_in_throughput_and_slo() -> None:
+    p = problem(
+        [spec(hidden=1024, layers=8)], [2000.0], cluster(nodes=1, gpus_per_node=1), output=50
+    )
+    plan = solve_spatial(p)
+    sim = simulate(plan, p, duration_s=6.0, warmup_s=2.0)
+    (m,) = sim.models
+    assert m.throughput < 2000.0 * 0.5
+    assert m.slo_attainment < 0.5
