@@ -79,15 +79,15 @@ class AdaptiveQuota:
             if need <= spare:
                 give[head.model] = need
                 spare -= need
-        hungry = {n for n, d in demand.items() if d > give[n]}
+        # a list in model order, not a set: ties in the split must not depend on string hashes
+        hungry = [n for n, d in demand.items() if d > give[n]]
         while spare > 0 and hungry:  # water-filling over models with demand
             split = proportional_split(spare, {n: weights[n] for n in hungry})
-            for n in list(hungry):
+            for n in hungry:
                 take = min(split[n], demand[n] - give[n])
                 give[n] += take
                 spare -= take
-                if give[n] >= demand[n]:
-                    hungry.discard(n)
+            hungry = [n for n in hungry if give[n] < demand[n]]
         for n, extra in proportional_split(spare, weights).items():
             give[n] += extra
         pool.set_quotas({n: pool.used(n) + give[n] for n in queues})
