@@ -89,7 +89,10 @@ const int64_t* index_of(const at::Tensor& t, int64_t n, const char* name) {
   return t.data_ptr<int64_t>();
 }
 
-muxserve_stream_t stream_of(int64_t stream) {
+// The stream handle for a launch on `on`'s device, that device made current for the kernels'
+// runtime first (torch's current device is its own runtime's, not the one linked into them).
+muxserve_stream_t stream_of(int64_t stream, const at::Tensor& on) {
+  check_status(muxserve_use_device(static_cast<int32_t>(on.get_device())), "set device");
   return reinterpret_cast<muxserve_stream_t>(static_cast<intptr_t>(stream));
 }
 
@@ -106,7 +109,7 @@ void write_kv(const at::Tensor& cache, const at::Tensor& k, const at::Tensor& v,
       muxserve_write_kv(pool, tables_of(block_tables, layer), kr, vr,
                         index_of(seq_of_token, n, "seq_of_token"),
                         index_of(pos_of_token, n, "pos_of_token"), static_cast<int32_t>(n),
-                        static_cast<int32_t>(k.size(1)), stream_of(stream)),
+                        static_cast<int32_t>(k.size(1)), stream_of(stream, cache)),
       "write_kv");
 }
 
@@ -143,7 +146,7 @@ void decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
     p.workspace = ws.data_ptr<float>();
   }
   check_status(
-      muxserve_decode_attention(pool, tables_of(block_tables, layer), p, stream_of(stream)),
+      muxserve_decode_attention(pool, tables_of(block_tables, layer), p, stream_of(stream, cache)),
       "decode_attention");
 }
 

@@ -51,6 +51,14 @@ int elem_bytes(int32_t dtype) {
 }  // namespace
 }  // namespace muxserve
 
+extern "C" int muxserve_use_device(int32_t device) {
+  if (device < 0) return 0;
+  int current = -1;
+  cudaError_t status = cudaGetDevice(&current);
+  if (status == cudaSuccess && current != device) status = cudaSetDevice(device);
+  return static_cast<int>(status);
+}
+
 extern "C" int muxserve_write_kv(MuxPool pool, MuxTables tables, MuxRows k, MuxRows v,
                                  const int64_t* seq_of_token, const int64_t* pos_of_token,
                                  int32_t num_tokens, int32_t num_kv_heads,

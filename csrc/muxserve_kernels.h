@@ -85,6 +85,10 @@ int64_t muxserve_decode_workspace_floats(int32_t num_seqs, int32_t num_heads, in
 int muxserve_decode_attention(MuxPool pool, MuxTables tables, MuxDecode p,
                               muxserve_stream_t stream);
 
+/* Makes `device` current for this library's CUDA runtime in the calling thread (it is linked
+ * statically, so torch's current device is not its own); a device < 0 does nothing. */
+int muxserve_use_device(int32_t device);
+
 /* Whether a decode kernel is compiled for this head size (1) or not (0). */
 int muxserve_decode_supports_head_dim(int32_t head_dim);
 

@@ -38,7 +38,13 @@ inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return
 
 typedef int cudaError_t;
 typedef struct CUstream_st* cudaStream_t;
+enum { cudaSuccess = 0 };
 inline cudaError_t cudaGetLastError() { return 0; }
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return 0;
+}
+inline cudaError_t cudaSetDevice(int) { return 0; }
 
 inline dim3 blockIdx, threadIdx, blockDim, gridDim;
 
