@@ -492,3 +492,24 @@ def _prefill_sdpa(
         qpad, keys, vals, attn_mask=ref.mask(window), enable_gqa=q.shape[1] != keys.shape[1]
     )  # (B, Hq, Lq, hd)
     return ref.unpad(out).to(q.dtype)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """`python -m muxserve.ops [ARCH]`: build (or find) the kernels ahead of serving."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=_main.__doc__)
+    ap.add_argument("arch", nargs="?", help='"90", "80", ... or "emulated" (default: this GPU)')
+    args = ap.parse_args(argv)
+    arch = args.arch
+    if arch is None:
+        if not torch.cuda.is_available():
+            ap.error("no CUDA device: name the architecture, e.g. 90")
+        arch = "".join(map(str, torch.cuda.get_device_capability()))
+    build_kernels(arch)
+    print(build_plan(arch).directory)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
