@@ -37,7 +37,10 @@ from muxserve.runner.attention import BatchLayout, PagedAttention
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-KERNELS_ENV = "MUXSERVE_KERNELS"  # auto (default) | on | off | emulate
+KERNELS_ENV = "MUXSERVE_KERNELS"  # off (default) | auto | on | emulate
+# Off by default until the GPU suite (tests/gpu) has passed on a real GPU: unvalidated kernels
+# must not silently replace the reference path. Opt in with MUXSERVE_KERNELS=auto or on.
+DEFAULT_KERNEL_MODE = "off"
 KernelMode = Literal["auto", "on", "off", "emulate"]
 MIN_PARTITION = 256  # fewest tokens a decode split is worth a CTA and a merge for
 TARGET_CTAS_PER_SM = 32  # decode CTAs to aim for per SM (about 4 waves): a small last wave
@@ -50,9 +53,10 @@ class KernelBuildError(RuntimeError):
 
 def kernel_mode() -> KernelMode:
     """`MUXSERVE_KERNELS`: `auto` uses the kernels on CUDA when they build (else warns once and
-    falls back to the reference), `on` raises if they do not build, `off` never uses them,
-    `emulate` runs them on CPU tensors through csrc/emulation/ (slow; for tests)."""
-    mode = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    falls back to the reference), `on` raises if they do not build, `off` (the default, until
+    they are validated on a GPU) never uses them, `emulate` runs them on CPU tensors through
+    csrc/emulation/ (slow; for tests)."""
+    mode = os.environ.get(KERNELS_ENV, "").strip().lower() or DEFAULT_KERNEL_MODE
     if mode in ("1", "true", "yes"):
         return "on"
     if mode in ("0", "false", "no"):

@@ -103,7 +103,7 @@ def kernels_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]
 @pytest.mark.parametrize(
     ("value", "mode"),
     [
-        ("", "auto"),
+        ("", "off"),  # the default until the kernels are validated on a GPU
         ("auto", "auto"),
         ("on", "on"),
         ("1", "on"),

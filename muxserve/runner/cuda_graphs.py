@@ -36,13 +36,13 @@ from muxserve.scheduler.job import SeqWork
 
 log = logging.getLogger(__name__)
 
-GRAPHS_ENV = "MUXSERVE_CUDA_GRAPHS"  # "0" / "off": never capture
+GRAPHS_ENV = "MUXSERVE_CUDA_GRAPHS"  # "1" / "on": capture; off by default until GPU-validated
 MIN_CONTEXT_BUCKET = 256
 MAX_TABLE_BYTES = 64 << 20  # largest static block table a graph may own
 
 
 def graphs_enabled() -> bool:
-    return os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+    return os.environ.get(GRAPHS_ENV, "0").strip().lower() in ("1", "on", "true", "yes")
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
