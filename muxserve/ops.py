@@ -11,32 +11,25 @@ and cached under `$MUXSERVE_CACHE/kernels`.
 
 from __future__ import annotations
 
-import fcntl
 import functools
-import hashlib
 import logging
 import math
 import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from muxserve.config import default_cache_dir
+from muxserve.kernel_build import EMULATED, KernelBuildError, build_kernels, build_plan
 from muxserve.models.llama import Attention
 from muxserve.runner.attention import BatchLayout, PagedAttention
 
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
 KERNELS_ENV = "MUXSERVE_KERNELS"  # off (default) | auto | on | emulate
 # Off by default until the GPU suite (tests/gpu) has passed on a real GPU: unvalidated kernels
 # must not silently replace the reference path. Opt in with MUXSERVE_KERNELS=auto or on.
@@ -45,10 +38,6 @@ KernelMode = Literal["auto", "on", "off", "emulate"]
 MIN_PARTITION = 256  # fewest tokens a decode split is worth a CTA and a merge for
 TARGET_CTAS_PER_SM = 32  # decode CTAs to aim for per SM (about 4 waves): a small last wave
 ALIGN = 16  # bytes: the kernels read rows with 16-byte loads
-
-
-class KernelBuildError(RuntimeError):
-    """The CUDA kernels could not be built or loaded on this machine."""
 
 
 def kernel_mode() -> KernelMode:
@@ -66,138 +55,7 @@ def kernel_mode() -> KernelMode:
     return mode  # type: ignore[return-value]
 
 
-# ---- building ------------------------------------------------------------------------------
-EMULATED = "emulated"  # the build that runs the kernels on a CPU (csrc/emulation/; tests only)
-
-
-@dataclass(frozen=True)
-class BuildPlan:
-    """What a kernel build compiles, for which target, and where it is cached.
-
-    `arch` is a compute capability without the dot ("90"), or EMULATED: the same sources built
-    with g++ against csrc/emulation/, whose binding takes CPU tensors.
-    """
-
-    sources: tuple[Path, ...]  # csrc/*.cu
-    binding: Path  # csrc/bindings.cpp
-    arch: str
-    key: str  # hash of the sources, the compilers and torch: a new key is a new build
-    directory: Path
-
-    @property
-    def library(self) -> Path:
-        return self.directory / "libmuxserve_cuda.so"
-
-    @property
-    def module_name(self) -> str:
-        return f"muxserve_kernels_{self.key}"
-
-    def compile_command(self, source: Path, compiler: str) -> list[str]:
-        """The command that compiles one .cu file into a position-independent object."""
-        out = str(self.directory / f"{source.stem}.o")
-        if self.arch == EMULATED:
-            return [
-                compiler, "-c", "-std=c++20", "-O1", "-fPIC", "-fno-strict-aliasing",
-                "-Wno-unknown-pragmas", "-I", str(source.parent / "emulation"),
-                "-I", str(source.parent), "-x", "c++", str(source), "-o", out,
-            ]  # fmt: skip
-        gencode = f"arch=compute_{self.arch},code=sm_{self.arch}"
-        return [
-            compiler, "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-gencode", gencode,
-            "-I", str(source.parent), str(source), "-o", out,
-        ]  # fmt: skip
-
-    def link_command(self, output: Path, compiler: str) -> list[str]:
-        """The command that links the objects into one shared library (nvcc: cudart static)."""
-        objects = [str(self.directory / f"{s.stem}.o") for s in self.sources]
-        return [compiler, "-shared", "-o", str(output), *objects]
-
-
-def kernel_cache_dir() -> Path:
-    return default_cache_dir() / "kernels"
-
-
-def compiler_for(arch: str) -> str:
-    return os.environ.get("CXX", "g++") if arch == EMULATED else "nvcc"
-
-
-def build_plan(arch: str, cache_dir: Path | None = None) -> BuildPlan:
-    """The build for `arch` ("90", or EMULATED), keyed by everything that affects it."""
-    sources = tuple(sorted(CSRC.glob("*.cu")))
-    if not sources:
-        raise KernelBuildError(f"no CUDA sources in {CSRC}")
-    digest = hashlib.sha256()
-    for f in sorted(CSRC.rglob("*")):
-        if f.suffix in (".cu", ".cuh", ".h", ".cpp"):
-            digest.update(str(f.relative_to(CSRC)).encode() + b"\0" + f.read_bytes())
-    digest.update(_version(compiler_for(arch)).encode())
-    digest.update(f"{torch.__version__} {sys.version_info[:2]} {arch}".encode())
-    key = digest.hexdigest()[:16]
-    directory = (cache_dir or kernel_cache_dir()) / f"{arch}-{key}"
-    return BuildPlan(sources, CSRC / "bindings.cpp", arch, key, directory)
-
-
-def _version(compiler: str) -> str:
-    try:
-        return subprocess.run(
-            [compiler, "--version"], capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise KernelBuildError(f"{compiler} not usable ({e})") from e
-
-
-def build(plan: BuildPlan, verbose: bool = False) -> ModuleType:
-    """Compile (once; later calls find the cache) and import the kernels' torch extension.
-
-    nvcc compiles the .cu files into one shared library; torch's extension builder compiles
-    the binding against it (it includes no CUDA header, so any torch builds it).
-    """
-    from torch.utils import cpp_extension
-
-    compiler = compiler_for(plan.arch)
-    plan.directory.mkdir(parents=True, exist_ok=True)
-    with open(plan.directory / ".lock", "w") as lock:  # other processes may build it too
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not plan.library.exists():
-            workers = max(1, min(len(plan.sources), os.cpu_count() or 1))
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(lambda s: _run(plan.compile_command(s, compiler)), plan.sources))
-            tmp = plan.library.with_suffix(".tmp")
-            _run(plan.link_command(tmp, compiler))
-            tmp.replace(plan.library)  # complete or absent, never half-written
-        try:
-            return cpp_extension.load(
-                name=plan.module_name,
-                sources=[str(plan.binding)],
-                extra_cflags=["-O2", *(["-DMUXSERVE_EMULATION"] if plan.arch == EMULATED else [])],
-                extra_include_paths=[str(CSRC)],
-                extra_ldflags=[
-                    f"-L{plan.directory}",
-                    "-lmuxserve_cuda",
-                    f"-Wl,-rpath,{plan.directory}",
-                ],
-                build_directory=str(plan.directory),
-                with_cuda=False,
-                verbose=verbose,
-            )
-        except (OSError, RuntimeError, ImportError) as e:
-            raise KernelBuildError(f"building the torch binding failed: {e}") from e
-
-
-def _run(cmd: list[str]) -> None:
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise KernelBuildError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
-
-
-@functools.cache
-def build_kernels(arch: str) -> ModuleType:
-    """The kernels for one target, built (or found in the cache) once per process."""
-    if shutil.which(compiler_for(arch)) is None:
-        raise KernelBuildError(f"{compiler_for(arch)} is not on PATH")
-    return build(build_plan(arch))
-
-
+# ---- loading (building is muxserve/kernel_build.py), with the fallback the mode allows ------
 @functools.cache
 def load_kernels(arch: str) -> ModuleType | None:
     """`build_kernels`, or None (warned once) when the build fails and the mode is not `on`."""

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from muxserve import ops
+from muxserve import kernel_build, ops
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.kv.layout import KVLayout
@@ -228,28 +228,28 @@ def test_split_plan(
 
 
 def test_build_plan_commands(tmp_path: Path) -> None:
-    plan = ops.build_plan("90", tmp_path) if shutil.which("nvcc") else None
+    plan = kernel_build.build_plan("90", tmp_path) if shutil.which("nvcc") else None
     if plan is None:
         pytest.skip("nvcc not on PATH")
     assert plan.directory == tmp_path / f"90-{plan.key}"
-    assert {s.name for s in plan.sources} == {p.name for p in ops.CSRC.glob("*.cu")}
+    assert {s.name for s in plan.sources} == {p.name for p in kernel_build.CSRC.glob("*.cu")}
     cmd = plan.compile_command(plan.sources[0], "nvcc")
     assert cmd[:2] == ["nvcc", "-c"] and "arch=compute_90,code=sm_90" in cmd
     assert cmd[-1] == str(plan.directory / f"{plan.sources[0].stem}.o")
     link = plan.link_command(plan.library, "nvcc")
     assert link[:4] == ["nvcc", "-shared", "-o", str(plan.library)]
-    assert ops.build_plan("80", tmp_path).key != plan.key
+    assert kernel_build.build_plan("80", tmp_path).key != plan.key
 
 
 # ---- the kernels, emulated on CPU ------------------------------------------------------------
 @pytest.fixture(scope="session")
 def emulated() -> ModuleType:
     """The kernels built with g++ against csrc/emulation/ (about a minute, then cached)."""
-    if shutil.which(ops.compiler_for(ops.EMULATED)) is None:
+    if shutil.which(kernel_build.compiler_for(kernel_build.EMULATED)) is None:
         pytest.skip("no C++ compiler for the kernel emulation")
     if not cpp_extension.is_ninja_available():
         pytest.skip("ninja is needed to build the torch binding")
-    return ops.build_kernels(ops.EMULATED)
+    return kernel_build.build_kernels(kernel_build.EMULATED)
 
 
 @pytest.mark.slow

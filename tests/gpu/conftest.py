@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from muxserve import ops
+from muxserve import kernel_build, ops
 from muxserve.models.hf_config import HFModelConfig, load_hf_config
 from muxserve.models.llama import LlamaForCausalLM
 
@@ -50,7 +50,7 @@ def kernels(device: torch.device) -> Iterator[ModuleType]:
     old = os.environ.get(ops.KERNELS_ENV)
     os.environ[ops.KERNELS_ENV] = "on"
     major, minor = torch.cuda.get_device_capability(device)
-    yield ops.build_kernels(f"{major}{minor}")
+    yield kernel_build.build_kernels(f"{major}{minor}")
     if old is None:
         os.environ.pop(ops.KERNELS_ENV, None)
     else:
