@@ -1,6 +1,6 @@
 """MuxServe against its two baselines, on one trace, in one command.
 
-    python scripts/bench_modes.py [--rates 4 8 12 16] [--kv-pool-mib 2.25] [--trace FILE]
+    python scripts/bench_modes.py [--rates 4 8 12 16] [--kv-pool-mib 1.25] [--trace FILE]
                                   [--slo ttft:250 tpot:50] [--out benchmarks/results/modes]
 
 Three configurations of our own server, the same demo models and the same total KV bytes:
@@ -10,9 +10,11 @@ Three configurations of our own server, the same demo models and the same total 
 - spatial:  the pool split statically and equally, each model on its own 1/n of the device;
 - temporal: one shared pool, one job at a time, oldest request first (FCFS).
 
-The trace (generated unless --trace is given) is replayed at each rate, scaled in time, with
-the client of `muxserve bench`; the script prints throughput, p99 TTFT and SLO attainment
-per mode and rate, and the ratios, and writes results.json and PNG plots to --out.
+The three servers run side by side (an idle one costs nothing); the trace (generated unless
+--trace is given) is replayed at each rate, scaled in time, against each mode in turn, with
+the client of `muxserve bench`. The script prints throughput, p99 TTFT and SLO attainment per
+mode and rate, and the ratios, and writes results.json, modes.png (against rate) and
+modes_cdf.png (latency CDFs at the highest rate spatial sustains) to --out.
 
 On a CPU the inline executor runs one job after another, so only the KV half of
 multiplexing can show here; see docs/benchmarks.md for what the default workload exercises.
@@ -25,7 +27,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ import yaml
 
 from muxserve.bench.client import ClientOptions, RunResult, run_replay
 from muxserve.bench.metrics import SLO, run_to_json
+from muxserve.bench.probe import peak_and_mean
 from muxserve.bench.report import format_table, machine, write_json
 from muxserve.bench.server import ServerProcess
 from muxserve.bench.trace import Trace, TraceEntry, read_trace, write_trace
@@ -44,7 +47,8 @@ MODES: dict[str, tuple[str, str, float | None]] = {
     "spatial": ("adbs", "static", None),
     "temporal": ("fcfs", "unified", 1.0),
 }
-SUSTAINED = 0.9  # a mode sustains a rate if it completes this share of the offered rate
+SUSTAINED = 0.9  # share of requests meeting the SLOs, or of the offered rate, to sustain a rate
+GAUGES = ("muxserve_kv_blocks_used", "muxserve_kv_blocks_total", "muxserve_requests_waiting")
 
 
 def mode_config(mode: str, models: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
@@ -73,54 +77,93 @@ def mode_config(mode: str, models: dict[str, Path], args: argparse.Namespace) ->
     }
 
 
-def warm_up(url: str, models: list[str], opts: ClientOptions) -> None:
+def warm_up(url: str, models: list[str]) -> None:
     """One short request per model, unmeasured: first calls pay for lazy initialisation."""
     entries = tuple(TraceEntry(0.05 * i, m, "warm up " * 8, 16, 8) for i, m in enumerate(models))
     run_replay(Trace(entries, {}), ClientOptions(url=url, ignore_eos=True, progress=False))
 
 
-def run_mode(
-    mode: str, config: Path, trace: Trace, args: argparse.Namespace, log: Any
-) -> list[tuple[float, RunResult]]:
-    """Start the mode's server, replay the trace at every rate, stop the server."""
-    runs = []
-    with ServerProcess(config, log=log) as url:
-        opts = ClientOptions(
-            url=url,
-            ignore_eos=True,
-            progress=not args.no_progress,
-            label=mode,
-            max_duration_s=None,
-        )
-        warm_up(url, trace.models(), opts)
-        for rate in args.rates:
-            scaled = trace.at_rate(rate)
-            limit = scaled.duration_s * args.time_limit_factor + 10.0
-            run_opts = replace(opts, max_duration_s=limit, label=f"{mode} @{rate:g}")
-            result = run_replay(scaled, run_opts)
-            runs.append((rate, result))
+def serve_all(
+    configs: dict[str, dict[str, Any]], tmp: Path, stack: ExitStack, models: list[str]
+) -> dict[str, str]:
+    """Start one server per mode (they idle at no cost while another is measured); URLs."""
+    urls = {}
+    for mode, config in configs.items():
+        path = tmp / f"{mode}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        log_path = tmp / f"{mode}.log"
+        log = stack.enter_context(log_path.open("w"))
+        try:
+            urls[mode] = stack.enter_context(ServerProcess(path, log=log))
+        except RuntimeError:
+            print(log_path.read_text()[-3000:], file=sys.stderr)
+            raise
+        warm_up(urls[mode], models)
+    return urls
+
+
+def sweep(
+    urls: dict[str, str], trace: Trace, args: argparse.Namespace
+) -> dict[str, list[tuple[float, RunResult]]]:
+    """Every rate, every mode; the order of the modes rotates from rate to rate, so a change
+    in the machine's background load does not always land on the same mode."""
+    runs: dict[str, list[tuple[float, RunResult]]] = {m: [] for m in urls}
+    modes = list(urls)
+    for i, rate in enumerate(args.rates):
+        scaled = trace.at_rate(rate)
+        limit = scaled.duration_s * args.time_limit_factor + 10.0
+        for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
+            opts = ClientOptions(
+                url=urls[mode],
+                ignore_eos=True,
+                max_duration_s=limit,
+                progress=not args.no_progress,
+                label=f"{mode} @{rate:g}",
+                sample_metrics=GAUGES,
+            )
+            result = run_replay(scaled, opts)
+            runs[mode].append((rate, result))
             if result.stopped == "interrupted":
-                break
-            time.sleep(0.5)  # cancelled requests' aborts land before the next rate starts
+                return runs
+            time.sleep(0.5)  # cancelled requests' aborts land before the next run starts
     return runs
 
 
-def sustains(run: dict[str, Any]) -> bool:
-    """Whether a run kept up: all requests completed at >= SUSTAINED x the offered rate."""
+def kv_use(run: RunResult, models: list[str]) -> dict[str, dict[str, float]]:
+    """Per model, from the server's gauges: the largest share of the pool it held, and how
+    many of its requests waited for admission on average."""
+    total = peak_and_mean(run.samples, "muxserve_kv_blocks_total")
+    out = {}
+    for m in models:
+        used = peak_and_mean(run.samples, f'muxserve_kv_blocks_used{{model="{m}"}}')
+        waiting = peak_and_mean(run.samples, f'muxserve_requests_waiting{{model="{m}"}}')
+        if used and total and waiting:
+            out[m] = {"peak_pool_share": used[0] / total[0], "mean_waiting": waiting[1]}
+    return out
+
+
+def meets_slo(run: dict[str, Any]) -> bool:
+    """At least SUSTAINED of the requests met every SLO."""
+    att = run["summary"]["overall"]["slo_attainment"]
+    return att is not None and att >= SUSTAINED
+
+
+def keeps_up(run: dict[str, Any]) -> bool:
+    """Every request completed, at a request rate of at least SUSTAINED x the offered one."""
     o = run["summary"]["overall"]
     return o["failed"] == 0 and o["request_throughput"] >= SUSTAINED * run["rate"]
 
 
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
-    cols = [("rate", 6), ("mode", 10), ("req/s", 8), ("tok/s", 8), ("p50 TTFT", 10)]
-    cols += [("p99 TTFT", 10), ("p99 TPOT", 10), ("SLO att", 9), ("goodput", 9), ("kept up", 8)]
+    cols = [("rate", 6), ("mode", 10), ("req/s", 7), ("tok/s", 7), ("p50 TTFT", 10)]
+    cols += [("p99 TTFT", 10), ("p99 TPOT", 10), ("SLO att", 9), ("goodput", 9)]
+    cols += [("keeps up", 9), ("hot KV", 8), ("waiting", 8)]
     rows = []
-    rates = sorted({r["rate"] for runs in results.values() for r in runs})
-    for rate in rates:
+    for rate in sorted({r["rate"] for runs in results.values() for r in runs}):
         for mode, runs in results.items():
             for r in (x for x in runs if x["rate"] == rate):
                 o = r["summary"]["overall"]
-                att, good = o["slo_attainment"], o["goodput"]
+                att, good, kv = o["slo_attainment"], o["goodput"], r["kv"].values()
                 rows.append(
                     [
                         f"{rate:g}",
@@ -132,7 +175,9 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
                         _ms(o["tpot_ms"]["p99"]),
                         "-" if att is None else f"{att:.1%}",
                         "-" if good is None else f"{good:.2f}",
-                        "yes" if sustains(r) else "no",
+                        "yes" if keeps_up(r) else "no",
+                        f"{max((k['peak_pool_share'] for k in kv), default=0):.0%}",
+                        f"{sum(k['mean_waiting'] for k in kv):.1f}",
                     ]
                 )
     return format_table(rows, cols)
@@ -143,26 +188,31 @@ def _ms(x: float | None) -> str:
 
 
 def ratios(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per rate: baseline p99 TTFT / mux p99 TTFT, mux throughput / baseline throughput."""
+    """Per rate: baseline p99 TTFT / mux p99 TTFT, mux tokens/s / baseline tokens/s."""
     out = []
-    mux = {r["rate"]: r["summary"]["overall"] for r in results.get("mux", [])}
-    for rate, m in sorted(mux.items()):
+    for r in results.get("mux", []):
+        rate, m = r["rate"], r["summary"]["overall"]
         row: dict[str, Any] = {"rate": rate}
         for base in ("spatial", "temporal"):
-            b = next(
-                (r["summary"]["overall"] for r in results.get(base, []) if r["rate"] == rate), None
-            )
+            b = next((x for x in results.get(base, []) if x["rate"] == rate), None)
             if b is None:
                 continue
-            mt, bt = m["ttft_ms"]["p99"], b["ttft_ms"]["p99"]
+            bo = b["summary"]["overall"]
+            mt, bt = m["ttft_ms"]["p99"], bo["ttft_ms"]["p99"]
             row[f"p99_ttft_{base}_over_mux"] = None if not mt or bt is None else bt / mt
             row[f"tokens_mux_over_{base}"] = m["output_throughput"] / max(
-                b["output_throughput"], 1e-9
+                bo["output_throughput"], 1e-9
             )
-            row[f"slo_att_{base}"] = b["slo_attainment"]
-        row["slo_att_mux"] = m["slo_attainment"]
         out.append(row)
     return out
+
+
+def compare_rates(results: dict[str, list[dict[str, Any]]]) -> dict[str, float | None]:
+    """The highest rate spatial sustains, by SLO attainment and by throughput."""
+    spatial = results.get("spatial", [])
+    slo = [r["rate"] for r in spatial if meets_slo(r)]
+    thr = [r["rate"] for r in spatial if keeps_up(r)]
+    return {"slo": max(slo, default=None), "throughput": max(thr, default=None)}
 
 
 def compact(run: RunResult) -> list[list[Any]]:
@@ -224,8 +274,8 @@ def main() -> int:
     )
     add_workload_arguments(
         p,
-        rate=6.0,
-        duration=30.0,
+        rate=10.0,
+        duration=12.0,
         alpha=0.5,
         arrival="gamma",
         cv=2.0,
@@ -233,14 +283,14 @@ def main() -> int:
         ramp_floor=0.05,
         ramp_width=0.5,
         ramp_cycles=2,
-        prompt_len="chat:48:128",
-        output_len="uniform:64:128",
+        prompt_len="chat:32:96",
+        output_len="uniform:32:64",
         seed=0,
     )
     p.add_argument("--trace", help="replay this trace instead of generating one")
     p.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0, 12.0, 16.0])
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    p.add_argument("--kv-pool-mib", type=float, default=2.25, help="total KV bytes, every mode")
+    p.add_argument("--kv-pool-mib", type=float, default=1.25, help="total KV bytes, every mode")
     p.add_argument("--block-bytes", type=int, default=4096)
     p.add_argument("--slo", nargs="+", default=["ttft:250", "tpot:50"], metavar="KEY:MS")
     p.add_argument(
@@ -263,31 +313,24 @@ def main() -> int:
         f"({trace.rate:.2f} req/s as generated); load average {load_start[0]:.2f}",
         file=sys.stderr,
     )
-    results: dict[str, list[dict[str, Any]]] = {}
-    runs: dict[str, list[tuple[float, RunResult]]] = {}
-    configs = {}
-    interrupted = False
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode in args.modes:
-            configs[mode] = mode_config(mode, models, args)
-            path = Path(tmp) / f"{mode}.yaml"
-            path.write_text(yaml.safe_dump(configs[mode]))
-            log_path = Path(tmp) / f"{mode}.log"
-            with open(log_path, "w") as log:
-                try:
-                    runs[mode] = run_mode(mode, path, trace, args, log)
-                except RuntimeError:
-                    print(log_path.read_text()[-3000:], file=sys.stderr)
-                    raise
-            results[mode] = [
-                {**run_to_json(r, slo, rate=rate, requests=False), "latencies": compact(r)}
-                for rate, r in runs[mode]
-            ]
-            if any(r.stopped == "interrupted" for _, r in runs[mode]):
-                interrupted = True
-                break
-    kept = [r["rate"] for r in results.get("spatial", []) if sustains(r)]
-    compare = max(kept) if kept else min(args.rates)
+    configs = {mode: mode_config(mode, models, args) for mode in args.modes}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        urls = serve_all(configs, Path(tmp), stack, trace.models())
+        runs = sweep(urls, trace, args)
+    interrupted = any(r.stopped == "interrupted" for rs in runs.values() for _, r in rs)
+    names = trace.models()
+    results = {
+        mode: [
+            {
+                **run_to_json(r, slo, rate=rate, requests=False),
+                "kv": kv_use(r, names),
+                "latencies": compact(r),
+            }
+            for rate, r in rs
+        ]
+        for mode, rs in runs.items()
+    }
+    compare = compare_rates(results)
     summary = {
         "command": " ".join(sys.argv),
         "machine": machine(),
@@ -297,24 +340,26 @@ def main() -> int:
         "trace_requests": len(trace.entries),
         "slo": slo.to_json(),
         "configs": configs,
-        "compare_rate": compare,
+        "spatial_sustains_up_to": compare,
         "ratios": ratios(results),
         "interrupted": interrupted,
         "results": results,
     }
     write_json(out / "results.json", summary)
-    print()
-    print(table(results))
-    print("\nratios (p99 TTFT: baseline / mux; tokens/s: mux / baseline)")
-    print(f"spatial kept up with the offered rate up to {compare:g} req/s")
+    print(f"\n{table(results)}\n")
+    print("hot KV: the largest share of the pool one model held; waiting: mean queued requests")
+    print("ratios: p99 TTFT baseline / mux, output tokens/s mux / baseline")
     for row in summary["ratios"]:
         cells = [f"{k}={v:.2f}" for k, v in row.items() if k != "rate" and isinstance(v, float)]
         print(f"  rate {row['rate']:g}: " + "  ".join(cells))
+    for how, rate in compare.items():
+        print(f"highest rate spatial sustains by {how} (>= {SUSTAINED:.0%}): {rate} req/s")
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"load average at the end: {load}")
+    print(f"load average: {load_start[0]:.2f} at the start; {load} at the end")
     if results:
+        at = compare["throughput"] or compare["slo"] or min(args.rates)
         title = f"KV {args.kv_pool_mib:g} MiB, {len(trace.entries)} requests"
-        plot(trace.models(), results, runs, compare, out, title)
+        plot(names, results, runs, at, out, title)
     print(f"wrote {out}/results.json, modes.png, modes_cdf.png", file=sys.stderr)
     return 130 if interrupted else 0
 

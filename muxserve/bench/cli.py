@@ -58,6 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-requests", action="store_true", help="leave per-request records out")
+    p.add_argument(
+        "--sample-metrics",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="Prometheus gauges to sample from /metrics every 0.1 s "
+        "(e.g. muxserve_kv_blocks_used muxserve_requests_waiting)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         progress=not args.no_progress,
         label=args.label,
+        sample_metrics=tuple(args.sample_metrics),
     )
     last: RunResult | None = None
     for rate in args.rates or [None]:

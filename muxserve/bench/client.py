@@ -22,6 +22,7 @@ from typing import Any, Literal
 import aiohttp
 from tqdm import tqdm
 
+from muxserve.bench.probe import Sample, sample_metrics
 from muxserve.bench.trace import Trace, TraceEntry
 
 Endpoint = Literal["completions", "chat"]
@@ -74,6 +75,7 @@ class RunResult:
     stopped: str | None = None  # "interrupted", "time limit", or None: ran to the end
     started_at: float = 0.0  # wall clock (time.time()) at the start
     load_avg: tuple[float, float, float] = (0.0, 0.0, 0.0)  # os.getloadavg() at the end
+    samples: list[Sample] = field(default_factory=list)  # the server's gauges over time
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ class ClientOptions:
     max_concurrency: int | None = None  # at most this many requests open at once
     progress: bool = True
     label: str = "bench"
+    sample_metrics: tuple[str, ...] = ()  # Prometheus gauges to sample from /metrics
+    sample_interval_s: float = 0.1
 
 
 def request_body(entry: TraceEntry, opts: ClientOptions) -> dict[str, Any]:
@@ -219,7 +223,15 @@ async def replay(trace: Trace, opts: ClientOptions, stop: asyncio.Event | None =
             await asyncio.wait_for(stop.wait(), max(0.0, end - time.perf_counter()))
         return not stop.is_set() and (deadline is None or time.perf_counter() < deadline)
 
+    samples: list[Sample] = []
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        probe = None
+        if opts.sample_metrics:
+            probe = asyncio.create_task(
+                sample_metrics(
+                    session, opts.url, opts.sample_metrics, opts.sample_interval_s, t0, samples
+                )
+            )
         for i, entry in enumerate(trace.entries):
             if not await wait_until(t0 + entry.arrival_s):
                 break
@@ -239,16 +251,18 @@ async def replay(trace: Trace, opts: ClientOptions, stop: asyncio.Event | None =
             stopped = "interrupted"
         elif deadline is not None and (tasks or len(records) < len(trace.entries)):
             stopped = "time limit"
-        for task in list(tasks):
+        for task in [*tasks, *([probe] if probe is not None else [])]:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(
+            *tasks, *([probe] if probe is not None else []), return_exceptions=True
+        )
     duration = time.perf_counter() - t0
     bar.close()
     for rec in records:
         if rec.error is None and rec.latency is None:
             rec.error = f"cancelled: {stopped}"
-    return RunResult(records, duration, len(trace.entries), stopped, started_at, os.getloadavg())
+    load = os.getloadavg()
+    return RunResult(records, duration, len(trace.entries), stopped, started_at, load, samples)
 
 
 def run_replay(trace: Trace, opts: ClientOptions) -> RunResult:

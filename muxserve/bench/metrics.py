@@ -154,4 +154,6 @@ def run_to_json(
     }
     if requests:
         out["requests"] = [r.to_json() for r in run.records]
+        if run.samples:
+            out["metric_samples"] = [[round(t, 3), vals] for t, vals in run.samples]
     return out

@@ -48,8 +48,10 @@ class Trace:
         return len(self.entries) / span if span > 0 else float("inf")
 
     def models(self) -> list[str]:
-        """Model names in order of first appearance."""
-        return list(dict.fromkeys(e.model for e in self.entries))
+        """Model names: the generator's order (most popular first), then by first appearance."""
+        seen = dict.fromkeys(e.model for e in self.entries)
+        listed = [m for m in self.meta.get("models", []) if m in seen]
+        return listed + [m for m in seen if m not in listed]
 
     def head(self, n: int | None) -> Trace:
         """The first `n` requests (all of them for None)."""

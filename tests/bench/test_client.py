@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from muxserve.bench.client import ClientOptions, replay, run_replay
@@ -18,8 +19,15 @@ MODELS = ("llama-demo", "qwen-demo", "mistral-demo")
 def test_short_trace_counts_and_timings(server: str, demo_models: dict[str, Path]) -> None:
     prompt_tokens = len(load_tokenizer(demo_models["llama-demo"]).encode("Once upon a time").ids)
     trace = make_trace(*((0.05 * i, MODELS[i % 3], 3 + i) for i in range(9)))
-    run = run_replay(trace, ClientOptions(url=server, ignore_eos=True, progress=False))
+    gauges = ("muxserve_kv_blocks_used", "muxserve_kv_blocks_total")
+    opts = ClientOptions(url=server, ignore_eos=True, progress=False, sample_metrics=gauges)
+    run = run_replay(trace, replace(opts, sample_interval_s=0.01))
     assert run.stopped is None and len(run.records) == 9 == run.trace_requests
+    assert run.samples and all(s["muxserve_kv_blocks_total"] > 0 for _, s in run.samples)
+    used = [
+        v for _, s in run.samples for k, v in s.items() if k.startswith("muxserve_kv_blocks_used")
+    ]
+    assert max(used) > 0  # blocks held while requests ran
     for r, e in zip(run.records, trace.entries, strict=True):
         assert r.success, r.error
         assert (r.model, r.output_len, r.status) == (e.model, e.max_tokens, 200)

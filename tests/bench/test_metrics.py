@@ -9,6 +9,7 @@ import pytest
 
 from muxserve.bench.client import RequestRecord, RunResult
 from muxserve.bench.metrics import SLO, latency_stats, run_to_json, summarize, tpot
+from muxserve.bench.probe import parse_prometheus, peak_and_mean
 
 
 def rec(
@@ -77,3 +78,22 @@ def test_run_json_roundtrips() -> None:
     assert data["errors"] == {"HTTP 404: no such model": 1}
     assert [r["model"] for r in data["requests"]] == ["a", "a", "b", "b"]
     assert "requests" not in run_to_json(run, SLO(), requests=False)
+
+
+def test_prometheus_parsing_and_peaks() -> None:
+    text = (
+        "# HELP muxserve_kv_blocks_used KV blocks the model holds\n"
+        "# TYPE muxserve_kv_blocks_used gauge\n"
+        'muxserve_kv_blocks_used{model="a"} 12.0\n'
+        'muxserve_kv_blocks_used{model="b"} 3.0\n'
+        "muxserve_kv_blocks_total 320.0\n"
+        "muxserve_requests_total 7\n"
+    )
+    vals = parse_prometheus(text, ["muxserve_kv_blocks_used", "muxserve_kv_blocks_total"])
+    assert vals == {
+        'muxserve_kv_blocks_used{model="a"}': 12.0,
+        'muxserve_kv_blocks_used{model="b"}': 3.0,
+        "muxserve_kv_blocks_total": 320.0,
+    }
+    samples = [(0.0, {"x": 1.0}), (0.1, {"x": 5.0}), (0.2, {})]
+    assert peak_and_mean(samples, "x") == (5.0, 3.0) and peak_and_mean(samples, "y") is None
