@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from muxserve.bench.client import ClientOptions, RunResult, run_replay
-from muxserve.bench.metrics import SLO, run_to_json
+from muxserve.bench.metrics import SLO, run_to_json, tpot
 from muxserve.bench.probe import peak_and_mean
 from muxserve.bench.report import format_table, machine, write_json
 from muxserve.bench.server import ServerProcess
@@ -217,7 +217,6 @@ def compare_rates(results: dict[str, list[dict[str, Any]]]) -> dict[str, float |
 
 def compact(run: RunResult) -> list[list[Any]]:
     """Per request: model, TTFT, TPOT, E2E (ms, None where missing), error or None."""
-    from muxserve.bench.metrics import tpot
 
     def ms(x: float | None) -> float | None:
         return None if x is None else round(x * 1000, 2)
@@ -321,16 +320,17 @@ def main() -> int:
     names = trace.models()
     results = {
         mode: [
-            {
-                **run_to_json(r, slo, rate=rate, requests=False),
-                "kv": kv_use(r, names),
-                "latencies": compact(r),
-            }
+            {**run_to_json(r, slo, rate=rate, requests=False), "kv": kv_use(r, names)}
             for rate, r in rs
         ]
         for mode, rs in runs.items()
     }
     compare = compare_rates(results)
+    at = compare["throughput"] or compare["slo"] or min(args.rates)
+    for mode, rs in runs.items():  # per-request latencies of the runs the CDFs show
+        for row, (rate, r) in zip(results[mode], rs, strict=True):
+            if rate == at:
+                row["latencies"] = compact(r)
     summary = {
         "command": " ".join(sys.argv),
         "machine": machine(),
@@ -353,11 +353,11 @@ def main() -> int:
         cells = [f"{k}={v:.2f}" for k, v in row.items() if k != "rate" and isinstance(v, float)]
         print(f"  rate {row['rate']:g}: " + "  ".join(cells))
     for how, rate in compare.items():
-        print(f"highest rate spatial sustains by {how} (>= {SUSTAINED:.0%}): {rate} req/s")
+        where = "none of the rates" if rate is None else f"{rate:g} req/s"
+        print(f"highest rate spatial sustains by {how} (>= {SUSTAINED:.0%}): {where}")
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"load average: {load_start[0]:.2f} at the start; {load} at the end")
     if results:
-        at = compare["throughput"] or compare["slo"] or min(args.rates)
         title = f"KV {args.kv_pool_mib:g} MiB, {len(trace.entries)} requests"
         plot(names, results, runs, at, out, title)
     print(f"wrote {out}/results.json, modes.png, modes_cdf.png", file=sys.stderr)
