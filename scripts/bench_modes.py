@@ -72,7 +72,6 @@ def mode_config(mode: str, models: dict[str, Path], args: argparse.Namespace) ->
             "kv_mode": kv_mode,
             "prefill_token_budget": 512,
             "max_batch_size": 32,
-            "device": "cpu",
         },
     }
 
