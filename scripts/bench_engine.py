@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,7 +49,7 @@ def bench_throughput(args: argparse.Namespace) -> list[dict[str, object]]:
                 SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True),
             )
         )
-    rows = []
+    engines = {}
     for policy, kv_mode in MODES:
         config = parse_config(
             {
@@ -62,22 +64,38 @@ def bench_throughput(args: argparse.Namespace) -> list[dict[str, object]]:
         )
         engine = MuxEngine(config)
         engine.generate(["warm up"], SamplingParams(max_tokens=2), next(iter(models)))
-        start = time.perf_counter()
-        outs = engine.generate([w[1] for w in work], [w[2] for w in work], [w[0] for w in work])
-        elapsed = time.perf_counter() - start
-        tokens = sum(len(c.token_ids) for c in outs)
+        engines[(policy, kv_mode)] = engine
+    # modes interleaved, repeated, median: a burst of load from elsewhere hits all modes alike
+    times: dict[tuple[str, str], list[float]] = {m: [] for m in MODES}
+    jobs: dict[tuple[str, str], int] = {}
+    preempts: dict[tuple[str, str], int] = {}
+    tokens = 0
+    for rep in range(args.repeats):
+        for mode, engine in engines.items():
+            jobs_before = engine.scheduler.num_jobs_started
+            preempt_before = engine.scheduler.num_preemptions
+            start = time.perf_counter()
+            outs = engine.generate([w[1] for w in work], [w[2] for w in work], [w[0] for w in work])
+            times[mode].append(time.perf_counter() - start)
+            tokens = sum(len(c.token_ids) for c in outs)
+            jobs[mode] = engine.scheduler.num_jobs_started - jobs_before
+            preempts[mode] = engine.scheduler.num_preemptions - preempt_before
+            print(f"  rep {rep} {mode[0]}+{mode[1]}: {times[mode][-1]:.2f}s", file=sys.stderr)
+    rows: list[dict[str, object]] = []
+    for (policy, kv_mode), engine in engines.items():
+        median = statistics.median(times[(policy, kv_mode)])
         rows.append(
             {
                 "policy": policy,
                 "kv_mode": kv_mode,
-                "requests": len(outs),
+                "requests": len(work),
                 "tokens": tokens,
-                "seconds": round(elapsed, 3),
-                "tokens_per_s": round(tokens / elapsed, 1),
-                "preemptions": engine.scheduler.num_preemptions,
+                "seconds": round(median, 3),
+                "tokens_per_s": round(tokens / median, 1),
+                "jobs": jobs[(policy, kv_mode)],
+                "preemptions": preempts[(policy, kv_mode)],
             }
         )
-        print(f"  {policy}+{kv_mode}: {tokens} tokens in {elapsed:.2f}s", file=sys.stderr)
         engine.shutdown()
     base = next(r["tokens_per_s"] for r in rows if r["policy"] == "fcfs")
     for r in rows:
@@ -139,13 +157,22 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--pool-blocks", type=int, default=2048, help="KV pool size in 4 KiB blocks")
     p.add_argument("--rounds", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs per mode (median)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)"
+    )
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--out", default="benchmarks/results/engine")
     args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     result: dict[str, object] = {
         "machine": platform.platform(),
         "python": platform.python_version(),
+        "torch_threads": args.threads,
+        "load_average_before": os.getloadavg(),
     }
     print("scheduler overhead (zero-cost runner)", file=sys.stderr)
     overhead = [bench_scheduler(256, 4, share, args.rounds) for share in (1.0, 0.25)]
@@ -158,11 +185,11 @@ def main() -> int:
         print("throughput on the demo models", file=sys.stderr)
         rows = bench_throughput(args)
         result["throughput"] = rows
-        heads = ("policy", "kv_mode", "tokens", "seconds", "tok/s", "vs fcfs", "preempt")
+        heads = ("policy", "kv_mode", "tokens", "seconds", "tok/s", "vs fcfs", "jobs", "preempt")
         print("\n" + "".join(f"{h:>9}" for h in heads))
         for r in rows:
             keys = ("policy", "kv_mode", "tokens", "seconds", "tokens_per_s", "ratio_to_fcfs")
-            print("".join(f"{r[k]!s:>9}" for k in (*keys, "preemptions")))
+            print("".join(f"{r[k]!s:>9}" for k in (*keys, "jobs", "preemptions")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_engine.json").write_text(json.dumps(result, indent=2) + "\n")

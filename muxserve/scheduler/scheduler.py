@@ -136,6 +136,10 @@ class Scheduler:
         return bool(self._requests)
 
     @property
+    def num_jobs_started(self) -> int:
+        return self._next_job_id
+
+    @property
     def jobs_in_flight(self) -> int:
         return len(self._in_flight)
 
@@ -220,7 +224,11 @@ class Scheduler:
         q.blocked = False
         while q.waiting and budget > 0 and len(seqs) < self.max_batch_size:
             req = q.waiting[0]
-            if not self.tables.can_cover(q.name, req.request_id, req.num_tokens):
+            # leave each running request of the model room for its next block (a watermark), so
+            # admitting one more does not force a preemption a few decode steps later
+            need = self.tables.blocks_to_cover(q.name, req.request_id, req.num_tokens)
+            reserve = len(q.running) * q.slot.layout.blocks_per_logical
+            if not self.pool.can_allocate(q.name, need + reserve):
                 q.blocked = True
                 self._needs_rebalance = True
                 break

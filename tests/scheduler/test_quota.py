@@ -105,12 +105,14 @@ def test_adaptive_quota_follows_load_and_keeps_the_idle_models_usage() -> None:
     for i in range(10):  # 12-token prompts: 3 blocks each, 4 with the first output token
         s.add_request(make_request(f"a{i}", "a", prompt=12, max_tokens=8, arrival=1.0 + i))
     runner = FakeRunner(s)
-    runner.step()  # a's prefill admits 6 requests within its 20 blocks; b's waits for the SMs
-    assert s.pool.snapshot() == {"a": (18, 20), "b": (0, 20)}
+    # a's prefill admits 5 requests: the k-th needs 3 blocks plus a reserve of one block per
+    # request already running (3+4 <= 20-12, but 3+5 > 20-15); b's waits for the SMs
     runner.step()
-    # First rebalance: b0 (oldest waiting) gets its 3 blocks, a's demand (4 waiting x 4 + 6
-    # running x 1) takes the other 19 free blocks; b keeps nothing it does not need.
-    assert s.pool.snapshot() == {"a": (18, 37), "b": (2, 3)}
+    assert s.pool.snapshot() == {"a": (15, 20), "b": (0, 20)}
+    runner.step()
+    # First rebalance: b0 (oldest waiting) gets its 3 blocks, a's demand (5 waiting x 4 + 5
+    # running x 1) takes the other 22 free blocks; b keeps nothing it does not need.
+    assert s.pool.snapshot() == {"a": (15, 37), "b": (2, 3)}
     peak_a = 0
     while s.has_work():
         runner.step()
