@@ -38,7 +38,7 @@ class Candidate:
     batch: float  # mean decode batch at that rate
     tpot: float  # decode step latency at that batch (s)
     ttft: float  # prefill latency of one prompt at the least prefill share (s)
-    kv_bytes: float  # KV bytes per GPU its running requests hold
+    kv_bytes: float  # KV bytes per GPU its running requests hold (mean + 2 std. dev.)
     use: tuple[float, float, float, float]  # per GPU: memory bytes, SM, HBM, decode SM admitted
 
 
@@ -96,12 +96,14 @@ def fits(cands: Iterable[Candidate], capacity: Capacity, slack: float = 1e-9) ->
 
 
 def mesh_capacity(problem: Problem, mode: Mode) -> Capacity:
-    """Per GPU: usable memory; SM time 1; HBM time 1; decode shares within the SM admission
-    limit less the SMs kept for a prefill (mux), unconstrained (temporal)."""
+    """Per GPU: usable memory; SM time and HBM time up to the planned utilization; decode
+    shares within the SM admission limit less the SMs kept for a prefill (mux), or
+    unconstrained (temporal, where jobs take turns)."""
+    busy = problem.params.max_utilization
     if mode is Mode.TEMPORAL:
-        return Capacity(problem.usable_memory, 1.0, 1.0, 1.0)
+        return Capacity(problem.usable_memory, busy, busy, 1.0)
     admission = problem.sm_limit - problem.params.min_prefill_share
-    return Capacity(problem.usable_memory, 1.0, 1.0, admission)
+    return Capacity(problem.usable_memory, busy, busy, admission)
 
 
 def build_candidates(problem: Problem, mode: Mode = Mode.MUX, prune: bool = True) -> CandidateTable:
@@ -168,7 +170,9 @@ def _candidates(
         served = level * min(t.rate, capacity)
         batch = _batch_at(served * t.decode_steps, step, max_batch)
         tpot = step(batch)
-        kv = batch * kv_per_req
+        # KV for the mean batch and two standard deviations more: the number of requests
+        # decoding at once is Poisson (M/G/inf), and a model out of blocks stalls its queue
+        kv = (batch + 2 * math.sqrt(batch)) * kv_per_req
         busy = 1.0 - math.exp(-batch)  # P(some request is decoding), M/G/inf with mean `batch`
         if mode is Mode.MUX:
             decode_hbm = busy * cost.decode_bytes(spec, size, batch, ctx) / tpot / hbm_rate

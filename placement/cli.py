@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=30.0,
         metavar="S",
-        help="seconds of arrivals to simulate (default 30; 5 s warm-up)",
+        help="seconds of arrivals to measure, after a warm-up (default 20)",
     )
     sim.add_argument("--seed", type=int, default=0)
 
@@ -93,9 +93,8 @@ def run(args: argparse.Namespace) -> int:
             sims[name] = simulate(
                 plan,
                 problem,
-                duration_s=args.duration,
+                window_s=args.duration,
                 seed=args.seed,
-                warmup_s=min(5.0, args.duration / 4),
             )
     for name, plan in plans.items():
         print(format_placement(plan, sims.get(name)))

@@ -106,6 +106,7 @@ class BranchAndPrice:
         }
         self.penalty = 1e3 * (problem.total_rate + 1.0)
         self.final_s = 1.0  # seconds for the last integer master, past the search deadline
+        self.master_s = 10.0  # seconds at most for one integer master
 
     def search(self, start: Incumbent, *, deadline: float, tolerance: float) -> Search:
         """Best first until every open node is within `tolerance` of the best placement."""
@@ -118,7 +119,8 @@ class BranchAndPrice:
             return bound <= best.value * (1 + tolerance) + 1e-9
 
         root_branch = Branch()
-        root = self._price(root_branch, deadline, best.value * (1 + tolerance))
+        root_deadline = t0 + 0.7 * (deadline - t0)  # the rest: the integer master, branching
+        root = self._price(root_branch, root_deadline, best.value * (1 + tolerance))
         found = self._integer(root_branch, best, deadline)
         best = found if found.value > best.value else best
         if root is None or root.bound == float("inf"):
@@ -173,7 +175,7 @@ class BranchAndPrice:
             v.setInitialValue(1 if cfg.key in chosen else 0)
         for k, p in enumerate(self.patterns):
             n[k].setInitialValue(start.counts.get(p, 0))
-        limit = max(min(10.0, deadline - time.perf_counter()), 0.5)
+        limit = max(min(self.master_s, deadline - time.perf_counter()), 0.5)
         try:
             run_solver(prob, self.solver, limit, None, self.threads, "ilp (master)")
         except RuntimeError:  # no integer solution within these restrictions

@@ -73,6 +73,7 @@ def solve_ilp(
             initial = Incumbent(best.served_total, _configs(problem, table, best), counts)
         bp = BranchAndPrice(problem, table, solver=solver, threads=threads, progress=progress)
         bp.final_s = 0.1 * time_limit
+        bp.master_s = max(10.0, 0.2 * time_limit)
         found = bp.search(initial, deadline=start + 0.75 * time_limit, tolerance=gap_tolerance)
         if found.best.value > value(best) + 1e-9:
             best = _from_configs(problem, table, found.best.configs, found.best.counts)

@@ -33,6 +33,8 @@ class PlannerParams(Strict):
     # fractions of what a model can serve at a share that it may be planned to serve
     service_levels: tuple[float, ...] = (1.0, 0.5, 0.25)
     min_prefill_share: float = Field(0.3, gt=0, le=1)  # SMs left for a prefill beside decodes
+    # planned busy share of a GPU's SM time and HBM bandwidth: headroom keeps queues stable
+    max_utilization: float = Field(0.85, gt=0, le=1)
     memory_utilization: float = Field(0.9, gt=0, le=1)  # of each GPU's memory
     mesh_sizes: tuple[int, ...] = (1, 2, 4, 8)  # GPUs per mesh (within one node)
 

@@ -111,9 +111,7 @@ def assemble(
         models = []
         for c in sorted(cands, key=lambda c: c.model):
             if table.mode is Mode.MUX:
-                prefill = min(
-                    1.0, max(problem.params.min_prefill_share, problem.sm_limit - decode_sum)
-                )
+                prefill = _prefill_share(problem, decode_sum)
                 ttft = problem.cost.prefill_latency(
                     problem.specs[c.model], c.size, prefill, 1, problem.targets[c.model].prompt_len
                 )
@@ -139,6 +137,13 @@ def assemble(
     block = problem.engine.block_bytes
     pool = int(min(pools) // block * block) if pools else None
     return Placement(algorithm, table.mode, tuple(placed), solve_time_s, status, gap, pool or None)
+
+
+def _prefill_share(problem: Problem, decode_sum: float) -> float:
+    """What the decodes leave of the SM admission limit, rounded down to 1%: one prefill then
+    runs beside all decodes, without landing a float's width over the scheduler's limit."""
+    left = math.floor((problem.sm_limit - decode_sum) * 100 - 1e-6) / 100
+    return min(1.0, max(problem.params.min_prefill_share - 0.01, left))
 
 
 def _share(part: float, total: float, n: int) -> float:

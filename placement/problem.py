@@ -85,9 +85,15 @@ class Problem:
         return next(i for i, s in enumerate(self.specs) if s.name == name)
 
     def kv_bytes_per_request(self, i: int) -> float:
-        """KV bytes a request holds at its end (prompt + output), over all GPUs of its mesh."""
-        t = self.targets[i]
-        return (t.prompt_len + t.output_len) * self.specs[i].kv_bytes_per_token
+        """KV bytes a request holds at its end, over all GPUs of its mesh.
+
+        Prompt and output tokens rounded up to whole blocks, plus the one block per running
+        request the scheduler keeps free so a decode never has to wait for its next block.
+        """
+        t, spec = self.targets[i], self.specs[i]
+        per_block = self.engine.block_bytes // (2 * spec.config.head_dim * spec.dtype_bytes)
+        tokens = -(-(t.prompt_len + t.output_len) // per_block) * per_block + per_block
+        return tokens * spec.kv_bytes_per_token
 
     def fits(self, i: int, size: int) -> bool:
         """Whether model i can run on a mesh of `size` GPUs with room for one request's KV."""

@@ -4,9 +4,9 @@ Each mesh runs its own `muxserve.scheduler.Scheduler` (the plan's engine setting
 and spatial plans give every job the whole GPU, so SM admission runs one job at a time) over a
 KV pool of the planned size. A clock advances by the cost model's latency of each job (slowed
 when the jobs running at once ask for more than the GPU's SMs or HBM bandwidth), and dummy
-tokens are fed back. Requests arrive for `duration_s`; the simulation then runs on until they
-finish or can no longer meet their SLO. Reported per model, over the window after warm-up:
-throughput (tokens generated in the window ÷ the mean output length: requests/s served,
+tokens are fed back. Requests arrive through a warm-up and a measured window; the simulation
+then runs on until they finish or can no longer meet their SLO. Reported per model, over the
+window: throughput (tokens generated in the window ÷ the mean output length: requests/s served,
 partial requests included, so a window shorter than a request still measures the rate),
 SLO attainment of the window's arrivals, and TTFT / TPOT percentiles.
 """
@@ -28,10 +28,8 @@ from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, JobResult, Phase, SeqResult
 from muxserve.scheduler.model_slot import ModelSlot
 from muxserve.scheduler.scheduler import Scheduler
-from placement.plan import PlacedMesh, Placement
+from placement.plan import PlacedMesh, PlacedModel, Placement
 from placement.problem import Problem
-
-SIM_BLOCK_BYTES = 256 << 10  # coarser than serving's blocks: same decisions, far fewer ids
 
 
 @dataclass(frozen=True)
@@ -109,28 +107,55 @@ def simulate(
     placement: Placement,
     problem: Problem,
     *,
-    duration_s: float = 30.0,
-    warmup_s: float = 5.0,
+    window_s: float = 20.0,
+    min_warmup_s: float = 5.0,
     seed: int = 0,
-    block_bytes: int = SIM_BLOCK_BYTES,
+    block_bytes: int | None = None,
+    admission: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> SimResult:
-    """Replay `duration_s` of the problem's workload (Poisson or gamma) against `placement`."""
+    """Replay the problem's workload (Poisson or gamma) against `placement`.
+
+    With `admission`, a model the plan serves below its rate turns the excess away on arrival
+    (as a rate-limited server answers 429), so each plan is held to what it promises; turned
+    away requests count against SLO attainment.
+
+    Each mesh warms up until its slowest model's requests could have finished once (so the
+    window sees steady state, not the ramp-up), at least `min_warmup_s`; then `window_s` of
+    arrivals are measured.
+    """
+    block_bytes = block_bytes or problem.engine.block_bytes  # the serving config's, by default
     tracks: dict[str, _Track] = {}
     tokens: dict[str, int] = {pm.name: 0 for pm in placement.models}
-    window = (warmup_s, duration_s)
+    windows: dict[str, tuple[float, float]] = {}
     for k, mesh in enumerate(placement.meshes):
         if progress:
             progress(f"simulate {placement.algorithm}: mesh {k + 1}/{len(placement.meshes)}")
-        rng = np.random.default_rng([seed, k])
-        tracks.update(_run_mesh(mesh, k, problem, duration_s, window, block_bytes, rng, tokens))
+        warmup = max(
+            min_warmup_s, min(_MAX_WARMUP_S, 1.2 * max(_latency(problem, m) for m in mesh.models))
+        )
+        window = (warmup, warmup + window_s)
+        tracks.update(
+            _run_mesh(mesh, k, problem, window[1], window, block_bytes, seed, tokens, admission)
+        )
+        windows.update({m.name: window for m in mesh.models})
     stats = []
     for pm in placement.models:
         t = problem.targets[problem.index(pm.name)]
         mine = [r for r in tracks.values() if r.model == pm.name]
-        served = tokens[pm.name] / t.output_len / (duration_s - warmup_s)
-        stats.append(_stats(pm.name, t.rate, mine, served, window, t.ttft, t.tpot, t.output_len))
-    return SimResult(placement.algorithm, duration_s - warmup_s, tuple(stats))
+        served = tokens[pm.name] / t.output_len / window_s
+        stats.append(
+            _stats(pm.name, t.rate, mine, served, windows[pm.name], t.ttft, t.tpot, t.output_len)
+        )
+    return SimResult(placement.algorithm, window_s, tuple(stats))
+
+
+_MAX_WARMUP_S = 120.0
+
+
+def _latency(problem: Problem, m: PlacedModel) -> float:
+    """A request's planned latency: its prefill, then its decode steps at the planned pace."""
+    return m.ttft + problem.targets[problem.index(m.name)].decode_steps * m.tpot
 
 
 def _run_mesh(
@@ -140,8 +165,9 @@ def _run_mesh(
     duration: float,
     window: tuple[float, float],
     block_bytes: int,
-    rng: np.random.Generator,
+    seed: int,
     tokens: dict[str, int],
+    admission: bool,
 ) -> dict[str, _Track]:
     """Simulate one mesh; fills `tokens` with each model's tokens generated in `window`."""
     cost, tp = problem.cost, mesh.size
@@ -170,12 +196,15 @@ def _run_mesh(
     num_blocks = int((problem.usable_memory - fixed) // block_bytes)
     sched = Scheduler.create(slots, num_blocks, EngineConfig.model_validate(engine.model_dump()))
 
-    arrivals: list[tuple[float, int, str]] = []
+    arrivals: list[tuple[float, int, str, bool]] = []
     for pm in mesh.models:
-        t = problem.targets[problem.index(pm.name)]
-        arr = problem.arrival
-        for a in arrival_times(t.rate, duration, arr.process, arr.cv, rng):
-            arrivals.append((a, len(arrivals), pm.name))
+        i = problem.index(pm.name)
+        t, arr = problem.targets[i], problem.arrival
+        rng = np.random.default_rng([seed, i])  # a model's arrivals are the same in every plan
+        times = arrival_times(t.rate, duration, arr.process, arr.cv, rng)
+        admit = rng.random(len(times)) < (min(1.0, pm.served / t.rate) if admission else 1.0)
+        for a, ok in zip(times, admit, strict=True):
+            arrivals.append((a, len(arrivals), pm.name, bool(ok)))
     arrivals.sort()
     tracks: dict[str, _Track] = {}
     running: list[_Running] = []
@@ -185,11 +214,14 @@ def _run_mesh(
     now, a = 0.0, 0
     while now < horizon:
         while a < len(arrivals) and arrivals[a][0] <= now:
-            at, _, name = arrivals[a]
+            at, _, name, admitted = arrivals[a]
             a += 1
             t = problem.targets[problem.index(name)]
             rid = f"m{mesh_index}-r{next(ids)}"
             tracks[rid] = _Track(name, at)
+            if not admitted:  # beyond the rate the plan serves: turned away (HTTP 429)
+                tracks[rid].rejected = True
+                continue
             req = Request(
                 rid,
                 name,

@@ -46,4 +46,5 @@ def test_limits() -> None:
     assert p.usable_memory == 4 * 2**30 * 0.9
     assert p.sm_limit == pytest.approx(1.1)
     assert p.total_rate == 2.0
-    assert p.kv_bytes_per_request(0) == 200 * p.specs[0].kv_bytes_per_token
+    # 200 tokens in blocks of 16 KiB / (2 × 64 × 2 bytes) = 64 tokens: 4 blocks, and one spare
+    assert p.kv_bytes_per_request(0) == (4 + 1) * 64 * p.specs[0].kv_bytes_per_token

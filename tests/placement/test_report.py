@@ -47,7 +47,7 @@ def test_tables() -> None:
 
 def test_simulated_columns_and_plot(tmp_path: Path) -> None:
     p, ps = plans(hot=50.0)
-    sims = {n: simulate(pl, p, duration_s=4.0, warmup_s=1.0) for n, pl in ps.items()}
+    sims = {n: simulate(pl, p, window_s=3.0, min_warmup_s=1.0) for n, pl in ps.items()}
     text = format_placement(ps["ilp"], sims["ilp"])
     assert "sim req/s" in text and "TTFT p50/p99 ms" in text
     assert "simulated: " in text and "SLO attainment" in text

@@ -25,7 +25,7 @@ def light() -> tuple:
 
 def test_light_load_is_served_within_slo() -> None:
     p, plan = light()
-    sim = simulate(plan, p, duration_s=40.0, warmup_s=5.0, seed=1)
+    sim = simulate(plan, p, window_s=35.0, seed=1)
     assert [m.name for m in sim.models] == [m.name for m in plan.models]
     by = {m.name: m for m in sim.models}
     assert by["m0"].throughput == pytest.approx(4.0, rel=0.2)
@@ -39,8 +39,8 @@ def test_light_load_is_served_within_slo() -> None:
 
 def test_deterministic_for_a_seed() -> None:
     p, plan = light()
-    a = simulate(plan, p, duration_s=10.0, warmup_s=2.0, seed=3)
-    b = simulate(plan, p, duration_s=10.0, warmup_s=2.0, seed=3)
+    a = simulate(plan, p, window_s=8.0, seed=3)
+    b = simulate(plan, p, window_s=8.0, seed=3)
     assert a == b
 
 
@@ -49,7 +49,7 @@ def test_overload_shows_in_throughput_and_slo() -> None:
         [spec(hidden=1024, layers=8)], [2000.0], cluster(nodes=1, gpus_per_node=1), output=50
     )
     plan = solve_spatial(p)
-    sim = simulate(plan, p, duration_s=6.0, warmup_s=2.0)
+    sim = simulate(plan, p, window_s=4.0, min_warmup_s=2.0)
     (m,) = sim.models
     assert m.throughput < 2000.0 * 0.5
     assert m.slo_attainment < 0.5
