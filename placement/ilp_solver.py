@@ -133,13 +133,12 @@ def _tail(
 def _run_highs(prob: pulp.LpProblem, time_limit: float, threads: int | None) -> SolveResult:
     if not highs_available():
         raise ConfigError("solver 'highs' needs highspy: pip install highspy")
-    cmd = pulp.HiGHS(msg=False, timeLimit=time_limit, threads=threads, warmStart=True)
-    prob.solve(cmd)
+    prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit, threads=threads))
     if prob.status != pulp.LpStatusOptimal:
         raise RuntimeError(f"HiGHS found no feasible plan ({pulp.LpStatus[prob.status]})")
-    model = getattr(prob, "solverModel", None)
     gap = None
+    model = getattr(prob, "solverModel", None)
     if model is not None:
-        info = model.getInfo()
-        gap = float(getattr(info, "mip_gap", 0.0))
+        gap = float(getattr(model.getInfo(), "mip_gap", float("nan")))
+        gap = None if gap != gap else abs(gap)  # NaN: not reported
     return _result(prob, prob.sol_status == pulp.LpSolutionOptimal, gap)

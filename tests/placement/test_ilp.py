@@ -9,6 +9,7 @@ from exhaustive import best_placement
 from placement.candidates import Mode, build_candidates
 from placement.greedy import solve_greedy
 from placement.ilp import solve_ilp
+from placement.ilp_solver import highs_available
 from placement.problem import Problem
 
 
@@ -74,3 +75,19 @@ def test_every_model_is_placed_once() -> None:
     p = random_problem(random.Random(3))
     plan = solve_ilp(p, progress=None)
     assert sorted(m.name for m in plan.models) == sorted(s.name for s in p.specs)
+
+
+@pytest.mark.skipif(not highs_available(), reason="highspy is not installed")
+def test_highs_gives_the_same_optimum() -> None:
+    p = random_problem(random.Random(5))
+    cbc = solve_ilp(p, gap_tolerance=0.0, progress=None)
+    highs = solve_ilp(p, gap_tolerance=0.0, progress=None, solver="highs")
+    assert highs.served_total == pytest.approx(cbc.served_total, rel=1e-7)
+
+
+def test_unknown_solver() -> None:
+    from muxserve.errors import ConfigError
+
+    p = random_problem(random.Random(0))
+    with pytest.raises(ConfigError, match="unknown solver 'gurobi'"):
+        solve_ilp(p, solver="gurobi", progress=None, gap_tolerance=0.0)
