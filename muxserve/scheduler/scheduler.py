@@ -19,6 +19,8 @@ from muxserve.scheduler.model_slot import ModelQueue, ModelSlot
 from muxserve.scheduler.policy import AdbsPolicy, FcfsPolicy, JobPolicy
 from muxserve.scheduler.quota import AdaptiveQuota, QuotaPolicy, StaticQuota
 
+SM_EPSILON = 1e-9  # shares are floats: 0.01 + 0.26 + 0.93 must fit a 1.2 limit
+
 
 @dataclass(frozen=True)
 class ModelStats:
@@ -168,7 +170,8 @@ class Scheduler:
             if cap is not None and len(self._in_flight) >= cap:
                 break
             share = q.slot.share(phase)
-            if phase in q.busy or (self._in_flight and self._sm_in_use + share > self.sm_limit):
+            over = self._sm_in_use + share > self.sm_limit + SM_EPSILON
+            if phase in q.busy or (self._in_flight and over):
                 continue
             seqs = self._prefill_seqs(q) if phase is Phase.PREFILL else self._decode_seqs(q)
             if not seqs:

@@ -424,6 +424,16 @@ def test_sm_admission_within_the_overload() -> None:
     assert job_kinds(s.schedule()) == [("c", P)]  # b (0.5) + c (0.5); a's decode would be 1.5
 
 
+def test_sm_admission_shares_that_exactly_fill_the_limit_fit() -> None:
+    # 0.01 + 0.26 + 0.93 is 1.2000000000000002 in floats; they exactly fill 100% + 20%
+    shares = {"a": 0.01, "b": 0.26, "c": 0.93}
+    slots = [make_slot(m, prefill_share=x, decode_share=x) for m, x in shares.items()]
+    s = make_scheduler(slots, 16, sm_overload=0.2)
+    for m in shares:
+        s.add_request(make_request(f"{m}0", m, max_tokens=2))
+    assert job_kinds(s.schedule()) == [("a", P), ("b", P), ("c", P)]
+
+
 def test_a_job_always_starts_on_an_idle_device() -> None:
     s = make_scheduler([make_slot("a", prefill_share=1.0)], 16, sm_overload=0.0)
     s.add_request(make_request("a0"))
