@@ -143,6 +143,10 @@ class WorkerGroup:
 
     def _dispatch(self) -> None:
         assert self.job is not None
+        if not all(proc.is_alive() for proc in self.procs):
+            # a rank died since it was ready: send to none (the others would fail the job at
+            # their first collective); its death comes through `on_readable`, the job is kept
+            return
         try:
             for conn, mirror in zip(self.conns, self.mirrors, strict=True):
                 conn.send(mirror.encode(self.job))
