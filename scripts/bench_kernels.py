@@ -15,15 +15,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from muxserve import ops
+from muxserve.cuda_timing import copy_bandwidth, cuda_time
 from muxserve.kv.layout import KVLayout
 from muxserve.runner.attention import BatchLayout
 from muxserve.runner.kv_pool import KVPool
@@ -39,26 +38,6 @@ DECODE_GRID = [  # batch, context, heads, kv_heads, head_dim
     (64, 2048, 32, 8, 80),
     (64, 2048, 16, 16, 256),
 ]
-
-
-def cuda_time(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device, repeat: int) -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / cuda_time(lambda: dst.copy_(src), repeat)
 
 
 def decode_setup(
@@ -187,7 +166,7 @@ def main() -> int:
         return 2
     os.environ[ops.KERNELS_ENV] = "on"  # a failed build is an error here, not a fallback
     device = torch.device("cuda", torch.cuda.current_device())
-    bw = copy_bandwidth(device, args.repeat)
+    bw = copy_bandwidth(device, repeat=args.repeat)
     gpu = torch.cuda.get_device_name(device)
     print(f"{gpu}: device-to-device copy {bw / 1e9:.0f} GB/s", flush=True)
     kernels = ops.kernels_for(device)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from muxserve import kernel_build, ops
+from muxserve.cuda_timing import copy_bandwidth as measure_copy_bandwidth
 from muxserve.models.hf_config import HFModelConfig, load_hf_config
 from muxserve.models.llama import LlamaForCausalLM
 
@@ -75,36 +75,14 @@ def report(gpu_name: str) -> Report:
     return record
 
 
-def cuda_time(fn: Callable[[], object], repeat: int = 20, warmup: int = 3) -> float:
-    """Median seconds of fn() on the current stream, by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
 @pytest.fixture(scope="session")
 def copy_bandwidth(device: torch.device, report: Report) -> float:
     """Device-to-device copy bandwidth, bytes/s: (read + written bytes) / time of a 1 GiB copy."""
     nbytes = 1 << 30
-    t = _copy_time(device, nbytes)
-    torch.cuda.empty_cache()
-    bandwidth = 2 * nbytes / t
-    report("copy_bandwidth", bytes=nbytes, seconds=t, gb_per_s=bandwidth / 1e9)
+    bandwidth = measure_copy_bandwidth(device, nbytes)
+    torch.cuda.empty_cache()  # the 2 GiB of copy buffers
+    report("copy_bandwidth", bytes=nbytes, seconds=2 * nbytes / bandwidth, gb_per_s=bandwidth / 1e9)
     return bandwidth
-
-
-def _copy_time(device: torch.device, nbytes: int) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    return cuda_time(lambda: dst.copy_(src), repeat=20, warmup=3)
 
 
 def llama_7b_config() -> HFModelConfig:

@@ -11,8 +11,9 @@ from types import ModuleType
 import pytest
 import torch
 
-from gpu.conftest import Report, cuda_time, llama_7b_config, random_model
+from gpu.conftest import Report, llama_7b_config, random_model
 from muxserve import ops
+from muxserve.cuda_timing import cuda_time
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.kv.layout import KVLayout
