@@ -8,7 +8,6 @@ outputs. It runs in the caller's thread (`step()`, `generate()`) or in a backgro
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 import threading
@@ -115,7 +114,6 @@ class MuxEngine:
         self._texts: dict[str, TextState] = {}
         self._sinks: dict[str, OutputSink] = {}
         self._rng = random.Random(eng.seed)
-        self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._running = False
 

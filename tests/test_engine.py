@@ -210,11 +210,14 @@ def test_stream_deltas_add_up(engine):
     finally:
         engine.shutdown()
     assert "".join(o.text for o in outs) == whole.text
+    # generate() joins the same deltas: the reference is decoding every output token at once,
+    # which a delta that split a multi-byte character would not match
+    tokenizer = engine.models["llama-demo"].tokenizer
+    assert whole.text == tokenizer.decode(whole.token_ids)
     assert [t for o in outs for t in o.token_ids] == whole.token_ids
     assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
     assert outs[-1].finish_reason == whole.finish_reason
     assert outs[-1].completion_tokens == len(whole.token_ids)
-    assert "\ufffd" not in "".join(o.text for o in outs[:-1]) or "\ufffd" in whole.text
 
 
 def test_stop_string_truncates(engine):
@@ -281,3 +284,16 @@ def test_logprobs(engine):
         assert lp.top[0][0] == lp.token_id  # greedy: the sampled token is the most likely
         assert lp.logprob == pytest.approx(lp.top[0][1])
         assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+
+
+def test_text_equals_decoding_all_tokens_at_once(engine):
+    """Deltas never split a multi-byte character: the streamed text, joined, is what decoding
+    every output token at once gives (random weights emit plenty of partial UTF-8 bytes)."""
+    prompts = ["Ünïcödé 日本語 emoji 🙂", "naïve café", "汉字 and ascii", "plain text"]
+    split = 0
+    for model, served in engine.models.items():
+        outs = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0), model)
+        for c in outs:
+            assert c.text == served.tokenizer.decode(c.token_ids)
+            split += any(ord(ch) > 0x7F for ch in c.text)
+    assert split > 0  # the check saw non-ASCII output, so it could have failed

@@ -36,7 +36,6 @@ class ModelQueue:
     running: list[Request] = field(default_factory=list)  # admission order
     prefilling: list[Request] = field(default_factory=list)  # running, prefill not complete
     busy: set[Phase] = field(default_factory=set)  # phases with a job in flight
-    blocked: bool = False  # the head of `waiting` could not get blocks at the last try
 
     @property
     def name(self) -> str:

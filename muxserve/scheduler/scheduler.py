@@ -224,7 +224,6 @@ class Scheduler:
             if not req.in_flight:
                 seqs.append(self._chunk(req, budget))
                 budget -= len(seqs[-1].token_ids)
-        q.blocked = False
         while q.waiting and budget > 0 and len(seqs) < self.max_batch_size:
             req = q.waiting[0]
             # leave each running request of the model room for its next block (a watermark), so
@@ -232,7 +231,6 @@ class Scheduler:
             need = self.tables.blocks_to_cover(q.name, req.request_id, req.num_tokens)
             reserve = len(q.running) * q.slot.layout.blocks_per_logical
             if not self.pool.can_allocate(q.name, need + reserve):
-                q.blocked = True
                 self._needs_rebalance = True
                 break
             self.tables.cover(q.name, req.request_id, req.num_tokens)
