@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from muxserve.errors import ConfigError
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+CPU_KV_POOL_BYTES = 64 << 20  # the KV pool on a CPU when the config does not size it
 
 
 def default_cache_dir() -> Path:
@@ -45,6 +46,8 @@ class ModelEntry(_Strict):
     sm_share: SMShare = SMShare()
     tensor_parallel: int = Field(1, ge=1)
     max_waiting: int = Field(1024, ge=1)  # bounded waiting queue (HTTP 429 beyond it)
+    kv_share: float | None = Field(None, gt=0.0, le=1.0)  # initial share of the KV pool;
+    # None: in proportion to rate x KV bytes per token (a plan sets it per mesh)
 
     @field_validator("path")
     @classmethod
@@ -56,7 +59,10 @@ class ModelEntry(_Strict):
 class EngineConfig(_Strict):
     """How one engine (one mesh) runs its models."""
 
-    kv_pool_bytes: int = Field(64 << 20, gt=0)  # bytes of the unified KV pool per device
+    # bytes of the unified KV pool per device; None: on a GPU what `gpu_memory_utilization`
+    # leaves after the weights, on a CPU `CPU_KV_POOL_BYTES`
+    kv_pool_bytes: int | None = Field(None, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)  # of each GPU's memory, at most
     block_bytes: int = Field(16 << 10, gt=0)  # bytes of one physical block
     policy: Literal["adbs", "fcfs"] = "adbs"
     kv_mode: Literal["unified", "static"] = "unified"
@@ -71,7 +77,7 @@ class EngineConfig(_Strict):
 
     @model_validator(mode="after")
     def _pool_holds_a_block(self) -> EngineConfig:
-        if self.block_bytes > self.kv_pool_bytes:
+        if self.kv_pool_bytes is not None and self.block_bytes > self.kv_pool_bytes:
             raise ValueError(
                 f"block_bytes ({self.block_bytes}) exceeds kv_pool_bytes ({self.kv_pool_bytes})"
             )
@@ -79,22 +85,41 @@ class EngineConfig(_Strict):
 
 
 class MeshModel(_Strict):
-    """A model's place on a mesh, as the planner decided."""
+    """A model's place on a mesh, as the planner decided; what is unset is the model's own."""
 
     name: str
-    tensor_parallel: int = Field(1, ge=1)
-    sm_share: SMShare = SMShare()
-    kv_share: float = Field(1.0, gt=0.0, le=1.0)  # share of the mesh's KV pool
-    rate: float = Field(0.0, ge=0.0)  # requests/s the planner expects this mesh to serve
+    tensor_parallel: int | None = Field(None, ge=1)
+    sm_share: SMShare | None = None
+    kv_share: float | None = Field(None, gt=0.0, le=1.0)  # initial share of the mesh's pool
+    rate: float | None = Field(None, ge=0.0)  # requests/s the planner expects this mesh to serve
 
 
 class Mesh(_Strict):
     """A group of GPUs of one node that run one engine."""
 
-    name: str
+    name: str = Field(min_length=1)
     node: int = Field(0, ge=0)
     gpus: list[int] = Field(min_length=1)
     models: list[MeshModel] = Field(min_length=1)
+    kv_pool_bytes: int | None = Field(None, gt=0)  # this mesh's pool per GPU; None: engine's
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Mesh:
+        if any(g < 0 for g in self.gpus):
+            raise ValueError(f"mesh {self.name!r}: GPU indices must be >= 0, got {self.gpus}")
+        if len(set(self.gpus)) != len(self.gpus):
+            raise ValueError(f"mesh {self.name!r} lists a GPU twice: {self.gpus}")
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"mesh {self.name!r} lists {', '.join(dup)} twice")
+        for m in self.models:
+            if m.tensor_parallel is not None and m.tensor_parallel > len(self.gpus):
+                raise ValueError(
+                    f"mesh {self.name!r}: {m.name} has tensor_parallel={m.tensor_parallel} "
+                    f"but the mesh has {len(self.gpus)} GPUs"
+                )
+        return self
 
 
 class MuxConfig(_Strict):
@@ -110,14 +135,72 @@ class MuxConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate model names: {', '.join(dup)}")
-        for mesh in self.meshes or []:
+        if self.meshes is not None:
+            self._check_meshes(self.models, self.meshes)
+        return self
+
+    @staticmethod
+    def _check_meshes(models: list[ModelEntry], meshes: list[Mesh]) -> None:
+        names = [m.name for m in models]
+        mesh_names = [m.name for m in meshes]
+        dup = sorted({n for n in mesh_names if mesh_names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate mesh names: {', '.join(dup)}")
+        owner: dict[tuple[int, int], str] = {}
+        for mesh in meshes:
             unknown = [m.name for m in mesh.models if m.name not in names]
             if unknown:
                 raise ValueError(f"mesh {mesh.name!r} names unknown models: {', '.join(unknown)}")
-        return self
+            for gpu in mesh.gpus:
+                other = owner.setdefault((mesh.node, gpu), mesh.name)
+                if other != mesh.name:
+                    raise ValueError(
+                        f"meshes {other!r} and {mesh.name!r} both claim GPU {gpu} of node "
+                        f"{mesh.node}"
+                    )
+        tp = {m.name: m.tensor_parallel for m in models}
+        for mesh in meshes:
+            for mm in mesh.models:
+                if mm.tensor_parallel is None and tp[mm.name] > len(mesh.gpus):
+                    raise ValueError(
+                        f"mesh {mesh.name!r}: {mm.name} has tensor_parallel={tp[mm.name]} "
+                        f"but the mesh has {len(mesh.gpus)} GPUs"
+                    )
+        placed = {m.name for mesh in meshes for m in mesh.models}
+        unplaced = [n for n in names if n not in placed]
+        if unplaced:
+            raise ValueError(f"no mesh serves {', '.join(unplaced)}")
 
     def model(self, name: str) -> ModelEntry:
         return next(m for m in self.models if m.name == name)
+
+    def mesh(self, name: str) -> Mesh:
+        """The mesh called `name`; KeyError if the config has no such mesh."""
+        for mesh in self.meshes or []:
+            if mesh.name == name:
+                return mesh
+        raise KeyError(f"no mesh {name!r}")
+
+    def for_mesh(self, mesh: Mesh | str) -> MuxConfig:
+        """The config of the one engine that serves `mesh`: its models, with the plan's
+        tensor-parallel degree, SM shares, rate and KV share, and the mesh's pool size."""
+        if isinstance(mesh, str):
+            mesh = self.mesh(mesh)
+        models = []
+        for m in mesh.models:
+            entry = self.model(m.name)
+            update: dict[str, object] = {"kv_share": m.kv_share}
+            if m.tensor_parallel is not None:
+                update["tensor_parallel"] = m.tensor_parallel
+            if m.sm_share is not None:
+                update["sm_share"] = m.sm_share
+            if m.rate:  # a plan's 0 (nothing expected) keeps the model's weight for its quota
+                update["rate"] = m.rate
+            models.append(entry.model_copy(update=update))
+        engine = self.engine
+        if mesh.kv_pool_bytes is not None:
+            engine = engine.model_copy(update={"kv_pool_bytes": mesh.kv_pool_bytes})
+        return MuxConfig(models=models, engine=engine, meshes=None)
 
 
 def load_config(path: str | Path) -> MuxConfig:

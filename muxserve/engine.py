@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from muxserve.config import ModelEntry, MuxConfig, load_config
+from muxserve.config import CPU_KV_POOL_BYTES, ModelEntry, MuxConfig, load_config
 from muxserve.errors import EmptyPromptError, EngineStoppedError, RequestError, UnknownModelError
 from muxserve.executor.base import ModelSpec, create_executor
 from muxserve.kv.layout import KVLayout
@@ -89,7 +89,7 @@ class MuxEngine:
                     m.name, layout, served.max_model_len, eos, m.rate, m.sm_share, m.max_waiting
                 )
             )
-        num_blocks = eng.kv_pool_bytes // eng.block_bytes
+        num_blocks = (eng.kv_pool_bytes or CPU_KV_POOL_BYTES) // eng.block_bytes
         self.scheduler = Scheduler.create(slots, num_blocks, eng)
         specs = [
             ModelSpec(

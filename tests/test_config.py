@@ -45,7 +45,8 @@ def good() -> dict:
                 "name": "m0",
                 "gpus": [0, 1],
                 "models": [{"name": "llama", "tensor_parallel": 2, "kv_share": 0.75, "rate": 2.0}],
-            }
+            },
+            {"name": "m1", "gpus": [2], "models": [{"name": "qwen"}]},
         ],
     }
 
@@ -73,8 +74,8 @@ def test_parse_good_config() -> None:
     assert (e.prefill_token_budget, e.max_batch_size, e.rebalance_interval) == (512, 256, 8)
     assert (e.sm_overload, e.device, e.executor, e.seed) == (0.1, "auto", "inline", 7)
     assert cfg.meshes is not None
-    (mesh,) = cfg.meshes
-    assert (mesh.name, mesh.node, mesh.gpus) == ("m0", 0, [0, 1])
+    mesh, _ = cfg.meshes
+    assert (mesh.name, mesh.node, mesh.gpus, mesh.kv_pool_bytes) == ("m0", 0, [0, 1], None)
     assert [(m.name, m.tensor_parallel, m.kv_share, m.rate) for m in mesh.models] == [
         ("llama", 2, 0.75, 2.0)
     ]
@@ -87,7 +88,7 @@ def test_minimal_config_defaults() -> None:
     assert cfg.meshes is None
     e = EngineConfig()
     assert (e.kv_pool_bytes, e.block_bytes, e.policy, e.kv_mode) == (
-        64 << 20,
+        None,
         16 << 10,
         "adbs",
         "unified",
@@ -159,6 +160,54 @@ def test_mesh_naming_an_unknown_model() -> None:
     raw = with_change("meshes.0.models", [{"name": "llama"}, {"name": "mistral"}])
     with pytest.raises(ConfigError, match="mesh 'm0' names unknown models: mistral"):
         parse_config(raw)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("meshes.1.gpus", [1], "meshes 'm0' and 'm1' both claim GPU 1 of node 0"),
+        ("meshes.1.name", "m0", "duplicate mesh names: m0"),
+        ("meshes.1.name", "", "meshes.1.name"),
+        ("meshes.0.gpus", [0, 0], "mesh 'm0' lists a GPU twice: [0, 0]"),
+        ("meshes.0.gpus", [0, -1], "mesh 'm0': GPU indices must be >= 0"),
+        ("meshes.0.gpus", [0], "mesh 'm0': llama has tensor_parallel=2 but the mesh has 1 GPUs"),
+        ("meshes.1.models", [{"name": "llama"}], "no mesh serves qwen"),
+        ("meshes.1.models", [{"name": "qwen"}, {"name": "qwen"}], "mesh 'm1' lists qwen twice"),
+        ("meshes.1.kv_pool_bytes", 0, "meshes.1.kv_pool_bytes"),
+    ],
+)
+def test_bad_meshes(path: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_change(path, value))
+    assert message in str(info.value)
+
+
+def test_same_gpu_index_on_two_nodes_is_two_gpus() -> None:
+    raw = with_change("meshes.1.gpus", [1])
+    raw["meshes"][1]["node"] = 1
+    assert [m.node for m in parse_config(raw).meshes or []] == [0, 1]
+
+
+def test_for_mesh_projects_the_plan() -> None:
+    raw = with_change("meshes.1.kv_pool_bytes", 1 << 19)
+    raw["meshes"][1]["models"] = [
+        {"name": "qwen", "sm_share": {"prefill": 0.5, "decode": 0.25}, "kv_share": 0.5}
+    ]
+    cfg = parse_config(raw)
+    m0 = cfg.for_mesh("m0")
+    (llama,) = m0.models
+    assert (llama.name, llama.path, llama.dtype) == ("llama", "/models/llama", "bfloat16")
+    assert (llama.tensor_parallel, llama.kv_share, llama.rate) == (2, 0.75, 2.0)
+    assert llama.sm_share == SMShare(prefill=0.6, decode=0.3)  # unset on the mesh: the model's
+    assert (m0.meshes, m0.engine) == (None, cfg.engine)
+    m1 = cfg.for_mesh(cfg.mesh("m1"))
+    (qwen,) = m1.models
+    assert (qwen.tensor_parallel, qwen.kv_share, qwen.rate) == (1, 0.5, 1.0)  # no rate: the model's
+    assert qwen.sm_share == SMShare(prefill=0.5, decode=0.25)
+    assert m1.engine.kv_pool_bytes == 1 << 19
+    assert m1.engine.model_copy(update={"kv_pool_bytes": 1 << 20}) == cfg.engine
+    with pytest.raises(KeyError, match="no mesh 'm9'"):
+        cfg.for_mesh("m9")
 
 
 def test_block_bigger_than_the_pool() -> None:
