@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,24 +31,13 @@ from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, JobResult
 from muxserve.scheduler.model_slot import ModelSlot
 from muxserve.scheduler.scheduler import ModelStats, Scheduler
+from muxserve.served_model import ServedModel
 from muxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # longest a step waits for a result before it returns to its caller
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What the engine knows of a model it serves."""
-
-    name: str
-    path: Path
-    config: HFModelConfig
-    tokenizer: Tokenizer
-    dtype: str
-    max_model_len: int
 
 
 def resolve_device(name: str) -> torch.device:

@@ -69,3 +69,18 @@ class EngineStoppedError(MuxServeError):
 
 class WorkerFailedError(MuxServeError):
     """The worker running a request's job failed; the request cannot complete."""
+
+
+class MeshUnavailableError(MuxServeError):
+    """The mesh that serves a request's model is down or restarting (HTTP 503); `mesh` names it.
+
+    Other meshes keep serving; a restarted mesh takes requests again.
+    """
+
+    def __init__(self, message: str, mesh: str) -> None:
+        super().__init__(message)
+        self.mesh = mesh
+
+
+class MeshStartError(MuxServeError):
+    """A mesh of a plan could not be started (bad plan, no memory, a crash while loading)."""
