@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from muxserve.config import CPU_KV_POOL_BYTES, ModelEntry, MuxConfig, load_config
+from muxserve.dtypes import DTYPE_BYTES
 from muxserve.errors import EmptyPromptError, EngineStoppedError, RequestError, UnknownModelError
 from muxserve.executor.base import ModelSpec, create_executor
 from muxserve.kv.layout import KVLayout
-from muxserve.models.hf_config import DTYPE_BYTES, HFModelConfig
+from muxserve.models.hf_config import HFModelConfig
 from muxserve.models.loader import validate_checkpoint
 from muxserve.output_processor import Completion, OutputSink, RequestOutput, TextState
 from muxserve.request import FinishReason, Request

@@ -13,11 +13,10 @@ from pathlib import Path
 from pydantic import Field
 
 from muxserve.config import EngineConfig, ModelEntry
+from muxserve.dtypes import dtype_bytes, resolve_dtype
 from muxserve.errors import CheckpointError, ConfigError
-from muxserve.models.hf_config import DTYPE_BYTES, HFModelConfig, load_hf_config
+from muxserve.models.hf_config import HFModelConfig, load_hf_config
 from placement.files import Strict, read_yaml, validate
-
-DEFAULT_GPU_DTYPE = "float16"
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class ModelSpec:
 
     @property
     def dtype_bytes(self) -> int:
-        return DTYPE_BYTES[self.dtype]
+        return dtype_bytes(self.dtype)
 
     def flops_per_token(self, context_len: float = 0.0) -> float:
         """Forward FLOPs of one token attending to `context_len` earlier tokens."""
@@ -94,6 +93,7 @@ def load_models(path: str | Path) -> ModelSet:
     if dup:
         raise ConfigError(f"{p}: models: duplicate model names: {', '.join(dup)}")
     entries, specs = [], []
+    on_gpu = raw.engine.device != "cpu"  # a plan is for GPUs unless the engine says cpu
     for i, entry in enumerate(raw.models):
         resolved = _resolve_path(entry.path, p.parent)
         entry = entry.model_copy(update={"path": resolved})
@@ -102,7 +102,11 @@ def load_models(path: str | Path) -> ModelSet:
         except CheckpointError as e:
             raise ConfigError(f"{p}: models.{i}.path: {e}") from e
         entries.append(entry)
-        specs.append(spec_from_config(entry.name, resolved, hf, entry.dtype, entry.max_model_len))
+        specs.append(
+            spec_from_config(
+                entry.name, resolved, hf, entry.dtype, entry.max_model_len, on_gpu=on_gpu
+            )
+        )
     has_engine = isinstance(data, dict) and "engine" in data
     return ModelSet(str(p), tuple(entries), tuple(specs), raw.engine, not has_engine)
 
@@ -113,15 +117,19 @@ def spec_from_config(
     config: HFModelConfig,
     dtype: str | None = None,
     max_model_len: int | None = None,
+    *,
+    on_gpu: bool = True,
 ) -> ModelSpec:
-    """A spec from an already-read config; dtype defaults to the checkpoint's (fp16 if fp32)."""
-    if dtype is None:
-        dtype = config.torch_dtype if config.torch_dtype in ("float16", "bfloat16") else None
+    """A spec from an already-read config, in the dtype the engine will serve it in.
+
+    `dtype` None: as `muxserve.dtypes.resolve_dtype` decides (on a GPU the checkpoint's half
+    dtype, else float16); `on_gpu` False plans a CPU engine (float32).
+    """
     ctx = config.max_position_embeddings
     return ModelSpec(
         name=name,
         path=path,
-        dtype=dtype or DEFAULT_GPU_DTYPE,
+        dtype=resolve_dtype(dtype, config.torch_dtype, on_gpu),
         config=config,
         max_model_len=min(ctx, max_model_len) if max_model_len else ctx,
     )

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from muxserve.models.hf_config import DTYPE_BYTES, HFModelConfig, load_hf_config
+from muxserve.dtypes import DTYPE_BYTES
+from muxserve.models.hf_config import HFModelConfig, load_hf_config
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # placement/ sits next to muxserve/, installed or not

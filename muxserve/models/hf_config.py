@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from muxserve.dtypes import DTYPE_BYTES
 from muxserve.errors import CheckpointError, UnsupportedArchitectureError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # rope types whose parameters we implement (see muxserve/models/rope.py)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")

@@ -69,6 +69,16 @@ def test_load_models_resolves_paths_against_the_file(tmp_path: Path) -> None:
     assert ms.engine_is_default
 
 
+def test_a_cpu_engine_is_planned_in_float32(tmp_path: Path) -> None:
+    write_model(tmp_path / "m")
+    f = tmp_path / "models.yaml"
+    f.write_text(
+        "models: [{name: a, path: m}, {name: b, path: m, dtype: bfloat16}]\n"
+        "engine: {device: cpu}\n"
+    )
+    assert [s.dtype for s in load_models(f).specs] == ["float32", "bfloat16"]
+
+
 def test_engine_section_is_kept(tmp_path: Path) -> None:
     write_model(tmp_path / "m")
     f = tmp_path / "models.yaml"
