@@ -22,6 +22,7 @@ class ModelSlot:
     rate: float = 1.0  # expected requests/s: weight of the initial KV quota
     sm_share: SMShare = field(default_factory=SMShare)
     max_waiting: int = 1024
+    kv_share: float | None = None  # the plan's initial share of the pool; None: by weight
 
     def share(self, phase: Phase) -> float:
         return self.sm_share.prefill if phase is Phase.PREFILL else self.sm_share.decode

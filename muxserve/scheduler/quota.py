@@ -10,6 +10,8 @@ from muxserve.kv.block_tables import BlockTables
 from muxserve.request import Request
 from muxserve.scheduler.model_slot import ModelQueue
 
+_SHARE_SLACK = 1e-6  # shares that sum to 1 in decimal may not in binary floating point
+
 
 class QuotaPolicy(Protocol):
     adaptive: bool  # whether `rebalance` ever moves blocks
@@ -30,13 +32,43 @@ def quota_weights(queues: Mapping[str, ModelQueue]) -> dict[str, float]:
     return {n: q.slot.rate * q.slot.layout.kv_bytes_per_token for n, q in queues.items()}
 
 
+def initial_split(
+    num_blocks: int, queues: Mapping[str, ModelQueue], weights: Mapping[str, float]
+) -> dict[str, int]:
+    """First quotas: the plan's `kv_share` where a model has one, the rest by `weights`.
+
+    A model with a share gets that fraction of the pool; the models without one split what
+    the shares leave in proportion to `weights`. When every model has a share, the shares are
+    normalised so the whole pool is handed out (a plan rounds its shares down, so they sum to
+    just under 1). With no share at all this is a split by `weights`. Blocks are whole, by
+    largest remainder, in model order.
+    """
+    shares = {n: q.slot.kv_share for n, q in queues.items() if q.slot.kv_share is not None}
+    if not shares:
+        return proportional_split(num_blocks, weights)
+    planned = sum(shares.values())
+    if planned > 1.0 + _SHARE_SLACK:
+        listed = ", ".join(f"{n} {s:g}" for n, s in shares.items())
+        raise ValueError(f"the models' kv_share sum to {planned:g} > 1 ({listed})")
+    rest = {n: weights[n] for n in queues if n not in shares}
+    left = max(1.0 - planned, 0.0)
+    total = sum(rest.values())
+    exact = {
+        n: shares[n] if n in shares else left * (rest[n] / total if total > 0 else 1.0 / len(rest))
+        for n in queues
+    }
+    return proportional_split(num_blocks, exact)
+
+
 class StaticQuota:
-    """A fixed equal partition: each model owns 1/n of the pool for ever (the spatial baseline)."""
+    """A fixed partition (the spatial baseline): each model owns its plan's share of the pool,
+    or an equal part of it, for ever."""
 
     adaptive = False
 
     def initial(self, num_blocks: int, queues: Mapping[str, ModelQueue]) -> dict[str, int]:
-        return proportional_split(num_blocks, dict.fromkeys(queues, 1.0))
+        """The plan's shares where given; the models without one split the rest equally."""
+        return initial_split(num_blocks, queues, dict.fromkeys(queues, 1.0))
 
     def ceiling(self, pool: BlockPool, model: str) -> int:
         return pool.quota(model)
@@ -48,7 +80,8 @@ class StaticQuota:
 
 
 class AdaptiveQuota:
-    """ADBS quotas: start proportional to rate x KV bytes/token, then follow the load.
+    """ADBS quotas: start from the plan's KV shares (or in proportion to rate x KV bytes/token),
+    then follow the load.
 
     At each rebalance a model keeps what its requests hold; the free blocks go first to the
     model of the oldest waiting request, enough to admit it, then to models with unmet demand
@@ -61,7 +94,8 @@ class AdaptiveQuota:
     adaptive = True
 
     def initial(self, num_blocks: int, queues: Mapping[str, ModelQueue]) -> dict[str, int]:
-        return proportional_split(num_blocks, quota_weights(queues))
+        """The plan's shares where given; the models without one split the rest by weight."""
+        return initial_split(num_blocks, queues, quota_weights(queues))
 
     def ceiling(self, pool: BlockPool, model: str) -> int:
         return pool.num_blocks

@@ -37,6 +37,7 @@ def make_slot(
     prefill_share: float = 1.0,
     decode_share: float = 1.0,
     max_waiting: int = 1024,
+    kv_share: float | None = None,
 ) -> ModelSlot:
     return ModelSlot(
         name=name,
@@ -45,6 +46,7 @@ def make_slot(
         rate=rate,
         sm_share=SMShare(prefill=prefill_share, decode=decode_share),
         max_waiting=max_waiting,
+        kv_share=kv_share,
     )
 
 

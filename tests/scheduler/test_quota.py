@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
+
+import pytest
 
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
@@ -37,6 +40,49 @@ def test_static_initial_quotas_are_equal() -> None:
     assert StaticQuota().initial(100, queues(SLOTS)) == {"a": 34, "b": 33, "c": 33}
     s = make_scheduler(SLOTS, 99, kv_mode="static")
     assert s.pool.snapshot() == {"a": (0, 33), "b": (0, 33), "c": (0, 33)}
+
+
+def with_shares(*shares: float | None) -> list[ModelSlot]:
+    """SLOTS with the plan's kv_share set per model (None: no share)."""
+    return [replace(s, kv_share=k) for s, k in zip(SLOTS, shares, strict=True)]
+
+
+def test_plan_shares_set_the_initial_quotas() -> None:
+    slots = with_shares(0.5, 0.3, 0.2)
+    assert AdaptiveQuota().initial(100, queues(slots)) == {"a": 50, "b": 30, "c": 20}
+    assert StaticQuota().initial(100, queues(slots)) == {"a": 50, "b": 30, "c": 20}
+    # 49.5, 24.75, 24.75: largest remainders first, ties in model order
+    slots = with_shares(0.5, 0.25, 0.25)
+    assert AdaptiveQuota().initial(99, queues(slots)) == {"a": 49, "b": 25, "c": 25}
+    s = make_scheduler(slots, 99)
+    assert s.pool.snapshot() == {"a": (0, 49), "b": (0, 25), "c": (0, 25)}
+
+
+def test_shares_rounded_down_by_the_plan_still_hand_out_the_whole_pool() -> None:
+    # 0.9999 in all: 49.995, 25.0025, 25.0025 blocks once normalised
+    slots = with_shares(0.4999, 0.25, 0.25)
+    assert AdaptiveQuota().initial(100, queues(slots)) == {"a": 50, "b": 25, "c": 25}
+    # shares that sum to 1 in decimal but not in binary are accepted
+    assert AdaptiveQuota().initial(100, queues(with_shares(0.1, 0.2, 0.7))) == {
+        "a": 10,
+        "b": 20,
+        "c": 70,
+    }
+
+
+def test_models_without_a_share_split_what_is_left() -> None:
+    slots = with_shares(0.5, None, None)
+    # adaptive: b and c split 50 blocks by weight 128 : 384 -> 12.5, 37.5; the tie goes to b
+    assert AdaptiveQuota().initial(100, queues(slots)) == {"a": 50, "b": 13, "c": 37}
+    # static: equally
+    assert StaticQuota().initial(100, queues(slots)) == {"a": 50, "b": 25, "c": 25}
+    s = make_scheduler(slots, 100, kv_mode="static")
+    assert s.pool.snapshot() == {"a": (0, 50), "b": (0, 25), "c": (0, 25)}
+
+
+def test_shares_over_the_whole_pool_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"kv_share sum to 1.2 > 1 \(a 0.6, b 0.6\)"):
+        AdaptiveQuota().initial(100, queues(with_shares(0.6, 0.6, None)))
 
 
 def test_ceilings() -> None:
