@@ -1,19 +1,22 @@
 """The `Placement` every algorithm returns, and its translation to a serving config.
 
-A placement lists meshes (GPUs of one node), and on each the models it hosts with their
-tensor-parallel degree, SM shares, KV share and the rate the cost model expects them to serve.
-`to_config` turns it into a `MuxConfig` that `muxserve serve --config` reads as it is.
+A placement lists meshes (GPUs of one node), each with its KV pool size, and on each the
+models it hosts with their tensor-parallel degree, SM shares, KV share and the rate the cost
+model expects them to serve. `to_config` turns it into a `MuxConfig` that
+`muxserve serve --config` reads as it is: every model's dtype and every mesh's pool are written
+out, so the engines serve exactly what was budgeted.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from muxserve.config import Mesh, MeshModel, ModelEntry, MuxConfig, SMShare
 from placement.candidates import Candidate, CandidateTable, Mode
 from placement.problem import Problem
+from placement.specs import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,12 @@ class PlacedModel:
     ttft: float  # estimated prefill latency of one prompt (s), queueing aside
     time_share: float | None = None  # temporal: fraction of the mesh's time for its decodes
 
+    @property
+    def serving_rate(self) -> float:
+        """The rate its engine weights its KV quota by: what the plan expects it to serve
+        (as `to_config` writes it), or its requested rate where the plan expects nothing."""
+        return round(self.served, 4) or self.rate
+
 
 @dataclass(frozen=True)
 class PlacedMesh:
@@ -40,6 +49,7 @@ class PlacedMesh:
     node: int
     gpus: tuple[int, ...]
     models: tuple[PlacedModel, ...]
+    kv_pool_bytes: int | None = None  # KV pool per GPU, whole blocks; None: not sized
 
     @property
     def size(self) -> int:
@@ -56,7 +66,7 @@ class Placement:
     solve_time_s: float
     status: str  # "optimal", "time limit", "heuristic"
     gap: float | None = None  # relative optimality gap (ILP), when known
-    kv_pool_bytes: int | None = None  # per GPU, the least over meshes
+    kv_pool_bytes: int | None = None  # per GPU, the least over meshes (each has its own)
 
     @property
     def models(self) -> list[PlacedModel]:
@@ -102,10 +112,8 @@ def assemble(
         if not cands:
             continue
         assert table.fits(cands), f"{algorithm}: mesh {node}:{gpus} is over capacity"
-        fixed = sum(
-            problem.cost.fixed_bytes(problem.specs[c.model], c.size, problem.engine) for c in cands
-        )
-        pools.append(problem.usable_memory - fixed)
+        pool = mesh_pool_bytes(problem, [(problem.specs[c.model], c.size) for c in cands])
+        pools.append(pool)
         kv_total = sum(c.kv_bytes for c in cands)
         decode_sum = sum(c.share for c in cands)
         models = []
@@ -133,10 +141,23 @@ def assemble(
                     time_share=time_share,
                 )
             )
-        placed.append(PlacedMesh(node, tuple(gpus), tuple(models)))
+        placed.append(PlacedMesh(node, tuple(gpus), tuple(models), pool or None))
+    least = min(pools) if pools else None
+    return Placement(algorithm, table.mode, tuple(placed), solve_time_s, status, gap, least or None)
+
+
+def mesh_pool_bytes(problem: Problem, models: Iterable[tuple[ModelSpec, int]]) -> int:
+    """The KV pool per GPU of a mesh hosting `models` (spec, TP degree), in whole blocks.
+
+    The serving config's `kv_pool_bytes` where it sets one (every engine then uses it);
+    otherwise what the usable memory leaves after each model's weights, activations and
+    reserve, as the engine measures it on the device after loading the weights.
+    """
     block = problem.engine.block_bytes
-    pool = int(min(pools) // block * block) if pools else None
-    return Placement(algorithm, table.mode, tuple(placed), solve_time_s, status, gap, pool or None)
+    if problem.engine.kv_pool_bytes is not None:
+        return problem.engine.kv_pool_bytes // block * block
+    fixed = sum(problem.cost.fixed_bytes(spec, tp, problem.engine) for spec, tp in models)
+    return max(int((problem.usable_memory - fixed) // block * block), 0)
 
 
 def _prefill_share(problem: Problem, decode_sum: float) -> float:
@@ -156,33 +177,35 @@ def to_config(placement: Placement, problem: Problem) -> MuxConfig:
     """The plan as a serving config: the models (paths carried along) and `meshes:`."""
     placed = {m.name: m for m in placement.models}
     entries = problem.entries or tuple(
-        ModelEntry.model_validate({"name": s.name, "path": s.path, "dtype": s.dtype})
-        for s in problem.specs
+        ModelEntry.model_validate({"name": s.name, "path": s.path}) for s in problem.specs
     )
     models = []
-    for e, t in zip(entries, problem.targets, strict=True):
+    for e, s, t in zip(entries, problem.specs, problem.targets, strict=True):
         pm = placed[e.name]
         models.append(
             e.model_copy(
                 update={
+                    "dtype": s.dtype,  # as budgeted, whatever the device would default to
                     "rate": t.rate,
                     "tensor_parallel": pm.tensor_parallel,
                     "sm_share": SMShare(prefill=pm.prefill_share, decode=pm.decode_share),
                 }
             )
         )
+    sized = problem.engine_is_default  # no `engine:` given: the plan sizes every mesh's pool
     meshes = [
         Mesh(
             name=f"mesh-{k}",
             node=mesh.node,
             gpus=list(mesh.gpus),
+            kv_pool_bytes=mesh.kv_pool_bytes if sized else None,
             models=[
                 MeshModel(
                     name=m.name,
                     tensor_parallel=m.tensor_parallel,
                     sm_share=SMShare(prefill=m.prefill_share, decode=m.decode_share),
                     kv_share=m.kv_share,
-                    rate=round(m.served, 4),
+                    rate=round(m.served, 4),  # 0: the engine keeps the requested rate
                 )
                 for m in mesh.models
             ],
@@ -190,6 +213,6 @@ def to_config(placement: Placement, problem: Problem) -> MuxConfig:
         for k, mesh in enumerate(placement.meshes)
     ]
     engine = problem.engine
-    if problem.engine_is_default and placement.kv_pool_bytes:
+    if sized and placement.kv_pool_bytes:  # for a single engine serving the whole plan
         engine = engine.model_copy(update={"kv_pool_bytes": placement.kv_pool_bytes})
     return MuxConfig(models=models, engine=engine, meshes=meshes)

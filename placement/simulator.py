@@ -16,19 +16,18 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from muxserve.config import EngineConfig, SMShare
 from muxserve.errors import RequestError
-from muxserve.kv.layout import KVLayout
+from muxserve.model_descriptor import ModelDescriptor, describe_model
 from muxserve.request import Request
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, JobResult, Phase, SeqResult
-from muxserve.scheduler.model_slot import ModelSlot
 from muxserve.scheduler.scheduler import Scheduler
-from placement.plan import PlacedMesh, PlacedModel, Placement
+from placement.plan import PlacedMesh, PlacedModel, Placement, mesh_pool_bytes
 from placement.problem import Problem
 
 
@@ -173,27 +172,8 @@ def _run_mesh(
     cost, tp = problem.cost, mesh.size
     engine = problem.engine.model_copy(update={"block_bytes": block_bytes})
     specs = {pm.name: problem.specs[problem.index(pm.name)] for pm in mesh.models}
-    slots = []
-    for pm in mesh.models:
-        spec = specs[pm.name]
-        c = spec.config
-        layout = KVLayout(
-            c.num_layers, c.num_kv_heads // tp, c.head_dim, spec.dtype_bytes, block_bytes
-        )
-        share = SMShare(prefill=pm.prefill_share, decode=pm.decode_share)
-        slots.append(
-            ModelSlot(
-                pm.name,
-                layout,
-                spec.max_model_len,
-                frozenset(),
-                pm.rate,
-                share,
-                max_waiting=1 << 30,
-            )
-        )
-    fixed = sum(cost.fixed_bytes(specs[pm.name], tp, engine) for pm in mesh.models)
-    num_blocks = int((problem.usable_memory - fixed) // block_bytes)
+    models, num_blocks = served_mesh(mesh, problem, block_bytes)
+    slots = [replace(d.slot, max_waiting=1 << 30) for d in models]  # queues never refuse
     sched = Scheduler.create(slots, num_blocks, EngineConfig.model_validate(engine.model_dump()))
 
     arrivals: list[tuple[float, int, str, bool]] = []
@@ -270,6 +250,41 @@ def _run_mesh(
         else:
             now = next_arrival
     return tracks
+
+
+def served_mesh(
+    mesh: PlacedMesh, problem: Problem, block_bytes: int | None = None
+) -> tuple[list[ModelDescriptor], int]:
+    """What the engine serving `mesh` derives from the plan: each model's descriptors (dtype,
+    one rank's KV layout, shares) and the blocks of its KV pool (`num_blocks` per GPU).
+
+    The same `describe_model` the engine calls, on the facts `to_config` writes for the mesh,
+    so the simulated scheduler sees the blocks the served one will.
+    """
+    block_bytes = block_bytes or problem.engine.block_bytes
+    models = []
+    for pm in mesh.models:
+        spec = problem.specs[problem.index(pm.name)]
+        models.append(
+            describe_model(
+                pm.name,
+                spec.config,
+                spec.dtype,
+                block_bytes=block_bytes,
+                tensor_parallel=pm.tensor_parallel,
+                sm_share=SMShare(prefill=pm.prefill_share, decode=pm.decode_share),
+                rate=pm.serving_rate,
+                kv_share=pm.kv_share,
+                max_model_len=(spec.max_model_len, problem.engine.max_model_len),
+            )
+        )
+    pool = mesh.kv_pool_bytes
+    if pool is None:  # a placement built by hand: size it as `assemble` does
+        pool = mesh_pool_bytes(
+            problem,
+            [(problem.specs[problem.index(m.name)], m.tensor_parallel) for m in mesh.models],
+        )
+    return models, pool // block_bytes
 
 
 def _drain(problem: Problem, models: list[int], duration: float) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from muxserve.models.hf_config import HFModelConfig
+from muxserve.model_descriptor import check_divisible
 from muxserve.models.llama import LlamaForCausalLM
 from muxserve.models.loader import load_model
 
@@ -38,20 +38,6 @@ def load_rank_models(
         _share(shard)
         ranks.append((shard, dev))
     return ranks
-
-
-def check_divisible(config: HFModelConfig, world_size: int) -> None:
-    """Raise a clear error when the model cannot be split `world_size` ways."""
-    sizes = {
-        "attention heads": config.num_heads,
-        "KV heads": config.num_kv_heads,
-        "intermediate size": config.intermediate_size,
-    }
-    bad = [f"{what} ({n})" for what, n in sizes.items() if n % world_size]
-    if bad:
-        raise ValueError(
-            f"tensor_parallel={world_size} must divide the model's {' and '.join(bad)}"
-        )
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:

@@ -73,8 +73,7 @@ def test_a_cpu_engine_is_planned_in_float32(tmp_path: Path) -> None:
     write_model(tmp_path / "m")
     f = tmp_path / "models.yaml"
     f.write_text(
-        "models: [{name: a, path: m}, {name: b, path: m, dtype: bfloat16}]\n"
-        "engine: {device: cpu}\n"
+        "models: [{name: a, path: m}, {name: b, path: m, dtype: bfloat16}]\nengine: {device: cpu}\n"
     )
     assert [s.dtype for s in load_models(f).specs] == ["float32", "bfloat16"]
 

@@ -1,0 +1,136 @@
+"""A served model's descriptors, derived once for the engine and for the planner's simulator.
+
+From a model's architecture (`HFModelConfig`) and its place in a plan (dtype, tensor-parallel
+degree, SM and KV shares, rate, context caps) come its KV layout on one rank, the scheduler's
+`ModelSlot` and its serving dtype. `MuxEngine` and `placement/simulator.py` both call
+`describe_model`, so what is simulated is what is served. Torch-free: the planner runs
+without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from muxserve.config import EngineConfig, ModelEntry, SMShare
+from muxserve.dtypes import dtype_bytes, resolve_dtype
+from muxserve.kv.layout import KVLayout
+from muxserve.models.hf_config import HFModelConfig
+from muxserve.scheduler.model_slot import ModelSlot
+
+
+@dataclass(frozen=True)
+class ModelDescriptor:
+    """How one model is served on its mesh: dtype, TP degree, one rank's KV layout, its slot."""
+
+    name: str
+    config: HFModelConfig
+    dtype: str  # "float32", "bfloat16" or "float16"
+    tensor_parallel: int
+    slot: ModelSlot  # what the scheduler knows: the layout below, limits, rate, shares
+
+    @property
+    def layout(self) -> KVLayout:
+        """One rank's view of a pool block: `num_kv_heads // tensor_parallel` heads per layer.
+
+        Every rank holds the same block ids in its own pool, each for its own heads, so the
+        scheduler accounts one rank's blocks and each rank's pool is `num_blocks` long.
+        """
+        return self.slot.layout
+
+    @property
+    def max_model_len(self) -> int:
+        return self.slot.max_model_len
+
+    @property
+    def sm_share(self) -> SMShare:
+        return self.slot.sm_share
+
+    @property
+    def kv_share(self) -> float | None:
+        return self.slot.kv_share
+
+
+def describe_model(
+    name: str,
+    config: HFModelConfig,
+    dtype: str,
+    *,
+    block_bytes: int,
+    tensor_parallel: int = 1,
+    sm_share: SMShare | None = None,
+    rate: float = 1.0,
+    kv_share: float | None = None,
+    max_model_len: Iterable[int | None] = (),
+    eos_token_ids: Iterable[int] = (),
+    max_waiting: int = 1024,
+) -> ModelDescriptor:
+    """A model's descriptors from the facts of its config entry or its plan.
+
+    `dtype` is the serving dtype, already resolved (`muxserve.dtypes.resolve_dtype`);
+    `max_model_len` lists caps below the model's context length (None: no cap); the config's
+    EOS ids are always stop tokens, `eos_token_ids` adds the tokenizer's. Raises ValueError
+    when `tensor_parallel` does not divide the model's heads.
+    """
+    check_divisible(config, tensor_parallel)
+    layout = KVLayout(
+        config.num_layers,
+        config.num_kv_heads // tensor_parallel,
+        config.head_dim,
+        dtype_bytes(dtype),
+        block_bytes,
+    )
+    caps = [config.max_position_embeddings, *(c for c in max_model_len if c is not None)]
+    slot = ModelSlot(
+        name,
+        layout,
+        min(caps),
+        frozenset(config.eos_token_ids) | frozenset(eos_token_ids),
+        rate,
+        sm_share or SMShare(),
+        max_waiting,
+        kv_share,
+    )
+    return ModelDescriptor(name, config, dtype, tensor_parallel, slot)
+
+
+def describe_entry(
+    entry: ModelEntry,
+    config: HFModelConfig,
+    engine: EngineConfig,
+    *,
+    on_gpu: bool,
+    eos_token_ids: Iterable[int] = (),
+) -> ModelDescriptor:
+    """`describe_model` for a config's model entry, as the engine serves it.
+
+    `config` is the entry's checkpoint's architecture; `on_gpu` picks the default dtype
+    (`resolve_dtype`) where the entry names none.
+    """
+    return describe_model(
+        entry.name,
+        config,
+        resolve_dtype(entry.dtype, config.torch_dtype, on_gpu),
+        block_bytes=engine.block_bytes,
+        tensor_parallel=entry.tensor_parallel,
+        sm_share=entry.sm_share,
+        rate=entry.rate,
+        kv_share=entry.kv_share,
+        max_model_len=(entry.max_model_len, engine.max_model_len),
+        eos_token_ids=eos_token_ids,
+        max_waiting=entry.max_waiting,
+    )
+
+
+def check_divisible(config: HFModelConfig, world_size: int) -> None:
+    """Raise a clear error when the model cannot be split `world_size` ways."""
+    sizes = {
+        "attention heads": config.num_heads,
+        "KV heads": config.num_kv_heads,
+        "intermediate size": config.intermediate_size,
+    }
+    bad = [f"{what} ({n})" for what, n in sizes.items() if n % world_size]
+    if bad:
+        raise ValueError(
+            f"tensor_parallel={world_size} must divide the model's {' and '.join(bad)}"
+        )
