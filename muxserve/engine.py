@@ -31,7 +31,7 @@ from muxserve.runner.kv_pool import KVPool
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, JobResult
 from muxserve.scheduler.model_slot import ModelSlot
-from muxserve.scheduler.scheduler import ModelStats, Scheduler
+from muxserve.scheduler.scheduler import ModelStats, Scheduler, SchedulerSnapshot
 from muxserve.served_model import ServedModel
 from muxserve.tokenizer import Tokenizer
 
@@ -349,6 +349,11 @@ class MuxEngine:
     def stats(self) -> dict[str, ModelStats]:
         with self._lock:
             return self.scheduler.stats()
+
+    def snapshot(self) -> SchedulerSnapshot:
+        """Every model's queues and blocks and the pool's totals, at one moment."""
+        with self._lock:
+            return self.scheduler.snapshot()
 
     def check_integrity(self) -> None:
         with self._lock:

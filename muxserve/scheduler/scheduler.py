@@ -32,6 +32,16 @@ class ModelStats:
     blocks_quota: int
 
 
+@dataclass(frozen=True)
+class SchedulerSnapshot:
+    """Every model's state and the pool's, taken at one moment (for metrics)."""
+
+    models: dict[str, ModelStats]
+    blocks_total: int
+    blocks_free: int
+    preemptions: int
+
+
 class Scheduler:
     """Per-model queues over one pool; forms jobs and applies their results."""
 
@@ -367,6 +377,11 @@ class Scheduler:
             n: ModelStats(len(q.waiting), len(q.running), self.pool.used(n), self.pool.quota(n))
             for n, q in self.queues.items()
         }
+
+    def snapshot(self) -> SchedulerSnapshot:
+        return SchedulerSnapshot(
+            self.stats(), self.pool.num_blocks, self.pool.num_free, self.num_preemptions
+        )
 
     def check_integrity(self) -> None:
         """The pool's invariants, plus: exactly the running requests hold blocks."""

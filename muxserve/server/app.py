@@ -1,7 +1,8 @@
 """The aiohttp application: factory, routes, and the small handlers (models, health, metrics).
 
-The engine's loop runs in its own thread (`engine.start()`), so this event loop only parses,
-queues and streams: /health and /metrics answer while the models compute.
+The models run elsewhere — an engine loop in a thread of this process, or mesh engines in other
+processes behind a router — so this event loop only parses, queues and streams: /health and
+/metrics answer while the models compute.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 
 from aiohttp import web
 
-from muxserve.engine import MuxEngine
+from muxserve.client.protocol import EngineClient
 from muxserve.server.chat import ChatHandler
 from muxserve.server.completions import CompletionsHandler
 from muxserve.server.context import CONTEXT, ServerContext, ServerSettings
@@ -22,17 +23,15 @@ from muxserve.server.responses import ModelCard, ModelList
 log = logging.getLogger(__name__)
 
 
-def create_app(
-    engine: MuxEngine, settings: ServerSettings | None = None, *, manage_engine: bool = True
-) -> web.Application:
-    """An app serving every model of `engine` behind one OpenAI-compatible endpoint.
+def create_app(client: EngineClient, settings: ServerSettings | None = None) -> web.Application:
+    """An app serving every model of `client` behind one OpenAI-compatible endpoint.
 
-    With `manage_engine` the app starts the engine's loop on startup and shuts the engine
-    down on cleanup; without, the caller does (tests share one engine between apps).
+    The app starts the client on startup (which starts its engines, if it manages them) and
+    shuts it down on cleanup, after in-flight requests had their grace period.
     """
     settings = settings or ServerSettings()
-    metrics = ServerMetrics(engine)
-    ctx = ServerContext(engine, metrics, settings)
+    metrics = ServerMetrics(list(client.models))
+    ctx = ServerContext(client, metrics, settings)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[error_middleware(metrics.on_response), auth_middleware(settings.api_key)],
@@ -40,9 +39,8 @@ def create_app(
     app[CONTEXT] = ctx
     setup_routes(app, ctx)
     app.on_shutdown.append(_drain)
-    if manage_engine:
-        app.on_startup.append(_start_engine)
-        app.on_cleanup.append(_stop_engine)
+    app.on_startup.append(_start_client)
+    app.on_cleanup.append(_stop_client)
     return app
 
 
@@ -68,7 +66,7 @@ class InfoHandlers:
         return ModelCard(id=name, created=self.ctx.created, max_model_len=served.max_model_len)
 
     async def list_models(self, request: web.Request) -> web.Response:
-        body = ModelList(data=[self._card(n) for n in self.ctx.engine.models])
+        body = ModelList(data=[self._card(n) for n in self.ctx.client.models])
         return web.Response(body=body.model_dump_json(), content_type="application/json")
 
     async def get_model(self, request: web.Request) -> web.Response:
@@ -76,17 +74,21 @@ class InfoHandlers:
         return web.Response(body=card.model_dump_json(), content_type="application/json")
 
     async def health(self, request: web.Request) -> web.Response:
-        """200 while the engine's loop runs; 503 if it has stopped (nothing would be served)."""
-        if self.ctx.engine.is_running:
-            return web.json_response({"status": "ok"})
-        return web.json_response({"status": "engine not running"}, status=503)
+        """Every mesh's state; 200 while any model is served ("ok" or "degraded"), else 503."""
+        health = self.ctx.client.health()
+        status = 503 if health.status == "down" else 200
+        return web.json_response(health.to_json(), status=status)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.ctx.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        stats = await self.ctx.client.stats()
+        return web.Response(
+            body=self.ctx.metrics.render(stats, self.ctx.client.health()),
+            headers={"Content-Type": CONTENT_TYPE},
+        )
 
 
-async def _start_engine(app: web.Application) -> None:
-    app[CONTEXT].engine.start()
+async def _start_client(app: web.Application) -> None:
+    await app[CONTEXT].client.start()
 
 
 async def _drain(app: web.Application) -> None:
@@ -107,7 +109,7 @@ async def _drain(app: web.Application) -> None:
         gen.close()
 
 
-async def _stop_engine(app: web.Application) -> None:
-    """Runs after in-flight handlers finished or were cancelled: abort the rest, stop the loop."""
-    log.info("stopping the engine")
-    await asyncio.to_thread(app[CONTEXT].engine.shutdown)
+async def _stop_client(app: web.Application) -> None:
+    """Runs after in-flight handlers finished or were cancelled: abort the rest, stop engines."""
+    log.info("stopping the engines")
+    await app[CONTEXT].client.shutdown()

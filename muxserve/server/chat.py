@@ -8,8 +8,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from muxserve.engine import ServedModel
 from muxserve.output_processor import RequestOutput
+from muxserve.served_model import ServedModel
 from muxserve.server.context import ServerContext, offload, parse_body
 from muxserve.server.errors import APIError
 from muxserve.server.generation import Choice, Generation
@@ -55,9 +55,9 @@ class ChatHandler:
         # no limit asked: up to the context (a prompt that fills it is refused by the engine)
         max_tokens = req.requested_max_tokens() or max(1, served.max_model_len - len(ids))
         params = [req.params(max_tokens, j) for j in range(req.n)]
-        gen = Generation(ctx.engine, served.name, ctx.metrics, arrival, "chatcmpl", ctx.active)
+        gen = Generation(ctx.client, served.name, ctx.metrics, arrival, "chatcmpl", ctx.active)
         try:
-            gen.submit([ids], params)
+            await gen.submit([ids], params)
             if req.stream:
                 return await self._stream(request, req, gen, served)
             return await self._complete(req, gen, served)

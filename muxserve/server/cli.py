@@ -1,8 +1,10 @@
 """`muxserve serve`: every model of a config (or plan) behind one OpenAI-compatible endpoint.
 
-With no arguments it serves the demo models (created on first start) on 127.0.0.1:8000.
-SIGINT or SIGTERM: stop accepting connections, give in-flight requests `--grace` seconds,
-abort the rest, stop the engine, exit 0.
+With no arguments it serves the demo models (created on first start) on 127.0.0.1:8000 from
+one engine in this process. A plan (a config with `meshes:`) is served as planned: one engine
+per mesh in its own process (`--launcher local`, or Ray actors with `--launcher ray`), and this
+process routes to them. SIGINT or SIGTERM: stop accepting connections, give in-flight requests
+`--grace` seconds, abort the rest, stop the engines, exit 0.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from muxserve.client.protocol import EngineClient
+    from muxserve.config import MuxConfig
 
 log = logging.getLogger("muxserve.serve")
 
@@ -37,6 +43,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds in-flight requests get to finish on SIGINT/SIGTERM before being aborted",
     )
+    p.add_argument(
+        "--launcher",
+        choices=["local", "ray"],
+        default="local",
+        help="how a plan's meshes run: child processes of this one on this host (local), or "
+        "Ray actors on the plan's nodes (ray; pip install 'muxserve[ray]')",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance)",
+    )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -58,20 +76,11 @@ def run(args: argparse.Namespace) -> int:
 
     from muxserve.config import load_config
     from muxserve.demo import default_config
-    from muxserve.engine import MuxEngine
     from muxserve.server.app import create_app
     from muxserve.server.context import ServerSettings
 
     config = load_config(args.config) if args.config else default_config(progress=True)
-    if config.meshes:
-        log.info(
-            "the plan places %d models on %d meshes (%s); this process serves them all from "
-            "one engine on this device",
-            len(config.models),
-            len(config.meshes),
-            ", ".join(f"{m.name}: {[x.name for x in m.models]}" for m in config.meshes),
-        )
-    engine = MuxEngine.from_config(config, progress=True)
+    client = make_client(config, args.launcher, args.ray_address)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning(
             "listening on %s without --api-key: anyone who can reach it may use it", args.host
@@ -81,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20),
         shutdown_grace=args.grace,
     )
-    app = create_app(engine, settings)
-    log.info("serving %s on http://%s:%d/v1", ", ".join(engine.models), args.host, args.port)
+    app = create_app(client, settings)
+    log.info("serving %s on http://%s:%d/v1", ", ".join(client.models), args.host, args.port)
     extra: dict[str, Any] = {} if args.access_log else {"access_log": None}
     web.run_app(
         app,
@@ -94,6 +103,26 @@ def run(args: argparse.Namespace) -> int:
     )
     log.info("stopped")
     return 0
+
+
+def make_client(config: MuxConfig, launcher: str, ray_address: str | None) -> EngineClient:
+    """A router over the plan's meshes, or one engine in this process for a plain config."""
+    if not config.meshes:
+        from muxserve.client.in_process import InProcessClient
+        from muxserve.engine import MuxEngine
+
+        return InProcessClient(MuxEngine.from_config(config, progress=True))
+    from muxserve.router.mesh_process import get_launcher
+    from muxserve.router.router import Router
+
+    log.info(
+        "serving a plan: %d models on %d meshes (%s), launcher %s",
+        len(config.models),
+        len(config.meshes),
+        "; ".join(f"{m.name}: {', '.join(x.name for x in m.models)}" for m in config.meshes),
+        launcher,
+    )
+    return Router(config, get_launcher(launcher, ray_address))
 
 
 def bind(host: str, port: int) -> socket.socket:

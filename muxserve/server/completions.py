@@ -7,8 +7,8 @@ import time
 from aiohttp import web
 from pydantic import BaseModel
 
-from muxserve.engine import ServedModel
 from muxserve.output_processor import RequestOutput
+from muxserve.served_model import ServedModel
 from muxserve.server.context import ServerContext, offload, parse_body
 from muxserve.server.errors import APIError
 from muxserve.server.generation import Choice, Generation
@@ -44,9 +44,9 @@ class CompletionsHandler:
             )
         params = [req.params(j) for j in range(req.n)]
         ids = await offload(request.content_length or 0, tokenize, served.tokenizer, prompts)
-        gen = Generation(ctx.engine, served.name, ctx.metrics, arrival, "cmpl", ctx.active)
+        gen = Generation(ctx.client, served.name, ctx.metrics, arrival, "cmpl", ctx.active)
         try:
-            gen.submit(ids, params)
+            await gen.submit(ids, params)
             if req.stream:
                 return await self._stream(request, req, gen, served)
             return await self._complete(req, gen, served)

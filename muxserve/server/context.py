@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
-from muxserve.engine import MuxEngine, ServedModel
+from muxserve.client.protocol import EngineClient
 from muxserve.errors import UnknownModelError
+from muxserve.served_model import ServedModel
 from muxserve.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ OFFLOAD_BYTES = 64 << 10  # bodies and prompts past this are parsed/tokenized in
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """How the HTTP side behaves; the engine has its own config."""
+    """How the HTTP side behaves; the engines have their own config."""
 
     api_key: str | None = None  # None: no auth
     max_body_bytes: int = 4 << 20  # larger bodies get 413
@@ -38,7 +39,7 @@ class ServerSettings:
 class ServerContext:
     """The dependencies handlers are built with."""
 
-    engine: MuxEngine
+    client: EngineClient  # whatever runs the models: one engine here, or a router over meshes
     metrics: ServerMetrics
     settings: ServerSettings
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models' `created`
@@ -46,9 +47,9 @@ class ServerContext:
 
     def model(self, name: str) -> ServedModel:
         """The served model called `name`; UnknownModelError (404) otherwise."""
-        served = self.engine.models.get(name)
+        served = self.client.models.get(name)
         if served is None:
-            raise UnknownModelError(name, list(self.engine.models))
+            raise UnknownModelError(name, list(self.client.models))
         return served
 
 

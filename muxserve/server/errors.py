@@ -10,6 +10,7 @@
 | the model's waiting queue is full                    | 429    | rate_limit_error / queue_full |
 | the engine failed the request; anything unexpected   | 500    | server_error                 |
 | aborted because the server is stopping               | 503    | server_error / unavailable   |
+| the model's mesh is down (named in the message)      | 503    | ... / mesh_unavailable       |
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from pydantic import ValidationError
 
-from muxserve.errors import EngineStoppedError, QueueFullError, RequestError, UnknownModelError
+from muxserve.errors import (
+    EngineStoppedError,
+    MeshUnavailableError,
+    QueueFullError,
+    RequestError,
+    UnknownModelError,
+)
 from muxserve.server.responses import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -121,6 +128,8 @@ def error_middleware(on_response: OnResponse | None = None) -> Middleware:
             response = from_validation_error(e).response()
         except EngineStoppedError as e:
             response = APIError(503, str(e), "server_error", code="engine_stopped").response()
+        except MeshUnavailableError as e:
+            response = APIError(503, str(e), "server_error", code="mesh_unavailable").response()
         except web.HTTPException as e:
             if e.status < 400:
                 raise

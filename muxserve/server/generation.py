@@ -11,7 +11,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from muxserve.engine import MuxEngine
+from muxserve.client.protocol import EngineClient
+from muxserve.errors import MeshUnavailableError
 from muxserve.output_processor import RequestOutput
 from muxserve.request import TokenLogprobs
 from muxserve.sampling_params import SamplingParams
@@ -51,14 +52,14 @@ class Generation:
 
     def __init__(
         self,
-        engine: MuxEngine,
+        client: EngineClient,
         model: str,
         metrics: ServerMetrics,
         arrival: float,
         prefix: str,
         active: set[Generation] | None = None,
     ) -> None:
-        self.engine = engine
+        self.client = client
         self.active = active if active is not None else set()  # the server's in-flight ones
         self.model = model
         self.metrics = metrics
@@ -70,7 +71,7 @@ class Generation:
         self.prompt_tokens = 0
 
     # ---- submit --------------------------------------------------------------------------
-    def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> None:
+    async def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> None:
         """Queue every prompt once per params (choice i*n + j: prompt i, params j).
 
         All or nothing: if one is refused (queue full, prompt too long) the rest are aborted.
@@ -80,11 +81,13 @@ class Generation:
             for i, ids in enumerate(prompts):
                 for j, p in enumerate(params):
                     index = i * len(params) + j
-                    rid = self.engine.add_request(self.model, ids, p, f"{self.id}-{index}")
+                    rid = await self.client.add_request(
+                        self.model, list(ids), p, f"{self.id}-{index}"
+                    )
                     self.choices.append(Choice(index, i, rid, len(ids)))
         except BaseException:
             for c in self.choices:  # never started, as far as the client can tell: not counted
-                self.engine.abort(c.request_id)
+                self.client.abort(c.request_id)
             self.choices.clear()
             self.active.discard(self)
             raise
@@ -146,7 +149,7 @@ class Generation:
 
     async def _stream(self, choice: Choice) -> AsyncIterator[RequestOutput]:
         try:
-            stream = self.engine.stream(choice.request_id)
+            stream = self.client.stream(choice.request_id)
             async for out in stream:
                 if out.finished and out.finish_reason in ("abort", "error"):
                     self._finish(choice, out.finish_reason)
@@ -155,6 +158,9 @@ class Generation:
         except KeyError:  # aborted by the engine (shutting down) before we read anything
             self._finish(choice, "abort")
             raise _ended(None) from None
+        except MeshUnavailableError as e:  # its mesh died: the request is lost, say where
+            self._finish(choice, "error")
+            raise unavailable(e) from None
 
     def _observe(self, choice: Choice, out: RequestOutput) -> RequestOutput:
         now = time.monotonic()
@@ -185,8 +191,13 @@ class Generation:
         self.active.discard(self)
         for choice in self.choices:
             if choice.finish_reason is None:
-                self.engine.abort(choice.request_id)
+                self.client.abort(choice.request_id)
                 self._finish(choice, "abort")
+
+
+def unavailable(e: MeshUnavailableError) -> APIError:
+    """503 naming the mesh: the model is back once the mesh has restarted."""
+    return APIError(503, str(e), "server_error", code="mesh_unavailable")
 
 
 def _ended(out: RequestOutput | None) -> APIError:

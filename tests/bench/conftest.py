@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from muxserve.bench.trace import Trace, TraceEntry
+from muxserve.client.in_process import InProcessClient
 from muxserve.config import parse_config
 from muxserve.demo import DEMO_ENGINE
 from muxserve.engine import MuxEngine
@@ -26,7 +27,7 @@ def live(demo_models: dict[str, Path]) -> Iterator[tuple[str, MuxEngine]]:
         }
     )
     engine = MuxEngine(config)
-    with BackgroundServer(create_app(engine)) as url:
+    with BackgroundServer(create_app(InProcessClient(engine))) as url:
         yield url, engine
 
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from muxserve.client.in_process import InProcessClient
 from muxserve.config import MuxConfig, parse_config
 from muxserve.demo import DEMO_ENGINE, DEMO_RATES
 from muxserve.engine import MuxEngine
@@ -70,7 +71,7 @@ def idle_engine(demo_models: dict[str, Path]) -> Iterator[MuxEngine]:
 
 def run_app(engine: MuxEngine, body: Body[T], settings: ServerSettings | None = None) -> T:
     async def main() -> T:
-        app = create_app(engine, settings, manage_engine=False)
+        app = create_app(InProcessClient(engine, manage=False), settings)
         async with TestClient(TestServer(app)) as client:
             return await body(client)
 

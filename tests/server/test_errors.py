@@ -166,11 +166,21 @@ def test_unexpected_errors_are_500_in_the_openai_shape_and_logged(serve, engine,
     async def body(client):
         ctx = client.server.app[CONTEXT]
 
-        def broken(*args, **kwargs):
+        async def broken(*args, **kwargs):
             raise RuntimeError("boom")
 
-        ctx.engine = type(
-            "Broken", (), {"models": engine.models, "add_request": broken, "abort": engine.abort}
+        async def nothing(*args):
+            return None
+
+        ctx.client = type(
+            "Broken",
+            (),
+            {
+                "models": engine.models,
+                "add_request": broken,
+                "abort": engine.abort,
+                "shutdown": nothing,
+            },
         )()
         return await post(client, "/v1/completions", json=OK)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,13 +52,17 @@ def test_counters_histograms_and_gauges(serve, engine):
     assert value(m, "muxserve_http_responses_total", route="/v1/completions", status="200") == 1
     assert value(m, "muxserve_http_responses_total", route="/v1/completions", status="400") == 1
     pool = engine.scheduler.pool
-    assert value(m, "muxserve_kv_blocks_total") == pool.num_blocks
-    assert value(m, "muxserve_kv_blocks_free") == pool.num_blocks
+    mesh = {"mesh": "local"}  # the one engine of a config without a plan
+    assert value(m, "muxserve_kv_blocks_total", **mesh) == pool.num_blocks
+    assert value(m, "muxserve_kv_blocks_free", **mesh) == pool.num_blocks
+    assert value(m, "muxserve_preemptions_total", **mesh) == engine.scheduler.num_preemptions
+    assert value(m, "muxserve_mesh_up", **mesh) == 1
+    assert value(m, "muxserve_mesh_restarts_total", **mesh) == 0
     for model, s in engine.stats().items():
-        assert value(m, "muxserve_requests_running", model=model) == 0
-        assert value(m, "muxserve_requests_waiting", model=model) == 0
-        assert value(m, "muxserve_kv_blocks_used", model=model) == 0
-        assert value(m, "muxserve_kv_blocks_quota", model=model) == s.blocks_quota
+        assert value(m, "muxserve_requests_running", model=model, **mesh) == 0
+        assert value(m, "muxserve_requests_waiting", model=model, **mesh) == 0
+        assert value(m, "muxserve_kv_blocks_used", model=model, **mesh) == 0
+        assert value(m, "muxserve_kv_blocks_quota", model=model, **mesh) == s.blocks_quota
 
 
 def test_each_app_has_its_own_registry(serve):
@@ -112,4 +117,28 @@ def test_health_is_503_when_the_engine_loop_is_not_running(idle_engine):
         r = await client.get("/health")
         return r.status, await r.json()
 
-    assert run_app(idle_engine, body) == (503, {"status": "engine not running"})
+    status, health = run_app(idle_engine, body)
+    assert status == 503
+    assert health["status"] == "down"
+    assert health["meshes"]["local"]["status"] == "stopped"
+    assert health["meshes"]["local"]["models"] == ["mistral-demo"]
+    assert health["meshes"]["local"]["error"] == "the engine loop is not running"
+
+
+def test_health_lists_the_engine_as_one_mesh(serve):
+    async def body(client):
+        r = await client.get("/health")
+        return r.status, await r.json()
+
+    status, health = serve(body)
+    assert status == 200
+    assert health["status"] == "ok"
+    (name,) = health["meshes"]
+    local = health["meshes"][name]
+    assert (name, local["status"], local["pid"], local["restarts"]) == (
+        "local",
+        "ok",
+        os.getpid(),
+        0,
+    )
+    assert local["models"] == ["llama-demo", "qwen-demo", "mistral-demo"]

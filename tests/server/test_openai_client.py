@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from muxserve.client.in_process import InProcessClient
 from muxserve.sampling_params import SamplingParams
 from muxserve.server import ServerSettings, create_app
 from muxserve.server.background import BackgroundServer
@@ -18,7 +19,7 @@ KEY = "sk-test"
 
 @pytest.fixture(scope="module")
 def client(engine) -> Iterator[openai.OpenAI]:
-    app = create_app(engine, ServerSettings(api_key=KEY), manage_engine=False)
+    app = create_app(InProcessClient(engine, manage=False), ServerSettings(api_key=KEY))
     with BackgroundServer(app) as url:
         yield openai.OpenAI(api_key=KEY, base_url=f"{url}/v1", max_retries=0, timeout=30)
     wait_idle(engine)
@@ -88,7 +89,7 @@ def test_errors_map_to_the_clients_exceptions(client):
 
 def test_rate_limit_error(idle_engine):
     """429 reaches the client as RateLimitError (the idle engine's one queue slot is taken)."""
-    app = create_app(idle_engine, manage_engine=False)
+    app = create_app(InProcessClient(idle_engine, manage=False))
     idle_engine.add_request(
         "mistral-demo", [5, 6], SamplingParams(max_tokens=1), request_id="holder"
     )

@@ -1,0 +1,249 @@
+"""`RemoteEngineClient`: one connection from the router to one mesh engine.
+
+Requests are multiplexed over the connection: each `AddRequest` waits for its `Added` or
+`Refused`, and outputs go to the request's queue as they arrive, with no batching. When the
+connection is lost every waiting call and open stream ends with `MeshUnavailableError`
+naming the mesh, so clients get a 503 at once rather than a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator
+
+from muxserve import errors
+from muxserve.client.protocol import MeshStats
+from muxserve.errors import MeshUnavailableError, RequestError
+from muxserve.mesh import wire
+from muxserve.mesh.messages import (
+    Abort,
+    Added,
+    AddRequest,
+    MeshInfo,
+    Output,
+    Ping,
+    Pong,
+    Refused,
+    StatsQuery,
+    StatsReply,
+)
+from muxserve.mesh.runtime import Endpoint
+from muxserve.output_processor import RequestOutput
+from muxserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+
+_Item = RequestOutput | BaseException
+
+
+class RemoteEngineClient:
+    """The router's handle on mesh `name` at `endpoint` (reconnect with `connect`)."""
+
+    def __init__(self, name: str, token: str) -> None:
+        self.name = name
+        self.token = token
+        self.info: MeshInfo | None = None
+        self.endpoint: Endpoint | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._closed.set()
+        self._added: dict[str, asyncio.Future[None]] = {}
+        self._streams: dict[str, asyncio.Queue[_Item]] = {}
+        self._replies: dict[int, asyncio.Future[object]] = {}
+        self._seq = itertools.count()
+        self.lost_reason = "not connected yet"
+
+    @property
+    def connected(self) -> bool:
+        return not self._closed.is_set()
+
+    @property
+    def outstanding(self) -> int:
+        """Requests added and not yet finished: the router's load measure."""
+        return len(self._streams)
+
+    async def connect(self, endpoint: Endpoint, timeout: float = CONNECT_TIMEOUT_S) -> MeshInfo:
+        """Connect and handshake; returns what the mesh says of itself."""
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(endpoint.host, endpoint.port), timeout
+        )
+        try:
+            await asyncio.wait_for(wire.prove(reader, writer, self.token), timeout)
+            info = await asyncio.wait_for(wire.receive(reader), timeout)
+        except BaseException:
+            writer.close()
+            raise
+        if not isinstance(info, MeshInfo):
+            writer.close()
+            raise ConnectionError(f"mesh {self.name}: expected MeshInfo, got {type(info).__name__}")
+        self.info, self.endpoint, self._writer = info, endpoint, writer
+        # what the last connection left (streams whose readers never came for their error)
+        self._streams, self._added, self._replies = {}, {}, {}
+        self._closed.clear()
+        self._reader_task = asyncio.create_task(self._read(reader), name=f"mesh-{self.name}")
+        return info
+
+    async def wait_closed(self) -> None:
+        """Returns once the connection is lost (or was never made)."""
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        """Drop the connection: the mesh aborts every request this client added."""
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+        self._lost("the router closed the connection")
+
+    # ---- requests --------------------------------------------------------------------------
+    def _unavailable(self) -> MeshUnavailableError:
+        return MeshUnavailableError(
+            f"mesh {self.name!r} is unavailable: {self.lost_reason}", self.name
+        )
+
+    async def add_request(
+        self, model: str, prompt: list[int], params: SamplingParams, request_id: str
+    ) -> str:
+        if not self.connected or self._writer is None:
+            raise self._unavailable()
+        if request_id in self._streams:
+            raise RequestError(f"a request with id {request_id!r} is already running", None)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._added[request_id] = done
+        self._streams[request_id] = asyncio.Queue()
+        wire.send(self._writer, AddRequest(request_id, model, prompt, params))
+        try:
+            await done
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        finally:
+            self._added.pop(request_id, None)
+        return request_id
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        queue = self._streams.get(request_id)
+        if queue is None:
+            raise KeyError(f"unknown request {request_id!r} (or its outputs were read already)")
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        """As the engine's abort: a reader already inside `stream()` gets a last "abort"
+        output now, and the mesh frees the request's blocks when its Abort arrives."""
+        queue = self._streams.pop(request_id, None)
+        if queue is None:
+            return
+        queue.put_nowait(_aborted(request_id))
+        if self._writer is not None:
+            with contextlib.suppress(RuntimeError, OSError):
+                wire.send(self._writer, Abort(request_id))
+
+    async def stats(self, timeout: float) -> MeshStats:
+        reply = await self._ask(StatsQuery(next(self._seq)), timeout)
+        assert isinstance(reply, StatsReply)
+        return reply.stats
+
+    async def ping(self, timeout: float) -> bool:
+        """Whether the mesh's engine loop runs; MeshUnavailableError or TimeoutError if the
+        mesh does not answer."""
+        reply = await self._ask(Ping(next(self._seq)), timeout)
+        assert isinstance(reply, Pong)
+        return reply.engine_running
+
+    async def _ask(self, msg: StatsQuery | Ping, timeout: float) -> object:
+        if not self.connected or self._writer is None:
+            raise self._unavailable()
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._replies[msg.seq] = fut
+        try:
+            wire.send(self._writer, msg)
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._replies.pop(msg.seq, None)
+
+    # ---- the reader ------------------------------------------------------------------------
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        reason = "the mesh closed the connection"
+        try:
+            while True:
+                self._dispatch(await wire.receive(reader))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            reason = f"connection lost ({type(e).__name__})"
+        except asyncio.CancelledError:
+            reason = "the router closed the connection"
+            raise
+        finally:
+            self._lost(reason)
+
+    def _dispatch(self, msg: object) -> None:
+        if isinstance(msg, Output):
+            queue = self._streams.get(msg.output.request_id)
+            if queue is not None:  # else: aborted here, its last outputs are of no use
+                queue.put_nowait(msg.output)
+        elif isinstance(msg, Added):
+            fut = self._added.get(msg.request_id)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif isinstance(msg, Refused):
+            fut = self._added.get(msg.request_id)
+            if fut is not None and not fut.done():
+                fut.set_exception(_refusal(msg, self.name))
+        elif isinstance(msg, StatsReply | Pong):
+            reply = self._replies.get(msg.seq)
+            if reply is not None and not reply.done():
+                reply.set_result(msg)
+        else:
+            log.warning("mesh %s sent an unexpected %s", self.name, type(msg).__name__)
+
+    def _lost(self, reason: str) -> None:
+        """Fail everything that waits on this connection; idempotent."""
+        if self._closed.is_set():
+            return
+        self.lost_reason = reason
+        self._closed.set()
+        self._writer = None
+        err = self._unavailable()
+        for added in self._added.values():
+            if not added.done():
+                added.set_exception(err)
+        for reply in self._replies.values():
+            if not reply.done():
+                reply.set_exception(err)
+        for queue in self._streams.values():
+            queue.put_nowait(err)
+        # the streams stay until read: their readers take the error and remove them
+
+
+def _aborted(request_id: str) -> RequestOutput:
+    return RequestOutput(request_id, "", "", (), (), True, "abort", 0, 0)
+
+
+def _refusal(msg: Refused, mesh: str) -> Exception:
+    """The engine's exception again, on this side: a RequestError subclass keeps its type (the
+    HTTP layer maps it to 400/404/429); anything else means the mesh cannot serve (503)."""
+    cls = getattr(errors, msg.kind, None)
+    if isinstance(cls, type) and issubclass(cls, RequestError):
+        if cls is errors.UnknownModelError:
+            return RequestError(msg.message, msg.param)
+        try:
+            return cls(msg.message, msg.param)
+        except TypeError:
+            return RequestError(msg.message, msg.param)
+    return MeshUnavailableError(f"mesh {mesh!r} refused the request: {msg.message}", mesh)
