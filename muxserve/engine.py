@@ -18,19 +18,16 @@ from pathlib import Path
 
 import torch
 
-from muxserve.config import CPU_KV_POOL_BYTES, ModelEntry, MuxConfig, load_config
-from muxserve.dtypes import DTYPE_BYTES
+from muxserve.config import MuxConfig, load_config
 from muxserve.errors import EmptyPromptError, EngineStoppedError, RequestError, UnknownModelError
 from muxserve.executor.base import ModelSpec, create_executor
-from muxserve.kv.layout import KVLayout
-from muxserve.models.hf_config import HFModelConfig
+from muxserve.model_descriptor import describe_entry
 from muxserve.models.loader import validate_checkpoint
 from muxserve.output_processor import Completion, OutputSink, RequestOutput, TextState
 from muxserve.request import FinishReason, Request
-from muxserve.runner.kv_pool import KVPool
+from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, JobResult
-from muxserve.scheduler.model_slot import ModelSlot
 from muxserve.scheduler.scheduler import ModelStats, Scheduler, SchedulerSnapshot
 from muxserve.served_model import ServedModel
 from muxserve.tokenizer import Tokenizer
@@ -38,7 +35,6 @@ from muxserve.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # longest a step waits for a result before it returns to its caller
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,48 +51,29 @@ class MuxEngine:
         eng = config.engine
         self.device = resolve_device(eng.device)
         # Everything that can fail on bad input is checked before any memory is taken.
-        checked = {
-            m.name: (validate_checkpoint(m.path), Tokenizer.from_pretrained(m.path))
-            for m in config.models
-        }
         self.models: dict[str, ServedModel] = {}
-        slots = []
+        slots, specs = [], []
         for m in config.models:
-            hf, tok = checked[m.name]
-            served = self._served(m, hf, tok)
-            self.models[m.name] = served
-            layout = KVLayout(
-                hf.num_layers,
-                hf.num_kv_heads,
-                hf.head_dim,
-                DTYPE_BYTES[served.dtype],
-                eng.block_bytes,
+            hf, tok = validate_checkpoint(m.path), Tokenizer.from_pretrained(m.path)
+            d = describe_entry(
+                m, hf, eng, on_gpu=self.device.type == "cuda", eos_token_ids=tok.eos_token_ids
             )
-            eos = frozenset(hf.eos_token_ids) | tok.eos_token_ids
-            slots.append(
-                ModelSlot(
-                    m.name, layout, served.max_model_len, eos, m.rate, m.sm_share, m.max_waiting
-                )
+            self.models[m.name] = ServedModel(
+                m.name, Path(m.path), hf, tok, d.dtype, d.max_model_len
             )
-        num_blocks = (eng.kv_pool_bytes or CPU_KV_POOL_BYTES) // eng.block_bytes
-        self.scheduler = Scheduler.create(slots, num_blocks, eng)
-        specs = [
-            ModelSpec(
-                m.name,
-                self.models[m.name].path,
-                self.models[m.name].config,
-                slot.layout,
-                TORCH_DTYPES[self.models[m.name].dtype],
-                m.sm_share,
-                m.tensor_parallel,
-            )
-            for m, slot in zip(config.models, slots, strict=True)
-        ]
-        # the executor allocates the pool: worker processes map it (shared memory, CUDA IPC)
+            slots.append(d.slot)
+            specs.append(ModelSpec.of(d, m.path))
+        # The executor loads the weights, then allocates the pool in what they leave (worker
+        # processes map it: shared memory, CUDA IPC); the scheduler accounts its blocks.
         self.executor = create_executor(
-            eng.executor, specs, num_blocks, eng.block_bytes, self.device, progress
+            eng.executor, specs, PoolSizing.of(eng), self.device, progress
         )
         self.pool: KVPool = self.executor.pool
+        try:
+            self.scheduler = Scheduler.create(slots, self.pool.num_blocks, eng)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self._released: list[str] = []  # finished requests the executor may forget
         self._lock = threading.RLock()  # guards the scheduler and the per-request state
         self._wake = threading.Condition(self._lock)
@@ -110,16 +87,6 @@ class MuxEngine:
     def from_config(cls, path: str | Path | MuxConfig, progress: bool = False) -> MuxEngine:
         config = path if isinstance(path, MuxConfig) else load_config(path)
         return cls(config, progress=progress)
-
-    def _served(self, m: ModelEntry, hf: HFModelConfig, tok: Tokenizer) -> ServedModel:
-        dtype: str = "float32"
-        if m.dtype is not None:
-            dtype = m.dtype
-        elif self.device.type == "cuda" and hf.torch_dtype in TORCH_DTYPES:
-            dtype = hf.torch_dtype
-        limits = [hf.max_position_embeddings, m.max_model_len, self.config.engine.max_model_len]
-        max_len = min(x for x in limits if x is not None)
-        return ServedModel(m.name, Path(m.path), hf, tok, dtype, max_len)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(

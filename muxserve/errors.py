@@ -84,3 +84,7 @@ class MeshUnavailableError(MuxServeError):
 
 class MeshStartError(MuxServeError):
     """A mesh of a plan could not be started (bad plan, no memory, a crash while loading)."""
+
+
+class InsufficientMemoryError(MuxServeError):
+    """The models leave a device no room for the KV pool; the message gives the numbers."""

@@ -31,8 +31,9 @@ import torch
 from muxserve.config import SMShare
 from muxserve.executor.base import Executor, ModelSpec, create_executor
 from muxserve.executor.mirror import WorkerMirror
-from muxserve.kv.layout import KVLayout
+from muxserve.model_descriptor import describe_model
 from muxserve.models.loader import validate_checkpoint
+from muxserve.runner.kv_pool import PoolSizing
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, Phase, SeqWork
 
@@ -44,9 +45,9 @@ ONE_THREAD = 0.01  # an SM share that becomes one intra-op thread on any CPU
 
 def make_spec(path: Path) -> ModelSpec:
     config = validate_checkpoint(path)
-    layout = KVLayout(config.num_layers, config.num_kv_heads, config.head_dim, 4, BLOCK_BYTES)
     share = SMShare(prefill=ONE_THREAD, decode=ONE_THREAD)
-    return ModelSpec("llama-demo", path, config, layout, torch.float32, share)
+    model = describe_model("llama-demo", config, "float32", block_bytes=BLOCK_BYTES, sm_share=share)
+    return ModelSpec.of(model, path)
 
 
 def decode_jobs(spec: ModelSpec, batch: int, count: int, first_id: int) -> list[Job]:
@@ -102,8 +103,9 @@ def main() -> int:
     torch.set_num_threads(1)  # the inline executor computes here: the same one thread
     cpu = torch.device("cpu")
     print("starting executors", file=sys.stderr)
-    inline = create_executor("inline", [spec], NUM_BLOCKS, BLOCK_BYTES, cpu)
-    mps = create_executor("mps", [spec], NUM_BLOCKS, BLOCK_BYTES, cpu)
+    sizing = PoolSizing(BLOCK_BYTES, NUM_BLOCKS * BLOCK_BYTES)
+    inline = create_executor("inline", [spec], sizing, cpu)
+    mps = create_executor("mps", [spec], sizing, cpu)
     try:
         times: dict[str, list[float]] = {"inline": [], "mps": []}
         next_id = 0

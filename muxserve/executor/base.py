@@ -16,9 +16,11 @@ from typing import Protocol
 import torch
 
 from muxserve.config import SMShare
+from muxserve.dtypes import torch_dtype
 from muxserve.kv.layout import KVLayout
+from muxserve.model_descriptor import ModelDescriptor
 from muxserve.models.hf_config import HFModelConfig
-from muxserve.runner.kv_pool import KVPool
+from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.scheduler.job import Job, JobResult, Phase
 
 
@@ -29,10 +31,23 @@ class ModelSpec:
     name: str
     path: Path
     config: HFModelConfig
-    layout: KVLayout  # the model's view of a pool block (all its KV heads)
+    layout: KVLayout  # one rank's view of a pool block: its KV heads (all of them at tp 1)
     dtype: torch.dtype
     sm_share: SMShare
     tensor_parallel: int = 1
+
+    @classmethod
+    def of(cls, model: ModelDescriptor, path: str | Path) -> ModelSpec:
+        """The executor's view of a described model whose checkpoint is at `path`."""
+        return cls(
+            model.name,
+            Path(path),
+            model.config,
+            model.layout,
+            torch_dtype(model.dtype),
+            model.sm_share,
+            model.tensor_parallel,
+        )
 
     def share(self, phase: Phase) -> float:
         return self.sm_share.prefill if phase is Phase.PREFILL else self.sm_share.decode
@@ -83,16 +98,17 @@ def cpu_threads(share: float, cores: int | None = None) -> int:
 def create_executor(
     kind: str,
     specs: Sequence[ModelSpec],
-    num_blocks: int,
-    block_bytes: int,
+    sizing: PoolSizing,
     device: torch.device,
     progress: bool = False,
 ) -> Executor:
-    """The executor `EngineConfig.executor` names, with its KV pool and every model loaded.
+    """The executor `EngineConfig.executor` names, with every model loaded and its KV pool.
 
     The executor allocates the pool because where it lives depends on the executor: worker
     processes map it from shared memory (CPU) or by CUDA IPC, and on CUDA the MPS daemon must
-    run before this process first touches the GPU.
+    run before this process first touches the GPU. It sizes the pool after loading the
+    weights (`sizing`), so a pool sized from the device's memory leaves them room; the
+    engine reads the block count from `executor.pool.num_blocks`.
     """
     if kind == "inline":
         from muxserve.executor.inline import InlineExecutor
@@ -103,11 +119,11 @@ def create_executor(
                 f"{bad.name}: tensor_parallel={bad.tensor_parallel} needs worker processes; "
                 "set engine.executor: mps"
             )
-        return InlineExecutor.create(specs, KVPool(num_blocks, block_bytes, device), progress)
+        return InlineExecutor.create(specs, sizing, device, progress)
     if kind == "mps":
         from muxserve.executor.mps import MpsExecutor
 
-        return MpsExecutor.create(specs, num_blocks, block_bytes, device, progress)
+        return MpsExecutor.create(specs, sizing, device, progress)
     raise ValueError(f"unknown executor {kind!r}; use 'inline' or 'mps'")
 
 

@@ -10,7 +10,7 @@ import torch
 from muxserve.executor.base import ModelSpec, load_progress
 from muxserve.executor.sm_partition import SMPartition, make_partition
 from muxserve.models.loader import load_model
-from muxserve.runner.kv_pool import KVPool
+from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.runner.model_runner import LaunchedJob, ModelRunner
 from muxserve.scheduler.job import Job, JobResult, Phase
 
@@ -45,16 +45,22 @@ class InlineExecutor:
 
     @classmethod
     def create(
-        cls, specs: Sequence[ModelSpec], pool: KVPool, progress: bool = False
+        cls,
+        specs: Sequence[ModelSpec],
+        sizing: PoolSizing,
+        device: torch.device,
+        progress: bool = False,
     ) -> InlineExecutor:
-        """Load every model onto the pool's device and wrap each in a runner."""
-        device = pool.buffer.device
-        runners = {}
-        for spec in load_progress(specs, progress):
-            model, _ = load_model(spec.path, spec.dtype, device)
-            runners[spec.name] = ModelRunner(
-                spec.name, model, spec.config, pool, spec.layout, spec.dtype
-            )
+        """Load every model onto `device`, then allocate the pool in what the weights leave,
+        and wrap each model in a runner."""
+        models = {
+            s.name: load_model(s.path, s.dtype, device)[0] for s in load_progress(specs, progress)
+        }
+        pool = KVPool(sizing.num_blocks([device]), sizing.block_bytes, device)
+        runners = {
+            s.name: ModelRunner(s.name, models[s.name], s.config, pool, s.layout, s.dtype)
+            for s in specs
+        }
         shares = {(s.name, p): s.share(p) for s in specs for p in Phase}
         return cls(runners, pool, shares)
 

@@ -26,8 +26,7 @@ class WorkerMirror:
     admitted again: its first chunk (start_pos 0) is the cue to `invalidate` it everywhere.
     """
 
-    def __init__(self, kv_heads: slice | None = None) -> None:
-        self.kv_heads = kv_heads  # this rank's KV heads (tensor parallelism); None: all
+    def __init__(self) -> None:
         self._rows: dict[str, int] = {}  # request -> logical blocks of its table the worker has
         self._held: set[str] = set()  # requests the worker keeps anything of, fresh or stale
         self._finished: list[str] = []  # held requests to drop with the next message
@@ -40,10 +39,10 @@ class WorkerMirror:
             sent = self._rows.get(rid)
             blocks = None
             if sent is None:
-                new.append(NewSeq(rid, s.params, s.seed, self._heads(table)))
+                new.append(NewSeq(rid, s.params, s.seed, table))
                 self._held.add(rid)
             elif table.shape[0] > sent:
-                blocks = self._heads(table[sent:])
+                blocks = table[sent:]
             self._rows[rid] = table.shape[0]
             steps.append(SeqStep(rid, s.token_ids, s.start_pos, s.sample, s.step, blocks))
         finished, self._finished = tuple(self._finished), []
@@ -71,17 +70,12 @@ class WorkerMirror:
     def __len__(self) -> int:
         return len(self._held)
 
-    def _heads(self, table: np.ndarray) -> np.ndarray:
-        if self.kv_heads is None:
-            return table
-        return np.ascontiguousarray(table[:, :, self.kv_heads])  # (n, layers, this rank's heads)
-
 
 @dataclass(slots=True)
 class _Mirrored:
     params: SamplingParams
     seed: int
-    table: np.ndarray  # (logical blocks, layers, kv heads of this rank)
+    table: np.ndarray  # (logical blocks, layers, kv heads of one rank)
 
 
 class RequestMirror:

@@ -1,9 +1,11 @@
 """The multi-process executor: a worker process per (model, phase, TP rank), SM quotas by MPS.
 
 Each model's weights are loaded once, here, into shared memory (CPU) or GPU memory exported by
-CUDA IPC, and mapped by its prefill and decode workers; the KV pool buffer is mapped by every
-worker on the device. A job goes to its (model, phase) group as a delta message; results come
-back as the workers finish, in any order. A worker that dies fails only its group's job and is
+CUDA IPC, and mapped by its prefill and decode workers. Each TP rank index has its own KV pool
+buffer (on GPU on the mesh's device of that rank), sized after the weights and mapped by every
+worker of that rank; the scheduler's block ids hold one rank's KV heads, the same ids on each.
+A job goes to its (model, phase) group as a delta message; results come back as the workers
+finish, in any order. A worker that dies fails only its group's job and is
 started again. On CUDA the executor runs its own MPS daemon and gives each worker
 `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` from its share; on CPU a share becomes a thread count.
 """
@@ -27,8 +29,8 @@ from muxserve.executor.mps_daemon import MpsDaemon
 from muxserve.executor.waker import Waker
 from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, WorkerGroup
 from muxserve.models.llama import LlamaForCausalLM
-from muxserve.parallel.sharding import load_rank_models
-from muxserve.runner.kv_pool import KVPool
+from muxserve.parallel.sharding import load_rank_models, rank_device
+from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.scheduler.job import Job, JobResult, Phase
 
 log = logging.getLogger(__name__)
@@ -44,13 +46,14 @@ class MpsExecutor:
 
     def __init__(
         self,
-        pools: dict[torch.device, KVPool],
-        pool: KVPool,
+        pools: list[KVPool],
         groups: dict[tuple[str, Phase], WorkerGroup],
         daemon: MpsDaemon | None,
     ) -> None:
-        self.pool = pool
-        self._pools = pools  # the pool's buffer on each device a rank runs on
+        # rank r's pool: on GPU on the mesh's r-th device; on CPU its own shared buffer, as
+        # the same block id holds different KV heads on each rank
+        self.pools = pools
+        self.pool = pools[0]
         self.groups = groups
         self.daemon = daemon
         self._waker = Waker()
@@ -61,39 +64,34 @@ class MpsExecutor:
     def create(
         cls,
         specs: Sequence[ModelSpec],
-        num_blocks: int,
-        block_bytes: int,
+        sizing: PoolSizing,
         device: torch.device,
         progress: bool = False,
         start_timeout: float = START_TIMEOUT_S,
     ) -> MpsExecutor:
-        """Start MPS (on CUDA), load every model once, spawn its workers and wait until ready."""
+        """Start MPS (on CUDA), load every model once, size and allocate one pool per rank
+        index in what the weights leave, spawn the workers and wait until they are ready."""
         daemon = None
         if device.type == "cuda":
             daemon = MpsDaemon.start()
             _become_client(daemon)
         groups: dict[tuple[str, Phase], WorkerGroup] = {}
         try:
-            pools: dict[torch.device, KVPool] = {}
-
-            def pool_on(dev: torch.device) -> KVPool:
-                if dev not in pools:
-                    pools[dev] = KVPool(num_blocks, block_bytes, dev, shared=True)
-                return pools[dev]
-
-            main_pool = pool_on(device)
+            shards = {  # each model's shard per rank; on GPU rank r's is on the mesh's r-th
+                spec.name: load_rank_models(spec.path, spec.dtype, device, spec.tensor_parallel)
+                for spec in load_progress(specs, progress)
+            }
+            width = max((s.tensor_parallel for s in specs), default=1)
+            devices = [rank_device(device, r) for r in range(width)]
+            num_blocks = sizing.num_blocks(devices)
+            pools = [KVPool(num_blocks, sizing.block_bytes, d, shared=True) for d in devices]
             ctx = torch.multiprocessing.get_context("spawn")
-            for spec in load_progress(specs, progress):
-                ranks = [
-                    (model, pool_on(dev))
-                    for model, dev in load_rank_models(
-                        spec.path, spec.dtype, device, spec.tensor_parallel
-                    )
-                ]
+            for spec in specs:
+                ranks = [(model, pools[r]) for r, (model, _) in enumerate(shards[spec.name])]
                 for phase in Phase:
                     plans = _rank_plans(spec, phase, ranks, daemon)
                     groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
-            executor = cls(pools, main_pool, groups, daemon)
+            executor = cls(pools, groups, daemon)
         except BaseException:
             if daemon is not None:
                 daemon.stop()
@@ -181,7 +179,7 @@ class MpsExecutor:
         for group in self.groups.values():
             group.stop()
         self._waker.close()
-        self._pools.clear()
+        self.pools.clear()
         if self.daemon is not None:
             self.daemon.stop()
 
@@ -240,8 +238,7 @@ def _rank_plans(
             threads,
             tp,
         )
-        heads = _kv_heads(spec.config.num_kv_heads, rank, spec.tensor_parallel)
-        plans.append(RankPlan(init, worker_env(daemon, share, threads), heads))
+        plans.append(RankPlan(init, worker_env(daemon, share, threads)))
     return plans
 
 
@@ -255,13 +252,6 @@ def worker_env(daemon: MpsDaemon | None, share: float, threads: int) -> dict[str
 def _wait(objs: list[Waitable], timeout: float) -> list[Waitable]:
     """`multiprocessing.connection.wait`, typed for what we give it."""
     return cast(list[Waitable], wait(objs, timeout))
-
-
-def _kv_heads(num_kv_heads: int, rank: int, world_size: int) -> slice | None:
-    if world_size == 1:
-        return None
-    per = num_kv_heads // world_size
-    return slice(rank * per, (rank + 1) * per)
 
 
 def _become_client(daemon: MpsDaemon) -> None:

@@ -40,11 +40,11 @@ class GroupState(enum.Enum):
 
 @dataclass(frozen=True)
 class RankPlan:
-    """How to start one rank's worker: its init message, environment and share of KV heads."""
+    """How to start one rank's worker: its init message (model shard, its rank's pool) and
+    environment."""
 
     init: WorkerInit
     env: dict[str, str]
-    kv_heads: slice | None  # this rank's KV heads in the scheduler's block tables; None: all
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class WorkerGroup:
         self.name = name
         self.phase = phase
         self.ranks = ranks
-        self.mirrors = [WorkerMirror(r.kv_heads) for r in ranks]
+        self.mirrors = [WorkerMirror() for _ in ranks]
         self.state = GroupState.STOPPED
         self.procs: list[BaseProcess] = []
         self.conns: list[Connection] = []

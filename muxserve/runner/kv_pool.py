@@ -1,10 +1,50 @@
-"""The unified KV pool's memory: one byte buffer per device, viewed per model."""
+"""The unified KV pool's memory: one byte buffer per device, viewed per model; and its size."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
+from muxserve.config import CPU_KV_POOL_BYTES, EngineConfig
 from muxserve.kv.layout import KVLayout
+from muxserve.kv.pool_size import pool_bytes_from_memory
+
+
+@dataclass(frozen=True)
+class PoolSizing:
+    """How big each device's pool is: `pool_bytes` when the config sets it; otherwise on a GPU
+    what `gpu_memory_utilization` of it leaves once the weights are loaded, on a CPU
+    `CPU_KV_POOL_BYTES`. Executors size the pool after loading the models, with this."""
+
+    block_bytes: int
+    pool_bytes: int | None = None  # per device
+    gpu_memory_utilization: float = 0.9
+
+    @classmethod
+    def of(cls, engine: EngineConfig) -> PoolSizing:
+        return cls(engine.block_bytes, engine.kv_pool_bytes, engine.gpu_memory_utilization)
+
+    def num_blocks(self, devices: Sequence[torch.device]) -> int:
+        """Blocks of each device's pool: one count for all, the least any device has room for.
+
+        Every rank of a tensor-parallel model uses the same block ids in its own pool.
+        """
+        pool = self.pool_bytes
+        if pool is None:
+            if devices[0].type == "cuda":
+                pool = min(self._free_on(d) for d in devices)
+            else:
+                pool = CPU_KV_POOL_BYTES
+        return pool // self.block_bytes
+
+    def _free_on(self, device: torch.device) -> int:
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free  # by anyone: this process's weights, worker contexts, other clients
+        return pool_bytes_from_memory(
+            total, used, self.gpu_memory_utilization, self.block_bytes, str(device)
+        )
 
 
 class KVPool:

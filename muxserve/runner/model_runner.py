@@ -53,7 +53,7 @@ class ModelRunner:
             self.cache,
             config.max_position_embeddings,
             config.num_layers,
-            config.num_kv_heads,
+            layout.num_kv_heads,  # one rank's heads: the block tables' width under TP
             config.layer_sliding_windows,
         )
 

@@ -11,17 +11,19 @@ from muxserve.config import SMShare
 from muxserve.executor.base import ModelSpec
 from muxserve.kv.layout import KVLayout
 from muxserve.models.loader import validate_checkpoint
+from muxserve.runner.kv_pool import PoolSizing
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, Phase, SeqWork
 
 BLOCK_BYTES = 4096
 NUM_BLOCKS = 256
+SIZING = PoolSizing(BLOCK_BYTES, NUM_BLOCKS * BLOCK_BYTES)
 GREEDY = SamplingParams(temperature=0.0)
 
 
 def make_spec(name: str, path: Path, share: float = 1.0, tp: int = 1) -> ModelSpec:
     config = validate_checkpoint(path)
-    layout = KVLayout(config.num_layers, config.num_kv_heads, config.head_dim, 4, BLOCK_BYTES)
+    layout = KVLayout(config.num_layers, config.num_kv_heads // tp, config.head_dim, 4, BLOCK_BYTES)
     return ModelSpec(
         name, path, config, layout, torch.float32, SMShare(prefill=share, decode=share), tp
     )

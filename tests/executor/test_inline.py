@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from executor.factories import BLOCK_BYTES, NUM_BLOCKS, decode_job, make_spec, prefill_job
+from executor.factories import SIZING, decode_job, make_spec, prefill_job
 from muxserve.executor.base import cpu_threads, create_executor
 from muxserve.executor.inline import InlineExecutor
 from muxserve.executor.sm_partition import green_context_sms
@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def inline(demo_models: dict[str, Path]) -> InlineExecutor:
     specs = [make_spec(n, p) for n, p in demo_models.items() if n != "mistral-demo"]
-    ex = create_executor("inline", specs, NUM_BLOCKS, BLOCK_BYTES, CPU)
+    ex = create_executor("inline", specs, SIZING, CPU)
     assert isinstance(ex, InlineExecutor)
     return ex
 
@@ -46,12 +46,12 @@ def test_submit_then_poll_returns_each_job_once(demo_models, inline):
 def test_tensor_parallel_needs_worker_processes(demo_models):
     spec = make_spec("llama-demo", demo_models["llama-demo"], tp=2)
     with pytest.raises(ValueError, match="executor: mps"):
-        create_executor("inline", [spec], 8, BLOCK_BYTES, CPU)
+        create_executor("inline", [spec], SIZING, CPU)
 
 
 def test_unknown_executor(demo_models):
     with pytest.raises(ValueError, match="unknown executor 'ray'"):
-        create_executor("ray", [], 8, BLOCK_BYTES, CPU)
+        create_executor("ray", [], SIZING, CPU)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import torch
 
 from muxserve.executor.mps import MpsExecutor, worker_env
 from muxserve.executor.mps_daemon import MpsDaemon, MpsUnavailableError, thread_percentage
+from muxserve.runner.kv_pool import PoolSizing
 
 # Stands in for nvidia-cuda-mps-control: `-d` makes the control pipe, like the real daemon,
 # and every call appends its arguments, pipe directory and stdin to $FAKE_MPS_LOG.
@@ -75,7 +76,7 @@ def test_daemon_that_fails_says_why(tmp_path):
 def test_mps_executor_on_cuda_fails_before_touching_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(MpsUnavailableError, match="executor: inline"):
-        MpsExecutor.create([], 8, 4096, torch.device("cuda"))
+        MpsExecutor.create([], PoolSizing(4096, 8 * 4096), torch.device("cuda"))
 
 
 def test_worker_environment(tmp_path):

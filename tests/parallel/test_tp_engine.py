@@ -18,6 +18,7 @@ from test_engine import MAX_NEW, make_config, prompts_for, run_all
 
 from muxserve.config import MuxConfig, parse_config
 from muxserve.engine import MuxEngine
+from muxserve.kv.layout import KVLayout
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
 
@@ -50,8 +51,24 @@ def greedy_outputs(engine: MuxEngine) -> dict[str, list[list[int]]]:
 def test_two_ranks_per_model_and_phase(engine):
     pids = engine.executor.worker_pids()
     assert {k: len(v) for k, v in pids.items()} == {(m, p): 2 for m in TP_MODELS for p in Phase}
-    heads = [m.kv_heads for m in engine.executor.groups[("qwen-demo", Phase.DECODE)].mirrors]
-    assert heads == [slice(0, 1), slice(1, 2)]
+
+
+def test_each_rank_pools_its_own_kv_heads(engine):
+    """4 MiB of 4 KiB blocks per rank, not per mesh: each rank index has its own buffer of all
+    1024 blocks, and the scheduler's block of a model holds one rank's KV heads."""
+    pools = engine.executor.pools
+    assert [(p.num_blocks, p.buffer.numel()) for p in pools] == [(1024, 4 << 20)] * 2
+    assert pools[0].buffer.data_ptr() != pools[1].buffer.data_ptr()
+    assert all(p.buffer.is_shared() for p in pools)
+    assert engine.scheduler.pool.num_blocks == 1024
+    layouts = {m: engine.scheduler.queues[m].slot.layout for m in TP_MODELS}
+    # (layers, KV heads per rank, head_dim, float32, block bytes): 4 / 2 and 2 / 2 heads
+    assert layouts == {
+        "llama-demo": KVLayout(2, 2, 32, 4, 4096),
+        "qwen-demo": KVLayout(3, 1, 16, 4, 4096),
+    }
+    # a 40-token qwen request: 2 logical blocks (32 tokens each) x 3 layers x 1 head
+    assert layouts["qwen-demo"].physical_blocks_for(40) == 6
 
 
 @pytest.mark.parametrize("model", TP_MODELS)

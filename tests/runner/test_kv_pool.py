@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from muxserve.config import EngineConfig
 from muxserve.kv.layout import KVLayout
-from muxserve.runner.kv_pool import KVPool
+from muxserve.runner.kv_pool import KVPool, PoolSizing
 
 CPU = torch.device("cpu")
 BLOCK_BYTES = 512
@@ -130,3 +131,11 @@ def test_view_with_a_layout_for_another_block_size_raises(layout_block_bytes: in
     pool = KVPool(NUM_BLOCKS, BLOCK_BYTES, CPU)
     with pytest.raises(ValueError):
         pool.view(make_layout(16, torch.float32, block_bytes=layout_block_bytes), torch.float32)
+
+
+def test_the_pool_is_sized_by_the_config_or_the_cpu_default():
+    assert PoolSizing(4096, 1 << 20).num_blocks([CPU]) == 256
+    assert PoolSizing(4096, (1 << 20) + 4095).num_blocks([CPU, CPU]) == 256  # whole blocks
+    assert PoolSizing(4096).num_blocks([CPU]) == 16384  # CPU_KV_POOL_BYTES: 64 MiB
+    engine = EngineConfig(block_bytes=8192, kv_pool_bytes=1 << 20, gpu_memory_utilization=0.8)
+    assert PoolSizing.of(engine) == PoolSizing(8192, 1 << 20, 0.8)
