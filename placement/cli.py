@@ -27,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `plan` subcommand's options."""
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--models", required=True, help="models file (YAML: models:, engine:)")
-    io.add_argument("--cluster", required=True, help="cluster file (YAML: gpu:, nodes:, ...)")
+    io.add_argument(
+        "--cluster",
+        required=True,
+        help="cluster file (YAML: gpu:, nodes:, ...), or ray[:ADDRESS] to read the nodes and "
+        "GPUs of a running Ray cluster",
+    )
     io.add_argument("--workload", required=True, help="workload file (YAML: rates, lengths, SLO)")
     io.add_argument("--out", help="write the plan here as a serving config (YAML)")
     io.add_argument("--plot", metavar="FILE.png", help="plot throughput and SLO per algorithm")

@@ -15,6 +15,7 @@ from placement.cost_model import AnalyticCostModel, CostModel, ProfiledCostModel
 from placement.gpus import GIB, ClusterSpec, load_cluster
 from placement.params import PlannerParams
 from placement.profile_table import load_profile
+from placement.ray_cluster import cluster_from_ray, is_ray_cluster
 from placement.specs import ModelSpec, load_models
 from placement.workload import Arrival, Workload, load_workload
 
@@ -181,7 +182,10 @@ def _no_mesh_message(p: Problem, i: int) -> str:
 def load_problem(models: str | Path, cluster: str | Path, workload: str | Path) -> Problem:
     """Read the three input files into a problem; errors name the file and key."""
     model_set = load_models(models)
-    cl = load_cluster(cluster)
+    if isinstance(cluster, str) and is_ray_cluster(cluster):
+        cl = cluster_from_ray(cluster)
+    else:
+        cl = load_cluster(cluster)
     wl = load_workload(workload, [s.name for s in model_set.specs])
     return make_problem(
         model_set.specs,
