@@ -103,6 +103,15 @@ class LocalMeshProcess:
                     reply: dict[str, Any] = json.loads(line)
                     return reply
 
+    def exit_reason(self, timeout: float) -> str | None:
+        if self.proc is None:
+            return None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return f"its process ended with {_describe(code)}"
+
     def restart(self, timeout: float) -> Endpoint:
         if self.proc is not None:
             self._end(self.proc, 5.0)

@@ -36,6 +36,11 @@ class MeshProcess(Protocol):
         cannot, and nothing is left running."""
         ...
 
+    def exit_reason(self, timeout: float) -> str | None:
+        """How the engine's process ended ("exit code 1", "signal SIGKILL"), waiting up to
+        `timeout` s for it to end; None if it still runs or that is not known."""
+        ...
+
     def restart(self, timeout: float) -> Endpoint:
         """After the engine died (or was killed), make sure it is gone and bring it back."""
         ...

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from muxserve.config import Mesh, MuxConfig
+from muxserve.dtypes import resolve_dtype
 from muxserve.errors import ConfigError
 from muxserve.models.hf_config import load_hf_config
 
@@ -82,8 +83,8 @@ def _check_fits(config: MuxConfig, mesh: Mesh, memory: int, what: str, *, cpu: b
     sub = config.for_mesh(mesh)
     weights = 0
     for m in sub.models:
-        dtype = m.dtype or ("float32" if cpu else "float16")
-        total = load_hf_config(m.path).weight_bytes(dtype)
+        hf = load_hf_config(m.path)
+        total = hf.weight_bytes(resolve_dtype(m.dtype, hf.torch_dtype, on_gpu=not cpu))
         # on a CPU every rank shares the one memory; on GPUs each holds 1/tp
         weights += total if cpu else -(-total // m.tensor_parallel)
     pool = sub.engine.kv_pool_bytes or 0

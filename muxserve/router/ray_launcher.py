@@ -200,6 +200,9 @@ class RayMeshProcess:
             self._pid = int(pid)
             return Endpoint(str(host), int(port), int(pid))
 
+    def exit_reason(self, timeout: float) -> str | None:
+        return None  # Ray restarts the actor; its logs say why it died
+
     def restart(self, timeout: float) -> Endpoint:
         if self.actor is None:
             return self.start(timeout)

@@ -81,6 +81,9 @@ class MeshSupervisor:
             if self._stopping:
                 return
             self.state, self.error = MeshState.DOWN, self.client.lost_reason
+            ended = await asyncio.to_thread(self.process.exit_reason, 1.0)
+            if ended is not None:
+                self.error = ended
             log.error("mesh %s is down (%s); restarting it", self.name, self.error)
             if time.monotonic() - self._up_since >= self.settings.stable_after:
                 backoff = self.settings.backoff_initial

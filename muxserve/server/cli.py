@@ -91,7 +91,11 @@ def run(args: argparse.Namespace) -> int:
         shutdown_grace=args.grace,
     )
     app = create_app(client, settings)
-    log.info("serving %s on http://%s:%d/v1", ", ".join(client.models), args.host, args.port)
+
+    async def announce(_: web.Application) -> None:  # after the client (every mesh) started
+        log.info("serving %s on http://%s:%d/v1", ", ".join(client.models), args.host, args.port)
+
+    app.on_startup.append(announce)
     extra: dict[str, Any] = {} if args.access_log else {"access_log": None}
     web.run_app(
         app,
