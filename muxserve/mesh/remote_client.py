@@ -124,6 +124,11 @@ class RemoteEngineClient:
             await done
         except BaseException:
             self._streams.pop(request_id, None)
+            if not done.done() and self._writer is not None:
+                # cancelled before the answer (the client went away): the mesh may have
+                # started it, so stop it there; messages keep their order on the connection
+                with contextlib.suppress(RuntimeError, OSError):
+                    wire.send(self._writer, Abort(request_id))
             raise
         finally:
             self._added.pop(request_id, None)

@@ -86,6 +86,8 @@ class MeshServer:
                 conn.handle(await wire.receive(reader))
         except (OSError, asyncio.IncompleteReadError, EOFError):
             pass  # the router went away
+        except asyncio.CancelledError:
+            pass  # `close()`: end quietly (asyncio's stream callback logs a cancelled task)
         finally:
             conn.close()
             self._connections.discard(task)
