@@ -124,7 +124,7 @@ class RemoteEngineClient:
             await done
         except BaseException:
             self._streams.pop(request_id, None)
-            if not done.done() and self._writer is not None:
+            if (done.cancelled() or not done.done()) and self._writer is not None:
                 # cancelled before the answer (the client went away): the mesh may have
                 # started it, so stop it there; messages keep their order on the connection
                 with contextlib.suppress(RuntimeError, OSError):
