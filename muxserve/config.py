@@ -137,6 +137,18 @@ class MuxConfig(_Strict):
             raise ValueError(f"duplicate model names: {', '.join(dup)}")
         if self.meshes is not None:
             self._check_meshes(self.models, self.meshes)
+            for mesh in self.meshes:
+                shares = sum(m.kv_share or 0.0 for m in mesh.models)
+                if shares > 1.0 + 1e-9:
+                    raise ValueError(
+                        f"mesh {mesh.name!r}: kv_share adds up to {shares:g}, over the whole pool"
+                    )
+                pool = mesh.kv_pool_bytes
+                if pool is not None and pool < self.engine.block_bytes:
+                    raise ValueError(
+                        f"mesh {mesh.name!r}: kv_pool_bytes ({pool}) holds no block of "
+                        f"block_bytes ({self.engine.block_bytes})"
+                    )
         return self
 
     @staticmethod

@@ -48,6 +48,7 @@ MODES: dict[str, tuple[str, str, float | None]] = {
     "temporal": ("fcfs", "unified", 1.0),
 }
 SUSTAINED = 0.9  # share of requests meeting the SLOs, or of the offered rate, to sustain a rate
+MESH = "local"  # the series label of a server's one engine (its configs have no plan)
 GAUGES = ("muxserve_kv_blocks_used", "muxserve_kv_blocks_total", "muxserve_requests_waiting")
 
 
@@ -131,11 +132,13 @@ def sweep(
 def kv_use(run: RunResult, models: list[str]) -> dict[str, dict[str, float]]:
     """Per model, from the server's gauges: the largest share of the pool it held, and how
     many of its requests waited for admission on average."""
-    total = peak_and_mean(run.samples, "muxserve_kv_blocks_total")
+    total = peak_and_mean(run.samples, f'muxserve_kv_blocks_total{{mesh="{MESH}"}}')
     out = {}
     for m in models:
-        used = peak_and_mean(run.samples, f'muxserve_kv_blocks_used{{model="{m}"}}')
-        waiting = peak_and_mean(run.samples, f'muxserve_requests_waiting{{model="{m}"}}')
+        used = peak_and_mean(run.samples, f'muxserve_kv_blocks_used{{model="{m}",mesh="{MESH}"}}')
+        waiting = peak_and_mean(
+            run.samples, f'muxserve_requests_waiting{{model="{m}",mesh="{MESH}"}}'
+        )
         if used and total and waiting:
             out[m] = {"peak_pool_share": used[0] / total[0], "mean_waiting": waiting[1]}
     return out

@@ -174,6 +174,12 @@ def test_mesh_naming_an_unknown_model() -> None:
         ("meshes.1.models", [{"name": "llama"}], "no mesh serves qwen"),
         ("meshes.1.models", [{"name": "qwen"}, {"name": "qwen"}], "mesh 'm1' lists qwen twice"),
         ("meshes.1.kv_pool_bytes", 0, "meshes.1.kv_pool_bytes"),
+        ("meshes.1.kv_pool_bytes", 4095, "mesh 'm1': kv_pool_bytes (4095) holds no block of"),
+        (
+            "meshes.1.models",
+            [{"name": "qwen", "kv_share": 0.6}, {"name": "llama", "kv_share": 0.5}],
+            "mesh 'm1': kv_share adds up to 1.1, over the whole pool",
+        ),
     ],
 )
 def test_bad_meshes(path: str, value: object, message: str) -> None:

@@ -23,7 +23,9 @@ def test_short_trace_counts_and_timings(server: str, demo_models: dict[str, Path
     opts = ClientOptions(url=server, ignore_eos=True, progress=False, sample_metrics=gauges)
     run = run_replay(trace, replace(opts, sample_interval_s=0.01))
     assert run.stopped is None and len(run.records) == 9 == run.trace_requests
-    assert run.samples and all(s["muxserve_kv_blocks_total"] > 0 for _, s in run.samples)
+    assert run.samples and all(
+        s['muxserve_kv_blocks_total{mesh="local"}'] > 0 for _, s in run.samples
+    )
     used = [
         v for _, s in run.samples for k, v in s.items() if k.startswith("muxserve_kv_blocks_used")
     ]
