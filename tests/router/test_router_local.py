@@ -316,11 +316,13 @@ def test_sigkill_of_a_mesh_503_others_serve_then_it_is_back(served, expected):
     assert body["error"]["code"] == "mesh_unavailable"
     assert "mesh 'mesh-b'" in body["error"]["message"]
 
-    health = wait_for(
-        "mesh-b down",
-        lambda: (h := served.health())["meshes"]["mesh-b"]["status"] == "down" and h,
-        1,
-    )
+    def down() -> dict[str, Any] | None:
+        h = served.health()
+        mesh_b = h["meshes"]["mesh-b"]
+        said = (mesh_b["status"], mesh_b.get("error"))
+        return h if said == ("down", "its process ended with signal SIGKILL") else None
+
+    health = wait_for("mesh-b down", down, 2.0)
     assert health["status"] == "degraded"
     assert {n: m["status"] for n, m in health["meshes"].items()} == {
         "mesh-a": "ok",
