@@ -242,7 +242,8 @@ def format_validation_error(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         key = ".".join(str(x) for x in err["loc"]) or "<root>"
-        lines.append(f"{key}: {err['msg']}")
+        msg = err["msg"].removeprefix("Value error, ")  # our own validators' words, as written
+        lines.append(f"{key}: {msg}")
     return "; ".join(lines)
 
 

@@ -76,6 +76,12 @@ class RemoteEngineClient:
         try:
             await asyncio.wait_for(wire.prove(reader, writer, self.token), timeout)
             info = await asyncio.wait_for(wire.receive(reader), timeout)
+        except asyncio.IncompleteReadError as e:
+            writer.close()
+            raise wire.HandshakeError(
+                f"mesh {self.name!r} closed the connection during the handshake "
+                "(not our mesh, a wrong token, or it is stopping)"
+            ) from e
         except BaseException:
             writer.close()
             raise
@@ -122,11 +128,11 @@ class RemoteEngineClient:
         wire.send(self._writer, AddRequest(request_id, model, prompt, params))
         try:
             await done
-        except BaseException:
+        except BaseException as e:
             self._streams.pop(request_id, None)
-            if (done.cancelled() or not done.done()) and self._writer is not None:
-                # cancelled before the answer (the client went away): the mesh may have
-                # started it, so stop it there; messages keep their order on the connection
+            if not isinstance(e, RequestError | MeshUnavailableError) and self._writer is not None:
+                # cancelled (the client went away), maybe after the mesh started it: stop it
+                # there; messages keep their order, and the mesh ignores ids it does not know
                 with contextlib.suppress(RuntimeError, OSError):
                     wire.send(self._writer, Abort(request_id))
             raise
@@ -138,15 +144,20 @@ class RemoteEngineClient:
         queue = self._streams.get(request_id)
         if queue is None:
             raise KeyError(f"unknown request {request_id!r} (or its outputs were read already)")
+        ended = False  # the mesh said the last word (a finished output, or the connection's end)
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
+                    ended = True
                     raise item
+                ended = item.finished
                 yield item
                 if item.finished:
                     return
         finally:
+            if not ended:  # the reader went away (cancelled, closed): stop it on the mesh too
+                self.abort(request_id)
             self._streams.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
@@ -189,8 +200,10 @@ class RemoteEngineClient:
         try:
             while True:
                 self._dispatch(await wire.receive(reader))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
-            reason = f"connection lost ({type(e).__name__})"
+        except asyncio.IncompleteReadError:
+            reason = "the connection closed (the mesh's process ended or hung up)"
+        except (ConnectionError, OSError) as e:
+            reason = f"connection lost ({type(e).__name__}: {e})"
         except asyncio.CancelledError:
             reason = "the router closed the connection"
             raise

@@ -128,6 +128,9 @@ class _Connection:
         except RequestError as e:
             wire.send(self.writer, Refused(rid, type(e).__name__, str(e), e.param))
             return
+        except ValueError as e:  # e.g. an id another connection uses: the request's fault
+            wire.send(self.writer, Refused(rid, "RequestError", str(e), None))
+            return
         except Exception as e:  # the engine stopped, or a bug: the router answers 503/500
             wire.send(self.writer, Refused(rid, type(e).__name__, str(e), None))
             return

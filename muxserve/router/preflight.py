@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from muxserve.config import Mesh, MuxConfig
+from muxserve.config import CPU_KV_POOL_BYTES, Mesh, MuxConfig
 from muxserve.dtypes import resolve_dtype
 from muxserve.errors import ConfigError
 from muxserve.models.hf_config import load_hf_config
@@ -57,6 +57,7 @@ def check_plan(config: MuxConfig, nodes: Sequence[NodeMemory]) -> None:
     """ConfigError naming the mesh if a mesh's node or GPUs do not exist, or if what it must
     hold (weights per GPU, plus the pool where its size is set) is over its memory."""
     on_cpu = config.engine.device == "cpu"
+    host_use: dict[int, list[tuple[str, int]]] = {}  # node -> (mesh, bytes) of its CPU meshes
     for mesh in config.meshes or []:
         if mesh.node >= len(nodes):
             raise ConfigError(
@@ -65,7 +66,8 @@ def check_plan(config: MuxConfig, nodes: Sequence[NodeMemory]) -> None:
             )
         node = nodes[mesh.node]
         if on_cpu:
-            _check_fits(config, mesh, node.host_bytes, "host memory", cpu=True)
+            need = _check_fits(config, mesh, node.host_bytes, "host memory", cpu=True)
+            host_use.setdefault(mesh.node, []).append((mesh.name, need))
             continue
         missing = [g for g in mesh.gpus if g >= len(node.gpus)]
         if missing:
@@ -77,9 +79,18 @@ def check_plan(config: MuxConfig, nodes: Sequence[NodeMemory]) -> None:
         least = min(node.gpus[g] for g in mesh.gpus)
         usable = int(least * config.engine.gpu_memory_utilization)
         _check_fits(config, mesh, usable, "GPU memory (x gpu_memory_utilization)", cpu=False)
+    for node_index, uses in host_use.items():  # CPU meshes of a node share its memory
+        total = sum(b for _, b in uses)
+        if len(uses) > 1 and total > nodes[node_index].host_bytes:
+            names = ", ".join(repr(n) for n, _ in uses)
+            raise ConfigError(
+                f"meshes {names} together need {total / GIB:.2f} GiB but node {node_index} has "
+                f"{nodes[node_index].host_bytes / GIB:.2f} GiB of host memory"
+            )
 
 
-def _check_fits(config: MuxConfig, mesh: Mesh, memory: int, what: str, *, cpu: bool) -> None:
+def _check_fits(config: MuxConfig, mesh: Mesh, memory: int, what: str, *, cpu: bool) -> int:
+    """The bytes `mesh` needs per device; ConfigError naming it if that is over `memory`."""
     sub = config.for_mesh(mesh)
     weights = 0
     for m in sub.models:
@@ -87,7 +98,7 @@ def _check_fits(config: MuxConfig, mesh: Mesh, memory: int, what: str, *, cpu: b
         total = hf.weight_bytes(resolve_dtype(m.dtype, hf.torch_dtype, on_gpu=not cpu))
         # on a CPU every rank shares the one memory; on GPUs each holds 1/tp
         weights += total if cpu else -(-total // m.tensor_parallel)
-    pool = sub.engine.kv_pool_bytes or 0
+    pool = sub.engine.kv_pool_bytes or (CPU_KV_POOL_BYTES if cpu else 0)  # GPU: sized to fit
     if cpu:
         pool *= max(m.tensor_parallel for m in sub.models)  # a pool per rank
     if weights + pool > memory:
@@ -96,3 +107,4 @@ def _check_fits(config: MuxConfig, mesh: Mesh, memory: int, what: str, *, cpu: b
             f"(weights {weights / GIB:.2f} GiB + KV pool {pool / GIB:.2f} GiB) but has "
             f"{memory / GIB:.2f} GiB of {what}"
         )
+    return weights + pool

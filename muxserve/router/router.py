@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from muxserve.client.protocol import Health, MeshStats
+from muxserve.client.protocol import Health, MeshState, MeshStats
 from muxserve.config import MuxConfig
 from muxserve.errors import MeshStartError, MeshUnavailableError, UnknownModelError
 from muxserve.mesh.remote_client import RemoteEngineClient
@@ -108,7 +108,11 @@ class Router:
             raise UnknownModelError(model, list(self._models))
         up = [s.client for s in replicas if s.client.connected]
         if not up:
-            states = ", ".join(f"mesh {s.name!r} is {s.state.value}" for s in replicas)
+            # the connection is the truth; the supervisor's state may lag it by a loop turn
+            states = ", ".join(
+                f"mesh {s.name!r} is {'down' if s.state is MeshState.OK else s.state.value}"
+                for s in replicas
+            )
             raise MeshUnavailableError(
                 f"model {model!r} is unavailable: {states}; retry shortly", replicas[0].name
             )

@@ -272,11 +272,6 @@ def test_metrics_has_a_series_per_mesh(served):
     assert running_series == {(("mesh", mesh), ("model", model)) for mesh, model in MESHES.items()}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a reader cancelled inside Router.stream / RemoteEngineClient.stream drops the "
-    "request's bookkeeping in `finally`, so the abort() that follows sends no Abort to the mesh",
-)
 def test_client_disconnect_aborts_on_the_mesh(served):
     """The request is gone from its mesh at once, not after its 1000 tokens (seconds here)."""
 
