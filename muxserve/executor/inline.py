@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from muxserve.executor.base import ModelSpec, load_progress
-from muxserve.executor.sm_partition import SMPartition, make_partition
+from muxserve.executor.sm_partition import SMPartition, make_partitions
 from muxserve.models.loader import load_model
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.runner.model_runner import LaunchedJob, ModelRunner
@@ -35,11 +35,9 @@ class InlineExecutor:
         self.pool = pool
         device = self.device = pool.buffer.device
         self._partitions: dict[tuple[str, Phase], SMPartition] = {}
-        if device.type == "cuda":
-            for name in runners:
-                for phase in Phase:
-                    share = (shares or {}).get((name, phase), 1.0)
-                    self._partitions[(name, phase)] = make_partition(device, share)
+        if device.type == "cuda":  # one split of the SMs for all (model, phase) partitions
+            wanted = {(n, p): (shares or {}).get((n, p), 1.0) for n in runners for p in Phase}
+            self._partitions = make_partitions(device, wanted)
         # launched jobs, each with the event recorded after it on its stream (CUDA only)
         self._launched: list[tuple[LaunchedJob, torch.cuda.Event | None]] = []
 
@@ -112,4 +110,6 @@ class InlineExecutor:
 
     def shutdown(self) -> None:
         self._launched.clear()
+        for part in self._partitions.values():
+            part.close()
         self._partitions.clear()

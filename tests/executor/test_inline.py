@@ -1,4 +1,4 @@
-"""The inline executor behind the submit/poll interface, and the CPU/GPU share arithmetic."""
+"""The inline executor behind the submit/poll interface, and the CPU share arithmetic."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from executor.factories import SIZING, decode_job, make_spec, prefill_job
 from muxserve.executor.base import cpu_threads, create_executor
 from muxserve.executor.inline import InlineExecutor
-from muxserve.executor.sm_partition import green_context_sms
 
 CPU = torch.device("cpu")
 
@@ -59,17 +58,3 @@ def test_unknown_executor(demo_models):
 )
 def test_cpu_threads_follow_the_share(share, cores, threads):
     assert cpu_threads(share, cores) == threads
-
-
-@pytest.mark.parametrize(
-    "share,total,major,sms",
-    [
-        (0.5, 132, 9, 72),
-        (0.1, 132, 9, 16),
-        (0.01, 132, 9, 8),
-        (1.0, 132, 9, 132),
-        (0.3, 108, 8, 34),
-    ],
-)
-def test_green_context_sms_round_up_to_the_split_unit(share, total, major, sms):
-    assert green_context_sms(share, total, major) == sms
