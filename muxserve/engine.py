@@ -9,6 +9,7 @@ outputs. It runs in the caller's thread (`step()`, `generate()`) or in a backgro
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -37,9 +38,21 @@ log = logging.getLogger(__name__)
 POLL_S = 1.0  # longest a step waits for a result before it returns to its caller
 
 
+AUTO_DEVICE_ENV = "MUXSERVE_AUTO_DEVICE"  # what `device: auto` means here; the CPU tests pin cpu
+
+
 def resolve_device(name: str) -> torch.device:
+    """The engine's device: `name`, or for "auto" `$MUXSERVE_AUTO_DEVICE`, else CUDA when a GPU
+    is visible.
+
+    GPUs are counted by NVML (`torch.cuda.device_count`), not `torch.cuda.is_available()`,
+    which initialises CUDA: a process that does so before the mps executor starts its daemon
+    can no longer become an MPS client (MPS attaches at CUDA's first initialisation).
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = os.environ.get(AUTO_DEVICE_ENV, "").strip()
+        if not name:
+            return torch.device("cuda" if torch.cuda.device_count() > 0 else "cpu")
     return torch.device(name)
 
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from muxserve.demo import ensure_demo_models
+from muxserve.engine import AUTO_DEVICE_ENV
+
+# The CPU suite runs on the CPU on a GPU machine too: `engine.device: auto`, the default of the
+# configs the tests build, means cpu in this process and in every process the tests start (TP
+# stays on gloo, MPS starts no daemon). The GPU suite (tests/gpu) names its device.
+os.environ.setdefault(AUTO_DEVICE_ENV, "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,13 @@ started again. On CUDA the executor runs its own MPS daemon and gives each worke
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.multiprocessing
@@ -25,7 +26,7 @@ import torch.multiprocessing
 from muxserve.errors import WorkerFailedError
 from muxserve.executor.base import ModelSpec, cpu_threads, load_progress
 from muxserve.executor.messages import TPRank, WorkerInit
-from muxserve.executor.mps_daemon import MpsDaemon
+from muxserve.executor.mps_daemon import HINT, MpsDaemon, MpsUnavailableError
 from muxserve.executor.waker import Waker
 from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, WorkerGroup
 from muxserve.models.llama import LlamaForCausalLM
@@ -73,6 +74,13 @@ class MpsExecutor:
         index in what the weights leave, spawn the workers and wait until they are ready."""
         daemon = None
         if device.type == "cuda":
+            if cuda_initialized():  # MPS attaches at CUDA's first initialisation, or never
+                raise MpsUnavailableError(
+                    "CUDA is initialised in this process already, so it cannot become a client "
+                    "of the MPS daemon (clients attach when CUDA first initialises): create the "
+                    "engine before anything touches CUDA (count GPUs with "
+                    f"torch.cuda.device_count, not is_available), or {HINT}"
+                )
             daemon = MpsDaemon.start()
             _become_client(daemon)
         groups: dict[tuple[str, Phase], WorkerGroup] = {}
@@ -257,9 +265,29 @@ def _wait(objs: list[Waitable], timeout: float) -> list[Waitable]:
 def _become_client(daemon: MpsDaemon) -> None:
     """Make this process an MPS client too: it allocates the pool and weights that workers map.
 
-    CUDA reads the variables once, when this process creates its context; if that happened
-    already (another engine in this process), this process stays outside MPS.
+    CUDA reads the variables once, at its first initialisation in this process, which
+    `MpsExecutor.create` has checked is still to come.
+    """
+    os.environ.update(daemon.daemon_env())
+
+
+CUDA_ERROR_NOT_INITIALIZED = 3
+
+
+def cuda_initialized(libcuda: Any = None) -> bool:
+    """Whether CUDA has been initialised in this process, by torch or by anything else.
+
+    `torch.cuda.is_initialized()` knows only torch's own lazy init, while
+    `torch.cuda.is_available()` initialises the driver without it. A driver call that needs
+    `cuInit` tells: before it, `cuDeviceGetCount` answers CUDA_ERROR_NOT_INITIALIZED and
+    initialises nothing. `libcuda`: the driver library (tests pass a stand-in).
     """
     if torch.cuda.is_initialized():
-        log.warning("CUDA is initialised already: this process is not an MPS client")
-    os.environ.update(daemon.daemon_env())
+        return True
+    if libcuda is None:
+        try:
+            libcuda = ctypes.CDLL("libcuda.so.1")
+        except OSError:  # no driver here: nothing can have been initialised
+            return False
+    count = ctypes.c_int(0)
+    return int(libcuda.cuDeviceGetCount(ctypes.byref(count))) != CUDA_ERROR_NOT_INITIALIZED

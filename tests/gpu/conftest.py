@@ -1,7 +1,8 @@
 """GPU suite: `pytest -m gpu tests/gpu -s` on a CUDA machine; skipped without one.
 
 Each test prints its numbers; with `MUXSERVE_GPU_REPORT=file.jsonl` they are also appended to
-that file, one JSON object per measurement, with the GPU's name.
+that file, one JSON object per measurement, with the GPU's name. Engine configs here name their
+device (`cuda`): tests/conftest.py makes `device: auto` mean cpu for the CPU suite.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ LLAMA_7B = REPO / "configs" / "models" / "llama-7b"  # the LLaMA-7B architecture
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
+    # NVML counts the GPUs; is_available() would initialise CUDA in the pytest process at
+    # collection, before any test could start an MPS daemon in it
+    if torch.cuda.device_count() > 0:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
