@@ -2,14 +2,20 @@
 
 Each build is keyed by the sources, the target architecture and the compiler version, and cached
 under `$MUXSERVE_CACHE/kernels`; a file lock keeps concurrent processes from building twice.
+
+Before building, nvcc's CUDA version is checked against the driver's and torch's
+(`check_toolchain`): the library links nvcc's runtime statically, so an nvcc newer (in major
+version) than the driver builds fine and then fails every launch with CUDA error 35.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -157,4 +164,81 @@ def build_kernels(arch: str) -> ModuleType:
     """The kernels for one target, built (or found in the cache) once per process."""
     if shutil.which(compiler_for(arch)) is None:
         raise KernelBuildError(f"{compiler_for(arch)} is not on PATH")
+    if arch != EMULATED:
+        check_toolchain(toolchain())
     return build(build_plan(arch))
+
+
+# ---- nvcc vs the driver vs torch -------------------------------------------------------------
+Version = tuple[int, int]  # (major, minor) of a CUDA release
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """The CUDA versions a build depends on; None where one cannot be found."""
+
+    nvcc: Version | None  # the release of the nvcc on PATH: its runtime is linked in
+    driver: Version | None  # the newest CUDA the driver runs (cuDriverGetVersion)
+    torch: Version | None  # the CUDA torch was built with (torch.version.cuda)
+
+
+def parse_nvcc_release(text: str) -> Version | None:
+    """(major, minor) from `nvcc --version` ("Cuda compilation tools, release 12.4, V12.4.131")."""
+    m = re.search(r"release (\d+)\.(\d+)", text)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def parse_cuda_version(text: str | None) -> Version | None:
+    """(major, minor) from torch.version.cuda ("12.4"), or None for a CPU build."""
+    m = re.fullmatch(r"(\d+)\.(\d+)(\.\d+)?", text or "")
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def driver_cuda_version(libcuda: Any = None) -> Version | None:
+    """The CUDA version the installed driver supports, e.g. (12, 4) for 12040; None without a
+    driver. `cuDriverGetVersion` needs no `cuInit`, so this initialises nothing (an MPS client
+    attaches at the first initialisation). `libcuda`: the driver library (tests pass a fake)."""
+    if libcuda is None:
+        try:
+            libcuda = ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            return None
+    version = ctypes.c_int(0)
+    if int(libcuda.cuDriverGetVersion(ctypes.byref(version))) != 0 or version.value <= 0:
+        return None
+    return version.value // 1000, version.value % 1000 // 10
+
+
+def toolchain() -> Toolchain:
+    """The versions on this machine: nvcc on PATH, the driver, torch."""
+    try:
+        nvcc = parse_nvcc_release(_version("nvcc"))
+    except KernelBuildError:
+        nvcc = None
+    return Toolchain(nvcc, driver_cuda_version(), parse_cuda_version(torch.version.cuda))
+
+
+def check_toolchain(tc: Toolchain) -> None:
+    """KernelBuildError where the kernels, once built, could not run next to this driver and
+    torch; nothing where they can (or a version is unknown: the launch probe still checks).
+
+    - nvcc's major version above the driver's: the static runtime needs a newer driver, and
+      every launch fails with CUDA error 35 (insufficient driver). A newer minor version in
+      the same major is fine (minor version compatibility; we build SASS, no PTX to JIT).
+    - nvcc's major version other than torch's: two CUDA runtimes of different major versions
+      in one process, exchanging streams; we do not run that.
+    """
+    if tc.nvcc is None:
+        return
+    nvcc = f"{tc.nvcc[0]}.{tc.nvcc[1]}"
+    if tc.driver is not None and tc.nvcc[0] > tc.driver[0]:
+        raise KernelBuildError(
+            f"nvcc {nvcc} builds for CUDA {tc.nvcc[0]}, but the driver runs CUDA up to "
+            f"{tc.driver[0]}.{tc.driver[1]}: every kernel launch would fail (CUDA error 35); "
+            f"put an nvcc {tc.driver[0]}.x first on PATH or update the driver"
+        )
+    if tc.torch is not None and tc.nvcc[0] != tc.torch[0]:
+        raise KernelBuildError(
+            f"nvcc {nvcc} and torch's CUDA {tc.torch[0]}.{tc.torch[1]} differ in major version: "
+            f"put an nvcc {tc.torch[0]}.x first on PATH (torch.version.cuda)"
+        )

@@ -24,8 +24,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from muxserve.executor.sm_partition import stream_sms
 from muxserve.kernel_build import EMULATED, KernelBuildError, build_kernels, build_plan
-from muxserve.models.llama import Attention
+from muxserve.models.causal_lm import Attention
 from muxserve.runner.attention import BatchLayout, PagedAttention
 
 log = logging.getLogger(__name__)
@@ -58,14 +59,61 @@ def kernel_mode() -> KernelMode:
 # ---- loading (building is muxserve/kernel_build.py), with the fallback the mode allows ------
 @functools.cache
 def load_kernels(arch: str) -> ModuleType | None:
-    """`build_kernels`, or None (warned once) when the build fails and the mode is not `on`."""
+    """`build_kernels` and one probe launch, or None (warned once) when either fails and the
+    mode is not `on`.
+
+    The probe matters as much as the build: a build against a runtime the driver cannot run
+    succeeds and then fails at its first launch (CUDA error 35), which would fail every job
+    instead of falling back here.
+    """
     try:
-        return build_kernels(arch)
+        kernels = build_kernels(arch)
+        probe_kernels(kernels, _probe_device(arch))
+        return kernels
     except KernelBuildError as e:
         if kernel_mode() == "on":
             raise
         log.warning("CUDA kernels unavailable, using the torch reference: %s", e)
         return None
+
+
+PROBE_HEAD_DIM = 64  # compiled for every dtype; 64 floats is 256 bytes, 16-byte aligned
+PROBE_TOKENS_PER_BLOCK = 4
+
+
+def probe_kernels(kernels: ModuleType, device: torch.device) -> None:
+    """Write one token's K/V into a two-block pool and decode over it; KernelBuildError if the
+    launch fails or the output is not that token's V (one key: its softmax weight is 1)."""
+    hd, tpb = PROBE_HEAD_DIM, PROBE_TOKENS_PER_BLOCK
+    try:
+        cache = torch.zeros(2, 2, tpb, hd, device=device)  # two blocks of one (layer, kv head)
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 1, hd, generator=gen).to(device) for _ in range(3))
+        one = torch.ones(1, dtype=torch.int64, device=device)
+        batch = BatchLayout(
+            seq_of_token=one - 1,
+            pos_of_token=one - 1,
+            row_of_token=one - 1,
+            q_lens=one,
+            ctx_lens=one,
+            block_tables=one.view(1, 1, 1, 1),  # block 1: block 0 must stay untouched
+        )
+        _write_kv(kernels, cache, k, v, batch, 0)
+        out = _decode(kernels, q, cache, batch, 0, None, DecodePlan(1, tpb, None))
+        out, written, untouched = out.cpu(), cache[1, :, 0].cpu(), cache[0].abs().sum().item()
+    except (RuntimeError, ValueError) as e:  # the binding turns a CUDA error into RuntimeError
+        raise KernelBuildError(f"the built kernels do not run here: {e}") from e
+    want = torch.stack([k[0, 0], v[0, 0]]).cpu()
+    if not torch.equal(written, want) or untouched != 0.0:
+        raise KernelBuildError("probe: write_kv did not put one token's K/V where it belongs")
+    if not torch.allclose(out, v.cpu(), rtol=1e-5, atol=1e-6):
+        raise KernelBuildError("probe: decode over one token did not return its value row")
+
+
+def _probe_device(arch: str) -> torch.device:
+    if arch == EMULATED:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def kernels_for(device: torch.device) -> ModuleType | None:
@@ -182,13 +230,15 @@ def make_attention(
     sliding_windows: Sequence[int | None],
     max_q_len: int,
     max_context: int,
+    softcap: float | None = None,
 ) -> Attention:
     """The `Attention` for one job: `KernelAttention` where the kernels serve this pool view,
     `PagedAttention` (the reference) elsewhere. `max_q_len` and `max_context` are the job's
-    longest chunk and context, known on the host."""
+    longest chunk and context, known on the host. The kernels have no score soft-capping: a
+    model with `softcap` (Gemma 2) always gets the reference."""
     kernels = kernels_for_cache(cache)
-    if kernels is None:
-        return PagedAttention(cache, batch, sliding_windows)
+    if kernels is None or softcap is not None:
+        return PagedAttention(cache, batch, sliding_windows, max_q_len, max_context, softcap)
     return KernelAttention(kernels, cache, batch, sliding_windows, max_q_len, max_context)
 
 
@@ -225,7 +275,11 @@ class KernelAttention:
         self.max_context = max_context
         self.is_decode = max_q_len == 1
         # prefill reuses the reference's gather, padding and masks
-        self._reference = None if self.is_decode else PagedAttention(cache, batch, sliding_windows)
+        self._reference = (
+            None
+            if self.is_decode
+            else PagedAttention(cache, batch, sliding_windows, max_q_len, max_context)
+        )
         self._plans: dict[int | None, DecodePlan] = {}
 
     def __call__(
@@ -249,9 +303,29 @@ def _stream(device: torch.device) -> int:
     return int(torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else 0
 
 
+MPS_PERCENTAGE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
+
+
 def num_sms(device: torch.device) -> int:
-    """SMs of the device (1 for the CPU emulation: it runs blocks one after another)."""
-    return _num_sms(device.index or 0) if device.type == "cuda" else 1
+    """SMs that kernels launched now may use: those of the current stream's green context, or
+    this MPS client's share of the device, else all of it (1 for the CPU emulation, which runs
+    blocks one after another). The decode split is sized to fill these, not the device."""
+    if device.type != "cuda":
+        return 1
+    total = _num_sms(device.index or 0)
+    green = stream_sms(int(torch.cuda.current_stream(device).cuda_stream))
+    if green is not None:
+        return green
+    return mps_sms(total, os.environ.get(MPS_PERCENTAGE_ENV))
+
+
+def mps_sms(total: int, percentage: str | None) -> int:
+    """SMs of an MPS client limited to `percentage` of `total` (unset or unreadable: all)."""
+    try:
+        pct = float(percentage) if percentage else 100.0
+    except ValueError:
+        return total
+    return max(1, min(total, math.floor(total * pct / 100)))
 
 
 @functools.cache
@@ -346,12 +420,22 @@ def _decode(
 def _prefill_sdpa(
     ref: PagedAttention, q: torch.Tensor, layer: int, window: int | None
 ) -> torch.Tensor:
-    """Gather each sequence's K/V of `layer`, then SDPA with the reference's mask (GQA by
-    SDPA). A prefill is compute-bound: the gather's extra pass over K/V is small next to it."""
+    """Gather each sequence's K/V of `layer`, then SDPA with the reference's mask. A prefill is
+    compute-bound: the gather's extra pass over K/V is small next to it.
+
+    Under GQA the K/V heads are repeated, not left to `enable_gqa`: only the flash backend
+    takes `enable_gqa`, and it takes no mask, so the two together fall to the math backend
+    (which materialises every score in fp32); repeated heads with a mask get the
+    memory-efficient kernel.
+    """
     keys, vals = ref.gather(layer)  # (B, Hkv, K, hd)
+    group = q.shape[1] // keys.shape[1]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)  # (B, Hq, K, hd)
+        vals = vals.repeat_interleave(group, dim=1)
     qpad = ref.pad_queries(q.to(keys.dtype))  # (B, Hq, Lq, hd)
     out = F.scaled_dot_product_attention(
-        qpad, keys, vals, attn_mask=ref.mask(window), enable_gqa=q.shape[1] != keys.shape[1]
+        qpad, keys, vals, attn_mask=ref.mask(window)
     )  # (B, Hq, Lq, hd)
     return ref.unpad(out).to(q.dtype)
 
@@ -365,7 +449,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     arch = args.arch
     if arch is None:
-        if not torch.cuda.is_available():
+        if torch.cuda.device_count() == 0:
             ap.error("no CUDA device: name the architecture, e.g. 90")
         arch = "".join(map(str, torch.cuda.get_device_capability()))
     build_kernels(arch)

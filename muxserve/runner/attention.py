@@ -61,6 +61,8 @@ class PagedAttention:
         cache: torch.Tensor,  # (num_blocks, 2, tokens_per_block, head_dim), the model's pool view
         batch: BatchLayout,
         sliding_windows: Sequence[int | None],  # per layer
+        max_q_len: int | None = None,  # the batch's longest chunk, if the host knows it
+        max_context: int | None = None,  # its longest context after this step, likewise
     ) -> None:
         self.cache = cache
         self.batch = batch
@@ -70,8 +72,11 @@ class PagedAttention:
         # where each new token's K/V go: its logical block and offset inside it
         self._slot_block = b.pos_of_token // tpb  # (T,)
         self._slot_offset = b.pos_of_token % tpb  # (T,)
-        max_ctx = int(b.ctx_lens.max())
-        max_q = int(b.q_lens.max())
+        # reading a maximum off the device waits for the stream: on CUDA it stalls the host
+        # thread that launches every model's jobs, so the runner passes what it knows
+        max_ctx = int(b.ctx_lens.max()) if max_context is None else max_context
+        max_q = int(b.q_lens.max()) if max_q_len is None else max_q_len
+        self._max_q = max_q
         self._num_logical = -(-max_ctx // tpb)
         key_pos = torch.arange(self._num_logical * tpb, device=cache.device)  # (K,)
         q_pos = b.ctx_lens[:, None] - b.q_lens[:, None] + torch.arange(max_q, device=cache.device)
@@ -118,7 +123,7 @@ class PagedAttention:
     def pad_queries(self, q: torch.Tensor) -> torch.Tensor:
         """(T, Hq, hd) -> (B, Hq, Lq, hd): each sequence's query rows, zeros past its own."""
         b = self.batch
-        qpad = q.new_zeros(b.q_lens.shape[0], int(b.q_lens.max()), q.shape[1], q.shape[2])
+        qpad = q.new_zeros(b.q_lens.shape[0], self._max_q, q.shape[1], q.shape[2])
         qpad[b.seq_of_token, b.row_of_token] = q
         return qpad.transpose(1, 2)
 
