@@ -38,6 +38,10 @@ class InlineExecutor:
         if device.type == "cuda":  # one split of the SMs for all (model, phase) partitions
             wanted = {(n, p): (shares or {}).get((n, p), 1.0) for n in runners for p in Phase}
             self._partitions = make_partitions(device, wanted)
+            for name, runner in self.runners.items():
+                if runner.graphs is not None:  # captured now, on the stream decode jobs run on
+                    with torch.cuda.stream(self._partitions[(name, Phase.DECODE)].stream):
+                        runner.graphs.warm_up()
         # launched jobs, each with the event recorded after it on its stream (CUDA only)
         self._launched: list[tuple[LaunchedJob, torch.cuda.Event | None]] = []
 

@@ -27,7 +27,7 @@ from muxserve.executor.messages import (
 from muxserve.executor.mirror import RequestMirror
 from muxserve.runner.kv_pool import KVPool
 from muxserve.runner.model_runner import ModelRunner
-from muxserve.scheduler.job import JobResult
+from muxserve.scheduler.job import JobResult, Phase
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class Worker:
             _join_group(init.tp, device)
         pool = KVPool.from_buffer(init.pool, init.block_bytes)
         self.runner = ModelRunner(init.name, init.model, init.config, pool, init.layout, init.dtype)
+        if init.phase is Phase.DECODE and self.runner.graphs is not None:
+            # before WorkerReady: a capture mid-serving would stall the device for every model
+            self.runner.graphs.warm_up()
         self.mirror = RequestMirror(init.name, init.phase)
 
     def serve(self, conn: Connection) -> int:

@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps: one graph per (batch bucket, context bucket), captured lazily.
+"""CUDA graphs for decode steps: one graph per (batch bucket, context bucket), captured at start.
 
 A decode step of a small batch is bound by kernel launches, not by the GPU: replaying a graph
 launches the whole forward at once. A graph bakes in every tensor address and shape, so each
@@ -14,6 +14,14 @@ job's inputs are copied into them and the graph replays. Correct by construction
 - the graphs of one runner share a memory pool, which is safe because one decode job per model
   is in flight at a time and each output (the logits) is consumed on the same stream before
   the next replay.
+
+Capture: the executors call `warm_up()` at start-up, on the stream the model's decode jobs will
+run on (a partition's: kernels captured on torch's side stream would replay outside the green
+context's SMs). It captures every batch bucket for contexts up to STARTUP_MAX_CONTEXT; after it,
+a bucket it did not capture runs eagerly, because a capture mid-serving synchronises the whole
+device and empties the allocator's cache, stalling every other model's jobs. A runner nobody
+warmed up (scripts, tests) captures each bucket on first use. A capture that fails is
+remembered: its bucket runs eagerly from then on, said once in the log, and is never retried.
 
 Off with `MUXSERVE_CUDA_GRAPHS=0`; jobs that fit no bucket (too many sequences, a context past
 the largest bucket, a static table over `max_table_bytes`) run eagerly.
@@ -39,6 +47,9 @@ log = logging.getLogger(__name__)
 GRAPHS_ENV = "MUXSERVE_CUDA_GRAPHS"  # "1" / "on": capture; off by default until GPU-validated
 MIN_CONTEXT_BUCKET = 256
 MAX_TABLE_BYTES = 64 << 20  # largest static block table a graph may own
+# Contexts whose buckets `warm_up` captures: past 4k tokens a decode step is long enough that
+# launch overhead is a small part of it, and every graph keeps its own (batch, vocab) logits.
+STARTUP_MAX_CONTEXT = 4096
 
 
 def graphs_enabled() -> bool:
@@ -70,6 +81,15 @@ def context_bucket(max_context: int, limit: int) -> int | None:
     while bucket < max_context:
         bucket *= 2
     return min(bucket, limit)
+
+
+def context_buckets(limit: int) -> tuple[int, ...]:
+    """Every context bucket up to `limit` (the model's longest context): the values
+    `context_bucket` takes."""
+    out = [MIN_CONTEXT_BUCKET]
+    while out[-1] < limit:
+        out.append(out[-1] * 2)
+    return tuple(sorted({min(b, limit) for b in out}))
 
 
 class GraphKey(NamedTuple):
@@ -106,6 +126,13 @@ class GraphPlanner:
             return None
         key = GraphKey(batch, context)
         return key if self.table_bytes(key) <= self.max_table_bytes else None
+
+    def startup_keys(self, max_context: int = STARTUP_MAX_CONTEXT) -> list[GraphKey]:
+        """The graphs `warm_up` captures: every batch bucket for every context bucket up to
+        `max_context`, whose static table fits; shortest contexts, then smallest batches first."""
+        contexts = [c for c in context_buckets(self.max_context) if c <= max_context]
+        keys = [GraphKey(b, c) for c in contexts for b in self.buckets]
+        return [k for k in keys if self.table_bytes(k) <= self.max_table_bytes]
 
 
 @dataclass
@@ -169,6 +196,7 @@ class _Graph:
     batch: BatchLayout  # its tensors are the graph's inputs
     logits: torch.Tensor  # (batch, vocab): the output
     attention: Attention  # keeps the decode workspace alive
+    stream: int  # the stream it was captured on (`cuda_stream`): where its replays belong
 
 
 class DecodeGraphs:
@@ -188,7 +216,9 @@ class DecodeGraphs:
         self.device = cache.device
         self.dtype = next(model.parameters()).dtype
         self._graphs: dict[GraphKey, _Graph] = {}
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool: torch.cuda._POOL_HANDLE | None = None  # made at the first capture
+        self.failed: dict[GraphKey, str] = {}  # buckets whose capture failed, with the error
+        self._lazy = True  # capture on first use, until `warm_up` has captured at start-up
 
     @classmethod
     def create(
@@ -219,7 +249,13 @@ class DecodeGraphs:
         key = self.planner.key_for(seqs)
         if key is None:
             return None
-        entry = self._graphs.get(key) or self._capture(key)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if not self._lazy or key in self.failed:
+                return None  # eager: see the module docstring
+            entry = self._try_capture(key)
+            if entry is None:
+                return None
         p = self.planner
         inputs = pad_decode_inputs(
             seqs, key, p.table_width(key.context), p.num_layers, p.num_kv_heads
@@ -265,22 +301,58 @@ class DecodeGraphs:
         cos = torch.zeros(key.batch, head_dim, dtype=self.dtype, device=dev)
         sin = torch.zeros_like(cos)
         attention = ops.make_attention(self.cache, batch, self.windows, 1, key.context)
-        # warm up on a side stream (cuBLAS picks its kernels and workspaces), then capture;
-        # all rows are padding, so neither touches the pool
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
+        # Capture on the stream the replays run on: a partition's stream is in its green
+        # context, and kernels captured elsewhere would replay outside its SMs. The default
+        # stream cannot capture: a side stream then (an MPS worker's quota is per process).
+        current = torch.cuda.current_stream(dev)
+        stream = current if current != torch.cuda.default_stream(dev) else torch.cuda.Stream(dev)
+        stream.wait_stream(current)
+        # warm up on that stream (cuBLAS picks its kernels and workspaces for those SMs), then
+        # capture; all rows are padding, so neither touches the pool
+        with torch.cuda.stream(stream):
             for _ in range(2):
                 decode_logits(self.model, input_ids, cos, sin, attention)
-        torch.cuda.current_stream(dev).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: other models' jobs keep running on their streams during a capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(
+            graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"
+        ):
             logits = decode_logits(self.model, input_ids, cos, sin, attention)
+        current.wait_stream(stream)
         log.info("captured a decode graph for %s", key)
-        entry = _Graph(graph, input_ids, positions, cos, sin, batch, logits, attention)
+        handle = int(stream.cuda_stream)
+        entry = _Graph(graph, input_ids, positions, cos, sin, batch, logits, attention, handle)
         self._graphs[key] = entry
         return entry
+
+    def _try_capture(self, key: GraphKey) -> _Graph | None:
+        """`_capture`, or None after remembering and logging (once: it is never retried) why
+        it failed; the bucket then runs eagerly."""
+        try:
+            return self._capture(key)
+        except Exception as e:  # out of memory, a kernel that cannot be captured, ...
+            self.failed[key] = f"{type(e).__name__}: {e}"
+            log.warning(
+                "capture of the decode graph %s failed, its jobs run eagerly: %s",
+                key,
+                self.failed[key],
+            )
+            return None
+
+    def warm_up(self, max_context: int = STARTUP_MAX_CONTEXT) -> list[GraphKey]:
+        """Capture the start-up buckets now, on the current stream (the one this model's decode
+        jobs will run on); from then on, no capture happens mid-serving. Returns what was
+        captured (a failed capture is remembered in `failed`)."""
+        for key in self.planner.startup_keys(max_context):
+            if key not in self._graphs and key not in self.failed:
+                self._try_capture(key)
+        self._lazy = False
+        log.info(
+            "decode graphs: %d captured, %d failed at start-up", len(self._graphs), len(self.failed)
+        )
+        return self.captured
 
     @property
     def captured(self) -> list[GraphKey]:
