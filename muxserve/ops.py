@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from muxserve.executor.sm_partition import stream_sms
 from muxserve.kernel_build import EMULATED, KernelBuildError, build_kernels, build_plan
-from muxserve.models.causal_lm import Attention
+from muxserve.models.llama import Attention
 from muxserve.runner.attention import BatchLayout, PagedAttention
 
 log = logging.getLogger(__name__)
