@@ -230,15 +230,13 @@ def make_attention(
     sliding_windows: Sequence[int | None],
     max_q_len: int,
     max_context: int,
-    softcap: float | None = None,
 ) -> Attention:
     """The `Attention` for one job: `KernelAttention` where the kernels serve this pool view,
     `PagedAttention` (the reference) elsewhere. `max_q_len` and `max_context` are the job's
-    longest chunk and context, known on the host. The kernels have no score soft-capping: a
-    model with `softcap` (Gemma 2) always gets the reference."""
+    longest chunk and context, known on the host."""
     kernels = kernels_for_cache(cache)
-    if kernels is None or softcap is not None:
-        return PagedAttention(cache, batch, sliding_windows, max_q_len, max_context, softcap)
+    if kernels is None:
+        return PagedAttention(cache, batch, sliding_windows, max_q_len, max_context)
     return KernelAttention(kernels, cache, batch, sliding_windows, max_q_len, max_context)
 
 
