@@ -129,6 +129,8 @@ def check_divisible(config: HFModelConfig, world_size: int) -> None:
         "KV heads": config.num_kv_heads,
         "intermediate size": config.intermediate_size,
     }
+    if config.num_experts:
+        sizes["expert intermediate size"] = config.moe_intermediate_size
     bad = [f"{what} ({n})" for what, n in sizes.items() if n % world_size]
     if bad:
         raise ValueError(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from muxserve.executor.sm_partition import stream_sms
 from muxserve.kernel_build import EMULATED, KernelBuildError, build_kernels, build_plan
-from muxserve.models.llama import Attention
+from muxserve.models.causal_lm import Attention
 from muxserve.runner.attention import BatchLayout, PagedAttention
 
 log = logging.getLogger(__name__)
@@ -230,13 +230,15 @@ def make_attention(
     sliding_windows: Sequence[int | None],
     max_q_len: int,
     max_context: int,
+    softcap: float | None = None,
 ) -> Attention:
     """The `Attention` for one job: `KernelAttention` where the kernels serve this pool view,
     `PagedAttention` (the reference) elsewhere. `max_q_len` and `max_context` are the job's
-    longest chunk and context, known on the host."""
+    longest chunk and context, known on the host. The kernels have no score soft-capping: a
+    model with `softcap` (Gemma 2) always gets the reference."""
     kernels = kernels_for_cache(cache)
-    if kernels is None:
-        return PagedAttention(cache, batch, sliding_windows, max_q_len, max_context)
+    if kernels is None or softcap is not None:
+        return PagedAttention(cache, batch, sliding_windows, max_q_len, max_context, softcap)
     return KernelAttention(kernels, cache, batch, sliding_windows, max_q_len, max_context)
 
 

@@ -29,7 +29,7 @@ from muxserve.executor.messages import TPRank, WorkerInit
 from muxserve.executor.mps_daemon import HINT, MpsDaemon, MpsUnavailableError
 from muxserve.executor.waker import Waker
 from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, WorkerGroup
-from muxserve.models.llama import LlamaForCausalLM
+from muxserve.models.causal_lm import CausalLM
 from muxserve.parallel.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.scheduler.job import Job, JobResult, Phase
@@ -222,7 +222,7 @@ class MpsExecutor:
 def _rank_plans(
     spec: ModelSpec,
     phase: Phase,
-    ranks: list[tuple[LlamaForCausalLM, KVPool]],
+    ranks: list[tuple[CausalLM, KVPool]],
     daemon: MpsDaemon | None,
 ) -> list[RankPlan]:
     """How to start each rank's worker of `spec` in `phase`: its model shard, pool and share."""

@@ -1,4 +1,6 @@
-"""Llama-family models (Llama, Qwen2, Mistral): config parsing, layers, weight loading.
+"""Model families behind one `CausalLM` protocol, found by architecture name in the registry;
+config parsing, layers, RoPE variants, weight loading (safetensors, .bin, Hub cache).
 
-`hf_config` is torch-free (the planner reads it); the rest needs torch.
+`hf_config`, `family_config` and `registry` are torch-free (the planner reads them); the rest
+needs torch.
 """

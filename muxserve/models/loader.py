@@ -1,14 +1,18 @@
-"""Checking and loading Hugging Face safetensors checkpoints (one file, or shards plus an index).
+"""Checking and loading Hugging Face checkpoints: safetensors (one file, or shards plus an
+index) or PyTorch `.bin` (the same two layouts).
 
-`validate_checkpoint` reads `config.json` and the safetensors headers only, so the engine can
-check every model it is asked to serve before it allocates anything; `load_model` then builds the
-model without initialising weights and fills it shard by shard.
+`validate_checkpoint` reads `config.json` and the tensors' names, dtypes and shapes only (the
+safetensors headers; a `.bin` memory-mapped, its data untouched), so the engine can check
+every model it is asked to serve before it allocates anything; `load_model` then builds the
+family's model (`muxserve.models.registry`) without initialising weights and fills it file by
+file. Where a folder holds both formats, safetensors wins.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,22 +20,37 @@ import torch
 from safetensors import safe_open
 
 from muxserve.errors import CheckpointError
+from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import HFModelConfig, load_hf_config
-from muxserve.models.llama import LlamaForCausalLM, parameter_shapes
+from muxserve.models.registry import build_model, checkpoint_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 
 # safetensors dtype names we can cast from; quantized formats are not supported
 LOADABLE_DTYPES = ("F64", "F32", "BF16", "F16")
 MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# a .bin tensor's dtype, named as safetensors names it
+_TORCH_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # a larger header means a corrupt file
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """What a safetensors header says about one tensor."""
+    """What a checkpoint file says about one tensor."""
 
     file: Path
     dtype: str  # safetensors name, e.g. "BF16"
@@ -49,7 +68,7 @@ class CheckpointPlan:
 def validate_checkpoint(path: str | Path) -> HFModelConfig:
     """Check that a folder holds a servable checkpoint; return its parsed config.
 
-    Reads `config.json` and the safetensors headers only (no tensor data). Raises
+    Reads `config.json` and the tensors' names, dtypes and shapes only (no tensor data). Raises
     `CheckpointError` (`UnsupportedArchitectureError` for an unknown family) naming the folder and
     the first missing, unexpected or wrong-shaped tensor, or the missing file.
     """
@@ -58,40 +77,53 @@ def validate_checkpoint(path: str | Path) -> HFModelConfig:
 
 def load_model(
     path: str | Path, dtype: torch.dtype, device: torch.device | str
-) -> tuple[LlamaForCausalLM, HFModelConfig]:
+) -> tuple[CausalLM, HFModelConfig]:
     """Build the model for a checkpoint folder and load its weights, cast to `dtype`, on `device`.
 
     Parameters are created on the meta device and allocated once, directly in `dtype` on
-    `device`; each shard is memory-mapped and copied in tensor by tensor, so peak extra memory is
-    one tensor. The model is returned in eval mode with gradients off.
+    `device`; each file is memory-mapped and copied in tensor by tensor, so peak extra memory is
+    one tensor (a `.bin` saved in torch's legacy, non-zip format is read whole). The model is
+    returned in eval mode with gradients off.
     """
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"model dtype must be one of {MODEL_DTYPES}, got {dtype}")
     device = torch.device(device)
     plan = plan_checkpoint(path)
     with torch.device("meta"):
-        model = LlamaForCausalLM(plan.config)
+        model = build_model(plan.config)
     model = model.to(dtype=dtype).to_empty(device=device)  # (the .to on meta costs nothing)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for file, names in plan.shards.items():
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in names:
-                    params[name].copy_(f.get_tensor(name))
+    model.load_weights(_tensors(plan))
     model.eval()
     model.requires_grad_(False)
     model.build_rope_cache(device)
     return model, plan.config
 
 
+def _tensors(plan: CheckpointPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every planned tensor with its name, file by file, each read only when asked for."""
+    for file, names in plan.shards.items():
+        if file.name.endswith(".safetensors"):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in names:
+                    yield name, f.get_tensor(name)
+        else:
+            state = _load_bin(file)
+            for name in names:
+                yield name, state[name]
+            del state
+
+
 def plan_checkpoint(path: str | Path) -> CheckpointPlan:
     """`validate_checkpoint`, also returning which tensors to read from which file."""
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a checkpoint folder")
+        raise CheckpointError(
+            f"{folder}: not a checkpoint folder (a Hugging Face model id in a config's `path` "
+            "is looked up in the Hub cache when the config is read)"
+        )
     config = load_hf_config(folder)
     found = _read_headers(folder)
-    expected = parameter_shapes(config)
+    expected = checkpoint_shapes(config)
 
     for name, shape in expected.items():
         info = found.get(name)
@@ -134,36 +166,76 @@ def _ignorable(name: str, info: TensorInfo, config: HFModelConfig) -> bool:
 
 
 def _read_headers(folder: Path) -> dict[str, TensorInfo]:
-    """All tensors of the checkpoint, by name, from the headers of its safetensors files."""
-    index = folder / INDEX_FILE
-    if index.exists():
-        weight_map = _read_index(index)
-        by_file: dict[str, list[str]] = {}
-        for name, file_name in weight_map.items():
-            by_file.setdefault(file_name, []).append(name)
-        found: dict[str, TensorInfo] = {}
-        for file_name, names in by_file.items():
-            file = folder / file_name
-            if not file.exists():
-                raise CheckpointError(
-                    f"{folder}: shard {file_name} listed in {INDEX_FILE} is missing "
-                    f"(it should hold {names[0]!r} and {len(names) - 1} more tensors)"
-                )
-            header = read_safetensors_header(file)
-            for name in names:
-                if name not in header:
-                    raise CheckpointError(
-                        f"{folder}: {INDEX_FILE} puts tensor {name!r} in {file_name}, "
-                        "but that file does not hold it"
-                    )
-                found[name] = header[name]
-        return found
-    single = folder / SINGLE_FILE
-    if single.exists():
-        return read_safetensors_header(single)
+    """All tensors of the checkpoint, by name, from its safetensors headers, or from its
+    `.bin` files memory-mapped (their data untouched)."""
+    for index_name, single_name, read in (
+        (INDEX_FILE, SINGLE_FILE, read_safetensors_header),
+        (BIN_INDEX_FILE, BIN_FILE, read_bin_header),
+    ):
+        index = folder / index_name
+        if index.exists():
+            return _read_sharded(folder, index, read)
+        single = folder / single_name
+        if single.exists():
+            return read(single)
     others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-    hint = f" (found {', '.join(others)}: only safetensors are supported)" if others else ""
-    raise CheckpointError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} is present{hint}")
+    hint = f" (found {', '.join(others)})" if others else ""
+    raise CheckpointError(
+        f"{folder}: none of {SINGLE_FILE}, {INDEX_FILE}, {BIN_FILE}, {BIN_INDEX_FILE} "
+        f"is present{hint}"
+    )
+
+
+def _read_sharded(
+    folder: Path, index: Path, read: Callable[[Path], dict[str, TensorInfo]]
+) -> dict[str, TensorInfo]:
+    weight_map = _read_index(index)
+    by_file: dict[str, list[str]] = {}
+    for name, file_name in weight_map.items():
+        by_file.setdefault(file_name, []).append(name)
+    found: dict[str, TensorInfo] = {}
+    for file_name, names in by_file.items():
+        file = folder / file_name
+        if not file.exists():
+            raise CheckpointError(
+                f"{folder}: shard {file_name} listed in {index.name} is missing "
+                f"(it should hold {names[0]!r} and {len(names) - 1} more tensors)"
+            )
+        header = read(file)
+        for name in names:
+            if name not in header:
+                raise CheckpointError(
+                    f"{folder}: {index.name} puts tensor {name!r} in {file_name}, "
+                    "but that file does not hold it"
+                )
+            found[name] = header[name]
+    return found
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` state dict, memory-mapped where torch allows (its zip format), tensors only."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy format
+    except Exception as e:  # a truncated zip, a pickle that is not a plain state dict, ...
+        raise CheckpointError(f"{file}: not a readable PyTorch weights file ({e})") from e
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{file}: expected a state dict of tensor name -> tensor")
+    return state
+
+
+def read_bin_header(file: Path) -> dict[str, TensorInfo]:
+    """Tensor names, dtypes and shapes of one `.bin` file (memory-mapped, data not read)."""
+    return {
+        name: TensorInfo(file, _TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape))
+        for name, t in _load_bin(file).items()
+    }
 
 
 def _read_index(index: Path) -> dict[str, str]:

@@ -20,14 +20,16 @@ from muxserve.models.hf_config import HFModelConfig
 def rope_parameters(
     config: HFModelConfig, device: torch.device, seq_len: int | Tensor | None = None
 ) -> tuple[Tensor, float]:
-    """Inverse frequencies `(head_dim // 2,)` in float32 and the cos/sin scale ("attention factor").
+    """Inverse frequencies `(rotary_dim // 2,)` in float32 and the cos/sin scale ("attention
+    factor").
 
-    `seq_len` only matters for "dynamic" (NTK) scaling, which stretches the base for sequences
-    longer than `max_position_embeddings`.
+    `seq_len` matters for "dynamic" (NTK) scaling, which stretches the base for sequences
+    longer than `max_position_embeddings`, and for "longrope", whose long factors apply past
+    `original_max_position_embeddings`.
     """
     scaling = config.rope_scaling or {"rope_type": "default"}
     rope_type = scaling["rope_type"]
-    base, dim = config.rope_theta, config.head_dim
+    base, dim = config.rope_theta, config.rotary_dim
     if rope_type == "default":
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
         return inv_freq, 1.0
@@ -39,6 +41,8 @@ def rope_parameters(
         return _llama3_inv_freq(base, dim, scaling, device), 1.0
     if rope_type == "yarn":
         return _yarn_parameters(config, scaling, device)
+    if rope_type == "longrope":
+        return _longrope_parameters(config, scaling, device, seq_len)
     raise ValueError(f"rope type {rope_type!r} is not implemented")
 
 
@@ -56,7 +60,7 @@ def _dynamic_inv_freq(
     # HF passes a python int at init and a tensor (max position + 1) in the forward; the two take
     # different float paths, so both are mirrored.
     mpe = config.max_position_embeddings
-    dim, factor = config.head_dim, scaling["factor"]
+    dim, factor = config.rotary_dim, scaling["factor"]
     length: int | Tensor
     if seq_len is None:
         length = mpe
@@ -93,7 +97,7 @@ def _llama3_inv_freq(
 def _yarn_parameters(
     config: HFModelConfig, scaling: dict[str, Any], device: torch.device
 ) -> tuple[Tensor, float]:
-    base, dim = config.rope_theta, config.head_dim
+    base, dim = config.rope_theta, config.rotary_dim
     original_mpe = scaling["original_max_position_embeddings"]
     factor = scaling.get("factor")
     if factor is None:
@@ -136,6 +140,32 @@ def _yarn_parameters(
     return inv_freq, float(attention_factor)
 
 
+def _longrope_parameters(
+    config: HFModelConfig,
+    scaling: dict[str, Any],
+    device: torch.device,
+    seq_len: int | Tensor | None,
+) -> tuple[Tensor, float]:
+    # Phi-3: per-frequency divisors, the short ones within the pretraining length, the long
+    # ones past it; the attention factor comes from the context extension ratio
+    base, dim = config.rope_theta, config.rotary_dim
+    original_mpe = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor")
+    if factor is None:
+        factor = config.max_position_embeddings / original_mpe
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_mpe))
+        )
+    long = seq_len is not None and seq_len > original_mpe
+    ext = torch.tensor(
+        scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device
+    )
+    shape = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    return 1.0 / (ext * base**shape), float(attention_factor)
+
+
 def rotate_half(x: Tensor) -> Tensor:
     """(x1, x2) -> (-x2, x1) over the last dim: the rotation in HF's (non-interleaved) layout."""
     half = x.shape[-1] // 2
@@ -143,9 +173,17 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate `x` (T, heads, head_dim) by per-token angles; `cos`, `sin`: (T, head_dim)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (T, 1, hd): broadcast over heads
-    return x * cos + rotate_half(x) * sin
+    """Rotate `x` (T, heads, head_dim) by per-token angles; `cos`, `sin`: (T, rotary_dim).
+
+    With a partial rotary factor only the first `rotary_dim` dims of each head turn, the rest
+    pass through, as in transformers' Phi-3.
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (T, 1, rd): broadcast over heads
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
@@ -155,7 +193,14 @@ class RotaryEmbedding(nn.Module):
     round them (HF also computes the angles in float32 and casts cos/sin last). Build the table on
     the serving device with `build_cache` before the KV pool is sized; it grows if a position
     beyond it shows up. "dynamic" scaling past `max_position_embeddings` is recomputed for each
-    call from its longest position, as HF does, and never cached.
+    call from its longest position, as HF does, and never cached. "longrope" rotates
+    positions within `original_max_position_embeddings` with the short factors and positions
+    past it with the long ones: one table, per token. HF picks one set per forward call from
+    its longest position, and its `generate` re-prefills a sequence the first time it passes
+    the original length so that every cached key turns with the long factors; we recompute
+    nothing. The two agree for sequences within the original length (4K tokens for
+    Phi-3-mini-128k) and for each step of a decode past it; they differ for tokens before the
+    original length in a sequence that runs past it.
     """
 
     def __init__(self, config: HFModelConfig) -> None:
@@ -165,6 +210,13 @@ class RotaryEmbedding(nn.Module):
         self.max_position = config.max_position_embeddings
         cpu = torch.device("cpu")  # explicit: the model may be built under a meta-device context
         self.inv_freq, self.attention_scaling = rope_parameters(config, cpu)
+        # longrope: from this position on, the long factors rotate (None: one set throughout)
+        self.long_from: int | None = None
+        self.long_inv_freq: Tensor | None = None
+        if self.rope_type == "longrope":
+            scaling = config.rope_scaling or {}
+            self.long_from = int(scaling["original_max_position_embeddings"])
+            self.long_inv_freq, _ = rope_parameters(config, cpu, self.long_from + 1)
         # (cos, sin), each (L, hd // 2) float32 times attention_scaling; one attribute, swapped
         # whole, so a job on another thread never sees a cos and a sin of different lengths
         self._table: tuple[Tensor, Tensor] | None = None
@@ -180,11 +232,14 @@ class RotaryEmbedding(nn.Module):
         return table
 
     def _half_tables(self, positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, hd/2)
+        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, rd/2)
+        if self.long_inv_freq is not None and self.long_from is not None:
+            long = positions.to(torch.float32)[:, None] * self.long_inv_freq.to(inv_freq.device)
+            freqs = torch.where(positions[:, None] >= self.long_from, long, freqs)
         return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin for each token: `positions` (T,) int64 -> two (T, head_dim) in `dtype`."""
+        """cos, sin for each token: `positions` (T,) int64 -> two (T, rotary_dim) in `dtype`."""
         # one host sync per forward: the table must cover the largest position
         longest = int(positions.max()) + 1 if positions.numel() else 0
         if self.rope_type == "dynamic" and longest > self.max_position:
@@ -198,7 +253,7 @@ class RotaryEmbedding(nn.Module):
                 table = self._build(positions.device, max(longest, 2 * cached))
             elif table[0].device != positions.device:
                 table = self._build(positions.device, cached)
-            cos, sin = table[0][positions], table[1][positions]  # (T, hd/2)
-        cos = torch.cat((cos, cos), dim=-1)  # (T, hd)
+            cos, sin = table[0][positions], table[1][positions]  # (T, rd/2)
+        cos = torch.cat((cos, cos), dim=-1)  # (T, rd)
         sin = torch.cat((sin, sin), dim=-1)
         return cos.to(dtype), sin.to(dtype)

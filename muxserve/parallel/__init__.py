@@ -1,1 +1,2 @@
-"""Tensor parallelism inside a mesh: sharded Llama layers over torch.distributed."""
+"""Tensor parallelism inside a mesh: sharded layers of any registered family over
+torch.distributed."""

@@ -1,9 +1,11 @@
 """Load a model once per tensor-parallel rank, in memory that worker processes can map.
 
-A rank's shard is built like any model (`LlamaForCausalLM(config, tp_size)`) and filled from
+A rank's shard is built like any model (`registry.build_model(config, tp_size)`) and filled from
 the whole model's tensors: where a parameter is smaller than the whole along one dimension,
-the rank takes its contiguous chunk of it (heads, features, vocabulary rows); where it is the
-same size (embeddings, norms, row-parallel biases) it takes all of it.
+the rank takes its contiguous chunk of it (heads, features, vocabulary rows, each expert's
+inner width); where it is the same size (embeddings, norms, routers, row-parallel biases) it
+takes all of it. Families whose checkpoints fuse tensors split them on load (Phi-3), so every
+parameter splits along one dimension.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from pathlib import Path
 import torch
 
 from muxserve.model_descriptor import check_divisible
-from muxserve.models.llama import LlamaForCausalLM
+from muxserve.models.causal_lm import CausalLM
 from muxserve.models.loader import load_model
+from muxserve.models.registry import build_model
 
 
 def load_rank_models(
     path: str | Path, dtype: torch.dtype, device: torch.device, world_size: int
-) -> list[tuple[LlamaForCausalLM, torch.device]]:
+) -> list[tuple[CausalLM, torch.device]]:
     """The model for each rank, with the device that rank runs on; weights shared, not copied.
 
     On CPU the parameters move to shared memory (the prefill and decode workers of a rank map
@@ -48,14 +51,11 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 @torch.no_grad()
-def shard_model(
-    whole: LlamaForCausalLM, rank: int, world_size: int, device: torch.device
-) -> LlamaForCausalLM:
+def shard_model(whole: CausalLM, rank: int, world_size: int, device: torch.device) -> CausalLM:
     """Rank `rank`'s shard of `whole` on `device`, in eval mode with gradients off."""
     with torch.device("meta"):
-        shard = LlamaForCausalLM(whole.config, tp_size=world_size)
-    dtype = whole.model.embed_tokens.weight.dtype
-    shard = shard.to(dtype=dtype).to_empty(device=device)
+        shard = build_model(whole.config, tp_size=world_size)
+    shard = shard.to(dtype=whole.dtype).to_empty(device=device)
     full = dict(whole.named_parameters())
     for name, param in shard.named_parameters():
         param.copy_(_rank_slice(full[name], param.shape, rank, world_size))
@@ -74,6 +74,6 @@ def _rank_slice(whole: torch.Tensor, shape: torch.Size, rank: int, world_size: i
     return whole.chunk(world_size, dim=dims[0])[rank]
 
 
-def _share(model: LlamaForCausalLM) -> None:
+def _share(model: CausalLM) -> None:
     if next(model.parameters()).device.type == "cpu":
         model.share_memory()

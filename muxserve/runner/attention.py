@@ -63,8 +63,10 @@ class PagedAttention:
         sliding_windows: Sequence[int | None],  # per layer
         max_q_len: int | None = None,  # the batch's longest chunk, if the host knows it
         max_context: int | None = None,  # its longest context after this step, likewise
+        softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) (Gemma 2)
     ) -> None:
         self.cache = cache
+        self.softcap = softcap
         self.batch = batch
         self.windows = sliding_windows
         tpb = cache.shape[2]
@@ -144,6 +146,8 @@ class PagedAttention:
         keys = keys.repeat_interleave(group, dim=1)  # (B, Hq, K, hd)
         vals = vals.repeat_interleave(group, dim=1)
         scores = torch.matmul(qpad.float(), keys.float().transpose(-1, -2)) / math.sqrt(hd)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores.masked_fill(~self.mask(window), float("-inf"))
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded rows see no key
         out = torch.matmul(probs.to(vals.dtype), vals)  # (B, Hq, Lq, hd)

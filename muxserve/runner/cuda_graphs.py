@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from muxserve.models.llama import Attention, LlamaForCausalLM
+from muxserve.models.causal_lm import Attention, CausalLM
 from muxserve.runner.attention import BatchLayout
 from muxserve.scheduler.job import SeqWork
 
@@ -166,7 +166,7 @@ def pad_decode_inputs(
 
 
 def decode_logits(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     input_ids: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -174,14 +174,11 @@ def decode_logits(
 ) -> torch.Tensor:
     """`model(...)` then `compute_logits` for every row, with cos/sin given, not computed.
 
-    The body that is captured: LlamaModel.forward without its RoPE call (which syncs with the
+    The body that is captured: the model's forward without its RoPE call (which syncs with the
     host); tests/runner keep the two equal.
     """
-    m = model.model
-    x = m.embed_tokens(input_ids)  # (B, hidden)
-    for layer in m.layers:
-        x = layer(x, cos, sin, attention)
-    return model.compute_logits(m.norm(x))  # (B, vocab) float32
+    hidden = model.forward_rotated(input_ids, cos, sin, attention)  # (B, hidden)
+    return model.compute_logits(hidden)  # (B, vocab) float32
 
 
 @dataclass
@@ -204,7 +201,7 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         cache: torch.Tensor,
         planner: GraphPlanner,
         sliding_windows: Sequence[int | None],
@@ -223,7 +220,7 @@ class DecodeGraphs:
     @classmethod
     def create(
         cls,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         cache: torch.Tensor,
         max_context: int,
         num_layers: int,
@@ -231,10 +228,11 @@ class DecodeGraphs:
         sliding_windows: Sequence[int | None],
         max_batch: int = 256,
     ) -> DecodeGraphs | None:
-        """Graphs for this model, or None: off, not CUDA, or no kernels for its pool view."""
+        """Graphs for this model, or None: off, not CUDA, a model no graph can hold (soft-capped
+        attention, routed experts: `graph_safe`), or no kernels for its pool view."""
         from muxserve import ops
 
-        if not graphs_enabled() or cache.device.type != "cuda":
+        if not graphs_enabled() or cache.device.type != "cuda" or not model.graph_safe:
             return None
         if ops.kernels_for_cache(cache) is None:
             return None
@@ -269,7 +267,7 @@ class DecodeGraphs:
             (b.block_tables, inputs.block_tables),
         ):
             dst.copy_(torch.from_numpy(src), non_blocking=True)
-        cos, sin = self.model.model.rotary_emb(entry.positions, self.dtype)
+        cos, sin = self.model.rotary(entry.positions, self.dtype)
         entry.cos.copy_(cos)
         entry.sin.copy_(sin)
         entry.graph.replay()
@@ -296,9 +294,9 @@ class DecodeGraphs:
                 device=dev,
             ),
         )
-        head_dim = self.cache.shape[3]
         input_ids, positions = zeros.clone(), zeros.clone()
-        cos = torch.zeros(key.batch, head_dim, dtype=self.dtype, device=dev)
+        width = self.model.rotary(positions, self.dtype)[0].shape[-1]  # one table or two
+        cos = torch.zeros(key.batch, width, dtype=self.dtype, device=dev)
         sin = torch.zeros_like(cos)
         attention = ops.make_attention(self.cache, batch, self.windows, 1, key.context)
         # Capture on the stream the replays run on: a partition's stream is in its green

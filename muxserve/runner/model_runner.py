@@ -9,8 +9,8 @@ import torch
 
 from muxserve import ops
 from muxserve.kv.layout import KVLayout
+from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import HFModelConfig
-from muxserve.models.llama import LlamaForCausalLM
 from muxserve.runner.attention import BatchLayout
 from muxserve.runner.cuda_graphs import DecodeGraphs
 from muxserve.runner.kv_pool import KVPool
@@ -35,7 +35,7 @@ class ModelRunner:
     def __init__(
         self,
         name: str,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         config: HFModelConfig,
         pool: KVPool,
         layout: KVLayout,
@@ -81,6 +81,7 @@ class ModelRunner:
                 self.config.layer_sliding_windows,
                 max(len(s.token_ids) for s in job.seqs),
                 max(s.end_pos for s in job.seqs),
+                self.config.attn_logit_softcap,
             )
             hidden = self.model(input_ids, batch.pos_of_token, attention)  # (T, hidden)
             if not sampling:

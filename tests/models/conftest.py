@@ -109,3 +109,34 @@ def hf_logits() -> Callable[..., torch.Tensor]:
 def packed_positions() -> Callable[..., torch.Tensor]:
     """The `_packed_positions` helper."""
     return _packed_positions
+
+
+MakeFamily = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def make_family(tmp_path_factory: pytest.TempPathFactory) -> MakeFamily:
+    """`make_family(zoo_name, **config)` -> a saved checkpoint of that zoo family (2 layers,
+    hidden 64, vocab VOCAB), with config fields overridden; cached per arguments."""
+    import zoo
+
+    made: dict[str, Path] = {}
+
+    def make(name: str, **overrides: Any) -> Path:
+        key = json.dumps([name, overrides], sort_keys=True)
+        if key not in made:
+            model = zoo.random_model(name, zoo.hf_config(name, VOCAB, **overrides))
+            folder = tmp_path_factory.mktemp(name)
+            model.save_pretrained(folder)
+            made[key] = folder
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def zoo_models() -> dict[str, Path]:
+    """The zoo (one tiny checkpoint per family, with tokenizer), built once into the cache."""
+    import zoo
+
+    return zoo.ensure_zoo_models()

@@ -193,12 +193,91 @@ def test_truncated_file(
         validate_checkpoint(folder)
 
 
-def test_no_safetensors(
-    make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
+def to_bin(src: Path, dst: Path, legacy: bool = False) -> Path:
+    """A copy of checkpoint `src` in the .bin layouts: pytorch_model.bin, or shards and
+    pytorch_model.bin.index.json; `legacy`: torch's old non-zip format (not memory-mappable)."""
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    index = src / "model.safetensors.index.json"
+    files = {"model.safetensors": "pytorch_model.bin"}
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {
+            f: f.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+            for f in set(weight_map.values())
+        }
+        bin_map = {name: files[f] for name, f in weight_map.items()}
+        (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": bin_map}))
+    for st, bin_name in files.items():
+        torch.save(load_file(src / st), dst / bin_name, _use_new_zipfile_serialization=not legacy)
+    return dst
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_bin_checkpoint_loads_like_safetensors(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, legacy: bool
 ) -> None:
+    src = make_checkpoint("llama", num_key_value_heads=2)
+    folder = to_bin(src, tmp_path / "bin", legacy)
+    assert validate_checkpoint(folder) == validate_checkpoint(src)
+    ours, _ = load_model(folder, torch.float32, "cpu")
+    ref, _ = load_model(src, torch.float32, "cpu")
+    ours_params = dict(ours.named_parameters())
+    assert all(torch.equal(ours_params[n], p) for n, p in ref.named_parameters())
+
+
+def test_sharded_bin_checkpoint(make_checkpoint: MakeCheckpoint, tmp_path: Path) -> None:
+    src = make_checkpoint("qwen2", max_shard_size="20KB")
+    folder = to_bin(src, tmp_path / "sharded-bin")
+    assert len(list(folder.glob("pytorch_model-*.bin"))) > 2
+    ours, _ = load_model(folder, torch.float32, "cpu")
+    on_disk = load_file(next(src.glob("model-*.safetensors")))
+    params = dict(ours.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in on_disk.items())
+
+
+def test_bin_is_memory_mapped_and_weights_only(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = to_bin(make_checkpoint("llama"), tmp_path / "mmap")
+    calls: list[dict[str, object]] = []
+    real_load = torch.load
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "load", spy)
+    load_model(folder, torch.float32, "cpu")
+    assert calls and all(c["weights_only"] is True and c["mmap"] is True for c in calls)
+
+
+def test_bin_whose_shapes_disagree_with_config(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path
+) -> None:
+    folder = to_bin(make_checkpoint("llama"), tmp_path / "badbin")
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    state[Q_PROJ] = torch.zeros(16, 32)
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(
+        CheckpointError, match=rf"'{Q_RE}' in pytorch_model\.bin has shape \(16, 32\)"
+    ):
+        validate_checkpoint(folder)
+
+
+def test_corrupt_bin(make_checkpoint: MakeCheckpoint, tmp_path: Path) -> None:
     folder = copy_checkpoint(make_checkpoint("llama"), tmp_path / "bin")
-    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: only safetensors"):
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # not a torch file
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a readable PyTorch"):
+        validate_checkpoint(folder)
+
+
+def test_no_weights_at_all(make_checkpoint: MakeCheckpoint, tmp_path: Path) -> None:
+    folder = copy_checkpoint(make_checkpoint("llama"), tmp_path / "empty")
+    (folder / "model.safetensors").rename(folder / "weights.pt")
+    with pytest.raises(
+        CheckpointError, match=r"none of model\.safetensors, .* is present \(found weights\.pt\)"
+    ):
         validate_checkpoint(folder)
 
 
