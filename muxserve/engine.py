@@ -28,9 +28,10 @@ from muxserve.output_processor import Completion, OutputSink, RequestOutput, Tex
 from muxserve.request import FinishReason, Request
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.sampling_params import SamplingParams
-from muxserve.scheduler.job import Job, JobResult
+from muxserve.scheduler.job import Job, JobResult, Phase, SeqWork
 from muxserve.scheduler.scheduler import ModelStats, Scheduler, SchedulerSnapshot
 from muxserve.served_model import ServedModel
+from muxserve.step_controls import RequestControls, StepControls
 from muxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,11 @@ class MuxEngine:
         self._lock = threading.RLock()  # guards the scheduler and the per-request state
         self._wake = threading.Condition(self._lock)
         self._texts: dict[str, TextState] = {}
+        self._controls = StepControls(
+            {n: m.tokenizer for n, m in self.models.items()},
+            {n: m.config.vocab_size for n, m in self.models.items()},
+        )
+        self._controlled = 0  # open requests with per-step controls
         self._sinks: dict[str, OutputSink] = {}
         self._rng = random.Random(eng.seed)
         self._thread: threading.Thread | None = None
@@ -147,13 +153,22 @@ class MuxEngine:
                 )
         if not ids:
             raise EmptyPromptError("the prompt is empty", "prompt")
+        vocab = served.config.vocab_size
+        outside = [t for t, _ in params.logit_bias if t >= vocab]
+        if outside:
+            raise RequestError(
+                f"logit_bias: token id {outside[0]} is not in [0, {vocab})", "logit_bias"
+            )
+        controls = self._controls.make(model, params)
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         slot = self.scheduler.queues[model].slot
         req = Request(rid, model, ids, params, time.monotonic(), seed, slot.eos_token_ids)
+        req.controls = controls
         sink = OutputSink()
         with self._lock:
             self.scheduler.add_request(req)
+            self._controlled += controls is not None
             self._sinks[rid] = sink
             self._texts[rid] = TextState(req, served.tokenizer, sink)
             self._wake.notify()
@@ -200,8 +215,11 @@ class MuxEngine:
             jobs = self.scheduler.schedule()
             running = self.scheduler.jobs_in_flight
             released, self._released = self._released, []
+            controlled = self._prepare(jobs)
         if released:
             self.executor.release(released)
+        if controlled:  # outside the lock: only this (the loop's) thread advances grammars
+            self._controls.fill(controlled)
         if jobs:
             self.executor.submit(jobs)
         if not running:
@@ -209,6 +227,24 @@ class MuxEngine:
         results = self.executor.poll(POLL_S)
         self._apply(results)
         return len(results)
+
+    def _prepare(self, jobs: Sequence[Job]) -> list[tuple[SeqWork, RequestControls, list[int]]]:
+        """Note first admissions (for the queue-time metric); return the sampling steps of
+        requests with per-step controls, with their output so far. Under the lock."""
+        controlled: list[tuple[SeqWork, RequestControls, list[int]]] = []
+        now = time.monotonic()
+        for job in jobs:
+            if job.phase is not Phase.PREFILL and not self._controlled:
+                continue
+            for s in job.seqs:
+                req = self.scheduler.get(s.request_id)
+                if req is None:
+                    continue
+                if req.scheduled_time is None:
+                    req.scheduled_time = now
+                if s.sample and req.controls is not None:
+                    controlled.append((s, req.controls, req.output_token_ids))
+        return controlled
 
     def _apply(self, results: Sequence[tuple[Job, JobResult]]) -> None:
         with self._lock:
@@ -220,6 +256,13 @@ class MuxEngine:
         text = self._texts.get(req.request_id)
         if text is None:
             return
+        c = req.controls.constraint if req.controls is not None else None
+        if c is not None and not req.is_finished and req.output_token_ids:
+            if not c.advance(req.output_token_ids):  # a bug, or a grammar llguidance gave up on
+                self.scheduler.finish(req.request_id, FinishReason.ERROR)
+                error = f"structured output: the grammar refused a token ({c.error})"
+            elif c.done:
+                self.scheduler.finish(req.request_id, FinishReason.STOP)
         if text.update(req):
             self.scheduler.finish(req.request_id, FinishReason.STOP)
         if req.first_token_time is None and req.output_token_ids:
@@ -228,6 +271,7 @@ class MuxEngine:
         if req.is_finished:
             self._released.append(req.request_id)
             del self._texts[req.request_id]  # the sink stays until its reader takes the end
+            self._controlled -= req.controls is not None
 
     def has_work(self) -> bool:
         with self._lock:

@@ -9,11 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from muxserve.request import FinishReason, Request, TokenLogprobs
 from muxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(frozen=True)
+class RequestTimings:
+    """Where a finished request's time went (seconds), as vLLM's request histograms split it."""
+
+    queue: float  # arrival to first admission
+    prefill: float  # admission to the first token (to the end of the prefill with no tokens)
+    decode: float  # first token to the last
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,11 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int  # so far
     error: str | None = None
+    # logprobs of prompt tokens 1.. (the first has none), once, in the first output after the
+    # prefill, when params.prompt_logprobs is set
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it
+    timings: RequestTimings | None = None  # on the last output of a request that ran
 
 
 @dataclass
@@ -45,10 +60,14 @@ class Completion:
     finish_reason: str | None = None
     error: str | None = None
 
+    prompt_logprobs: list[TokenLogprobs] | None = None  # of prompt tokens 1.., when asked for
+
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = list(out.prompt_logprobs)
         if out.finished:
             self.finish_reason, self.error = out.finish_reason, out.error
 
@@ -100,6 +119,10 @@ class TextState:
         self.prompt_tokens = req.num_prompt_tokens
         self.sink = sink
         self.stop = req.params.stop
+        self.include_stop = req.params.include_stop_str_in_output
+        self.min_tokens = req.params.min_tokens
+        self.stop_reason: str | int | None = None
+        self.prompt_logprobs_sent = req.params.prompt_logprobs is None
         # hold back text that could still turn out to start a stop string
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.detok = IncrementalDetokenizer(
@@ -118,7 +141,11 @@ class TextState:
         self.tokens_seen = len(req.output_token_ids)
         if req.is_finished and req.finish_reason is FinishReason.STOP and new:
             last = new[-1]
-            if last in req.eos_token_ids or last in req.params.stop_token_ids:
+            if last in req.params.stop_token_ids and not self.stopped_by_string:
+                self.stop_reason = last
+            if (last in req.eos_token_ids or last in req.params.stop_token_ids) and not (
+                self.include_stop
+            ):
                 new = new[:-1]  # a stop token ends the text; it is not part of it
         if self.stopped_by_string:
             return False
@@ -129,11 +156,14 @@ class TextState:
             return False
         start = max(len(self.text) - self.hold, 0)
         self.text += delta
+        if self.tokens_seen <= self.min_tokens:  # as vLLM: no stop string before min_tokens
+            return False
         for s in self.stop:
             i = self.text.find(s, start)
             if i >= 0:
-                self.text = self.text[:i]
+                self.text = self.text[: i + len(s) if self.include_stop else i]
                 self.stopped_by_string = True
+                self.stop_reason = s
         return self.stopped_by_string
 
     def fail(self, error: str) -> None:
@@ -160,7 +190,11 @@ class TextState:
         upto = max(upto, self.sent)
         tokens = tuple(req.output_token_ids[self.tokens_sent :])
         logprobs = tuple(req.output_logprobs[self.logprobs_seen :])
-        if not done and not tokens and upto == self.sent:
+        prompt_logprobs = None
+        if not self.prompt_logprobs_sent and (done or not req.wants_prompt_logprobs):
+            prompt_logprobs = tuple(req.prompt_logprobs)
+            self.prompt_logprobs_sent = True
+        if not done and not tokens and upto == self.sent and prompt_logprobs is None:
             return
         self.tokens_sent = len(req.output_token_ids)
         self.logprobs_seen = len(req.output_logprobs)
@@ -177,6 +211,22 @@ class TextState:
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=len(req.output_token_ids),
                 error=error,
+                prompt_logprobs=prompt_logprobs,
+                stop_reason=self.stop_reason if done else None,
+                timings=timings_of(req) if done else None,
             )
         )
         self.sent = upto
+
+
+def timings_of(req: Request) -> RequestTimings | None:
+    """A finished request's queue, prefill and decode times; None if it never ran."""
+    if req.scheduled_time is None:
+        return None
+    now = time.monotonic()
+    first = req.first_token_time if req.first_token_time is not None else now
+    return RequestTimings(
+        queue=max(req.scheduled_time - req.arrival_time, 0.0),
+        prefill=max(first - req.scheduled_time, 0.0),
+        decode=max(now - first, 0.0),
+    )

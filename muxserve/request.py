@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from muxserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from muxserve.step_controls import RequestControls
 
 
 class RequestStatus(enum.Enum):
@@ -27,11 +31,12 @@ class FinishReason(enum.Enum):
 
 @dataclass(frozen=True)
 class TokenLogprobs:
-    """Logprob of a sampled token and the top alternatives at that step."""
+    """Logprob of a token (sampled, or of the prompt) and the top alternatives at its step."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]
+    rank: int | None = None  # the token's rank at its step (1: most likely), where computed
 
 
 @dataclass(eq=False)
@@ -54,6 +59,18 @@ class Request:
     first_token_time: float | None = None
     in_flight: bool = False  # a job that includes this request is running
     pending_finish: FinishReason | None = None  # finish asked while in flight: apply on return
+    # logprobs of prompt tokens 1.. (the first has none), when params.prompt_logprobs is set
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    history_sent: bool = False  # its decode runner was sent the tokens before its first step
+    scheduled_time: float | None = None  # first admitted (time.monotonic()), for metrics
+    controls: RequestControls | None = None  # grammar, allowed ids, bad words (engine only)
+    # tokens masked until min_tokens are out: the stop tokens (EOS unless ignored)
+    banned: frozenset[int] = field(init=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        if self.params.min_tokens:
+            eos = frozenset() if self.params.ignore_eos else self.eos_token_ids
+            self.banned = eos | frozenset(self.params.stop_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -62,6 +79,14 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and some are still missing (the first has none)."""
+        return (
+            self.params.prompt_logprobs is not None
+            and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+        )
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -122,6 +122,16 @@ class Tokenizer:
         text: str = self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return text
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary string of one id (byte-level BPE: its bytes as printable chars)."""
+        tok: str | None = self._backend.id_to_token(token_id)
+        return tok
+
+    def backend_json(self) -> str:
+        """The whole tokenizer as `tokenizer.json` text (what a grammar library reads)."""
+        text: str = self._backend.to_str()
+        return text
+
     def token_to_id(self, token: str) -> int | None:
         """The id of one token string (a special token, say), or None if it is not in the vocab."""
         tid: int | None = self._backend.token_to_id(token)
@@ -129,15 +139,25 @@ class Tokenizer:
 
     # ---- chat ----------------------------------------------------------------------------
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> str:
         """Render a conversation to the prompt text the model was trained on.
 
         Rendered as transformers renders it (same sandbox, helpers and variables). Templates
         usually start with the BOS token themselves, so encode the result with
-        `add_special_tokens=False`, as transformers does.
+        `add_special_tokens=False`, as transformers does. `tools` and `documents` are passed
+        to the template as they are, `chat_template` replaces the model's for this call, and
+        `extra` adds variables (vLLM's chat_template_kwargs).
         """
-        if self.chat_template is None:
+        template = chat_template or self.chat_template
+        if template is None:
             raise RequestError(
                 f"model at {self.name} has no chat template; send a plain prompt instead",
                 "messages",
@@ -149,13 +169,14 @@ class Tokenizer:
         # transformers drops None values: templates handle a missing key, not a literal None
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
-            return _compile(self.chat_template).render(
+            variables: dict[str, Any] = {**self.special_tokens, **(extra or {})}
+            variables.update(
                 messages=chat,
-                tools=None,
-                documents=None,
+                tools=tools,
+                documents=documents,
                 add_generation_prompt=add_generation_prompt,
-                **self.special_tokens,
             )
+            return _compile(template).render(**variables)
         except jinja2.TemplateError as e:
             raise RequestError(f"chat template rejected the messages: {e}", "messages") from e
         except (TypeError, ValueError, KeyError, AttributeError) as e:

@@ -175,7 +175,7 @@ def test_bad_requests_raise_before_allocating(engine, model, prompt, params, err
 
 
 @pytest.mark.parametrize(
-    "field,value", [("max_tokens", 0), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5)]
+    "field,value", [("max_tokens", -1), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5)]
 )
 def test_bad_sampling_params(field, value):
     with pytest.raises(InvalidSamplingParamsError) as e:

@@ -13,7 +13,7 @@ from muxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"max_tokens": -5}, "max_tokens"),
         ({"max_tokens": 1.5}, "max_tokens"),
         ({"max_tokens": "16"}, "max_tokens"),
@@ -40,6 +40,21 @@ from muxserve.sampling_params import MAX_LOGPROBS, SamplingParams
         ({"seed": True}, "seed"),
         ({"seed": 1.0}, "seed"),
         ({"seed": "7"}, "seed"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 17}, "min_tokens"),  # over max_tokens (16)
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"logit_bias": ((5, 101.0),)}, "logit_bias"),
+        ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
+        ({"logit_bias": (("5", 1.0),)}, "logit_bias"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt_logprobs": True}, "prompt_logprobs"),
+        ({"structured": "json"}, "structured"),
     ],
 )
 def test_invalid_field_names_itself(kwargs: dict[str, object], param: str) -> None:
@@ -55,7 +70,14 @@ def test_invalid_field_names_itself(kwargs: dict[str, object], param: str) -> No
     "kwargs",
     [
         {},
+        {"max_tokens": 0},
+        {"max_tokens": 0, "prompt_logprobs": 0},
         {"max_tokens": 1},
+        {"min_tokens": 16},
+        {"min_p": 1.0},
+        {"presence_penalty": -2.0, "frequency_penalty": 2},
+        {"repetition_penalty": 0.5},
+        {"logit_bias": ((0, -100.0), (7, 100))},
         {"temperature": 0},
         {"temperature": 0.0},
         {"temperature": 100.0},

@@ -107,7 +107,9 @@ class InlineExecutor:
         return results
 
     def release(self, request_ids: Sequence[str]) -> None:
-        """Nothing is kept per request in this process."""
+        """The runners forget what they keep of these requests (token histories)."""
+        for runner in self.runners.values():
+            runner.release(request_ids)
 
     def wake(self) -> None:
         """`poll` never waits on anything but the device."""

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from muxserve.kv.layout import KVLayout
-from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import HFModelConfig
+from muxserve.models.llama import LlamaForCausalLM
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
 
@@ -37,7 +37,7 @@ class WorkerInit:
 
     name: str
     phase: Phase
-    model: CausalLM  # parameters in shared memory (CPU) or CUDA IPC handles
+    model: LlamaForCausalLM  # parameters in shared memory (CPU) or CUDA IPC handles
     config: HFModelConfig
     pool: torch.Tensor  # the KV pool's byte buffer, shared with every worker on the device
     block_bytes: int
@@ -81,6 +81,12 @@ class SeqStep:
     sample: bool
     step: int  # index of the output token being sampled
     new_blocks: np.ndarray | None  # logical blocks appended to its table since the last job
+    # what SeqWork carries for the requests that use it (see SeqWork): passed on as it is
+    history: tuple[int, ...] | None = None
+    banned: frozenset[int] = frozenset()
+    allowed: np.ndarray | None = None
+    prompt_len: int = 0
+    next_token: int | None = None
 
 
 @dataclass(slots=True)

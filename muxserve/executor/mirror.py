@@ -44,7 +44,21 @@ class WorkerMirror:
             elif table.shape[0] > sent:
                 blocks = table[sent:]
             self._rows[rid] = table.shape[0]
-            steps.append(SeqStep(rid, s.token_ids, s.start_pos, s.sample, s.step, blocks))
+            steps.append(
+                SeqStep(
+                    rid,
+                    s.token_ids,
+                    s.start_pos,
+                    s.sample,
+                    s.step,
+                    blocks,
+                    s.history,
+                    s.banned,
+                    s.allowed,
+                    s.prompt_len,
+                    s.next_token,
+                )
+            )
         finished, self._finished = tuple(self._finished), []
         return JobMessage(job.job_id, job.sm_share, tuple(new), tuple(steps), finished)
 
@@ -107,6 +121,11 @@ class RequestMirror:
                     m.params,
                     m.seed,
                     st.step,
+                    st.history,
+                    st.banned,
+                    st.allowed,
+                    st.prompt_len,
+                    st.next_token,
                 )
             )
         return Job(msg.job_id, self.model, self.phase, tuple(seqs), msg.sm_share)

@@ -93,6 +93,7 @@ class Worker:
         except Exception as e:  # a protocol bug fails this job, not the worker
             log.exception("job %d: cannot apply the message", msg.job_id)
             return JobResult(msg.job_id, (), f"worker mirror out of sync: {type(e).__name__}: {e}")
+        self.runner.release(msg.finished)
         return self.runner.execute(job)
 
     def close(self) -> None:

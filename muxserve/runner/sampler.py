@@ -1,21 +1,29 @@
-"""Turns logits into tokens: greedy, temperature, top-k, top-p, seeds, logprobs.
+"""Turns logits into tokens: the per-request logit controls, greedy or seeded sampling, logprobs.
 
-A sampled token's randomness depends only on the request's seed and the index of the token
-it samples, so a seeded request gives the same text whatever else shares its batch, and a
-preempted request recomputes exactly the tokens it had.
+Every control works row by row (elementwise, or a reduction over one row), so a request's
+controls never touch another row and a seeded request gives the same tokens whatever shares
+its batch. A sampled token's randomness depends only on the request's seed and the index of
+the token it samples, so a preempted request recomputes exactly the tokens it had.
+
+Order (as vLLM): structured-output mask, stop tokens banned before min_tokens, logit_bias,
+repetition / frequency / presence penalties; then greedy argmax, or temperature, min_p, top_k,
+top_p and a seeded draw. Logprobs are of the model's own distribution, before any of these.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from muxserve.runner.token_history import TokenHistory
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import SeqResult, SeqWork
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step) over 63 bits
+_NEG_INF = float("-inf")
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -50,17 +58,25 @@ class SampledBatch:
         ]
 
 
-def sample(logits: torch.Tensor, seqs: Sequence[SeqWork]) -> SampledBatch:
-    """Sample one token per row of `logits` (N, vocab), row i for `seqs[i]`."""
-    logits = logits.float()
-    tokens = logits.argmax(dim=-1)  # greedy rows are done here
+def sample(
+    logits: torch.Tensor,
+    seqs: Sequence[SeqWork],
+    histories: Mapping[str, TokenHistory] | None = None,
+) -> SampledBatch:
+    """Sample one token per row of `logits` (N, vocab), row i for `seqs[i]`.
+
+    `histories` holds the token history of every sequence whose params have penalties.
+    """
+    raw = logits.float()
+    processed = apply_controls(raw, seqs, histories or {})
+    tokens = processed.argmax(dim=-1)  # greedy rows are done here
     for i, s in enumerate(seqs):
         if not s.params.greedy:
-            tokens[i] = _sample_row(logits[i], s.params, step_seed(s.seed, s.step))
+            tokens[i] = _sample_row(processed[i], s.params, step_seed(s.seed, s.step))
     want = [s.params.logprobs for s in seqs]
     if all(w is None for w in want):
         return SampledBatch([s.request_id for s in seqs], tokens, None, None, None, [])
-    logp = torch.log_softmax(logits, dim=-1)  # of the model's distribution, as OpenAI reports
+    logp = torch.log_softmax(raw, dim=-1)  # of the model's distribution, as OpenAI reports
     k = max(w or 0 for w in want)
     top = logp.topk(k, dim=-1) if k else None
     empty = torch.empty(len(seqs), 0, dtype=torch.int64, device=logits.device)
@@ -74,11 +90,99 @@ def sample(logits: torch.Tensor, seqs: Sequence[SeqWork]) -> SampledBatch:
     )
 
 
+def apply_controls(
+    logits: torch.Tensor, seqs: Sequence[SeqWork], histories: Mapping[str, TokenHistory]
+) -> torch.Tensor:
+    """`logits` (N, vocab) float32 after each row's mask, bans, bias and penalties.
+
+    Returns `logits` itself when no row has any (the common case costs one pass over seqs).
+    """
+    masked = [i for i, s in enumerate(seqs) if s.allowed is not None]
+    banned = [i for i, s in enumerate(seqs) if s.banned]
+    biased = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+    penalised = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+    if not (masked or banned or biased or penalised):
+        return logits
+    out = logits.clone()
+    device, vocab = out.device, out.shape[-1]
+    if masked:
+        masks = [np.asarray(seqs[i].allowed, dtype=np.int32) for i in masked]
+        words = torch.from_numpy(np.stack(masks)).to(device)  # (R, ceil(vocab / 32)) int32
+        allowed = _unpack_bits(words, vocab)  # (R, vocab) bool
+        rows = torch.tensor(masked, device=device)
+        out[rows] = out[rows].masked_fill(~allowed, _NEG_INF)
+    if banned:
+        r, c = _pairs([(i, t) for i in banned for t in seqs[i].banned if t < vocab], device)
+        out[r, c] = _NEG_INF
+    if biased:
+        pairs = [(i, t, b) for i in biased for t, b in seqs[i].params.logit_bias if t < vocab]
+        r, c = _pairs([(i, t) for i, t, _ in pairs], device)
+        values = torch.tensor([b for _, _, b in pairs], dtype=out.dtype, device=device)
+        out.index_put_((r, c), values, accumulate=True)
+    if penalised:
+        _apply_penalties(out, [seqs[i] for i in penalised], penalised, histories)
+    return out
+
+
+def _apply_penalties(
+    out: torch.Tensor,
+    seqs: Sequence[SeqWork],
+    rows: list[int],
+    histories: Mapping[str, TokenHistory],
+) -> None:
+    """vLLM's penalties on `out`'s `rows`: repetition over prompt and generated tokens,
+    frequency and presence over generated tokens only."""
+    device, vocab = out.device, out.shape[-1]
+    prompt_seen, counts = [], []
+    for s in seqs:
+        prompt_len = s.start_pos + len(s.token_ids) - s.step  # at a sampling step: prompt + step
+        seen, count = histories[s.request_id].tensors(prompt_len, vocab, device)
+        prompt_seen.append(seen)
+        counts.append(count)
+    count = torch.stack(counts)  # (R, vocab) float32
+    generated = count > 0
+    idx = torch.tensor(rows, device=device)
+    logits = out[idx]  # (R, vocab)
+
+    def column(name: str) -> torch.Tensor:
+        values = [float(getattr(s.params, name)) for s in seqs]
+        return torch.tensor(values, dtype=out.dtype, device=device)[:, None]  # (R, 1)
+
+    rep = column("repetition_penalty")
+    seen = torch.stack(prompt_seen) | generated
+    scaled = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, scaled, logits)
+    logits = logits - column("frequency_penalty") * count
+    logits = logits - column("presence_penalty") * generated.to(out.dtype)
+    out[idx] = logits
+
+
+def _pairs(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.tensor([r for r, _ in pairs], dtype=torch.int64, device=device)
+    cols = torch.tensor([c for _, c in pairs], dtype=torch.int64, device=device)
+    return rows, cols
+
+
+def _unpack_bits(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(R, W) int32 bitmasks -> (R, vocab) bool: bit j of word w is token 32 w + j."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = (words[:, :, None] >> shifts) & 1  # (R, W, 32)
+    flat = bits.reshape(words.shape[0], -1).bool()  # (R, 32 W)
+    if flat.shape[1] >= vocab:
+        return flat[:, :vocab]
+    # tokens past the mask (the model's padded vocabulary) are never allowed
+    pad = torch.zeros(words.shape[0], vocab - flat.shape[1], dtype=torch.bool, device=words.device)
+    return torch.cat([flat, pad], dim=1)
+
+
 def _sample_row(logits: torch.Tensor, params: SamplingParams, seed: int) -> torch.Tensor:
     scaled = logits / params.temperature
+    if params.min_p > 0.0:
+        probs = torch.softmax(scaled, dim=-1)
+        scaled = scaled.masked_fill(probs < params.min_p * probs.max(), _NEG_INF)
     if params.top_k is not None and params.top_k < scaled.numel():
         kth = scaled.topk(params.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        scaled = scaled.masked_fill(scaled < kth, _NEG_INF)
     probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)

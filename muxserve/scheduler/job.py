@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from muxserve.request import TokenLogprobs
 from muxserve.sampling_params import SamplingParams
 
 
@@ -29,6 +30,16 @@ class SeqWork:
     params: SamplingParams
     seed: int  # the request's sampling seed (given, or drawn at admission)
     step: int  # index of the output token being sampled: with `seed`, fixes its randomness
+    # Only for the requests that use them (None / empty otherwise):
+    # the sequence's tokens before start_pos, sent once per admission with its first decode
+    # step, for requests whose sampling reads them (penalties): the decode runner may be a
+    # process that did not see the prefill. Later steps add one token each.
+    history: tuple[int, ...] | None = None
+    banned: frozenset[int] = frozenset()  # not to be sampled now: stop tokens before min_tokens
+    allowed: np.ndarray | None = None  # (ceil(vocab / 32),) int32 bitmask of the tokens this
+    # step may sample (structured output), bit i of word i // 32 for token i
+    prompt_len: int = 0  # > 0: score this chunk's prompt tokens (positions < prompt_len)
+    next_token: int | None = None  # with prompt_len: the prompt token after this chunk
 
     @property
     def end_pos(self) -> int:
@@ -58,6 +69,8 @@ class SeqResult:
     token_id: int | None
     logprob: float | None = None  # of the sampled token, when logprobs were asked for
     top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # of prompt tokens, from `prompt_start`
+    prompt_start: int = 0  # position of the first token in `prompt_logprobs`
 
 
 @dataclass(frozen=True)

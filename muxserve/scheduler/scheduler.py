@@ -30,6 +30,7 @@ class ModelStats:
     running: int
     blocks_used: int
     blocks_quota: int
+    preemptions: int = 0  # of this model's requests, since the scheduler started
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Scheduler:
         self._steps = 0
         self._needs_rebalance = False
         self.num_preemptions = 0
+        self.preemptions_by_model = dict.fromkeys(self.queues, 0)
 
     @classmethod
     def create(cls, slots: Sequence[ModelSlot], num_blocks: int, config: EngineConfig) -> Scheduler:
@@ -218,6 +220,12 @@ class Scheduler:
             if job.phase is Phase.PREFILL and (seq.sample or req.is_decoding):
                 q.prefilling.remove(req)
             out = result.outputs[i]
+            if out.prompt_logprobs:
+                self._add_prompt_logprobs(req, out)
+            if req.params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
+                self._finish(q, req, FinishReason.LENGTH)  # prompt logprobs only: done
+                changed.append(req)
+                continue
             if out.token_id is None:
                 continue
             self._append(q, req, out)
@@ -255,15 +263,24 @@ class Scheduler:
     def _chunk(self, req: Request, budget: int) -> SeqWork:
         start = req.num_computed_tokens
         end = min(req.num_tokens, start + budget)
+        step = len(req.output_token_ids)
+        prompt_len, next_token = 0, None
+        if req.wants_prompt_logprobs and start < req.num_prompt_tokens:
+            prompt_len = req.num_prompt_tokens
+            next_token = req.token_at(end) if end < prompt_len else None
         return SeqWork(
             request_id=req.request_id,
             token_ids=req.tokens_from(start, end),
             start_pos=start,
             block_table=self.tables.table(req.request_id),
-            sample=end == req.num_tokens,
+            # max_tokens 0 (prompt logprobs only): the prefill ends the request, nothing sampled
+            sample=end == req.num_tokens and req.params.max_tokens > 0,
             params=req.params,
             seed=req.seed,
-            step=len(req.output_token_ids),
+            step=step,
+            banned=req.banned if step < req.params.min_tokens else frozenset(),
+            prompt_len=prompt_len,
+            next_token=next_token,
         )
 
     def _decode_seqs(self, q: ModelQueue) -> list[SeqWork]:
@@ -280,6 +297,11 @@ class Scheduler:
             if num_tokens > capacity(req.request_id) and not self._make_room(q, req, batched):
                 continue
             batched.add(req.request_id)
+            step = len(req.output_token_ids)
+            history = None
+            if req.params.has_penalties and not req.history_sent:
+                history = tuple(req.all_token_ids[: num_tokens - 1])
+                req.history_sent = True
             seqs.append(
                 SeqWork(
                     request_id=req.request_id,
@@ -289,7 +311,9 @@ class Scheduler:
                     sample=True,
                     params=req.params,
                     seed=req.seed,
-                    step=len(req.output_token_ids),
+                    step=step,
+                    history=history,
+                    banned=req.banned if step < req.params.min_tokens else frozenset(),
                 )
             )
         return seqs
@@ -329,8 +353,10 @@ class Scheduler:
             q.prefilling.remove(req)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
+        req.history_sent = False  # its next decode runner may have forgotten it
         req.num_preemptions += 1
         self.num_preemptions += 1
+        self.preemptions_by_model[q.name] += 1
         self._needs_rebalance = True
         q.requeue(req)
 
@@ -346,11 +372,23 @@ class Scheduler:
             self._finish(q, req, reason)
 
     @staticmethod
+    def _add_prompt_logprobs(req: Request, out: SeqResult) -> None:
+        """Keep the prompt logprobs not had yet (a recomputed chunk scores its tokens again)."""
+        have = len(req.prompt_logprobs) + 1  # position of the next one wanted (0 has none)
+        skip = have - out.prompt_start
+        if skip < 0:
+            raise AssertionError(
+                f"{req.request_id}: prompt logprobs from {out.prompt_start}, expected {have}"
+            )
+        req.prompt_logprobs.extend(out.prompt_logprobs[skip:])
+
+    @staticmethod
     def _stop_reason(slot: ModelSlot, req: Request, token: int) -> FinishReason | None:
-        if not req.params.ignore_eos and token in req.eos_token_ids:
-            return FinishReason.STOP
-        if token in req.params.stop_token_ids:
-            return FinishReason.STOP
+        if len(req.output_token_ids) > req.params.min_tokens:  # stop tokens masked before
+            if not req.params.ignore_eos and token in req.eos_token_ids:
+                return FinishReason.STOP
+            if token in req.params.stop_token_ids:
+                return FinishReason.STOP
         if (
             len(req.output_token_ids) >= req.params.max_tokens
             or req.num_tokens >= slot.max_model_len
@@ -374,7 +412,13 @@ class Scheduler:
     # ---- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, ModelStats]:
         return {
-            n: ModelStats(len(q.waiting), len(q.running), self.pool.used(n), self.pool.quota(n))
+            n: ModelStats(
+                len(q.waiting),
+                len(q.running),
+                self.pool.used(n),
+                self.pool.quota(n),
+                self.preemptions_by_model[n],
+            )
             for n, q in self.queues.items()
         }
 
