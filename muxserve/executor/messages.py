@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from muxserve.kv.layout import KVLayout
+from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import HFModelConfig
-from muxserve.models.llama import LlamaForCausalLM
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
 
@@ -37,7 +37,7 @@ class WorkerInit:
 
     name: str
     phase: Phase
-    model: LlamaForCausalLM  # parameters in shared memory (CPU) or CUDA IPC handles
+    model: CausalLM  # parameters in shared memory (CPU) or CUDA IPC handles
     config: HFModelConfig
     pool: torch.Tensor  # the KV pool's byte buffer, shared with every worker on the device
     block_bytes: int

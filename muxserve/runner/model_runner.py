@@ -10,8 +10,8 @@ import torch
 
 from muxserve import ops
 from muxserve.kv.layout import KVLayout
+from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import HFModelConfig
-from muxserve.models.llama import LlamaForCausalLM
 from muxserve.request import TokenLogprobs
 from muxserve.runner.attention import BatchLayout
 from muxserve.runner.cuda_graphs import DecodeGraphs
@@ -62,7 +62,7 @@ class ModelRunner:
     def __init__(
         self,
         name: str,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         config: HFModelConfig,
         pool: KVPool,
         layout: KVLayout,
@@ -117,6 +117,7 @@ class ModelRunner:
                 self.config.layer_sliding_windows,
                 max(len(s.token_ids) for s in job.seqs),
                 max(s.end_pos for s in job.seqs),
+                self.config.attn_logit_softcap,
             )
             hidden = self.model(input_ids, batch.pos_of_token, attention)  # (T, hidden)
             scores = self._score_prompts(hidden, job.seqs)
