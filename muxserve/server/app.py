@@ -19,6 +19,7 @@ from muxserve.server.context import CONTEXT, ServerContext, ServerSettings
 from muxserve.server.errors import auth_middleware, error_middleware
 from muxserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from muxserve.server.responses import ModelCard, ModelList
+from muxserve.server.tokenize import TokenizerHandlers
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ def create_app(client: EngineClient, settings: ServerSettings | None = None) -> 
     shuts it down on cleanup, after in-flight requests had their grace period.
     """
     settings = settings or ServerSettings()
-    metrics = ServerMetrics(list(client.models))
+    models = client.models
+    metrics = ServerMetrics(
+        list(models), max((m.max_model_len for m in models.values()), default=1)
+    )
     ctx = ServerContext(client, metrics, settings)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
@@ -53,6 +57,11 @@ def setup_routes(app: web.Application, ctx: ServerContext) -> None:
     app.router.add_get("/v1/models/{model}", info.get_model)
     app.router.add_post("/v1/completions", CompletionsHandler(ctx).handle)
     app.router.add_post("/v1/chat/completions", ChatHandler(ctx).handle)
+    tokenizers = TokenizerHandlers(ctx)
+    app.router.add_post("/tokenize", tokenizers.tokenize)
+    app.router.add_post("/detokenize", tokenizers.detokenize)
+    app.router.add_get("/tokenizer_info", tokenizers.tokenizer_info)
+    app.router.add_get("/version", tokenizers.version)
 
 
 class InfoHandlers:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -18,6 +20,8 @@ from muxserve.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from muxserve.server.generation import Generation
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -33,6 +37,9 @@ class ServerSettings:
     max_body_bytes: int = 4 << 20  # larger bodies get 413
     max_choices: int = 64  # prompts x n per request
     shutdown_grace: float = 5.0  # seconds in-flight requests get to finish when stopping
+    # unknown body fields: a 400 naming them (OpenAI's way, catches typos), or logged and
+    # dropped (vLLM's way)
+    ignore_unknown_fields: bool = False
 
 
 @dataclass
@@ -67,9 +74,62 @@ async def offload(size: int, fn: Callable[..., T], *args: object) -> T:
     return await asyncio.to_thread(fn, *args)
 
 
-async def parse_body(request: web.Request, model: type[M], limit: int) -> M:
-    """Read and validate a JSON body; 413 past `limit`, ValidationError (400) if malformed."""
+async def parse_body(
+    request: web.Request, model: type[M], limit: int, ignore_unknown: bool = False
+) -> M:
+    """Read and validate a JSON body; 413 past `limit`, ValidationError (400) if malformed.
+
+    With `ignore_unknown`, fields the model does not define (at any depth) are logged and
+    dropped rather than refused.
+    """
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     body = await request.read()
-    return await offload(len(body), model.model_validate_json, body)
+    if not ignore_unknown:
+        return await offload(len(body), model.model_validate_json, body)
+    return await offload(len(body), _validate_lenient, model, body)
+
+
+def _validate_lenient(model: type[M], body: bytes) -> M:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return model.model_validate_json(body)  # the same 400 as without the flag
+    dropped: list[str] = []
+    data = _drop_unknown(model, data, "", dropped)
+    if dropped:
+        log.warning("ignored unknown fields: %s", ", ".join(dropped))
+    return model.model_validate(data)
+
+
+def _drop_unknown(model: type[BaseModel], data: Any, path: str, dropped: list[str]) -> Any:
+    """`data` without the keys `model` forbids, recursing into fields of strict models."""
+    if not isinstance(data, dict) or model.model_config.get("extra") != "forbid":
+        return data
+    fields = {f.alias or name: f for name, f in model.model_fields.items()}
+    out = {}
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            dropped.append(path + key)
+            continue
+        sub = _model_in(field.annotation)
+        if sub is not None and isinstance(value, dict):
+            value = _drop_unknown(sub, value, f"{path}{key}.", dropped)
+        elif sub is not None and isinstance(value, list):
+            value = [
+                _drop_unknown(sub, v, f"{path}{key}[{i}].", dropped) for i, v in enumerate(value)
+            ]
+        out[key] = value
+    return out
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `X | None` or `list[X]`, if one."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

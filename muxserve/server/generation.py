@@ -41,6 +41,28 @@ class ChoiceResult:
     num_tokens: int
     logprobs: list[TokenLogprobs]
     finish_reason: str
+    stop_reason: str | int | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., when asked for
+
+    @property
+    def cumulative_logprob(self) -> float:
+        """Sum of the generated tokens' logprobs: how best_of ranks candidates."""
+        return sum(lp.logprob for lp in self.logprobs)
+
+
+def best_of(
+    choices: list[Choice], results: list[ChoiceResult], n: int
+) -> list[tuple[int, int, ChoiceResult]]:
+    """The n candidates of each prompt with the highest cumulative logprob, best first, as
+    (response index, prompt index, result); candidates are in prompt order."""
+    by_prompt: dict[int, list[tuple[Choice, ChoiceResult]]] = {}
+    for c, r in zip(choices, results, strict=True):
+        by_prompt.setdefault(c.prompt_index, []).append((c, r))
+    out: list[tuple[int, int, ChoiceResult]] = []
+    for p, items in sorted(by_prompt.items()):
+        ranked = sorted(items, key=lambda cr: (-cr[1].cumulative_logprob, cr[0].index))[:n]
+        out.extend((p * n + rank, p, r) for rank, (_, r) in enumerate(ranked))
+    return out
 
 
 class Generation:
@@ -58,6 +80,7 @@ class Generation:
         arrival: float,
         prefix: str,
         active: set[Generation] | None = None,
+        request_id: str | None = None,
     ) -> None:
         self.client = client
         self.active = active if active is not None else set()  # the server's in-flight ones
@@ -65,7 +88,7 @@ class Generation:
         self.metrics = metrics
         self.series = metrics.models[model]
         self.arrival = arrival  # time.monotonic() when the HTTP request came in
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.id = f"{prefix}-{request_id or uuid.uuid4().hex}"  # vLLM: the client's request_id
         self.created = int(time.time())
         self.choices: list[Choice] = []
         self.prompt_tokens = 0
@@ -93,6 +116,8 @@ class Generation:
             raise
         self.prompt_tokens = sum(len(p) for p in prompts)  # usage: each prompt once, as OpenAI
         self.series.prompt_tokens.inc(self.prompt_tokens * len(params))
+        self.series.params_n.observe(len(params))
+        self.series.params_max_tokens.observe(params[0].max_tokens)
 
     # ---- read ----------------------------------------------------------------------------
     async def outputs(self) -> AsyncIterator[tuple[Choice, RequestOutput]]:
@@ -137,12 +162,15 @@ class Generation:
         for outs in parts:
             last = outs[-1]
             assert last.finish_reason is not None
+            prompt = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
             results.append(
                 ChoiceResult(
                     "".join(o.text for o in outs),
                     last.completion_tokens,
                     [lp for o in outs for lp in o.logprobs],
                     last.finish_reason,
+                    last.stop_reason,
+                    None if prompt is None else list(prompt),
                 )
             )
         return results
@@ -177,6 +205,13 @@ class Generation:
             choice.last_token = now
         if out.finished:
             m.e2e.observe(now - self.arrival)
+            if out.timings is not None:
+                m.queue.observe(out.timings.queue)
+                m.prefill.observe(out.timings.prefill)
+                m.decode.observe(out.timings.decode)
+                m.inference.observe(out.timings.prefill + out.timings.decode)
+            m.request_prompt_tokens.observe(out.prompt_tokens)
+            m.request_generation_tokens.observe(out.completion_tokens)
             self._finish(choice, out.finish_reason or "stop")
         return out
 

@@ -1,8 +1,11 @@
 """Prometheus metrics of one server, in a registry of its own (never the process-global one).
 
-Queue lengths, KV blocks and mesh states are read through the `EngineClient` at scrape time,
-one series per (model, mesh); token counts and latencies are recorded by the handlers as
-outputs reach them, so they include the HTTP side (and the router's hop).
+vLLM's metric set under our prefix (`muxserve:` for `vllm:`, the same `model_name` label), so
+its dashboards and autoscaling rules carry over; the README maps every name. Queue lengths,
+KV usage, preemptions and mesh states are read through the `EngineClient` at scrape time, one
+series per (model, mesh); token counts and latencies are recorded by the handlers as outputs
+reach them, so they include the HTTP side (and the router's hop). Our own pool gauges
+(`muxserve_kv_blocks_*`, `muxserve_mesh_*`) keep their names.
 """
 
 from __future__ import annotations
@@ -18,9 +21,33 @@ from prometheus_client.registry import Collector
 from muxserve.client.protocol import Health, MeshState, MeshStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 60)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5)
-E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300)
+PREFIX = "muxserve:"  # vLLM's names, with our prefix for vLLM's
+# vLLM's buckets
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+)  # fmt: skip
+REQUEST_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+N_BUCKETS = (1, 2, 5, 10, 20)
+
+
+def token_buckets(max_len: int) -> tuple[int, ...]:
+    """vLLM's 1-2-5 buckets up to `max_len` (1, 2, 5, 10, 20, 50, ...)."""
+    out: list[int] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_len:
+                return tuple(out)
+            out.append(m * scale)
+        scale *= 10
 
 
 class EngineCollector(Collector):
@@ -31,42 +58,50 @@ class EngineCollector(Collector):
         self.health = Health()
 
     def collect(self) -> Iterator[Metric]:
-        per_model = {
-            "running": GaugeMetricFamily(
-                "muxserve_requests_running", "Requests holding KV blocks", labels=["model", "mesh"]
-            ),
-            "waiting": GaugeMetricFamily(
-                "muxserve_requests_waiting",
-                "Requests queued for admission",
-                labels=["model", "mesh"],
-            ),
-            "blocks_used": GaugeMetricFamily(
-                "muxserve_kv_blocks_used", "KV blocks the model holds", labels=["model", "mesh"]
-            ),
-            "blocks_quota": GaugeMetricFamily(
-                "muxserve_kv_blocks_quota",
-                "KV blocks the model may hold now",
-                labels=["model", "mesh"],
-            ),
-        }
+        labels = ["model_name", "mesh"]
+        running = GaugeMetricFamily(
+            f"{PREFIX}num_requests_running", "Requests holding KV blocks", labels=labels
+        )
+        waiting = GaugeMetricFamily(
+            f"{PREFIX}num_requests_waiting", "Requests queued for admission", labels=labels
+        )
+        usage = GaugeMetricFamily(
+            f"{PREFIX}kv_cache_usage_perc",
+            "Share of the mesh's KV pool the model holds (1: all of it); a mesh's models sum "
+            "to the pool's usage",
+            labels=labels,
+        )
+        preempted = CounterMetricFamily(
+            f"{PREFIX}num_preemptions",
+            "Requests preempted (recomputed later), since the mesh started",
+            labels=labels,
+        )
+        used = GaugeMetricFamily(
+            "muxserve_kv_blocks_used", "KV blocks the model holds", labels=["model", "mesh"]
+        )
+        quota = GaugeMetricFamily(
+            "muxserve_kv_blocks_quota",
+            "KV blocks the model may hold now",
+            labels=["model", "mesh"],
+        )
         total = GaugeMetricFamily(
             "muxserve_kv_blocks_total", "KV blocks in the pool", labels=["mesh"]
         )
         free = GaugeMetricFamily("muxserve_kv_blocks_free", "KV blocks free", labels=["mesh"])
-        preempted = CounterMetricFamily(
-            "muxserve_preemptions", "Requests preempted (recomputed later)", labels=["mesh"]
-        )
         for mesh in self.stats:
             for model, st in mesh.models.items():
-                per_model["running"].add_metric([model, mesh.mesh], st.running)
-                per_model["waiting"].add_metric([model, mesh.mesh], st.waiting)
-                per_model["blocks_used"].add_metric([model, mesh.mesh], st.blocks_used)
-                per_model["blocks_quota"].add_metric([model, mesh.mesh], st.blocks_quota)
+                key = [model, mesh.mesh]
+                running.add_metric(key, st.running)
+                waiting.add_metric(key, st.waiting)
+                usage.add_metric(
+                    key, st.blocks_used / mesh.blocks_total if mesh.blocks_total else 0
+                )
+                preempted.add_metric(key, st.preemptions)
+                used.add_metric(key, st.blocks_used)
+                quota.add_metric(key, st.blocks_quota)
             total.add_metric([mesh.mesh], mesh.blocks_total)
             free.add_metric([mesh.mesh], mesh.blocks_free)
-            preempted.add_metric([mesh.mesh], mesh.preemptions)
-        yield from per_model.values()
-        yield from (total, free, preempted)
+        yield from (running, waiting, usage, preempted, used, quota, total, free)
         up = GaugeMetricFamily("muxserve_mesh_up", "1 while the mesh serves", labels=["mesh"])
         restarts = CounterMetricFamily(
             "muxserve_mesh_restarts", "Times the mesh was restarted after dying", labels=["mesh"]
@@ -86,46 +121,76 @@ class ModelMetrics:
     ttft: Histogram
     itl: Histogram
     e2e: Histogram
+    queue: Histogram
+    prefill: Histogram
+    decode: Histogram
+    inference: Histogram
+    request_prompt_tokens: Histogram
+    request_generation_tokens: Histogram
+    params_n: Histogram
+    params_max_tokens: Histogram
 
 
 class ServerMetrics:
     """The counters and histograms the handlers feed, and the scrape of all of them."""
 
-    def __init__(self, models: Sequence[str]) -> None:
+    def __init__(self, models: Sequence[str], max_model_len: int = 1 << 20) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.prompt_tokens = Counter(
-            "muxserve_prompt_tokens", "Prompt tokens of admitted requests", ["model"], registry=r
-        )
-        self.generation_tokens = Counter(
-            "muxserve_generation_tokens", "Tokens generated", ["model"], registry=r
-        )
-        self.requests = Counter(
-            "muxserve_requests",
+        label = ["model_name"]
+        tokens = token_buckets(max_model_len)
+
+        def counter(name: str, doc: str, labels: list[str] = label) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(PREFIX + name, doc, label, buckets=buckets, registry=r)
+
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated")
+        self.requests = counter(
+            "request_success",
             "Finished requests (one per choice) by finish reason",
-            ["model", "finish_reason"],
-            registry=r,
+            ["model_name", "finished_reason"],
         )
-        self.ttft = Histogram(
-            "muxserve_time_to_first_token_seconds",
+        ttft = histogram(
+            "time_to_first_token_seconds",
             "From the HTTP request's arrival to its first token",
-            ["model"],
-            buckets=TTFT_BUCKETS,
-            registry=r,
+            TTFT_BUCKETS,
         )
-        self.itl = Histogram(
-            "muxserve_inter_token_latency_seconds",
-            "Between consecutive tokens of a request",
-            ["model"],
-            buckets=ITL_BUCKETS,
-            registry=r,
+        itl = histogram(
+            "inter_token_latency_seconds", "Between consecutive tokens of a request", ITL_BUCKETS
         )
-        self.e2e = Histogram(
-            "muxserve_e2e_request_latency_seconds",
+        e2e = histogram(
+            "e2e_request_latency_seconds",
             "From the HTTP request's arrival to its last token",
-            ["model"],
-            buckets=E2E_BUCKETS,
-            registry=r,
+            REQUEST_BUCKETS,
+        )
+        queue = histogram(
+            "request_queue_time_seconds",
+            "From the engine's receipt to first admission (WAITING)",
+            REQUEST_BUCKETS,
+        )
+        prefill = histogram(
+            "request_prefill_time_seconds",
+            "From admission to the first token (PREFILL)",
+            REQUEST_BUCKETS,
+        )
+        decode = histogram(
+            "request_decode_time_seconds",
+            "From the first token to the last (DECODE)",
+            REQUEST_BUCKETS,
+        )
+        inference = histogram(
+            "request_inference_time_seconds",
+            "From admission to the last token (RUNNING)",
+            REQUEST_BUCKETS,
+        )
+        req_prompt = histogram("request_prompt_tokens", "Prompt tokens per request", tokens)
+        req_gen = histogram("request_generation_tokens", "Tokens generated per request", tokens)
+        params_n = histogram("request_params_n", "The n request parameter", N_BUCKETS)
+        params_max = histogram(
+            "request_params_max_tokens", "The max_tokens request parameter", tokens
         )
         self.http_responses = Counter(
             "muxserve_http_responses",
@@ -138,9 +203,17 @@ class ServerMetrics:
             m: ModelMetrics(
                 self.prompt_tokens.labels(m),
                 self.generation_tokens.labels(m),
-                self.ttft.labels(m),
-                self.itl.labels(m),
-                self.e2e.labels(m),
+                ttft.labels(m),
+                itl.labels(m),
+                e2e.labels(m),
+                queue.labels(m),
+                prefill.labels(m),
+                decode.labels(m),
+                inference.labels(m),
+                req_prompt.labels(m),
+                req_gen.labels(m),
+                params_n.labels(m),
+                params_max.labels(m),
             )
             for m in models
         }

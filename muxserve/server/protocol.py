@@ -1,26 +1,62 @@
-"""The OpenAI API's request bodies, as pydantic models that reject what MuxServe cannot honour.
+"""The OpenAI API's request bodies (with vLLM's extensions), as strict pydantic models.
 
-Bodies are parsed strictly (no "5" for 5, no NaN, no unknown top-level fields), so a typo such as
-`max_token` is a 400 that names the field instead of a silently ignored setting. Fields of the
-OpenAI API that MuxServe does not implement are accepted only at their neutral values.
-Responses are in `muxserve.server.responses`.
+Bodies are parsed strictly (no "5" for 5, no NaN), and a field neither OpenAI nor vLLM defines
+is a 400 naming it (a typo such as `max_token` is not silently ignored; the server's
+`--ignore-unknown-fields` logs and drops them instead, as vLLM does). Every field vLLM's server
+accepts is accepted: those that change the output are implemented; those that cannot apply
+here are accepted and ignored (`IGNORED` lists them, with why); a few are refused at any
+non-neutral value with a 400 that says so (`REFUSED`). Responses are in `responses.py`.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from muxserve.errors import InvalidSamplingParamsError
-from muxserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from muxserve.sampling_params import (
+    MAX_BIAS,
+    MAX_LOGPROBS,
+    MAX_PENALTY,
+    SamplingParams,
+    StructuredOutput,
+)
 
-MAX_N = 16  # choices per prompt
+MAX_N = 16  # choices per prompt (and best_of)
 MAX_STOP = 16  # stop strings per request
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy (dividing logits by ~0 overflows)
 
 # What a completions `prompt` may be: one prompt (text or token ids) or a batch of them.
 Prompt = str | list[str] | list[int] | list[list[int]]
+
+# Fields accepted and ignored, with why (the README's table is built from the same list).
+IGNORED: dict[str, str] = {
+    "user": "no per-user accounting",
+    "metadata, store, service_tier, prompt_cache_key, safety_identifier": "nothing is stored",
+    "parallel_tool_calls": "tool calls are constrained to a schema; the model decides nothing",
+    "stream_options.include_obfuscation": "there is nothing to pad",
+    "length_penalty": "only used by beam search",
+    "spaces_between_special_tokens": "byte-level decoding adds no spaces to join",
+    "guided_decoding_backend": "the backend is always llguidance",
+    "cache_salt": "there is no prefix cache to salt",
+    "kv_transfer_params, vllm_xargs, mm_processor_kwargs": "no KV transfer, no extensions",
+    "include_reasoning, reasoning_effort, verbosity": "the models here do not reason",
+    "modalities, audio, prediction": "text in, text out",
+}
+# Refused at any value but the neutral one, with a 400 saying so.
+REFUSED = (
+    "use_beam_search",
+    "prompt_embeds",
+    "logits_processors",
+    "structural_tag",
+    "priority (non-zero)",
+    "suffix",
+    "tool_choice: auto",
+    "functions",
+    "web_search_options",
+)
 
 
 class _Strict(BaseModel):
@@ -28,10 +64,45 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    """`stream_options`: whether the last chunk carries the usage."""
+    """`stream_options`: whether the last chunk (or every chunk) carries the usage."""
 
-    include_usage: bool = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM: usage in every chunk
     include_obfuscation: bool | None = None  # accepted, ignored (there is nothing to pad)
+
+
+class JsonSchemaFormat(_Strict):
+    """`response_format.json_schema`."""
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """`response_format`: text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)  # structural_tag's keys
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` (the newer spelling of the `guided_*` fields)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool | None = None  # ignored: we never allow any
+    disable_fallback: bool | None = None  # ignored: one backend
+    disable_additional_properties: bool | None = None  # ignored
+    backend: str | None = None  # ignored
+    structural_tag: str | None = None
 
 
 def _is_ids(value: object) -> bool:
@@ -40,26 +111,60 @@ def _is_ids(value: object) -> bool:
     )
 
 
+def _neutral(field: str, v: object, neutral: object = None) -> None:
+    if v is not None and v != neutral and v != [] and v != {}:
+        raise ValueError(f"{field} is not supported by this server")
+
+
 class _SamplingRequest(_Strict):
-    """The fields chat and completions share: the model and how to sample."""
+    """The fields chat and completions share: the model, how to sample, structured output."""
 
     model: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)  # extension (as vLLM): -1 or 0 turn it off
     n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None  # accepted, ignored
-    # extensions (as vLLM)
-    ignore_eos: bool = False
+    user: str | None = None  # ignored
+    response_format: ResponseFormat | None = None
+    # ---- vLLM's sampling extensions
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    use_beam_search: bool = False
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    length_penalty: float = 1.0  # ignored (beam search only)
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # ignored
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # ---- vLLM's other extensions
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # ignored: llguidance
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+    priority: int = 0
+    request_id: str | None = Field(None, min_length=1, max_length=256)
+    logits_processors: list[Any] | None = None
+    return_tokens_as_token_ids: bool | None = None
+    cache_salt: str | None = None  # ignored
+    kv_transfer_params: dict[str, Any] | None = None  # ignored
+    vllm_xargs: dict[str, str | int | float] | None = None  # ignored
+    mm_processor_kwargs: dict[str, Any] | None = None  # ignored
 
     @field_validator("stop", mode="plain")
     @classmethod
@@ -70,35 +175,135 @@ class _SamplingRequest(_Strict):
             return v
         raise ValueError(f"stop must be a non-empty string or a list of at most {MAX_STOP}")
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v:
-            raise ValueError("penalties are not supported; leave it out or send 0")
-        return v
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported; leave it out or send {}")
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids; got {key!r}")
         return v
 
-    @field_validator("stop_token_ids")
+    @field_validator("stop_token_ids", "allowed_token_ids")
     @classmethod
     def _token_ids(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and any(t < 0 for t in v):
-            raise ValueError("stop_token_ids must be non-negative")
+            raise ValueError("token ids must be non-negative")
         return v
+
+    @field_validator("use_beam_search")
+    @classmethod
+    def _no_beams(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("use_beam_search is not supported; sample, or use best_of")
+        return v
+
+    @field_validator("priority")
+    @classmethod
+    def _no_priority(cls, v: int) -> int:
+        if v:
+            raise ValueError("priority must be 0: the scheduler does not order by priority")
+        return v
+
+    @field_validator("logits_processors")
+    @classmethod
+    def _no_processors(cls, v: list[Any] | None) -> list[Any] | None:
+        _neutral("logits_processors", v)
+        return v
+
+    def check(self) -> None:
+        """Checks across fields, after parsing: InvalidSamplingParamsError (400) naming one.
+
+        Not a pydantic validator: those report no field for a check across fields.
+        """
+        if self.best_of is not None and self.best_of < self.n:
+            raise InvalidSamplingParamsError(
+                f"best_of ({self.best_of}) must be at least n ({self.n})", "best_of"
+            )
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise InvalidSamplingParamsError("best_of > n cannot be streamed", "best_of")
+        if self.prompt_logprobs and self.stream:
+            raise InvalidSamplingParamsError(
+                "prompt_logprobs are not available when streaming (as vLLM)", "prompt_logprobs"
+            )
+        self.structured()  # one kind of structured output at most
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        o = self.stream_options
+        return o is not None and bool(o.include_usage or o.continuous_usage_stats)
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
-        """The engine's params for choice `choice` of a prompt.
+    @property
+    def continuous_usage(self) -> bool:
+        o = self.stream_options
+        return o is not None and bool(o.continuous_usage_stats)
 
-        Choices of a seeded request get seeds seed, seed+1, ...: reproducible, yet not n
+    @property
+    def candidates(self) -> int:
+        """Engine requests per prompt: best_of, which the n best of are returned."""
+        return self.best_of or self.n
+
+    def structured(self) -> StructuredOutput | None:
+        """The structured output asked for (by whichever field), or None."""
+        ws = self.guided_whitespace_pattern
+        found: list[StructuredOutput] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(StructuredOutput("json_object", "", "response_format", ws))
+        elif rf is not None and rf.type == "json_schema":
+            schema = rf.json_schema.schema_ if rf.json_schema is not None else None
+            if schema is None:
+                raise InvalidSamplingParamsError(
+                    "response_format.json_schema.schema is required", "response_format"
+                )
+            found.append(StructuredOutput("json_schema", json.dumps(schema), "response_format", ws))
+        elif rf is not None and rf.type == "structural_tag":
+            raise InvalidSamplingParamsError(
+                "response_format structural_tag is not supported", "response_format"
+            )
+        so = self.structured_outputs
+        if so is not None:
+            if so.structural_tag is not None:
+                raise InvalidSamplingParamsError(
+                    "structured_outputs.structural_tag is not supported", "structured_outputs"
+                )
+            ws_so = so.whitespace_pattern or ws
+            for kind, value in (
+                ("json_schema", so.json_),
+                ("regex", so.regex),
+                ("choice", so.choice),
+                ("grammar", so.grammar),
+            ):
+                if value is not None:
+                    found.append(_spec(kind, value, "structured_outputs", ws_so))
+            if so.json_object:
+                found.append(StructuredOutput("json_object", "", "structured_outputs", ws_so))
+        for kind, field, value in (
+            ("json_schema", "guided_json", self.guided_json),
+            ("regex", "guided_regex", self.guided_regex),
+            ("choice", "guided_choice", self.guided_choice),
+            ("grammar", "guided_grammar", self.guided_grammar),
+        ):
+            if value is not None:
+                found.append(_spec(kind, value, field, ws))
+        if len(found) > 1:
+            raise InvalidSamplingParamsError(
+                "ask for one kind of structured output: "
+                + ", ".join(sorted({f.param for f in found})),
+                found[1].param,
+            )
+        return found[0] if found else None
+
+    def sampling_params(
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        choice: int,
+        structured: StructuredOutput | None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
+        """The engine's params for candidate `choice` of a prompt.
+
+        Candidates of a seeded request get seeds seed, seed+1, ...: reproducible, yet not n
         copies of one text.
         """
         temperature = 1.0 if self.temperature is None else self.temperature
@@ -106,29 +311,59 @@ class _SamplingRequest(_Strict):
         if temperature < GREEDY_BELOW or top_p == 0.0:
             temperature, top_p = 0.0, 1.0
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        bias = tuple(
+            (int(k), min(max(v, -MAX_BIAS), MAX_BIAS)) for k, v in (self.logit_bias or {}).items()
+        )
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
             top_k=self.top_k if self.top_k is not None and self.top_k > 0 else None,
+            min_p=self.min_p or 0.0,
             seed=None if self.seed is None else self.seed + choice,
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
+            include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos,
+            min_tokens=min(self.min_tokens, max_tokens),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias=bias,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            structured=structured,
             skip_special_tokens=self.skip_special_tokens,
+            allowed_token_ids=tuple(self.allowed_token_ids)
+            if self.allowed_token_ids is not None
+            else None,
+            bad_words=tuple(self.bad_words or ()),
         )
+
+
+def _spec(kind: str, value: object, param: str, ws: str | None) -> StructuredOutput:
+    if kind == "choice":
+        values = cast(list[str], value)
+        if not values:
+            raise InvalidSamplingParamsError(f"{param} needs at least one choice", param)
+        text = json.dumps(values)
+    elif kind == "json_schema" and not isinstance(value, str):
+        text = json.dumps(value)
+    else:
+        text = cast(str, value)
+    return StructuredOutput(kind, text, param, ws)  # type: ignore[arg-type]
 
 
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: the prompt's logprobs alone
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    add_special_tokens: bool = True  # vLLM: BOS and the like, as the tokenizer adds them
+    prompt_embeds: Any = None
 
     @field_validator("prompt", mode="plain")
     @classmethod
@@ -145,19 +380,25 @@ class CompletionRequest(_SamplingRequest):
             "prompt must be a string, a list of token ids, or a non-empty list of either"
         )
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
     @field_validator("suffix")
     @classmethod
     def _no_suffix(cls, v: str | None) -> str | None:
         if v:
             raise ValueError("suffix is not supported")
         return v
+
+    @field_validator("prompt_embeds", mode="plain")
+    @classmethod
+    def _no_embeds(cls, v: object) -> object:
+        _neutral("prompt_embeds", v)
+        return v
+
+    def check(self) -> None:
+        super().check()
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidSamplingParamsError(
+                "max_tokens 0 needs echo (the prompt's logprobs alone)", "max_tokens"
+            )
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The batch: one entry per prompt, text or token ids."""
@@ -168,10 +409,16 @@ class CompletionRequest(_SamplingRequest):
             return [cast(list[int], p)]
         return cast(list[str] | list[list[int]], p)
 
-    def params(self, choice: int) -> SamplingParams:
-        if self.best_of is not None and self.best_of != self.n:
-            raise InvalidSamplingParamsError("best_of other than n is not supported", "best_of")
-        return self.sampling_params(self.max_tokens or 16, self.logprobs, choice)
+    def params(self, choice: int, logprobs: int | None) -> SamplingParams:
+        """Candidate `choice`'s params; `logprobs` as the handler needs them (best_of ranks
+        candidates by theirs)."""
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo and self.logprobs is not None:
+            prompt_logprobs = self.logprobs
+        max_tokens = 16 if self.max_tokens is None else self.max_tokens
+        return self.sampling_params(
+            max_tokens, logprobs, choice, self.structured(), prompt_logprobs
+        )
 
 
 class TextPart(_Strict):
@@ -182,8 +429,8 @@ class TextPart(_Strict):
 
 
 class ChatMessage(BaseModel):
-    """One message. Other keys (`refusal`, `tool_calls`: null, ...) are allowed and ignored, so
-    a client can send back the messages it received."""
+    """One message. Other keys (`refusal`, `tool_calls`, ...) are allowed and passed to the
+    chat template, so a client can send back the messages it received."""
 
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)
 
@@ -209,13 +456,33 @@ class ChatMessage(BaseModel):
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it (`developer` is the newer `system`)."""
-        msg: dict[str, Any] = {
-            "role": "system" if self.role == "developer" else self.role,
-            "content": self.text(),
-        }
+        msg = {k: v for k, v in (self.model_extra or {}).items() if v is not None}
+        msg["role"] = "system" if self.role == "developer" else self.role
+        msg["content"] = self.text()
         if self.name is not None:
             msg["name"] = self.name
         return msg
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -224,46 +491,143 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI; still honoured
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # accepted, ignored
-    response_format: dict[str, Any] | None = None
-    metadata: dict[str, str] | None = None  # accepted, ignored
-    store: bool | None = None  # accepted, ignored
-    service_tier: str | None = None  # accepted, ignored
-    add_generation_prompt: bool = True  # extension
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # ignored
+    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated tools
+    function_call: str | dict[str, Any] | None = None  # OpenAI's deprecated tool_choice
+    metadata: dict[str, str] | None = None  # ignored
+    store: bool | None = None  # ignored
+    service_tier: str | None = None  # ignored
+    prompt_cache_key: str | None = None  # ignored
+    safety_identifier: str | None = None  # ignored
+    reasoning_effort: str | None = None  # ignored
+    verbosity: str | None = None  # ignored
+    modalities: list[Literal["text"]] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None  # ignored
+    web_search_options: dict[str, Any] | None = None
+    # ---- vLLM's chat extensions
+    echo: bool = False  # prepend the last message's content when it is the assistant's
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True  # ignored
 
-    @field_validator("tools")
+    @field_validator("functions", "function_call", "web_search_options", "audio")
     @classmethod
-    def _no_tools(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if v:
-            raise ValueError("tools are not supported")
+    def _not_these(cls, v: object, info: ValidationInfo) -> object:
+        assert info.field_name is not None
+        _neutral(info.field_name, v, "none")
         return v
 
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if v not in (None, "none", "auto"):
-            raise ValueError("tool_choice is not supported (there are no tools)")
-        return v
+    def check(self) -> None:
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidSamplingParamsError(
+                "top_logprobs needs logprobs set to true", "top_logprobs"
+            )
+        if self.continue_final_message and self.add_generation_prompt:
+            raise InvalidSamplingParamsError(
+                "continue_final_message needs add_generation_prompt set to false",
+                "continue_final_message",
+            )
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise InvalidSamplingParamsError("tool_choice needs tools", "tool_choice")
+        if self.tools and (choice is None or choice == "auto"):
+            raise InvalidSamplingParamsError(
+                "tool_choice 'auto' (the default with tools) needs a tool-call parser for the "
+                "model, which this server does not have: send tool_choice 'required', a named "
+                "function, or 'none'",
+                "tool_choice",
+            )
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names():
+            raise InvalidSamplingParamsError(
+                f"tool_choice names {choice.function.name!r}, which is not in tools",
+                "tool_choice",
+            )
+        if self.tool_schema() is not None and super().structured() is not None:
+            raise InvalidSamplingParamsError(
+                "use either tools or structured output, not both", "tool_choice"
+            )
+        super().check()
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v != {"type": "text"}:
-            raise ValueError('only {"type": "text"} is supported')
-        return v
+    def tool_names(self) -> list[str]:
+        return [t.function.name for t in self.tools or ()]
+
+    def tool_schema(self) -> dict[str, Any] | None:
+        """The JSON schema a forced tool call must match (vLLM's): a named function's
+        parameters, or for 'required' an array of {name, parameters} of any tool."""
+        choice = self.tool_choice
+        if not self.tools or choice is None or choice in ("none", "auto"):
+            return None
+        empty: dict[str, Any] = {"type": "object", "properties": {}}
+        if isinstance(choice, NamedToolChoice):
+            tool = next(t for t in self.tools if t.function.name == choice.function.name)
+            return tool.function.parameters or empty
+        one_of = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [t.function.name]},
+                    "parameters": t.function.parameters or empty,
+                },
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for t in self.tools
+        ]
+        return {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
+
+    def structured(self) -> StructuredOutput | None:
+        schema = self.tool_schema()
+        if schema is not None:
+            return StructuredOutput(
+                "json_schema", json.dumps(schema), "tool_choice", self.guided_whitespace_pattern
+            )
+        return super().structured()
 
     def requested_max_tokens(self) -> int | None:
         """max_completion_tokens, else max_tokens; None: up to the model's context."""
         return self.max_completion_tokens or self.max_tokens
 
-    def params(self, max_tokens: int, choice: int) -> SamplingParams:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise InvalidSamplingParamsError(
-                "top_logprobs needs logprobs set to true", "top_logprobs"
-            )
-        logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max_tokens, logprobs, choice)
+    def params(self, max_tokens: int, choice: int, logprobs: int | None) -> SamplingParams:
+        return self.sampling_params(
+            max_tokens, logprobs, choice, self.structured(), self.prompt_logprobs
+        )
+
+    def requested_logprobs(self) -> int | None:
+        """Top-n logprobs per token the client asked for; None: none."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize (vLLM): a prompt, or chat messages rendered with the template."""
+
+    model: str | None = Field(None, min_length=1)  # optional where one model is served
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool | None = False
+    tools: list[Tool] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None  # ignored
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidSamplingParamsError("send either prompt or messages", "prompt")
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (vLLM)."""
+
+    model: str | None = Field(None, min_length=1)  # optional where one model is served
+    tokens: list[int]

@@ -20,7 +20,9 @@ LONG = {
 
 def aborted(engine_metrics_text: str) -> float:
     for line in engine_metrics_text.splitlines():
-        if line.startswith('muxserve_requests_total{finish_reason="abort",model="mistral-demo"}'):
+        if line.startswith(
+            'muxserve:request_success_total{finished_reason="abort",model_name="mistral-demo"}'
+        ):
             return float(line.split()[-1])
     return 0.0
 

@@ -28,7 +28,7 @@ def bad(cls: type, body: dict) -> tuple[str, str | None]:
     [
         ("max_tokens", "5"),
         ("max_tokens", 5.0),
-        ("max_tokens", 0),
+        ("max_tokens", -1),
         ("temperature", "hot"),
         ("temperature", 2.5),
         ("temperature", -1),
@@ -51,10 +51,22 @@ def bad(cls: type, body: dict) -> tuple[str, str | None]:
         ("model", 5),
         ("model", ""),
         ("max_token", 5),  # a typo is an unknown field, not an ignored one
-        ("presence_penalty", 0.5),
-        ("logit_bias", {"5": 1.0}),
-        ("echo", True),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", "1"),
+        ("logit_bias", {"a": 1.0}),
+        ("echo", "yes"),
         ("suffix", "x"),
+        ("use_beam_search", True),
+        ("priority", 1),
+        ("logits_processors", ["m.P"]),
+        ("prompt_embeds", "AAAA"),
+        ("min_p", 1.5),
+        ("repetition_penalty", 0),
+        ("min_tokens", -1),
+        ("prompt_logprobs", 21),
+        ("truncate_prompt_tokens", 0),
+        ("allowed_token_ids", [-1]),
+        ("stream_options", {"continuous_usage_stats": 1}),
         ("stream_options", {"include_usage": "yes"}),
         ("stop_token_ids", [-1]),
     ],
@@ -76,8 +88,10 @@ def test_completion_fields_are_checked_and_named(field, value):
         ("messages", [{"role": "user", "content": 5}]),
         ("top_logprobs", 30),
         ("tools", [{"type": "function"}]),
-        ("tool_choice", "required"),
-        ("response_format", {"type": "json_object"}),
+        ("tool_choice", "sometimes"),
+        ("tools", [{"type": "function", "function": {"name": "f", "extra": 1}}]),
+        ("response_format", {"type": "yaml"}),
+        ("functions", [{"name": "f"}]),
         ("max_completion_tokens", 0),
     ],
 )
@@ -127,13 +141,13 @@ def test_sampling_params_mapping():
     req = CompletionRequest.model_validate(
         {**BASE, "temperature": 1e-9, "top_k": -1, "stop": "END", "seed": 7, "max_tokens": 9}
     )
-    p0, p1 = req.params(0), req.params(1)
+    p0, p1 = req.params(0, None), req.params(1, None)
     assert (p0.temperature, p0.top_k, p0.stop, p0.max_tokens) == (0.0, None, ("END",), 9)
     assert (p0.seed, p1.seed) == (7, 8)  # choices of a seeded request differ, reproducibly
     req = CompletionRequest.model_validate({**BASE, "top_p": 0.0, "top_k": 5, "logprobs": 3})
-    p = req.params(0)
+    p = req.params(0, 3)
     assert (p.temperature, p.top_p, p.top_k, p.logprobs, p.seed) == (0.0, 1.0, 5, 3, None)
-    assert CompletionRequest.model_validate(BASE).params(0).max_tokens == 16  # OpenAI's default
+    assert CompletionRequest.model_validate(BASE).params(0, None).max_tokens == 16  # OpenAI's
 
 
 def test_prompt_shapes():
@@ -173,9 +187,9 @@ def test_chat_max_tokens_and_logprobs():
         {**CHAT, "max_tokens": 5, "max_completion_tokens": 3, "logprobs": True, "top_logprobs": 2}
     )
     assert req.requested_max_tokens() == 3
-    assert req.params(3, 0).logprobs == 2
+    assert req.requested_logprobs() == 2
     plain = ChatCompletionRequest.model_validate({**CHAT, "logprobs": True})
-    assert plain.params(3, 0).logprobs == 0
+    assert plain.requested_logprobs() == 0
     with pytest.raises(InvalidSamplingParamsError) as e:
-        ChatCompletionRequest.model_validate({**CHAT, "top_logprobs": 2}).params(3, 0)
+        ChatCompletionRequest.model_validate({**CHAT, "top_logprobs": 2}).check()
     assert e.value.param == "top_logprobs"
