@@ -49,7 +49,7 @@ MODES: dict[str, tuple[str, str, float | None]] = {
 }
 SUSTAINED = 0.9  # share of requests meeting the SLOs, or of the offered rate, to sustain a rate
 MESH = "local"  # the series label of a server's one engine (its configs have no plan)
-GAUGES = ("muxserve_kv_blocks_used", "muxserve_kv_blocks_total", "muxserve_requests_waiting")
+GAUGES = ("muxserve_kv_blocks_used", "muxserve_kv_blocks_total", "muxserve:num_requests_waiting")
 
 
 def mode_config(mode: str, models: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
@@ -137,7 +137,7 @@ def kv_use(run: RunResult, models: list[str]) -> dict[str, dict[str, float]]:
     for m in models:
         used = peak_and_mean(run.samples, f'muxserve_kv_blocks_used{{model="{m}",mesh="{MESH}"}}')
         waiting = peak_and_mean(
-            run.samples, f'muxserve_requests_waiting{{model="{m}",mesh="{MESH}"}}'
+            run.samples, f'muxserve:num_requests_waiting{{model_name="{m}",mesh="{MESH}"}}'
         )
         if used and total and waiting:
             out[m] = {"peak_pool_share": used[0] / total[0], "mean_waiting": waiting[1]}

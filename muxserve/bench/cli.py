@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help="Prometheus gauges to sample from /metrics every 0.1 s "
-        "(e.g. muxserve_kv_blocks_used muxserve_requests_waiting)",
+        "(e.g. muxserve_kv_blocks_used muxserve:num_requests_waiting)",
     )
 
 

@@ -267,9 +267,11 @@ def test_metrics_has_a_series_per_mesh(served):
     for mesh, model in MESHES.items():
         assert got[("muxserve_kv_blocks_total", (("mesh", mesh),))] == POOL_BLOCKS
         assert got[("muxserve_mesh_up", (("mesh", mesh),))] == 1.0
-        assert got[("muxserve_requests_running", (("mesh", mesh), ("model", model)))] == 0.0
-    running_series = {labels for name, labels in got if name == "muxserve_requests_running"}
-    assert running_series == {(("mesh", mesh), ("model", model)) for mesh, model in MESHES.items()}
+        assert got[("muxserve:num_requests_running", (("mesh", mesh), ("model_name", model)))] == 0
+    running_series = {labels for name, labels in got if name == "muxserve:num_requests_running"}
+    assert running_series == {
+        (("mesh", mesh), ("model_name", model)) for mesh, model in MESHES.items()
+    }
 
 
 def test_client_disconnect_aborts_on_the_mesh(served):
@@ -279,13 +281,16 @@ def test_client_disconnect_aborts_on_the_mesh(served):
         return samples(served.port)[(name, tuple(sorted((("mesh", "mesh-b"), *labels))))]
 
     def aborted() -> float:
-        key = ("muxserve_requests_total", (("finish_reason", "abort"), ("model", "qwen-demo")))
+        key = (
+            "muxserve:request_success_total",
+            (("finished_reason", "abort"), ("model_name", "qwen-demo")),
+        )
         return samples(served.port).get(key, 0.0)
 
     before = aborted()
     conn, resp = open_stream(served.port, "qwen-demo")
-    model = ("model", "qwen-demo")
-    wait_for("running", lambda: gauge("muxserve_requests_running", model) == 1.0, 5.0)
+    model = ("model_name", "qwen-demo")
+    wait_for("running", lambda: gauge("muxserve:num_requests_running", model) == 1.0, 5.0)
     assert gauge("muxserve_kv_blocks_free") < POOL_BLOCKS
     resp.close()
     conn.close()  # the client goes away mid-stream
@@ -293,7 +298,7 @@ def test_client_disconnect_aborts_on_the_mesh(served):
 
     def freed() -> bool:
         return (
-            gauge("muxserve_requests_running", model) == 0.0
+            gauge("muxserve:num_requests_running", model) == 0.0
             and gauge("muxserve_kv_blocks_free") == POOL_BLOCKS
         )
 
