@@ -7,6 +7,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from muxserve import __version__
+
 # subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-models": ("muxserve.demo", "create the small random-weight demo checkpoints"),
@@ -23,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s module is imported, so one command never pays for another."""
     parser = argparse.ArgumentParser(prog="muxserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"muxserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -55,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance)",
     )
+    p.add_argument(
+        "--ignore-unknown-fields",
+        action="store_true",
+        help="log and drop request fields the API does not define, as vLLM does (default: a 400 "
+        "naming the field, as OpenAI does)",
+    )
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -89,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_body_bytes=int(args.max_body_mb * 2**20),
         shutdown_grace=args.grace,
+        ignore_unknown_fields=args.ignore_unknown_fields,
     )
     app = create_app(client, settings)
 
