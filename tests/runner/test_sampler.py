@@ -1,4 +1,5 @@
-"""The sampler: greedy, seeded temperature / top-k / top-p sampling, logprobs, step seeds."""
+"""The sampler: greedy, seeded temperature / top-k / top-p sampling, logprobs, step seeds; the
+per-request controls (penalties over the token history, bias, bans, masks, min_p)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from muxserve.runner.sampler import sample, step_seed
+from muxserve.runner.sampler import apply_controls, sample, step_seed
+from muxserve.runner.token_history import HistoryGapError, TokenHistory
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import SeqResult, SeqWork
 
@@ -225,3 +227,128 @@ def test_step_seed_spreads_over_the_bits() -> None:
         for step in range(16):
             diff = step_seed(seed, step) ^ step_seed(seed, step + 1)
             assert bin(diff).count("1") >= 8, (seed, step)
+
+
+# ---- per-request controls (penalties, bias, bans, masks, min_p) ------------------------------
+def history_of(tokens: list[int], prompt_len: int, vocab: int) -> TokenHistory:
+    h = TokenHistory()
+    h.feed("r", 0, tokens, None)
+    h.tensors(prompt_len, vocab, torch.device("cpu"))
+    return h
+
+
+def test_penalties_follow_vllm_formulas_exactly() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0, 0.0, -0.5]])
+    prompt, output = [1, 2], [3, 3, 4]  # prompt tokens 1, 2; generated 3 twice, 4 once
+    s = SeqWork(
+        "r",
+        (4,),
+        4,  # the last generated token is fed at position 4: prompt 2 + step 3 = 5 tokens
+        NO_TABLE,
+        True,
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0),
+        0,
+        3,
+    )
+    h = TokenHistory()
+    h.feed("r", 0, [*prompt, *output], None)
+    out = apply_controls(logits, [s], {"r": h})[0].tolist()
+    expected = logits[0].tolist()
+    for t in (1, 2, 3, 4):  # repetition: prompt and generated; positive / rp, negative x rp
+        expected[t] = expected[t] / 2.0 if expected[t] > 0 else expected[t] * 2.0
+    expected[3] -= 0.25 * 2 + 0.5  # frequency x count + presence, generated tokens only
+    expected[4] -= 0.25 * 1 + 0.5
+    assert out == pytest.approx(expected, abs=0)
+    assert logits[0, 3].item() == 3.0  # the input is not modified
+
+
+def test_controls_of_one_row_never_touch_another() -> None:
+    vocab = 64
+    logits = random_logits(4, vocab, seed=11)
+    mask = np.zeros(2, dtype=np.int32)
+    mask[0] = 0b1011  # tokens 0, 1, 3
+    seqs = [
+        seq("bias", logit_bias=((5, 50.0), (6, -50.0))),
+        seq("plain"),
+        replace_seq(seq("banned", min_tokens=4, max_tokens=8), banned=frozenset({2, 9})),
+        replace_seq(seq("masked"), allowed=mask),
+    ]
+    batched = apply_controls(logits, seqs, {})
+    for i, s in enumerate(seqs):
+        alone = apply_controls(logits[i : i + 1], [s], {})
+        assert torch.equal(batched[i], alone[0]), s.request_id
+    assert torch.equal(batched[1], logits[1])
+    assert batched[0, 5] == logits[0, 5] + 50 and batched[0, 6] == logits[0, 6] - 50
+    assert batched[2, [2, 9]].tolist() == [float("-inf")] * 2
+    allowed = torch.isfinite(batched[3]).nonzero().flatten().tolist()
+    assert allowed == [0, 1, 3]  # and nothing past the mask's 64 bits
+
+
+def test_a_mask_shorter_than_the_logits_allows_none_past_it() -> None:
+    logits = torch.zeros(1, 40)
+    s = replace_seq(seq("m"), allowed=np.array([-1], dtype=np.int32))  # tokens 0..31 allowed
+    out = apply_controls(logits, [s], {})
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == list(range(32))
+
+
+def test_greedy_and_seeded_sampling_obey_the_controls() -> None:
+    logits = random_logits(2, 30, seed=12)
+    forced = [
+        seq("g", temperature=0.0, logit_bias=((7, 100.0),)),
+        seq("s", seed=1, temperature=1.5, logit_bias=((9, 100.0),)),
+    ]
+    assert tokens_of(logits, forced) == [7, 9]
+
+
+def test_min_p_keeps_tokens_within_a_factor_of_the_top() -> None:
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = torch.tensor(np.log(probs), dtype=torch.float32)
+    counts = draws(logits, 600, temperature=1.0, min_p=0.35)  # keeps p >= 0.175: 0.5 and 0.3
+    assert counts[[2, 3]].tolist() == [0, 0]
+    assert chi_square(counts, np.array([0.5, 0.3, 0, 0]) / 0.8) < 15.0
+    assert draws(logits, 50, temperature=2.0, min_p=1.0).tolist() == [50, 0, 0, 0]
+
+
+def test_penalised_seeded_sampling_is_batch_invariant() -> None:
+    vocab = 100
+    target = random_logits(1, vocab, seed=13, scale=0.5)
+    params = {"temperature": 1.0, "presence_penalty": 1.0, "repetition_penalty": 1.5}
+    mine = SeqWork("me", (5,), 3, NO_TABLE, True, SamplingParams(**params), 42, 1)
+    histories = {"me": history_of([1, 2, 5, 5], 3, vocab)}
+    alone = sample(target, [mine], histories).token_ids.tolist()
+    others = [seq(f"o{i}", seed=i, temperature=0.7, logit_bias=((i, 5.0),)) for i in range(3)]
+    batch = torch.cat([random_logits(3, vocab, seed=14), target])
+    assert sample(batch, [*others, mine], histories).token_ids.tolist()[3] == alone[0]
+
+
+def test_token_history_skips_what_it_has_and_refuses_a_gap() -> None:
+    vocab, dev = 10, torch.device("cpu")
+    h = TokenHistory()
+    h.feed("r", 0, [1, 2, 3], None)  # a prefill chunk
+    h.feed("r", 3, [4], None)  # the next chunk
+    h.feed("r", 0, [1, 2, 3, 4, 7], None)  # recomputed after a preemption, one token more
+    assert h.tokens == [1, 2, 3, 4, 7]
+    seen, counts = h.tensors(4, vocab, dev)  # prompt: positions 0..3
+    assert seen.nonzero().flatten().tolist() == [1, 2, 3, 4]
+    assert counts.tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 0, 0]
+    h.feed("r", 5, [7], None)
+    assert h.tensors(4, vocab, dev)[1][7].item() == 2  # counted once each, incrementally
+    late = TokenHistory()  # a decode runner that did not see the prefill
+    with pytest.raises(HistoryGapError, match="position 5"):
+        late.feed("r", 5, [7], None)
+    late.feed("r", 5, [7], history=[1, 2, 3, 4, 7])
+    assert late.tokens == [1, 2, 3, 4, 7, 7]
+
+
+def replace_seq(s: SeqWork, **fields: Any) -> SeqWork:
+    return SeqWork(
+        s.request_id,
+        s.token_ids,
+        s.start_pos,
+        s.block_table,
+        s.sample,
+        s.params,
+        s.seed,
+        s.step,
+        **fields,
+    )
