@@ -95,6 +95,10 @@ class MeshModel(_Strict):
 
 
 class Mesh(_Strict):
+    # mps: a job with no result after job_timeout_s + job_timeout_per_token_s x its tokens
+    # has a hung worker: the worker is killed and restarted, its requests recomputed
+    job_timeout_s: float = Field(60.0, gt=0.0)
+    job_timeout_per_token_s: float = Field(0.01, ge=0.0)
     """A group of GPUs of one node that run one engine."""
 
     name: str = Field(min_length=1)

@@ -22,6 +22,7 @@ import torch
 from muxserve.config import MuxConfig, load_config
 from muxserve.errors import EmptyPromptError, EngineStoppedError, RequestError, UnknownModelError
 from muxserve.executor.base import ModelSpec, create_executor
+from muxserve.executor.watchdog import JobDeadline
 from muxserve.model_descriptor import describe_entry
 from muxserve.models.loader import validate_checkpoint
 from muxserve.output_processor import Completion, OutputSink, RequestOutput, TextState
@@ -79,12 +80,17 @@ class MuxEngine:
             specs.append(ModelSpec.of(d, m.path))
         # The executor loads the weights, then allocates the pool in what they leave (worker
         # processes map it: shared memory, CUDA IPC); the scheduler accounts its blocks.
+        deadline = JobDeadline(eng.job_timeout_s, eng.job_timeout_per_token_s)
         self.executor = create_executor(
-            eng.executor, specs, PoolSizing.of(eng), self.device, progress
+            eng.executor, specs, PoolSizing.of(eng), self.device, progress, deadline
         )
         self.pool: KVPool = self.executor.pool
         try:
-            self.scheduler = Scheduler.create(slots, self.pool.num_blocks, eng)
+            # on a CPU a share is a thread count, not a partition: admission would only
+            # serialize the models (one stuck job would hold every other model back)
+            self.scheduler = Scheduler.create(
+                slots, self.pool.num_blocks, eng, sm_admission=self.device.type != "cpu"
+            )
         except BaseException:
             self.executor.shutdown()
             raise
@@ -369,6 +375,10 @@ class MuxEngine:
     def is_running(self) -> bool:
         """True while the background loop started by `start()` is alive (for health checks)."""
         return self._running and self._thread is not None and self._thread.is_alive()
+
+    def degraded(self) -> dict[str, str]:
+        """Models that cannot run right now (their workers restart), with why; any thread."""
+        return self.executor.degraded()
 
     def stats(self) -> dict[str, ModelStats]:
         with self._lock:

@@ -56,6 +56,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    num_retries: int = 0  # times recomputed because the job running it was lost (worker died)
     first_token_time: float | None = None
     in_flight: bool = False  # a job that includes this request is running
     pending_finish: FinishReason | None = None  # finish asked while in flight: apply on return

@@ -54,7 +54,12 @@ class InProcessClient:
         state = MeshState.OK if self.engine.is_running else MeshState.STOPPED
         error = None if state is MeshState.OK else "the engine loop is not running"
         mesh = MeshHealth(
-            state, tuple(self.engine.models), os.getpid(), socket.gethostname(), error=error
+            state,
+            tuple(self.engine.models),
+            os.getpid(),
+            socket.gethostname(),
+            error=error,
+            degraded=self.engine.degraded(),
         )
         return Health({self.name: mesh})
 

@@ -49,6 +49,7 @@ class MeshHealth:
     node: str | None = None  # the host (or Ray node) it runs on
     restarts: int = 0  # times it was restarted after dying
     error: str | None = None  # why it is down, when it is
+    degraded: dict[str, str] = field(default_factory=dict)  # models not serving now, and why
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -60,6 +61,8 @@ class MeshHealth:
         }
         if self.error is not None:
             out["error"] = self.error
+        if self.degraded:
+            out["degraded_models"] = dict(self.degraded)
         return out
 
 
@@ -71,9 +74,9 @@ class Health:
 
     @property
     def status(self) -> str:
-        """ "ok": every mesh serves; "degraded": some do; "down": none does."""
+        """ "ok": every mesh serves every model; "degraded": some serve; "down": none does."""
         up = [m.state is MeshState.OK for m in self.meshes.values()]
-        if up and all(up):
+        if up and all(up) and not any(m.degraded for m in self.meshes.values()):
             return "ok"
         return "degraded" if any(up) else "down"
 

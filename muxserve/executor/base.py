@@ -17,6 +17,7 @@ import torch
 
 from muxserve.config import SMShare
 from muxserve.dtypes import torch_dtype
+from muxserve.executor.watchdog import JobDeadline
 from muxserve.kv.layout import KVLayout
 from muxserve.model_descriptor import ModelDescriptor
 from muxserve.models.hf_config import HFModelConfig
@@ -87,6 +88,10 @@ class Executor(Protocol):
         """Stop every worker and free what the executor holds; idempotent."""
         ...
 
+    def degraded(self) -> dict[str, str]:
+        """Models that cannot run jobs right now (workers restarting or broken), with why."""
+        ...
+
 
 def cpu_threads(share: float, cores: int | None = None) -> int:
     """The CPU analogue of an SM share: intra-op threads for a worker with that share."""
@@ -101,6 +106,7 @@ def create_executor(
     sizing: PoolSizing,
     device: torch.device,
     progress: bool = False,
+    deadline: JobDeadline | None = None,
 ) -> Executor:
     """The executor `EngineConfig.executor` names, with every model loaded and its KV pool.
 
@@ -123,7 +129,7 @@ def create_executor(
     if kind == "mps":
         from muxserve.executor.mps import MpsExecutor
 
-        return MpsExecutor.create(specs, sizing, device, progress)
+        return MpsExecutor.create(specs, sizing, device, progress, deadline=deadline)
     raise ValueError(f"unknown executor {kind!r}; use 'inline' or 'mps'")
 
 

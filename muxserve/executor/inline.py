@@ -114,6 +114,9 @@ class InlineExecutor:
     def wake(self) -> None:
         """`poll` never waits on anything but the device."""
 
+    def degraded(self) -> dict[str, str]:
+        return {}  # jobs run in this process: a stuck one stops the engine (no watchdog here)
+
     def shutdown(self) -> None:
         self._launched.clear()
         for part in self._partitions.values():

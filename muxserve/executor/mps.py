@@ -28,6 +28,7 @@ from muxserve.executor.base import ModelSpec, cpu_threads, load_progress
 from muxserve.executor.messages import TPRank, WorkerInit
 from muxserve.executor.mps_daemon import HINT, MpsDaemon, MpsUnavailableError
 from muxserve.executor.waker import Waker
+from muxserve.executor.watchdog import JobDeadline
 from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, WorkerGroup
 from muxserve.models.causal_lm import CausalLM
 from muxserve.parallel.sharding import load_rank_models, rank_device
@@ -50,6 +51,7 @@ class MpsExecutor:
         pools: list[KVPool],
         groups: dict[tuple[str, Phase], WorkerGroup],
         daemon: MpsDaemon | None,
+        deadline: JobDeadline | None = None,
     ) -> None:
         # rank r's pool: on GPU on the mesh's r-th device; on CPU its own shared buffer, as
         # the same block id holds different KV heads on each rank
@@ -60,6 +62,9 @@ class MpsExecutor:
         self._waker = Waker()
         self._failed: list[tuple[Job, JobResult]] = []  # jobs failed at submit, for the next poll
         self._closed = False
+        self.deadline = deadline or JobDeadline()
+        self.restarting: dict[str, str] = {}  # model -> why its workers were last restarted
+        self.hangs = 0  # groups killed for a hung job
 
     @classmethod
     def create(
@@ -69,6 +74,7 @@ class MpsExecutor:
         device: torch.device,
         progress: bool = False,
         start_timeout: float = START_TIMEOUT_S,
+        deadline: JobDeadline | None = None,
     ) -> MpsExecutor:
         """Start MPS (on CUDA), load every model once, size and allocate one pool per rank
         index in what the weights leave, spawn the workers and wait until they are ready."""
@@ -99,7 +105,7 @@ class MpsExecutor:
                 for phase in Phase:
                     plans = _rank_plans(spec, phase, ranks, daemon)
                     groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
-            executor = cls(pools, groups, daemon)
+            executor = cls(pools, groups, daemon, deadline)
         except BaseException:
             if daemon is not None:
                 daemon.stop()
@@ -150,9 +156,11 @@ class MpsExecutor:
             return results
         deadline = time.monotonic() + timeout
         while True:
+            results.extend(self._reap_hung())
             owners = self._owners()
             waker = self._waker.fileno()
-            ready = _wait([*owners, waker], max(0.0, deadline - time.monotonic()))
+            until = min(deadline, self._next_hang_check())
+            ready = _wait([*owners, waker], max(0.0, until - time.monotonic()))
             woken = False
             restarted: set[int] = set()  # groups replaced this round: their other events are old
             for obj in sorted(ready, key=lambda o: not isinstance(o, Connection)):  # pipes first
@@ -195,24 +203,71 @@ class MpsExecutor:
     def _owners(self) -> dict[Waitable, WorkerGroup]:
         return {obj: g for g in self.groups.values() for obj in g.waitables()}
 
-    def _restart(self, group: WorkerGroup, died: WorkerDied) -> list[tuple[Job, JobResult]]:
-        """Fail the job the group was running, and start the group again (or give up on it).
+    def _hung(self, group: WorkerGroup, now: float) -> float | None:
+        """Seconds the group's delivered job has run past its deadline, if it has."""
+        if not group.delivered or group.job is None:
+            return None
+        over = now - group.sent_at - self.deadline.of(group.job)
+        return over if over >= 0 else None
 
-        A job that never reached the workers is kept and goes to the new ones.
+    def _next_hang_check(self) -> float:
+        """When the earliest delivered job reaches its deadline (inf: none is running)."""
+        ends = [
+            g.sent_at + self.deadline.of(g.job)
+            for g in self.groups.values()
+            if g.delivered and g.job is not None
+        ]
+        return min(ends, default=float("inf"))
+
+    def _reap_hung(self) -> list[tuple[Job, JobResult]]:
+        """Kill and restart every group whose job is past its deadline; hand the jobs back."""
+        now = time.monotonic()
+        results = []
+        for group in self.groups.values():
+            if self._hung(group, now) is not None:
+                ran = now - group.sent_at
+                reason = f"no result after {ran:.1f} s (hung); killed"
+                self.hangs += 1
+                results.extend(self._restart(group, WorkerDied(reason, during_start=False)))
+        return results
+
+    def _restart(self, group: WorkerGroup, died: WorkerDied) -> list[tuple[Job, JobResult]]:
+        """Hand back the job the group was running, and start the group again (or give up).
+
+        The job's requests are recomputed (`JobResult.retry`): they were lost with the worker,
+        not refused. A job that never reached the workers is kept and goes to the new ones.
         """
         job = group.take_job() if group.delivered else None
         group.kill()
         group.failed_starts = group.failed_starts + 1 if died.during_start else 0
-        error = f"{group.label}: {died.reason}; the request failed and the worker restarts"
+        self.restarting[group.name] = f"{group.label}: {died.reason}; restarting"
+        if job is None:
+            error = f"{group.label}: {died.reason}; the worker restarts (no job was lost)"
+        else:
+            error = f"{group.label}: {died.reason}; its job is recomputed, the worker restarts"
+        retry = True
         if group.failed_starts >= MAX_FAILED_STARTS:
             group.broken = f"{group.label}: workers failed to start {MAX_FAILED_STARTS} times"
             error = f"{group.label}: {died.reason}; {group.broken}, so the model stops serving"
+            self.restarting[group.name] = group.broken
+            retry = False
         log.error("%s", error)
         if group.broken is None:
             group.start()
         else:
             job = job or group.take_job()
-        return [] if job is None else [(job, JobResult(job.job_id, (), error))]
+        return [] if job is None else [(job, JobResult(job.job_id, (), error, retry))]
+
+    def degraded(self) -> dict[str, str]:
+        """Models whose workers are restarting or broken, with why: for /health (it only
+        reads, so any thread may call it)."""
+        out: dict[str, str] = {}
+        for (name, _), g in self.groups.items():
+            if g.broken is not None:
+                out[name] = g.broken
+            elif g.state is not GroupState.READY and name not in out:
+                out[name] = self.restarting.get(name, f"{g.label}: workers starting")
+        return out
 
     def worker_pids(self) -> dict[tuple[str, Phase], list[int]]:
         """The live worker processes, by (model, phase): for tests and operators."""

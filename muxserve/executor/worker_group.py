@@ -12,6 +12,7 @@ import enum
 import logging
 import signal
 import socket
+import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
@@ -69,6 +70,7 @@ class WorkerGroup:
         self.conns: list[Connection] = []
         self.job: Job | None = None  # the job given to this group, until its result comes
         self._sent = False  # the job went out (the group was ready)
+        self.sent_at = 0.0  # time.monotonic() when it went out: the watchdog's clock
         self._ready: set[int] = set()
         self.failed_starts = 0  # starts in a row that ended before every rank was ready
         self.broken: str | None = None  # why the group gave up restarting; jobs fail at once
@@ -153,6 +155,7 @@ class WorkerGroup:
         except OSError:
             return  # a rank is gone: its death comes through `on_readable`, the job is kept
         self._sent = True
+        self.sent_at = time.monotonic()
 
     @property
     def delivered(self) -> bool:

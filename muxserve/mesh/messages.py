@@ -85,3 +85,4 @@ class Ping:
 class Pong:
     seq: int
     engine_running: bool  # the engine's loop is alive (the process answering is not enough)
+    degraded: dict[str, str]  # models whose workers restart, and why

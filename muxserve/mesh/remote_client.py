@@ -58,6 +58,7 @@ class RemoteEngineClient:
         self._replies: dict[int, asyncio.Future[object]] = {}
         self._seq = itertools.count()
         self.lost_reason = "not connected yet"
+        self.degraded: dict[str, str] = {}  # the mesh's models that do not serve, at last ping
 
     @property
     def connected(self) -> bool:
@@ -181,6 +182,7 @@ class RemoteEngineClient:
         mesh does not answer."""
         reply = await self._ask(Ping(next(self._seq)), timeout)
         assert isinstance(reply, Pong)
+        self.degraded = reply.degraded
         return reply.engine_running
 
     async def _ask(self, msg: StatsQuery | Ping, timeout: float) -> object:

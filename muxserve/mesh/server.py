@@ -114,7 +114,7 @@ class _Connection:
         elif isinstance(msg, StatsQuery):
             wire.send(self.writer, StatsReply(msg.seq, mesh_stats(self.engine, self.server.name)))
         elif isinstance(msg, Ping):
-            wire.send(self.writer, Pong(msg.seq, self.engine.is_running))
+            wire.send(self.writer, Pong(msg.seq, self.engine.is_running, self.engine.degraded()))
         else:
             raise ConnectionError(f"unexpected message {type(msg).__name__}")
 

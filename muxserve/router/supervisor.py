@@ -138,6 +138,7 @@ class MeshSupervisor:
             self.process.node,
             self.restarts,
             self.error,
+            dict(self.client.degraded) if self.state is MeshState.OK else {},
         )
 
     async def stop(self) -> None:

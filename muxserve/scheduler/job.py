@@ -80,3 +80,4 @@ class JobResult:
     job_id: int
     outputs: tuple[SeqResult, ...]
     error: str | None = None
+    retry: bool = False  # with `error`: the workers failed, not the requests; recompute them

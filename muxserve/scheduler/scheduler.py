@@ -6,6 +6,7 @@ results. The same object drives the inline executor, worker processes and the si
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from muxserve.scheduler.policy import AdbsPolicy, FcfsPolicy, JobPolicy
 from muxserve.scheduler.quota import AdaptiveQuota, QuotaPolicy, StaticQuota
 
 SM_EPSILON = 1e-9  # shares are floats: 0.01 + 0.26 + 0.93 must fit a 1.2 limit
+MAX_RETRIES = 2  # a request whose jobs are lost this often fails (it may be what kills them)
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,16 @@ class Scheduler:
         self.preemptions_by_model = dict.fromkeys(self.queues, 0)
 
     @classmethod
-    def create(cls, slots: Sequence[ModelSlot], num_blocks: int, config: EngineConfig) -> Scheduler:
-        """The scheduler the config asks for: policy adbs|fcfs, kv_mode unified|static."""
+    def create(
+        cls,
+        slots: Sequence[ModelSlot],
+        num_blocks: int,
+        config: EngineConfig,
+        *,
+        sm_admission: bool = True,
+    ) -> Scheduler:
+        """The scheduler the config asks for: policy adbs|fcfs, kv_mode unified|static;
+        without `sm_admission` jobs of different models run at once whatever their shares."""
         policy: JobPolicy = AdbsPolicy() if config.policy == "adbs" else FcfsPolicy()
         return cls(
             slots,
@@ -91,7 +101,7 @@ class Scheduler:
             prefill_token_budget=config.prefill_token_budget,
             max_batch_size=config.max_batch_size,
             rebalance_interval=config.rebalance_interval,
-            sm_overload=config.sm_overload,
+            sm_overload=config.sm_overload if sm_admission else math.inf,
         )
 
     # ---- requests ----------------------------------------------------------------------
@@ -210,6 +220,10 @@ class Scheduler:
             if req is None:
                 continue
             req.in_flight = False
+            if req.pending_finish is None and result.retry and req.num_retries < MAX_RETRIES:
+                req.num_retries += 1  # its worker was lost, not its fault: compute it again
+                self._preempt(q, req)
+                continue
             if req.pending_finish is not None or result.error is not None:
                 self._finish(q, req, req.pending_finish or FinishReason.ERROR)
                 changed.append(req)
@@ -329,11 +343,7 @@ class Scheduler:
                 rebalanced = True
                 continue
             victim = next(
-                (
-                    r
-                    for r in reversed(q.running)
-                    if not r.in_flight and r.request_id not in batched
-                ),
+                (r for r in reversed(q.running) if not r.in_flight and r.request_id not in batched),
                 None,
             )
             if victim is None:

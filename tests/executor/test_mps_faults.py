@@ -1,5 +1,6 @@
-"""Faults and shutdown with the mps executor: a killed worker fails only its own job, restarts,
-and the model serves again; shutdown leaves no process and no shared memory behind.
+"""Faults and shutdown with the mps executor: a killed worker's job is recomputed on the
+restarted worker (no request is lost) and the other models are untouched; shutdown leaves no
+process and no shared memory behind.
 
 The fault test shares test_mps_engine.py's session engine; the shutdown test builds its own.
 """
@@ -48,7 +49,7 @@ def wait_for(cond, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
-def test_killed_worker_fails_only_its_job_and_restarts(mps_engine, demo_models):
+def test_killed_worker_restarts_and_its_job_is_recomputed(mps_engine, demo_models):
     engine = mps_engine
     group = engine.executor.groups[("llama-demo", Phase.DECODE)]
     [victim] = [p.pid for p in group.procs]
@@ -68,15 +69,14 @@ def test_killed_worker_fails_only_its_job_and_restarts(mps_engine, demo_models):
 
     for m in MODELS:
         want = [list(t) for t in hf_greedy(m, demo_models[m])[:PER_MODEL]]
-        for rid, out, tokens in zip(rids[m], outs[m], want, strict=True):
+        for out, tokens in zip(outs[m], want, strict=True):
+            # the killed job's requests were recomputed on the restarted worker: no request
+            # is lost, and each gives the same text as one that never met a fault
             got = [t for o in out for t in o.token_ids]
-            if rid in in_job:  # the killed job's requests: failed, with the reason
-                assert out[-1].finish_reason == "error"
-                assert "killed by SIGKILL" in out[-1].error and "llama-demo/decode" in out[-1].error
-                assert got == tokens[: len(got)]
-            else:  # every other request, of this model or another, is unaffected
-                assert (got, out[-1].finish_reason) == (tokens, "length")
+            assert (got, out[-1].error) == (tokens, None)
+            assert out[-1].finish_reason in ("length", "stop")  # stop: an EOS at the limit
     assert in_job
+    assert engine.scheduler.num_preemptions >= len(in_job)
 
     # restarted: the model serves again, within seconds
     start = time.monotonic()

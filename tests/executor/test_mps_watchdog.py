@@ -1,0 +1,102 @@
+"""Issue 17's high item: a hung (SIGSTOPped) worker must not stop the other models.
+
+An engine of its own (two models, default shares of 1.0, an 8 s job deadline): on a CPU the
+shares do not serialize the models, the other model's requests finish while the stopped one's
+job is still hung, and the watchdog then kills the stopped group, restarts it and recomputes
+its requests, which end with the same greedy text as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+from test_engine import MAX_NEW, make_config, prompts_for
+
+from executor.hf_reference import hf_greedy
+from muxserve.client.in_process import InProcessClient
+from muxserve.config import parse_config
+from muxserve.engine import MuxEngine
+from muxserve.output_processor import RequestOutput
+from muxserve.sampling_params import SamplingParams
+from muxserve.scheduler.job import Phase
+
+GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+DEADLINE_S = 8.0
+
+
+def wait_for(cond, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
+        time.sleep(0.01)
+
+
+async def read(engine: MuxEngine, rid: str) -> tuple[list[RequestOutput], int]:
+    """A request's outputs, and how many hung groups the executor had killed at its end."""
+    outs = [o async for o in engine.stream(rid)]
+    return outs, engine.executor.hangs  # type: ignore[attr-defined]
+
+
+def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]) -> None:
+    two = {m: demo_models[m] for m in ("llama-demo", "qwen-demo")}
+    raw = make_config(
+        demo_models, executor="mps", job_timeout_s=DEADLINE_S, job_timeout_per_token_s=0
+    ).model_dump()
+    raw["models"] = [m for m in raw["models"] if m["name"] in two]
+    config = parse_config(raw)
+    assert all(m.sm_share.decode == 1.0 for m in config.models)  # the defaults
+    engine = MuxEngine(config)
+    try:
+        group = engine.executor.groups[("llama-demo", Phase.DECODE)]  # type: ignore[attr-defined]
+        [victim] = [p.pid for p in group.procs]
+        os.kill(victim, signal.SIGSTOP)  # its first decode job will never return
+        engine.start()
+        rids = {m: [engine.add_request(m, p, GREEDY) for p in prompts_for(m)[:3]] for m in two}
+
+        async def run() -> dict[str, list[tuple[list[RequestOutput], int]]]:
+            tasks = {
+                m: [asyncio.create_task(read(engine, r)) for r in rs] for m, rs in rids.items()
+            }
+            return {m: [await t for t in ts] for m, ts in tasks.items()}
+
+        seen_degraded: list[dict[str, object]] = []
+
+        def watch() -> None:  # /health while the stopped group restarts
+            client = InProcessClient(engine, manage=False)
+            wait_for(lambda: engine.executor.hangs == 1, "hung group killed")  # type: ignore[attr-defined]
+            wait_for(lambda: "llama-demo" in engine.degraded(), "llama-demo degraded", 10)
+            seen_degraded.append(client.health().to_json())
+
+        async def both() -> dict[str, list[tuple[list[RequestOutput], int]]]:
+            watcher = asyncio.create_task(asyncio.to_thread(watch))
+            got = await run()
+            await watcher
+            return got
+
+        got = asyncio.run(both())
+        for m in two:
+            want = [list(t) for t in hf_greedy(m, two[m])[:3]]
+            for (outs, _), tokens in zip(got[m], want, strict=True):
+                assert [t for o in outs for t in o.token_ids] == tokens
+                reason = "length" if len(tokens) == MAX_NEW else "stop"  # EOS before the limit
+                assert (outs[-1].finish_reason, outs[-1].error) == (reason, None)
+        # qwen-demo did not wait for the deadline: it finished while llama's job still hung
+        assert [hangs for _, hangs in got["qwen-demo"]] == [0, 0, 0]
+        assert [hangs for _, hangs in got["llama-demo"]] == [1, 1, 1]  # recomputed, then done
+        (health,) = seen_degraded
+        assert health["status"] == "degraded"
+        local = health["meshes"]["local"]  # type: ignore[index]
+        assert "no result after" in local["degraded_models"]["llama-demo"]  # type: ignore[index]
+        assert group.procs[0].pid != victim
+        assert not Path(f"/proc/{victim}").exists()  # killed and reaped
+        wait_for(lambda: not engine.degraded(), "llama-demo serving again")
+        assert engine.scheduler.num_preemptions >= 3  # the hung job's requests, recomputed
+        wait_for(lambda: engine.scheduler.jobs_in_flight == 0, "idle")
+        engine.check_integrity()
+        assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
+    finally:
+        engine.shutdown()
