@@ -12,23 +12,35 @@ from muxserve.sampling_params import SamplingParams
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="serving config (YAML); default: the demo models")
-    p.add_argument("--model", help="served model name; default: every model of the config")
+    p.add_argument(
+        "--model", help="the one model to load and run (default: every model of the config)"
+    )
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
     p.add_argument("--json", action="store_true", help="print one JSON object per completion")
 
 
 def run(args: argparse.Namespace) -> int:
+    from muxserve.config import load_config
     from muxserve.demo import default_config
     from muxserve.engine import MuxEngine
+    from muxserve.errors import UnknownModelError
 
-    config = args.config or default_config()
+    config = load_config(args.config) if args.config else default_config()
+    names = [m.name for m in config.models]
+    if args.model is not None:  # checked before anything loads; only that model is loaded
+        if args.model not in names:
+            raise UnknownModelError(args.model, names)
+        only = [m for m in config.models if m.name == args.model]
+        config = config.model_copy(update={"models": only, "meshes": None})
+    else:
+        config = config.model_copy(update={"meshes": None})  # one engine, offline
     engine = MuxEngine.from_config(config, progress=True)
-    models = [args.model] if args.model else list(engine.models)
+    models = list(engine.models)
     prompts = args.prompt or ["The quick brown fox", "Once upon a time"]
     params = SamplingParams(
         max_tokens=args.max_tokens,

@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 problem,
                 window_s=args.duration,
                 seed=args.seed,
+                progress=stderr_progress,  # one line per mesh: simulations take a while
             )
     for name, plan in plans.items():
         print(format_placement(plan, sims.get(name)))

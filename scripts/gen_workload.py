@@ -30,9 +30,9 @@ def main() -> int:
     args = p.parse_args()
     try:
         spec = spec_from_args(args)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     except ValueError as e:
         p.error(str(e))
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     entries, meta = generate(spec, tokenizer)
     write_trace(args.out, entries, meta)
     counts = Counter(e.model for e in entries)

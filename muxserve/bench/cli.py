@@ -4,21 +4,28 @@
                    [--slo ttft:500 tpot:100] [--max-requests N] [--max-duration S]
                    [--out bench-results]
 
-Writes `results.json` (after every run, so an interrupted sweep keeps what it measured),
-`latency_cdf.png` (the last run, per model) and `slo_attainment.png` (per model, against
-rate). Ctrl-C stops the current run, writes the partial results and exits 130.
+One request is sent first: if it fails (a wrong URL, model or key), nothing else is and the
+command exits 1 with the server's answer. Writes `results.json` (after every run, so an
+interrupted sweep keeps what it measured), `latency_cdf.png` (the last run, per model) and
+`slo_attainment.png` (per model, against rate); each plot names its rate, SLO and workload
+(without matplotlib the plots are skipped, with one line saying how to get them). Exits 1 if
+every request of a run failed; Ctrl-C stops the current run, writes the partial results and
+exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from muxserve.bench.client import ClientOptions, RunResult, run_replay
+from muxserve.bench.client import PATHS, ClientOptions, RunResult, request_body, run_replay
 from muxserve.bench.metrics import SLO, run_to_json
+from muxserve.bench.plots import MissingPlotsError
+from muxserve.bench.probe import probe_endpoint
 from muxserve.bench.report import format_run, machine, write_json
 from muxserve.bench.trace import read_trace
 
@@ -98,7 +105,20 @@ def run(args: argparse.Namespace) -> int:
         label=args.label,
         sample_metrics=tuple(args.sample_metrics),
     )
+    first = trace.entries[0] if trace.entries else None
+    if first is not None:  # one request first: a wrong URL, model or key fails here, once
+        body = {**request_body(first, opts), "max_tokens": 1, "stream": False}
+        body.pop("stream_options", None)
+        problem = asyncio.run(probe_endpoint(args.url, PATHS[args.endpoint], body, args.api_key))
+        if problem is not None:
+            print(
+                f"muxserve bench: error: the probe request ({first.model} at "
+                f"{args.url}{PATHS[args.endpoint]}) failed: {problem}",
+                file=sys.stderr,
+            )
+            return 1
     last: RunResult | None = None
+    failed_runs = 0
     for rate in args.rates or [None]:
         replayed = trace if rate is None else trace.at_rate(rate)
         last = run_replay(replayed, opts)
@@ -107,12 +127,29 @@ def run(args: argparse.Namespace) -> int:
         results["interrupted"] = last.stopped == "interrupted"
         write_json(out / "results.json", results)
         print(format_run(run_json))
+        if run_json["sent"] and not run_json["summary"]["overall"]["completed"]:
+            failed_runs += 1
         if results["interrupted"]:
             break
     print(f"wrote {out / 'results.json'}", file=sys.stderr)
     if not args.no_plots and last is not None:
-        plot(results, last, trace.models(), out)
-    return 130 if results["interrupted"] else 0
+        try:
+            plot(results, last, trace.models(), out)
+        except MissingPlotsError:
+            print(
+                "plots skipped: they need matplotlib (pip install 'muxserve[plot]')",
+                file=sys.stderr,
+            )
+    if results["interrupted"]:
+        return 130
+    if failed_runs:
+        print(
+            f"muxserve bench: error: every request failed in {failed_runs} of "
+            f"{len(results['runs'])} runs; see 'errors' in {out / 'results.json'}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def plot(results: dict[str, Any], last: RunResult, models: list[str], out: Path) -> None:
@@ -121,7 +158,12 @@ def plot(results: dict[str, Any], last: RunResult, models: list[str], out: Path)
 
     per_model = {m: [r for r in last.records if r.model == m] for m in models}
     rate = results["runs"][-1]["rate"]
-    title = f"{results['label']}: latency CDFs" + ("" if rate is None else f" at {rate:g} req/s")
+    what = describe(results)
+    title = (
+        f"{results['label']}: latency CDFs "
+        + ("at the trace's own rate" if rate is None else f"at {rate:g} req/s")
+        + f"\n{what}"
+    )
     plot_latency_cdfs(
         {"per model": {**per_model, "all": last.records}}, out / "latency_cdf.png", title
     )
@@ -145,6 +187,17 @@ def plot(results: dict[str, Any], last: RunResult, models: list[str], out: Path)
         plot_vs_rate(
             panels,
             out / "slo_attainment.png",
-            f"{results['label']}: against rate",
+            f"{results['label']}: against rate\n{what}",
             ["p99 TTFT (ms)"],
         )
+
+
+def describe(results: dict[str, Any]) -> str:
+    """One line naming the workload and the SLO a plot shows."""
+    slo = results["runs"][-1]["slo"] if results["runs"] else {}
+    objective = ", ".join(f"{k.removesuffix('_ms')} <= {v:g} ms" for k, v in slo.items())
+    meta = results.get("trace_meta") or {}
+    keys = ("rate", "alpha", "cv", "ramp", "duration_s")
+    shape = ", ".join(f"{k.removesuffix('_s')} {meta[k]}" for k in keys if k in meta)
+    trace = Path(results["trace"]).name + (f" ({shape})" if shape else "")
+    return f"workload {trace}; SLO {objective or 'none'}"

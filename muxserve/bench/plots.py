@@ -20,6 +20,10 @@ METRICS = {
 }
 
 
+class MissingPlotsError(RuntimeError):
+    """matplotlib is not installed."""
+
+
 def _plain_ticks(axis: Any) -> None:
     """Label a log axis 2, 5, 10, 200 rather than 2 x 10^0."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -32,7 +36,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError as e:
-        raise RuntimeError("plots need matplotlib: pip install 'muxserve[plot]'") from e
+        raise MissingPlotsError("plots need matplotlib: pip install 'muxserve[plot]'") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -59,3 +59,22 @@ def peak_and_mean(samples: Sequence[Sample], series: str) -> tuple[float, float]
     if not vals:
         return None
     return max(vals), sum(vals) / len(vals)
+
+
+async def probe_endpoint(
+    url: str, path: str, body: dict[str, object], api_key: str | None, timeout_s: float = 60.0
+) -> str | None:
+    """Send one request before a benchmark; None if it answered 200, else why not (so a
+    wrong URL, model or key fails at once with the server's own message, not N times)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.post(url.rstrip("/") + path, json=body, headers=headers) as resp,
+        ):
+            text = await resp.text()
+            if resp.status == 200:
+                return None
+            return f"HTTP {resp.status}: {text.strip()[:500]}"
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        return f"{type(e).__name__}: {e}"

@@ -192,11 +192,19 @@ class PromptMaker:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A `tokenizers` tokenizer from a tokenizer.json or a checkpoint folder holding one."""
+    """A `tokenizers` tokenizer from a tokenizer.json or a checkpoint folder holding one;
+    ValueError naming the path when there is none."""
     from tokenizers import Tokenizer
 
-    p = Path(path)
-    return Tokenizer.from_file(str(p / "tokenizer.json" if p.is_dir() else p))
+    p = Path(path).expanduser()
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.is_file():
+        where = "no such file or folder" if not p.exists() else "no tokenizer.json in it"
+        raise ValueError(f"--tokenizer {path}: {where}")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the Rust side raises a bare Exception
+        raise ValueError(f"--tokenizer {file}: not a tokenizers file ({e})") from None
 
 
 def generate(

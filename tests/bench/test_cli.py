@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from muxserve.bench.cli import describe
 from muxserve.bench.trace import write_trace
 from muxserve.engine import MuxEngine
 from tests.bench.conftest import make_trace, wait_idle
@@ -72,3 +74,85 @@ def test_bad_trace_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "t.jsonl:1" in log
     proc = bench(tmp_path / "missing.jsonl", tmp_path / "out")
     assert proc.wait(timeout=30) == 2
+
+
+def test_a_failing_probe_stops_the_benchmark_at_once(server: str, tmp_path: Path) -> None:
+    trace = make_trace((0.0, "no-such-model", 4), (0.1, "llama-demo", 4))
+    write_trace(tmp_path / "t.jsonl", trace.entries, trace.meta)
+    proc = bench(tmp_path / "t.jsonl", tmp_path / "out", "--url", server)
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, log
+    assert "the probe request (no-such-model at" in log and "HTTP 404" in log
+    assert "model_not_found" in log
+    assert not (tmp_path / "out" / "results.json").exists()  # nothing else was sent
+    proc = bench(tmp_path / "t.jsonl", tmp_path / "out", "--url", "http://127.0.0.1:9")
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "ClientConnectorError" in log, log
+
+
+def test_a_run_where_every_request_failed_exits_1(server: str, tmp_path: Path) -> None:
+    # the probe asks for 1 token and passes; each request then asks for more than the context
+    trace = make_trace((0.0, "llama-demo", 100_000), (0.05, "qwen-demo", 100_000))
+    write_trace(tmp_path / "t.jsonl", trace.entries, trace.meta)
+    proc = bench(tmp_path / "t.jsonl", tmp_path / "out", "--url", server, "--no-plots")
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, log
+    assert "every request failed in 1 of 1 runs" in log
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["runs"][0]["summary"]["overall"]["failed"] == 2
+
+
+def test_without_matplotlib_the_plots_are_skipped_with_one_line(
+    server: str, tmp_path: Path
+) -> None:
+    hide = tmp_path / "hide" / "matplotlib"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    trace = make_trace((0.0, "llama-demo", 2))
+    write_trace(tmp_path / "t.jsonl", trace.entries, trace.meta)
+    cmd = [sys.executable, "-m", "muxserve.cli", "bench", "--trace", str(tmp_path / "t.jsonl")]
+    cmd += ["--out", str(tmp_path / "out"), "--url", server, "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'hide'}{os.pathsep}{Path.cwd()}"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "plots skipped: they need matplotlib (pip install 'muxserve[plot]')" in run.stderr
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_each_plot_names_its_workload_and_slo() -> None:
+    results = {
+        "trace": "/x/trace.jsonl",
+        "trace_meta": {"rate": 6.0, "alpha": 1.0, "cv": 2.0, "ramp": "staggered", "duration_s": 60},
+        "runs": [{"slo": {"ttft_ms": 250.0, "tpot_ms": 50.0}}],
+    }
+    assert describe(results) == (
+        "workload trace.jsonl (rate 6.0, alpha 1.0, cv 2.0, ramp staggered, duration 60); "
+        "SLO ttft <= 250 ms, tpot <= 50 ms"
+    )
+
+
+def test_help_shows_defaults_and_the_version() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "muxserve.cli", "bench", "--help"], capture_output=True, text=True
+    )
+    text = " ".join(run.stdout.split())
+    assert "base URL of the server (default: http://127.0.0.1:8000)" in text
+    assert "(default: [])" not in text and "(default: None)" not in text
+    run = subprocess.run(
+        [sys.executable, "-m", "muxserve.cli", "generate", "--model", "nope"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2
+    assert "model 'nope' is not served here; served models: llama-demo" in run.stderr
+    assert "loading models" not in run.stderr  # the name is checked before anything loads
+
+
+def test_gen_workload_names_a_missing_tokenizer(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "scripts/gen_workload.py", "--tokenizer", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2
+    assert f"--tokenizer {tmp_path / 'nope'}: no such file or folder" in run.stderr
