@@ -147,12 +147,23 @@ class MuxConfig(_Strict):
                     raise ValueError(
                         f"mesh {mesh.name!r}: kv_share adds up to {shares:g}, over the whole pool"
                     )
+class RouterConfig(_Strict):
+    """How the router watches a plan's meshes (ignored without `meshes:`)."""
+
+    start_timeout_s: float = Field(600.0, gt=0.0)  # a mesh loading its models, at most
+    ping_interval_s: float = Field(1.0, gt=0.0)  # liveness pings to every mesh
+    hang_timeout_s: float = Field(30.0, gt=0.0)  # no answer this long: killed and restarted
+    backoff_initial_s: float = Field(0.5, gt=0.0)  # first restart delay, doubled per failure
+    backoff_max_s: float = Field(30.0, gt=0.0)
+
+
                 pool = mesh.kv_pool_bytes
                 if pool is not None and pool < self.engine.block_bytes:
                     raise ValueError(
                         f"mesh {mesh.name!r}: kv_pool_bytes ({pool}) holds no block of "
                         f"block_bytes ({self.engine.block_bytes})"
                     )
+    router: RouterConfig = RouterConfig()
         return self
 
     @staticmethod

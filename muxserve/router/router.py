@@ -46,7 +46,7 @@ class Router:
         launcher.check(config)
         self.config = config
         ctx = LaunchContext(config, new_token())
-        settings = settings or SupervisionSettings()
+        settings = settings or SupervisionSettings.of(config.router)
         self.meshes = {
             m.name: MeshSupervisor(
                 m, launcher.process(ctx, m), RemoteEngineClient(m.name, ctx.token), settings

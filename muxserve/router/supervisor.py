@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from muxserve.client.protocol import MeshHealth, MeshState
-from muxserve.config import Mesh
+from muxserve.config import Mesh, RouterConfig
 from muxserve.mesh.remote_client import RemoteEngineClient
 from muxserve.router.mesh_process import START_TIMEOUT_S, STOP_TIMEOUT_S, MeshProcess
 
@@ -32,6 +32,16 @@ class SupervisionSettings:
     backoff_initial: float = 0.5  # first restart delay; doubled after each failed restart
     backoff_max: float = 30.0
     stable_after: float = 60.0  # up this long: the next failure starts the backoff again
+
+    @classmethod
+    def of(cls, config: RouterConfig) -> SupervisionSettings:
+        return cls(
+            start_timeout=config.start_timeout_s,
+            ping_interval=config.ping_interval_s,
+            hang_timeout=config.hang_timeout_s,
+            backoff_initial=config.backoff_initial_s,
+            backoff_max=config.backoff_max_s,
+        )
 
 
 class MeshSupervisor:
