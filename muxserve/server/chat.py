@@ -3,9 +3,7 @@ structured output and forced tool calls (`tool_choice` "required" or a named fun
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +15,7 @@ from muxserve.server.context import ServerContext, offload, parse_body
 from muxserve.server.errors import APIError
 from muxserve.server.generation import Choice, ChoiceResult, Generation, best_of
 from muxserve.server.logprobs import chat_logprobs, vllm_prompt_logprobs
-from muxserve.server.protocol import ChatCompletionRequest, NamedToolChoice
+from muxserve.server.protocol import ChatCompletionRequest
 from muxserve.server.responses import (
     AssistantMessage,
     ChatChoice,
@@ -27,11 +25,10 @@ from muxserve.server.responses import (
     Delta,
     DeltaFunctionCall,
     DeltaToolCall,
-    FunctionCall,
-    ToolCall,
     Usage,
 )
 from muxserve.server.streaming import stream_generation
+from muxserve.server.tools import NamedToolChoice, call_id, parse_calls
 from muxserve.tokenizer import Tokenizer
 
 
@@ -64,33 +61,6 @@ def render(
     if req is not None and req.truncate_prompt_tokens:
         ids = ids[-req.truncate_prompt_tokens :]
     return ids
-
-
-def tool_calls(req: ChatCompletionRequest, text: str) -> list[ToolCall] | None:
-    """The calls a forced tool choice generated, in OpenAI's shape; None if `text` does not
-    parse (the generation was cut short)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    choice = req.tool_choice
-    if isinstance(choice, NamedToolChoice):
-        return [_call(choice.function.name, value)]
-    if not isinstance(value, list):
-        return None
-    calls = []
-    for item in value:
-        if not isinstance(item, dict) or "name" not in item:
-            return None
-        calls.append(_call(str(item["name"]), item.get("parameters", {})))
-    return calls
-
-
-def _call(name: str, arguments: object) -> ToolCall:
-    return ToolCall(
-        id=f"chatcmpl-tool-{uuid.uuid4().hex}",
-        function=FunctionCall(name=name, arguments=json.dumps(arguments, ensure_ascii=False)),
-    )
 
 
 class ChatHandler:
@@ -180,7 +150,7 @@ class ChatHandler:
     @staticmethod
     def _message(req: ChatCompletionRequest, r: ChoiceResult, echo: str | None) -> AssistantMessage:
         if req.tool_schema() is not None:
-            calls = tool_calls(req, r.text)
+            calls = parse_calls(req.tool_choice, r.text)
             if calls is not None:
                 return AssistantMessage(content=None, tool_calls=calls)
         return AssistantMessage(content=(echo or "") + r.text)
@@ -231,7 +201,7 @@ class ChatHandler:
                 texts[choice.index] += out.text
                 delta = Delta()
                 if out.finished:
-                    calls = tool_calls(req, texts[choice.index])
+                    calls = parse_calls(req.tool_choice, texts[choice.index])
                     if calls is None:
                         delta = Delta(content=texts[choice.index])
                     else:
@@ -277,7 +247,7 @@ class ChatHandler:
                     tool_calls=[
                         DeltaToolCall(
                             index=0,
-                            id=f"chatcmpl-tool-{uuid.uuid4().hex}",
+                            id=call_id(),
                             type="function",
                             function=DeltaFunctionCall(name=named.function.name, arguments=""),
                         )

@@ -23,6 +23,9 @@ from muxserve.sampling_params import (
     SamplingParams,
     StructuredOutput,
 )
+from muxserve.server.formats import ResponseFormat, StructuredOutputs, structured_output
+from muxserve.server.strict import Strict
+from muxserve.server.tools import NamedToolChoice, Tool, ToolChoice, forced_schema
 
 MAX_N = 16  # choices per prompt (and best_of)
 MAX_STOP = 16  # stop strings per request
@@ -59,50 +62,12 @@ REFUSED = (
 )
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
-
-
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     """`stream_options`: whether the last chunk (or every chunk) carries the usage."""
 
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False  # vLLM: usage in every chunk
     include_obfuscation: bool | None = None  # accepted, ignored (there is nothing to pad)
-
-
-class JsonSchemaFormat(_Strict):
-    """`response_format.json_schema`."""
-
-    name: str = "response"
-    description: str | None = None
-    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Strict):
-    """`response_format`: text, any JSON object, or JSON matching a schema."""
-
-    type: Literal["text", "json_object", "json_schema", "structural_tag"]
-    json_schema: JsonSchemaFormat | None = None
-
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True)  # structural_tag's keys
-
-
-class StructuredOutputs(_Strict):
-    """vLLM's `structured_outputs` (the newer spelling of the `guided_*` fields)."""
-
-    json_: dict[str, Any] | str | None = Field(None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
-    whitespace_pattern: str | None = None
-    disable_any_whitespace: bool | None = None  # ignored: we never allow any
-    disable_fallback: bool | None = None  # ignored: one backend
-    disable_additional_properties: bool | None = None  # ignored
-    backend: str | None = None  # ignored
-    structural_tag: str | None = None
 
 
 def _is_ids(value: object) -> bool:
@@ -116,7 +81,7 @@ def _neutral(field: str, v: object, neutral: object = None) -> None:
         raise ValueError(f"{field} is not supported by this server")
 
 
-class _SamplingRequest(_Strict):
+class _SamplingRequest(Strict):
     """The fields chat and completions share: the model, how to sample, structured output."""
 
     model: str = Field(min_length=1)
@@ -244,54 +209,17 @@ class _SamplingRequest(_Strict):
 
     def structured(self) -> StructuredOutput | None:
         """The structured output asked for (by whichever field), or None."""
-        ws = self.guided_whitespace_pattern
-        found: list[StructuredOutput] = []
-        rf = self.response_format
-        if rf is not None and rf.type == "json_object":
-            found.append(StructuredOutput("json_object", "", "response_format", ws))
-        elif rf is not None and rf.type == "json_schema":
-            schema = rf.json_schema.schema_ if rf.json_schema is not None else None
-            if schema is None:
-                raise InvalidSamplingParamsError(
-                    "response_format.json_schema.schema is required", "response_format"
-                )
-            found.append(StructuredOutput("json_schema", json.dumps(schema), "response_format", ws))
-        elif rf is not None and rf.type == "structural_tag":
-            raise InvalidSamplingParamsError(
-                "response_format structural_tag is not supported", "response_format"
-            )
-        so = self.structured_outputs
-        if so is not None:
-            if so.structural_tag is not None:
-                raise InvalidSamplingParamsError(
-                    "structured_outputs.structural_tag is not supported", "structured_outputs"
-                )
-            ws_so = so.whitespace_pattern or ws
-            for kind, value in (
-                ("json_schema", so.json_),
-                ("regex", so.regex),
-                ("choice", so.choice),
-                ("grammar", so.grammar),
-            ):
-                if value is not None:
-                    found.append(_spec(kind, value, "structured_outputs", ws_so))
-            if so.json_object:
-                found.append(StructuredOutput("json_object", "", "structured_outputs", ws_so))
-        for kind, field, value in (
-            ("json_schema", "guided_json", self.guided_json),
-            ("regex", "guided_regex", self.guided_regex),
-            ("choice", "guided_choice", self.guided_choice),
-            ("grammar", "guided_grammar", self.guided_grammar),
-        ):
-            if value is not None:
-                found.append(_spec(kind, value, field, ws))
-        if len(found) > 1:
-            raise InvalidSamplingParamsError(
-                "ask for one kind of structured output: "
-                + ", ".join(sorted({f.param for f in found})),
-                found[1].param,
-            )
-        return found[0] if found else None
+        return structured_output(
+            self.response_format,
+            self.structured_outputs,
+            {
+                "guided_json": self.guided_json,
+                "guided_regex": self.guided_regex,
+                "guided_choice": self.guided_choice,
+                "guided_grammar": self.guided_grammar,
+            },
+            self.guided_whitespace_pattern,
+        )
 
     def sampling_params(
         self,
@@ -339,19 +267,6 @@ class _SamplingRequest(_Strict):
             else None,
             bad_words=tuple(self.bad_words or ()),
         )
-
-
-def _spec(kind: str, value: object, param: str, ws: str | None) -> StructuredOutput:
-    if kind == "choice":
-        values = cast(list[str], value)
-        if not values:
-            raise InvalidSamplingParamsError(f"{param} needs at least one choice", param)
-        text = json.dumps(values)
-    elif kind == "json_schema" and not isinstance(value, str):
-        text = json.dumps(value)
-    else:
-        text = cast(str, value)
-    return StructuredOutput(kind, text, param, ws)  # type: ignore[arg-type]
 
 
 class CompletionRequest(_SamplingRequest):
@@ -421,7 +336,7 @@ class CompletionRequest(_SamplingRequest):
         )
 
 
-class TextPart(_Strict):
+class TextPart(Strict):
     """A text part of a message's content."""
 
     type: Literal["text"]
@@ -464,27 +379,6 @@ class ChatMessage(BaseModel):
         return msg
 
 
-class FunctionDefinition(_Strict):
-    name: str = Field(min_length=1, max_length=64)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class Tool(_Strict):
-    type: Literal["function"] = "function"
-    function: FunctionDefinition
-
-
-class NamedFunction(_Strict):
-    name: str
-
-
-class NamedToolChoice(_Strict):
-    type: Literal["function"] = "function"
-    function: NamedFunction
-
-
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
 
@@ -494,7 +388,7 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None  # ignored
     functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated tools
     function_call: str | dict[str, Any] | None = None  # OpenAI's deprecated tool_choice
@@ -561,28 +455,8 @@ class ChatCompletionRequest(_SamplingRequest):
         return [t.function.name for t in self.tools or ()]
 
     def tool_schema(self) -> dict[str, Any] | None:
-        """The JSON schema a forced tool call must match (vLLM's): a named function's
-        parameters, or for 'required' an array of {name, parameters} of any tool."""
-        choice = self.tool_choice
-        if not self.tools or choice is None or choice in ("none", "auto"):
-            return None
-        empty: dict[str, Any] = {"type": "object", "properties": {}}
-        if isinstance(choice, NamedToolChoice):
-            tool = next(t for t in self.tools if t.function.name == choice.function.name)
-            return tool.function.parameters or empty
-        one_of = [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string", "enum": [t.function.name]},
-                    "parameters": t.function.parameters or empty,
-                },
-                "required": ["name", "parameters"],
-                "additionalProperties": False,
-            }
-            for t in self.tools
-        ]
-        return {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
+        """The JSON schema a forced tool call must match (vLLM's), or None."""
+        return forced_schema(self.tools, self.tool_choice)
 
     def structured(self) -> StructuredOutput | None:
         schema = self.tool_schema()
@@ -604,30 +478,3 @@ class ChatCompletionRequest(_SamplingRequest):
     def requested_logprobs(self) -> int | None:
         """Top-n logprobs per token the client asked for; None: none."""
         return (self.top_logprobs or 0) if self.logprobs else None
-
-
-class TokenizeRequest(_Strict):
-    """POST /tokenize (vLLM): a prompt, or chat messages rendered with the template."""
-
-    model: str | None = Field(None, min_length=1)  # optional where one model is served
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    return_token_strs: bool | None = False
-    tools: list[Tool] | None = None
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    mm_processor_kwargs: dict[str, Any] | None = None  # ignored
-
-    def check(self) -> None:
-        if (self.prompt is None) == (self.messages is None):
-            raise InvalidSamplingParamsError("send either prompt or messages", "prompt")
-
-
-class DetokenizeRequest(_Strict):
-    """POST /detokenize (vLLM)."""
-
-    model: str | None = Field(None, min_length=1)  # optional where one model is served
-    tokens: list[int]

@@ -8,16 +8,48 @@ tokenizer sends none); with several it names the one whose tokenizer to use.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
+from pydantic import Field
 
 from muxserve import __version__
+from muxserve.errors import InvalidSamplingParamsError
 from muxserve.served_model import ServedModel
 from muxserve.server.context import ServerContext, offload, parse_body
 from muxserve.server.errors import APIError
 from muxserve.server.logprobs import token_text
-from muxserve.server.protocol import DetokenizeRequest, TokenizeRequest
+from muxserve.server.protocol import ChatMessage
 from muxserve.server.responses import DetokenizeResponse, TokenizeResponse
+from muxserve.server.strict import Strict
+from muxserve.server.tools import Tool
+
+
+class TokenizeRequest(Strict):
+    """POST /tokenize (vLLM): a prompt, or chat messages rendered with the template."""
+
+    model: str | None = Field(None, min_length=1)  # optional where one model is served
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool | None = False
+    tools: list[Tool] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None  # ignored
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidSamplingParamsError("send either prompt or messages", "prompt")
+
+
+class DetokenizeRequest(Strict):
+    """POST /detokenize (vLLM)."""
+
+    model: str | None = Field(None, min_length=1)  # optional where one model is served
+    tokens: list[int]
 
 
 class TokenizerHandlers:
