@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from muxserve.errors import ConfigError
+from muxserve.errors import CheckpointError, ConfigError
+from muxserve.models.hub import resolve_checkpoint
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 CPU_KV_POOL_BYTES = 64 << 20  # the KV pool on a CPU when the config does not size it
@@ -39,7 +40,7 @@ class ModelEntry(_Strict):
     """One served model."""
 
     name: str = Field(min_length=1)  # the name clients put in `model`
-    path: str  # Hugging Face checkpoint folder; `~` and `$VARS` are expanded
+    path: str  # a checkpoint folder (`~`, `$VARS` expanded), or a Hub id (`owner/name`)
     dtype: Dtype | None = None  # None: the checkpoint's dtype on GPU, float32 on CPU
     rate: float = Field(1.0, gt=0.0)  # expected requests/s: initial KV quota weight, planning
     max_model_len: int | None = Field(None, gt=0)  # cap below the model's context length
@@ -48,12 +49,32 @@ class ModelEntry(_Strict):
     max_waiting: int = Field(1024, ge=1)  # bounded waiting queue (HTTP 429 beyond it)
     kv_share: float | None = Field(None, gt=0.0, le=1.0)  # initial share of the KV pool;
     # None: in proportion to rate x KV bytes per token (a plan sets it per mesh)
+    revision: str | None = None  # a Hub id's branch, tag or commit; ignored for a local folder
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_hub_id(cls, data: Any) -> Any:
+        """A `path` that is a Hugging Face model id (`owner/name`, nothing local by that name)
+        becomes its snapshot folder in the Hugging Face cache (muxserve/models/hub.py)."""
+        if not isinstance(data, dict) or not isinstance(data.get("path"), str):
+            return data
+        path = _expand_path(data["path"])
+        try:
+            resolved = resolve_checkpoint(path, data.get("revision"))
+        except CheckpointError as e:
+            raise ValueError(str(e)) from e
+        return data if resolved == path else {**data, "path": resolved}
 
     @field_validator("path")
     @classmethod
     def _expand(cls, v: str) -> str:
-        os.environ.setdefault("MUXSERVE_CACHE", str(default_cache_dir()))
-        return str(Path(os.path.expandvars(v)).expanduser())
+        return _expand_path(v)
+
+
+def _expand_path(path: str) -> str:
+    """`~` and `$VARS` expanded; `$MUXSERVE_CACHE` defaults to `default_cache_dir()`."""
+    os.environ.setdefault("MUXSERVE_CACHE", str(default_cache_dir()))
+    return str(Path(os.path.expandvars(path)).expanduser())
 
 
 class EngineConfig(_Strict):

@@ -59,13 +59,14 @@ class AnalyticCostModel:
 
     # ---- bytes ----------------------------------------------------------------------------
     def decode_bytes(self, model: ModelSpec, tp: int, batch: float, context: float) -> float:
-        """HBM bytes one GPU reads in a decode step: its weight shard and the batch's KV."""
-        return (model.weight_bytes + batch * context * model.kv_bytes_per_token) / tp
+        """HBM bytes one GPU reads in a decode step: its weight shard (of routed experts, those
+        the batch's tokens pick) and the batch's KV."""
+        return (model.weight_bytes_read(batch) + batch * context * model.kv_bytes_per_token) / tp
 
     def prefill_bytes(self, model: ModelSpec, tp: int, num_seqs: int, prompt_len: float) -> float:
         """HBM bytes one GPU moves in a prefill: its weight shard and the KV it writes."""
         tokens = num_seqs * prompt_len
-        return (model.weight_bytes + tokens * model.kv_bytes_per_token) / tp
+        return (model.weight_bytes_read(tokens) + tokens * model.kv_bytes_per_token) / tp
 
     def activation_bytes(self, model: ModelSpec, tp: int, engine: EngineConfig) -> float:
         """Peak activations per GPU: one layer of a full prefill chunk, plus fp32 logits."""

@@ -37,6 +37,22 @@ class ModelSpec:
     def weight_bytes(self) -> int:
         return self.config.weight_bytes(self.dtype)
 
+    def weight_bytes_read(self, tokens: float) -> float:
+        """Weight bytes one forward over `tokens` tokens reads from memory.
+
+        Every dense weight once; of a routed-expert layer's experts, only those some token is
+        routed to: with each token choosing k of E experts (uniform routing assumed),
+        E * (1 - (1 - k/E)^tokens) of them in expectation. All experts are held in memory
+        (`weight_bytes`); a one-token decode step reads k per layer.
+        """
+        c = self.config
+        if not c.num_experts:
+            return float(self.weight_bytes)
+        e, k = c.num_experts, c.num_experts_per_tok
+        expert_bytes = 3 * c.hidden_size * c.moe_intermediate_size * self.dtype_bytes
+        touched = e * (1.0 - (1.0 - k / e) ** max(tokens, 1.0))
+        return self.weight_bytes - c.num_moe_layers * (e - touched) * expert_bytes
+
     @cached_property
     def kv_bytes_per_token(self) -> int:
         return self.config.kv_bytes_per_token(self.dtype)
@@ -46,7 +62,8 @@ class ModelSpec:
         return dtype_bytes(self.dtype)
 
     def flops_per_token(self, context_len: float = 0.0) -> float:
-        """Forward FLOPs of one token attending to `context_len` earlier tokens."""
+        """Forward FLOPs of one token attending to `context_len` earlier tokens (of a routed-expert
+        model, only its top-k experts' FLOPs count)."""
         return self.config.flops_per_token(0) + 4.0 * self.config.num_layers * (
             self.config.q_size * context_len
         )
@@ -86,7 +103,7 @@ class ModelSet:
 def load_models(path: str | Path) -> ModelSet:
     """Read a models file and each model's `config.json`; errors name the file and key."""
     p = Path(path)
-    data = read_yaml(p)
+    data = _local_paths_absolute(read_yaml(p), p.parent)
     raw = validate(ModelsFile, data, str(p))
     names = [m.name for m in raw.models]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -133,6 +150,21 @@ def spec_from_config(
         config=config,
         max_model_len=min(ctx, max_model_len) if max_model_len else ctx,
     )
+
+
+def _local_paths_absolute(data: object, base: Path) -> object:
+    """Models whose `path` names a folder relative to the models file get its absolute path
+    before validation, so that `owner/name` there is that folder, not a Hub id."""
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        return data
+    models = []
+    for m in data["models"]:
+        if isinstance(m, dict) and isinstance(m.get("path"), str):
+            local = base / m["path"]
+            if not Path(m["path"]).is_absolute() and local.exists():
+                m = {**m, "path": str(local.resolve())}
+        models.append(m)
+    return {**data, "models": models}
 
 
 def _resolve_path(path: str, base: Path) -> str:
