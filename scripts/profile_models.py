@@ -186,7 +186,7 @@ def measure(plan: ModelPlan, args: argparse.Namespace) -> list[dict[str, Any]]:
     from muxserve.kv.block_pool import BlockPool
     from muxserve.kv.block_tables import BlockTables
     from muxserve.kv.layout import KVLayout
-    from muxserve.models.llama import LlamaForCausalLM
+    from muxserve.models.registry import build_model
     from muxserve.runner.kv_pool import KVPool
     from muxserve.runner.model_runner import ModelRunner
     from muxserve.sampling_params import SamplingParams
@@ -196,7 +196,7 @@ def measure(plan: ModelPlan, args: argparse.Namespace) -> list[dict[str, Any]]:
     dtype = getattr(torch, args.dtype)
     c = plan.config
     with torch.device("meta"):
-        model = LlamaForCausalLM(c)
+        model = build_model(c)
     model = model.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
     with torch.no_grad():
         for name, p in model.named_parameters():

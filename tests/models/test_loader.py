@@ -307,3 +307,24 @@ def test_load_casts_every_weight_exactly(make_checkpoint: MakeCheckpoint) -> Non
 def test_bad_model_dtype(make_checkpoint: MakeCheckpoint) -> None:
     with pytest.raises(ValueError, match="dtype"):
         load_model(make_checkpoint("llama"), torch.int8, "cpu")
+
+
+def test_absurd_sizes_are_refused_before_any_allocation(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hidden_size 10^9 is refused from config.json: no model is built, nothing is read."""
+    folder = copy_checkpoint(make_checkpoint("llama"), tmp_path / "huge")
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(raw | {"hidden_size": 10**9}))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(loader, "build_model", refuse)
+    message = (
+        f"{folder / 'config.json'}: key 'hidden_size' is 1000000000, beyond any real model "
+        "(at most 262144); refusing it before allocating anything"
+    )
+    with pytest.raises(CheckpointError) as info:
+        load_model(folder, torch.float32, "cpu")
+    assert str(info.value) == message
