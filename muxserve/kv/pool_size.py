@@ -12,6 +12,33 @@ from muxserve.errors import InsufficientMemoryError
 GIB = float(1 << 30)
 
 
+def check_pool_fits(pool_bytes: int, pools: int, available: int, where: str) -> None:
+    """A configured pool (`pools` of `pool_bytes`, one per rank) must fit in what `where` has
+    `available` now; InsufficientMemoryError with both numbers, before anything is allocated
+    (a 1e15-byte pool must fail here, not in the allocator or a deque of block ids)."""
+    need = pool_bytes * pools
+    if need > available:
+        raise InsufficientMemoryError(
+            f"kv_pool_bytes {pool_bytes} ({pool_bytes / GIB:.2f} GiB) x {pools} pool(s) = "
+            f"{need / GIB:.2f} GiB does not fit in the {available / GIB:.2f} GiB ({available} "
+            f"bytes) {where} has available; lower kv_pool_bytes"
+        )
+
+
+def host_available_bytes() -> int:
+    """Memory the host can give now without swapping (MemAvailable), else its free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 def pool_bytes_from_memory(
     total: int, used: int, utilization: float, block_bytes: int, device: str = "the device"
 ) -> int:

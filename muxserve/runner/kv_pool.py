@@ -9,7 +9,7 @@ import torch
 
 from muxserve.config import CPU_KV_POOL_BYTES, EngineConfig
 from muxserve.kv.layout import KVLayout
-from muxserve.kv.pool_size import pool_bytes_from_memory
+from muxserve.kv.pool_size import check_pool_fits, host_available_bytes, pool_bytes_from_memory
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,11 @@ class PoolSizing:
                 pool = min(self._free_on(d) for d in devices)
             else:
                 pool = CPU_KV_POOL_BYTES
+        elif devices[0].type == "cuda":
+            for d in devices:
+                check_pool_fits(pool, 1, torch.cuda.mem_get_info(d)[0], str(d))
+        else:  # every rank's pool is in host memory
+            check_pool_fits(pool, len(devices), host_available_bytes(), "this host")
         return pool // self.block_bytes
 
     def _free_on(self, device: torch.device) -> int:

@@ -26,3 +26,30 @@ def test_no_room_for_a_block_names_the_numbers(used: int, left: int) -> None:
     assert msg.startswith("the models do not fit on cuda:1: 0.9 of its")
     assert f"is 0.00 GiB (900 bytes), and 0.00 GiB ({used} bytes) are in use" in msg
     assert f"leaves {left} bytes for the KV pool, less than one block (100 bytes)" in msg
+
+
+def test_a_configured_pool_must_fit_what_is_available() -> None:
+    from muxserve.kv.pool_size import check_pool_fits
+
+    check_pool_fits(1 << 30, 2, 2 << 30, "this host")  # exactly fits
+    with pytest.raises(InsufficientMemoryError) as info:
+        check_pool_fits(10**15, 2, 24 << 30, "this host")
+    assert str(info.value) == (
+        "kv_pool_bytes 1000000000000000 (931322.57 GiB) x 2 pool(s) = 1862645.15 GiB does not "
+        "fit in the 24.00 GiB (25769803776 bytes) this host has available; lower kv_pool_bytes"
+    )
+
+
+def test_an_engine_with_an_absurd_pool_fails_before_allocating_it(demo_models) -> None:
+    from muxserve.config import parse_config
+    from muxserve.engine import MuxEngine
+
+    config = parse_config(
+        {
+            "models": [{"name": "m", "path": str(demo_models["mistral-demo"])}],
+            "engine": {"kv_pool_bytes": 10**15, "device": "cpu"},
+        }
+    )
+    # refused before the 10^15-byte buffer or a free list of 2.4e11 block ids is built
+    with pytest.raises(InsufficientMemoryError, match=r"kv_pool_bytes 1000000000000000 .* x 1"):
+        MuxEngine(config)
