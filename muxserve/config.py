@@ -95,6 +95,10 @@ class EngineConfig(_Strict):
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     executor: Literal["inline", "mps"] = "inline"
     seed: int = 0  # seed of unseeded requests' sampling
+    # mps: a job with no result after job_timeout_s + job_timeout_per_token_s x its tokens
+    # has a hung worker: the worker is killed and restarted, its requests recomputed
+    job_timeout_s: float = Field(60.0, gt=0.0)
+    job_timeout_per_token_s: float = Field(0.01, ge=0.0)
 
     @model_validator(mode="after")
     def _pool_holds_a_block(self) -> EngineConfig:
@@ -116,10 +120,6 @@ class MeshModel(_Strict):
 
 
 class Mesh(_Strict):
-    # mps: a job with no result after job_timeout_s + job_timeout_per_token_s x its tokens
-    # has a hung worker: the worker is killed and restarted, its requests recomputed
-    job_timeout_s: float = Field(60.0, gt=0.0)
-    job_timeout_per_token_s: float = Field(0.01, ge=0.0)
     """A group of GPUs of one node that run one engine."""
 
     name: str = Field(min_length=1)
@@ -147,27 +147,6 @@ class Mesh(_Strict):
         return self
 
 
-class MuxConfig(_Strict):
-    """A whole serving config: the models, the engine settings, and optionally a placement."""
-
-    models: list[ModelEntry] = Field(min_length=1)
-    engine: EngineConfig = EngineConfig()
-    meshes: list[Mesh] | None = None  # written by `muxserve plan`; None: one engine, all models
-
-    @model_validator(mode="after")
-    def _names(self) -> MuxConfig:
-        names = [m.name for m in self.models]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"duplicate model names: {', '.join(dup)}")
-        if self.meshes is not None:
-            self._check_meshes(self.models, self.meshes)
-            for mesh in self.meshes:
-                shares = sum(m.kv_share or 0.0 for m in mesh.models)
-                if shares > 1.0 + 1e-9:
-                    raise ValueError(
-                        f"mesh {mesh.name!r}: kv_share adds up to {shares:g}, over the whole pool"
-                    )
 class RouterConfig(_Strict):
     """How the router watches a plan's meshes (ignored without `meshes:`)."""
 
@@ -178,13 +157,45 @@ class RouterConfig(_Strict):
     backoff_max_s: float = Field(30.0, gt=0.0)
 
 
+class MuxConfig(_Strict):
+    """A whole serving config: the models, the engine settings, and optionally a placement."""
+
+    models: list[ModelEntry] = Field(min_length=1)
+    engine: EngineConfig = EngineConfig()
+    meshes: list[Mesh] | None = None  # written by `muxserve plan`; None: one engine, all models
+    router: RouterConfig = RouterConfig()
+
+    @model_validator(mode="after")
+    def _names(self) -> MuxConfig:
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate model names: {', '.join(dup)}")
+        if self.engine.executor == "inline":  # TP ranks are processes
+            tp = [(f"models.{i}", m.name, m.tensor_parallel) for i, m in enumerate(self.models)]
+            for j, mesh in enumerate(self.meshes or []):
+                for k, mm in enumerate(mesh.models):
+                    tp.append((f"meshes.{j}.models.{k}", mm.name, mm.tensor_parallel or 1))
+            for key, name, degree in tp:
+                if degree > 1:
+                    raise ValueError(
+                        f"{key}: {name} has tensor_parallel={degree}, which needs worker "
+                        "processes: set engine.executor: mps"
+                    )
+        if self.meshes is not None:
+            self._check_meshes(self.models, self.meshes)
+            for mesh in self.meshes:
+                shares = sum(m.kv_share or 0.0 for m in mesh.models)
+                if shares > 1.0 + 1e-9:
+                    raise ValueError(
+                        f"mesh {mesh.name!r}: kv_share adds up to {shares:g}, over the whole pool"
+                    )
                 pool = mesh.kv_pool_bytes
                 if pool is not None and pool < self.engine.block_bytes:
                     raise ValueError(
                         f"mesh {mesh.name!r}: kv_pool_bytes ({pool}) holds no block of "
                         f"block_bytes ({self.engine.block_bytes})"
                     )
-    router: RouterConfig = RouterConfig()
         return self
 
     @staticmethod
@@ -258,6 +269,10 @@ def load_config(path: str | Path) -> MuxConfig:
         raw = yaml.safe_load(p.read_text())
     except FileNotFoundError as e:
         raise ConfigError(f"{p}: no such config file") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"{p}: is a directory, not a config file (YAML)") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file: {e.reason} at byte {e.start}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: malformed YAML: {e}") from e
     return parse_config(raw, source=str(p))

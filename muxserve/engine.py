@@ -20,7 +20,13 @@ from pathlib import Path
 import torch
 
 from muxserve.config import MuxConfig, load_config
-from muxserve.errors import EmptyPromptError, EngineStoppedError, RequestError, UnknownModelError
+from muxserve.errors import (
+    ConfigError,
+    EmptyPromptError,
+    EngineStoppedError,
+    RequestError,
+    UnknownModelError,
+)
 from muxserve.executor.base import ModelSpec, create_executor
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.model_descriptor import describe_entry
@@ -55,7 +61,19 @@ def resolve_device(name: str) -> torch.device:
         name = os.environ.get(AUTO_DEVICE_ENV, "").strip()
         if not name:
             return torch.device("cuda" if torch.cuda.device_count() > 0 else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"engine.device: {name!r} is not a device ({e})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ConfigError(
+                f"engine.device: {name!r}, but this machine has no CUDA device; use cpu or auto"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"engine.device: {name!r}, but this machine has {count} GPU(s)")
+    return device
 
 
 class MuxEngine:

@@ -39,6 +39,7 @@ def good() -> dict:
             "kv_mode": "static",
             "prefill_token_budget": 512,
             "seed": 7,
+            "executor": "mps",  # the plan runs llama at tensor_parallel=2
         },
         "meshes": [
             {
@@ -72,7 +73,7 @@ def test_parse_good_config() -> None:
         "static",
     )
     assert (e.prefill_token_budget, e.max_batch_size, e.rebalance_interval) == (512, 256, 8)
-    assert (e.sm_overload, e.device, e.executor, e.seed) == (0.1, "auto", "inline", 7)
+    assert (e.sm_overload, e.device, e.executor, e.seed) == (0.1, "auto", "mps", 7)
     assert cfg.meshes is not None
     mesh, _ = cfg.meshes
     assert (mesh.name, mesh.node, mesh.gpus, mesh.kv_pool_bytes) == ("m0", 0, [0, 1], None)
