@@ -215,4 +215,6 @@ def to_config(placement: Placement, problem: Problem) -> MuxConfig:
     engine = problem.engine
     if sized and placement.kv_pool_bytes:  # for a single engine serving the whole plan
         engine = engine.model_copy(update={"kv_pool_bytes": placement.kv_pool_bytes})
+    if engine.executor == "inline" and any(m.tensor_parallel > 1 for m in placement.models):
+        engine = engine.model_copy(update={"executor": "mps"})  # TP ranks are processes
     return MuxConfig(models=models, engine=engine, meshes=meshes)

@@ -72,7 +72,7 @@ def test_mps_refused_once_cuda_is_initialised(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("env", "gpus", "device"),
-    [("cpu", 4, "cpu"), ("", 2, "cuda"), ("", 0, "cpu"), ("cuda:1", 0, "cuda:1")],
+    [("cpu", 4, "cpu"), ("", 2, "cuda"), ("", 0, "cpu"), ("cuda:1", 2, "cuda:1")],
 )
 def test_auto_device(monkeypatch, env, gpus, device):
     monkeypatch.setenv(AUTO_DEVICE_ENV, env)

@@ -41,7 +41,7 @@ def checkpoint_params(path: Path) -> int:
 
 def plan(demo_models: dict[str, Path], device: str = "cpu", **mesh_b: Any) -> MuxConfig:
     """The three-mesh demo plan with `mesh_b`'s fields changed."""
-    raw = plan_dict(demo_models, device=device)
+    raw = plan_dict(demo_models, device=device, executor="mps")  # mps: TP ranks are processes
     raw["meshes"][1].update(mesh_b)
     return parse_config(raw)
 
