@@ -39,6 +39,10 @@ class InProcessClient:
     async def add_request(
         self, model: str, prompt: list[int], params: SamplingParams, request_id: str
     ) -> str:
+        if params.structured is not None:  # compiling a grammar may take a while: not here
+            return await asyncio.to_thread(
+                self.engine.add_request, model, prompt, params, request_id
+            )
         return self.engine.add_request(model, prompt, params, request_id)
 
     def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
