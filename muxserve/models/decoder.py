@@ -33,6 +33,7 @@ from muxserve.parallel.layers import (
     shard_size,
 )
 
+# one per name of family_config.ACTIVATIONS
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,

@@ -23,6 +23,8 @@ ConfigReader = Callable[[Raw, str], Fields]
 
 # rope types whose parameters we implement (see muxserve/models/rope.py)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# gate activations we implement (see muxserve/models/decoder.py)
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh")
 _ROPE_ALIASES = {"su": "longrope"}  # Phi-3's first checkpoints said "su"
 
 

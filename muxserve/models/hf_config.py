@@ -14,10 +14,17 @@ from typing import Any
 
 from muxserve.dtypes import DTYPE_BYTES
 from muxserve.errors import CheckpointError
-from muxserve.models.family_config import ROPE_TYPES
+from muxserve.models.family_config import ACTIVATIONS, ROPE_TYPES
 from muxserve.models.registry import SUPPORTED_ARCHITECTURES, family
 
-__all__ = ["ROPE_TYPES", "SUPPORTED_ARCHITECTURES", "HFModelConfig", "load_hf_config"]
+__all__ = [
+    "ACTIVATIONS",
+    "ROPE_TYPES",
+    "SUPPORTED_ARCHITECTURES",
+    "HFModelConfig",
+    "load_hf_config",
+    "parse_hf_config",
+]
 
 # Sizes past these are no real model: a config asking for them is refused before anything is
 # allocated (a hidden_size of 10^9 would ask for exabytes). Generous: 10x today's largest.
@@ -202,7 +209,12 @@ def parse_hf_config(raw: dict[str, Any], source: str = "config.json") -> HFModel
         )
     head_dim = need("head_dim", raw.get("head_dim") or hidden // heads)
     mpe = need("max_position_embeddings", raw.get("max_position_embeddings") or 2048)
-    fields = reader(raw, source)
+    fields = {"hidden_act": raw.get("hidden_act") or "silu", **reader(raw, source)}
+    if fields["hidden_act"] not in ACTIVATIONS:
+        raise CheckpointError(
+            f"{source}: activation {fields['hidden_act']!r} is not supported; "
+            f"supported: {', '.join(ACTIVATIONS)}"
+        )
     for key in ("num_experts", "moe_intermediate_size"):
         if fields.get(key):
             need(key, fields[key])

@@ -213,3 +213,18 @@ def test_unsupported_architecture_names_every_supported_one() -> None:
         "Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, "
         "Qwen3MoeForCausalLM"
     )
+
+
+def test_activations_the_decoder_lacks_are_refused() -> None:
+    with pytest.raises(
+        CheckpointError, match="activation 'relu2' is not supported; supported: silu"
+    ):
+        parse_hf_config(raw("LlamaForCausalLM", hidden_act="relu2"))
+    assert parse_hf_config(raw("MistralForCausalLM", hidden_act="gelu")).hidden_act == "gelu"
+
+
+def test_every_named_activation_exists() -> None:
+    from muxserve.models.decoder import ACTIVATIONS as IMPLEMENTED
+    from muxserve.models.family_config import ACTIVATIONS
+
+    assert tuple(IMPLEMENTED) == ACTIVATIONS
