@@ -39,6 +39,12 @@ def create_app(client: EngineClient, settings: ServerSettings | None = None) -> 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[error_middleware(metrics.on_response), auth_middleware(settings.api_key)],
+        # aiohttp's keep-alive timer runs from a connection's opening (or its last answer)
+        # until a request's headers are complete, so it is also the header timeout
+        handler_args={
+            "keepalive_timeout": settings.header_timeout,
+            "lingering_time": settings.linger,
+        },
     )
     app[CONTEXT] = ctx
     setup_routes(app, ctx)

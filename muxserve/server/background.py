@@ -12,6 +12,8 @@ from types import TracebackType
 
 from aiohttp import web
 
+from muxserve.server.connection import AppRunner
+
 
 class BackgroundServer:
     """Serves `app` on 127.0.0.1 (a free port unless given) from a daemon thread.
@@ -40,7 +42,7 @@ class BackgroundServer:
     def _run(self) -> None:
         loop = self._loop
         asyncio.set_event_loop(loop)
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        runner = AppRunner(self.app, handler_cancellation=True, access_log=None)
         try:
             loop.run_until_complete(runner.setup())
             loop.run_until_complete(web.SockSite(runner, self.sock).start())

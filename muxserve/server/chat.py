@@ -72,12 +72,7 @@ class ChatHandler:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()
         ctx = self.ctx
-        req = await parse_body(
-            request,
-            ChatCompletionRequest,
-            ctx.settings.max_body_bytes,
-            ctx.settings.ignore_unknown_fields,
-        )
+        req = await parse_body(request, ChatCompletionRequest, ctx.settings)
         req.check()
         served = ctx.model(req.model)
         if req.candidates > ctx.settings.max_choices:

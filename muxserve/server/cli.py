@@ -38,6 +38,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-body-mb", type=float, default=4.0, help="larger request bodies get 413")
     p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a connection may take to send a request's headers (counted from its "
+        "opening or its last answer; an idle keep-alive connection is closed after it too)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a request may take to send its body once its headers are in (408)",
+    )
+    p.add_argument(
         "--grace",
         type=float,
         default=5.0,
@@ -83,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from muxserve.config import load_config
     from muxserve.demo import default_config
     from muxserve.server.app import create_app
+    from muxserve.server.connection import serve_forever
     from muxserve.server.context import ServerSettings
 
     config = load_config(args.config) if args.config else default_config(progress=True)
@@ -95,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_body_bytes=int(args.max_body_mb * 2**20),
         shutdown_grace=args.grace,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
         ignore_unknown_fields=args.ignore_unknown_fields,
     )
     app = create_app(client, settings)
@@ -104,14 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
     app.on_startup.append(announce)
     extra: dict[str, Any] = {} if args.access_log else {"access_log": None}
-    web.run_app(
-        app,
-        sock=sock,
-        shutdown_timeout=args.grace + 5.0,  # a backstop: the app aborts at `grace`
-        handler_cancellation=True,  # a client that goes away cancels (and aborts) its request
-        print=None,
-        **extra,
-    )
+    # shutdown_timeout is a backstop: the app aborts what is left at `grace`
+    serve_forever(app, sock, shutdown_timeout=args.grace + 5.0, **extra)
     log.info("stopped")
     return 0
 

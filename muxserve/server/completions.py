@@ -56,12 +56,7 @@ class CompletionsHandler:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         arrival = time.monotonic()
         ctx = self.ctx
-        req = await parse_body(
-            request,
-            CompletionRequest,
-            ctx.settings.max_body_bytes,
-            ctx.settings.ignore_unknown_fields,
-        )
+        req = await parse_body(request, CompletionRequest, ctx.settings)
         req.check()
         served = ctx.model(req.model)
         prompts = req.prompts()

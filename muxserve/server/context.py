@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from muxserve.client.protocol import EngineClient
 from muxserve.errors import UnknownModelError
 from muxserve.served_model import ServedModel
+from muxserve.server.errors import APIError
 from muxserve.server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -37,9 +38,23 @@ class ServerSettings:
     max_body_bytes: int = 4 << 20  # larger bodies get 413
     max_choices: int = 64  # prompts x n per request
     shutdown_grace: float = 5.0  # seconds in-flight requests get to finish when stopping
+    # seconds a connection may take to send a request's headers, counted from its opening or
+    # from the end of its previous answer (so also how long an idle keep-alive one is kept)
+    header_timeout: float = 30.0
+    body_timeout: float = 60.0  # seconds to send the whole body once the headers are in: 408
+    # after an answer given before the body was read (413, 408), seconds the rest is read and
+    # dropped before the connection closes, so a client still sending sees the answer
+    linger: float = 10.0
     # unknown body fields: a 400 naming them (OpenAI's way, catches typos), or logged and
     # dropped (vLLM's way)
     ignore_unknown_fields: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.linger >= 0:
+            raise ValueError(f"linger must be >= 0, got {self.linger}")
 
 
 @dataclass
@@ -74,18 +89,25 @@ async def offload(size: int, fn: Callable[..., T], *args: object) -> T:
     return await asyncio.to_thread(fn, *args)
 
 
-async def parse_body(
-    request: web.Request, model: type[M], limit: int, ignore_unknown: bool = False
-) -> M:
-    """Read and validate a JSON body; 413 past `limit`, ValidationError (400) if malformed.
+async def parse_body(request: web.Request, model: type[M], settings: ServerSettings) -> M:
+    """Read and validate a JSON body; 413 past `max_body_bytes`, 408 when it takes longer
+    than `body_timeout`, ValidationError (400) if malformed.
 
-    With `ignore_unknown`, fields the model does not define (at any depth) are logged and
-    dropped rather than refused.
+    With `ignore_unknown_fields`, fields the model does not define (at any depth) are logged
+    and dropped rather than refused.
     """
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    body = await request.read()
-    if not ignore_unknown:
+    try:
+        body = await asyncio.wait_for(request.read(), settings.body_timeout)
+    except asyncio.TimeoutError:
+        raise APIError(
+            408,
+            f"the request body did not arrive within {settings.body_timeout:g} s",
+            code="request_timeout",
+        ) from None
+    if not settings.ignore_unknown_fields:
         return await offload(len(body), model.model_validate_json, body)
     return await offload(len(body), _validate_lenient, model, body)
 

@@ -6,6 +6,7 @@
 | missing or wrong API key                             | 401    | ... / invalid_api_key        |
 | unknown model; unknown route                         | 404    | ... / model_not_found, not_found |
 | wrong method                                         | 405    | ... / method_not_allowed     |
+| body not sent in time (`body_timeout`); then closed  | 408    | ... / request_timeout        |
 | body over the size limit                             | 413    | ... / request_too_large      |
 | the model's waiting queue is full                    | 429    | rate_limit_error / queue_full |
 | the engine failed the request; anything unexpected   | 500    | server_error                 |
@@ -63,12 +64,15 @@ class APIError(Exception):
 
     def response(self) -> web.Response:
         headers = {"Retry-After": "1"} if self.status == 429 else None
-        return web.Response(
+        resp = web.Response(
             status=self.status,
             body=ErrorResponse(error=self.info).model_dump_json(),
             content_type="application/json",
             headers=headers,
         )
+        if self.status == 408:  # the client is slow or stalled: not worth keeping
+            resp.force_close()
+        return resp
 
 
 def from_request_error(e: RequestError) -> APIError:

@@ -69,10 +69,7 @@ class TokenizerHandlers:
         return self.ctx.model(names[0])
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        settings = self.ctx.settings
-        req = await parse_body(
-            request, TokenizeRequest, settings.max_body_bytes, settings.ignore_unknown_fields
-        )
+        req = await parse_body(request, TokenizeRequest, self.ctx.settings)
         req.check()
         served = self._served(req.model)
         tok, size = served.tokenizer, request.content_length or 0
@@ -108,10 +105,7 @@ class TokenizerHandlers:
         )
 
     async def detokenize(self, request: web.Request) -> web.Response:
-        settings = self.ctx.settings
-        req = await parse_body(
-            request, DetokenizeRequest, settings.max_body_bytes, settings.ignore_unknown_fields
-        )
+        req = await parse_body(request, DetokenizeRequest, self.ctx.settings)
         served = self._served(req.model)
         vocab = served.config.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]

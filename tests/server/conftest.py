@@ -20,6 +20,7 @@ from muxserve.config import MuxConfig, parse_config
 from muxserve.demo import DEMO_ENGINE, DEMO_RATES
 from muxserve.engine import MuxEngine
 from muxserve.server import ServerSettings, create_app
+from muxserve.server.connection import AppRunner
 
 T = TypeVar("T")
 Body = Callable[[TestClient], Awaitable[T]]
@@ -69,10 +70,17 @@ def idle_engine(demo_models: dict[str, Path]) -> Iterator[MuxEngine]:
     eng.shutdown()
 
 
+class MuxTestServer(TestServer):
+    """aiohttp's TestServer over the runner `muxserve serve` uses (its connection handler)."""
+
+    async def _make_runner(self, **kwargs: Any) -> AppRunner:
+        return AppRunner(self.app, **kwargs)
+
+
 def run_app(engine: MuxEngine, body: Body[T], settings: ServerSettings | None = None) -> T:
     async def main() -> T:
         app = create_app(InProcessClient(engine, manage=False), settings)
-        async with TestClient(TestServer(app)) as client:
+        async with TestClient(MuxTestServer(app)) as client:
             return await body(client)
 
     return asyncio.run(main())
