@@ -85,6 +85,13 @@ def run(args: argparse.Namespace) -> int:
     # Until the server's own handlers are in place, SIGTERM just ends the process quietly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
+    if args.api_key is not None and not args.api_key.strip():
+        # an unset $KEY in `--api-key "$KEY"` must not serve without auth by surprise
+        log.error(
+            "the API key is empty (--api-key or $MUXSERVE_API_KEY): give a key, or leave "
+            "both out to serve without one"
+        )
+        return 2
     try:  # the port first: a busy one fails at once, not after loading every model
         sock = bind(args.host, args.port)
     except OSError as e:

@@ -149,14 +149,21 @@ def error_middleware(on_response: OnResponse | None = None) -> Middleware:
 
 
 def auth_middleware(api_key: str | None) -> Middleware:
-    """With a key, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise)."""
-    expected = f"Bearer {api_key}".encode() if api_key else b""
+    """With a key, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise).
+
+    The scheme is matched case-insensitively, as HTTP's auth schemes are (RFC 9110 11.1). An
+    empty key is refused: it would mean no auth to whoever passed an unset variable.
+    """
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty; give a key, or None to serve without one")
+    expected = (api_key or "").encode()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if api_key and request.path.startswith("/v1"):
-            got = request.headers.get("Authorization", "").encode("utf-8", "replace")
-            if not hmac.compare_digest(got, expected):
+            scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+            got = token.strip().encode("utf-8", "replace")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(got, expected):
                 raise APIError(
                     401,
                     "missing or wrong API key: send 'Authorization: Bearer <key>'",

@@ -205,3 +205,20 @@ def test_port_in_use_is_a_clean_error(demo_models):
         )
     assert proc.returncode == 1
     assert "cannot serve on 127.0.0.1" in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_an_empty_api_key_is_refused_at_startup(how):
+    """`--api-key "$KEY"` with KEY unset must not serve without auth: exit 2, before loading."""
+    args = ["--api-key", ""] if how == "flag" else []
+    env = {**os.environ, "MUXSERVE_API_KEY": ""} if how == "env" else None
+    proc = subprocess.run(
+        [sys.executable, "-m", "muxserve.cli", "serve", "--port", str(free_port()), *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+    )
+    assert proc.returncode == 2
+    assert "the API key is empty (--api-key or $MUXSERVE_API_KEY)" in proc.stderr
+    assert "serving" not in proc.stderr

@@ -115,6 +115,23 @@ def test_api_key(serve):
     assert (models, right, health) == (401, 200, 200)
 
 
+def test_the_bearer_scheme_is_case_insensitive(serve):
+    async def body(client):
+        statuses = []
+        for auth in ["bearer secret", "BEARER secret", "Bearer   secret", "Basic secret"]:
+            r = await client.get("/v1/models", headers={"Authorization": auth})
+            statuses.append(r.status)
+        return statuses
+
+    assert serve(body, ServerSettings(api_key="secret")) == [200, 200, 200, 401]
+
+
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_is_refused(key):
+    with pytest.raises(ValueError, match="the API key is empty"):
+        ServerSettings(api_key=key)
+
+
 def test_body_too_large(serve):
     limit = 64 << 10
 
