@@ -1,9 +1,9 @@
 """Issue 17's high item: a hung (SIGSTOPped) worker must not stop the other models.
 
-An engine of its own (two models, default shares of 1.0, an 8 s job deadline): on a CPU the
-shares do not serialize the models, the other model's requests finish while the stopped one's
-job is still hung, and the watchdog then kills the stopped group, restarts it and recomputes
-its requests, which end with the same greedy text as if nothing had happened.
+An engine of its own (two models, default shares of 1.0): on a CPU the shares do not serialize
+the models, so the other model's requests finish while the stopped one's job is still hung;
+then, past its deadline, the watchdog kills the stopped group, restarts it and recomputes its
+requests, which end with the same greedy text as if nothing had happened.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from executor.hf_reference import hf_greedy
 from muxserve.client.in_process import InProcessClient
 from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
+from muxserve.executor.mps import MpsExecutor
+from muxserve.executor.watchdog import JobDeadline
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
 
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
-DEADLINE_S = 8.0
+LONG_DEADLINE_S = 600.0  # step 1: no watchdog may fire while qwen-demo is read
 
 
 def wait_for(cond, what: str, timeout: float = 60.0) -> None:
@@ -38,55 +40,65 @@ def wait_for(cond, what: str, timeout: float = 60.0) -> None:
 async def read(engine: MuxEngine, rid: str) -> tuple[list[RequestOutput], int]:
     """A request's outputs, and how many hung groups the executor had killed at its end."""
     outs = [o async for o in engine.stream(rid)]
-    return outs, engine.executor.hangs  # type: ignore[attr-defined]
+    assert isinstance(engine.executor, MpsExecutor)
+    return outs, engine.executor.hangs
 
 
 def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]) -> None:
     two = {m: demo_models[m] for m in ("llama-demo", "qwen-demo")}
     raw = make_config(
-        demo_models, executor="mps", job_timeout_s=DEADLINE_S, job_timeout_per_token_s=0
+        demo_models, executor="mps", job_timeout_s=LONG_DEADLINE_S, job_timeout_per_token_s=0
     ).model_dump()
     raw["models"] = [m for m in raw["models"] if m["name"] in two]
     config = parse_config(raw)
     assert all(m.sm_share.decode == 1.0 for m in config.models)  # the defaults
     engine = MuxEngine(config)
+    executor = engine.executor
+    assert isinstance(executor, MpsExecutor)
     try:
-        group = engine.executor.groups[("llama-demo", Phase.DECODE)]  # type: ignore[attr-defined]
+        group = executor.groups[("llama-demo", Phase.DECODE)]
         [victim] = [p.pid for p in group.procs]
         os.kill(victim, signal.SIGSTOP)  # its first decode job will never return
         engine.start()
         rids = {m: [engine.add_request(m, p, GREEDY) for p in prompts_for(m)[:3]] for m in two}
 
-        async def run() -> dict[str, list[tuple[list[RequestOutput], int]]]:
-            tasks = {
-                m: [asyncio.create_task(read(engine, r)) for r in rs] for m, rs in rids.items()
-            }
-            return {m: [await t for t in ts] for m, ts in tasks.items()}
+        # 1. qwen-demo is served while llama-demo's job hangs: nothing waits on the stuck job
+        async def read_all(model: str) -> list[tuple[list[RequestOutput], int]]:
+            return list(await asyncio.gather(*(read(engine, r) for r in rids[model])))
 
+        qwen = asyncio.run(read_all("qwen-demo"))
+        assert [hangs for _, hangs in qwen] == [0, 0, 0]
+        assert group.job is not None and executor.hangs == 0  # llama's job: still stuck
+
+        # 2. the watchdog: past its deadline the stuck group is killed and restarted, and its
+        # requests are recomputed (the deadline is shortened now, so step 1 never raced it,
+        # and restored once it fired, so the recomputed jobs are not cut short)
+        stuck_for = time.monotonic() - group.sent_at  # seconds: as long as qwen took
+        executor.deadline = JobDeadline(stuck_for / 2, 0.0)  # past for the stuck job only
+        executor.wake()
         seen_degraded: list[dict[str, object]] = []
 
         def watch() -> None:  # /health while the stopped group restarts
             client = InProcessClient(engine, manage=False)
-            wait_for(lambda: engine.executor.hangs == 1, "hung group killed")  # type: ignore[attr-defined]
+            wait_for(lambda: executor.hangs == 1, "hung group killed")
+            executor.deadline = JobDeadline(LONG_DEADLINE_S, 0.0)  # the recomputes run freely
             wait_for(lambda: "llama-demo" in engine.degraded(), "llama-demo degraded", 10)
             seen_degraded.append(client.health().to_json())
 
-        async def both() -> dict[str, list[tuple[list[RequestOutput], int]]]:
+        async def llama_and_watch() -> list[tuple[list[RequestOutput], int]]:
             watcher = asyncio.create_task(asyncio.to_thread(watch))
-            got = await run()
+            got = await read_all("llama-demo")
             await watcher
             return got
 
-        got = asyncio.run(both())
-        for m in two:
+        llama = asyncio.run(llama_and_watch())
+        assert [hangs for _, hangs in llama] == [1, 1, 1]  # recomputed, then done
+        for m, got in (("qwen-demo", qwen), ("llama-demo", llama)):
             want = [list(t) for t in hf_greedy(m, two[m])[:3]]
-            for (outs, _), tokens in zip(got[m], want, strict=True):
+            for (outs, _), tokens in zip(got, want, strict=True):
                 assert [t for o in outs for t in o.token_ids] == tokens
                 reason = "length" if len(tokens) == MAX_NEW else "stop"  # EOS before the limit
                 assert (outs[-1].finish_reason, outs[-1].error) == (reason, None)
-        # qwen-demo did not wait for the deadline: it finished while llama's job still hung
-        assert [hangs for _, hangs in got["qwen-demo"]] == [0, 0, 0]
-        assert [hangs for _, hangs in got["llama-demo"]] == [1, 1, 1]  # recomputed, then done
         (health,) = seen_degraded
         assert health["status"] == "degraded"
         local = health["meshes"]["local"]  # type: ignore[index]
