@@ -204,8 +204,7 @@ def decode_attention(
     """
     kernels = kernels_for_cache(cache)
     if kernels is None:
-        ref = PagedAttention(cache, batch, ())
-        return ref.attend(q, *ref.gather(layer), window)
+        return PagedAttention(cache, batch, (), 1, max_context).attend_pool(layer, q, window)
     if max_context is None:
         max_context = int(batch.ctx_lens.max())
     plan = _decode_plan(cache, q.shape[0], q.shape[1], batch, max_context, window)
@@ -219,7 +218,7 @@ def prefill_attention(
     tokens (theirs already written), chunked prefill included; returns (T, Hq, hd)."""
     ref = PagedAttention(cache, batch, ())
     if kernels_for_cache(cache) is None:
-        return ref.attend(q, *ref.gather(layer), window)
+        return ref.attend_pool(layer, q, window)
     return _prefill_sdpa(ref, q, layer, window)
 
 

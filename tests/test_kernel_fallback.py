@@ -135,11 +135,12 @@ def test_make_attention_with_host_maxima_reads_nothing_back():
     cache = make_cache(64, 4, 16, torch.float32)
     batch = decode_batch([3, 9, 6], 4, 2, 1, 64, seed=4)
     guarded = BatchLayout(
-        **{
-            **batch.__dict__,
-            "q_lens": batch.q_lens.as_subclass(NoHostRead),
-            "ctx_lens": batch.ctx_lens.as_subclass(NoHostRead),
-        }
+        seq_of_token=batch.seq_of_token,
+        pos_of_token=batch.pos_of_token,
+        row_of_token=batch.row_of_token,
+        q_lens=batch.q_lens.as_subclass(NoHostRead),
+        ctx_lens=batch.ctx_lens.as_subclass(NoHostRead),
+        block_tables=batch.block_tables,
     )
     attention = ops.make_attention(cache, guarded, (None, 3), 1, 9)
     assert type(attention) is PagedAttention

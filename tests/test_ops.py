@@ -201,8 +201,7 @@ def test_reference_decode_equals_paged_attention() -> None:
     batch = decode_batch([1, 6, 13], 4, 2, 2, 64, seed=2)
     q = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(3))
     for window in (None, 4):
-        ref = PagedAttention(cache, batch, ())
-        want = ref.attend(q, *ref.gather(1), window)
+        want = PagedAttention(cache, batch, ()).attend_pool(1, q, window)
         assert torch.equal(ops.decode_attention(q, cache, batch, 1, window), want)
 
 

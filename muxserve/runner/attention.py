@@ -1,9 +1,29 @@
-"""Attention over the unified pool: the torch reference path (gathers blocks).
+"""Attention over the unified pool: the torch reference path.
 
 Built once per job from the job's sequences; the model calls it once per layer. It writes the
 new K/V into the pool through the block tables, then attends over each sequence's cached
 tokens with causal and sliding-window masks. On CUDA, `muxserve.ops` replaces it with kernels
 that read the pool in place; its torch fallback is this class.
+
+How the pool is read. A physical block holds the K and V of one (layer, KV head) for a run of
+tokens, so a sequence's keys lie scattered over the pool and are copied into one tensor before
+SDPA reads them: one `index_select` of whole blocks for K and one for V, straight into the
+layout SDPA takes, in the cache's dtype (SDPA accumulates in float32). On CPU the copy is made
+for a group of sequences at a time, small enough to stay in the processor's cache
+(`GROUP_BYTES`), into one workspace reused by every group and layer: SDPA then reads the copy
+from cache, not memory, and no large tensor is allocated per layer (a fresh allocation of tens
+of MiB costs more in page faults than the copy). Each sequence's read starts at the first
+block its queries can see (a sliding window skips the rest) and ends at its own length; a
+whole prompt from position 0 attends to its own new K/V, read from nowhere.
+
+Grouped-query heads are folded into query rows (query head h reads KV head h // group), so no
+K/V head is repeated, and a mask never meets `enable_gqa` (together they fall to SDPA's math
+backend on CUDA). Off the CPU, or for a batch built without the host's lengths, the whole
+batch is one padded group read through the device's block tables. Neither path reads a value
+back from the device when the host's maxima are given.
+
+`gather`, `attend`, `pad_queries`, `unpad` and `mask` are the plain padded reference (float32
+scores over the whole batch), for the kernels' tests and the CUDA prefill.
 """
 
 from __future__ import annotations
@@ -14,20 +34,74 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from muxserve.scheduler.job import SeqWork
 
+# K+V bytes a group of decoding sequences gathers per layer on CPU. Small enough that the copy
+# is still in the cache (1 MiB of L2 per core, a few MiB of a shared L3) when SDPA reads it,
+# large enough that short sequences share the per-group cost (~30 us of Python and dispatch).
+GROUP_BYTES = 2 << 20
 
-@dataclass
+
+@dataclass(frozen=True)
+class HostBatch:
+    """What the host knows of a batch: the lengths and tables the device tensors came from."""
+
+    starts: tuple[int, ...]  # per sequence: its tokens already in the pool
+    q_lens: tuple[int, ...]  # per sequence: its new tokens
+    tables: tuple[np.ndarray, ...]  # per sequence: (num_logical, layers, kv_heads) block ids
+
+    def ctx_len(self, i: int) -> int:
+        """Tokens of sequence i in the pool after this step."""
+        return self.starts[i] + self.q_lens[i]
+
+
+def pad_tables(tables: Sequence[np.ndarray]) -> np.ndarray:
+    """(B, widest, layers, kv_heads) int64: each table, padded with block 0."""
+    width = max(t.shape[0] for t in tables)
+    out = np.zeros((len(tables), width, *tables[0].shape[1:]), dtype=np.int64)
+    for i, t in enumerate(tables):
+        out[i, : t.shape[0]] = t
+    return out
+
+
 class BatchLayout:
-    """Where each flattened token sits: its sequence, position, and padded row/column."""
+    """Where each flattened token sits: its sequence, position, and padded row/column.
 
-    seq_of_token: torch.Tensor  # (T,) int64
-    pos_of_token: torch.Tensor  # (T,) int64, absolute position in its sequence
-    row_of_token: torch.Tensor  # (T,) int64, index among its sequence's new tokens
-    q_lens: torch.Tensor  # (B,) new tokens per sequence
-    ctx_lens: torch.Tensor  # (B,) tokens in the cache after this step
-    block_tables: torch.Tensor  # (B, max_logical, layers, kv_heads) int64, padded with 0
+    `block_tables` (padded, on the device) is what the kernels and the padded path read; a
+    layout made by `from_seqs` builds it on first use only, since the CPU path reads the
+    host's tables (`host`) instead.
+    """
+
+    def __init__(
+        self,
+        seq_of_token: torch.Tensor,  # (T,) int64
+        pos_of_token: torch.Tensor,  # (T,) int64, absolute position in its sequence
+        row_of_token: torch.Tensor,  # (T,) int64, index among its sequence's new tokens
+        q_lens: torch.Tensor,  # (B,) new tokens per sequence
+        ctx_lens: torch.Tensor,  # (B,) tokens in the cache after this step
+        block_tables: torch.Tensor | None = None,  # (B, max_logical, layers, kv_heads) int64
+        host: HostBatch | None = None,
+    ) -> None:
+        if block_tables is None and host is None:
+            raise ValueError("a BatchLayout needs block_tables or the host's tables")
+        self.seq_of_token = seq_of_token
+        self.pos_of_token = pos_of_token
+        self.row_of_token = row_of_token
+        self.q_lens = q_lens
+        self.ctx_lens = ctx_lens
+        self.host = host
+        self._block_tables = block_tables
+
+    @property
+    def block_tables(self) -> torch.Tensor:
+        """(B, max_logical, layers, kv_heads) int64 on the device, padded with block 0."""
+        if self._block_tables is None:
+            assert self.host is not None
+            padded = torch.from_numpy(pad_tables(self.host.tables))
+            self._block_tables = padded.to(self.q_lens.device)
+        return self._block_tables
 
     @classmethod
     def from_seqs(cls, seqs: Sequence[SeqWork], device: torch.device) -> BatchLayout:
@@ -35,22 +109,39 @@ class BatchLayout:
         starts = np.array([s.start_pos for s in seqs], dtype=np.int64)
         seq_of = np.repeat(np.arange(len(seqs)), q_lens)
         row_of = np.arange(q_lens.sum()) - np.repeat(np.cumsum(q_lens) - q_lens, q_lens)
-        width = max(s.block_table.shape[0] for s in seqs)
-        tables = np.zeros((len(seqs), width, *seqs[0].block_table.shape[1:]), dtype=np.int64)
-        for i, s in enumerate(seqs):
-            tables[i, : s.block_table.shape[0]] = s.block_table
 
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(device)
 
+        host = HostBatch(
+            tuple(s.start_pos for s in seqs),
+            tuple(len(s.token_ids) for s in seqs),
+            tuple(s.block_table for s in seqs),
+        )
         return cls(
             seq_of_token=t(seq_of),
             pos_of_token=t(starts[seq_of] + row_of),
             row_of_token=t(row_of),
             q_lens=t(q_lens),
             ctx_lens=t(starts + q_lens),
-            block_tables=t(tables),
+            host=host,
         )
+
+
+@dataclass(frozen=True)
+class _Read:
+    """How one group of sequences reads the pool for the layers with one window size."""
+
+    first: int  # the group's sequences: [first, stop) of the batch
+    stop: int
+    tokens: slice  # their new tokens' rows in T
+    q_len: int  # query rows per sequence (a prefill chunk is a group of its own)
+    blocks: torch.Tensor  # (layers, Bg * kv_heads * nb) int64: the blocks to copy, per layer
+    num_blocks: int  # nb: blocks per (sequence, KV head), the widest sequence's
+    key_start: int  # the copied keys to attend to: key_len columns from key_start
+    key_len: int
+    mask: torch.Tensor | None  # (Bg, 1, group * q_len or 1, K) bool: True where allowed
+    causal: bool  # a whole prompt from position 0: SDPA's causal mask over its own K/V
 
 
 class PagedAttention:
@@ -64,62 +155,285 @@ class PagedAttention:
         max_q_len: int | None = None,  # the batch's longest chunk, if the host knows it
         max_context: int | None = None,  # its longest context after this step, likewise
         softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap) (Gemma 2)
+        group_bytes: int = GROUP_BYTES,  # K+V bytes one group gathers per layer (CPU path)
     ) -> None:
+        num_blocks, _, tpb, hd = cache.shape
+        if cache.stride()[1:] != (tpb * hd, hd, 1):
+            raise ValueError(f"a pool view has contiguous blocks; got strides {cache.stride()}")
         self.cache = cache
         self.softcap = softcap
         self.batch = batch
         self.windows = sliding_windows
-        tpb = cache.shape[2]
-        b = batch
-        # where each new token's K/V go: its logical block and offset inside it
-        self._slot_block = b.pos_of_token // tpb  # (T,)
-        self._slot_offset = b.pos_of_token % tpb  # (T,)
+        self.group_bytes = group_bytes
+        # the K and the V half of every block as one row each: (num_blocks, tpb * hd) views
+        start, step = cache.storage_offset(), cache.stride(0)
+        self._k_rows = cache.as_strided((num_blocks, tpb * hd), (step, 1), start)
+        self._v_rows = cache.as_strided((num_blocks, tpb * hd), (step, 1), start + tpb * hd)
+        # and as token rows: (num_blocks, tpb, hd) views, for the writes
+        self._k_tokens = self._k_rows.view(num_blocks, tpb, hd)
+        self._v_tokens = self._v_rows.view(num_blocks, tpb, hd)
+        # the CPU path plans from the host's lengths; elsewhere the batch is one padded group
+        self._host = batch.host if cache.device.type == "cpu" else None
+        b, host = batch, self._host
         # reading a maximum off the device waits for the stream: on CUDA it stalls the host
         # thread that launches every model's jobs, so the runner passes what it knows
-        max_ctx = int(b.ctx_lens.max()) if max_context is None else max_context
-        max_q = int(b.q_lens.max()) if max_q_len is None else max_q_len
-        self._max_q = max_q
-        self._num_logical = -(-max_ctx // tpb)
-        key_pos = torch.arange(self._num_logical * tpb, device=cache.device)  # (K,)
-        q_pos = b.ctx_lens[:, None] - b.q_lens[:, None] + torch.arange(max_q, device=cache.device)
-        self._q_pos = q_pos  # (B, Lq) absolute position of each padded query row
-        self._causal = key_pos[None, None, :] <= q_pos[:, :, None]  # (B, Lq, K)
-        self._key_pos = key_pos
+        if max_context is None:
+            max_context = (
+                int(b.ctx_lens.max())
+                if host is None
+                else max(map(host.ctx_len, range(len(host.starts))))
+            )
+        if max_q_len is None:
+            max_q_len = int(b.q_lens.max()) if host is None else max(host.q_lens)
+        self._max_q = max_q_len
+        self._num_logical = -(-max_context // tpb)
         self._masks: dict[int | None, torch.Tensor] = {}
+        self._reads: dict[int | None, list[_Read]] = {}
+        self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """(B, 1, Lq, K) bool: which cached keys each padded query row may see."""
-        if window not in self._masks:
-            m = self._causal
-            if window is not None:
-                m = m & (self._q_pos[:, :, None] - self._key_pos[None, None, :] < window)
-            self._masks[window] = m[:, None]
-        return self._masks[window]
-
+    # ---- the model's call --------------------------------------------------------------
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         self.write(layer, k, v)
-        keys, vals = self.gather(layer)
-        return self.attend(q, keys, vals, self.windows[layer])
+        return self.attend_pool(layer, q, self.windows[layer], fresh=(k, v))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' K/V, (T, Hkv, hd) each, in the pool through the block tables."""
-        b = self.batch
-        kv_heads = k.shape[1]
-        ids = b.block_tables[b.seq_of_token, self._slot_block, layer]  # (T, Hkv)
-        off = self._slot_offset[:, None].expand(-1, kv_heads)  # (T, Hkv)
-        self.cache[ids, 0, off] = k.to(self.cache.dtype)
-        self.cache[ids, 1, off] = v.to(self.cache.dtype)
+        ids, off = self._write_slots(layer, k.shape[1])  # (T, Hkv) each
+        self._k_tokens.index_put_((ids, off), k.to(self.cache.dtype))
+        self._v_tokens.index_put_((ids, off), v.to(self.cache.dtype))
+
+    def attend_pool(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        window: int | None,
+        fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Causal (and windowed) GQA attention of q (T, Hq, hd) over the pool's K/V of
+        `layer`, this step's already written; returns (T, Hq, hd). `fresh`: this step's
+        (k, v), (T, Hkv, hd) each, which a whole prompt attends to without reading the pool."""
+        if self._host is None:
+            return self._attend_padded(layer, q, window)
+        reads = self._reads.get(window)
+        if reads is None:
+            reads = self._reads[window] = self._plan(window, q.shape[1])
+        if len(reads) == 1:
+            return self._attend_group(reads[0], layer, q, fresh)
+        out = q.new_empty(q.shape)  # (T, Hq, hd)
+        for read in reads:
+            out[read.tokens] = self._attend_group(read, layer, q, fresh)
+        return out
+
+    # ---- the CPU path: groups of sequences -----------------------------------------------
+    def _plan(self, window: int | None, num_heads: int) -> list[_Read]:
+        """Split the batch into groups and work out each one's read of the pool."""
+        host = self._host
+        assert host is not None
+        tpb, hd = self.cache.shape[2], self.cache.shape[3]
+        kv_heads = host.tables[0].shape[2]
+        group = num_heads // kv_heads
+        block_bytes = 2 * tpb * hd * self.cache.element_size() * kv_heads  # one logical, one layer
+        reads, i, token = [], 0, 0
+        while i < len(host.starts):
+            stop, widest = i + 1, -(-host.ctx_len(i) // tpb)
+            while (
+                host.q_lens[i] == 1
+                and stop < len(host.starts)
+                and host.q_lens[stop] == 1
+                and (stop + 1 - i) * max(widest, -(-host.ctx_len(stop) // tpb)) * block_bytes
+                <= self.group_bytes
+            ):
+                widest = max(widest, -(-host.ctx_len(stop) // tpb))
+                stop += 1
+            n = sum(host.q_lens[i:stop])
+            reads.append(self._read(i, stop, slice(token, token + n), window, group))
+            i, token = stop, token + n
+        rows = max(r.blocks.shape[1] for r in reads)
+        if self._workspace is None or self._workspace[0].shape[0] < rows:
+            ws = self.cache.new_empty(2, rows, tpb * hd)
+            self._workspace = (ws[0], ws[1])
+        return reads
+
+    def _read(self, first: int, stop: int, tokens: slice, window: int | None, group: int) -> _Read:
+        """The blocks, key columns and mask of sequences [first, stop) (decodes, or one chunk)."""
+        host = self._host
+        assert host is not None
+        tpb = self.cache.shape[2]
+        seqs = range(first, stop)
+        q_len = host.q_lens[first]
+        # each sequence reads from the block of the first key its first query sees
+        lows = [0 if window is None else max(0, host.starts[i] - window + 1) for i in seqs]
+        firsts = [lo // tpb for lo in lows]
+        spans = [-(-host.ctx_len(i) // tpb) - f for i, f in zip(seqs, firsts, strict=True)]
+        nb = max(spans)
+        layers, kv_heads = host.tables[first].shape[1:]
+        blocks = np.zeros((layers, len(seqs), kv_heads, nb), dtype=np.int64)  # 0: padding
+        for j, (i, f, span) in enumerate(zip(seqs, firsts, spans, strict=True)):
+            blocks[:, j, :, :span] = host.tables[i][f : f + span].transpose(1, 2, 0)
+        causal = (
+            self.softcap is None
+            and host.starts[first] == 0
+            and q_len > 1
+            and (window is None or window >= q_len)
+        )
+        key_start, key_len, mask = 0, nb * tpb, None
+        if len(seqs) == 1:  # keys trimmed to the sequence's own; a mask only within a chunk
+            lo, ctx = lows[0] - firsts[0] * tpb, host.ctx_len(first) - firsts[0] * tpb
+            key_start, key_len = lo, ctx - lo
+            if q_len > 1 and not causal:
+                q_pos = host.starts[first] + np.arange(q_len)[:, None]  # (Lq, 1)
+                k_pos = lows[0] + np.arange(ctx - lo)[None, :]  # (1, K)
+                allowed = k_pos <= q_pos
+                if window is not None:
+                    allowed &= q_pos - k_pos < window
+                mask = torch.from_numpy(np.tile(allowed, (group, 1)))[None, None]
+        else:  # decodes of several lengths: padded to the widest, each row its own keys
+            ends = np.array([host.ctx_len(i) for i in seqs])[:, None]  # (Bg, 1)
+            k_pos = np.array(firsts)[:, None] * tpb + np.arange(nb * tpb)[None, :]  # (Bg, K)
+            allowed = k_pos < ends
+            if window is not None:
+                allowed &= ends - 1 - k_pos < window
+            if not allowed.all():
+                mask = torch.from_numpy(allowed)[:, None, None, :]  # (Bg, 1, 1, K)
+        return _Read(
+            first,
+            stop,
+            tokens,
+            q_len,
+            torch.from_numpy(blocks.reshape(layers, -1)),
+            nb,
+            key_start,
+            key_len,
+            mask,
+            causal,
+        )
+
+    def _attend_group(
+        self,
+        read: _Read,
+        layer: int,
+        q: torch.Tensor,
+        fresh: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """(n, Hq, hd): the attention output of one group's n new tokens."""
+        dtype = self.cache.dtype
+        qg = q[read.tokens].to(dtype)  # (n, Hq, hd)
+        n, num_heads, hd = qg.shape
+        if read.causal and fresh is not None:
+            k, v = (x[read.tokens].to(dtype).transpose(0, 1)[None] for x in fresh)  # (1,Hkv,n,hd)
+        else:
+            k, v = self._gather_group(read, layer)  # (Bg, Hkv, nb * tpb, hd) each
+            if read.key_len != k.shape[2]:
+                k, v = (
+                    k.narrow(2, read.key_start, read.key_len),
+                    v.narrow(2, read.key_start, read.key_len),
+                )
+        bg, kv_heads = read.stop - read.first, k.shape[1]
+        group = num_heads // kv_heads
+        if read.causal:
+            qh = qg.transpose(0, 1)[None]  # (1, Hq, n, hd)
+            out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=group > 1)
+            return out[0].transpose(0, 1).to(q.dtype)  # (n, Hq, hd)
+        lq = read.q_len
+        # fold the query heads that share a KV head into its rows: (Bg, Hkv, group * Lq, hd)
+        if lq == 1:
+            out = self._sdpa(qg.reshape(bg, kv_heads, group, hd), k, v, read.mask)
+            return out.reshape(n, num_heads, hd).to(q.dtype)
+        qf = qg.reshape(bg, lq, kv_heads, group, hd).permute(0, 2, 3, 1, 4)
+        qf = qf.reshape(bg, kv_heads, group * lq, hd)
+        out = self._sdpa(qf, k, v, read.mask)  # (Bg, Hkv, group * Lq, hd)
+        out = out.reshape(bg, kv_heads, group, lq, hd).permute(0, 3, 1, 2, 4)
+        return out.reshape(n, num_heads, hd).to(q.dtype)
+
+    def _gather_group(self, read: _Read, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group's K and V of `layer` copied into the workspace: (Bg, Hkv, nb * tpb, hd)."""
+        assert self._workspace is not None
+        ids = read.blocks[layer]  # (Bg * Hkv * nb,)
+        tpb, hd = self.cache.shape[2], self.cache.shape[3]
+        shape = (read.stop - read.first, -1, read.num_blocks * tpb, hd)
+        ws_k, ws_v = (w[: ids.shape[0]] for w in self._workspace)
+        k = torch.index_select(self._k_rows, 0, ids, out=ws_k).view(shape)
+        v = torch.index_select(self._v_rows, 0, ids, out=ws_v).view(shape)
+        return k, v
+
+    def _sdpa(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """SDPA of q (..., R, hd) over k/v (..., K, hd) with the same heads, or the float32
+        soft-capped math where the model caps its scores (SDPA cannot)."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded rows see no key
+        return torch.matmul(probs.to(v.dtype), v)
+
+    def _write_slots(self, layer: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ids and offsets, (T, Hkv) each, where the new tokens' K/V of `layer` go."""
+        b, host, tpb = self.batch, self._host, self.cache.shape[2]
+        if host is None:
+            slot_block = b.pos_of_token // tpb  # (T,)
+            ids = b.block_tables[b.seq_of_token, slot_block, layer]  # (T, Hkv)
+            off = (b.pos_of_token % tpb)[:, None].expand(-1, kv_heads)  # (T, Hkv)
+            return ids, off
+        if self._slots is None:
+            rows = [
+                t[np.arange(s, s + n) // tpb]  # (n, layers, Hkv)
+                for s, n, t in zip(host.starts, host.q_lens, host.tables, strict=True)
+            ]
+            ids_all = np.concatenate(rows).transpose(1, 0, 2)  # (L, T, Hkv)
+            starts, lens = host.starts, host.q_lens
+            pos = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens, strict=True)])
+            off = torch.from_numpy(pos % tpb)[:, None].expand(-1, kv_heads)  # (T, Hkv)
+            self._slots = (torch.from_numpy(np.ascontiguousarray(ids_all, np.int64)), off)
+        return self._slots[0][layer], self._slots[1]
+
+    # ---- one padded group, through the device's tables --------------------------------
+    def _attend_padded(self, layer: int, q: torch.Tensor, window: int | None) -> torch.Tensor:
+        """The whole batch as one group: queries padded per sequence, keys to the longest."""
+        b, tpb, hd = self.batch, self.cache.shape[2], self.cache.shape[3]
+        table = b.block_tables[:, : self._num_logical, layer]  # (B, nlb, Hkv)
+        bsz, nlb, kv_heads = table.shape
+        ids = table.transpose(1, 2).reshape(-1)  # (B * Hkv * nlb,) sequence, head, block
+        k = self._k_rows.index_select(0, ids).view(bsz, kv_heads, nlb * tpb, hd)
+        v = self._v_rows.index_select(0, ids).view(bsz, kv_heads, nlb * tpb, hd)
+        qpad = self.pad_queries(q.to(self.cache.dtype))  # (B, Hq, Lq, hd)
+        num_heads, lq = qpad.shape[1], qpad.shape[2]
+        group = num_heads // kv_heads
+        qf = qpad.reshape(bsz, kv_heads, group * lq, hd)  # (B, Hkv, group * Lq, hd)
+        m = self.mask(window)  # (B, 1, Lq, K)
+        mask = m[:, :, None].expand(-1, -1, group, -1, -1).reshape(bsz, 1, group * lq, -1)
+        out = self._sdpa(qf, k, v, mask)  # (B, Hkv, group * Lq, hd)
+        return self.unpad(out.reshape(bsz, num_heads, lq, hd)).to(q.dtype)  # (T, Hq, hd)
+
+    # ---- the plain padded reference -------------------------------------------------------
+    def mask(self, window: int | None) -> torch.Tensor:
+        """(B, 1, Lq, K) bool: which cached keys each padded query row may see."""
+        if window not in self._masks:
+            b, tpb = self.batch, self.cache.shape[2]
+            device = self.cache.device
+            key_pos = torch.arange(self._num_logical * tpb, device=device)  # (K,)
+            steps = torch.arange(self._max_q, device=device)
+            q_pos = b.ctx_lens[:, None] - b.q_lens[:, None] + steps  # (B, Lq)
+            m = key_pos[None, None, :] <= q_pos[:, :, None]  # (B, Lq, K)
+            if window is not None:
+                m = m & (q_pos[:, :, None] - key_pos[None, None, :] < window)
+            self._masks[window] = m[:, None]
+        return self._masks[window]
 
     def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sequence's cached K and V of `layer`: (B, Hkv, nlb * tpb, hd) each."""
-        b = self.batch
+        b, tpb, hd = self.batch, self.cache.shape[2], self.cache.shape[3]
         table = b.block_tables[:, : self._num_logical, layer]  # (B, nlb, Hkv)
-        blocks = self.cache[table]  # (B, nlb, Hkv, 2, tpb, hd)
-        bsz, nlb, kv_heads, _, tpb, hd = blocks.shape
-        keys = blocks[:, :, :, 0].permute(0, 2, 1, 3, 4).reshape(bsz, kv_heads, nlb * tpb, hd)
-        vals = blocks[:, :, :, 1].permute(0, 2, 1, 3, 4).reshape(bsz, kv_heads, nlb * tpb, hd)
+        bsz, nlb, kv_heads = table.shape
+        ids = table.transpose(1, 2).reshape(-1)  # (B * Hkv * nlb,) sequence, head, block
+        keys = self._k_rows.index_select(0, ids).view(bsz, kv_heads, nlb * tpb, hd)
+        vals = self._v_rows.index_select(0, ids).view(bsz, kv_heads, nlb * tpb, hd)
         return keys, vals
 
     def pad_queries(self, q: torch.Tensor) -> torch.Tensor:
@@ -137,7 +451,8 @@ class PagedAttention:
     def attend(
         self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, window: int | None
     ) -> torch.Tensor:
-        """Causal (and windowed) GQA attention of q (T, Hq, hd) over `gather`'s K/V."""
+        """Causal (and windowed) GQA attention of q (T, Hq, hd) over `gather`'s K/V, with
+        float32 scores: the plain reference the kernels are checked against."""
         hd = keys.shape[-1]
         kv_heads = keys.shape[1]
         # pad the queries per sequence: (B, Hq, Lq, hd)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.kv.layout import KVLayout
 from muxserve.models.dense_attention import DenseAttention
+from muxserve.runner import attention as attention_module
 from muxserve.runner.attention import BatchLayout, PagedAttention
 from muxserve.runner.kv_pool import KVPool
 from muxserve.sampling_params import SamplingParams
@@ -66,6 +68,37 @@ def scattered_tables(layout: KVLayout, num_blocks: int, seed: int) -> BlockTable
 
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+MakeAttention = Callable[[torch.Tensor, list[SeqWork], Sequence[int | None]], PagedAttention]
+
+
+def without_host(batch: BatchLayout) -> BatchLayout:
+    """The same batch as the device knows it: padded tables, no host lengths."""
+    return BatchLayout(
+        seq_of_token=batch.seq_of_token,
+        pos_of_token=batch.pos_of_token,
+        row_of_token=batch.row_of_token,
+        q_lens=batch.q_lens,
+        ctx_lens=batch.ctx_lens,
+        block_tables=batch.block_tables,
+    )
+
+
+# How PagedAttention reads the pool: in groups of decodes (the CPU default), every sequence
+# alone, all decodes in one group, or the whole batch as one padded group (off the CPU).
+PATHS: dict[str, MakeAttention] = {
+    "groups": lambda cache, seqs, windows: PagedAttention(
+        cache, BatchLayout.from_seqs(seqs, CPU), windows
+    ),
+    "per-sequence": lambda cache, seqs, windows: PagedAttention(
+        cache, BatchLayout.from_seqs(seqs, CPU), windows, group_bytes=0
+    ),
+    "one-group": lambda cache, seqs, windows: PagedAttention(
+        cache, BatchLayout.from_seqs(seqs, CPU), windows, group_bytes=1 << 40
+    ),
+    "padded": lambda cache, seqs, windows: PagedAttention(
+        cache, without_host(BatchLayout.from_seqs(seqs, CPU)), windows
+    ),
+}
 
 
 def random_qkv(
@@ -87,10 +120,12 @@ def random_qkv(
     ]
 
 
-def dense_reference(qkv: list[QKV], windows: Sequence[int | None]) -> list[torch.Tensor]:
+def dense_reference(
+    qkv: list[QKV], windows: Sequence[int | None], softcap: float | None = None
+) -> list[torch.Tensor]:
     """Per layer: (n, heads, hd) of one dense call over the whole sequence."""
     n = qkv[0][0].shape[0]
-    dense = DenseAttention([n], windows)
+    dense = DenseAttention([n], windows, softcap)
     return [dense(layer, q, k, v) for layer, (q, k, v) in enumerate(qkv)]
 
 
@@ -100,6 +135,7 @@ def run_paged(
     calls: list[list[Chunk]],
     qkv: dict[str, list[QKV]],
     windows: Sequence[int | None],
+    make: MakeAttention = PATHS["groups"],
 ) -> dict[str, list[list[torch.Tensor]]]:
     """Feed the calls in order; per request and layer, the output rows of each of its chunks."""
     outs: dict[str, list[list[torch.Tensor]]] = {
@@ -109,7 +145,7 @@ def run_paged(
         for rid, _, end in call:
             tables.cover("m", rid, end)  # grows as the sequence does, as the scheduler's would
         seqs = [seq_work(rid, start, end, tables.table(rid)) for rid, start, end in call]
-        attention = PagedAttention(cache, BatchLayout.from_seqs(seqs, CPU), windows)
+        attention = make(cache, seqs, windows)
         lens = [end - start for _, start, end in call]
         for layer in range(NUM_LAYERS):
             q, k, v = (
@@ -132,12 +168,14 @@ def run_paged(
 @pytest.mark.parametrize(
     "windows", [(None, None), (None, 3), (4, 1)], ids=["full", "window-3", "window-4-1"]
 )
+@pytest.mark.parametrize("path", list(PATHS))
 def test_paged_matches_dense_over_chunked_packed_calls(
     heads: int,
     kv_heads: int,
     head_dim: int,
     tokens_per_block: int,
     windows: tuple[int | None, ...],
+    path: str,
 ) -> None:
     block_bytes = 2 * head_dim * 4 * tokens_per_block + TAIL_BYTES
     layout = KVLayout(NUM_LAYERS, kv_heads, head_dim, 4, block_bytes)
@@ -149,7 +187,7 @@ def test_paged_matches_dense_over_chunked_packed_calls(
     gen = torch.Generator().manual_seed(heads * 1000 + head_dim)
     qkv = {rid: random_qkv(n, heads, kv_heads, head_dim, gen) for rid, n in LENGTHS.items()}
 
-    outs = run_paged(cache, tables, CALLS, qkv, windows)
+    outs = run_paged(cache, tables, CALLS, qkv, windows, PATHS[path])
 
     for rid in LENGTHS:
         expected = dense_reference(qkv[rid], windows)
@@ -196,14 +234,15 @@ def test_one_call_equals_chunked_calls_bit_for_bit_in_position() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_cache_is_close_to_dense(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("path", list(PATHS))
+def test_half_precision_cache_is_close_to_dense(dtype: torch.dtype, path: str) -> None:
     layout = KVLayout(NUM_LAYERS, 2, 64, 2, 2 * 64 * 2 * 4)
     needed = sum(layout.physical_blocks_for(n) for n in LENGTHS.values())
     _, cache = make_pool(layout, 3 * needed, dtype)
     tables = scattered_tables(layout, 3 * needed, seed=1)
     gen = torch.Generator().manual_seed(3)
     qkv = {rid: random_qkv(n, 8, 2, 64, gen, dtype) for rid, n in LENGTHS.items()}
-    outs = run_paged(cache, tables, CALLS, qkv, (None, 3))
+    outs = run_paged(cache, tables, CALLS, qkv, (None, 3), PATHS[path])
     for rid in LENGTHS:
         exact = dense_reference(
             [(q.float(), k.float(), v.float()) for q, k, v in qkv[rid]], (None, 3)
@@ -231,3 +270,128 @@ def test_batch_layout_exact_values() -> None:
         [[[3, 4]], [[0, 0]], [[0, 0]]],
         [[[7, 8]], [[0, 2]], [[10, 11]]],
     ]
+    assert b.host is not None
+    assert b.host.starts == (5, 0, 8) and b.host.q_lens == (1, 3, 2)
+    assert [t is s.block_table for t, s in zip(b.host.tables, seqs, strict=True)] == [True] * 3
+
+
+# ---- how the pool is read --------------------------------------------------------------------
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("windows", [(None, None), (None, 3)], ids=["full", "window-3"])
+def test_soft_capped_scores_match_dense(path: str, windows: tuple[int | None, ...]) -> None:
+    layout = KVLayout(NUM_LAYERS, 2, 16, 4, 2 * 16 * 4 * 3)
+    needed = sum(layout.physical_blocks_for(n) for n in LENGTHS.values())
+    _, cache = make_pool(layout, 3 * needed, torch.float32)
+    tables = scattered_tables(layout, 3 * needed, seed=4)
+    gen = torch.Generator().manual_seed(11)
+    qkv = {rid: random_qkv(n, 8, 2, 16, gen) for rid, n in LENGTHS.items()}
+    qkv = {rid: [(q * 4, k, v) for q, k, v in layers] for rid, layers in qkv.items()}  # large
+
+    def capped(cache: torch.Tensor, seqs: list[SeqWork], w: Sequence[int | None]) -> PagedAttention:
+        attention = PATHS[path](cache, seqs, w)
+        attention.softcap = 2.0
+        return attention
+
+    outs = run_paged(cache, tables, CALLS, qkv, windows, capped)
+    for rid in LENGTHS:
+        expected = dense_reference(qkv[rid], windows, softcap=2.0)
+        uncapped = dense_reference(qkv[rid], windows)
+        for layer in range(NUM_LAYERS):
+            got = torch.cat(outs[rid][layer])
+            assert (got - expected[layer]).abs().max().item() < FP32_TOL, (rid, layer)
+            assert (got - uncapped[layer]).abs().max().item() > 1e-2  # the cap did something
+
+
+def decode_setup(
+    lengths: dict[str, int], window: int | None, tokens_per_block: int = 4
+) -> tuple[torch.Tensor, BlockTables, dict[str, list[QKV]], list[SeqWork]]:
+    """Sequences prefilled to `lengths` - 1 tokens; then the SeqWork of one decode step each."""
+    layout = KVLayout(NUM_LAYERS, 2, 16, 4, 2 * 16 * 4 * tokens_per_block)
+    num_blocks = 3 * sum(layout.physical_blocks_for(n) for n in lengths.values())
+    _, cache = make_pool(layout, num_blocks, torch.float32)
+    tables = scattered_tables(layout, num_blocks, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    qkv = {rid: random_qkv(n, 8, 2, 16, gen) for rid, n in lengths.items()}
+    prefill = [[(rid, 0, n - 1) for rid, n in lengths.items()]]
+    run_paged(cache, tables, prefill, qkv, (window,) * NUM_LAYERS)
+    for rid, n in lengths.items():
+        tables.cover("m", rid, n)
+    return cache, tables, qkv, [seq_work(r, n - 1, n, tables.table(r)) for r, n in lengths.items()]
+
+
+def test_a_window_reads_no_block_before_its_first_key() -> None:
+    """Blocks wholly before every query's window are poisoned with NaN: the CPU path, which
+    starts each read at the block of the first visible key, never sees them."""
+    lengths, window, tpb = {"a": 23, "b": 9}, 6, 4
+    cache, tables, qkv, seqs = decode_setup(lengths, window, tpb)
+    for rid, n in lengths.items():
+        first_key = n - window  # the last position, n - 1, sees n - window .. n - 1
+        cache[torch.from_numpy(tables.table(rid)[: first_key // tpb]).long()] = float("nan")
+    q, k, v = (torch.cat([qkv[r][0][i][n - 1 : n] for r, n in lengths.items()]) for i in range(3))
+    for path in ("groups", "per-sequence"):
+        out = PATHS[path](cache, seqs, (window,))(0, q, k, v)  # (2, heads, hd)
+        assert torch.isfinite(out).all(), path
+        for i, (rid, n) in enumerate(lengths.items()):
+            want = dense_reference(qkv[rid], (window,) * NUM_LAYERS)[0][n - 1]
+            assert (out[i] - want).abs().max().item() < FP32_TOL, (path, rid)
+
+
+def test_kv_heads_are_never_repeated_and_a_mask_never_meets_enable_gqa(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[int, int, bool, bool]] = []  # (q heads, k heads, mask?, enable_gqa)
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> torch.Tensor:
+        calls.append(
+            (q.shape[1], k.shape[1], kw.get("attn_mask") is not None, bool(kw.get("enable_gqa")))
+        )
+        return sdpa(q, k, v, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
+    layout = KVLayout(NUM_LAYERS, 2, 16, 4, 2 * 16 * 4 * 3)
+    needed = sum(layout.physical_blocks_for(n) for n in LENGTHS.values())
+    _, cache = make_pool(layout, 3 * needed, torch.float32)
+    tables = scattered_tables(layout, 3 * needed, seed=2)
+    gen = torch.Generator().manual_seed(8)
+    qkv = {rid: random_qkv(n, 8, 2, 16, gen) for rid, n in LENGTHS.items()}
+    for path in PATHS.values():
+        run_paged(cache, tables, CALLS[:1], qkv, (None, 3), path)
+        for rid in LENGTHS:
+            tables.release(rid)
+    assert calls
+    assert {k for _, k, _, _ in calls} == {2}  # K/V as they are in the pool: 2 heads
+    assert not [c for c in calls if c[2] and c[3]]
+    # grouped-query heads went into query rows, or to enable_gqa without a mask
+    assert all(qh == 2 or gqa for qh, _, _, gqa in calls)
+
+
+def test_the_cpu_path_never_pads_the_block_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(tables: Sequence[np.ndarray]) -> np.ndarray:
+        raise AssertionError("padded the block tables")
+
+    monkeypatch.setattr(attention_module, "pad_tables", refuse)
+    layout = KVLayout(NUM_LAYERS, 2, 16, 4, 2 * 16 * 4 * 3)
+    needed = sum(layout.physical_blocks_for(n) for n in LENGTHS.values())
+    _, cache = make_pool(layout, 3 * needed, torch.float32)
+    tables = scattered_tables(layout, 3 * needed, seed=3)
+    gen = torch.Generator().manual_seed(9)
+    qkv = {rid: random_qkv(n, 8, 2, 16, gen) for rid, n in LENGTHS.items()}
+    run_paged(cache, tables, CALLS, qkv, (None, 3))
+    with pytest.raises(AssertionError, match="padded"):
+        run_paged(cache, tables, CALLS[-1:], qkv, (None, 3), PATHS["padded"])
+
+
+def test_decodes_of_many_lengths_in_one_group_match_one_by_one() -> None:
+    lengths = {"a": 3, "b": 17, "c": 8, "d": 1 + 4, "e": 30}
+    for window in (None, 7):
+        cache, _, qkv, seqs = decode_setup(lengths, window)
+        q, k, v = (
+            torch.cat([qkv[r][0][i][n - 1 : n] for r, n in lengths.items()]) for i in range(3)
+        )
+        grouped = PATHS["one-group"](cache.clone(), seqs, (window,))(0, q, k, v)
+        alone = PATHS["per-sequence"](cache.clone(), seqs, (window,))(0, q, k, v)
+        assert (grouped - alone).abs().max().item() < FP32_TOL
+        for i, (rid, n) in enumerate(lengths.items()):
+            want = dense_reference(qkv[rid], (window,) * NUM_LAYERS)[0][n - 1]
+            assert (grouped[i] - want).abs().max().item() < FP32_TOL, (window, rid)

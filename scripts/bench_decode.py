@@ -1,0 +1,305 @@
+"""One decode step of MuxEngine against Hugging Face transformers (DynamicCache), same model.
+
+    python scripts/bench_decode.py                       # the points of issue 11's table
+    python scripts/bench_decode.py --points 1x128 16x512 32x512 --kv-heads 2 --steps 8
+
+A seeded random Llama (hidden 512, 8 layers by default) is written once as a checkpoint and
+loaded by both sides in float32, one torch thread in this one process. For each point
+(batch x prompt tokens) both sides prefill the same prompts, then decode greedily step by step:
+one HF forward over its DynamicCache plus an argmax, against one `MuxEngine.step()` (the
+scheduler, the runner's forward over the pool, sampling, detokenization). The two sides
+alternate step by step, the order flipping every step, so background load hits both alike;
+`--repeats` blocks of `--steps` steps each. Also timed, interleaved the same way: one pass
+reading every weight (`sum` over each parameter), the floor a batch-1 decode step tends to.
+
+Reported per point: the median step (ms) with its p10-p90 over all steps, the median of the
+paired ratios engine / HF (each engine step against the HF step next to it) with the min and
+max of the per-repeat medians, and the load average before and after. `results.json` goes to
+`--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from muxserve.config import parse_config
+from muxserve.demo import BOS, EOS, SPECIAL_TOKENS, ensure_demo_models, make_weights
+from muxserve.engine import MuxEngine
+from muxserve.sampling_params import SamplingParams
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+PROMPT_VOCAB = 1000  # prompt ids are drawn below this (the demo tokenizer's vocabulary)
+
+
+@dataclass(frozen=True)
+class Point:
+    batch: int
+    prompt: int
+
+    @classmethod
+    def parse(cls, text: str) -> Point:
+        b, p = text.lower().split("x")
+        return cls(int(b), int(p))
+
+    def __str__(self) -> str:
+        return f"{self.batch}x{self.prompt}"
+
+
+def write_checkpoint(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A seeded random Llama in the Hugging Face layout, with the demo tokenizer's files."""
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "vocab_size": args.vocab,
+        "max_position_embeddings": args.max_positions,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": SPECIAL_TOKENS.index(BOS),
+        "eos_token_id": SPECIAL_TOKENS.index(EOS),
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    save_file(make_weights(config, seed=11), str(folder / "model.safetensors"), {"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    demo = ensure_demo_models()["llama-demo"]
+    for name in TOKENIZER_FILES:
+        shutil.copy(demo / name, folder / name)
+    return config
+
+
+def prompts(point: Point, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(7, PROMPT_VOCAB, (point.batch, point.prompt), generator=gen)
+    return ids.tolist()
+
+
+class HFSide:
+    """transformers' model over a DynamicCache, decoding greedily one step at a time."""
+
+    def __init__(self, model: torch.nn.Module, batch: list[list[int]]) -> None:
+        self.model = model
+        with torch.inference_mode():
+            out = model(torch.tensor(batch), use_cache=True)
+        self.cache = out.past_key_values
+        self.next = out.logits[:, -1].argmax(-1)  # (B,)
+        self.tokens: list[list[int]] = [[t] for t in self.next.tolist()]
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        out = self.model(self.next[:, None], past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.next = out.logits[:, -1].argmax(-1)  # (B,)
+        for row, t in zip(self.tokens, self.next.tolist(), strict=True):
+            row.append(t)
+
+
+class EngineSide:
+    """MuxEngine with the batch prefilled and decoding: each `step()` is one decode job."""
+
+    def __init__(self, engine: MuxEngine, batch: list[list[int]], max_tokens: int) -> None:
+        self.engine = engine
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        self.ids = [engine.add_request("bench", p, params) for p in batch]
+        # prefill (possibly several jobs) until every request has its first token
+        while any(not self._request(r).output_token_ids for r in self.ids):
+            engine.step()
+
+    def _request(self, rid: str) -> Any:
+        req = self.engine.scheduler.get(rid)
+        assert req is not None, rid
+        return req
+
+    def step(self) -> None:
+        before = sum(len(self._request(r).output_token_ids) for r in self.ids)
+        self.engine.step()
+        after = sum(len(self._request(r).output_token_ids) for r in self.ids)
+        if after - before != len(self.ids):  # one decode job of the whole batch, nothing else
+            raise RuntimeError(f"an engine step gave {after - before} tokens, not {len(self.ids)}")
+
+    def tokens(self) -> list[list[int]]:
+        return [list(self._request(r).output_token_ids) for r in self.ids]
+
+    def finish(self) -> None:
+        for rid in self.ids:
+            self.engine.abort(rid)
+
+
+def read_weights(model: torch.nn.Module) -> None:
+    """One pass over every weight: the memory traffic a batch-1 decode step cannot avoid."""
+    with torch.inference_mode():
+        for p in model.parameters():
+            p.sum()
+
+
+def timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """Median with p10 and p90 (ms for times)."""
+    qs = statistics.quantiles(values, n=10) if len(values) > 1 else [values[0]] * 9
+    return {"median": statistics.median(values), "p10": qs[0], "p90": qs[-1]}
+
+
+def bench_point(
+    point: Point, hf_model: torch.nn.Module, engine: MuxEngine, args: argparse.Namespace
+) -> dict[str, Any]:
+    batch = prompts(point, seed=point.batch * 100_003 + point.prompt)
+    hf = HFSide(hf_model, batch)
+    ours = EngineSide(engine, batch, max_tokens=args.steps * args.repeats + 8)
+    hf_ms: list[float] = []
+    ours_ms: list[float] = []
+    weights_ms: list[float] = []
+    ratios: list[list[float]] = []
+    for rep in range(args.repeats):
+        rep_ratios = []
+        for step in range(args.steps):
+            order = (hf.step, ours.step) if (rep + step) % 2 == 0 else (ours.step, hf.step)
+            t = {fn: timed(fn) for fn in order}
+            weights_ms.append(timed(lambda: read_weights(hf_model)) * 1e3)
+            hf_ms.append(t[hf.step] * 1e3)
+            ours_ms.append(t[ours.step] * 1e3)
+            rep_ratios.append(t[ours.step] / t[hf.step])
+        ratios.append(rep_ratios)
+        print(
+            f"  {point} rep {rep}: hf {statistics.median(hf_ms[-args.steps :]):.1f} ms, "
+            f"engine {statistics.median(ours_ms[-args.steps :]):.1f} ms",
+            file=sys.stderr,
+        )
+    # greedy on the same weights: the two sides' tokens agree (a check, not a timing)
+    same = sum(
+        a == b for a, b in zip(hf.tokens, ours.tokens(), strict=True)
+    )  # rows whose whole output matches
+    ours.finish()
+    flat = [r for rep in ratios for r in rep]
+    per_rep = [statistics.median(rep) for rep in ratios]
+    return {
+        "point": str(point),
+        "batch": point.batch,
+        "prompt": point.prompt,
+        "steps": len(flat),
+        "hf_ms": summary(hf_ms),
+        "engine_ms": summary(ours_ms),
+        "weights_read_ms": summary(weights_ms),
+        "ratio": {
+            "median": statistics.median(flat),
+            "rep_min": min(per_rep),
+            "rep_max": max(per_rep),
+        },
+        "engine_vs_weights_read": statistics.median(ours_ms) / statistics.median(weights_ms),
+        "rows_same_tokens": same,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--points", nargs="+", type=Point.parse, default=[Point(1, 128), Point(16, 512)])
+    p.add_argument("--steps", type=int, default=8, help="decode steps per repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--max-positions", type=int, default=4096)
+    p.add_argument("--block-bytes", type=int, default=16 << 10, help="the engine's block size")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    p.add_argument("--attn", default="sdpa", help="transformers' attn_implementation")
+    p.add_argument("--out", default="benchmarks/results/decode")
+    args = p.parse_args(argv)
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        folder = Path(tmp)
+        config = write_checkpoint(folder, args)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation=args.attn
+        ).eval()
+        params = sum(x.numel() for x in hf_model.parameters())
+        longest = max(pt.prompt for pt in args.points) + args.steps * args.repeats + 16
+        tokens = sum(pt.batch for pt in args.points) * longest
+        kv_bytes = 2 * args.layers * args.kv_heads * (args.hidden // args.heads) * 4 * tokens
+        engine = MuxEngine(
+            parse_config(
+                {
+                    "models": [{"name": "bench", "path": str(folder), "rate": 1.0}],
+                    "engine": {
+                        "kv_pool_bytes": 2 * kv_bytes + (64 << 20),
+                        "block_bytes": args.block_bytes,
+                        "device": "cpu",
+                    },
+                }
+            )
+        )
+        try:
+            for point in args.points:
+                rows.append(bench_point(point, hf_model, engine, args))
+        finally:
+            engine.shutdown()
+    result = {
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": args.threads,
+        "hf_attn_implementation": args.attn,
+        "model": {k: config[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+        | {"heads": args.heads, "kv_heads": args.kv_heads, "parameters": params},
+        "block_bytes": args.block_bytes,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "points": rows,
+    }
+    heads = ("point", "hf ms", "(p10-p90)", "engine ms", "(p10-p90)", "ratio", "(rep min-max)")
+    print("".join(f"{h:>14}" for h in heads) + f"{'weights ms':>12}{'same':>6}")
+    for r in rows:
+        h, e, q = r["hf_ms"], r["engine_ms"], r["ratio"]
+        cells = (
+            r["point"],
+            f"{h['median']:.1f}",
+            f"{h['p10']:.1f}-{h['p90']:.1f}",
+            f"{e['median']:.1f}",
+            f"{e['p10']:.1f}-{e['p90']:.1f}",
+            f"{q['median']:.2f}x",
+            f"{q['rep_min']:.2f}-{q['rep_max']:.2f}",
+        )
+        weights = f"{r['weights_read_ms']['median']:.1f}"
+        print("".join(f"{c:>14}" for c in cells) + f"{weights:>12}{r['rows_same_tokens']:>6}")
+    print(f"load average {load_before} -> {result['load_average_after']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out / 'results.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
