@@ -47,6 +47,9 @@ class ModelEntry(_Strict):
     sm_share: SMShare = SMShare()
     tensor_parallel: int = Field(1, ge=1)
     max_waiting: int = Field(1024, ge=1)  # bounded waiting queue (HTTP 429 beyond it)
+    # HTTP 429 also when the waiting requests would take longer than this at the model's
+    # recent service rate; None: the engine's max_queue_wait_s
+    max_queue_wait_s: float | None = Field(None, gt=0.0)
     kv_share: float | None = Field(None, gt=0.0, le=1.0)  # initial share of the KV pool;
     # None: in proportion to rate x KV bytes per token (a plan sets it per mesh)
     revision: str | None = None  # a Hub id's branch, tag or commit; ignored for a local folder
@@ -88,6 +91,8 @@ class EngineConfig(_Strict):
     policy: Literal["adbs", "fcfs"] = "adbs"
     kv_mode: Literal["unified", "static"] = "unified"
     max_model_len: int | None = Field(None, gt=0)  # cap for every model
+    # every model's bound on its queue's expected wait (a model's own wins); None: no bound
+    max_queue_wait_s: float | None = Field(None, gt=0.0)
     prefill_token_budget: int = Field(2048, gt=0)  # tokens per prefill job
     max_batch_size: int = Field(256, gt=0)  # requests per job
     rebalance_interval: int = Field(8, gt=0)  # scheduler steps between quota rebalances

@@ -56,7 +56,14 @@ class InvalidSamplingParamsError(RequestError):
 
 
 class QueueFullError(RequestError):
-    """A model's bounded waiting queue is full; retry later (HTTP 429)."""
+    """A model's waiting queue is full, or would take too long; retry later (HTTP 429).
+
+    `retry_after` is the seconds to wait (the queue's expected wait, at least 1).
+    """
+
+    def __init__(self, message: str, param: str | None = "model", retry_after: int = 1) -> None:
+        super().__init__(message, param)
+        self.retry_after = retry_after
 
 
 class RequestAbortedError(MuxServeError):

@@ -64,6 +64,7 @@ def describe_model(
     max_model_len: Iterable[int | None] = (),
     eos_token_ids: Iterable[int] = (),
     max_waiting: int = 1024,
+    max_queue_wait_s: float | None = None,
 ) -> ModelDescriptor:
     """A model's descriptors from the facts of its config entry or its plan.
 
@@ -90,6 +91,7 @@ def describe_model(
         sm_share or SMShare(),
         max_waiting,
         kv_share,
+        max_queue_wait_s,
     )
     return ModelDescriptor(name, config, dtype, tensor_parallel, slot)
 
@@ -119,6 +121,11 @@ def describe_entry(
         max_model_len=(entry.max_model_len, engine.max_model_len),
         eos_token_ids=eos_token_ids,
         max_waiting=entry.max_waiting,
+        max_queue_wait_s=(
+            entry.max_queue_wait_s
+            if entry.max_queue_wait_s is not None
+            else engine.max_queue_wait_s
+        ),
     )
 
 

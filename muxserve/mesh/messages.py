@@ -53,6 +53,7 @@ class Refused:
     kind: str
     message: str
     param: str | None
+    retry_after: int = 1  # a QueueFullError's
 
 
 @dataclass(frozen=True)

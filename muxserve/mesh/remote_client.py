@@ -262,6 +262,8 @@ def _refusal(msg: Refused, mesh: str) -> Exception:
     if isinstance(cls, type) and issubclass(cls, RequestError):
         if cls is errors.UnknownModelError:
             return RequestError(msg.message, msg.param)
+        if cls is errors.QueueFullError:
+            return errors.QueueFullError(msg.message, msg.param, msg.retry_after)
         try:
             return cls(msg.message, msg.param)
         except TypeError:

@@ -15,7 +15,7 @@ import socket
 
 from muxserve.client.in_process import mesh_stats
 from muxserve.engine import MuxEngine
-from muxserve.errors import RequestError
+from muxserve.errors import QueueFullError, RequestError
 from muxserve.mesh import wire
 from muxserve.mesh.messages import (
     Abort,
@@ -126,7 +126,8 @@ class _Connection:
         try:
             self.engine.add_request(msg.model, msg.prompt, msg.params, rid)
         except RequestError as e:
-            wire.send(self.writer, Refused(rid, type(e).__name__, str(e), e.param))
+            retry = e.retry_after if isinstance(e, QueueFullError) else 1
+            wire.send(self.writer, Refused(rid, type(e).__name__, str(e), e.param, retry))
             return
         except ValueError as e:  # e.g. an id another connection uses: the request's fault
             wire.send(self.writer, Refused(rid, "RequestError", str(e), None))

@@ -9,6 +9,7 @@ from muxserve.config import SMShare
 from muxserve.kv.layout import KVLayout
 from muxserve.request import Request
 from muxserve.scheduler.job import Phase
+from muxserve.scheduler.service_rate import ServiceRate
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class ModelSlot:
     sm_share: SMShare = field(default_factory=SMShare)
     max_waiting: int = 1024
     kv_share: float | None = None  # the plan's initial share of the pool; None: by weight
+    max_queue_wait_s: float | None = None  # refuse past this expected wait; None: no bound
 
     def share(self, phase: Phase) -> float:
         return self.sm_share.prefill if phase is Phase.PREFILL else self.sm_share.decode
@@ -37,6 +39,7 @@ class ModelQueue:
     running: list[Request] = field(default_factory=list)  # admission order
     prefilling: list[Request] = field(default_factory=list)  # running, prefill not complete
     busy: set[Phase] = field(default_factory=set)  # phases with a job in flight
+    service: ServiceRate = field(default_factory=ServiceRate)  # how fast requests leave
 
     @property
     def name(self) -> str:

@@ -7,7 +7,8 @@ results. The same object drives the inline executor, worker processes and the si
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from muxserve.config import EngineConfig
@@ -19,6 +20,7 @@ from muxserve.scheduler.job import Job, JobResult, Phase, SeqResult, SeqWork
 from muxserve.scheduler.model_slot import ModelQueue, ModelSlot
 from muxserve.scheduler.policy import AdbsPolicy, FcfsPolicy, JobPolicy
 from muxserve.scheduler.quota import AdaptiveQuota, QuotaPolicy, StaticQuota
+from muxserve.scheduler.service_rate import retry_after_s
 
 SM_EPSILON = 1e-9  # shares are floats: 0.01 + 0.26 + 0.93 must fit a 1.2 limit
 MAX_RETRIES = 2  # a request whose jobs are lost this often fails (it may be what kills them)
@@ -59,7 +61,10 @@ class Scheduler:
         max_batch_size: int = 256,
         rebalance_interval: int = 8,
         sm_overload: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` times completions, for each model's service rate (a simulator passes its
+        own)."""
         if not slots:
             raise ValueError("the scheduler needs at least one model")
         self.queues = {s.name: ModelQueue(s) for s in slots}
@@ -72,6 +77,7 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.rebalance_interval = rebalance_interval
         self.sm_limit = 1.0 + sm_overload
+        self.clock = clock
         self._requests: dict[str, Request] = {}
         self._in_flight: dict[int, Job] = {}
         self._sm_in_use = 0.0
@@ -89,6 +95,7 @@ class Scheduler:
         config: EngineConfig,
         *,
         sm_admission: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> Scheduler:
         """The scheduler the config asks for: policy adbs|fcfs, kv_mode unified|static;
         without `sm_admission` jobs of different models run at once whatever their shares."""
@@ -102,6 +109,7 @@ class Scheduler:
             max_batch_size=config.max_batch_size,
             rebalance_interval=config.rebalance_interval,
             sm_overload=config.sm_overload if sm_admission else math.inf,
+            clock=clock,
         )
 
     # ---- requests ----------------------------------------------------------------------
@@ -131,12 +139,32 @@ class Scheduler:
                 f"holds {ceiling} blocks ({fits} tokens)",
                 "max_tokens",
             )
-        if len(q.waiting) >= slot.max_waiting:
-            raise QueueFullError(f"{slot.name}: {len(q.waiting)} requests already waiting", "model")
+        self._check_queue(q)
         if req.request_id in self._requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
+        if not q.has_work():
+            q.service.on_busy(self.clock())
         self._requests[req.request_id] = req
         q.waiting.append(req)
+
+    def _check_queue(self, q: ModelQueue) -> None:
+        """QueueFullError when the model's queue is at `max_waiting`, or when what waits would
+        take longer than `max_queue_wait_s` at the model's recent rate; its `retry_after` is
+        that wait."""
+        slot, waiting = q.slot, len(q.waiting)
+        wait = q.service.expected_wait(waiting, self.clock())
+        if waiting >= slot.max_waiting:
+            raise QueueFullError(
+                f"{slot.name}: {waiting} requests already waiting", "model", retry_after_s(wait)
+            )
+        bound = slot.max_queue_wait_s
+        if bound is not None and wait is not None and wait > bound:
+            raise QueueFullError(
+                f"{slot.name}: {waiting} requests already waiting, about {wait:.0f} s at its "
+                f"recent rate; over its max_queue_wait_s ({bound:g} s)",
+                "model",
+                retry_after_s(wait),
+            )
 
     def get(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
@@ -418,6 +446,11 @@ class Scheduler:
         req.finish_reason = reason
         req.pending_finish = None
         del self._requests[req.request_id]
+        now = self.clock()
+        if reason is not FinishReason.ABORT:  # a client that left is no measure of service
+            q.service.on_finished(now)
+        if not q.has_work():
+            q.service.on_idle(now)
 
     # ---- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, ModelStats]:

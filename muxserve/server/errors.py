@@ -8,7 +8,7 @@
 | wrong method                                         | 405    | ... / method_not_allowed     |
 | body not sent in time (`body_timeout`); then closed  | 408    | ... / request_timeout        |
 | body over the size limit                             | 413    | ... / request_too_large      |
-| the model's waiting queue is full                    | 429    | rate_limit_error / queue_full |
+| the model's queue is full, or too slow to wait in    | 429    | rate_limit_error / queue_full |
 | the engine failed the request; anything unexpected   | 500    | server_error                 |
 | aborted because the server is stopping               | 503    | server_error / unavailable   |
 | the model's mesh is down (named in the message)      | 503    | ... / mesh_unavailable       |
@@ -57,13 +57,15 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after: int = 1,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(message=message[:MAX_MESSAGE], type=type, param=param, code=code)
+        self.retry_after = retry_after  # seconds, for a 429
 
     def response(self) -> web.Response:
-        headers = {"Retry-After": "1"} if self.status == 429 else None
+        headers = {"Retry-After": str(self.retry_after)} if self.status == 429 else None
         resp = web.Response(
             status=self.status,
             body=ErrorResponse(error=self.info).model_dump_json(),
@@ -79,8 +81,8 @@ def from_request_error(e: RequestError) -> APIError:
     """The engine's refusals: unknown model 404, full queue 429, anything else 400."""
     if isinstance(e, UnknownModelError):
         return APIError(404, str(e), param=e.param, code="model_not_found")
-    if isinstance(e, QueueFullError):
-        return APIError(429, str(e), "rate_limit_error", e.param, "queue_full")
+    if isinstance(e, QueueFullError):  # Retry-After: the queue's expected wait
+        return APIError(429, str(e), "rate_limit_error", e.param, "queue_full", e.retry_after)
     return APIError(400, str(e), param=e.param)
 
 

@@ -241,10 +241,30 @@ def test_a_full_queue_is_a_queue_full_error(idle):
         return e.value
 
     err = serve(idle, body)
-    assert (type(err), str(err), err.param) == (
+    assert (type(err), str(err), err.param, err.retry_after) == (
         QueueFullError,
         "mistral-demo: 1 requests already waiting",
         "model",
+        1,  # the model has finished nothing yet: no rate to estimate a wait from
+    )
+
+
+def test_a_queue_full_error_keeps_its_retry_after(idle, monkeypatch):
+    def full(*args: object) -> str:
+        raise QueueFullError("mistral-demo: 40 requests already waiting", "model", 17)
+
+    monkeypatch.setattr(idle, "add_request", full)
+
+    async def body(server: MeshServer, client: RemoteEngineClient) -> QueueFullError:
+        with pytest.raises(QueueFullError) as e:
+            await client.add_request("mistral-demo", [5], GREEDY, "refused")
+        return e.value
+
+    err = serve(idle, body)
+    assert (str(err), err.param, err.retry_after) == (
+        "mistral-demo: 40 requests already waiting",
+        "model",
+        17,
     )
 
 

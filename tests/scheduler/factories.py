@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from muxserve.config import EngineConfig, SMShare
@@ -38,6 +39,7 @@ def make_slot(
     decode_share: float = 1.0,
     max_waiting: int = 1024,
     kv_share: float | None = None,
+    max_queue_wait_s: float | None = None,
 ) -> ModelSlot:
     return ModelSlot(
         name=name,
@@ -47,6 +49,7 @@ def make_slot(
         sm_share=SMShare(prefill=prefill_share, decode=decode_share),
         max_waiting=max_waiting,
         kv_share=kv_share,
+        max_queue_wait_s=max_queue_wait_s,
     )
 
 
@@ -80,11 +83,12 @@ def make_scheduler(
     *,
     policy: str = "adbs",
     kv_mode: str = "unified",
+    clock: Callable[[], float] = time.monotonic,
     **engine: object,
 ) -> Scheduler:
     """A scheduler built the way the engine builds it: from an EngineConfig."""
     config = EngineConfig(policy=policy, kv_mode=kv_mode, **engine)  # type: ignore[arg-type]
-    return Scheduler.create(slots, num_blocks, config)
+    return Scheduler.create(slots, num_blocks, config, clock=clock)
 
 
 def step_token(request_id: str, step: int) -> int:

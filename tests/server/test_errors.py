@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from muxserve.errors import QueueFullError
 from muxserve.server import ServerSettings
 from muxserve.server.context import CONTEXT
 from tests.server.conftest import run_app, wait_idle
@@ -177,6 +178,41 @@ def test_full_queue_is_429_and_a_gone_client_leaves_the_queue(idle_engine):
     assert (err["type"], err["code"]) == ("rate_limit_error", "queue_full")
     assert headers["Retry-After"] == "1"
     wait_idle(idle_engine)
+
+
+def test_a_429_says_when_to_retry_from_the_queue(serve, engine):
+    """Retry-After is the engine's estimate of the queue's wait, not a constant."""
+
+    async def body(client):
+        ctx = client.server.app[CONTEXT]
+
+        async def full(*args, **kwargs):
+            raise QueueFullError("llama-demo: 40 requests already waiting", "model", 17)
+
+        async def nothing(*args):
+            return None
+
+        ctx.client = type(
+            "Full",
+            (),
+            {
+                "models": engine.models,
+                "add_request": full,
+                "abort": engine.abort,
+                "shutdown": nothing,
+            },
+        )()
+        r = await client.post("/v1/completions", json=OK)
+        return r.status, r.headers["Retry-After"], await r.json()
+
+    status, retry_after, payload = serve(body)
+    assert (status, retry_after) == (429, "17")
+    assert payload["error"] == {
+        "message": "llama-demo: 40 requests already waiting",
+        "type": "rate_limit_error",
+        "param": "model",
+        "code": "queue_full",
+    }
 
 
 def test_unexpected_errors_are_500_in_the_openai_shape_and_logged(serve, engine, caplog):
