@@ -46,7 +46,7 @@ from muxserve.demo import DEMO_ENGINE, DEMO_RATES, ensure_demo_models  # noqa: E
 
 SHM = Path("/dev/shm")
 CLIENT_TIMEOUT_S = 180.0  # longer than any recovery: a request with no answer by then is lost
-JOB_TIMEOUT_S = 5.0  # a stopped worker's job is recomputed after this
+JOB_TIMEOUT_S = 10.0  # a stopped worker's job is recomputed after this (+ 10 ms per token)
 MESH_HANG_TIMEOUT_S = 8.0  # a stopped mesh is killed and restarted after this
 
 
@@ -94,7 +94,7 @@ def config_for(target: str, models: dict[str, Path]) -> dict[str, Any]:
         "device": "cpu",
         "executor": "mps",
         "job_timeout_s": JOB_TIMEOUT_S,
-        "job_timeout_per_token_s": 0.0,
+        "job_timeout_per_token_s": 0.01,
     }
     raw: dict[str, Any] = {
         "models": [
@@ -406,9 +406,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
     results = []
-    with tempfile.TemporaryDirectory(prefix="muxserve-chaos-") as tmp:
-        for target in args.targets.split(","):
-            results.append(asyncio.run(run_target(target.strip(), models, args, Path(tmp))))
+    logs = Path(tempfile.mkdtemp(prefix="muxserve-chaos-"))  # kept: the servers' logs
+    print(f"server logs and configs in {logs}", file=sys.stderr)
+    for target in args.targets.split(","):
+        results.append(asyncio.run(run_target(target.strip(), models, args, logs)))
     report = {
         "command": " ".join(sys.argv),
         "load_average_start": load_start,

@@ -92,7 +92,9 @@ class MpsExecutor:
         groups: dict[tuple[str, Phase], WorkerGroup] = {}
         try:
             shards = {  # each model's shard per rank; on GPU rank r's is on the mesh's r-th
-                spec.name: load_rank_models(spec.path, spec.dtype, device, spec.tensor_parallel)
+                spec.name: load_rank_models(
+                    spec.path, spec.dtype, device, spec.tensor_parallel, spec.max_model_len
+                )
                 for spec in load_progress(specs, progress)
             }
             width = max((s.tensor_parallel for s in specs), default=1)
@@ -207,13 +209,13 @@ class MpsExecutor:
         """Seconds the group's delivered job has run past its deadline, if it has."""
         if not group.delivered or group.job is None:
             return None
-        over = now - group.sent_at - self.deadline.of(group.job)
+        over = now - group.sent_at - self.deadline.of(group.job, group.jobs_done == 0)
         return over if over >= 0 else None
 
     def _next_hang_check(self) -> float:
         """When the earliest delivered job reaches its deadline (inf: none is running)."""
         ends = [
-            g.sent_at + self.deadline.of(g.job)
+            g.sent_at + self.deadline.of(g.job, g.jobs_done == 0)
             for g in self.groups.values()
             if g.delivered and g.job is not None
         ]
@@ -300,6 +302,7 @@ def _rank_plans(
             spec.dtype,
             threads,
             tp,
+            spec.max_model_len,
         )
         plans.append(RankPlan(init, worker_env(daemon, share, threads)))
     return plans

@@ -19,6 +19,7 @@ class JobDeadline:
     floor_s: float = 60.0
     per_token_s: float = 0.01
 
-    def of(self, job: Job) -> float:
-        """Seconds `job` may run before its workers count as hung."""
-        return self.floor_s + self.per_token_s * job.num_tokens
+    def of(self, job: Job, first: bool = False) -> float:
+        """Seconds `job` may run before its workers count as hung; a fresh worker's `first`
+        job gets the floor twice (its first forward pays for lazy initialisation)."""
+        return self.floor_s * (2 if first else 1) + self.per_token_s * job.num_tokens

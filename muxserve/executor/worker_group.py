@@ -71,6 +71,7 @@ class WorkerGroup:
         self.job: Job | None = None  # the job given to this group, until its result comes
         self._sent = False  # the job went out (the group was ready)
         self.sent_at = 0.0  # time.monotonic() when it went out: the watchdog's clock
+        self.jobs_done = 0  # results since the workers started (the first job is slower)
         self._ready: set[int] = set()
         self.failed_starts = 0  # starts in a row that ended before every rank was ready
         self.broken: str | None = None  # why the group gave up restarting; jobs fail at once
@@ -101,6 +102,7 @@ class WorkerGroup:
             self.conns.append(parent)
         self.state = GroupState.STARTING
         self._ready.clear()
+        self.jobs_done = 0
 
     def stop(self) -> None:
         """Ask every rank to exit, kill those that do not, and close the pipes."""
@@ -193,6 +195,7 @@ class WorkerGroup:
         if isinstance(msg, WorkerStartFailed):
             return WorkerDied(f"could not start: {msg.error}", during_start=True)
         if isinstance(msg, JobResult):
+            self.jobs_done += 1
             job = self.take_job()
             if job is None or job.job_id != msg.job_id:
                 raise RuntimeError(f"{self.label}: result for job {msg.job_id}, expected {job}")

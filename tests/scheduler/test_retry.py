@@ -53,3 +53,4 @@ def test_job_deadline_grows_with_the_job() -> None:
     (job,) = s.schedule()
     assert JobDeadline(2.0, 0.5).of(job) == 2.0 + 0.5 * 7
     assert JobDeadline().of(job) == 60.0 + 0.01 * 7
+    assert JobDeadline(2.0, 0.5).of(job, first=True) == 4.0 + 0.5 * 7  # a fresh worker's
