@@ -14,9 +14,15 @@ from dataclasses import dataclass
 
 from muxserve.config import EngineConfig, ModelEntry, SMShare
 from muxserve.dtypes import dtype_bytes, resolve_dtype
+from muxserve.errors import ConfigError
 from muxserve.kv.layout import KVLayout
 from muxserve.models.hf_config import HFModelConfig
 from muxserve.scheduler.model_slot import ModelSlot
+
+# The longest context served: per-position buffers (RoPE tables, ~4 x rotary_dim bytes a
+# position) are sized by it. 1.6x the longest public context (Llama 4 Scout's 10M); a
+# config.json claiming more must be capped with max_model_len.
+MAX_SERVED_CONTEXT = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,8 @@ def describe_model(
     `dtype` is the serving dtype, already resolved (`muxserve.dtypes.resolve_dtype`);
     `max_model_len` lists caps below the model's context length (None: no cap); the config's
     EOS ids are always stop tokens, `eos_token_ids` adds the tokenizer's. Raises ValueError
-    when `tensor_parallel` does not divide the model's heads.
+    when `tensor_parallel` does not divide the model's heads, ConfigError when the served
+    context is past `MAX_SERVED_CONTEXT`.
     """
     check_divisible(config, tensor_parallel)
     layout = KVLayout(
@@ -81,11 +88,19 @@ def describe_model(
         dtype_bytes(dtype),
         block_bytes,
     )
-    caps = [config.max_position_embeddings, *(c for c in max_model_len if c is not None)]
+    caps = [c for c in max_model_len if c is not None]
+    served = min([config.max_position_embeddings, *caps])
+    if served > MAX_SERVED_CONTEXT:
+        raise ConfigError(
+            f"{name}: config.json's max_position_embeddings is {config.max_position_embeddings} "
+            f"and max_model_len is {min(caps) if caps else 'not set'}: more than the "
+            f"{MAX_SERVED_CONTEXT} positions served at most (buffers are sized by them); set "
+            "max_model_len (the model's, or engine.max_model_len) to the context to serve"
+        )
     slot = ModelSlot(
         name,
         layout,
-        min(caps),
+        served,
         frozenset(config.eos_token_ids) | frozenset(eos_token_ids),
         rate,
         sm_share or SMShare(),

@@ -36,6 +36,7 @@ class ModelSpec:
     dtype: torch.dtype
     sm_share: SMShare
     tensor_parallel: int = 1
+    max_model_len: int | None = None  # the served context: per-position buffers' length
 
     @classmethod
     def of(cls, model: ModelDescriptor, path: str | Path) -> ModelSpec:
@@ -48,6 +49,7 @@ class ModelSpec:
             torch_dtype(model.dtype),
             model.sm_share,
             model.tensor_parallel,
+            model.max_model_len,
         )
 
     def share(self, phase: Phase) -> float:

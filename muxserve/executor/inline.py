@@ -56,11 +56,14 @@ class InlineExecutor:
         """Load every model onto `device`, then allocate the pool in what the weights leave,
         and wrap each model in a runner."""
         models = {
-            s.name: load_model(s.path, s.dtype, device)[0] for s in load_progress(specs, progress)
+            s.name: load_model(s.path, s.dtype, device, s.max_model_len)[0]
+            for s in load_progress(specs, progress)
         }
         pool = KVPool(sizing.num_blocks([device]), sizing.block_bytes, device)
         runners = {
-            s.name: ModelRunner(s.name, models[s.name], s.config, pool, s.layout, s.dtype)
+            s.name: ModelRunner(
+                s.name, models[s.name], s.config, pool, s.layout, s.dtype, s.max_model_len
+            )
             for s in specs
         }
         shares = {(s.name, p): s.share(p) for s in specs for p in Phase}

@@ -45,6 +45,7 @@ class WorkerInit:
     dtype: torch.dtype
     threads: int  # intra-op threads: the CPU analogue of the SM share
     tp: TPRank | None = None
+    max_model_len: int | None = None  # the served context (None: max_position_embeddings)
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,9 @@ class Worker:
         if init.tp is not None:
             _join_group(init.tp, device)
         pool = KVPool.from_buffer(init.pool, init.block_bytes)
-        self.runner = ModelRunner(init.name, init.model, init.config, pool, init.layout, init.dtype)
+        self.runner = ModelRunner(
+            init.name, init.model, init.config, pool, init.layout, init.dtype, init.max_model_len
+        )
         if init.phase is Phase.DECODE and self.runner.graphs is not None:
             # before WorkerReady: a capture mid-serving would stall the device for every model
             self.runner.graphs.warm_up()

@@ -79,9 +79,10 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def build_rope_cache(self, device: torch.device) -> None:
+    def build_rope_cache(self, device: torch.device, max_len: int | None = None) -> None:
         """Allocate RoPE tables (and other derived state) on `device` now, before the KV pool
-        takes the rest of the memory."""
+        takes the rest of the memory: for `max_len` positions, the served context (default
+        the config's `max_position_embeddings`)."""
         raise NotImplementedError
 
     @property

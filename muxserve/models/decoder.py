@@ -222,10 +222,10 @@ class DecoderForCausalLM(CausalLM):
         return logits.float()
 
     @torch.no_grad()
-    def build_rope_cache(self, device: torch.device) -> None:
-        self.model.rotary_emb.build_cache(device)
+    def build_rope_cache(self, device: torch.device, max_len: int | None = None) -> None:
+        self.model.rotary_emb.build_cache(device, max_len)
         if self.model.sliding_rotary_emb is not None:
-            self.model.sliding_rotary_emb.build_cache(device)
+            self.model.sliding_rotary_emb.build_cache(device, max_len)
 
     @classmethod
     def checkpoint_shapes(cls, config: HFModelConfig) -> dict[str, tuple[int, ...]]:

@@ -76,14 +76,18 @@ def validate_checkpoint(path: str | Path) -> HFModelConfig:
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype, device: torch.device | str
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    max_model_len: int | None = None,
 ) -> tuple[CausalLM, HFModelConfig]:
     """Build the model for a checkpoint folder and load its weights, cast to `dtype`, on `device`.
 
     Parameters are created on the meta device and allocated once, directly in `dtype` on
     `device`; each file is memory-mapped and copied in tensor by tensor, so peak extra memory is
     one tensor (a `.bin` saved in torch's legacy, non-zip format is read whole). The model is
-    returned in eval mode with gradients off.
+    returned in eval mode with gradients off, its RoPE tables built for `max_model_len`
+    positions (the served context; default the config's `max_position_embeddings`).
     """
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"model dtype must be one of {MODEL_DTYPES}, got {dtype}")
@@ -95,7 +99,7 @@ def load_model(
     model.load_weights(_tensors(plan))
     model.eval()
     model.requires_grad_(False)
-    model.build_rope_cache(device)
+    model.build_rope_cache(device, max_model_len)
     return model, plan.config
 
 

@@ -1,7 +1,8 @@
 """Rotary position embeddings (RoPE) for arbitrary per-token positions.
 
 A batch mixes sequences at different offsets, so cos/sin are looked up per token from a table
-(built up to `max_position_embeddings`, grown on demand). The inverse frequencies of each
+(built for the served context, which may be far shorter than `max_position_embeddings`, and
+grown on demand). The inverse frequencies of each
 `rope_type` follow transformers' `modeling_rope_utils.py` expression by expression, so that the
 float32 values, and hence the logits, are the same as HF's.
 """
@@ -221,12 +222,20 @@ class RotaryEmbedding(nn.Module):
         # whole, so a job on another thread never sees a cos and a sin of different lengths
         self._table: tuple[Tensor, Tensor] | None = None
 
-    def build_cache(self, device: torch.device, length: int = 0) -> None:
-        """(Re)build the cos/sin table on `device` for positions `[0, max(length, mpe))`."""
-        self._build(device, length)
+    def build_cache(self, device: torch.device, length: int | None = None) -> None:
+        """(Re)build the cos/sin table on `device` for positions `[0, length)`: the served
+        context (default `max_position_embeddings`). A config may claim 10^8 positions; the
+        table holds what is served."""
+        self._build(device, self.max_position if length is None else length)
+
+    @property
+    def table_positions(self) -> int:
+        """How many positions the cos/sin table holds now (0 before it is built)."""
+        table = self._table
+        return 0 if table is None else table[0].shape[0]
 
     def _build(self, device: torch.device, length: int) -> tuple[Tensor, Tensor]:
-        positions = torch.arange(max(length, self.max_position), device=device)
+        positions = torch.arange(length, device=device)
         table = self._half_tables(positions, self.inv_freq.to(device))
         self._table = table
         return table

@@ -21,23 +21,28 @@ from muxserve.models.registry import build_model
 
 
 def load_rank_models(
-    path: str | Path, dtype: torch.dtype, device: torch.device, world_size: int
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    world_size: int,
+    max_model_len: int | None = None,
 ) -> list[tuple[CausalLM, torch.device]]:
     """The model for each rank, with the device that rank runs on; weights shared, not copied.
+    RoPE tables hold `max_model_len` positions (the served context).
 
     On CPU the parameters move to shared memory (the prefill and decode workers of a rank map
     the same pages); on CUDA they stay on the rank's GPU and reach workers by CUDA IPC.
     """
     if world_size == 1:
-        model, _ = load_model(path, dtype, device)
+        model, _ = load_model(path, dtype, device, max_model_len)
         _share(model)
         return [(model, device)]
-    whole, config = load_model(path, dtype, "cpu")
+    whole, config = load_model(path, dtype, "cpu", max_model_len)
     check_divisible(config, world_size)
     ranks = []
     for rank in range(world_size):
         dev = rank_device(device, rank)
-        shard = shard_model(whole, rank, world_size, dev)
+        shard = shard_model(whole, rank, world_size, dev, max_model_len)
         _share(shard)
         ranks.append((shard, dev))
     return ranks
@@ -51,7 +56,13 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 @torch.no_grad()
-def shard_model(whole: CausalLM, rank: int, world_size: int, device: torch.device) -> CausalLM:
+def shard_model(
+    whole: CausalLM,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    max_model_len: int | None = None,
+) -> CausalLM:
     """Rank `rank`'s shard of `whole` on `device`, in eval mode with gradients off."""
     with torch.device("meta"):
         shard = build_model(whole.config, tp_size=world_size)
@@ -61,7 +72,7 @@ def shard_model(whole: CausalLM, rank: int, world_size: int, device: torch.devic
         param.copy_(_rank_slice(full[name], param.shape, rank, world_size))
     shard.eval()
     shard.requires_grad_(False)
-    shard.build_rope_cache(device)
+    shard.build_rope_cache(device, max_model_len)
     return shard
 
 

@@ -67,7 +67,10 @@ class ModelRunner:
         pool: KVPool,
         layout: KVLayout,
         dtype: torch.dtype,
+        max_model_len: int | None = None,
     ) -> None:
+        """`max_model_len` is the served context (default the config's
+        `max_position_embeddings`): what per-position buffers are sized for."""
         self.name = name
         self.model = model
         self.config = config
@@ -78,7 +81,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs.create(
             model,
             self.cache,
-            config.max_position_embeddings,
+            max_model_len or config.max_position_embeddings,
             config.num_layers,
             layout.num_kv_heads,  # one rank's heads: the block tables' width under TP
             config.layer_sliding_windows,

@@ -309,6 +309,15 @@ def test_bad_model_dtype(make_checkpoint: MakeCheckpoint) -> None:
         load_model(make_checkpoint("llama"), torch.int8, "cpu")
 
 
+def test_rope_tables_hold_the_served_context(make_checkpoint: MakeCheckpoint) -> None:
+    """max_position_embeddings 10^8 in config.json; 256 positions served: 256 in the table."""
+    model, config = load_model(
+        make_checkpoint("llama", max_position_embeddings=10**8), torch.float32, "cpu", 256
+    )
+    assert config.max_position_embeddings == 10**8
+    assert model.model.rotary_emb.table_positions == 256
+
+
 def test_absurd_sizes_are_refused_before_any_allocation(
     make_checkpoint: MakeCheckpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -114,6 +114,24 @@ def test_table_grows_and_matches_direct_computation() -> None:
     assert cos_half.dtype == torch.bfloat16 and torch.equal(cos_half, cos.to(torch.bfloat16))
 
 
+def test_the_table_holds_the_served_context_not_max_position_embeddings() -> None:
+    """A config.json may claim 10^8 positions (a table of ~40 GB here): 256 are served."""
+    hf, _ = configs(SCALINGS["linear"])
+    huge = parse_hf_config(
+        {**hf.to_dict(), "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 10**8}
+    )
+    rope = RotaryEmbedding(huge)
+    rope.build_cache(CPU, 256)
+    assert rope.table_positions == 256
+    positions = torch.tensor([0, 255, 17])
+    cos, sin = rope(positions, torch.float32)
+    inv_freq, scale = rope_parameters(huge, CPU)
+    freqs = positions.float()[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd), HF's layout
+    assert torch.equal(cos, emb.cos() * scale) and torch.equal(sin, emb.sin() * scale)
+    assert rope.table_positions == 256  # nothing past it was asked for
+
+
 def test_model_built_on_meta_keeps_float32_rope_on_cpu() -> None:
     _, ours = configs(SCALINGS["llama3"])
     with torch.device("meta"):
