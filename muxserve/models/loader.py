@@ -11,6 +11,7 @@ file. Where a folder holds both formats, safetensors wins.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -199,7 +200,7 @@ def _read_sharded(
         by_file.setdefault(file_name, []).append(name)
     found: dict[str, TensorInfo] = {}
     for file_name, names in by_file.items():
-        file = folder / file_name
+        file = _shard_in(folder, index, file_name)
         if not file.exists():
             raise CheckpointError(
                 f"{folder}: shard {file_name} listed in {index.name} is missing "
@@ -214,6 +215,24 @@ def _read_sharded(
                 )
             found[name] = header[name]
     return found
+
+
+def _shard_in(folder: Path, index: Path, file_name: str) -> Path:
+    """The shard an index names, refused unless it lies in the model folder: the name may not
+    leave it (`..`, an absolute path), nor may the file once symlinks are resolved (a file of
+    a Hugging Face cache snapshot links into the repo's `blobs/`, which is allowed)."""
+    file = folder / file_name
+    root = folder.resolve()
+    if root.parent.name == "snapshots":  # <cache>/models--owner--name/snapshots/<revision>
+        root = root.parent.parent
+    target = file.resolve()
+    named = Path(os.path.normpath(file_name))
+    if named.is_absolute() or named.parts[:1] == ("..",) or not target.is_relative_to(root):
+        raise CheckpointError(
+            f"{folder}: {index.name} names shard {file_name!r}, which is {target}, outside the "
+            "model folder; refusing to open it"
+        )
+    return file
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:

@@ -133,6 +133,54 @@ def test_index_naming_a_tensor_its_shard_lacks(
         validate_checkpoint(folder)
 
 
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])
+def test_an_index_may_not_point_a_shard_outside_the_folder(
+    make_checkpoint: MakeCheckpoint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    """An index naming /etc/passwd, ../../x or a symlink out of the folder: refused, unopened."""
+    folder = copy_checkpoint(make_checkpoint("qwen2", max_shard_size="20KB"), tmp_path / "model")
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(folder / shards[1], outside)  # a real shard: only where it lies is wrong
+    name = {"absolute": str(outside), "dotdot": "../outside.safetensors"}.get(where, shards[1])
+    if where == "symlink":
+        (folder / shards[1]).unlink()
+        (folder / shards[1]).symlink_to(outside)
+    index["weight_map"] = {t: name if f == shards[1] else f for t, f in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    opened: list[Path] = []
+    read = loader.read_safetensors_header
+    monkeypatch.setattr(loader, "read_safetensors_header", lambda f: opened.append(f) or read(f))
+    with pytest.raises(CheckpointError) as info:
+        validate_checkpoint(folder)
+    assert str(info.value) == (
+        f"{folder}: model.safetensors.index.json names shard {name!r}, which is "
+        f"{outside.resolve()}, outside the model folder; refusing to open it"
+    )
+    assert outside.resolve() not in [f.resolve() for f in opened]
+
+
+def test_a_hub_cache_snapshot_whose_shards_link_into_blobs_loads(
+    make_checkpoint: MakeCheckpoint, tmp_path: Path
+) -> None:
+    """Hugging Face's cache: snapshots/<rev>/<file> -> ../../blobs/<hash>, outside the snapshot
+    folder but inside its repo: allowed."""
+    source = make_checkpoint("qwen2", max_shard_size="20KB")
+    repo = tmp_path / "models--owner--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(source.iterdir())):
+        shutil.copy(file, repo / "blobs" / f"blob{i}")
+        (snapshot / file.name).symlink_to(Path("../../blobs") / f"blob{i}")
+    assert validate_checkpoint(snapshot) == validate_checkpoint(source)
+
+
 def test_missing_tensor(
     make_checkpoint: MakeCheckpoint, tmp_path: Path, no_tensor_reads: None
 ) -> None:
