@@ -8,6 +8,7 @@ norms, experts) is read by the family's reader, found through `muxserve.models.r
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,12 @@ def parse_hf_config(raw: dict[str, Any], source: str = "config.json") -> HFModel
             f"{source}: layer_types lists {len(windows)} layers, num_hidden_layers is {layers}"
         )
     eos = raw.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    for tok in eos_ids:  # a stop token the model can never produce, or an index past the vocab
+        if not isinstance(tok, int) or isinstance(tok, bool) or not 0 <= tok < vocab:
+            raise CheckpointError(
+                f"{source}: key 'eos_token_id' holds {tok!r}, not a token id in [0, {vocab})"
+            )
     config = HFModelConfig(
         architecture=str(arch),
         vocab_size=vocab,
@@ -243,12 +249,41 @@ def parse_hf_config(raw: dict[str, Any], source: str = "config.json") -> HFModel
         **{"qkv_bias": False, "o_bias": False, "mlp_bias": False, **fields},
     )
     _check_experts(config, source)
+    _check_rope(config, source)
     if config.num_params() > MAX_PARAMS:
         raise CheckpointError(
             f"{source}: these sizes make {config.num_params():.3g} parameters, beyond any real "
             f"model (at most {MAX_PARAMS:.0e}); refusing it before allocating anything"
         )
     return config
+
+
+def _positive(value: Any) -> bool:
+    """A finite number above zero (not a bool, not a string)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _check_rope(config: HFModelConfig, source: str) -> None:
+    """RoPE bases and scaling factors no model has (a base <= 0 gives NaN angles, a factor <= 0
+    a division by zero or mirrored positions), refused with the key named."""
+    bases = {"rope_theta": config.rope_theta, "rope_local_base_freq": config.sliding_rope_theta}
+    for key, base in bases.items():
+        if base is not None and not _positive(base):
+            raise CheckpointError(f"{source}: key {key!r} must be a positive number, got {base!r}")
+    for key, value in (config.rope_scaling or {}).items():
+        if not key.endswith("factor"):  # factor, low/high_freq_factor, attention_factor, ...
+            continue
+        values = value if isinstance(value, list) else [value]  # longrope's per-frequency lists
+        bad = [v for v in values if v is not None and not _positive(v)]
+        if bad:
+            raise CheckpointError(
+                f"{source}: key 'rope_scaling.{key}' must be a positive number, got {bad[0]!r}"
+            )
 
 
 def _check_experts(config: HFModelConfig, source: str) -> None:

@@ -228,3 +228,53 @@ def test_every_named_activation_exists() -> None:
     from muxserve.models.family_config import ACTIVATIONS
 
     assert tuple(IMPLEMENTED) == ACTIVATIONS
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"rope_theta": -10000.0}, "key 'rope_theta' must be a positive number, got -10000.0"),
+        ({"rope_theta": 0}, "key 'rope_theta' must be a positive number, got 0.0"),
+        (
+            {"rope_scaling": {"rope_type": "linear", "factor": -2.0}},
+            "key 'rope_scaling.factor' must be a positive number, got -2.0",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 0}},
+            "key 'rope_scaling.factor' must be a positive number, got 0",
+        ),
+        (
+            {"eos_token_id": 10**20},
+            "key 'eos_token_id' holds 100000000000000000000, not a token id in [0, 10)",
+        ),
+        ({"eos_token_id": 10}, "key 'eos_token_id' holds 10, not a token id in [0, 10)"),
+        ({"eos_token_id": [2, -1]}, "key 'eos_token_id' holds -1, not a token id in [0, 10)"),
+    ],
+    ids=[
+        "negative-theta",
+        "zero-theta",
+        "negative-factor",
+        "zero-factor",
+        "eos-1e20",
+        "eos-vocab",
+        "eos-negative",
+    ],
+)
+def test_implausible_values_are_refused_naming_the_key(
+    fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(CheckpointError) as info:
+        parse_hf_config(raw("LlamaForCausalLM", **fields), source="m/config.json")
+    assert str(info.value) == f"m/config.json: {message}"
+
+
+def test_plausible_values_pass() -> None:
+    config = parse_hf_config(
+        raw(
+            "LlamaForCausalLM",
+            rope_theta=500000.0,
+            rope_scaling={"rope_type": "linear", "factor": 0.5},  # compression is allowed
+            eos_token_id=[0, 9],
+        )
+    )
+    assert (config.rope_theta, config.eos_token_ids) == (500000.0, (0, 9))
