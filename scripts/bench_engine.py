@@ -5,8 +5,9 @@
 1. The same requests over the three demo models, co-located in one engine, under
    adbs+unified (MuxServe), fcfs+unified (temporal) and adbs+static (static KV partition);
    tokens/s and the ratio to fcfs, measured in this one process.
-2. schedule() + on_job_done() cost with 256 running requests over 4 models and a zero-cost
-   runner (no torch work at all), in µs per round and per job.
+2. schedule() + on_job_done() cost in µs per sequence-step (one request's one decode step)
+   at 64, 256 and 1,024 running requests over 4 models, Llama-2-7B's KV layout, a zero-cost
+   runner (no torch work at all); the median of `--repeats` runs with the min and max.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from muxserve.config import EngineConfig, SMShare, parse_config
@@ -103,50 +105,81 @@ def bench_throughput(args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
-def bench_scheduler(running: int, num_models: int, share: float, rounds: int) -> dict[str, float]:
-    """Steady-state decode rounds with `running` requests over `num_models` models."""
+def bench_scheduler(running: int, num_models: int, rounds: int) -> dict[str, float]:
+    """Steady-state decode rounds with `running` requests over `num_models` models.
+
+    Llama-2-7B's KV layout (32 layers x 32 KV heads: 1,024 block ids per logical block of 128
+    tokens), SM shares of 1 / num_models so that every model decodes every round, and a
+    zero-cost runner; only `schedule()` and `on_job_done()` are timed.
+    """
+    share = 1.0 / num_models
     slots = [
         ModelSlot(
             f"m{i}",
-            KVLayout(32, 8, 128, 2, 64 << 10),
+            KVLayout(32, 32, 128, 2, 64 << 10),
             1 << 20,
             sm_share=SMShare(prefill=share, decode=share),
         )
         for i in range(num_models)
     ]
     config = EngineConfig(max_batch_size=running, prefill_token_budget=1 << 20)
-    sched = Scheduler.create(slots, 1 << 20, config)
-    params = SamplingParams(max_tokens=1 << 16, ignore_eos=True)
+    max_tokens = 2 * rounds + 256  # more than warm-up and timed rounds take
+    logical = -(-(100 + max_tokens) // 128)  # a request's logical blocks at most
+    sched = Scheduler.create(slots, running * logical * 1024, config)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     for i in range(running):
         sched.add_request(Request(f"r{i}", f"m{i % num_models}", [1] * 100, params, float(i), i))
 
     results = {f"r{i}": SeqResult(f"r{i}", 7) for i in range(running)}  # zero-cost "runner"
 
-    def one_round() -> int:
+    def one_round() -> tuple[float, float, int]:
+        """(schedule s, on_job_done s, sequence-steps) of one round."""
+        start = time.perf_counter()
         jobs = sched.schedule()
-        for job in jobs:
-            outs = tuple(results[s.request_id] for s in job.seqs)
-            sched.on_job_done(job, JobResult(job.job_id, outs))
-        return len(jobs)
+        scheduled = time.perf_counter() - start
+        done = [
+            (job, JobResult(job.job_id, tuple(results[s.request_id] for s in job.seqs)))
+            for job in jobs
+        ]
+        start = time.perf_counter()
+        for job, result in done:
+            sched.on_job_done(job, result)
+        return scheduled, time.perf_counter() - start, sum(len(job.seqs) for job in jobs)
 
     while any(not r.is_decoding for q in sched.queues.values() for r in q.running) or any(
         q.waiting for q in sched.queues.values()
     ):
         one_round()
-    jobs = 0
-    start = time.perf_counter()
-    for _ in range(rounds):
-        jobs += one_round()
-    elapsed = time.perf_counter() - start
+    timed = [one_round() for _ in range(rounds)]
     sched.check_integrity()
+    # per round, in us per sequence-step; a round is a few ms, so the lower quantiles are the
+    # rounds no other process interrupted
+    total = [(a + b) / n * 1e6 for a, b, n in timed]
+    quantiles = statistics.quantiles(total, n=10)
     return {
         "running": running,
         "models": num_models,
-        "sm_share": share,
-        "us_per_round": round(elapsed / rounds * 1e6, 1),
-        "jobs_per_round": round(jobs / rounds, 2),
-        "us_per_job": round(elapsed / jobs * 1e6, 1),
+        "rounds": rounds,
+        "seq_steps_per_round": statistics.median(n for _, _, n in timed),
+        "us_per_round": round(statistics.median(a + b for a, b, _ in timed) * 1e6, 1),
+        "us_per_seq_step": round(statistics.median(total), 3),
+        "us_per_seq_step_p10": round(quantiles[0], 3),
+        "us_per_seq_step_p90": round(quantiles[-1], 3),
+        "schedule_us_per_seq_step": round(statistics.median(a / n * 1e6 for a, _, n in timed), 3),
+        "on_job_done_us_per_seq_step": round(
+            statistics.median(b / n * 1e6 for _, b, n in timed), 3
+        ),
     }
+
+
+def median_run(run: Callable[[], dict[str, float]], repeats: int) -> dict[str, float]:
+    """`run` repeated; the run with the median µs per sequence-step, with the min and max."""
+    runs = sorted((run() for _ in range(repeats)), key=lambda r: r["us_per_seq_step"])
+    best = dict(runs[len(runs) // 2])
+    best["us_per_seq_step_min"] = runs[0]["us_per_seq_step"]
+    best["us_per_seq_step_max"] = runs[-1]["us_per_seq_step"]
+    best["repeats"] = repeats
+    return best
 
 
 def main() -> int:
@@ -156,7 +189,10 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=24, help="requests per model")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--pool-blocks", type=int, default=2048, help="KV pool size in 4 KiB blocks")
-    p.add_argument("--rounds", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=200, help="timed decode rounds per run")
+    p.add_argument(
+        "--running", type=int, nargs="+", default=[64, 256, 1024], help="running requests"
+    )
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per mode (median)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)"
@@ -175,12 +211,24 @@ def main() -> int:
         "load_average_before": os.getloadavg(),
     }
     print("scheduler overhead (zero-cost runner)", file=sys.stderr)
-    overhead = [bench_scheduler(256, 4, share, args.rounds) for share in (1.0, 0.25)]
+    overhead = [
+        median_run(lambda n=n: bench_scheduler(n, 4, args.rounds), args.repeats)
+        for n in args.running
+    ]
     result["scheduler_overhead"] = overhead
-    print("".join(f"{h:>10}" for h in ("sm share", "jobs/round", "us/round", "us/job")))
+    heads = ("running", "us/round", "us/seq-step", "(p10-p90)", "(runs)", "schedule", "on_job_done")
+    print("".join(f"{h:>13}" for h in heads))
     for o in overhead:
-        cells = (o["sm_share"], o["jobs_per_round"], o["us_per_round"], o["us_per_job"])
-        print("".join(f"{c:>10}" for c in cells))
+        cells = (
+            o["running"],
+            o["us_per_round"],
+            o["us_per_seq_step"],
+            f"{o['us_per_seq_step_p10']}-{o['us_per_seq_step_p90']}",
+            f"{o['us_per_seq_step_min']}-{o['us_per_seq_step_max']}",
+            o["schedule_us_per_seq_step"],
+            o["on_job_done_us_per_seq_step"],
+        )
+        print("".join(f"{c!s:>13}" for c in cells))
     if not args.skip_throughput:
         print("throughput on the demo models", file=sys.stderr)
         rows = bench_throughput(args)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping
 
 import numpy as np
@@ -27,7 +26,11 @@ class BlockPool:
         self._index = {m: i for i, m in enumerate(self._models)}
         self._quota = dict(quotas)
         self._used = dict.fromkeys(self._models, 0)
-        self._free: deque[int] = deque(range(num_blocks))
+        # the free list, FIFO, as a ring over one array: ids taken from the head and returned
+        # at the tail, a whole logical block (layers x kv_heads ids) in one array operation
+        self._ring = np.arange(num_blocks, dtype=np.int32)
+        self._head = 0  # index in the ring of the next id to hand out
+        self._num_free = num_blocks
         self._owner = np.full(num_blocks, _FREE, dtype=np.int32)
 
     # ---- queries ---------------------------------------------------------------------
@@ -37,7 +40,7 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     def quota(self, model: str) -> int:
         return self._quota[model]
@@ -47,7 +50,7 @@ class BlockPool:
 
     def headroom(self, model: str) -> int:
         """Blocks the model may still take: within its quota and what is free."""
-        return min(self._quota[model] - self._used[model], len(self._free))
+        return min(self._quota[model] - self._used[model], self._num_free)
 
     def can_allocate(self, model: str, n: int) -> bool:
         return n <= self.headroom(model)
@@ -58,9 +61,11 @@ class BlockPool:
         if not self.can_allocate(model, n):
             raise RuntimeError(
                 f"{model}: cannot allocate {n} blocks (used {self._used[model]}, "
-                f"quota {self._quota[model]}, free {len(self._free)})"
+                f"quota {self._quota[model]}, free {self._num_free})"
             )
-        ids = np.fromiter((self._free.popleft() for _ in range(n)), dtype=np.int32, count=n)
+        ids = self._ring.take(np.arange(self._head, self._head + n), mode="wrap")  # (n,)
+        self._head = (self._head + n) % self.num_blocks
+        self._num_free -= n
         self._owner[ids] = self._index[model]
         self._used[model] += n
         return ids
@@ -73,7 +78,9 @@ class BlockPool:
         if not np.all(self._owner[ids] == self._index[model]) or np.unique(ids).size != ids.size:
             raise RuntimeError(f"{model}: freeing blocks it does not own")
         self._owner[ids] = _FREE
-        self._free.extend(ids.tolist())
+        tail = self._head + self._num_free
+        self._ring.put(np.arange(tail, tail + ids.size), ids, mode="wrap")
+        self._num_free += ids.size
         self._used[model] -= ids.size
 
     def set_quotas(self, quotas: Mapping[str, int]) -> None:
@@ -89,7 +96,7 @@ class BlockPool:
 
     def check_integrity(self) -> None:
         """Raise AssertionError if the accounting is inconsistent."""
-        free = np.fromiter(self._free, dtype=np.int64, count=len(self._free))
+        free = self._free_ids()
         assert np.unique(free).size == free.size, "a block is on the free list twice"
         assert np.all(self._owner[free] == _FREE), "a free-listed block has an owner"
         owned = int(np.count_nonzero(self._owner != _FREE))
@@ -99,6 +106,10 @@ class BlockPool:
             assert counts[i] == self._used[m], f"{m}: usage {self._used[m]} != owned {counts[i]}"
             assert self._used[m] <= self._quota[m], f"{m}: usage above quota"
         assert sum(self._quota.values()) <= self.num_blocks, "quotas exceed the pool"
+
+    def _free_ids(self) -> np.ndarray:
+        """The free list, head first."""
+        return self._ring.take(np.arange(self._head, self._head + self._num_free), mode="wrap")
 
     def snapshot(self) -> dict[str, tuple[int, int]]:
         """model -> (used, quota)."""

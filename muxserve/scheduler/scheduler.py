@@ -23,6 +23,7 @@ from muxserve.scheduler.quota import AdaptiveQuota, QuotaPolicy, StaticQuota
 from muxserve.scheduler.service_rate import retry_after_s
 
 SM_EPSILON = 1e-9  # shares are floats: 0.01 + 0.26 + 0.93 must fit a 1.2 limit
+NO_TOKENS: frozenset[int] = frozenset()  # nothing banned (one object, not one per step)
 MAX_RETRIES = 2  # a request whose jobs are lost this often fails (it may be what kills them)
 
 
@@ -228,8 +229,6 @@ class Scheduler:
                 continue
             job = Job(self._next_job_id, q.name, phase, tuple(seqs), share)
             self._next_job_id += 1
-            for s in seqs:
-                self._requests[s.request_id].in_flight = True
             q.busy.add(phase)
             self._in_flight[job.job_id] = job
             self._sm_in_use += share
@@ -243,23 +242,26 @@ class Scheduler:
         q.busy.discard(job.phase)
         self._sm_in_use = max(self._sm_in_use - job.sm_share, 0.0) if self._in_flight else 0.0
         changed: list[Request] = []
+        requests, prefill = self._requests, job.phase is Phase.PREFILL
+        retry, failed = result.retry, result.error is not None
         for i, seq in enumerate(job.seqs):
-            req = self._requests.get(seq.request_id)
+            req = requests.get(seq.request_id)
             if req is None:
                 continue
             req.in_flight = False
-            if req.pending_finish is None and result.retry and req.num_retries < MAX_RETRIES:
+            pending = req.pending_finish
+            if pending is None and retry and req.num_retries < MAX_RETRIES:
                 req.num_retries += 1  # its worker was lost, not its fault: compute it again
                 self._preempt(q, req)
                 continue
-            if req.pending_finish is not None or result.error is not None:
-                self._finish(q, req, req.pending_finish or FinishReason.ERROR)
+            if pending is not None or failed:
+                self._finish(q, req, pending or FinishReason.ERROR)
                 changed.append(req)
                 continue
-            req.num_computed_tokens = seq.end_pos
+            req.num_computed_tokens = seq.start_pos + len(seq.token_ids)  # seq.end_pos
             # A recomputed request whose chunk stops one short is decoding already: its last
             # token is an output token that the next decode step feeds.
-            if job.phase is Phase.PREFILL and (seq.sample or req.is_decoding):
+            if prefill and (seq.sample or req.is_decoding):
                 q.prefilling.remove(req)
             out = result.outputs[i]
             if out.prompt_logprobs:
@@ -276,7 +278,10 @@ class Scheduler:
 
     # ---- job building --------------------------------------------------------------------
     def _prefill_seqs(self, q: ModelQueue) -> list[SeqWork]:
-        """Continue chunked prefills, then admit waiting requests FIFO, within the token budget."""
+        """Continue chunked prefills, then admit waiting requests FIFO, within the token budget.
+
+        Every request taken is in flight from here (`_chunk`); a job is formed of them all.
+        """
         budget, seqs = self.prefill_token_budget, list[SeqWork]()
         for req in q.prefilling:
             if budget <= 0 or len(seqs) >= self.max_batch_size:
@@ -303,6 +308,8 @@ class Scheduler:
         return seqs
 
     def _chunk(self, req: Request, budget: int) -> SeqWork:
+        """The request's next prefill chunk, within `budget` tokens; it is in flight from now."""
+        req.in_flight = True
         start = req.num_computed_tokens
         end = min(req.num_tokens, start + budget)
         step = len(req.output_token_ids)
@@ -320,48 +327,65 @@ class Scheduler:
             params=req.params,
             seed=req.seed,
             step=step,
-            banned=req.banned if step < req.params.min_tokens else frozenset(),
+            banned=req.banned if step < req.params.min_tokens else NO_TOKENS,
             prompt_len=prompt_len,
             next_token=next_token,
         )
 
     def _decode_seqs(self, q: ModelQueue) -> list[SeqWork]:
-        """One token for each decoding request, oldest first; preempt the newest when short."""
+        """One token for each decoding request, oldest first; preempt the newest when short.
+
+        Every request taken is in flight from here; a job is formed of them all. This runs
+        once per model per step over every running request: the loop reads fields, not
+        properties, and builds each SeqWork positionally (under 1 us per request in all).
+        """
         seqs: list[SeqWork] = []
-        batched: set[str] = set()
-        capacity = self.tables.capacity
+        add, capacity, table = seqs.append, self.tables.capacity, self.tables.table
+        limit, running = self.max_batch_size, RequestStatus.RUNNING
         for req in list(q.running):  # a copy: making room may preempt
-            if len(seqs) >= self.max_batch_size:
+            if len(seqs) >= limit:
                 break
-            if req.in_flight or req.status is not RequestStatus.RUNNING or not req.is_decoding:
+            out = req.output_token_ids
+            num_tokens = len(req.prompt_token_ids) + len(out)
+            # `req.is_decoding`: all but the last sampled token are in the pool
+            if (
+                req.in_flight
+                or req.status is not running
+                or req.num_computed_tokens != num_tokens - 1
+                or not out
+            ):
                 continue
-            num_tokens = req.num_tokens
-            if num_tokens > capacity(req.request_id) and not self._make_room(q, req, batched):
+            rid, params = req.request_id, req.params
+            if num_tokens > capacity(rid) and not self._make_room(q, req):
                 continue
-            batched.add(req.request_id)
-            step = len(req.output_token_ids)
+            req.in_flight = True
+            step = len(out)
             history = None
-            if req.params.has_penalties and not req.history_sent:
+            if params.has_penalties and not req.history_sent:
                 history = tuple(req.all_token_ids[: num_tokens - 1])
                 req.history_sent = True
-            seqs.append(
+            add(
                 SeqWork(
-                    request_id=req.request_id,
-                    token_ids=(req.output_token_ids[-1],),
-                    start_pos=num_tokens - 1,
-                    block_table=self.tables.table(req.request_id),
-                    sample=True,
-                    params=req.params,
-                    seed=req.seed,
-                    step=step,
-                    history=history,
-                    banned=req.banned if step < req.params.min_tokens else frozenset(),
+                    rid,  # request_id
+                    (out[-1],),  # token_ids
+                    num_tokens - 1,  # start_pos
+                    table(rid),  # block_table
+                    True,  # sample
+                    params,
+                    req.seed,
+                    step,
+                    history,
+                    req.banned if step < params.min_tokens else NO_TOKENS,  # banned
                 )
             )
         return seqs
 
-    def _make_room(self, q: ModelQueue, req: Request, batched: set[str]) -> bool:
-        """Cover `req`'s next token: borrow free blocks first, else preempt newer requests."""
+    def _make_room(self, q: ModelQueue, req: Request) -> bool:
+        """Cover `req`'s next token: borrow free blocks first, else preempt newer requests.
+
+        Victims are the requests not in flight, newest first: those already taken into this
+        step's batch are in flight, and `req` itself comes before any older one.
+        """
         rebalanced = False
         while not self.tables.can_cover(q.name, req.request_id, req.num_tokens):
             need = self.tables.blocks_to_cover(q.name, req.request_id, req.num_tokens)
@@ -370,10 +394,7 @@ class Scheduler:
                 self.quota.rebalance(self.pool, self.tables, self.queues)
                 rebalanced = True
                 continue
-            victim = next(
-                (r for r in reversed(q.running) if not r.in_flight and r.request_id not in batched),
-                None,
-            )
+            victim = next((r for r in reversed(q.running) if not r.in_flight), None)
             if victim is None:
                 self._needs_rebalance = True
                 return False
@@ -400,12 +421,20 @@ class Scheduler:
 
     # ---- results -----------------------------------------------------------------------
     def _append(self, q: ModelQueue, req: Request, out: SeqResult) -> None:
+        """Add a sampled token; finish the request where it stops (a stop token, a length)."""
         token = out.token_id
         assert token is not None
-        req.output_token_ids.append(token)
-        if req.params.logprobs is not None and out.logprob is not None:
+        output, params = req.output_token_ids, req.params
+        output.append(token)
+        if params.logprobs is not None and out.logprob is not None:
             req.output_logprobs.append(TokenLogprobs(token, out.logprob, out.top_logprobs))
-        reason = self._stop_reason(q.slot, req, token)
+        n, reason = len(output), None
+        if n > params.min_tokens and (  # stop tokens are masked before
+            (not params.ignore_eos and token in req.eos_token_ids) or token in params.stop_token_ids
+        ):
+            reason = FinishReason.STOP
+        elif n >= params.max_tokens or len(req.prompt_token_ids) + n >= q.slot.max_model_len:
+            reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(q, req, reason)
 
@@ -419,20 +448,6 @@ class Scheduler:
                 f"{req.request_id}: prompt logprobs from {out.prompt_start}, expected {have}"
             )
         req.prompt_logprobs.extend(out.prompt_logprobs[skip:])
-
-    @staticmethod
-    def _stop_reason(slot: ModelSlot, req: Request, token: int) -> FinishReason | None:
-        if len(req.output_token_ids) > req.params.min_tokens:  # stop tokens masked before
-            if not req.params.ignore_eos and token in req.eos_token_ids:
-                return FinishReason.STOP
-            if token in req.params.stop_token_ids:
-                return FinishReason.STOP
-        if (
-            len(req.output_token_ids) >= req.params.max_tokens
-            or req.num_tokens >= slot.max_model_len
-        ):
-            return FinishReason.LENGTH
-        return None
 
     def _finish(self, q: ModelQueue, req: Request, reason: FinishReason) -> None:
         self.tables.release(req.request_id)

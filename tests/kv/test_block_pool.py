@@ -155,23 +155,29 @@ def _busy_pool() -> BlockPool:
     return pool
 
 
+def _append_free(pool: BlockPool, block: int) -> None:
+    """Corrupt the free list: `block` goes to its tail, owned or not."""
+    pool._ring[(pool._head + pool._num_free) % pool.num_blocks] = block
+    pool._num_free += 1
+
+
 def test_integrity_free_listed_twice() -> None:
     pool = _busy_pool()
-    pool._free.append(pool._free[0])
+    _append_free(pool, int(pool._ring[pool._head]))
     with pytest.raises(AssertionError, match="free list twice"):
         pool.check_integrity()
 
 
 def test_integrity_free_listed_block_with_owner() -> None:
     pool = _busy_pool()
-    pool._free.append(0)  # a's block 0 is also on the free list
+    _append_free(pool, 0)  # a's block 0 is also on the free list
     with pytest.raises(AssertionError, match="free-listed block has an owner"):
         pool.check_integrity()
 
 
 def test_integrity_lost_block() -> None:
     pool = _busy_pool()
-    pool._free.pop()  # a block leaks: neither free nor owned
+    pool._num_free -= 1  # a block leaks: neither free nor owned
     with pytest.raises(AssertionError, match=r"free \+ used != total"):
         pool.check_integrity()
 
@@ -250,3 +256,26 @@ def test_proportional_split_sums_and_follows_weights(total: int, weights: dict[s
         for n in weights:
             if exact[m] > exact[n] + 1e-6:
                 assert parts[m] >= parts[n]
+
+
+def test_the_free_list_wraps_around_its_ring_in_fifo_order() -> None:
+    pool = BlockPool(5, {"a": 5})
+    first = pool.allocate("a", 4)
+    pool.free("a", np.array([2, 0]))  # tail: 4, 2, 0 (the ring's slots 4, 0, 1)
+    assert ids(pool.allocate("a", 3)) == [4, 2, 0]
+    pool.free("a", np.array([3, 4, 1]))
+    assert ids(pool.allocate("a", 2)) == [3, 4]
+    assert pool.num_free == 1
+    pool.free("a", first[[2]])  # 2
+    assert ids(pool.allocate("a", 2)) == [1, 2]
+    assert pool.num_free == 0
+    pool.check_integrity()
+
+
+def test_a_logical_block_is_one_array_operation() -> None:
+    """1,024 ids (Llama-7B: 32 layers x 32 KV heads) come back as one int32 array, in order."""
+    pool = BlockPool(4096, {"a": 4096})
+    pool.allocate("a", 100)
+    got = pool.allocate("a", 1024)
+    assert got.dtype == np.int32 and ids(got) == list(range(100, 1124))
+    pool.check_integrity()
