@@ -12,6 +12,7 @@ import time
 
 from muxserve.errors import ConfigError
 from placement.candidates import Candidate, CandidateTable, Mode, build_candidates
+from placement.deadline import Deadline
 from placement.greedy import solve_temporal
 from placement.plan import Placement, assemble
 from placement.problem import Problem
@@ -19,10 +20,13 @@ from placement.problem import Problem
 __all__ = ["solve_spatial", "solve_temporal"]
 
 
-def solve_spatial(problem: Problem, table: CandidateTable | None = None) -> Placement:
-    """Each model alone on its own mesh; spare GPUs to whoever gains most."""
+def solve_spatial(
+    problem: Problem, table: CandidateTable | None = None, *, deadline: Deadline | None = None
+) -> Placement:
+    """Each model alone on its own mesh; spare GPUs to whoever gains most (until `deadline`)."""
     start = time.perf_counter()
-    table = table or build_candidates(problem, Mode.TEMPORAL)
+    deadline = deadline or Deadline.never()
+    table = table or build_candidates(problem, Mode.TEMPORAL, max_replicas=1, deadline=deadline)
     best = {(i, s): _alone(table, i, s) for i in range(problem.num_models) for s in table.sizes(i)}
     sizes = {
         i: min(s for (j, s), c in best.items() if j == i and c) for i in range(problem.num_models)
@@ -34,7 +38,7 @@ def solve_spatial(problem: Problem, table: CandidateTable | None = None) -> Plac
             f"spatial: the {problem.num_models} models need at least {need} GPUs on their own "
             f"meshes; the cluster has {problem.cluster.num_gpus}"
         )
-    while True:
+    while not deadline.passed():
         gains = []
         for i, s in sizes.items():
             bigger = [t for t in problem.mesh_sizes if t > s and best.get((i, t))]

@@ -2,7 +2,7 @@
 
     muxserve plan --models M.yaml --cluster C.yaml --workload W.yaml
         [--algorithm ilp|greedy|spatial|temporal|all] [--out plan.yaml] [--simulate]
-        [--time-limit S] [--plot FILE.png]
+        [--time-limit S] [--replicas N] [--plot FILE.png]
 
 The plan written by `--out` is a serving config (`muxserve serve --config plan.yaml`). With
 `--algorithm all`, it is the ILP's plan.
@@ -14,7 +14,9 @@ import argparse
 import sys
 
 from muxserve.config import dump_config
+from muxserve.errors import ConfigError
 from placement.algorithms import ALGORITHMS, SolveOptions, solve
+from placement.deadline import Deadline
 from placement.greedy import stderr_progress
 from placement.ilp_solver import SOLVERS
 from placement.plan import to_config
@@ -49,7 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=60.0,
         metavar="S",
-        help="ILP: seconds to search (default 60)",
+        help="seconds for the whole plan: reading the inputs, every algorithm asked for and "
+        "the ILP's search, which gets what the others leave (default 60; --simulate is extra)",
+    )
+    alg.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="place a model its smallest mesh cannot serve on up to N meshes, its rate split "
+        "between them (default: the cluster file's planner.max_replicas, 1)",
     )
     alg.add_argument(
         "--gap",
@@ -59,9 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     alg.add_argument(
         "--solver",
-        choices=SOLVERS,
-        default="cbc",
-        help="ILP: CBC (bundled) or HiGHS (needs highspy)",
+        choices=("auto", *SOLVERS),
+        default="auto",
+        help="ILP: HiGHS where highspy is installed, else CBC (bundled with pulp) (default auto)",
     )
     alg.add_argument("--threads", type=int, default=None, help="ILP: solver threads")
     sim = parser.add_argument_group("simulation")
@@ -82,7 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan, print, and write; bad input raises `ConfigError` (the CLI prints it)."""
-    problem = load_problem(args.models, args.cluster, args.workload)
+    if args.time_limit <= 0:
+        raise ConfigError(f"--time-limit must be positive, got {args.time_limit:g}")
+    if args.replicas is not None and not 1 <= args.replicas <= 16:
+        raise ConfigError(f"--replicas must be within 1..16, got {args.replicas}")
+    deadline = Deadline.after(args.time_limit)  # from here: reading the inputs counts too
+    problem = load_problem(args.models, args.cluster, args.workload, deadline=deadline)
     names = ALGORITHMS if args.algorithm == "all" else (args.algorithm,)
     options = SolveOptions(
         time_limit=args.time_limit,
@@ -90,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
         solver=args.solver,
         objective=args.objective,
         threads=args.threads,
+        max_replicas=args.replicas,
     )
-    plans = solve(problem, names, options, progress=stderr_progress)
+    plans = solve(problem, names, options, progress=stderr_progress, deadline=deadline)
     sims: dict[str, SimResult] = {}
     if args.simulate:
         for name, plan in plans.items():

@@ -1,13 +1,18 @@
-"""Branch and price over mesh configurations: a tight bound and a near-optimal plan, fast.
+"""Branch and price over mesh configurations: a tight bound and a near-optimal plan.
 
-The master program picks configurations (`configurations.Config`) so that every model is on
-exactly one mesh and the meshes fit the nodes (node patterns, as in the compact program). Its
-LP, grown by pricing until no configuration improves it, bounds every placement from above
-(and the Lagrangian bound of each pricing round bounds it even before that). The search
-branches best bound first, re-pricing at each node: on a fractional number of meshes of a
-size (at most k, or at least k + 1), else on a model's fractional presence on meshes of a
-size (never on that size, or only on it). The integer master over the configurations found
-gives the plan.
+The master program picks configurations (`configurations.Config`) so that every unit (a
+model, or one of its replicas) is on at most one mesh — replica 0 of every model on exactly
+one —, a replicated model's replicas serve at most its rate together, and the meshes fit the
+nodes (node patterns). Its LP, grown by pricing until no configuration improves it, bounds
+every placement from above, and the Lagrangian bound of each pricing round bounds it even
+before that. The search branches best bound first, re-pricing at each node: on a fractional
+number of meshes of a size (at most k, or at least k + 1), else on a model's fractional
+presence on meshes of a size (never on that size, or only on it). The integer master over
+the configurations found gives the plan.
+
+An `Instance` is what one search places: the whole problem, or (for the local search in
+`ilp`) the units of a few nodes on those nodes. Work is bounded by counts (pricing rounds,
+search nodes, MIP nodes), so a search that ends before its deadline is deterministic.
 """
 
 from __future__ import annotations
@@ -15,18 +20,64 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from dataclasses import dataclass, field
-
-import pulp
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 from placement.candidates import CandidateTable
-from placement.configurations import Config, price, price_mip
-from placement.greedy import Progress
-from placement.ilp_solver import run_solver
-from placement.mesh_groups import node_patterns
-from placement.problem import Problem
+from placement.configurations import Config, price, price_bound, price_mip
+from placement.deadline import Deadline
+from placement.lp import Program
+from placement.mesh_groups import MeshPacker, node_patterns, pattern_counts
 
-MAX_ROUNDS = 200  # pricing rounds per node
+MAX_ROUNDS = 200  # pricing rounds per search node
+MAX_NODES = 400  # search nodes
+MASTER_NODES = 5000  # branch-and-bound nodes of one integer master
+# branch-and-bound nodes of one pricing call: past them its columns are a heuristic's, and
+# the LP relaxation (or the MIP solver) bounds what is left
+PRICING_NODES = 2000
+PRICING_KEEP = 5  # configurations kept per pricing call
+
+
+@dataclass(frozen=True)
+class Instance:
+    """Units of a candidate table to place on `nodes` nodes of the problem's shape."""
+
+    table: CandidateTable
+    units: tuple[tuple[int, int], ...]  # (model, replica)
+    nodes: int
+    caps: Mapping[int, float]  # per replicated model: the most its units here serve in all
+
+    @classmethod
+    def whole(cls, table: CandidateTable) -> Instance:
+        p = table.problem
+        caps = {i: p.targets[i].rate for i in range(p.num_models) if table.replicas(i) > 1}
+        return cls(table, tuple(table.units), p.cluster.nodes, caps)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.table.problem.mesh_sizes
+
+    def mandatory(self, k: int) -> bool:
+        return self.units[k][1] == 0
+
+
+@dataclass
+class Incumbent:
+    """A feasible placement: its configurations (meshes are placed on nodes afterwards)."""
+
+    value: float
+    configs: list[Config]
+
+
+@dataclass
+class Search:
+    """What branch and price found."""
+
+    best: Incumbent | None
+    bound: float | None  # proven upper bound on the total served rate (None: unknown)
+    nodes: int
+    rounds: int
+    converged: bool  # the root LP was solved to optimality (no improving column left)
 
 
 @dataclass(frozen=True)
@@ -47,6 +98,7 @@ class Branch:
 @dataclass(order=True)
 class _Node:
     priority: float  # -bound: the heap pops the best bound first
+    order: int  # ties: first pushed first (deterministic)
     branch: Branch = field(compare=False)
 
 
@@ -55,83 +107,148 @@ class _LP:
     value: float
     counts: dict[int, float]  # meshes of each size in the LP solution
     presence: dict[tuple[int, int], float]  # (model, size): the model's weight on that size
-    artificial: float  # how much of the "place every model" rows the LP left unmet
-    bound: float = float("inf")  # proven bound on the node's placements (inf: none yet)
+    artificial: float  # how much of the "place replica 0" rows the LP left unmet
+    bound: float = math.inf  # proven bound on the node's placements (inf: none yet)
     converged: bool = False  # no column improves the LP: `value` is the node's LP optimum
 
 
-@dataclass
-class Incumbent:
-    """The best integer placement found: configurations and node pattern counts."""
-
-    value: float
-    configs: list[Config]
-    counts: dict[tuple[int, ...], int]
-
-
-@dataclass
-class Search:
-    """What branch and price found."""
-
-    best: Incumbent
-    bound: float | None  # proven upper bound on the total served rate (None if unknown)
-    nodes: int
-
-
 class BranchAndPrice:
-    """The configuration LP, its pricing, and the search."""
+    """The configuration LP, its pricing, and the search, over one instance."""
 
     def __init__(
         self,
-        problem: Problem,
-        table: CandidateTable,
+        instance: Instance,
         *,
-        solver: str = "cbc",
         threads: int | None = None,
-        progress: Progress | None = None,
+        progress: Callable[[str], None] | None = None,
+        backend: str = "auto",
+        label: str = "ilp",
+        mip_pricing: bool = False,
+        max_nodes: int = MAX_NODES,
     ) -> None:
-        self.problem = problem
-        self.table = table
-        self.solver, self.threads, self.progress = solver, threads, progress
-        self.patterns = node_patterns(problem.cluster.gpus_per_node, problem.mesh_sizes)
-        self.columns: dict[tuple, Config] = {}
-        for i in range(problem.num_models):  # every model alone, at its best that fits
+        self.inst = instance
+        self.mip_pricing = mip_pricing  # price with the MIP solver alone
+        self.max_nodes = max_nodes
+        table = instance.table
+        self.problem = table.problem
+        self.progress, self.label = progress, label
+        cl = self.problem.cluster
+        self.patterns = node_patterns(cl.gpus_per_node, self.problem.mesh_sizes)
+        self.packer = MeshPacker(instance.nodes, cl.gpus_per_node, self.problem.mesh_sizes)
+        self.cap = table.capacity.as_tuple()
+        self.unit_index = {u: k for k, u in enumerate(instance.units)}
+        self.model_units: dict[int, list[int]] = {}
+        for k, (i, _) in enumerate(instance.units):
+            self.model_units.setdefault(i, []).append(k)
+        self.options = {
+            s: [c for i in self.model_units for c in table.options(i, s)] for s in instance.sizes
+        }
+        self.position = {  # a candidate's index among its (model, size) options
+            c: k for i in self.model_units for s in instance.sizes
+            for k, c in enumerate(table.options(i, s))
+        }  # fmt: skip
+        self.penalty = 1e3 * (self.problem.total_rate + 1.0)
+        self._build(backend, threads)
+        self.columns: dict[tuple, int] = {}  # config key -> column
+        self.configs: list[Config] = []  # per config column, in column order
+        self.config_cols: list[int] = []
+        for i, units in self.model_units.items():  # every model alone, at its best that fits
             for s in table.sizes(i):
                 alone = next((c for c in table.options(i, s) if table.fits([c])), None)
                 if alone is not None:
-                    self.columns.setdefault(Config(s, (alone,)).key, Config(s, (alone,)))
-        self.options = {
-            s: [c for i in range(problem.num_models) for c in table.options(i, s)]
-            for s in problem.mesh_sizes
-        }
-        self.penalty = 1e3 * (problem.total_rate + 1.0)
-        self.final_s = 1.0  # seconds for the last integer master, past the search deadline
-        self.master_s = 10.0  # seconds at most for one integer master
+                    self.add(Config(s, (replace(alone, replica=instance.units[units[0]][1]),)))
+        self.rounds = 0
+        self._deadline = Deadline.never()
 
-    def search(self, start: Incumbent, *, deadline: float, tolerance: float) -> Search:
+    # ---- the master program -----------------------------------------------------------
+    def _build(self, backend: str, threads: int | None) -> None:
+        inst, prog = self.inst, Program(backend, threads)
+        self.prog = prog
+        self.unit_rows = [
+            prog.add_row(1.0 if inst.mandatory(k) else -math.inf, 1.0)
+            for k in range(len(inst.units))
+        ]
+        self.cap_rows = {i: prog.add_row(-math.inf, cap) for i, cap in inst.caps.items()}
+        self.size_rows = {s: prog.add_row(-math.inf, 0.0) for s in inst.sizes}  # ≤ supply
+        self.count_rows = {s: prog.add_row(0.0, math.inf) for s in inst.sizes}  # branching
+        self.nodes_row = prog.add_row(-math.inf, float(inst.nodes))
+        self.pattern_cols = []
+        for p in self.patterns:
+            rows = [self.size_rows[s] for s in inst.sizes if s in p] + [self.nodes_row]
+            coefs = [-float(p.count(s)) for s in inst.sizes if s in p] + [1.0]
+            self.pattern_cols.append(
+                prog.add_col(0.0, 0.0, float(inst.nodes), rows, coefs, integer=True)
+            )
+        self.artificial_cols = [
+            prog.add_col(-self.penalty, 0.0, math.inf, [self.unit_rows[k]], [1.0])
+            for k in range(len(inst.units))
+            if inst.mandatory(k)
+        ]
+
+    def add(self, cfg: Config) -> bool:
+        """Add a configuration as a column; False if it is there already."""
+        key = cfg.key
+        if key in self.columns:
+            return False
+        rows, coefs = [], []
+        for c in cfg.cands:
+            rows.append(self.unit_rows[self.unit_index[(c.model, c.replica)]])
+            coefs.append(1.0)
+            if c.model in self.cap_rows:
+                rows.append(self.cap_rows[c.model])
+                coefs.append(c.served)
+        rows += [self.size_rows[cfg.size], self.count_rows[cfg.size]]
+        coefs += [1.0, 1.0]
+        col = self.prog.add_col(cfg.served, 0.0, math.inf, rows, coefs, integer=True)
+        self.columns[key] = col
+        self.configs.append(cfg)
+        self.config_cols.append(col)
+        return True
+
+    def _restrict(self, branch: Branch, integer: bool) -> None:
+        """Apply a node's restrictions: forbidden columns to 0, bounds on mesh counts."""
+        hi_bound = 1.0 if integer else math.inf
+        for cfg, col in zip(self.configs, self.config_cols, strict=True):
+            self.prog.set_col_bounds(col, 0.0, hi_bound if branch.allows(cfg) else 0.0)
+        lo, hi = dict(branch.lo), dict(branch.hi)
+        for s, row in self.count_rows.items():
+            self.prog.set_row_bounds(row, float(lo.get(s, 0)), float(hi.get(s, math.inf)))
+        for col in self.artificial_cols:
+            self.prog.set_col_bounds(col, 0.0, 0.0 if integer else math.inf)
+
+    # ---- the search ---------------------------------------------------------------------
+    def search(self, start: Incumbent | None, *, deadline: Deadline, tolerance: float) -> Search:
         """Best first until every open node is within `tolerance` of the best placement."""
         t0 = time.perf_counter()
-        for cfg in start.configs:
-            self.columns.setdefault(cfg.key, cfg)
         best = start
+        for cfg in start.configs if start else []:
+            self.add(cfg)
+
+        def value() -> float:
+            return -math.inf if best is None else best.value
 
         def close_enough(bound: float) -> bool:
-            return bound <= best.value * (1 + tolerance) + 1e-9
+            return best is not None and bound <= best.value * (1 + tolerance) + 1e-9
 
         root_branch = Branch()
-        root_deadline = t0 + 0.7 * (deadline - t0)  # the rest: the integer master, branching
-        root = self._price(root_branch, root_deadline, best.value * (1 + tolerance))
-        found = self._integer(root_branch, best, deadline)
-        best = found if found.value > best.value else best
-        if root is None or root.bound == float("inf"):
-            return Search(best, None, 1)
-        heap = [_Node(-root.bound, root_branch)]
+        root_deadline = deadline.fraction(0.7)  # the rest: the integer master, branching
+        root = self._price(root_branch, root_deadline, value() * (1 + tolerance))
+        best = self._better(best, self._integer(root_branch, best, deadline))
+        if root is None or root.bound == math.inf:
+            return Search(best, None, 1, self.rounds, False)
+        converged = root.converged
+        heap = [_Node(-root.bound, 0, root_branch)]
         closed: list[float] = []  # bounds of nodes closed without being solved
-        nodes, last_report = 0, t0
-        while heap and not close_enough(-heap[0].priority) and time.perf_counter() < deadline:
+        nodes, pushed, last_report = 0, 1, t0
+        while heap and not close_enough(-heap[0].priority) and not deadline.passed():
+            if nodes >= self.max_nodes:
+                break
             node = heapq.heappop(heap)
-            stop = best.value * (1 + tolerance)
-            lp = root if nodes == 0 else self._price(node.branch, deadline, stop)
+            lp = (
+                root
+                if nodes == 0
+                else self._price(node.branch, deadline, value() * (1 + tolerance))
+            )
             nodes += 1
             if lp is None:
                 heapq.heappush(heap, node)
@@ -139,88 +256,130 @@ class BranchAndPrice:
             if close_enough(lp.bound) or (lp.artificial > 1e-6 and lp.converged):
                 closed.append(min(lp.bound, -node.priority))  # close enough, or no placement
                 continue
-            if not lp.converged:  # out of time: the node stays open
-                heapq.heappush(heap, _Node(-min(-node.priority, lp.bound), node.branch))
+            if not lp.converged:  # out of time or rounds: the node stays open
+                heapq.heappush(heap, _Node(-min(-node.priority, lp.bound), pushed, node.branch))
+                pushed += 1
                 if nodes == 1:  # the root did not converge: branching needs its LP
                     break
                 continue
-            children = _split(node.branch, lp, self.problem.mesh_sizes)
+            children = _split(node.branch, lp, self.inst.sizes, self.inst.caps)
             if not children:  # integral where we branch: the integer master decides
-                found = self._integer(node.branch, best, deadline)
-                best = found if found.value > best.value else best
+                best = self._better(best, self._integer(node.branch, best, deadline))
                 closed.append(lp.bound)
                 continue
             for child in children:
-                heapq.heappush(heap, _Node(-lp.bound, child))
+                heapq.heappush(heap, _Node(-lp.bound, pushed, child))
+                pushed += 1
             now = time.perf_counter()
             if self.progress and now - t0 > 2.0 and now - last_report > 2.0:
                 last_report = now
                 self.progress(
-                    f"ilp: branch and price, {nodes} nodes, best {best.value:.2f} req/s, "
-                    f"bound {max(-heap[0].priority, *closed, best.value):.2f}"
+                    f"{self.label}: branch and price, {nodes} nodes, best {value():.2f} req/s, "
+                    f"bound {max(-heap[0].priority, *closed, value()):.2f}"
                 )
         if nodes > 1:  # the columns found while branching may combine better
-            found = self._integer(root_branch, best, deadline + self.final_s)
-            best = found if found.value > best.value else best
-        bound = max([-n.priority for n in heap] + closed + [best.value])
-        return Search(best, bound, nodes)
+            best = self._better(best, self._integer(root_branch, best, deadline))
+        bound = max([-n.priority for n in heap] + closed + [value()])
+        return Search(best, bound, nodes, self.rounds, converged)
 
-    def _integer(self, branch: Branch, start: Incumbent, deadline: float) -> Incumbent:
+    @staticmethod
+    def _better(a: Incumbent | None, b: Incumbent | None) -> Incumbent | None:
+        if b is None:
+            return a
+        return b if a is None or b.value > a.value + 1e-9 else a
+
+    def _integer(
+        self, branch: Branch, start: Incumbent | None, deadline: Deadline
+    ) -> Incumbent | None:
         """The integer master over the columns so far, within the node's restrictions."""
-        columns = [c for c in self.columns.values() if branch.allows(c)]
-        prob, lam, n, _ = master_program(self.problem, columns, self.patterns, integer=True)
-        _count_bounds(prob, lam, columns, branch)
-        chosen = {cfg.key for cfg in start.configs}
-        for v, cfg in zip(lam, columns, strict=True):
-            v.setInitialValue(1 if cfg.key in chosen else 0)
-        for k, p in enumerate(self.patterns):
-            n[k].setInitialValue(start.counts.get(p, 0))
-        limit = max(min(self.master_s, deadline - time.perf_counter()), 0.5)
-        try:
-            run_solver(prob, self.solver, limit, None, self.threads, "ilp (master)")
-        except RuntimeError:  # no integer solution within these restrictions
-            return Incumbent(float("-inf"), [], {})
-        picked = [cfg for v, cfg in zip(lam, columns, strict=True) if (v.value() or 0) > 0.5]
-        counts = {self.patterns[k]: round(v.value() or 0) for k, v in n.items()}
-        return Incumbent(sum(c.served for c in picked), picked, counts)
+        if deadline.passed() and start is not None:
+            return None
+        self._restrict(branch, integer=True)
+        x0 = None
+        if start is not None and all(branch.allows(c) for c in start.configs):
+            x0 = self._start_vector(start)
+        sol = self.prog.solve_mip(max(deadline.left(), 0.2), MASTER_NODES, x0)
+        self._restrict(branch, integer=False)
+        if not sol.feasible:
+            return None
+        picked = [cfg for cfg, col in zip(self.configs, self.config_cols, strict=True)
+                  if sol.x[col] > 0.5]  # fmt: skip
+        if self.packer.place([c.size for c in picked]) is None:
+            return None  # cannot happen for a solution within the node patterns
+        return Incumbent(sum(c.served for c in picked), picked)
 
-    def _price(self, branch: Branch, deadline: float, stop_at: float) -> _LP | None:
+    def _start_vector(self, start: Incumbent) -> list[float] | None:
+        where = self.packer.place([c.size for c in start.configs])
+        if where is None:
+            return None
+        x = [0.0] * self.prog.num_cols
+        for cfg in start.configs:
+            x[self.columns[cfg.key]] = 1.0
+        per_node = [[cfg.size for cfg, (n, _) in zip(start.configs, where, strict=True) if n == k]
+                    for k in range(self.inst.nodes)]  # fmt: skip
+        for col, count in zip(self.pattern_cols, pattern_counts(self.patterns, per_node),
+                              strict=True):  # fmt: skip
+            x[col] = float(count)
+        return x
+
+    # ---- pricing ------------------------------------------------------------------------
+    def _price(self, branch: Branch, deadline: Deadline, stop_at: float) -> _LP | None:
         """Column generation at a node, until no column improves the LP, the Lagrangian bound
-        falls to `stop_at`, or the deadline; None if the LP was never solved."""
-        cap = self.table.capacity.as_tuple()
+        falls to `stop_at`, the round limit, or the deadline; None if the LP was never solved."""
+        self._deadline = deadline
         lp: _LP | None = None
-        bound = float("inf")
+        bound = math.inf
         t0 = last_report = time.perf_counter()
         for rounds in range(MAX_ROUNDS):
             now = time.perf_counter()
-            if now > deadline:
+            if deadline.passed():
                 break
             if self.progress and lp is not None and now - t0 > 2.0 and now - last_report > 2.0:
                 last_report = now
-                shown = "none yet" if bound == float("inf") else f"{bound:.2f}"
+                shown = "none yet" if bound == math.inf else f"{bound:.2f}"
                 self.progress(
-                    f"ilp: pricing round {rounds}, LP {lp.value:.2f} req/s, bound {shown}, "
-                    f"{len(self.columns)} configurations"
+                    f"{self.label}: pricing round {rounds}, LP {lp.value:.2f} req/s, "
+                    f"bound {shown}, {len(self.configs)} configurations"
                 )
-            lp, model_price, size_price = self._master_lp(branch)
+            self.rounds += 1
+            lp, unit_price, weight, size_price = self._master_lp(branch)
+            model_price = {i: min(unit_price[k] for k in ks) for i, ks in self.model_units.items()}
             added, best_value = 0, {}
-            for s in self.problem.mesh_sizes:
+            for s in self.inst.sizes:
+                if deadline.passed():
+                    return lp  # a round cut short bounds nothing
                 if branch.closed(s):
                     best_value[s] = 0.0
                     continue
                 options = [c for c in self.options[s] if (c.model, s) not in branch.forbid]
                 threshold = size_price[s] + 1e-7 * max(1.0, lp.value)
-                priced = price(s, options, model_price, cap, threshold=threshold)
-                if not priced.configs and not priced.exact:
-                    limit = max(min(10.0, deadline - time.perf_counter()), 0.5)
-                    exact = price_mip(s, options, model_price, cap, threshold, limit)
-                    priced = exact if exact.exact or exact.configs else priced
-                best_value[s] = priced.upper  # no configuration of size s is worth more
+                if self.mip_pricing:
+                    limit = max(min(10.0, deadline.left()), 0.05)
+                    priced = price_mip(s, options, model_price, self.cap, threshold, limit, weight)
+                else:
+                    priced = price(
+                        s,
+                        options,
+                        model_price,
+                        self.cap,
+                        PRICING_KEEP,
+                        threshold,
+                        weight,
+                        node_limit=PRICING_NODES,
+                        deadline=deadline,
+                    )
+                upper = priced.upper
+                if not priced.exact:
+                    upper = min(upper, price_bound(options, model_price, self.cap, weight))
+                if not priced.configs and not priced.exact and upper > threshold:
+                    limit = max(min(10.0, deadline.left()), 0.05)
+                    exact = price_mip(s, options, model_price, self.cap, threshold, limit, weight)
+                    priced = exact if exact.configs or exact.upper < upper else priced
+                    upper = min(upper, exact.upper)
+                best_value[s] = upper  # no configuration of size s is worth more
                 for _, cfg in priced.configs:
-                    if cfg.key not in self.columns:
-                        self.columns[cfg.key] = cfg
-                        added += 1
-            bound = min(bound, self._lagrangian(model_price, best_value))
+                    added += self.add(self._to_units(cfg, unit_price))
+            bound = min(bound, self._lagrangian(unit_price, weight, best_value))
             lp.bound = bound
             if not added:
                 if all(b <= size_price[s] + 1e-6 * max(1.0, lp.value)
@@ -232,44 +391,61 @@ class BranchAndPrice:
                 return lp
         return lp
 
-    def _lagrangian(self, model_price: list[float], best_value: dict[int, float]) -> float:
-        """Σ model prices + the most any packing of meshes earns at the best configurations'
-        values: an upper bound on every placement, whatever the prices."""
+    def _to_units(self, cfg: Config, unit_price: list[float]) -> Config:
+        """A priced configuration's candidates on each model's cheapest unit (replica)."""
+        cands = []
+        for c in cfg.cands:
+            k = min(self.model_units[c.model], key=lambda k: (unit_price[k], k))
+            j = self.inst.units[k][1]
+            if j != c.replica:
+                c = self.inst.table.options(c.model, cfg.size, j)[self.position[c]]
+            cands.append(c)
+        return Config(cfg.size, tuple(cands))
+
+    def _lagrangian(
+        self, unit_price: list[float], weight: Mapping[int, float], best_value: dict[int, float]
+    ) -> float:
+        """Σ unit prices + Σ rate prices × caps + the most any packing of meshes earns at the
+        best configurations' values: an upper bound on every placement, whatever the prices."""
         per_node = max(
             sum(p.count(s) * max(best_value[s], 0.0) for s in set(p)) for p in self.patterns
         )
-        return sum(model_price) + self.problem.cluster.nodes * per_node
+        caps = sum((1.0 - weight[i]) * cap for i, cap in self.inst.caps.items())
+        return sum(unit_price) + caps + self.inst.nodes * per_node
 
-    def _master_lp(self, branch: Branch) -> tuple[_LP, list[float], dict[int, float]]:
+    def _master_lp(
+        self, branch: Branch
+    ) -> tuple[_LP, list[float], dict[int, float], dict[int, float]]:
         """The restricted master LP at a node; its duals price new columns."""
-        columns = [c for c in self.columns.values() if branch.allows(c)]
-        prob, lam, _, art = master_program(
-            self.problem, columns, self.patterns, integer=False, penalty=self.penalty
-        )
-        by_size = _count_bounds(prob, lam, columns, branch)
-        prob.solve(pulp.PULP_CBC_CMD(msg=False))
-        if prob.status != pulp.LpStatusOptimal:
-            raise RuntimeError(f"the master LP is {pulp.LpStatus[prob.status]}")
-        cons = prob.constraints
-        model_price = [cons[f"assign_{i}"].pi or 0.0 for i in range(self.problem.num_models)]
-        size_price = {}
-        for s in self.problem.mesh_sizes:
-            rows = [cons[n] for n in (f"meshes_{s}", f"hi_{s}", f"lo_{s}") if n in cons]
-            size_price[s] = sum(row.pi or 0.0 for row in rows)
+        self._restrict(branch, integer=False)
+        sol = self.prog.solve(time_limit=max(self._deadline.left(), 0.05))
+        if not sol.feasible:
+            raise RuntimeError(f"{self.label}: the master LP is {sol.status}")
+        d = sol.duals
+        unit_price = []
+        for k, row in enumerate(self.unit_rows):  # an optional unit's price is ≥ 0
+            unit_price.append(d[row] if self.inst.mandatory(k) else max(d[row], 0.0))
+        weight = {i: 1.0 - max(d[row], 0.0) for i, row in self.cap_rows.items()}
+        weight_all = {i: weight.get(i, 1.0) for i in self.model_units}
+        size_price = {s: d[self.size_rows[s]] + d[self.count_rows[s]] for s in self.inst.sizes}
         served, presence = 0.0, dict[tuple[int, int], float]()
-        for v, cfg in zip(lam, columns, strict=True):
-            x = v.value() or 0.0
+        counts = dict.fromkeys(self.inst.sizes, 0.0)
+        for cfg, col in zip(self.configs, self.config_cols, strict=True):
+            x = sol.x[col]
+            if x <= 1e-12:
+                continue
             served += cfg.served * x
+            counts[cfg.size] += x
             for c in cfg.cands:
                 presence[(c.model, cfg.size)] = presence.get((c.model, cfg.size), 0.0) + x
-        counts = {
-            s: sum(v.value() or 0.0 for v in by_size.get(s, [])) for s in self.problem.mesh_sizes
-        }
-        lp = _LP(served, counts, presence, sum(a.value() or 0.0 for a in art))
-        return lp, model_price, size_price
+        artificial = sum(sol.x[col] for col in self.artificial_cols)
+        lp = _LP(served, counts, presence, artificial)
+        return lp, unit_price, weight_all, size_price
 
 
-def _split(branch: Branch, lp: _LP, sizes: tuple[int, ...]) -> list[Branch]:
+def _split(
+    branch: Branch, lp: _LP, sizes: tuple[int, ...], replicated: Mapping[int, float]
+) -> list[Branch]:
     """Two children that cut off the LP solution; none if it is integral where we branch."""
 
     def frac(x: float) -> float:
@@ -282,7 +458,11 @@ def _split(branch: Branch, lp: _LP, sizes: tuple[int, ...]) -> list[Branch]:
         down = Branch(branch.lo, tuple({**hi, s: math.floor(counts[s])}.items()), branch.forbid)
         up = Branch(tuple({**lo, s: math.ceil(counts[s])}.items()), branch.hi, branch.forbid)
         return [down, up]
-    present = {k: x for k, x in lp.presence.items() if 1e-6 < x < 1 - 1e-6}
+    # a replicated model may be on several sizes at once: "never on s" or "only on s" would
+    # not cover every placement, so only models on one mesh are branched on
+    present = {
+        k: x for k, x in lp.presence.items() if 1e-6 < x < 1 - 1e-6 and k[0] not in replicated
+    }
     if present:
         (i, s) = max(present, key=lambda k: (frac(present[k]), k))
         elsewhere = {(i, t) for t in sizes if t != s}
@@ -291,59 +471,3 @@ def _split(branch: Branch, lp: _LP, sizes: tuple[int, ...]) -> list[Branch]:
             Branch(branch.lo, branch.hi, branch.forbid | elsewhere),
         ]
     return []
-
-
-def master_program(
-    problem: Problem,
-    columns: list[Config],
-    patterns: list[tuple[int, ...]],
-    integer: bool,
-    penalty: float | None = None,
-) -> tuple[pulp.LpProblem, list[pulp.LpVariable], dict[int, pulp.LpVariable], list]:
-    """Choose configurations: each model placed once, meshes from node patterns.
-
-    With a `penalty`, each model's row gets an artificial variable costing that much, which
-    keeps the LP feasible whatever the columns and bounds (an LP using one is infeasible).
-    """
-    prob = pulp.LpProblem("master", pulp.LpMaximize)
-    cat = pulp.LpBinary if integer else pulp.LpContinuous
-    lam = [
-        pulp.LpVariable(f"c{j}", 0, 1 if integer else None, cat=cat) for j in range(len(columns))
-    ]
-    ncat = pulp.LpInteger if integer else pulp.LpContinuous
-    n = {
-        k: pulp.LpVariable(f"n{k}", 0, problem.cluster.nodes, cat=ncat)
-        for k in range(len(patterns))
-    }
-    art = [pulp.LpVariable(f"a{i}", 0) for i in range(problem.num_models)] if penalty else []
-    obj = [(v, cfg.served) for v, cfg in zip(lam, columns, strict=True)]
-    prob += pulp.LpAffineExpression(obj + [(a, -(penalty or 0.0)) for a in art])
-    by_model: dict[int, list[pulp.LpVariable]] = {i: [] for i in range(problem.num_models)}
-    by_size: dict[int, list[pulp.LpVariable]] = {s: [] for s in problem.mesh_sizes}
-    for v, cfg in zip(lam, columns, strict=True):
-        by_size[cfg.size].append(v)
-        for c in cfg.cands:
-            by_model[c.model].append(v)
-    for i, vs in by_model.items():
-        extra = [(art[i], 1)] if art else []
-        prob += pulp.LpAffineExpression([(v, 1) for v in vs] + extra) == 1, f"assign_{i}"
-    for s, vs in by_size.items():
-        supply = [(n[k], p.count(s)) for k, p in enumerate(patterns) if s in p]
-        lhs = pulp.LpAffineExpression([(v, 1) for v in vs] + [(x, -c) for x, c in supply])
-        prob += lhs <= 0, f"meshes_{s}"
-    prob += pulp.lpSum(n.values()) <= problem.cluster.nodes, "nodes"
-    return prob, lam, n, art
-
-
-def _count_bounds(
-    prob: pulp.LpProblem, lam: list[pulp.LpVariable], columns: list[Config], branch: Branch
-) -> dict[int, list[pulp.LpVariable]]:
-    """Bound the number of meshes of each size; returns the columns' variables by size."""
-    by_size: dict[int, list[pulp.LpVariable]] = {}
-    for v, c in zip(lam, columns, strict=True):
-        by_size.setdefault(c.size, []).append(v)
-    for s, k in branch.hi:
-        prob += pulp.lpSum(by_size.get(s, [])) <= k, f"hi_{s}"
-    for s, k in branch.lo:
-        prob += pulp.lpSum(by_size.get(s, [])) >= k, f"lo_{s}"
-    return by_size

@@ -12,12 +12,15 @@ upper bound on every placement; the best integer choice among the columns is a p
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import pulp
+import numpy as np
 
 from placement.candidates import Candidate
+from placement.deadline import Deadline
+from placement.lp import Program
 
 NODE_LIMIT = 20_000  # branch-and-bound nodes per pricing call before handing over to the MIP
 
@@ -34,8 +37,11 @@ class Config:
         return sum(c.served for c in self.cands)
 
     @property
-    def key(self) -> tuple[int, tuple[tuple[int, float], ...]]:
-        return (self.size, tuple(sorted((c.model, c.share) for c in self.cands)))
+    def key(self) -> tuple[int, tuple[tuple[int, int, float, float], ...]]:
+        return (
+            self.size,
+            tuple(sorted((c.model, c.replica, c.share, c.served) for c in self.cands)),
+        )
 
 
 @dataclass(frozen=True)
@@ -50,12 +56,16 @@ class Priced:
 def price(
     size: int,
     options: Sequence[Candidate],
-    model_price: Sequence[float],
+    model_price: Sequence[float] | Mapping[int, float],
     capacity: tuple[float, float, float, float],
     keep: int = 3,
     threshold: float = 0.0,
+    weight: Sequence[float] | Mapping[int, float] | None = None,
+    node_limit: int = NODE_LIMIT,
+    deadline: Deadline | None = None,
 ) -> Priced:
-    """The `keep` best configurations worth more than `threshold`, by Σ (served − model price).
+    """The `keep` best configurations worth more than `threshold`, by Σ (weight × served −
+    model price) (weight: 1 less the price of a replicated model's rate, default 1).
 
     Decides one model at a time (its best candidates first, then leaving it out). A node is
     pruned by the least of three bounds: the sum of the remaining models' best values; the
@@ -65,7 +75,7 @@ def price(
     """
     by_model: dict[int, list[tuple[float, Candidate]]] = {}
     for c in options:
-        v = c.served - model_price[c.model]
+        v = c.served * (1.0 if weight is None else weight[c.model]) - model_price[c.model]
         if v > 1e-9:
             by_model.setdefault(c.model, []).append((v, c))
     room0 = [cap * (1 + 1e-9) + 1e-9 for cap in capacity]
@@ -109,10 +119,14 @@ def price(
             total = min(total, frac)
         return total
 
+    stop = False
+
     def dfs(depth: int, used: list[float], value: float, chosen: list[Candidate]) -> None:
-        nonlocal nodes, exact
+        nonlocal nodes, exact, stop
         nodes += 1
-        if nodes > NODE_LIMIT:
+        if nodes % 1024 == 0 and deadline is not None and deadline.passed():
+            stop = True
+        if nodes > node_limit or stop:
             exact = False
             return
         if depth == len(models):
@@ -145,35 +159,42 @@ def _multipliers(
     items: list[list[tuple[float, Candidate]]], room: list[float], target: float
 ) -> list[float]:
     """Multipliers on the (capacity-normalised) resources that make the Lagrangian bound
-    Σ_models max(0, max_cand value − λ·use) + Σ λ small, by Polyak subgradient steps."""
-    lam = [0.0] * 4
-    best_lam, best_bound = list(lam), float("inf")
+    Σ_models max(0, max_cand value − λ·use) + Σ λ small, by Polyak subgradient steps
+    (vectorised: one pass over every candidate per step)."""
+    flat = [(v, c, m) for m, its in enumerate(items) for v, c in its]
+    if not flat:
+        return [0.0] * 4
+    values = np.array([v for v, _, _ in flat])
+    uses = np.array([[c.use[r] / room[r] for r in range(4)] for _, c, _ in flat])  # (n, 4)
+    owner = np.array([m for _, _, m in flat])
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])  # items are grouped by model
+    lam = np.zeros(4)
+    best_lam, best_bound = lam.copy(), np.inf
     theta, stall = 2.0, 0
     for _ in range(60):
-        used, total = [0.0] * 4, sum(lam)
-        for its in items:
-            net, pick = 0.0, None
-            for v, c in its:
-                x = v - sum(lam[r] * c.use[r] / room[r] for r in range(4))
-                if x > net:
-                    net, pick = x, c
-            if pick is not None:
-                total += net
-                for r in range(4):
-                    used[r] += pick.use[r] / room[r]
+        net = values - uses @ lam  # (n,)
+        top = np.maximum.reduceat(net, starts)  # per model
+        taken = top > 0
+        # the first candidate at each model's top (ties: the first, as a scan would)
+        first = np.full(len(items), -1)
+        hit = np.flatnonzero(net == np.repeat(top, np.diff(np.r_[starts, len(net)])))
+        first_hit = np.unique(owner[hit], return_index=True)
+        first[first_hit[0]] = hit[first_hit[1]]
+        total = float(lam.sum() + top[taken].sum())
+        used = uses[first[taken]].sum(axis=0) if taken.any() else np.zeros(4)
         if total < best_bound - 1e-12:
-            best_bound, best_lam, stall = total, list(lam), 0
+            best_bound, best_lam, stall = total, lam.copy(), 0
         else:
             stall += 1
             if stall >= 5:
                 theta, stall = theta / 2, 0
-        grad = [1.0 - u for u in used]  # d bound / d λ
-        norm = sum(g * g for g in grad)
+        grad = 1.0 - used  # d bound / d λ
+        norm = float(grad @ grad)
         if norm < 1e-18 or theta < 1e-4:
             break
         step = theta * max(total - target, 1e-9) / norm
-        lam = [max(0.0, lam[r] - step * grad[r]) for r in range(4)]
-    return best_lam
+        lam = np.maximum(0.0, lam - step * grad)
+    return [float(x) for x in best_lam]
 
 
 def _increments(
@@ -201,38 +222,69 @@ def _increments(
     return out
 
 
+def price_bound(
+    options: Sequence[Candidate],
+    model_price: Sequence[float] | Mapping[int, float],
+    capacity: tuple[float, float, float, float],
+    weight: Sequence[float] | Mapping[int, float] | None = None,
+) -> float:
+    """An upper bound on every configuration's value: the LP relaxation of the pricing
+    knapsack (at most one candidate per model, four resources). It exceeds the best value by
+    at most the values of four candidates (a basic solution splits at most four models)."""
+    prog = Program()
+    resource = [prog.add_row(-math.inf, 1.0) for r in range(4)]  # as shares of the capacity
+    one: dict[int, int] = {}
+    for c in options:
+        v = c.served * (1.0 if weight is None else weight[c.model]) - model_price[c.model]
+        if v <= 1e-9:
+            continue
+        if c.model not in one:
+            one[c.model] = prog.add_row(-math.inf, 1.0)
+        rows = [one[c.model]] + [resource[r] for r in range(4) if c.use[r] > 0]
+        coefs = [1.0] + [c.use[r] / capacity[r] for r in range(4) if c.use[r] > 0]
+        prog.add_col(v, 0.0, 1.0, rows, coefs)
+    if not one:
+        return 0.0
+    sol = prog.solve()
+    return sol.value if sol.feasible else math.inf
+
+
 def price_mip(
     size: int,
     options: Sequence[Candidate],
-    model_price: Sequence[float],
+    model_price: Sequence[float] | Mapping[int, float],
     capacity: tuple[float, float, float, float],
     threshold: float,
     time_limit: float,
+    weight: Sequence[float] | Mapping[int, float] | None = None,
 ) -> Priced:
-    """The best configuration by the same value, from CBC: for when branch and bound stalls."""
-    prob = pulp.LpProblem("pricing", pulp.LpMaximize)
-    terms: list[tuple[pulp.LpVariable, float, Candidate]] = []
-    by_model: dict[int, list[pulp.LpVariable]] = {}
-    for k, c in enumerate(options):
-        v = c.served - model_price[c.model]
+    """The best configuration by the same value, from a MIP solver (HiGHS where installed,
+    else CBC): for when branch and bound stalls. Its upper bound holds even when the solver
+    stops at the time limit (the solver's own bound)."""
+    prog = Program()
+    terms: list[tuple[int, float, Candidate]] = []
+    by_model: dict[int, list[int]] = {}
+    room = [cap * (1 + 1e-9) + 1e-9 for cap in capacity]  # as `fits` allows
+    resource = [prog.add_row(-math.inf, 1.0) for r in range(4)]  # as shares of the capacity
+    for c in options:
+        v = c.served * (1.0 if weight is None else weight[c.model]) - model_price[c.model]
         if v > 1e-9:
-            x = pulp.LpVariable(f"x{k}", cat=pulp.LpBinary)
-            terms.append((x, v, c))
-            by_model.setdefault(c.model, []).append(x)
+            by_model.setdefault(c.model, [])
+            terms.append((len(terms), v, c))
     if not terms:
         return Priced([], True, 0.0)
-    prob += pulp.LpAffineExpression([(x, v) for x, v, _ in terms])
-    for m, xs in by_model.items():
-        prob += pulp.lpSum(xs) <= 1, f"one_{m}"
-    for r in range(4):
-        prob += pulp.LpAffineExpression([(x, c.use[r]) for x, _, c in terms]) <= capacity[r]
-    prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit))
-    exact = prob.sol_status == pulp.LpSolutionOptimal
-    if prob.status != pulp.LpStatusOptimal:
-        return Priced([], False, float("inf"))
-    chosen = tuple(c for x, _, c in terms if (x.value() or 0) > 0.5)
-    value = sum(v for x, v, _ in terms if (x.value() or 0) > 0.5)
-    upper = max(value, threshold) if exact else float("inf")
+    one = {m: prog.add_row(-math.inf, 1.0) for m in by_model}
+    for _, v, c in terms:
+        rows = [one[c.model]] + [resource[r] for r in range(4) if c.use[r] > 0]
+        coefs = [1.0] + [c.use[r] / room[r] for r in range(4) if c.use[r] > 0]
+        prog.add_col(v, 0.0, 1.0, rows, coefs, integer=True)
+    sol = prog.solve_mip(time_limit)
+    if not sol.feasible:
+        return Priced([], False, math.inf)
+    exact = sol.status == "optimal"
+    chosen = tuple(c for k, _, c in terms if sol.x[k] > 0.5)
+    value = sum(v for k, v, _ in terms if sol.x[k] > 0.5)
+    upper = max(value, threshold) if exact else max(sol.bound, value)
     if not chosen or value <= threshold:
         return Priced([], exact, upper)
     return Priced([(value, Config(size, chosen))], exact, upper)

@@ -15,6 +15,9 @@ from placement.files import Strict, read_yaml, validate
 from placement.params import AnalyticParams, PlannerParams
 
 GIB = 1 << 30
+MAX_NODES = 512  # nodes one plan covers (larger clusters: plan groups of nodes)
+MAX_GPUS_PER_NODE = 16
+MAX_GPUS = 4096
 
 
 class GPUSpec(Strict):
@@ -116,8 +119,8 @@ class ClusterFile(Strict):
     """The `--cluster` file."""
 
     gpu: GPUOverride  # a built-in type's name, or a mapping with `type:` and overrides
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(8, ge=1)
+    nodes: int = Field(1, ge=1, le=MAX_NODES)
+    gpus_per_node: int = Field(8, ge=1, le=MAX_GPUS_PER_NODE)
     cost_model: AnalyticParams = AnalyticParams()
     planner: PlannerParams = PlannerParams()
     profile: str | None = None  # a profile table (JSON); relative to this file

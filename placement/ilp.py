@@ -1,20 +1,28 @@
-"""The optimal placement under the cost model: an integer program (pulp; CBC or HiGHS).
+"""The optimal placement under the cost model: an integer program, solved within a time limit.
 
-Decisions: how each node splits into meshes (an integer per node pattern), which mesh hosts
-each model and at which candidate (SM level) — so its SM shares and KV share — subject to
-each mesh's memory, SM time, HBM time and SM admission (see `candidates`). Objective: total
-served rate, each model capped at its own rate; or max–min fairness (the least served /
-requested ratio first, then the total).
+Decisions: how each node splits into meshes (node patterns), which mesh hosts each model (and
+each replica) and at which candidate (SM level, service level) — so its SM shares and KV share
+— subject to each mesh's memory, SM time, HBM time and SM admission (see `candidates`).
+Objective: total served rate, each model capped at its own rate; or max–min fairness (the
+least served / requested ratio first, then the total).
 
-For throughput, column generation over mesh configurations gives a tight bound and a
-near-optimal plan in seconds; if a gap above the tolerance remains, the compact program
-(below), warm-started from that plan and cut at the bound, runs for the time left. The
-compact program breaks the symmetry of interchangeable meshes with representatives: slot
-(s, r) exists only if model r is on it, and holds only models after r in a fixed order.
+For throughput, in this order, all within one deadline:
+1. the greedy plan (the warm start; never returned worse than),
+2. branch and price over mesh configurations (`column_generation`): the bound, and a plan,
+3. local search (`local_search`): two nodes at a time re-planned exactly, while time is left,
+4. the compact program (below), for instances small enough to solve whole, when a gap is left.
+For fairness, the compact program. Any solution that does not decode into a feasible plan
+(every model placed once, each mesh within capacity, the meshes packable on the nodes) is
+dropped with a note, and the best feasible one is kept. The reported bound is the least of
+the bounds found and the sum of what each model can serve at most (never above its rate).
+
+The compact program breaks the symmetry of interchangeable meshes with representatives:
+slot (s, r) exists only if unit r is on it, and holds only units after r in a fixed order.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -23,15 +31,19 @@ import pulp
 
 from muxserve.errors import ConfigError
 from placement.candidates import RESOURCES, Candidate, CandidateTable, Mode, build_candidates
-from placement.column_generation import BranchAndPrice, Incumbent
+from placement.column_generation import BranchAndPrice, Incumbent, Instance
 from placement.configurations import Config
+from placement.deadline import Deadline
 from placement.greedy import Progress, solve_greedy, stderr_progress
-from placement.ilp_solver import run_solver
-from placement.mesh_groups import node_patterns, pattern_counts, positions
+from placement.ilp_solver import SOLVERS, run_solver
+from placement.local_search import improve
+from placement.lp import highs_available
+from placement.mesh_groups import MeshPacker, node_patterns, pattern_counts
 from placement.plan import Placement, assemble
 from placement.problem import Problem
 
 Objective = Literal["throughput", "fair"]
+COMPACT_MAX_VARIABLES = 20_000  # larger compact programs are not worth solving whole
 
 
 def solve_ilp(
@@ -41,90 +53,223 @@ def solve_ilp(
     objective: Objective = "throughput",
     time_limit: float = 60.0,
     gap_tolerance: float = 1e-3,
-    solver: str = "cbc",
+    solver: str = "auto",
     warm_start: Placement | None = None,
     progress: Progress | None = stderr_progress,
     threads: int | None = None,
+    deadline: Deadline | None = None,
 ) -> Placement:
-    """The best placement found within `time_limit`, with its optimality gap."""
+    """The best placement found within `time_limit` (or `deadline`), with its bound and gap."""
+    if solver not in (*SOLVERS, "auto"):
+        raise ConfigError(f"unknown solver {solver!r}; choose one of auto, {', '.join(SOLVERS)}")
+    if solver == "highs" and not highs_available():
+        raise ConfigError("solver 'highs' needs highspy: pip install highspy")
     start = time.perf_counter()
-    table = table or build_candidates(problem, Mode.MUX)
-    best: Placement | None = warm_start
-    if best is None:
+    deadline = deadline or Deadline.after(time_limit)
+    table = table or build_candidates(problem, Mode.MUX, deadline=deadline)
+    backend = "highs" if solver == "auto" and highs_available() else solver
+    backend = "cbc" if backend == "auto" else backend
+    run = _Run(problem, table, backend, threads, progress, deadline)
+    if warm_start is not None:
+        run.offer(_configs(problem, table, warm_start), "the warm start")
+    else:
         try:
-            best = solve_greedy(problem, table, progress=progress)
+            greedy = solve_greedy(
+                problem, table, progress=progress, deadline=deadline.fraction(0.3)
+            )
+            run.offer(_configs(problem, table, greedy), "the greedy plan")
         except ConfigError:  # the greedy found no group that holds everyone; the ILP may
-            best = None
-
-    def left() -> float:
-        return max(time_limit - (time.perf_counter() - start), 0.0)
-
-    def value(plan: Placement | None) -> float:
-        return float("-inf") if plan is None else plan.served_total
-
-    bound: float | None = None
+            pass
     if objective == "throughput":
-        initial = Incumbent(float("-inf"), [], {})
-        if best is not None:
-            patterns = node_patterns(problem.cluster.gpus_per_node, problem.mesh_sizes)
-            nodes = [[m.size for m in best.meshes if m.node == k]
-                     for k in range(problem.cluster.nodes)]  # fmt: skip
-            counts = dict(zip(patterns, pattern_counts(patterns, nodes), strict=True))
-            initial = Incumbent(best.served_total, _configs(problem, table, best), counts)
-        bp = BranchAndPrice(problem, table, solver=solver, threads=threads, progress=progress)
-        bp.final_s = 0.1 * time_limit
-        bp.master_s = max(10.0, 0.2 * time_limit)
-        found = bp.search(initial, deadline=start + 0.75 * time_limit, tolerance=gap_tolerance)
-        if found.best.value > value(best) + 1e-9:
-            best = _from_configs(problem, table, found.best.configs, found.best.counts)
-        bound = found.bound
-    unproven = best is None or bound is None or _gap(best.served_total, bound) > gap_tolerance
-    if unproven and (best is None or objective == "fair" or left() > 2.0):
-        compact, compact_bound = _compact(
-            problem,
-            table,
-            best,
-            bound,
-            objective,
-            max(left() - 1.0, 1.0),
-            solver,
-            progress,
-            threads,
-        )
-        if compact is not None and (objective == "fair" or compact.served_total > value(best)):
-            best = compact
-        if compact_bound is not None:
-            bound = compact_bound if bound is None else min(bound, compact_bound)
-    if best is None:
+        run.branch_and_price(gap_tolerance)
+        if run.gap() > gap_tolerance and not deadline.passed() and run.best is not None:
+            run.local_search()
+    if objective == "fair" or (
+        run.gap() > gap_tolerance
+        and deadline.left() > 2.0
+        and _compact_size(table) <= COMPACT_MAX_VARIABLES
+    ):
+        run.compact(objective)
+    if run.best is None:
+        deadline.check("searching for a placement")
         raise ConfigError(
             f"no placement holds all {problem.num_models} models on this cluster "
             f"(weights, activations and KV for one request each exceed its memory)"
         )
-    return _finish(problem, table, best, bound, start)
+    return run.finish(start, gap_tolerance, objective)
+
+
+class _Run:
+    """The best plan so far, the best bound, and what to say about how they were found."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        table: CandidateTable,
+        backend: str,
+        threads: int | None,
+        progress: Progress | None,
+        deadline: Deadline,
+    ) -> None:
+        self.problem, self.table, self.backend = problem, table, backend
+        self.threads, self.progress, self.deadline = threads, progress, deadline
+        cl = problem.cluster
+        self.packer = MeshPacker(cl.nodes, cl.gpus_per_node, problem.mesh_sizes)
+        self.best: list[Config] | None = None
+        self.value = -math.inf
+        self.bound = cap_bound(table)
+        self.notes: list[str] = []
+
+    def gap(self) -> float:
+        return math.inf if self.best is None else _gap(self.value, self.bound)
+
+    def offer(self, configs: list[Config], source: str) -> bool:
+        """Keep `configs` if they are a feasible plan better than the best; else say why not."""
+        why = check(self.table, configs, self.packer)
+        if why is not None:
+            self.notes.append(
+                f"{source} did not decode into a feasible plan ({why}); kept the best"
+            )
+            if self.progress:
+                self.progress(f"ilp: {self.notes[-1]}")
+            return False
+        value = sum(c.served for c in configs)
+        if value > self.value + 1e-9:
+            self.best, self.value = configs, value
+            return True
+        return False
+
+    def tighten(self, bound: float | None) -> None:
+        if bound is not None and math.isfinite(bound):
+            self.bound = min(self.bound, max(bound, self.value))
+
+    def branch_and_price(self, tolerance: float) -> None:
+        bp = BranchAndPrice(
+            Instance.whole(self.table),
+            threads=self.threads,
+            progress=self.progress,
+            backend=self.backend,
+        )
+        start = None if self.best is None else Incumbent(self.value, self.best)
+        share = 0.4 if self.problem.cluster.nodes > 1 else 0.9  # the rest: local search
+        found = bp.search(start, deadline=self.deadline.fraction(share), tolerance=tolerance)
+        if found.best is not None:
+            self.offer(found.best.configs, "branch and price")
+        self.tighten(found.bound)
+        if not found.converged:
+            self.notes.append(
+                f"the configuration LP did not converge in time ({found.rounds} pricing rounds): "
+                "the bound is a Lagrangian one"
+            )
+
+    def local_search(self) -> None:
+        assert self.best is not None
+        found = improve(
+            self.table,
+            Incumbent(self.value, self.best),
+            deadline=self.deadline,
+            threads=self.threads,
+            backend=self.backend,
+            progress=self.progress,
+        )
+        self.offer(found.configs, "the local search")
+
+    def compact(self, objective: Objective) -> None:
+        limit = max(self.deadline.left() - 0.5, 0.1)
+        solver = "highs" if self.backend == "highs" else "cbc"
+        plan, bound = _compact(
+            self.problem,
+            self.table,
+            self.best,
+            self.bound if objective == "throughput" else None,
+            objective,
+            limit,
+            solver,
+            self.progress,
+            self.threads,
+        )
+        if plan is not None:
+            if objective == "fair" and check(self.table, plan, self.packer) is None:
+                self.best, self.value = plan, sum(c.served for c in plan)  # fairness first
+            else:
+                self.offer(plan, "the compact program's solution")
+        if objective == "throughput":
+            self.tighten(bound)
+        elif bound is not None:
+            self.bound = min(max(bound, self.value), cap_bound(self.table))
+
+    def finish(self, start: float, tolerance: float, objective: Objective) -> Placement:
+        assert self.best is not None
+        where = self.packer.place([c.size for c in self.best])
+        assert where is not None
+        meshes = [
+            (node, gpus, list(cfg.cands))
+            for (node, gpus), cfg in zip(where, self.best, strict=True)
+        ]
+        gap = _gap(self.value, self.bound)
+        if gap <= 1e-6:
+            status = "optimal"
+        elif gap <= tolerance:
+            status = "near-optimal"
+        else:
+            status = "time limit" if self.deadline.passed() else "gap left"
+        if objective == "fair":
+            status = "optimal" if gap <= 1e-6 else "heuristic"
+        return assemble(
+            self.problem,
+            self.table,
+            "ilp",
+            meshes,
+            solve_time_s=time.perf_counter() - start,
+            status=status,
+            gap=gap,
+            bound=self.bound,
+            notes=tuple(self.notes),
+        )
+
+
+def cap_bound(table: CandidateTable) -> float:
+    """Σ over models of the most it can serve: its rate, or what all its replicas serve at
+    their best — no placement serves more."""
+    p = table.problem
+    total = 0.0
+    for i in range(p.num_models):
+        most = max((c.served for s in table.sizes(i) for c in table.options(i, s)), default=0.0)
+        total += min(p.targets[i].rate, table.replicas(i) * most)
+    return total
+
+
+def check(table: CandidateTable, configs: list[Config], packer: MeshPacker) -> str | None:
+    """Why these meshes are not a feasible plan, or None if they are."""
+    p = table.problem
+    seen: dict[tuple[int, int], int] = {}
+    served = [0.0] * p.num_models
+    for k, cfg in enumerate(configs):
+        models = [c.model for c in cfg.cands]
+        if len(set(models)) != len(models):
+            return f"mesh {k} hosts a model twice"
+        if any(c.size != cfg.size for c in cfg.cands):
+            return f"mesh {k} mixes candidates of other mesh sizes"
+        if not table.fits(cfg.cands):
+            return f"mesh {k} ({cfg.size} GPUs) is over capacity"
+        for c in cfg.cands:
+            seen[(c.model, c.replica)] = seen.get((c.model, c.replica), 0) + 1
+            served[c.model] += c.served
+    for i in range(p.num_models):
+        if seen.get((i, 0), 0) != 1:
+            return f"{p.specs[i].name} is placed {seen.get((i, 0), 0)} times"
+        if any(n > 1 for (m, _), n in seen.items() if m == i):
+            return f"a replica of {p.specs[i].name} is placed twice"
+        if served[i] > p.targets[i].rate * (1 + 1e-6) + 1e-9 and table.replicas(i) > 1:
+            return f"the replicas of {p.specs[i].name} serve more than its rate"
+    if packer.place([c.size for c in configs]) is None:
+        sizes = sorted((c.size for c in configs), reverse=True)
+        return f"meshes of {sizes} GPUs do not fit on the nodes"
+    return None
 
 
 def _gap(value: float, bound: float) -> float:
     return max(bound - value, 0.0) / max(value, 1e-9)
-
-
-def _finish(
-    problem: Problem, table: CandidateTable, plan: Placement, bound: float | None, start: float
-) -> Placement:
-    if bound is None:
-        gap, status = None, "time limit"
-    else:
-        gap = _gap(plan.served_total, bound)
-        status = "optimal" if gap <= 1e-6 else "near-optimal"
-    meshes = [(m.node, m.gpus, _cands(problem, table, m.size, m.models)) for m in plan.meshes]
-    return assemble(
-        problem,
-        table,
-        "ilp",
-        meshes,
-        solve_time_s=time.perf_counter() - start,
-        status=status,
-        gap=gap,
-    )
 
 
 def _cands(problem: Problem, table: CandidateTable, size: int, models: tuple) -> list[Candidate]:
@@ -136,7 +281,7 @@ def _cands(problem: Problem, table: CandidateTable, size: int, models: tuple) ->
         out.append(
             next(
                 c
-                for c in table.options(i, size)
+                for c in table.options(i, size, pm.replica)
                 if abs(c.share - share) < 1e-9 and abs(c.served - pm.served) <= 1e-9 * c.served
             )
         )
@@ -147,49 +292,48 @@ def _configs(problem: Problem, table: CandidateTable, plan: Placement) -> list[C
     return [Config(m.size, tuple(_cands(problem, table, m.size, m.models))) for m in plan.meshes]
 
 
-def _from_configs(
-    problem: Problem,
-    table: CandidateTable,
-    configs: list[Config],
-    counts: dict[tuple[int, ...], int],
-) -> Placement:
-    patterns = list(counts)
-    free = positions(patterns, [counts[p] for p in patterns])
-    meshes = [(*free[cfg.size].pop(0), list(cfg.cands)) for cfg in configs]
-    return assemble(problem, table, "ilp", meshes, solve_time_s=0.0, status="heuristic")
-
-
 # ---- the compact program ----------------------------------------------------------------
 @dataclass
 class _Compact:
     """The program and the handles needed to read a solution back."""
 
     prob: pulp.LpProblem
-    x: dict[tuple[int, int, int, int], pulp.LpVariable]  # (model, size, rep, cand idx)
+    x: dict[tuple[int, int, int, int], pulp.LpVariable]  # (unit, size, rep unit, cand idx)
     n: dict[int, pulp.LpVariable]  # node pattern index -> how many nodes use it
     served: pulp.LpAffineExpression
     ratio: dict[int, pulp.LpAffineExpression]  # model -> served / requested
     patterns: list[tuple[int, ...]]
-    order: list[int]  # representative order of the models
+    order: list[int]  # representative order of the units
+
+
+def _compact_size(table: CandidateTable) -> int:
+    """How many binaries the compact program has (its slots times their options)."""
+    p = table.problem
+    total = 0
+    for s in p.mesh_sizes:
+        per_unit = [len(table.options(i, s)) for i, _ in table.units if table.options(i, s)]
+        n = len(per_unit)
+        total += sum(per_unit) * (n + 1) // 2
+    return total
 
 
 def _compact(
     problem: Problem,
     table: CandidateTable,
-    start_plan: Placement | None,
+    start_plan: list[Config] | None,
     bound: float | None,
     objective: Objective,
     time_limit: float,
     solver: str,
     progress: Progress | None,
     threads: int | None,
-) -> tuple[Placement | None, float | None]:
-    """Solve the compact program; returns its plan (None: infeasible) and its bound."""
+) -> tuple[list[Config] | None, float | None]:
+    """Solve the compact program; returns its plan (None: none found) and its bound."""
     t0 = time.perf_counter()
     m = _build(problem, table)
     first = None
     if start_plan is not None:
-        _set_start(m, problem, table, start_plan)
+        _set_start(m, table, start_plan)
     if bound is not None:
         m.prob += m.served <= bound * (1 + 1e-9) + 1e-9, "bound"
     if objective == "fair":
@@ -198,32 +342,44 @@ def _compact(
             m.prob += theta <= ratio
         m.prob.setObjective(theta)
         if start_plan is not None:
-            theta.setInitialValue(start_plan.fairness())
+            theta.setInitialValue(_fairness(problem, start_plan))
         try:
             first = run_solver(m.prob, solver, time_limit / 2, progress, threads, "ilp (fairness)")
         except RuntimeError:
             return None, None
         m.prob += theta >= (theta.value() or 0.0) - 1e-7, "fairness"
         time_limit = max(time_limit - (time.perf_counter() - t0), 1.0)
-        _set_start(m, problem, table, _plan(m, problem, table))
+        decoded = _decode(m, table)
+        if decoded is not None:
+            _set_start(m, table, decoded)
     m.prob.setObjective(m.served)
     try:
         result = run_solver(m.prob, solver, time_limit, progress, threads, "ilp")
     except RuntimeError:
         return None, None
     if objective == "fair" and (first is None or not first.optimal):
-        return _plan(m, problem, table), None  # the fairness level itself is not proven
-    return _plan(m, problem, table), result.bound
+        return _decode(m, table), None  # the fairness level itself is not proven
+    return _decode(m, table), result.bound
 
 
-def _plan(m: _Compact, problem: Problem, table: CandidateTable) -> Placement:
-    return assemble(problem, table, "ilp", _decode(m, table), solve_time_s=0.0, status="")
+def _fairness(problem: Problem, configs: list[Config]) -> float:
+    served = [0.0] * problem.num_models
+    for cfg in configs:
+        for c in cfg.cands:
+            served[c.model] += c.served
+    return min(s / t.rate for s, t in zip(served, problem.targets, strict=True))
 
 
 def _build(problem: Problem, table: CandidateTable) -> _Compact:
     prob = pulp.LpProblem("placement", pulp.LpMaximize)
+    units = table.units
+
+    def smallest(k: int) -> int:
+        return min(table.sizes(units[k][0]))
+
     order = sorted(
-        range(problem.num_models), key=lambda i: (-min(table.sizes(i)), -problem.targets[i].rate, i)
+        range(len(units)),
+        key=lambda k: (-smallest(k), units[k][1], -problem.targets[units[k][0]].rate, k),
     )
     patterns = node_patterns(problem.cluster.gpus_per_node, problem.mesh_sizes)
     n = {
@@ -232,65 +388,84 @@ def _build(problem: Problem, table: CandidateTable) -> _Compact:
     }
     prob += pulp.lpSum(n.values()) <= problem.cluster.nodes, "nodes"
     x: dict[tuple[int, int, int, int], pulp.LpVariable] = {}
-    per_model: dict[int, list[tuple[pulp.LpVariable, Candidate]]] = {i: [] for i in order}
+    per_unit: dict[int, list[tuple[pulp.LpVariable, Candidate]]] = {k: [] for k in order}
     cap = table.capacity.as_tuple()
     for s in problem.mesh_sizes:
-        eligible = [i for i in order if table.options(i, s)]
+        eligible = [k for k in order if table.options(units[k][0], s)]
         opens = []
         for a, r in enumerate(eligible):
             slot: dict[int, list[tuple[pulp.LpVariable, Candidate]]] = {}
-            for i in eligible[a:]:
-                slot[i] = []
-                for li, c in enumerate(table.options(i, s)):
-                    v = pulp.LpVariable(f"x_{i}_{s}_{r}_{li}", cat=pulp.LpBinary)
-                    x[(i, s, r, li)] = v
-                    slot[i].append((v, c))
-                    per_model[i].append((v, c))
+            for k in eligible[a:]:
+                i, j = units[k]
+                slot[k] = []
+                for li, c in enumerate(table.options(i, s, j)):
+                    v = pulp.LpVariable(f"x_{k}_{s}_{r}_{li}", cat=pulp.LpBinary)
+                    x[(k, s, r, li)] = v
+                    slot[k].append((v, c))
+                    per_unit[k].append((v, c))
             is_open = pulp.LpAffineExpression([(v, 1) for v, _ in slot[r]])
             opens.append(is_open)
-            for i in eligible[a + 1 :]:
-                prob += pulp.LpAffineExpression([(v, 1) for v, _ in slot[i]]) <= is_open
-            for k, name in enumerate(RESOURCES):
-                terms = [(v, c.use[k]) for vc in slot.values() for v, c in vc if c.use[k] > 0]
+            for k in eligible[a + 1 :]:
+                prob += pulp.LpAffineExpression([(v, 1) for v, _ in slot[k]]) <= is_open
+            by_model: dict[int, list[pulp.LpVariable]] = {}
+            for k, vcs in slot.items():
+                by_model.setdefault(units[k][0], []).extend(v for v, _ in vcs)
+            for i, vs in by_model.items():  # a mesh hosts a model (any of its replicas) once
+                if len({units[k][1] for k in slot if units[k][0] == i}) > 1:
+                    prob += pulp.lpSum(vs) <= is_open, f"once_{i}_{s}_{r}"
+            for q, name in enumerate(RESOURCES):
+                terms = [(v, c.use[q]) for vc in slot.values() for v, c in vc if c.use[q] > 0]
                 if terms:
-                    prob += pulp.LpAffineExpression(terms) <= cap[k] * is_open, f"{name}_{s}_{r}"
+                    prob += pulp.LpAffineExpression(terms) <= cap[q] * is_open, f"{name}_{s}_{r}"
         if opens:
             supply = pulp.lpSum(cnt * n[k] for k, p in enumerate(patterns) if (cnt := p.count(s)))
             prob += pulp.lpSum(opens) <= supply, f"meshes_{s}"
-    for i, vs in per_model.items():
-        prob += pulp.LpAffineExpression([(v, 1) for v, _ in vs]) == 1, f"assign_{i}"
-    served = pulp.LpAffineExpression([(v, c.served) for vs in per_model.values() for v, c in vs])
+    for k, vs in per_unit.items():
+        row = pulp.LpAffineExpression([(v, 1) for v, _ in vs])
+        prob += (row == 1) if units[k][1] == 0 else (row <= 1), f"assign_{k}"
+    by_model_served: dict[int, list[tuple[pulp.LpVariable, float]]] = {}
+    for k, vs in per_unit.items():
+        by_model_served.setdefault(units[k][0], []).extend((v, c.served) for v, c in vs)
+    for i, terms in by_model_served.items():
+        if table.replicas(i) > 1:
+            prob += pulp.LpAffineExpression(terms) <= problem.targets[i].rate, f"rate_{i}"
+    served = pulp.LpAffineExpression([(v, c.served) for vs in per_unit.values() for v, c in vs])
     ratio = {
-        i: pulp.LpAffineExpression([(v, c.served / problem.targets[i].rate) for v, c in vs])
-        for i, vs in per_model.items()
+        i: pulp.LpAffineExpression([(v, w / problem.targets[i].rate) for v, w in terms])
+        for i, terms in by_model_served.items()
     }
     return _Compact(prob, x, n, served, ratio, patterns, order)
 
 
-def _set_start(m: _Compact, problem: Problem, table: CandidateTable, plan: Placement) -> None:
+def _set_start(m: _Compact, table: CandidateTable, plan: list[Config]) -> None:
     """Give the solver a feasible start so it never returns a worse plan."""
     for v in m.x.values():
         v.setInitialValue(0)
-    pos = {i: k for k, i in enumerate(m.order)}
-    for mesh in plan.meshes:
-        cands = _cands(problem, table, mesh.size, mesh.models)
-        rep = min((c.model for c in cands), key=lambda i: pos[i])
-        for c in cands:
-            li = table.options(c.model, mesh.size).index(c)
-            m.x[(c.model, mesh.size, rep, li)].setInitialValue(1)
-    used = [
-        [mesh.size for mesh in plan.meshes if mesh.node == node]
-        for node in range(problem.cluster.nodes)
-    ]
-    for k, count in enumerate(pattern_counts(m.patterns, used)):
+    pos = {k: q for q, k in enumerate(m.order)}
+    for cfg in plan:
+        ks = [table.unit(c) for c in cfg.cands]
+        rep = min(ks, key=lambda k: pos[k])
+        for k, c in zip(ks, cfg.cands, strict=True):
+            li = table.options(c.model, cfg.size, c.replica).index(c)
+            m.x[(k, cfg.size, rep, li)].setInitialValue(1)
+    cl = table.problem.cluster
+    packer = MeshPacker(cl.nodes, cl.gpus_per_node, table.problem.mesh_sizes)
+    where = packer.place([c.size for c in plan])
+    if where is None:
+        return
+    per_node = [[cfg.size for cfg, (n, _) in zip(plan, where, strict=True) if n == node]
+                for node in range(cl.nodes)]  # fmt: skip
+    for k, count in enumerate(pattern_counts(m.patterns, per_node)):
         m.n[k].setInitialValue(count)
 
 
-def _decode(m: _Compact, table: CandidateTable) -> list[tuple[int, tuple[int, ...], list]]:
-    """Slots with their candidates, placed on the meshes the chosen patterns make."""
+def _decode(m: _Compact, table: CandidateTable) -> list[Config] | None:
+    """The solution's slots as mesh configurations (checked by the caller); None if empty."""
     slots: dict[tuple[int, int], list[Candidate]] = {}
-    for (i, s, r, li), v in m.x.items():
+    for (k, s, r, li), v in m.x.items():
         if (v.value() or 0) > 0.5:
-            slots.setdefault((s, r), []).append(table.options(i, s)[li])
-    free = positions(m.patterns, [round(m.n[k].value() or 0) for k in range(len(m.patterns))])
-    return [(*free[s].pop(0), cands) for (s, _), cands in sorted(slots.items())]
+            i, j = table.units[k]
+            slots.setdefault((s, r), []).append(table.options(i, s, j)[li])
+    if not slots:
+        return None
+    return [Config(s, tuple(cands)) for (s, _), cands in sorted(slots.items())]

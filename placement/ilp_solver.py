@@ -17,6 +17,7 @@ from pathlib import Path
 import pulp
 
 from muxserve.errors import ConfigError
+from placement.lp import highs_available, quiet_highs_banner
 
 SOLVERS = ("cbc", "highs")
 
@@ -37,10 +38,6 @@ class SolveResult:
     @property
     def optimal(self) -> bool:
         return self.status == "optimal"
-
-
-def highs_available() -> bool:
-    return bool(pulp.HiGHS(msg=False).available())
 
 
 def run_solver(
@@ -133,6 +130,7 @@ def _tail(
 def _run_highs(prob: pulp.LpProblem, time_limit: float, threads: int | None) -> SolveResult:
     if not highs_available():
         raise ConfigError("solver 'highs' needs highspy: pip install highspy")
+    quiet_highs_banner()
     prob.solve(pulp.HiGHS(msg=False, timeLimit=time_limit, threads=threads))
     if prob.status != pulp.LpStatusOptimal:
         raise RuntimeError(f"HiGHS found no feasible plan ({pulp.LpStatus[prob.status]})")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 
 def node_patterns(gpus_per_node: int, sizes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -90,3 +90,90 @@ def positions(
                 out.setdefault(size, []).append((node, gpus))
             node += 1
     return out
+
+
+class MeshPacker:
+    """Whether meshes of given sizes fit on the cluster's nodes (GPUs of a node may stay
+    idle), and at which GPUs.
+
+    Where every mesh size divides the next and the node's GPU count (1, 2, 4, 8 on 8 GPUs),
+    meshes fit exactly when their GPUs add up to at most the cluster's, and first-fit in
+    decreasing size places them aligned; otherwise a search over node patterns decides.
+    """
+
+    def __init__(self, nodes: int, gpus_per_node: int, sizes: Sequence[int]) -> None:
+        self.nodes, self.gpus_per_node = nodes, gpus_per_node
+        self.sizes = tuple(sorted({s for s in sizes if s <= gpus_per_node}))
+        self.patterns = node_patterns(gpus_per_node, self.sizes)
+        chain = all(b % a == 0 for a, b in itertools.pairwise(self.sizes))
+        self.divisible = chain and all(gpus_per_node % s == 0 for s in self.sizes)
+        self._least: dict[tuple[int, ...], tuple[int, tuple[int, ...] | None]] = {}
+
+    def fits(self, counts: Mapping[int, int]) -> bool:
+        """Whether `counts[s]` meshes of each size s fit on the nodes."""
+        if any(c > 0 and s not in self.sizes for s, c in counts.items()):
+            return False
+        if self.divisible:
+            return sum(s * c for s, c in counts.items()) <= self.nodes * self.gpus_per_node
+        return self._nodes_needed(self._key(counts)) <= self.nodes
+
+    def completes(self, counts: Mapping[int, int], closed: Iterable[int]) -> bool:
+        """Whether some split of every node into maximal patterns has exactly `counts[s]` meshes
+        of each closed size s and at least `counts[s]` of every other size.
+
+        Exact where the sizes divide each other and the node (then a maximal split leaves no
+        GPU idle); elsewhere, whether the meshes fit at all.
+        """
+        if not self.fits(counts):
+            return False
+        if not self.divisible:
+            return True
+        left = self.nodes * self.gpus_per_node - sum(s * c for s, c in counts.items())
+        open_sizes = [s for s in self.sizes if s not in set(closed)]
+        return left == 0 or (bool(open_sizes) and left % min(open_sizes) == 0)
+
+    def place(self, sizes: Sequence[int]) -> list[tuple[int, tuple[int, ...]]] | None:
+        """(node, GPU ids) of each mesh, in the order given; None if they do not fit."""
+        if not self.fits(Counter(sizes)):
+            return None
+        order = sorted(range(len(sizes)), key=lambda k: -sizes[k])
+        out: dict[int, tuple[int, tuple[int, ...]]] = {}
+        if self.divisible:
+            free = [0] * self.nodes
+            for k in order:
+                node = next(
+                    n for n in range(self.nodes) if free[n] + sizes[k] <= self.gpus_per_node
+                )
+                out[k] = (node, tuple(range(free[node], free[node] + sizes[k])))
+                free[node] += sizes[k]
+            return [out[k] for k in range(len(sizes))]
+        left = self._key(Counter(sizes))
+        waiting = {s: [k for k in order if sizes[k] == s] for s in self.sizes}
+        node = 0
+        while any(left):
+            _, pattern = self._least[left]
+            assert pattern is not None
+            slots = dict.fromkeys(self.sizes, 0)
+            for size, gpus in zip(pattern, layout(pattern), strict=True):
+                if slots[size] < left[self.sizes.index(size)] and waiting[size]:
+                    out[waiting[size].pop(0)] = (node, gpus)
+                    slots[size] += 1
+            left = tuple(max(c - slots[s], 0) for s, c in zip(self.sizes, left, strict=True))
+            node += 1
+        return [out[k] for k in range(len(sizes))]
+
+    def _key(self, counts: Mapping[int, int]) -> tuple[int, ...]:
+        return tuple(counts.get(s, 0) for s in self.sizes)
+
+    def _nodes_needed(self, need: tuple[int, ...]) -> int:
+        """The fewest nodes that hold `need` (per size), remembering the pattern of the first."""
+        if not any(need):
+            return 0
+        if need not in self._least:
+            best: tuple[int, tuple[int, ...] | None] = (1 << 30, None)
+            for p in self.patterns:
+                rest = tuple(max(c - p.count(s), 0) for s, c in zip(self.sizes, need, strict=True))
+                if rest != need:
+                    best = min(best, (1 + self._nodes_needed(rest), p), key=lambda b: b[0])
+            self._least[need] = best
+        return self._least[need][0]

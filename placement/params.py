@@ -37,6 +37,9 @@ class PlannerParams(Strict):
     max_utilization: float = Field(0.85, gt=0, le=1)
     memory_utilization: float = Field(0.9, gt=0, le=1)  # of each GPU's memory
     mesh_sizes: tuple[int, ...] = (1, 2, 4, 8)  # GPUs per mesh (within one node)
+    # meshes a model may be placed on, its rate split between them (1: no replicas); only a
+    # model its smallest mesh cannot serve alone gets them, as many as its rate needs there
+    max_replicas: int = Field(1, ge=1, le=16)
 
     @field_validator("sm_levels")
     @classmethod

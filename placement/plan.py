@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from muxserve.config import Mesh, MeshModel, ModelEntry, MuxConfig, SMShare
 from placement.candidates import Candidate, CandidateTable, Mode
@@ -34,6 +34,7 @@ class PlacedModel:
     tpot: float  # estimated decode step latency (s)
     ttft: float  # estimated prefill latency of one prompt (s), queueing aside
     time_share: float | None = None  # temporal: fraction of the mesh's time for its decodes
+    replica: int = 0  # which of the model's replicas this is (0 for a model on one mesh)
 
     @property
     def serving_rate(self) -> float:
@@ -67,9 +68,12 @@ class Placement:
     status: str  # "optimal", "time limit", "heuristic"
     gap: float | None = None  # relative optimality gap (ILP), when known
     kv_pool_bytes: int | None = None  # per GPU, the least over meshes (each has its own)
+    bound: float | None = None  # proven upper bound on served_total (ILP), when known
+    notes: tuple[str, ...] = ()  # what the algorithm wants said (fallbacks, time limits)
 
     @property
     def models(self) -> list[PlacedModel]:
+        """Every placed model, a replicated one once per replica."""
         return [m for mesh in self.meshes for m in mesh.models]
 
     @property
@@ -78,22 +82,41 @@ class Placement:
 
     @property
     def requested_total(self) -> float:
-        return sum(m.rate for m in self.models)
+        return sum(self.rates().values())
 
     @property
     def gpus_used(self) -> int:
         return sum(mesh.size for mesh in self.meshes)
 
+    def rates(self) -> dict[str, float]:
+        """Requested rate per model."""
+        return {m.name: m.rate for m in self.models}
+
     def served(self) -> dict[str, float]:
-        return {m.name: m.served for m in self.models}
+        """Served rate per model, over its replicas."""
+        out: dict[str, float] = {}
+        for m in self.models:
+            out[m.name] = out.get(m.name, 0.0) + m.served
+        return out
+
+    def replicas(self, name: str) -> list[PlacedModel]:
+        """The model's places, replica 0 first."""
+        return sorted((m for m in self.models if m.name == name), key=lambda m: m.replica)
 
     def under_served(self, tolerance: float = 1e-6) -> list[PlacedModel]:
-        """Models the plan serves below their requested rate."""
-        return [m for m in self.models if m.served < m.rate * (1 - tolerance)]
+        """Models the plan serves below their requested rate (a replicated one as its first
+        replica with `served` the total over its replicas)."""
+        served = self.served()
+        out = []
+        for name, rate in self.rates().items():
+            if served[name] < rate * (1 - tolerance):
+                out.append(replace(self.replicas(name)[0], served=served[name]))
+        return out
 
     def fairness(self) -> float:
         """The least served / requested ratio over models."""
-        return min((m.served / m.rate for m in self.models), default=1.0)
+        served = self.served()
+        return min((served[n] / r for n, r in self.rates().items()), default=1.0)
 
 
 def assemble(
@@ -105,6 +128,8 @@ def assemble(
     solve_time_s: float,
     status: str,
     gap: float | None = None,
+    bound: float | None = None,
+    notes: tuple[str, ...] = (),
 ) -> Placement:
     """Build a placement from (node, gpus, candidates) per mesh; empty meshes are dropped."""
     placed, pools = [], []
@@ -139,11 +164,14 @@ def assemble(
                     tpot=c.tpot,
                     ttft=ttft,
                     time_share=time_share,
+                    replica=c.replica,
                 )
             )
         placed.append(PlacedMesh(node, tuple(gpus), tuple(models), pool or None))
     least = min(pools) if pools else None
-    return Placement(algorithm, table.mode, tuple(placed), solve_time_s, status, gap, least or None)
+    return Placement(
+        algorithm, table.mode, tuple(placed), solve_time_s, status, gap, least or None, bound, notes
+    )
 
 
 def mesh_pool_bytes(problem: Problem, models: Iterable[tuple[ModelSpec, int]]) -> int:
@@ -174,8 +202,13 @@ def _share(part: float, total: float, n: int) -> float:
 
 
 def to_config(placement: Placement, problem: Problem) -> MuxConfig:
-    """The plan as a serving config: the models (paths carried along) and `meshes:`."""
-    placed = {m.name: m for m in placement.models}
+    """The plan as a serving config: the models (paths carried along) and `meshes:`.
+
+    A model with replicas is listed by every mesh that hosts one, each with the rate the plan
+    expects that mesh to serve (the router spreads the model's requests over them); its
+    `models:` entry carries replica 0's degree and shares, as the default for the rest.
+    """
+    placed = {m.name: m for m in reversed(placement.models) if m.replica == 0}
     entries = problem.entries or tuple(
         ModelEntry.model_validate({"name": s.name, "path": s.path}) for s in problem.specs
     )

@@ -12,12 +12,20 @@ from pathlib import Path
 from muxserve.config import EngineConfig, ModelEntry
 from muxserve.errors import ConfigError
 from placement.cost_model import AnalyticCostModel, CostModel, ProfiledCostModel
-from placement.gpus import GIB, ClusterSpec, load_cluster
+from placement.deadline import Deadline
+from placement.gpus import (
+    GIB,
+    MAX_GPUS,
+    MAX_GPUS_PER_NODE,
+    MAX_NODES,
+    ClusterSpec,
+    load_cluster,
+)
 from placement.params import PlannerParams
 from placement.profile_table import load_profile
 from placement.ray_cluster import cluster_from_ray, is_ray_cluster
 from placement.specs import ModelSpec, load_models
-from placement.workload import Arrival, Workload, load_workload
+from placement.workload import MAX_MODELS, Arrival, Workload, load_workload
 
 
 @dataclass(frozen=True)
@@ -114,8 +122,15 @@ def make_problem(
     cost: CostModel | None = None,
     entries: tuple[ModelEntry, ...] = (),
     engine_is_default: bool = True,
+    deadline: Deadline | None = None,
 ) -> Problem:
-    """Resolve SLOs and check that every model fits on some mesh of the cluster."""
+    """Resolve SLOs and check that every model fits on some mesh of the cluster.
+
+    At most `MAX_MODELS` models and `MAX_GPUS` GPUs: past them a plan would take longer to
+    make than to read, so they are refused with what to do instead.
+    """
+    check_size(len(specs), cluster)
+    deadline = deadline or Deadline.never()
     engine = engine or EngineConfig()
     if cost is None:
         cost = AnalyticCostModel(cluster.gpu, cluster.cost_model)
@@ -134,6 +149,7 @@ def make_problem(
     )
     min_sizes = []
     for i in range(len(specs)):
+        deadline.check(f"checking which meshes hold each model ({i + 1} of {len(specs)})")
         sizes = [s for s in draft.mesh_sizes if draft.fits(i, s)]
         if not sizes:
             raise ConfigError(_no_mesh_message(draft, i))
@@ -160,6 +176,26 @@ def make_problem(
     )
 
 
+def check_size(num_models: int, cluster: ClusterSpec) -> None:
+    """Refuse instances past the planner's bounds, saying which bound and what to do."""
+    if num_models > MAX_MODELS:
+        raise ConfigError(
+            f"{num_models} models to plan; the planner plans at most {MAX_MODELS} at once: "
+            "split them into groups and plan each on its own share of the nodes"
+        )
+    if cluster.nodes > MAX_NODES or cluster.gpus_per_node > MAX_GPUS_PER_NODE:
+        raise ConfigError(
+            f"{cluster.nodes} nodes x {cluster.gpus_per_node} GPUs; the planner plans at most "
+            f"{MAX_NODES} nodes of at most {MAX_GPUS_PER_NODE} GPUs at once: plan groups of "
+            "nodes separately"
+        )
+    if cluster.num_gpus > MAX_GPUS:
+        raise ConfigError(
+            f"{cluster.nodes} nodes x {cluster.gpus_per_node} GPUs = {cluster.num_gpus} GPUs; "
+            f"the planner plans at most {MAX_GPUS} at once: plan groups of nodes separately"
+        )
+
+
 def _no_mesh_message(p: Problem, i: int) -> str:
     spec = p.specs[i]
     largest = max(p.mesh_sizes)
@@ -179,13 +215,26 @@ def _no_mesh_message(p: Problem, i: int) -> str:
     return f"model {spec.name!r} fits on no mesh of this cluster: {'; '.join(why)}"
 
 
-def load_problem(models: str | Path, cluster: str | Path, workload: str | Path) -> Problem:
-    """Read the three input files into a problem; errors name the file and key."""
-    model_set = load_models(models)
+def load_problem(
+    models: str | Path,
+    cluster: str | Path,
+    workload: str | Path,
+    deadline: Deadline | None = None,
+) -> Problem:
+    """Read the three input files into a problem; errors name the file and key.
+
+    The cluster and the workload are read first, so a workload past `MAX_MODELS` is refused
+    before any model's config.json is read.
+    """
+    deadline = deadline or Deadline.never()
     if isinstance(cluster, str) and is_ray_cluster(cluster):
         cl = cluster_from_ray(cluster)
     else:
         cl = load_cluster(cluster)
+    load_workload(workload)  # its own checks (and size), before reading every model
+    deadline.check("reading the workload")
+    model_set = load_models(models)
+    deadline.check("reading the models' config.json files")
     wl = load_workload(workload, [s.name for s in model_set.specs])
     return make_problem(
         model_set.specs,
@@ -194,4 +243,5 @@ def load_problem(models: str | Path, cluster: str | Path, workload: str | Path) 
         engine=model_set.engine,
         entries=model_set.entries,
         engine_is_default=model_set.engine_is_default,
+        deadline=deadline,
     )

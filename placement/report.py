@@ -25,7 +25,11 @@ def _gpus(ids: tuple[int, ...]) -> str:
 def format_placement(plan: Placement, sim: SimResult | None = None) -> str:
     """Per mesh: GPUs, models, TP degree, SM shares, KV share, estimated vs requested rate."""
     gap = "" if plan.gap is None else f", gap {plan.gap:.2%}"
-    lines = [f"== {plan.algorithm}: {plan.status}{gap}, solved in {plan.solve_time_s:.2f} s =="]
+    bound = "" if plan.bound is None else f", bound {plan.bound:.2f} req/s"
+    lines = [
+        f"== {plan.algorithm}: {plan.status}{gap}{bound}, solved in {plan.solve_time_s:.2f} s =="
+    ]
+    lines += [f"note: {n}" for n in plan.notes]
     stats = {m.name: m for m in sim.models} if sim else {}
     share_head = "prefill decode" if plan.mode is Mode.MUX else "  time       "
     head = f"  {'model':<14}{'tp':>3}  {share_head}{'kv':>7}  {'est req/s':>10} / {'rate':<7}"
@@ -39,17 +43,21 @@ def format_placement(plan: Placement, sim: SimResult | None = None) -> str:
                 shares = f"{m.prefill_share:>7.2f}{m.decode_share:>7.2f}"
             else:
                 shares = f"{m.time_share or 1.0:>7.2f}       "
+            name = m.name if len(plan.replicas(m.name)) == 1 else f"{m.name} r{m.replica}"
             row = (
-                f"  {m.name:<14}{m.tensor_parallel:>3}  {shares}{m.kv_share:>7.2f}  "
+                f"  {name:<14}{m.tensor_parallel:>3}  {shares}{m.kv_share:>7.2f}  "
                 f"{m.served:>10.2f} / {m.rate:<7.2f}"
             )
-            if m.name in stats:
-                row += _sim_cells(stats[m.name])
+            if m.name in stats and m.replica == 0:
+                row += _sim_cells(stats[m.name])  # over all its replicas
             lines.append(row)
     lines.append(
         f"total: {plan.served_total:.2f} of {plan.requested_total:.2f} req/s requested "
         f"({plan.served_total / plan.requested_total:.1%}) on {plan.gpus_used} GPUs"
     )
+    spread = {m.name: len(plan.replicas(m.name)) for m in plan.models if m.replica > 0}
+    if spread:
+        lines.append("replicas: " + ", ".join(f"{n} on {k} meshes" for n, k in spread.items()))
     short = plan.under_served()
     if short:
         names = ", ".join(f"{m.name} ({m.served:.2f} of {m.rate:.2f})" for m in short)

@@ -73,6 +73,7 @@ class _Track:
 
     model: str
     arrival: float
+    in_window: bool  # arrived within its mesh's measured window
     first_token: float | None = None
     finish: float | None = None
     rejected: bool = False
@@ -126,27 +127,66 @@ def simulate(
     block_bytes = block_bytes or problem.engine.block_bytes  # the serving config's, by default
     tracks: dict[str, _Track] = {}
     tokens: dict[str, int] = {pm.name: 0 for pm in placement.models}
-    windows: dict[str, tuple[float, float]] = {}
-    for k, mesh in enumerate(placement.meshes):
-        if progress:
-            progress(f"simulate {placement.algorithm}: mesh {k + 1}/{len(placement.meshes)}")
+    windows = []
+    for mesh in placement.meshes:
         warmup = max(
             min_warmup_s, min(_MAX_WARMUP_S, 1.2 * max(_latency(problem, m) for m in mesh.models))
         )
-        window = (warmup, warmup + window_s)
-        tracks.update(
-            _run_mesh(mesh, k, problem, window[1], window, block_bytes, seed, tokens, admission)
-        )
-        windows.update({m.name: window for m in mesh.models})
+        windows.append((warmup, warmup + window_s))
+    arrivals = _split_arrivals(placement, problem, windows, seed, admission)
+    for k, mesh in enumerate(placement.meshes):
+        if progress:
+            progress(f"simulate {placement.algorithm}: mesh {k + 1}/{len(placement.meshes)}")
+        tracks.update(_run_mesh(mesh, k, problem, windows[k], block_bytes, arrivals[k], tokens))
     stats = []
-    for pm in placement.models:
-        t = problem.targets[problem.index(pm.name)]
-        mine = [r for r in tracks.values() if r.model == pm.name]
-        served = tokens[pm.name] / t.output_len / window_s
-        stats.append(
-            _stats(pm.name, t.rate, mine, served, windows[pm.name], t.ttft, t.tpot, t.output_len)
-        )
+    rates = placement.rates()
+    for name in sorted(rates, key=problem.index):  # one row per model, in the problem's order
+        rate = rates[name]
+        t = problem.targets[problem.index(name)]
+        mine = [r for r in tracks.values() if r.model == name]
+        served = tokens[name] / t.output_len / window_s
+        stats.append(_stats(name, rate, mine, served, t.ttft, t.tpot, t.output_len))
     return SimResult(placement.algorithm, window_s, tuple(stats))
+
+
+def _split_arrivals(
+    placement: Placement,
+    problem: Problem,
+    windows: list[tuple[float, float]],
+    seed: int,
+    admission: bool,
+) -> list[list[tuple[float, str, bool]]]:
+    """Per mesh, its arrivals (time, model, admitted) up to the end of its window.
+
+    A model's arrivals are drawn once (the same in every plan: common random numbers) and
+    spread over its replicas in proportion to the rates the plan expects each to serve (a
+    thinned Poisson process is Poisson). With `admission`, the share beyond what the plan
+    serves in all is turned away.
+    """
+    out: list[list[tuple[float, str, bool]]] = [[] for _ in placement.meshes]
+    places: dict[str, list[tuple[int, float]]] = {}
+    for k, mesh in enumerate(placement.meshes):
+        for pm in mesh.models:
+            places.setdefault(pm.name, []).append((k, pm.served))
+    arr = problem.arrival
+    for name, where in places.items():
+        i = problem.index(name)
+        rate = problem.targets[i].rate
+        until = max(windows[k][1] for k, _ in where)
+        times = arrival_times(rate, until, arr.process, arr.cv, np.random.default_rng([seed, i]))
+        draws = np.random.default_rng([seed, i, 1])
+        served = np.array([x for _, x in where])
+        total = float(served.sum())
+        admit = draws.random(len(times)) < (min(1.0, total / rate) if admission else 1.0)
+        weights = served / total if total > 0 else np.full(len(where), 1.0 / len(where))
+        pick = draws.choice(len(where), size=len(times), p=weights)
+        for at, ok, r in zip(times, admit, pick, strict=True):
+            k = where[int(r)][0]
+            if at < windows[k][1]:
+                out[k].append((at, name, bool(ok)))
+    for mesh_arrivals in out:
+        mesh_arrivals.sort()
+    return out
 
 
 _MAX_WARMUP_S = 120.0
@@ -161,31 +201,20 @@ def _run_mesh(
     mesh: PlacedMesh,
     mesh_index: int,
     problem: Problem,
-    duration: float,
     window: tuple[float, float],
     block_bytes: int,
-    seed: int,
+    arrivals: list[tuple[float, str, bool]],
     tokens: dict[str, int],
-    admission: bool,
 ) -> dict[str, _Track]:
-    """Simulate one mesh; fills `tokens` with each model's tokens generated in `window`."""
+    """Simulate one mesh; adds to `tokens` each model's tokens generated in `window`."""
     cost, tp = problem.cost, mesh.size
+    duration = window[1]
     engine = problem.engine.model_copy(update={"block_bytes": block_bytes})
     specs = {pm.name: problem.specs[problem.index(pm.name)] for pm in mesh.models}
     models, num_blocks = served_mesh(mesh, problem, block_bytes)
     slots = [replace(d.slot, max_waiting=1 << 30) for d in models]  # queues never refuse
     sched = Scheduler.create(slots, num_blocks, EngineConfig.model_validate(engine.model_dump()))
 
-    arrivals: list[tuple[float, int, str, bool]] = []
-    for pm in mesh.models:
-        i = problem.index(pm.name)
-        t, arr = problem.targets[i], problem.arrival
-        rng = np.random.default_rng([seed, i])  # a model's arrivals are the same in every plan
-        times = arrival_times(t.rate, duration, arr.process, arr.cv, rng)
-        admit = rng.random(len(times)) < (min(1.0, pm.served / t.rate) if admission else 1.0)
-        for a, ok in zip(times, admit, strict=True):
-            arrivals.append((a, len(arrivals), pm.name, bool(ok)))
-    arrivals.sort()
     tracks: dict[str, _Track] = {}
     running: list[_Running] = []
     ids = itertools.count()
@@ -194,11 +223,11 @@ def _run_mesh(
     now, a = 0.0, 0
     while now < horizon:
         while a < len(arrivals) and arrivals[a][0] <= now:
-            at, _, name, admitted = arrivals[a]
+            at, name, admitted = arrivals[a]
             a += 1
             t = problem.targets[problem.index(name)]
             rid = f"m{mesh_index}-r{next(ids)}"
-            tracks[rid] = _Track(name, at)
+            tracks[rid] = _Track(name, at, window[0] <= at < window[1])
             if not admitted:  # beyond the rate the plan serves: turned away (HTTP 429)
                 tracks[rid].rejected = True
                 continue
@@ -303,12 +332,11 @@ def _stats(
     rate: float,
     tracks: list[_Track],
     served: float,
-    window: tuple[float, float],
     slo_ttft: float | None,
     slo_tpot: float | None,
     output_len: int,
 ) -> ModelStats:
-    arrived = [r for r in tracks if window[0] <= r.arrival < window[1]]
+    arrived = [r for r in tracks if r.in_window]
     done = [r for r in arrived if r.finish is not None and r.first_token is not None]
     ttft = np.array([r.first_token - r.arrival for r in done])  # type: ignore[operator]
     steps = max(output_len - 1, 1)

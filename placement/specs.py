@@ -61,10 +61,14 @@ class ModelSpec:
     def dtype_bytes(self) -> int:
         return dtype_bytes(self.dtype)
 
+    @cached_property
+    def _weight_flops_per_token(self) -> float:
+        return self.config.flops_per_token(0)  # counts parameters: cached, the planner asks often
+
     def flops_per_token(self, context_len: float = 0.0) -> float:
         """Forward FLOPs of one token attending to `context_len` earlier tokens (of a routed-expert
         model, only its top-k experts' FLOPs count)."""
-        return self.config.flops_per_token(0) + 4.0 * self.config.num_layers * (
+        return self._weight_flops_per_token + 4.0 * self.config.num_layers * (
             self.config.q_size * context_len
         )
 

@@ -18,6 +18,7 @@ from placement.files import Strict, load_file
 PAPER_PROMPT_LEN = 161  # mean prompt tokens of the paper's synthetic workload
 PAPER_OUTPUT_LEN = 337  # mean output tokens
 PAPER_ALPHAS = (0.7, 0.9, 1.3, 1.7, 2.1)
+MAX_MODELS = 1024  # models one plan covers (more: plan groups of models on groups of nodes)
 
 
 class SLO(Strict):
@@ -72,7 +73,7 @@ class WorkloadFile(Strict):
 
     arrival: Arrival = Arrival()
     defaults: Defaults = Defaults()
-    models: list[ModelLoad] = Field(min_length=1)
+    models: list[ModelLoad] = Field(min_length=1, max_length=MAX_MODELS)
 
 
 @dataclass(frozen=True)

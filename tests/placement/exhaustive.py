@@ -41,3 +41,55 @@ def best_placement(problem: Problem, table: CandidateTable) -> float:
             else:
                 best = max(best, total)
     return best
+
+
+def greedy_over_groups(problem: Problem, table: CandidateTable) -> float | None:
+    """The paper's greedy run on every mesh group one by one (the enumeration `greedy` avoids):
+    the best total, or None if no group hosts every model."""
+    order = sorted(
+        range(problem.num_models),
+        key=lambda i: (
+            -problem.targets[i].rate * problem.specs[i].flops_per_token(),
+            -problem.specs[i].weight_bytes,
+            i,
+        ),
+    )
+
+    def preferred_first(i: int, size: int) -> list:
+        opts = list(table.options(i, size))
+        meeting = [c for c in opts if c.served >= problem.targets[i].rate * (1 - 1e-9)]
+        first = min(meeting, key=lambda c: c.share) if meeting else opts[0]
+        return [first, *[c for c in opts if c is not first]]
+
+    choices = {(i, s): preferred_first(i, s) for i in order for s in table.sizes(i)}
+    cap = table.capacity.as_tuple()
+    best = None
+    patterns = node_patterns(problem.cluster.gpus_per_node, problem.mesh_sizes)
+    for combo in cluster_groups(problem.cluster.nodes, patterns):
+        sizes = [s for pattern in combo for s in pattern]
+        used = [[0.0] * 4 for _ in sizes]
+        load = [0.0] * len(sizes)
+        total = 0.0
+        for i in order:
+            compute = problem.targets[i].rate * problem.specs[i].flops_per_token()
+            pick = None  # (served, -size, k, cand)
+            for k in sorted(range(len(sizes)), key=lambda k: (load[k], used[k][0])):
+                for c in choices.get((i, sizes[k]), ()):
+                    if all(used[k][r] + c.use[r] <= cap[r] * (1 + 1e-9) + 1e-9 for r in range(4)):
+                        if (
+                            pick is None
+                            or c.served > pick[0] + 1e-9
+                            or (abs(c.served - pick[0]) <= 1e-9 and sizes[k] < -pick[1])
+                        ):
+                            pick = (c.served, -sizes[k], k, c)
+                        break
+            if pick is None:
+                break
+            _, _, k, c = pick
+            for r in range(4):
+                used[k][r] += c.use[r]
+            load[k] += compute / sizes[k]
+            total += c.served
+        else:
+            best = total if best is None or total > best + 1e-9 else best
+    return best

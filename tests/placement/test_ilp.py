@@ -91,3 +91,114 @@ def test_unknown_solver() -> None:
     p = random_problem(random.Random(0))
     with pytest.raises(ConfigError, match="unknown solver 'gurobi'"):
         solve_ilp(p, solver="gurobi", progress=None, gap_tolerance=0.0)
+
+
+def paper_setup(workload: str = "paper-alpha0.9.yaml") -> Problem:
+    from conftest import CONFIGS
+
+    from placement.problem import load_problem
+
+    return load_problem(
+        CONFIGS / "models" / "paper-19.yaml",
+        CONFIGS / "clusters" / "paper-4x8-a100-80gb.yaml",
+        CONFIGS / "workloads" / workload,
+    )
+
+
+def test_an_undecodable_solution_is_dropped_with_a_note_and_the_best_kept() -> None:
+    # the crash of issue 14: a time-limited compact solution opened more meshes of a size than
+    # the node patterns provide; such a solution must never become the plan
+    from placement.configurations import Config
+    from placement.deadline import Deadline
+    from placement.ilp import _configs, _Run, check
+
+    p = problem([spec(), spec(), spec()], [5.0, 5.0, 5.0], cluster(nodes=1, gpus_per_node=2))
+    table = build_candidates(p, Mode.MUX)
+    greedy = solve_greedy(p, table, progress=None)
+    run = _Run(p, table, "cbc", None, None, Deadline.after(10))
+    assert run.offer(_configs(p, table, greedy), "the warm start")
+    alone = [Config(1, (table.options(i, 1)[0],)) for i in range(3)]  # three 1-GPU meshes
+    assert check(table, alone, run.packer) == "meshes of [1, 1, 1] GPUs do not fit on the nodes"
+    assert not run.offer(alone, "the compact program's solution")
+    assert run.best == _configs(p, table, greedy)
+    assert run.notes == [
+        "the compact program's solution did not decode into a feasible plan (meshes of "
+        "[1, 1, 1] GPUs do not fit on the nodes); kept the best"
+    ]
+    twice = [Config(2, (table.options(0, 2)[0], table.options(0, 2)[-1]))]
+    assert check(table, twice, run.packer) == "mesh 0 hosts a model twice"
+    missing = [Config(2, (table.options(0, 2)[-1],))]
+    assert check(table, missing, run.packer) == "m1 is placed 0 times"
+
+
+def test_tiny_time_limits_never_crash_nor_lose_the_warm_start() -> None:
+    """The 64-model, 64-GPU instance of the benchmark, 0.2–3 s of search after the warm start:
+    a feasible plan at least as good as the greedy's, a bound at or below the requested total,
+    and the limit kept (generously here; the benchmark measures the overshoot)."""
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    from placement.ilp import check
+    from placement.mesh_groups import MeshPacker
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_placement import large_problem
+
+    p = large_problem(0.7, 100.0, 8.0)
+    table = build_candidates(p, Mode.MUX)
+    greedy = solve_greedy(p, table, progress=None)
+    packer = MeshPacker(8, 8, p.mesh_sizes)
+    for limit in (0.2, 1.0, 3.0):
+        t0 = time.perf_counter()
+        plan = solve_ilp(p, table, warm_start=greedy, time_limit=limit, progress=None)
+        wall = time.perf_counter() - t0
+        assert wall < limit * 1.5 + 1.0, (limit, wall)
+        assert plan.served_total >= greedy.served_total - 1e-9
+        assert sorted(m.name for m in plan.models) == sorted(s.name for s in p.specs)
+        from placement.ilp import _configs
+
+        assert check(table, _configs(p, table, plan), packer) is None
+        assert plan.bound is not None and plan.gap is not None
+        assert plan.served_total - 1e-6 <= plan.bound <= p.total_rate + 1e-6
+
+
+def test_the_bound_never_exceeds_what_the_models_can_serve() -> None:
+    # m0 asks for far more than any mesh serves: the bound is capped by what m0 can serve
+    from placement.ilp import cap_bound
+
+    p = problem(
+        [spec(hidden=1024, layers=8), spec(hidden=1024, layers=8)],
+        [5000.0, 1.0],
+        cluster(nodes=1, gpus_per_node=2),
+    )
+    table = build_candidates(p, Mode.MUX)
+    most = max(c.served for s in table.sizes(0) for c in table.options(0, s))
+    assert cap_bound(table) == pytest.approx(most + 1.0)
+    for limit in (0.05, 30.0):
+        plan = solve_ilp(p, table, time_limit=limit, progress=None)
+        assert plan.bound is not None
+        assert plan.served_total - 1e-9 <= plan.bound <= most + 1.0 + 1e-9 < p.total_rate
+
+
+def test_a_mid_size_plan_keeps_its_time_limit() -> None:
+    """The paper's 19 models at 2.5x their rates with a 2 s limit for everything."""
+    import time
+
+    from placement.algorithms import SolveOptions, solve
+
+    p = paper_setup("paper-alpha0.7.yaml")
+    p = problem_with_rates(p, 2.5)
+    t0 = time.perf_counter()
+    plans = solve(p, ("ilp",), SolveOptions(time_limit=2.0), progress=None)
+    wall = time.perf_counter() - t0
+    assert wall < 2.0 * 1.5 + 0.5, wall
+    assert plans["ilp"].bound is not None and plans["ilp"].bound <= p.total_rate + 1e-6
+
+
+def problem_with_rates(p: Problem, scale: float) -> Problem:
+    from dataclasses import replace
+
+    targets = tuple(replace(t, rate=t.rate * scale) for t in p.targets)
+    return replace(p, targets=targets)

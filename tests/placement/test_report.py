@@ -19,7 +19,11 @@ def plans(hot: float = 900.0):
 def test_tables() -> None:
     _p, ps = plans()
     text = format_placement(ps["ilp"])
-    assert text.splitlines()[0].startswith("== ilp: optimal, gap 0.00%, solved in ")
+    plan = ps["ilp"]
+    assert plan.bound == plan.served_total
+    assert text.splitlines()[0].startswith(
+        f"== ilp: optimal, gap 0.00%, bound {plan.bound:.2f} req/s, solved in "
+    )
     assert "mesh 0: node 0, GPUs " in text
     assert "  model          tp  prefill decode     kv   est req/s / rate\n" in text
     assert "under-served: m1 (" in text
