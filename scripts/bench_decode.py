@@ -10,7 +10,14 @@ one HF forward over its DynamicCache plus an argmax, against one `MuxEngine.step
 scheduler, the runner's forward over the pool, sampling, detokenization). The two sides
 alternate step by step, the order flipping every step, so background load hits both alike;
 `--repeats` blocks of `--steps` steps each. Also timed, interleaved the same way: one pass
-reading every weight (`sum` over each parameter), the floor a batch-1 decode step tends to.
+reading every weight of the engine's model (`sum` over each parameter), the floor a batch-1
+decode step tends to.
+
+transformers maps the safetensors file and computes from those pages (file-backed, which the
+kernel may give large folios), the engine copies its weights to the heap (4 KiB pages where
+transparent huge pages are off or madvise-only): the same matmuls then differ by a few percent
+at batch 1, whatever the code. `--hf-weights heap` copies HF's weights to the heap too, so the
+two compare code with code.
 
 Reported per point: the median step (ms) with its p10-p90 over all steps, the median of the
 paired ratios engine / HF (each engine step against the HF step next to it) with the min and
@@ -29,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,11 +175,15 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def bench_point(
-    point: Point, hf_model: torch.nn.Module, engine: MuxEngine, args: argparse.Namespace
+    point: Point,
+    hf_model: torch.nn.Module,
+    engine: MuxEngine,
+    ours: torch.nn.Module,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     batch = prompts(point, seed=point.batch * 100_003 + point.prompt)
     hf = HFSide(hf_model, batch)
-    ours = EngineSide(engine, batch, max_tokens=args.steps * args.repeats + 8)
+    side = EngineSide(engine, batch, max_tokens=args.steps * args.repeats + 8)
     hf_ms: list[float] = []
     ours_ms: list[float] = []
     weights_ms: list[float] = []
@@ -179,12 +191,12 @@ def bench_point(
     for rep in range(args.repeats):
         rep_ratios = []
         for step in range(args.steps):
-            order = (hf.step, ours.step) if (rep + step) % 2 == 0 else (ours.step, hf.step)
+            order = (hf.step, side.step) if (rep + step) % 2 == 0 else (side.step, hf.step)
             t = {fn: timed(fn) for fn in order}
-            weights_ms.append(timed(lambda: read_weights(hf_model)) * 1e3)
+            weights_ms.append(timed(lambda: read_weights(ours)) * 1e3)
             hf_ms.append(t[hf.step] * 1e3)
-            ours_ms.append(t[ours.step] * 1e3)
-            rep_ratios.append(t[ours.step] / t[hf.step])
+            ours_ms.append(t[side.step] * 1e3)
+            rep_ratios.append(t[side.step] / t[hf.step])
         ratios.append(rep_ratios)
         print(
             f"  {point} rep {rep}: hf {statistics.median(hf_ms[-args.steps :]):.1f} ms, "
@@ -193,8 +205,8 @@ def bench_point(
         )
     # greedy on the same weights: rows whose tokens agree (a check, not a timing; random
     # weights leave near-ties that float rounding may flip)
-    same = sum(a == b for a, b in zip(hf.tokens, ours.tokens(), strict=True))
-    ours.finish()
+    same = sum(a == b for a, b in zip(hf.tokens, side.tokens(), strict=True))
+    side.finish()
     flat = [r for rep in ratios for r in rep]
     per_rep = [statistics.median(rep) for rep in ratios]
     return {
@@ -232,10 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-bytes", type=int, default=16 << 10, help="the engine's block size")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--attn", default="sdpa", help="transformers' attn_implementation")
+    p.add_argument(
+        "--hf-weights",
+        choices=("mapped", "heap"),
+        default="mapped",
+        help="HF's weights as transformers loads them (the file's mapped pages), or copied "
+        "to the heap as the engine's are",
+    )
     p.add_argument("--out", default="benchmarks/results/decode")
     args = p.parse_args(argv)
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # past_key_values' rename
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     rows = []
@@ -245,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, attn_implementation=args.attn
         ).eval()
+        if args.hf_weights == "heap":
+            with torch.no_grad():
+                for w in hf_model.parameters():
+                    w.data = w.data.clone()
         params = sum(x.numel() for x in hf_model.parameters())
         longest = max(pt.prompt for pt in args.points) + args.steps * args.repeats + 16
         tokens = sum(pt.batch for pt in args.points) * longest
@@ -266,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         try:
+            ours = engine.executor.runners["bench"].model  # type: ignore[attr-defined]
             for point in args.points:
-                rows.append(bench_point(point, hf_model, engine, args))
+                rows.append(bench_point(point, hf_model, engine, ours, args))
         finally:
             engine.shutdown()
     result = {
@@ -276,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__,
         "torch_threads": args.threads,
         "hf_attn_implementation": args.attn,
+        "hf_weights": args.hf_weights,
         "model": {k: config[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
         | {"heads": args.heads, "kv_heads": args.kv_heads, "parameters": params},
         "block_bytes": args.block_bytes,

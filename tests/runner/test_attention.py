@@ -14,6 +14,7 @@ from muxserve.kv.block_tables import BlockTables
 from muxserve.kv.layout import KVLayout
 from muxserve.models.dense_attention import DenseAttention
 from muxserve.runner import attention as attention_module
+from muxserve.runner import batch_layout
 from muxserve.runner.attention import BatchLayout, PagedAttention
 from muxserve.runner.kv_pool import KVPool
 from muxserve.sampling_params import SamplingParams
@@ -370,7 +371,7 @@ def test_the_cpu_path_never_pads_the_block_tables(monkeypatch: pytest.MonkeyPatc
     def refuse(tables: Sequence[np.ndarray]) -> np.ndarray:
         raise AssertionError("padded the block tables")
 
-    monkeypatch.setattr(attention_module, "pad_tables", refuse)
+    monkeypatch.setattr(batch_layout, "pad_tables", refuse)
     layout = KVLayout(NUM_LAYERS, 2, 16, 4, 2 * 16 * 4 * 3)
     needed = sum(layout.physical_blocks_for(n) for n in LENGTHS.values())
     _, cache = make_pool(layout, 3 * needed, torch.float32)
