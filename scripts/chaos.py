@@ -304,6 +304,8 @@ async def run_target(
             for pid in {f.pid for f in faults}:
                 _signal(pid, signal.SIGCONT)  # nothing stays stopped
             await wait_healthy(session, url, 120.0)
+            async with session.get(f"{url}/metrics") as r:  # the queues as the load ended
+                (tmp / f"{target}.metrics.txt").write_text(await r.text())
             result.leaked_blocks = await leaked_blocks(session, url)
         survivors = descendants(proc.pid)
     finally:
