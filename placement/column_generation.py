@@ -34,8 +34,9 @@ MAX_NODES = 400  # search nodes
 MASTER_NODES = 5000  # branch-and-bound nodes of one integer master
 # branch-and-bound nodes of one pricing call: past them its columns are a heuristic's, and
 # the LP relaxation (or the MIP solver) bounds what is left
-PRICING_NODES = 2000
+PRICING_NODES = 20_000
 PRICING_KEEP = 5  # configurations kept per pricing call
+STABILIZE_FROM = 40  # units: from here on, pricing at the root is stabilised
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,15 @@ class BranchAndPrice:
         label: str = "ilp",
         mip_pricing: bool = False,
         max_nodes: int = MAX_NODES,
+        mip_limit_s: float = 10.0,
+        max_rounds: int = MAX_ROUNDS,
+        pricing_nodes: int = PRICING_NODES,
     ) -> None:
         self.inst = instance
         self.mip_pricing = mip_pricing  # price with the MIP solver alone
         self.max_nodes = max_nodes
+        self.mip_limit_s = mip_limit_s  # seconds at most for one pricing MIP (0: none)
+        self.max_rounds, self.pricing_nodes = max_rounds, pricing_nodes
         table = instance.table
         self.problem = table.problem
         self.progress, self.label = progress, label
@@ -148,6 +154,7 @@ class BranchAndPrice:
             for k, c in enumerate(table.options(i, s))
         }  # fmt: skip
         self.penalty = 1e3 * (self.problem.total_rate + 1.0)
+        self.backend = backend
         self._build(backend, threads)
         self.columns: dict[tuple, int] = {}  # config key -> column
         self.configs: list[Config] = []  # per config column, in column order
@@ -323,14 +330,59 @@ class BranchAndPrice:
         return x
 
     # ---- pricing ------------------------------------------------------------------------
+    def aggregate(self) -> tuple[float, list[float], dict[int, float]] | None:
+        """The aggregate LP — each unit's candidates with the resources of all meshes of a
+        size pooled — and its duals (unit prices, weights): a bound in a fraction of a second
+        (as tight as the compact program's LP), and a point to steer pricing from."""
+        inst, prog = self.inst, Program(self.backend)
+        units = [prog.add_row(1.0 if inst.mandatory(k) else -math.inf, 1.0)
+                 for k in range(len(inst.units))]  # fmt: skip
+        caps = {i: prog.add_row(-math.inf, cap) for i, cap in inst.caps.items()}
+        pool = {(s, r): prog.add_row(-math.inf, 0.0) for s in inst.sizes for r in range(4)}
+        nodes = prog.add_row(-math.inf, float(inst.nodes))
+        for p in self.patterns:  # a node of pattern p adds p.count(s) meshes' worth of room
+            rows = [pool[(s, r)] for s in set(p) for r in range(4)] + [nodes]
+            prog.add_col(0.0, 0.0, math.inf, rows, [-float(p.count(s)) for s in set(p)
+                                                       for r in range(4)] + [1.0])  # fmt: skip
+        for k, (i, _) in enumerate(inst.units):
+            for s in inst.sizes:
+                for c in self.inst.table.options(i, s):
+                    rows = [units[k]] + [pool[(s, r)] for r in range(4) if c.use[r] > 0]
+                    coefs = [1.0] + [c.use[r] / self.cap[r] for r in range(4) if c.use[r] > 0]
+                    if i in caps:
+                        rows.append(caps[i])
+                        coefs.append(c.served)
+                    prog.add_col(c.served, 0.0, math.inf, rows, coefs)
+        sol = prog.solve(time_limit=max(self._deadline.left(), 0.05))
+        if sol.status != "optimal":
+            return None
+        d = sol.duals
+        price_ = [d[row] if inst.mandatory(k) else max(d[row], 0.0) for k, row in enumerate(units)]
+        weight = {i: 1.0 - max(d[caps[i]], 0.0) if i in caps else 1.0 for i in self.model_units}
+        return sol.value, price_, weight
+
     def _price(self, branch: Branch, deadline: Deadline, stop_at: float) -> _LP | None:
-        """Column generation at a node, until no column improves the LP, the Lagrangian bound
-        falls to `stop_at`, the round limit, or the deadline; None if the LP was never solved."""
+        """Column generation at a node, until no column improves the LP (the Lagrangian bound
+        meets it), the Lagrangian bound falls to `stop_at`, the round limit, or the deadline;
+        None if the LP was never solved.
+
+        At the root, pricing is stabilised (Wentges): it prices at a point between the master's
+        duals and the best Lagrangian point so far — first the aggregate LP's duals —, which
+        keeps the bound low while the master's duals still swing.
+        """
         self._deadline = deadline
         lp: _LP | None = None
         bound = math.inf
+        center: tuple[list[float], dict[int, float]] | None = None
+        alpha = 1.0  # the first round prices at the center itself
+        if branch == Branch():
+            agg = self.aggregate()
+            if agg is not None:
+                bound = agg[0]
+                if len(self.inst.units) >= STABILIZE_FROM:
+                    center = (agg[1], agg[2])
         t0 = last_report = time.perf_counter()
-        for rounds in range(MAX_ROUNDS):
+        for rounds in range(self.max_rounds):
             now = time.perf_counter()
             if deadline.passed():
                 break
@@ -342,54 +394,111 @@ class BranchAndPrice:
                     f"bound {shown}, {len(self.configs)} configurations"
                 )
             self.rounds += 1
-            lp, unit_price, weight, size_price = self._master_lp(branch)
-            model_price = {i: min(unit_price[k] for k in ks) for i, ks in self.model_units.items()}
-            added, best_value = 0, {}
-            for s in self.inst.sizes:
+            master = self._master_lp(branch)
+            if master is None:
                 if deadline.passed():
-                    return lp  # a round cut short bounds nothing
-                if branch.closed(s):
-                    best_value[s] = 0.0
-                    continue
-                options = [c for c in self.options[s] if (c.model, s) not in branch.forbid]
-                threshold = size_price[s] + 1e-7 * max(1.0, lp.value)
-                if self.mip_pricing:
-                    limit = max(min(10.0, deadline.left()), 0.05)
-                    priced = price_mip(s, options, model_price, self.cap, threshold, limit, weight)
-                else:
-                    priced = price(
-                        s,
-                        options,
-                        model_price,
-                        self.cap,
-                        PRICING_KEEP,
-                        threshold,
-                        weight,
-                        node_limit=PRICING_NODES,
-                        deadline=deadline,
-                    )
-                upper = priced.upper
-                if not priced.exact:
-                    upper = min(upper, price_bound(options, model_price, self.cap, weight))
-                if not priced.configs and not priced.exact and upper > threshold:
-                    limit = max(min(10.0, deadline.left()), 0.05)
-                    exact = price_mip(s, options, model_price, self.cap, threshold, limit, weight)
-                    priced = exact if exact.configs or exact.upper < upper else priced
-                    upper = min(upper, exact.upper)
-                best_value[s] = upper  # no configuration of size s is worth more
-                for _, cfg in priced.configs:
-                    added += self.add(self._to_units(cfg, unit_price))
-            bound = min(bound, self._lagrangian(unit_price, weight, best_value))
+                    break
+                return _LP(-math.inf, {}, {}, 0.0, -math.inf, True)  # no placement here
+            lp, out_price, out_weight, size_price = master
             lp.bound = bound
+            if center is None:
+                sep_price, sep_weight = out_price, out_weight
+            else:
+                sep_price = [alpha * a + (1 - alpha) * b for a, b in zip(center[0], out_price,
+                                                                        strict=True)]  # fmt: skip
+                sep_weight = {i: alpha * center[1][i] + (1 - alpha) * out_weight[i]
+                              for i in out_weight}  # fmt: skip
+            priced = self._price_sizes(branch, deadline, sep_price, sep_weight,
+                                       None if center else size_price, lp.value)  # fmt: skip
+            if priced is None:
+                return lp  # a round cut short bounds nothing
+            best_value, configs = priced
+            here = self._lagrangian(sep_price, sep_weight, best_value)
+            alpha = min(alpha, 0.5)
+            if here < bound:
+                bound = here
+                if center is not None:
+                    center = (sep_price, sep_weight)
+            added = 0
+            tol = 1e-9 * max(1.0, lp.value)
+            for cfg in configs:
+                cfg = self._to_units(cfg, out_price)
+                rc = sum(out_weight[c.model] * c.served - out_price[self.unit_index[(c.model,
+                         c.replica)]] for c in cfg.cands) - size_price[cfg.size]  # fmt: skip
+                if rc > tol:
+                    added += self.add(cfg)
+            lp.bound = bound
+            if bound <= lp.value + 1e-6 * max(1.0, lp.value) and lp.artificial <= 1e-6:
+                lp.bound, lp.converged = min(bound, lp.value), True
+                return lp  # the LP is optimal: no configuration improves it
             if not added:
-                if all(b <= size_price[s] + 1e-6 * max(1.0, lp.value)
-                       for s, b in best_value.items()):  # fmt: skip
-                    # converged: no configuration improves the LP, whose value bounds the node
-                    lp.bound, lp.converged = min(bound, lp.value), True
-                return lp  # (or pricing found nothing but could not prove there is nothing)
+                if center is None:
+                    if all(b <= size_price[s] + 1e-6 * max(1.0, lp.value)
+                           for s, b in best_value.items()):  # fmt: skip
+                        # no configuration improves the LP: its value bounds the node
+                        lp.bound, lp.converged = min(bound, lp.value), True
+                    return lp  # (or pricing found nothing but could not prove there is nothing)
+                alpha /= 2  # mis-priced: step towards the master's duals
+                if alpha < 0.05:
+                    center = None
+                continue
             if lp.artificial <= 1e-6 and bound <= stop_at:
                 return lp
         return lp
+
+    def _price_sizes(
+        self,
+        branch: Branch,
+        deadline: Deadline,
+        unit_price: list[float],
+        weight: Mapping[int, float],
+        size_price: dict[int, float] | None,
+        scale: float,
+    ) -> tuple[dict[int, float], list[Config]] | None:
+        """Per mesh size, an upper bound on any configuration's value at these prices and
+        the best configurations found; None if the deadline cut the round short."""
+        model_price = {i: min(unit_price[k] for k in ks) for i, ks in self.model_units.items()}
+        best_value: dict[int, float] = {}
+        configs: list[Config] = []
+        for s in self.inst.sizes:
+            if deadline.passed():
+                return None
+            if branch.closed(s):
+                best_value[s] = 0.0
+                continue
+            options = [c for c in self.options[s] if (c.model, s) not in branch.forbid]
+            threshold = 0.0 if size_price is None else size_price[s] + 1e-7 * max(1.0, scale)
+            if self.mip_pricing:
+                limit = max(min(self.mip_limit_s, deadline.left()), 0.05)
+                priced = price_mip(s, options, model_price, self.cap, threshold, limit, weight)
+            else:
+                priced = price(
+                    s,
+                    options,
+                    model_price,
+                    self.cap,
+                    PRICING_KEEP,
+                    threshold,
+                    weight,
+                    node_limit=self.pricing_nodes,
+                    deadline=deadline,
+                )
+            upper = priced.upper
+            if (
+                not priced.exact
+                and self.mip_limit_s > 0
+                and not deadline.passed()
+                and (not priced.configs or size_price is None)  # columns, or a bound, needed
+            ):
+                limit = max(min(self.mip_limit_s, deadline.left()), 0.05)
+                exact = price_mip(s, options, model_price, self.cap, threshold, limit, weight)
+                upper = min(upper, exact.upper)
+                configs += [cfg for _, cfg in exact.configs]
+            if upper == math.inf or not priced.exact:
+                upper = min(upper, price_bound(options, model_price, self.cap, weight))
+            best_value[s] = upper  # no configuration of size s is worth more
+            configs += [cfg for _, cfg in priced.configs]
+        return best_value, configs
 
     def _to_units(self, cfg: Config, unit_price: list[float]) -> Config:
         """A priced configuration's candidates on each model's cheapest unit (replica)."""
@@ -415,12 +524,14 @@ class BranchAndPrice:
 
     def _master_lp(
         self, branch: Branch
-    ) -> tuple[_LP, list[float], dict[int, float], dict[int, float]]:
-        """The restricted master LP at a node; its duals price new columns."""
+    ) -> tuple[_LP, list[float], dict[int, float], dict[int, float]] | None:
+        """The restricted master LP at a node; its duals price new columns. None where the
+        node's mesh counts admit no solution (then no placement of the node exists) or the
+        solve ran out of time."""
         self._restrict(branch, integer=False)
         sol = self.prog.solve(time_limit=max(self._deadline.left(), 0.05))
-        if not sol.feasible:
-            raise RuntimeError(f"{self.label}: the master LP is {sol.status}")
+        if sol.status != "optimal":
+            return None
         d = sol.duals
         unit_price = []
         for k, row in enumerate(self.unit_rows):  # an optional unit's price is ≥ 0

@@ -94,7 +94,16 @@ def _replan(
         elsewhere = sum(c.served for c in outside if c.model == i)
         caps[i] = max(problem.targets[i].rate - elsewhere, 0.0)
     inst = Instance(table, tuple(units), 2, caps)
-    bp = BranchAndPrice(inst, threads=threads, backend=backend, label="ilp (local)", max_nodes=30)
+    bp = BranchAndPrice(
+        inst,
+        threads=threads,
+        backend=backend,
+        label="ilp (local)",
+        max_nodes=20,
+        mip_limit_s=0.0,  # a heuristic here: bounded work, no proof needed
+        max_rounds=40,
+        pricing_nodes=5000,
+    )
     start = Incumbent(
         sum(c.served for k in pair for c in nodes[k]), [*nodes[pair[0]], *nodes[pair[1]]]
     )
