@@ -52,16 +52,27 @@ class AnalyticCostModel:
     def bandwidth_share(self, sm: float) -> float:
         """Fraction of HBM bandwidth one job gets with `sm` of the SMs.
 
-        A memory-bound kernel saturates HBM well before it has every SM, which is why a decode
-        can give most SMs to a co-located prefill and lose little speed.
+        A memory-bound kernel saturates HBM before it has every SM, which is why a decode can
+        give most SMs to a co-located prefill and lose little speed; below the saturation
+        share, bandwidth falls as (share / saturation) ** exponent.
         """
-        return min(1.0, sm / self.params.sm_bandwidth_saturation)
+        p = self.params
+        return min(1.0, sm / p.sm_bandwidth_saturation) ** p.sm_bandwidth_exponent
+
+    def compute_share(self, sm: float) -> float:
+        """Fraction of the GPU's FLOP/s one job gets with `sm` of the SMs (under MPS better
+        than in proportion: share ** exponent, exponent ≤ 1)."""
+        return min(1.0, sm) ** self.params.sm_compute_exponent
 
     # ---- bytes ----------------------------------------------------------------------------
     def decode_bytes(self, model: ModelSpec, tp: int, batch: float, context: float) -> float:
         """HBM bytes one GPU reads in a decode step: its weight shard (of routed experts, those
         the batch's tokens pick) and the batch's KV."""
-        return (model.weight_bytes_read(batch) + batch * context * model.kv_bytes_per_token) / tp
+        return (model.weight_bytes_read(batch) + self._kv_read(model, batch, context)) / tp
+
+    @staticmethod
+    def _kv_read(model: ModelSpec, batch: float, context: float) -> float:
+        return batch * context * model.kv_bytes_per_token
 
     def prefill_bytes(self, model: ModelSpec, tp: int, num_seqs: int, prompt_len: float) -> float:
         """HBM bytes one GPU moves in a prefill: its weight shard and the KV it writes."""
@@ -92,15 +103,23 @@ class AnalyticCostModel:
         tokens = num_seqs * prompt_len
         flops = tokens * model.flops_per_token(prompt_len / 2)
         nbytes = self.prefill_bytes(model, tp, num_seqs, prompt_len)
-        return self._roofline(model, tp, sm, flops, nbytes, tokens, num_seqs)
+        overhead = self.params.prefill_overhead_s
+        return self._roofline(model, tp, sm, flops, nbytes, tokens, num_seqs, overhead)
 
     def decode_latency(
         self, model: ModelSpec, tp: int, sm: float, batch: float, context: float
     ) -> float:
         """Seconds for one decode step of `batch` sequences with `context` tokens each."""
+        p = self.params
         flops = batch * model.flops_per_token(context)
         nbytes = self.decode_bytes(model, tp, batch, context)
-        return self._roofline(model, tp, sm, flops, nbytes, batch, batch)
+        after = 0.0
+        if p.kv_read == "separate":  # the attention kernels read the KV on their own
+            kv = self._kv_read(model, batch, context) / tp
+            nbytes -= kv
+            after = kv / (self.gpu.hbm_bytes_per_s * p.kv_bandwidth_efficiency
+                          * self.bandwidth_share(sm))  # fmt: skip
+        return after + self._roofline(model, tp, sm, flops, nbytes, batch, batch, p.step_overhead_s)
 
     def _roofline(
         self,
@@ -111,14 +130,15 @@ class AnalyticCostModel:
         nbytes: float,
         tokens: float,
         seqs: float,
+        overhead: float,
     ) -> float:
         p, g = self.params, self.gpu
-        t_compute = flops / (tp * g.peak_flops * p.compute_efficiency * sm)
+        t_compute = flops / (tp * g.peak_flops * p.compute_efficiency * self.compute_share(sm))
         t_memory = nbytes / (g.hbm_bytes_per_s * p.bandwidth_efficiency * self.bandwidth_share(sm))
         return (
             max(t_compute, t_memory)
             + self.allreduce_time(model, tp, tokens)
-            + p.step_overhead_s
+            + overhead
             + p.per_seq_overhead_s * seqs
         )
 

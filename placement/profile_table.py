@@ -8,13 +8,13 @@ nearest entry is scaled by the analytic model's ratio. The format is in docs/pla
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
-import numpy as np
 from pydantic import Field, model_validator
 
 from muxserve.errors import ConfigError
@@ -80,12 +80,22 @@ class ProfileFile(Strict):
 
 def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     """Linear interpolation; clamped below the first point, extrapolated past the last."""
-    if len(xs) == 1:
-        return float(ys[0])
-    if x <= xs[-1]:
-        return float(np.interp(x, xs, ys))
-    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-    return float(ys[-1] + max(slope, 0.0) * (x - xs[-1]))
+    return _interp_rows(xs, x, lambda k: ys[k])
+
+
+def _interp_rows(xs: Sequence[float], x: float, y: Callable[[int], float]) -> float:
+    """`interp`, reading only the one or two points it needs (`y(k)` is the k-th)."""
+    if len(xs) == 1 or x <= xs[0]:
+        return float(y(0))
+    if x > xs[-1]:
+        y1, y2 = y(len(xs) - 2), y(len(xs) - 1)
+        slope = (y2 - y1) / (xs[-1] - xs[-2])
+        return float(y2 + max(slope, 0.0) * (x - xs[-1]))
+    k = bisect.bisect_left(xs, x)  # xs[k - 1] < x <= xs[k]
+    if x == xs[k]:
+        return float(y(k))
+    ya, yb = y(k - 1), y(k)
+    return float(ya + (yb - ya) * (x - xs[k - 1]) / (xs[k] - xs[k - 1]))
 
 
 Analytic = Callable[[float], float]  # latency at an SM share, from the analytic model
@@ -116,7 +126,10 @@ class ProfileTable:
         if not entries:
             return None
         return _across_sm(
-            [(e.sm, interp(e.tokens, e.latency_s, tokens)) for e in entries], sm, analytic
+            [e.sm for e in entries],
+            lambda k: interp(entries[k].tokens, entries[k].latency_s, tokens),
+            sm,
+            analytic,
         )
 
     def decode(
@@ -126,26 +139,32 @@ class ProfileTable:
         entries = self._decode.get((model, tp))
         if not entries:
             return None
-        points = []
-        for e in entries:
-            rows = [interp(e.context, row, context) for row in e.latency_s]
-            points.append((e.sm, interp(e.batch, rows, batch)))
-        return _across_sm(points, sm, analytic)
+
+        def at(k: int) -> float:
+            e = entries[k]
+            return _interp_rows(
+                e.batch, batch, lambda i: interp(e.context, e.latency_s[i], context)
+            )
+
+        return _across_sm([e.sm for e in entries], at, sm, analytic)
 
 
-def _across_sm(points: list[tuple[float, float]], sm: float, analytic: Analytic) -> float:
-    """Interpolate in 1/share between profiled shares; scale analytically outside them."""
-    lo_sm, lo_t = points[0]
-    hi_sm, hi_t = points[-1]
-    if sm <= lo_sm:
-        return lo_t * analytic(sm) / analytic(lo_sm)
-    if sm >= hi_sm:
-        return hi_t * analytic(sm) / analytic(hi_sm)
-    for (sa, ta), (sb, tb) in itertools.pairwise(points):
-        if sa <= sm <= sb:
-            w = (1 / sm - 1 / sa) / (1 / sb - 1 / sa)
-            return ta + w * (tb - ta)
-    raise AssertionError("unreachable: sm within the profiled range")
+def _across_sm(
+    shares: list[float], at: Callable[[int], float], sm: float, analytic: Analytic
+) -> float:
+    """Interpolate in 1/share between the two profiled shares around `sm` (only those two
+    are looked up); outside the profiled shares, the nearest scaled by the analytic model."""
+    if sm <= shares[0]:
+        return at(0) * analytic(sm) / analytic(shares[0])
+    if sm >= shares[-1]:
+        return at(len(shares) - 1) * analytic(sm) / analytic(shares[-1])
+    k = bisect.bisect_right(shares, sm)  # shares[k - 1] <= sm < shares[k]
+    sa, sb = shares[k - 1], shares[k]
+    ta = at(k - 1)
+    if sm == sa:
+        return ta
+    w = (1 / sm - 1 / sa) / (1 / sb - 1 / sa)
+    return ta + w * (at(k) - ta)
 
 
 def load_profile(path: str | Path) -> ProfileTable:
