@@ -19,6 +19,10 @@ transparent huge pages are off or madvise-only): the same matmuls then differ by
 at batch 1, whatever the code. `--hf-weights heap` copies HF's weights to the heap too, so the
 two compare code with code.
 
+With `--e2e N`, also end to end: N prompts of mixed lengths (`--e2e-prompts`), `--e2e-tokens`
+new tokens each, greedy: transformers' `generate` over the left-padded batch against
+`MuxEngine.generate` (continuous batching, no padding), alternating, `--e2e-repeats` times.
+
 Reported per point: the median step (ms) with its p10-p90 over all steps, the median of the
 paired ratios engine / HF (each engine step against the HF step next to it) with the min and
 max of the per-repeat medians, and the load average before and after. `results.json` goes to
@@ -45,7 +49,7 @@ import torch
 from safetensors.torch import save_file
 
 from muxserve.config import parse_config
-from muxserve.demo import BOS, EOS, SPECIAL_TOKENS, ensure_demo_models, make_weights
+from muxserve.demo import BOS, EOS, PAD, SPECIAL_TOKENS, ensure_demo_models, make_weights
 from muxserve.engine import MuxEngine
 from muxserve.sampling_params import SamplingParams
 
@@ -227,6 +231,62 @@ def bench_point(
     }
 
 
+def bench_e2e(hf_model: torch.nn.Module, engine: MuxEngine, args: argparse.Namespace) -> dict:
+    """`--e2e` prompts of mixed lengths, `--e2e-tokens` new tokens each, greedy: transformers'
+    `generate` over the left-padded batch against `MuxEngine.generate`, alternating."""
+    gen = torch.Generator().manual_seed(7)
+    lo, hi = args.e2e_prompts
+    lens = torch.randint(lo, hi + 1, (args.e2e,), generator=gen).tolist()
+    batch = [torch.randint(7, PROMPT_VOCAB, (n,), generator=gen).tolist() for n in lens]
+    pad = SPECIAL_TOKENS.index(PAD)
+    ids = torch.full((len(batch), max(lens)), pad)  # (B, longest), left-padded
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(batch):
+        ids[row, ids.shape[1] - len(prompt) :] = torch.tensor(prompt)
+        mask[row, ids.shape[1] - len(prompt) :] = 1
+    n = args.e2e_tokens
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+    def hf_run() -> None:
+        with torch.inference_mode():
+            hf_model.generate(  # type: ignore[operator]
+                ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,  # every row n tokens, as the engine's ignore_eos
+                do_sample=False,
+                pad_token_id=pad,
+            )
+
+    def engine_run() -> None:
+        engine.generate(batch, params, "bench")
+
+    hf_s: list[float] = []
+    engine_s: list[float] = []
+    for rep in range(args.e2e_repeats):
+        order = (hf_run, engine_run) if rep % 2 == 0 else (engine_run, hf_run)
+        t = {fn: timed(fn) for fn in order}
+        hf_s.append(t[hf_run])
+        engine_s.append(t[engine_run])
+        print(f"  e2e rep {rep}: hf {hf_s[-1]:.2f} s, engine {engine_s[-1]:.2f} s", file=sys.stderr)
+    speedups = [h / e for h, e in zip(hf_s, engine_s, strict=True)]
+    tokens = len(batch) * n
+    return {
+        "batch": len(batch),
+        "prompt_tokens": {"min": min(lens), "max": max(lens), "mean": sum(lens) / len(lens)},
+        "new_tokens": n,
+        "hf_s": summary(hf_s),
+        "engine_s": summary(engine_s),
+        "hf_tokens_per_s": tokens / statistics.median(hf_s),
+        "engine_tokens_per_s": tokens / statistics.median(engine_s),
+        "engine_over_hf_tokens_per_s": {
+            "median": statistics.median(speedups),
+            "min": min(speedups),
+            "max": max(speedups),
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         help="HF's weights as transformers loads them (the file's mapped pages), or copied "
         "to the heap as the engine's are",
     )
+    p.add_argument("--e2e", type=int, default=0, help="end to end too, this many prompts")
+    p.add_argument(
+        "--e2e-prompts", type=int, nargs=2, default=[32, 512], metavar=("LO", "HI"),
+        help="their lengths, uniform",
+    )  # fmt: skip
+    p.add_argument("--e2e-tokens", type=int, default=64, help="new tokens per prompt")
+    p.add_argument("--e2e-repeats", type=int, default=4)
     p.add_argument("--out", default="benchmarks/results/decode")
     args = p.parse_args(argv)
     import transformers
@@ -272,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         params = sum(x.numel() for x in hf_model.parameters())
         longest = max(pt.prompt for pt in args.points) + args.steps * args.repeats + 16
         tokens = sum(pt.batch for pt in args.points) * longest
+        tokens += args.e2e * (args.e2e_prompts[1] + args.e2e_tokens + 16)
         kv_bytes = 2 * args.layers * args.kv_heads * (args.hidden // args.heads) * 4 * tokens
         engine = MuxEngine(
             parse_config(
@@ -283,8 +351,11 @@ def main(argv: list[str] | None = None) -> int:
                         "device": "cpu",
                         # one prefill job for the whole batch: every row starts decoding at
                         # the same length, as HF's do
-                        "prefill_token_budget": max(pt.batch * pt.prompt for pt in args.points),
-                        "max_batch_size": max(pt.batch for pt in args.points),
+                        "prefill_token_budget": max(
+                            [pt.batch * pt.prompt for pt in args.points]
+                            + [args.e2e * args.e2e_prompts[1]]
+                        ),
+                        "max_batch_size": max([pt.batch for pt in args.points] + [args.e2e]),
                     },
                 }
             )
@@ -293,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             ours = engine.executor.runners["bench"].model  # type: ignore[attr-defined]
             for point in args.points:
                 rows.append(bench_point(point, hf_model, engine, ours, args))
+            e2e = bench_e2e(hf_model, engine, args) if args.e2e else None
         finally:
             engine.shutdown()
     result = {
@@ -308,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "points": rows,
+        "e2e": e2e,
     }
     heads = ("point", "hf ms", "(p10-p90)", "engine ms", "(p10-p90)", "ratio", "(rep min-max)")
     print("".join(f"{h:>14}" for h in heads) + f"{'weights ms':>12}{'same':>6}")
@@ -324,6 +397,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         weights = f"{r['weights_read_ms']['median']:.1f}"
         print("".join(f"{c:>14}" for c in cells) + f"{weights:>12}{r['rows_same_tokens']:>6}")
+    if e2e is not None:
+        x = e2e["engine_over_hf_tokens_per_s"]
+        print(
+            f"end to end, {e2e['batch']} prompts of {args.e2e_prompts[0]}-{args.e2e_prompts[1]} "
+            f"tokens, {e2e['new_tokens']} new each: HF {e2e['hf_tokens_per_s']:.0f} tok/s, "
+            f"engine {e2e['engine_tokens_per_s']:.0f} tok/s, engine / HF {x['median']:.2f}x "
+            f"(repeats {x['min']:.2f}-{x['max']:.2f})"
+        )
     print(f"load average {load_before} -> {result['load_average_after']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

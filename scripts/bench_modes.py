@@ -1,7 +1,8 @@
 """MuxServe against its two baselines, on one trace, in one command.
 
-    python scripts/bench_modes.py [--rates 4 8 12 16] [--kv-pool-mib 1.25] [--trace FILE]
-                                  [--slo ttft:250 tpot:50] [--out benchmarks/results/modes]
+    python scripts/bench_modes.py [--rates 4 8 12 16] [--repeats 3] [--kv-pool-mib 1.25]
+                                  [--trace FILE] [--slo ttft:250 tpot:50]
+                                  [--out benchmarks/results/modes]
 
 Three configurations of our own server, the same demo models and the same total KV bytes:
 
@@ -10,11 +11,15 @@ Three configurations of our own server, the same demo models and the same total 
 - spatial:  the pool split statically and equally, each model on its own 1/n of the device;
 - temporal: one shared pool, one job at a time, oldest request first (FCFS).
 
-The three servers run side by side (an idle one costs nothing); the trace (generated unless
---trace is given) is replayed at each rate, scaled in time, against each mode in turn, with
-the client of `muxserve bench`. The script prints throughput, p99 TTFT and SLO attainment per
-mode and rate, and the ratios, and writes results.json, modes.png (against rate) and
-modes_cdf.png (latency CDFs at the highest rate spatial sustains) to --out.
+One server runs at a time: for each of `--repeats` repeats, each mode in turn (the order
+rotating from repeat to repeat) starts its server, replays the trace (generated unless --trace
+is given) at every rate, scaled in time, with the client of `muxserve bench`, and stops. Every
+point is thus measured --repeats times, far apart in time, and reported as the median with the
+min and max over the repeats; a ratio of two modes is taken per repeat (their runs are minutes
+apart at most) and reported likewise. A claim ("mux's p99 TTFT is lower than spatial's") is
+printed only for the rates where it holds in every repeat. results.json, modes.png (medians
+against rate) and modes_cdf.png (latency CDFs of the first repeat at the highest rate spatial
+sustains) go to --out.
 
 On a CPU the inline executor runs one job after another, so only the KV half of
 multiplexing can show here; see docs/benchmarks.md for what the default workload exercises.
@@ -24,10 +29,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import statistics
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +43,7 @@ import yaml
 
 from muxserve.bench.client import ClientOptions, RunResult, run_replay
 from muxserve.bench.metrics import SLO, run_to_json, tpot
-from muxserve.bench.probe import peak_and_mean
+from muxserve.bench.probe import parse_prometheus, peak_and_mean
 from muxserve.bench.report import format_table, machine, write_json
 from muxserve.bench.server import ServerProcess
 from muxserve.bench.trace import Trace, TraceEntry, read_trace, write_trace
@@ -83,71 +91,122 @@ def warm_up(url: str, models: list[str]) -> None:
     run_replay(Trace(entries, {}), ClientOptions(url=url, ignore_eos=True, progress=False))
 
 
-def serve_all(
-    configs: dict[str, dict[str, Any]], tmp: Path, stack: ExitStack, models: list[str]
-) -> dict[str, str]:
-    """Start one server per mode (they idle at no cost while another is measured); URLs."""
-    urls = {}
-    for mode, config in configs.items():
-        path = tmp / f"{mode}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        log_path = tmp / f"{mode}.log"
-        log = stack.enter_context(log_path.open("w"))
-        try:
-            urls[mode] = stack.enter_context(ServerProcess(path, log=log))
-        except RuntimeError:
-            print(log_path.read_text()[-3000:], file=sys.stderr)
-            raise
-        warm_up(urls[mode], models)
-    return urls
+def rotated(items: list[Any], k: int) -> list[Any]:
+    return items[k % len(items) :] + items[: k % len(items)]
 
 
 def sweep(
-    urls: dict[str, str], trace: Trace, args: argparse.Namespace
-) -> dict[str, list[tuple[float, RunResult]]]:
-    """Every rate, every mode; the order of the modes rotates from rate to rate, so a change
-    in the machine's background load does not always land on the same mode."""
-    runs: dict[str, list[tuple[float, RunResult]]] = {m: [] for m in urls}
-    modes = list(urls)
-    for i, rate in enumerate(args.rates):
-        scaled = trace.at_rate(rate)
-        limit = scaled.duration_s * args.time_limit_factor + 10.0
-        for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
-            opts = ClientOptions(
-                url=urls[mode],
-                ignore_eos=True,
-                max_duration_s=limit,
-                progress=not args.no_progress,
-                label=f"{mode} @{rate:g}",
-                sample_metrics=GAUGES,
-            )
-            result = run_replay(scaled, opts)
-            runs[mode].append((rate, result))
-            if result.stopped == "interrupted":
-                return runs
-            time.sleep(0.5)  # cancelled requests' aborts land before the next run starts
+    configs: dict[str, dict[str, Any]],
+    trace: Trace,
+    args: argparse.Namespace,
+    tmp: Path,
+    models: list[str],
+) -> dict[str, list[tuple[float, int, RunResult]]]:
+    """Every repeat, every mode (one server at a time, the order rotating per repeat), every
+    rate: (rate, repeat, run) per mode."""
+    runs: dict[str, list[tuple[float, int, RunResult]]] = {m: [] for m in configs}
+    for rep in range(args.repeats):
+        for mode in rotated(list(configs), rep):
+            path = tmp / f"{mode}.yaml"
+            path.write_text(yaml.safe_dump(configs[mode]))
+            log_path = tmp / f"{mode}-{rep}.log"
+            with log_path.open("w") as log:
+                try:
+                    server = ServerProcess(path, log=log)
+                    url = server.start()
+                except RuntimeError:
+                    print(log_path.read_text()[-3000:], file=sys.stderr)
+                    raise
+                try:
+                    warm_up(url, models)
+                    for rate in args.rates:
+                        result = replay(url, trace, rate, f"{mode} @{rate:g} #{rep}", args)
+                        runs[mode].append((rate, rep, result))
+                        if result.stopped == "interrupted":
+                            return runs
+                finally:
+                    server.stop()
     return runs
+
+
+def replay(url: str, trace: Trace, rate: float, label: str, args: argparse.Namespace) -> RunResult:
+    scaled = trace.at_rate(rate)
+    opts = ClientOptions(
+        url=url,
+        ignore_eos=True,
+        max_duration_s=scaled.duration_s * args.time_limit_factor + 10.0,
+        progress=not args.no_progress,
+        label=label,
+        sample_metrics=GAUGES,
+    )
+    result = run_replay(scaled, opts)
+    wait_drained(url)  # cancelled requests' aborts land before the next run starts
+    return result
+
+
+DRAIN_NAMES = ("muxserve:num_requests_running", "muxserve:num_requests_waiting")
+
+
+def wait_drained(url: str, timeout_s: float = 60.0) -> None:
+    """Poll the server's /metrics until no request runs or waits (a warning past the
+    deadline: the next run then starts with the leftovers)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+                values = parse_prometheus(resp.read().decode(), DRAIN_NAMES)
+        except OSError:
+            values = {"unreadable": 1.0}
+        if not any(values.values()):
+            return
+        time.sleep(0.05)
+    print(f"warning: {url} still has requests after {timeout_s:g} s", file=sys.stderr)
+
+
+def find_series(run: RunResult, name: str, **labels: str) -> str:
+    """The key under which `run`'s samples hold the series `name{labels}`, whatever the
+    server's label order ('' if no sample has it)."""
+    for _, values in run.samples:
+        for key in values:
+            head, _, rest = key.partition("{")
+            if head == name and dict(re.findall(r'(\w+)="([^"]*)"', rest)) == labels:
+                return key
+    return ""
 
 
 def kv_use(run: RunResult, models: list[str]) -> dict[str, dict[str, float]]:
     """Per model, from the server's gauges: the largest share of the pool it held, and how
     many of its requests waited for admission on average."""
-    total = peak_and_mean(run.samples, f'muxserve_kv_blocks_total{{mesh="{MESH}"}}')
+    total = peak_and_mean(run.samples, find_series(run, "muxserve_kv_blocks_total", mesh=MESH))
     out = {}
     for m in models:
-        used = peak_and_mean(run.samples, f'muxserve_kv_blocks_used{{model="{m}",mesh="{MESH}"}}')
-        waiting = peak_and_mean(
-            run.samples, f'muxserve:num_requests_waiting{{model_name="{m}",mesh="{MESH}"}}'
-        )
+        used_key = find_series(run, "muxserve_kv_blocks_used", model=m, mesh=MESH)
+        waiting_key = find_series(run, "muxserve:num_requests_waiting", model_name=m, mesh=MESH)
+        used = peak_and_mean(run.samples, used_key)
+        waiting = peak_and_mean(run.samples, waiting_key)
         if used and total and waiting:
             out[m] = {"peak_pool_share": used[0] / total[0], "mean_waiting": waiting[1]}
     return out
 
 
-def meets_slo(run: dict[str, Any]) -> bool:
-    """At least SUSTAINED of the requests met every SLO."""
-    att = run["summary"]["overall"]["slo_attainment"]
-    return att is not None and att >= SUSTAINED
+Getter = Callable[[dict[str, Any]], float | None]
+
+
+def spread(runs: list[dict[str, Any]], get: Getter) -> tuple[float, float, float] | None:
+    """(median, min, max) of `get` over runs (the repeats of one point); None if none has it."""
+    vals = [v for v in map(get, runs) if v is not None]
+    if not vals:
+        return None
+    return statistics.median(vals), min(vals), max(vals)
+
+
+def point(results: dict[str, list[dict[str, Any]]], mode: str, rate: float) -> list[dict]:
+    """The repeats of one (mode, rate)."""
+    return [r for r in results.get(mode, []) if r["rate"] == rate]
+
+
+def rates_of(results: dict[str, list[dict[str, Any]]]) -> list[float]:
+    return sorted({r["rate"] for runs in results.values() for r in runs})
 
 
 def keeps_up(run: dict[str, Any]) -> bool:
@@ -156,64 +215,128 @@ def keeps_up(run: dict[str, Any]) -> bool:
     return o["failed"] == 0 and o["request_throughput"] >= SUSTAINED * run["rate"]
 
 
+def ttft(q: str) -> Getter:
+    return lambda r: r["summary"]["overall"]["ttft_ms"][q]
+
+
+def overall(key: str) -> Getter:
+    return lambda r: r["summary"]["overall"][key]
+
+
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
-    cols = [("rate", 6), ("mode", 10), ("req/s", 7), ("tok/s", 7), ("p50 TTFT", 10)]
-    cols += [("p99 TTFT", 10), ("p99 TPOT", 10), ("SLO att", 9), ("goodput", 9)]
-    cols += [("keeps up", 9), ("hot KV", 8), ("waiting", 8)]
+    """Per rate and mode, the median over repeats, with (min-max) where it matters."""
+    cols = [("rate", 6), ("mode", 10), ("req/s", 7), ("tok/s", 6), ("p50 TTFT", 10)]
+    cols += [("p90 TTFT (min-max)", 21), ("p99 TTFT (min-max)", 21), ("p99 TPOT", 10)]
+    cols += [("SLO att (min-max)", 24), ("keeps up", 9), ("hot KV", 7), ("waiting", 8)]
     rows = []
-    for rate in sorted({r["rate"] for runs in results.values() for r in runs}):
-        for mode, runs in results.items():
-            for r in (x for x in runs if x["rate"] == rate):
-                o = r["summary"]["overall"]
-                att, good, kv = o["slo_attainment"], o["goodput"], r["kv"].values()
-                rows.append(
-                    [
-                        f"{rate:g}",
-                        mode,
-                        f"{o['request_throughput']:.2f}",
-                        f"{o['output_throughput']:.0f}",
-                        _ms(o["ttft_ms"]["p50"]),
-                        _ms(o["ttft_ms"]["p99"]),
-                        _ms(o["tpot_ms"]["p99"]),
-                        "-" if att is None else f"{att:.1%}",
-                        "-" if good is None else f"{good:.2f}",
-                        "yes" if keeps_up(r) else "no",
-                        f"{max((k['peak_pool_share'] for k in kv), default=0):.0%}",
-                        f"{sum(k['mean_waiting'] for k in kv):.1f}",
-                    ]
-                )
+    for rate in rates_of(results):
+        for mode in results:
+            runs = point(results, mode, rate)
+            if not runs:
+                continue
+            hot = spread(
+                runs, lambda r: max((k["peak_pool_share"] for k in r["kv"].values()), default=0)
+            )
+            waiting = spread(runs, lambda r: sum(k["mean_waiting"] for k in r["kv"].values()))
+            rows.append(
+                [
+                    f"{rate:g}",
+                    mode,
+                    _med(spread(runs, overall("request_throughput")), "{:.2f}"),
+                    _med(spread(runs, overall("output_throughput")), "{:.0f}"),
+                    _ms(_first(spread(runs, ttft("p50")))),
+                    _range(spread(runs, ttft("p90")), _ms),
+                    _range(spread(runs, ttft("p99")), _ms),
+                    _ms(_first(spread(runs, lambda r: r["summary"]["overall"]["tpot_ms"]["p99"]))),
+                    _range(spread(runs, overall("slo_attainment")), lambda x: f"{x:.1%}"),
+                    f"{sum(map(keeps_up, runs))}/{len(runs)}",
+                    _med(hot, "{:.0%}"),
+                    _med(waiting, "{:.1f}"),
+                ]
+            )
     return format_table(rows, cols)
+
+
+def _first(s: tuple[float, float, float] | None) -> float | None:
+    return None if s is None else s[0]
+
+
+def _med(s: tuple[float, float, float] | None, fmt: str) -> str:
+    return "-" if s is None else fmt.format(s[0])
+
+
+def _range(s: tuple[float, float, float] | None, fmt: Callable[[float], str]) -> str:
+    return "-" if s is None else f"{fmt(s[0])} ({fmt(s[1])}-{fmt(s[2])})"
 
 
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}" if x >= 100 else f"{x:.1f}"
 
 
+RATIOS: dict[str, tuple[Getter, bool]] = {  # name -> (metric, whether lower is better)
+    "p99_ttft": (ttft("p99"), True),
+    "p90_ttft": (ttft("p90"), True),
+    "tokens_per_s": (overall("output_throughput"), False),
+}
+
+
 def ratios(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per rate: baseline p99 TTFT / mux p99 TTFT, mux tokens/s / baseline tokens/s."""
+    """Per rate and baseline, per metric: baseline / mux for latencies, mux / baseline for
+    throughput (above 1: mux better), taken per repeat; the median, min, max and each."""
     out = []
-    for r in results.get("mux", []):
-        rate, m = r["rate"], r["summary"]["overall"]
+    for rate in rates_of(results):
         row: dict[str, Any] = {"rate": rate}
+        mux = {r["repeat"]: r for r in point(results, "mux", rate)}
         for base in ("spatial", "temporal"):
-            b = next((x for x in results.get(base, []) if x["rate"] == rate), None)
-            if b is None:
-                continue
-            bo = b["summary"]["overall"]
-            mt, bt = m["ttft_ms"]["p99"], bo["ttft_ms"]["p99"]
-            row[f"p99_ttft_{base}_over_mux"] = None if not mt or bt is None else bt / mt
-            row[f"tokens_mux_over_{base}"] = m["output_throughput"] / max(
-                bo["output_throughput"], 1e-9
-            )
+            other = {r["repeat"]: r for r in point(results, base, rate)}
+            for name, (get, lower_better) in RATIOS.items():
+                each = []
+                for rep in sorted(mux.keys() & other.keys()):
+                    m, b = get(mux[rep]), get(other[rep])
+                    if m and b:
+                        each.append(b / m if lower_better else m / b)
+                if each:
+                    row[f"{name}_{base}_vs_mux"] = {
+                        "median": statistics.median(each),
+                        "min": min(each),
+                        "max": max(each),
+                        "per_repeat": each,
+                    }
         out.append(row)
     return out
 
 
+def claims(rows: list[dict[str, Any]]) -> list[str]:
+    """What the repeats support: mux better (or worse) than a baseline in every repeat."""
+    lines = []
+    for row in rows:
+        for key, r in row.items():
+            if key == "rate":
+                continue
+            metric, base = key.removesuffix("_vs_mux").rsplit("_", 1)
+            n = len(r["per_repeat"])
+            what = f"rate {row['rate']:g}, {metric} vs {base}:"
+            span = f"{r['median']:.2f}x (min {r['min']:.2f}x, max {r['max']:.2f}x, {n} repeats)"
+            if r["min"] > 1.0:
+                lines.append(f"{what} mux better in every repeat, {span}")
+            elif r["max"] < 1.0:
+                lines.append(f"{what} mux worse in every repeat, {span}")
+            else:
+                lines.append(f"{what} no claim, the repeats disagree: {span}")
+    return lines
+
+
 def compare_rates(results: dict[str, list[dict[str, Any]]]) -> dict[str, float | None]:
-    """The highest rate spatial sustains, by SLO attainment and by throughput."""
-    spatial = results.get("spatial", [])
-    slo = [r["rate"] for r in spatial if meets_slo(r)]
-    thr = [r["rate"] for r in spatial if keeps_up(r)]
+    """The highest rate spatial sustains: by SLO attainment (the median over repeats) and by
+    throughput (in most repeats)."""
+    slo, thr = [], []
+    for rate in rates_of(results):
+        runs = point(results, "spatial", rate)
+        att = spread(runs, overall("slo_attainment"))
+        if att is not None and att[0] >= SUSTAINED:
+            slo.append(rate)
+        if runs and 2 * sum(map(keeps_up, runs)) > len(runs):
+            thr.append(rate)
     return {"slo": max(slo, default=None), "throughput": max(thr, default=None)}
 
 
@@ -241,25 +364,29 @@ def make_trace(args: argparse.Namespace, models: dict[str, Path]) -> Trace:
 def plot(
     models: list[str],
     results: dict[str, list[dict[str, Any]]],
-    runs: dict[str, list[tuple[float, RunResult]]],
+    runs: dict[str, list[tuple[float, int, RunResult]]],
     rate: float,
     out: Path,
     title: str,
 ) -> None:
     from muxserve.bench.plots import plot_latency_cdfs, plot_vs_rate
 
-    def series(get: Any) -> dict[str, list[tuple[float, Any]]]:
+    def series(get: Getter) -> dict[str, list[tuple[float, Any]]]:
+        """Per mode, (rate, the median over repeats)."""
         return {
-            m: [(r["rate"], get(r["summary"]["overall"])) for r in rs] for m, rs in results.items()
+            m: [(x, _first(spread(point(results, m, x), get))) for x in rates_of(results)]
+            for m in results
         }
 
     panels = {
-        "SLO attainment": series(lambda o: o["slo_attainment"]),
-        "p99 TTFT (ms)": series(lambda o: o["ttft_ms"]["p99"]),
-        "output tokens/s": series(lambda o: o["output_throughput"]),
+        "SLO attainment": series(overall("slo_attainment")),
+        "p99 TTFT (ms)": series(ttft("p99")),
+        "output tokens/s": series(overall("output_throughput")),
     }
-    plot_vs_rate(panels, out / "modes.png", title, log_panels=["p99 TTFT (ms)"])
-    at = {m: next((r for x, r in rs if x == rate), None) for m, rs in runs.items()}
+    plot_vs_rate(panels, out / "modes.png", f"{title}, medians", log_panels=["p99 TTFT (ms)"])
+    at = {
+        m: next((r for x, rep, r in rs if x == rate and rep == 0), None) for m, rs in runs.items()
+    }
     chosen = {m: r.records for m, r in at.items() if r is not None}
     rows = {
         m: {mode: [x for x in recs if x.model == m] for mode, recs in chosen.items()}
@@ -290,6 +417,9 @@ def main() -> int:
     )
     p.add_argument("--trace", help="replay this trace instead of generating one")
     p.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0, 12.0, 16.0])
+    p.add_argument(
+        "--repeats", type=int, default=3, help="runs of every (mode, rate), far apart in time"
+    )
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     p.add_argument("--kv-pool-mib", type=float, default=1.25, help="total KV bytes, every mode")
     p.add_argument("--block-bytes", type=int, default=4096)
@@ -315,23 +445,26 @@ def main() -> int:
         file=sys.stderr,
     )
     configs = {mode: mode_config(mode, models, args) for mode in args.modes}
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        urls = serve_all(configs, Path(tmp), stack, trace.models())
-        runs = sweep(urls, trace, args)
-    interrupted = any(r.stopped == "interrupted" for rs in runs.values() for _, r in rs)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = sweep(configs, trace, args, Path(tmp), trace.models())
+    interrupted = any(r.stopped == "interrupted" for rs in runs.values() for _, _, r in rs)
     names = trace.models()
     results = {
         mode: [
-            {**run_to_json(r, slo, rate=rate, requests=False), "kv": kv_use(r, names)}
-            for rate, r in rs
+            {
+                **run_to_json(r, slo, rate=rate, requests=False),
+                "repeat": rep,
+                "kv": kv_use(r, names),
+            }
+            for rate, rep, r in rs
         ]
         for mode, rs in runs.items()
     }
     compare = compare_rates(results)
     at = compare["throughput"] or compare["slo"] or min(args.rates)
     for mode, rs in runs.items():  # per-request latencies of the runs the CDFs show
-        for row, (rate, r) in zip(results[mode], rs, strict=True):
-            if rate == at:
+        for row, (rate, rep, r) in zip(results[mode], rs, strict=True):
+            if rate == at and rep == 0:
                 row["latencies"] = compact(r)
     summary = {
         "command": " ".join(sys.argv),
@@ -342,18 +475,20 @@ def main() -> int:
         "trace_requests": len(trace.entries),
         "slo": slo.to_json(),
         "configs": configs,
+        "repeats": args.repeats,
         "spatial_sustains_up_to": compare,
         "ratios": ratios(results),
         "interrupted": interrupted,
         "results": results,
     }
+    summary["claims"] = claims(summary["ratios"])
     write_json(out / "results.json", summary)
     print(f"\n{table(results)}\n")
+    print(f"medians over {args.repeats} repeats, (min-max) across them")
     print("hot KV: the largest share of the pool one model held; waiting: mean queued requests")
-    print("ratios: p99 TTFT baseline / mux, output tokens/s mux / baseline")
-    for row in summary["ratios"]:
-        cells = [f"{k}={v:.2f}" for k, v in row.items() if k != "rate" and isinstance(v, float)]
-        print(f"  rate {row['rate']:g}: " + "  ".join(cells))
+    print("ratios, per repeat (above 1: mux better): TTFT baseline / mux, tokens/s mux / baseline")
+    for line in summary["claims"]:
+        print(f"  {line}")
     for how, rate in compare.items():
         where = "none of the rates" if rate is None else f"{rate:g} req/s"
         print(f"highest rate spatial sustains by {how} (>= {SUSTAINED:.0%}): {where}")
