@@ -113,6 +113,8 @@ def simulate(
     block_bytes: int | None = None,
     admission: bool = True,
     progress: Callable[[str], None] | None = None,
+    settle: float = 1.2,
+    drain: float = 2.0,
 ) -> SimResult:
     """Replay the problem's workload (Poisson or gamma) against `placement`.
 
@@ -120,9 +122,12 @@ def simulate(
     (as a rate-limited server answers 429), so each plan is held to what it promises; turned
     away requests count against SLO attainment.
 
-    Each mesh warms up until its slowest model's requests could have finished once (so the
+    Each mesh warms up for `settle` times its slowest model's planned request latency (so the
     window sees steady state, not the ramp-up), at least `min_warmup_s`; then `window_s` of
-    arrivals are measured.
+    arrivals are measured, and the mesh runs on until they can no longer meet their SLO, or
+    for `drain` times their planned latency if that is sooner (a request later than that
+    counts as a miss). Smaller `settle` and `drain` (1, 1) make a quick, slightly pessimistic
+    simulation: what the benchmark's default run uses.
     """
     block_bytes = block_bytes or problem.engine.block_bytes  # the serving config's, by default
     tracks: dict[str, _Track] = {}
@@ -130,14 +135,17 @@ def simulate(
     windows = []
     for mesh in placement.meshes:
         warmup = max(
-            min_warmup_s, min(_MAX_WARMUP_S, 1.2 * max(_latency(problem, m) for m in mesh.models))
+            min_warmup_s,
+            min(_MAX_WARMUP_S, settle * max(_latency(problem, m) for m in mesh.models)),
         )
         windows.append((warmup, warmup + window_s))
     arrivals = _split_arrivals(placement, problem, windows, seed, admission)
     for k, mesh in enumerate(placement.meshes):
         if progress:
             progress(f"simulate {placement.algorithm}: mesh {k + 1}/{len(placement.meshes)}")
-        tracks.update(_run_mesh(mesh, k, problem, windows[k], block_bytes, arrivals[k], tokens))
+        tracks.update(
+            _run_mesh(mesh, k, problem, windows[k], block_bytes, arrivals[k], tokens, drain)
+        )
     stats = []
     rates = placement.rates()
     for name in sorted(rates, key=problem.index):  # one row per model, in the problem's order
@@ -205,6 +213,7 @@ def _run_mesh(
     block_bytes: int,
     arrivals: list[tuple[float, str, bool]],
     tokens: dict[str, int],
+    drain: float,
 ) -> dict[str, _Track]:
     """Simulate one mesh; adds to `tokens` each model's tokens generated in `window`."""
     cost, tp = problem.cost, mesh.size
@@ -219,7 +228,7 @@ def _run_mesh(
     running: list[_Running] = []
     ids = itertools.count()
     hbm = problem.cluster.gpu.hbm_bytes_per_s * problem.cluster.cost_model.bandwidth_efficiency
-    horizon = duration + _drain(problem, [problem.index(pm.name) for pm in mesh.models], duration)
+    horizon = duration + _drain(problem, mesh, duration, drain)
     now, a = 0.0, 0
     while now < horizon:
         while a < len(arrivals) and arrivals[a][0] <= now:
@@ -316,15 +325,19 @@ def served_mesh(
     return models, pool // block_bytes
 
 
-def _drain(problem: Problem, models: list[int], duration: float) -> float:
-    """How long to run on after the last arrival: until a request can no longer meet its SLO."""
+def _drain(problem: Problem, mesh: PlacedMesh, duration: float, factor: float) -> float:
+    """How long to run on after the last arrival: until a request can no longer meet its SLO,
+    or has taken `factor` times its planned latency (a request that far behind the plan is
+    counted as a miss: this spares simulating the long tail of a generous SLO)."""
     longest = 0.0
-    for i in models:
-        t = problem.targets[i]
+    for m in mesh.models:
+        t = problem.targets[problem.index(m.name)]
+        planned = factor * _latency(problem, m)
         if t.ttft is None or t.tpot is None:
-            return duration
-        longest = max(longest, t.ttft + t.decode_steps * t.tpot)
-    return 1.05 * longest
+            longest = max(longest, min(duration, planned))
+            continue
+        longest = max(longest, min(1.05 * (t.ttft + t.decode_steps * t.tpot), planned))
+    return longest
 
 
 def _stats(

@@ -1,17 +1,28 @@
-"""Benchmark the placement algorithms on the paper's setup and on a 64-model cluster.
+"""Benchmark the placement algorithms on the paper's setup, on 64 models, and with replicas.
 
-For each rate scale and α: the ILP, the paper's greedy, spatial and temporal plans of the 19
-paper models on 4 × 8 A100-80GB — estimated throughput, simulated throughput and SLO
-attainment, ratios to spatial, solve times and the ILP's gap; then the ILP on 64 models and
-64 GPUs (solve time and gap). Writes JSON and a PNG.
+1. The paper's 19 models on 4 x 8 A100-80GB (measured A100 profile), rates 1x and 2.5x the
+   paper's (max 40 and 100 req/s), alpha in {0.7, 0.9, 1.3, 1.7, 2.1}: ILP, greedy, spatial and
+   temporal plans — estimated throughput, bound, gap, solve time; simulated throughput and SLO
+   attainment for the --simulate algorithms (a quick simulation: short window, warm-up and
+   drain of one planned request latency).
+2. 64 models (40 x 7B, 14 x 13B, 6 x 30B, 4 x 65B) on 8 x 8 A100-80GB (fitted analytic model),
+   alpha 0.7, max rate 100: the ILP within --large-time-limit, --runs times (plan, bound, gap,
+   wall time and overshoot, the difference between runs).
+3. Replicas: the paper's models with one very hot model (llm-0 at --hot-rate req/s), planned
+   with 1 and with --replicas meshes per model, estimated and simulated.
 
-    python scripts/bench_placement.py [--out benchmarks/results/placement] [--duration 20]
+Writes bench.json (with the command and the load average before and after) and bench.png.
+The default run takes about 5 minutes on an idle 2-core machine.
+
+    python scripts/bench_placement.py [--out benchmarks/results/placement] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,11 +33,16 @@ sys.path.insert(0, str(ROOT))
 from muxserve.models.hf_config import load_hf_config  # noqa: E402
 from placement.algorithms import ALGORITHMS, SolveOptions, solve  # noqa: E402
 from placement.gpus import load_cluster  # noqa: E402
-from placement.ilp import solve_ilp  # noqa: E402
+from placement.plan import Placement  # noqa: E402
 from placement.problem import Problem, make_problem  # noqa: E402
 from placement.simulator import simulate  # noqa: E402
 from placement.specs import load_models, spec_from_config  # noqa: E402
-from placement.workload import PAPER_ALPHAS, WorkloadFile, paper_workload, parse_workload  # noqa: E402
+from placement.workload import (  # noqa: E402
+    PAPER_ALPHAS,
+    WorkloadFile,
+    paper_workload,
+    parse_workload,
+)
 
 CONFIGS = ROOT / "configs"
 PAPER_MAX_RATE = 40.0  # the paper's generator: model i gets 40 × (i + 1)^-α req/s
@@ -36,13 +52,21 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def paper_problem(alpha: float, max_rate: float, slo_scale: float) -> Problem:
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def paper_problem(
+    alpha: float, max_rate: float, slo_scale: float, hot: float | None = None
+) -> Problem:
+    """The paper's 19 models on its cluster; `hot`: llm-0's rate instead of the power law's."""
     ms = load_models(CONFIGS / "models" / "paper-19.yaml")
     cluster = load_cluster(CONFIGS / "clusters" / "paper-4x8-a100-80gb.yaml")
     names = [s.name for s in ms.specs]
-    wl = parse_workload(
-        WorkloadFile.model_validate(paper_workload(names, alpha, max_rate, slo_scale))
-    )
+    raw = paper_workload(names, alpha, max_rate, slo_scale)
+    if hot is not None:
+        raw["models"][0]["rate"] = hot
+    wl = parse_workload(WorkloadFile.model_validate(raw))
     return make_problem(ms.specs, wl, cluster, engine=ms.engine, entries=ms.entries)
 
 
@@ -61,35 +85,46 @@ def large_problem(alpha: float, max_rate: float, slo_scale: float) -> Problem:
     return make_problem(specs, wl, load_cluster(CONFIGS / "clusters" / "8x8-a100-80gb.yaml"))
 
 
+def summary(plan: Placement) -> dict:
+    return {
+        "estimated": plan.served_total,
+        "bound": plan.bound,
+        "gap": plan.gap,
+        "solve_s": plan.solve_time_s,
+        "status": plan.status,
+        "gpus": plan.gpus_used,
+        "meshes": [m.size for m in plan.meshes],
+        "notes": list(plan.notes),
+    }
+
+
+def simulated(plan: Placement, p: Problem, args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    sim = simulate(plan, p, window_s=args.duration, min_warmup_s=2.0, settle=1.0, drain=1.0)
+    return {
+        "simulated": sim.throughput,
+        "slo_attainment": sim.slo_attainment,
+        "sim_wall_s": time.perf_counter() - t0,
+    }
+
+
 def run_paper(scale: float, args: argparse.Namespace) -> list[dict]:
     rows = []
     for alpha in PAPER_ALPHAS:
         p = paper_problem(alpha, PAPER_MAX_RATE * scale, args.slo_scale)
         options = SolveOptions(time_limit=args.time_limit, threads=args.threads)
+        t0 = time.perf_counter()
         plans = solve(p, ALGORITHMS, options, progress=None)
-        row: dict = {"scale": scale, "alpha": alpha, "requested": p.total_rate}
+        row: dict = {"scale": scale, "alpha": alpha, "requested": p.total_rate,
+                     "plan_wall_s": time.perf_counter() - t0}  # fmt: skip
         for name, plan in plans.items():
-            entry = {
-                "estimated": plan.served_total,
-                "solve_s": plan.solve_time_s,
-                "status": plan.status,
-                "gap": plan.gap,
-                "gpus": plan.gpus_used,
-                "meshes": [m.size for m in plan.meshes],
-            }
-            if args.duration > 0:
-                t0 = time.perf_counter()
-                sim = simulate(plan, p, window_s=args.duration)
-                entry |= {
-                    "simulated": sim.throughput,
-                    "slo_attainment": sim.slo_attainment,
-                    "sim_wall_s": time.perf_counter() - t0,
-                }
-            row[name] = entry
+            row[name] = summary(plan)
+            if args.duration > 0 and name in args.simulate:
+                row[name] |= simulated(plan, p, args)
         base = row["spatial"]
         for name in ALGORITHMS:
             row[name]["x_spatial_est"] = row[name]["estimated"] / base["estimated"]
-            if "simulated" in row[name]:
+            if "simulated" in row[name] and "simulated" in base:
                 row[name]["x_spatial_sim"] = row[name]["simulated"] / base["simulated"]
         log(
             f"scale {scale} α {alpha}: "
@@ -98,7 +133,8 @@ def run_paper(scale: float, args: argparse.Namespace) -> list[dict]:
                 + (f"/{row[n]['simulated']:.1f}" if "simulated" in row[n] else "")
                 for n in ALGORITHMS
             )
-            + f" req/s; ilp {row['ilp']['solve_s']:.2f} s ({row['ilp']['status']})"
+            + f" req/s; ilp {row['ilp']['solve_s']:.2f} s, bound {row['ilp']['bound']:.1f}, "
+            f"gap {row['ilp']['gap']:.2%}"
         )
         rows.append(row)
     return rows
@@ -106,57 +142,112 @@ def run_paper(scale: float, args: argparse.Namespace) -> list[dict]:
 
 def run_large(args: argparse.Namespace) -> dict:
     p = large_problem(args.large_alpha, args.large_max_rate, args.slo_scale)
-    plans = solve(p, ("greedy",), progress=None)
-    t0 = time.perf_counter()
-    ilp = solve_ilp(p, warm_start=plans["greedy"], time_limit=args.large_time_limit,
-                    threads=args.threads, progress=log)  # fmt: skip
-    wall = time.perf_counter() - t0 + plans["greedy"].solve_time_s
-    out = {
+    runs = []
+    for k in range(args.runs):
+        before = load()
+        t0 = time.perf_counter()
+        plans = solve(p, ("ilp", "greedy"), SolveOptions(time_limit=args.large_time_limit,
+                      threads=args.threads), progress=log)  # fmt: skip
+        wall = time.perf_counter() - t0
+        ilp = plans["ilp"]
+        runs.append(summary(ilp) | {
+            "wall_s": wall,
+            "overshoot": wall / args.large_time_limit - 1,
+            "greedy": plans["greedy"].served_total,
+            "load_before": before,
+            "load_after": load(),
+            "placement": sorted((m.name, m.tensor_parallel, m.decode_share, m.served)
+                                for m in ilp.models),
+        })  # fmt: skip
+        greedy = plans["greedy"].served_total
+        log(f"64 × 64 run {k + 1}: ilp {ilp.served_total:.1f} req/s, bound {ilp.bound:.1f}, "
+            f"gap {ilp.gap:.2%}, {wall:.1f} s (greedy {greedy:.1f})")  # fmt: skip
+    values = [r["estimated"] for r in runs]
+    return {
         "models": p.num_models,
         "gpus": p.cluster.num_gpus,
         "alpha": args.large_alpha,
         "max_rate": args.large_max_rate,
         "requested": p.total_rate,
-        "greedy": {"estimated": plans["greedy"].served_total,
-                   "solve_s": plans["greedy"].solve_time_s},
-        "ilp": {"estimated": ilp.served_total, "solve_s": wall, "status": ilp.status,
-                "gap": ilp.gap, "time_limit_s": args.large_time_limit},
-    }  # fmt: skip
-    log(f"64 × 64: ilp {ilp.served_total:.1f} req/s in {wall:.1f} s, gap {ilp.gap}")
+        "time_limit_s": args.large_time_limit,
+        "runs": runs,
+        "spread": max(values) - min(values),
+        "same_plan": all(r["placement"] == runs[0]["placement"] for r in runs),
+        "median": statistics.median(values),
+    }
+
+
+def run_replicas(args: argparse.Namespace) -> dict:
+    p = paper_problem(1.3, PAPER_MAX_RATE, args.slo_scale, hot=args.hot_rate)
+    out: dict = {"hot_model": "llm-0", "hot_rate": args.hot_rate, "requested": p.total_rate}
+    for replicas in (1, args.replicas):
+        options = SolveOptions(time_limit=args.time_limit, max_replicas=replicas)
+        plan = solve(p, ("ilp",), options, progress=None)["ilp"]
+        entry = summary(plan) | {
+            "hot_served": plan.served()["llm-0"],
+            "hot_replicas": [(m.tensor_parallel, m.served) for m in plan.replicas("llm-0")],
+        }
+        if args.duration > 0:
+            entry |= simulated(plan, p, args)
+        out[f"replicas_{replicas}"] = entry
+        sim = f", simulated {entry['simulated']:.1f}" if "simulated" in entry else ""
+        hot = f"{plan.served()['llm-0']:.1f} on {len(plan.replicas('llm-0'))} meshes"
+        log(f"replicas ≤ {replicas}: {plan.served_total:.1f} req/s, llm-0 {hot}{sim}")
     return out
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = result["paper"]
     scales = sorted({r["scale"] for r in rows})
-    fig, axes = plt.subplots(len(scales), 3, figsize=(14, 3.6 * len(scales)), squeeze=False)
+    fig, axes = plt.subplots(len(scales) + 1, 2, figsize=(12, 3.4 * (len(scales) + 1)),
+                             squeeze=False)  # fmt: skip
     for k, scale in enumerate(scales):
         rs = [r for r in rows if r["scale"] == scale]
         alphas = [r["alpha"] for r in rs]
-        rate = PAPER_MAX_RATE * scale
-        ax_t, ax_r, ax_s = axes[k]
+        ax_t, ax_s = axes[k]
         for name in ALGORITHMS:
             (line,) = ax_t.plot(alphas, [r[name]["estimated"] for r in rs], "o-", label=name)
             if "simulated" in rs[0][name]:
                 ax_t.plot(alphas, [r[name]["simulated"] for r in rs], "x--", color=line.get_color())
                 ax_s.plot(alphas, [100 * r[name]["slo_attainment"] for r in rs], "o-",
                           color=line.get_color(), label=name)  # fmt: skip
-            key = "x_spatial_sim" if "simulated" in rs[0][name] else "x_spatial_est"
-            ax_r.plot(alphas, [r[name][key] for r in rs], "o-", color=line.get_color(), label=name)
+        ax_t.plot(alphas, [r["ilp"]["bound"] for r in rs], "k_", ms=12, label="ILP bound")
         ax_t.plot(alphas, [r["requested"] for r in rs], "k:", label="requested")
-        ax_t.set_title(f"max rate {rate:g} req/s: throughput (o est, x sim)")
+        ax_t.set_title(f"max rate {PAPER_MAX_RATE * scale:g} req/s: o estimated, x simulated")
         ax_t.set_xlabel("α")
         ax_t.set_ylabel("req/s")
         ax_t.legend(fontsize=7)
-        ax_r.set_title("throughput / spatial (simulated)")
-        ax_r.set_xlabel("α")
-        ax_s.set_title("SLO attainment (%)")
+        ax_s.set_title("SLO attainment (%, simulated)")
         ax_s.set_xlabel("α")
         ax_s.set_ylim(0, 105)
+        ax_s.legend(fontsize=7)
+    ax_l, ax_r = axes[-1]
+    if "large" in result:
+        large = result["large"]
+        xs = range(1, len(large["runs"]) + 1)
+        ax_l.bar([x - 0.2 for x in xs], [r["estimated"] for r in large["runs"]], 0.4, label="ILP")
+        ax_l.bar([x + 0.2 for x in xs], [r["bound"] for r in large["runs"]], 0.4, label="bound")
+        ax_l.plot(xs, [r["greedy"] for r in large["runs"]], "k*", label="greedy")
+        ax_l.set_title(f"64 models x 64 GPUs, {large['time_limit_s']:g} s: per run")
+        ax_l.set_xlabel("run")
+        ax_l.set_ylabel("req/s")
+        ax_l.legend(fontsize=7)
+    if "replicas" in result:
+        rep = result["replicas"]
+        keys = [k for k in rep if k.startswith("replicas_")]
+        ax_r.bar([k.replace("_", " ≤ ") for k in keys], [rep[k]["estimated"] for k in keys],
+                 0.4, label="estimated")  # fmt: skip
+        if "simulated" in rep[keys[0]]:
+            ax_r.plot(range(len(keys)), [rep[k]["simulated"] for k in keys], "kx", ms=10,
+                      label="simulated")  # fmt: skip
+        ax_r.axhline(rep["requested"], color="k", ls=":", label="requested")
+        ax_r.set_title(f"one hot model (llm-0 at {rep['hot_rate']:g} req/s): replicas")
+        ax_r.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -168,25 +259,36 @@ def main() -> int:
     ap.add_argument("--scales", default="1.0,2.5",
                     help="multiples of the paper's max rate (40 req/s)")  # fmt: skip
     ap.add_argument("--slo-scale", type=float, default=8.0)
-    ap.add_argument("--time-limit", type=float, default=9.0, help="ILP seconds, paper setup")
-    ap.add_argument("--duration", type=float, default=20.0,
+    ap.add_argument("--time-limit", type=float, default=5.0,
+                    help="seconds per paper instance, every algorithm together")  # fmt: skip
+    ap.add_argument("--duration", type=float, default=3.0,
                     help="simulated seconds measured after warm-up (0: no simulation)")  # fmt: skip
+    ap.add_argument("--simulate", default="ilp,spatial",
+                    help="the algorithms whose plans are simulated")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--large-alpha", type=float, default=0.7)
     ap.add_argument("--large-max-rate", type=float, default=100.0)
-    ap.add_argument("--large-time-limit", type=float, default=100.0)
+    ap.add_argument("--large-time-limit", type=float, default=60.0)
+    ap.add_argument("--runs", type=int, default=1, help="64 x 64 runs (run-to-run difference)")
     ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--hot-rate", type=float, default=200.0, help="llm-0's rate, replicas run")
+    ap.add_argument("--replicas", type=int, default=4)
     args = ap.parse_args()
+    args.simulate = tuple(a for a in args.simulate.split(",") if a)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for scale in (float(x) for x in args.scales.split(",")):
-        rows += run_paper(scale, args)
-    result = {"command": " ".join(sys.argv), "paper": rows}
+    t0 = time.perf_counter()
+    result: dict = {"command": " ".join(sys.argv), "load_before": load()}
+    scales = [float(x) for x in args.scales.split(",")]
+    result["paper"] = [row for scale in scales for row in run_paper(scale, args)]
+    result["replicas"] = run_replicas(args)
     if not args.skip_large:
         result["large"] = run_large(args)
+    result |= {"load_after": load(), "wall_s": time.perf_counter() - t0}
     (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(rows, args.out / "bench.png")
-    log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    plot(result, args.out / "bench.png")
+    log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'} "
+        f"in {result['wall_s']:.0f} s (load {result['load_before']:.2f} -> "
+        f"{result['load_after']:.2f})")  # fmt: skip
     return 0
 
 
