@@ -79,3 +79,19 @@ class PlannerParams(Strict):
         if not v or any(s < 1 for s in v):
             raise ValueError("mesh_sizes must be a non-empty list of positive integers")
         return tuple(sorted(set(v)))
+
+
+# The analytic model as first written, before its defaults were fitted to MuxServe's A100
+# measurements: the fit script compares against it, and the algorithm tests plan with it.
+ROOFLINE = AnalyticParams(
+    compute_efficiency=0.6,
+    bandwidth_efficiency=0.8,
+    sm_bandwidth_saturation=0.4,
+    sm_bandwidth_exponent=1.0,
+    sm_compute_exponent=1.0,
+    step_overhead_s=1.5e-3,
+    prefill_overhead_s=1.5e-3,
+    per_seq_overhead_s=2e-5,
+    allreduce_latency_s=1e-5,
+    kv_read="roofline",
+)

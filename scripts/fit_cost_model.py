@@ -37,7 +37,7 @@ from convert_muxserve_profile import SOURCE, despike  # noqa: E402
 from muxserve.models.hf_config import load_hf_config  # noqa: E402
 from placement.cost_model import AnalyticCostModel  # noqa: E402
 from placement.gpus import BUILTIN_GPUS  # noqa: E402
-from placement.params import AnalyticParams  # noqa: E402
+from placement.params import ROOFLINE, AnalyticParams  # noqa: E402
 from placement.specs import ModelSpec, spec_from_config  # noqa: E402
 
 # the fields fitted, with their bounds
@@ -54,19 +54,6 @@ FIELDS: dict[str, tuple[float, float]] = {
     "sm_compute_exponent": (0.3, 1.2),
 }
 BAND = (0.8, 1.25)
-# the roofline as first written (and as configs/clusters/paper-4x8-a100-80gb.yaml used it)
-ROOFLINE = AnalyticParams(
-    compute_efficiency=0.6,
-    bandwidth_efficiency=0.8,
-    sm_bandwidth_saturation=0.4,
-    sm_bandwidth_exponent=1.0,
-    sm_compute_exponent=1.0,
-    step_overhead_s=1.5e-3,
-    prefill_overhead_s=1.5e-3,
-    per_seq_overhead_s=2e-5,
-    allreduce_latency_s=1e-5,
-    kv_read="roofline",
-)
 
 
 def load_points(path: Path) -> list[tuple[str, int, float, str, int, int, float]]:

@@ -13,7 +13,8 @@ if str(ROOT) not in sys.path:  # `placement` is a top-level package next to `mux
 
 from muxserve.models.hf_config import HFModelConfig, parse_hf_config  # noqa: E402
 from placement.gpus import ClusterSpec, GPUSpec  # noqa: E402
-from placement.params import AnalyticParams, PlannerParams  # noqa: E402
+from placement.params import ROOFLINE as PAPER_ROOFLINE  # noqa: E402
+from placement.params import PlannerParams  # noqa: E402
 from placement.problem import Problem, make_problem  # noqa: E402
 from placement.specs import ModelSpec, spec_from_config  # noqa: E402
 from placement.workload import SLO, Demand, Workload  # noqa: E402
@@ -22,19 +23,7 @@ CONFIGS = ROOT / "configs"
 
 # The roofline as first written (the defaults are now fitted to A100 measurements, whose 5-9 ms
 # overheads would swamp the tiny test models): the algorithm tests keep their own cost model.
-ROOFLINE = AnalyticParams(
-    compute_efficiency=0.6,
-    bandwidth_efficiency=0.8,
-    sm_bandwidth_saturation=0.4,
-    sm_bandwidth_exponent=1.0,
-    sm_compute_exponent=1.0,
-    step_overhead_s=1.5e-3,
-    prefill_overhead_s=1.5e-3,
-    per_seq_overhead_s=2e-5,
-    allreduce_latency_s=1e-5,
-    kv_read="roofline",
-    reserve_bytes_per_model=64 << 20,
-)
+ROOFLINE = PAPER_ROOFLINE.model_copy(update={"reserve_bytes_per_model": 64 << 20})
 
 
 def llama_config(
