@@ -65,6 +65,7 @@ class MpsExecutor:
         self.deadline = deadline or JobDeadline()
         self.restarting: dict[str, str] = {}  # model -> why its workers were last restarted
         self.hangs = 0  # groups killed for a hung job
+        self.start_timeout = START_TIMEOUT_S  # a restarted group not ready by then is hung too
 
     @classmethod
     def create(
@@ -108,6 +109,7 @@ class MpsExecutor:
                     plans = _rank_plans(spec, phase, ranks, daemon)
                     groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
             executor = cls(pools, groups, daemon, deadline)
+            executor.start_timeout = start_timeout
         except BaseException:
             if daemon is not None:
                 daemon.stop()
@@ -213,24 +215,40 @@ class MpsExecutor:
         return over if over >= 0 else None
 
     def _next_hang_check(self) -> float:
-        """When the earliest delivered job reaches its deadline (inf: none is running)."""
+        """When the earliest delivered job, or a restart with a job waiting on it, reaches its
+        deadline (inf: neither)."""
         ends = [
             g.sent_at + self.deadline.of(g.job, g.jobs_done == 0)
             for g in self.groups.values()
             if g.delivered and g.job is not None
         ]
+        ends += [
+            g.started_at + self.start_timeout
+            for g in self.groups.values()
+            if g.state is GroupState.STARTING and g.job is not None
+        ]
         return min(ends, default=float("inf"))
 
     def _reap_hung(self) -> list[tuple[Job, JobResult]]:
-        """Kill and restart every group whose job is past its deadline; hand the jobs back."""
+        """Kill and restart every group whose job is past its deadline, or whose restart is,
+        with a job waiting on it; hand the jobs back."""
         now = time.monotonic()
         results = []
         for group in self.groups.values():
+            died = None
             if self._hung(group, now) is not None:
                 ran = now - group.sent_at
-                reason = f"no result after {ran:.1f} s (hung); killed"
+                died = WorkerDied(f"no result after {ran:.1f} s (hung); killed", False)
+            elif (
+                group.state is GroupState.STARTING
+                and group.job is not None
+                and now - group.started_at >= self.start_timeout
+            ):
+                waited = now - group.started_at
+                died = WorkerDied(f"not ready after {waited:.1f} s (hung starting); killed", True)
+            if died is not None:
                 self.hangs += 1
-                results.extend(self._restart(group, WorkerDied(reason, during_start=False)))
+                results.extend(self._restart(group, died))
         return results
 
     def _restart(self, group: WorkerGroup, died: WorkerDied) -> list[tuple[Job, JobResult]]:
