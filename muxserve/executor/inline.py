@@ -8,10 +8,10 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from muxserve.executor.base import ModelSpec, load_progress
-from muxserve.executor.sm_partition import SMPartition, make_partitions
 from muxserve.models.loader import load_model
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.runner.model_runner import LaunchedJob, ModelRunner
+from muxserve.runner.sm_partition import SMPartition, make_partitions
 from muxserve.scheduler.job import Job, JobResult, Phase
 
 POLL_SLEEP_S = 20e-6  # between checks of the jobs' CUDA events

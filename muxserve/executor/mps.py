@@ -31,7 +31,7 @@ from muxserve.executor.waker import Waker
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, WorkerGroup
 from muxserve.models.causal_lm import CausalLM
-from muxserve.parallel.sharding import load_rank_models, rank_device
+from muxserve.models.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.scheduler.job import Job, JobResult, Phase
 

@@ -1,4 +1,4 @@
-"""muxserve.ops and the decode graphs' bookkeeping, on CPU.
+"""muxserve.runner.kernels.ops and the decode graphs' bookkeeping, on CPU.
 
 - dispatch: the reference on CPU, the kernel modes, which pool views the kernels can read;
 - the reference path of `ops` equals `PagedAttention` bit for bit;
@@ -22,7 +22,6 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from muxserve import kernel_build, ops
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.kv.layout import KVLayout
@@ -37,6 +36,7 @@ from muxserve.runner.cuda_graphs import (
     decode_logits,
     pad_decode_inputs,
 )
+from muxserve.runner.kernels import kernel_build, ops
 from muxserve.runner.kv_pool import KVPool
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import SeqWork
