@@ -5,7 +5,7 @@ A plain frozen dataclass: it is pickled to mesh engines and worker processes as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from muxserve.errors import InvalidSamplingParamsError
@@ -64,7 +64,6 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()  # words never generated (their last token is masked
     # whenever the tokens before it were just generated)
     skip_special_tokens: bool = True
-    extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         def bad(param: str, why: str) -> InvalidSamplingParamsError:

@@ -24,6 +24,8 @@ from muxserve.models.hf_config import HFModelConfig
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.scheduler.job import Job, JobResult, Phase
 
+POLL_S = 1.0  # longest one `poll` of the engine's loop waits for a result before it returns
+
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from muxserve.executor.base import ModelSpec, load_progress
+from muxserve.executor.base import POLL_S, ModelSpec, load_progress
 from muxserve.models.loader import load_model
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.runner.model_runner import LaunchedJob, ModelRunner
@@ -15,7 +15,6 @@ from muxserve.runner.sm_partition import SMPartition, make_partitions
 from muxserve.scheduler.job import Job, JobResult, Phase
 
 POLL_SLEEP_S = 20e-6  # between checks of the jobs' CUDA events
-POLL_S = 1.0
 
 
 class InlineExecutor:

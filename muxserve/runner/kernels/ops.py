@@ -216,17 +216,6 @@ def decode_attention(
     return _decode(kernels, q, cache, batch, layer, window, plan)
 
 
-def prefill_attention(
-    q: torch.Tensor, cache: torch.Tensor, batch: BatchLayout, layer: int, window: int | None
-) -> torch.Tensor:
-    """Causal attention of the batch's new tokens q (T, Hq, hd) over their sequences' cached
-    tokens (theirs already written), chunked prefill included; returns (T, Hq, hd)."""
-    ref = PagedAttention(cache, batch, ())
-    if kernels_for_cache(cache) is None:
-        return ref.attend_pool(layer, q, window)
-    return _prefill_sdpa(ref, q, layer, window)
-
-
 # ---- the model's Attention -----------------------------------------------------------------
 def make_attention(
     cache: torch.Tensor,
