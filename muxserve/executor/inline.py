@@ -65,7 +65,7 @@ class InlineExecutor:
             )
             for s in specs
         }
-        shares = {(s.name, p): s.share(p) for s in specs for p in Phase}
+        shares = {(s.name, p): p.share(s.sm_share) for s in specs for p in Phase}
         return cls(runners, pool, shares)
 
     def submit(self, jobs: Sequence[Job]) -> None:

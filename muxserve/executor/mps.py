@@ -283,7 +283,7 @@ def _rank_plans(
     daemon: MpsDaemon | None,
 ) -> list[RankPlan]:
     """How to start each rank's worker of `spec` in `phase`: its model shard, pool and share."""
-    share = spec.share(phase)
+    share = phase.share(spec.sm_share)
     plans = []
     for rank, (model, pool) in enumerate(ranks):
         on_cpu = pool.buffer.device.type == "cpu"
