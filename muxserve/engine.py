@@ -27,7 +27,7 @@ from muxserve.errors import (
     RequestError,
     UnknownModelError,
 )
-from muxserve.executor.base import ModelSpec, create_executor
+from muxserve.executor.base import POLL_S, ModelSpec, create_executor
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.model_descriptor import describe_entry
 from muxserve.models.loader import validate_checkpoint
@@ -42,9 +42,6 @@ from muxserve.step_controls import RequestControls, StepControls
 from muxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-POLL_S = 1.0  # longest a step waits for a result before it returns to its caller
-
 
 AUTO_DEVICE_ENV = "MUXSERVE_AUTO_DEVICE"  # what `device: auto` means here; the CPU tests pin cpu
 

@@ -31,7 +31,7 @@ from muxserve.executor.waker import Waker
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, WorkerGroup
 from muxserve.models.causal_lm import CausalLM
-from muxserve.parallel.sharding import load_rank_models, rank_device
+from muxserve.models.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.scheduler.job import Job, JobResult, Phase
 
@@ -301,7 +301,7 @@ def _rank_plans(
     daemon: MpsDaemon | None,
 ) -> list[RankPlan]:
     """How to start each rank's worker of `spec` in `phase`: its model shard, pool and share."""
-    share = spec.share(phase)
+    share = phase.share(spec.sm_share)
     plans = []
     for rank, (model, pool) in enumerate(ranks):
         on_cpu = pool.buffer.device.type == "cpu"

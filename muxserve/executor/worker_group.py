@@ -215,10 +215,6 @@ class WorkerGroup:
             return job, msg
         raise TypeError(f"{self.label}: unexpected message {type(msg).__name__}")
 
-    def owns(self, obj: Connection | int) -> bool:
-        """Whether `obj` is one of this group's current waitables (not a replaced one)."""
-        return any(obj is w or obj == w for w in self.waitables())
-
     def _died(self, proc: BaseProcess) -> WorkerDied:
         proc.join(STOP_TIMEOUT_S)
         code = proc.exitcode

@@ -220,7 +220,7 @@ class Scheduler:
         for q, phase in self.policy.candidates(self._order, len(self._in_flight)):
             if cap is not None and len(self._in_flight) >= cap:
                 break
-            share = q.slot.share(phase)
+            share = phase.share(q.slot.sm_share)
             over = self._sm_in_use + share > self.sm_limit + SM_EPSILON
             if phase in q.busy or (self._in_flight and over):
                 continue
