@@ -27,6 +27,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"  # the client went away or asked
     ERROR = "error"  # the worker failed
+    TIMEOUT = "timeout"  # not finished within engine.request_timeout_s of its arrival
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,16 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._requests)
 
+    def overdue(self, limit_s: float) -> list[str]:
+        """Requests that arrived more than `limit_s` ago and are not in a running job (one
+        that is ends when its job returns, the next call): those to end with a timeout."""
+        cutoff = self.clock() - limit_s
+        return [
+            rid
+            for rid, req in self._requests.items()
+            if req.arrival_time < cutoff and not req.in_flight
+        ]
+
     @property
     def num_jobs_started(self) -> int:
         return self._next_job_id
@@ -462,7 +472,7 @@ class Scheduler:
         req.pending_finish = None
         del self._requests[req.request_id]
         now = self.clock()
-        if reason is not FinishReason.ABORT:  # a client that left is no measure of service
+        if reason not in (FinishReason.ABORT, FinishReason.TIMEOUT):  # no measure of service
             q.service.on_finished(now)
         if not q.has_work():
             q.service.on_idle(now)
