@@ -10,7 +10,7 @@ from muxserve.request import FinishReason, RequestStatus
 from muxserve.scheduler.job import JobResult, Phase, SeqResult
 from muxserve.scheduler.scheduler import Scheduler
 
-from .factories import (
+from tests.helpers.scheduler import (
     FakeRunner,
     job_kinds,
     make_layout,
