@@ -187,11 +187,13 @@ class MuxEngine:
         req = Request(rid, model, ids, params, time.monotonic(), seed, slot.eos_token_ids)
         req.controls = controls
         sink = OutputSink()
+        text = TextState(req, served.tokenizer, sink, controls.constraint if controls else None)
+        req.output_check = text
         with self._lock:
             self.scheduler.add_request(req)
             self._controlled += controls is not None
             self._sinks[rid] = sink
-            self._texts[rid] = TextState(req, served.tokenizer, sink)
+            self._texts[rid] = text
             self._wake.notify()
         self.executor.wake()  # a loop waiting on running jobs may start this one now
         return req
@@ -277,17 +279,9 @@ class MuxEngine:
         text = self._texts.get(req.request_id)
         if text is None:
             return
-        c = req.controls.constraint if req.controls is not None else None
-        if c is not None and not req.is_finished and req.output_token_ids:
-            if not c.advance(req.output_token_ids):  # a bug, or a grammar llguidance gave up on
-                self.scheduler.finish(req.request_id, FinishReason.ERROR)
-                error = f"structured output: the grammar refused a token ({c.error})"
-            elif c.done:
-                self.scheduler.finish(req.request_id, FinishReason.STOP)
-        if text.update(req):
-            self.scheduler.finish(req.request_id, FinishReason.STOP)
-        if req.first_token_time is None and req.output_token_ids:
-            req.first_token_time = time.monotonic()
+        if req.is_finished and not text.settled:  # ended by an abort or a failed job
+            text.update(req, req.finish_reason)
+        error = error or text.error
         text.emit(req, error if req.finish_reason is FinishReason.ERROR else None)
         if req.is_finished:
             self._released.append(req.request_id)

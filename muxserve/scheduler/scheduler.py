@@ -175,7 +175,7 @@ class Scheduler:
         return self.finish(request_id, FinishReason.ABORT)
 
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:
-        """End a request early (abort, a stop string); None if it is unknown or done."""
+        """End a request early (an abort); None if it is unknown or done."""
         req = self._requests.get(request_id)
         if req is None:
             return None
@@ -421,7 +421,9 @@ class Scheduler:
 
     # ---- results -----------------------------------------------------------------------
     def _append(self, q: ModelQueue, req: Request, out: SeqResult) -> None:
-        """Add a sampled token; finish the request where it stops (a stop token, a length)."""
+        """Add a sampled token; finish the request where it stops: a stop token, a length, or
+        what its output check says (a stop string, a grammar). The one place a request's end
+        is decided, but for aborts and failed jobs."""
         token = out.token_id
         assert token is not None
         output, params = req.output_token_ids, req.params
@@ -435,6 +437,8 @@ class Scheduler:
             reason = FinishReason.STOP
         elif n >= params.max_tokens or len(req.prompt_token_ids) + n >= q.slot.max_model_len:
             reason = FinishReason.LENGTH
+        if req.output_check is not None:
+            reason = req.output_check.check(req, reason)
         if reason is not None:
             self._finish(q, req, reason)
 
