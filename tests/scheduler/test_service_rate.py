@@ -8,7 +8,7 @@ from muxserve.errors import QueueFullError
 from muxserve.request import FinishReason
 from muxserve.scheduler.scheduler import Scheduler
 from muxserve.scheduler.service_rate import ServiceRate, retry_after_s
-from tests.scheduler.factories import make_request, make_scheduler, make_slot
+from tests.helpers.scheduler import make_request, make_scheduler, make_slot
 
 
 class Clock:
