@@ -306,7 +306,10 @@ async def run_target(
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
     rng = random.Random(f"{args.seed}-{target}")
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        # no connection limit: aiohttp's default of 100 would queue requests in this client,
+        # on its own clock, whenever 100 are outstanding (they would count as lost)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             if not await wait_healthy(session, url, 300.0):
                 raise RuntimeError(f"{target}: the server did not come up; see {tmp}")
             t0 = time.monotonic()
