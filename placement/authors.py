@@ -315,7 +315,7 @@ def solve_muxserve(
     found = search(problem, fix_index_bug=fix_index_bug, deadline=deadline)
     meshes: list[tuple[int, tuple[int, ...], list[Candidate]]] = []
     notes = [
-        f"the authors' estimator: {sum(found.served.values()):.2f} req/s "
+        f"{OWN_NOTE}{sum(found.served.values()):.4f} req/s "
         f"(rate-weighted mean throughput {found.score:.3f})",
         "index bug " + ("fixed" if fix_index_bug else "kept (as in their code)"),
     ]
@@ -361,6 +361,18 @@ def best_for(table: CandidateTable, size: int, models: Sequence[int]) -> list[Ca
         return None
     cands = list(found.configs[0][1].cands)
     return cands if len(cands) == len(models) else None
+
+
+OWN_NOTE = "the authors' estimator: "
+
+
+def own_estimate(plan: Placement) -> float | None:
+    """The authors' estimate of their own plan (with their shares), as `solve_muxserve`
+    noted it; None for another algorithm's plan."""
+    for note in plan.notes:
+        if note.startswith(OWN_NOTE):
+            return float(note[len(OWN_NOTE) :].split()[0])
+    return None
 
 
 def authors_estimate(problem: Problem, plan: Placement) -> float:

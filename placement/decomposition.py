@@ -48,6 +48,7 @@ def plan_by_nodes(
     threads: int | None = None,
     backend: str = "auto",
     progress: Callable[[str], None] | None = None,
+    stats: dict[str, int] | None = None,
 ) -> tuple[Incumbent | None, bool]:
     """Each node's dealt models planned on it; (None, _) if some node's models do not fit on
     it. The flag says whether the deadline cut a node's search short."""
@@ -71,6 +72,9 @@ def plan_by_nodes(
         )
         found = bp.search(None, deadline=deadline, tolerance=1e-4)
         cut = cut or deadline.passed()
+        if stats is not None:
+            stats["node searches"] = stats.get("node searches", 0) + 1
+            stats["pricing rounds"] = stats.get("pricing rounds", 0) + found.rounds
         if found.best is None:
             return None, cut
         configs += found.best.configs

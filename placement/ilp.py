@@ -136,6 +136,7 @@ class _Run:
         self.bound = cap_bound(table)
         self.notes: list[str] = []
         self.cut: list[str] = []  # phases the deadline stopped before their work limits
+        self.work: dict[str, int] = {}  # work done at scale: searches, rounds, pairs
 
     def gap(self) -> float:
         return math.inf if self.best is None else _gap(self.value, self.bound)
@@ -194,6 +195,7 @@ class _Run:
             threads=self.threads,
             backend=self.backend,
             progress=self.progress,
+            stats=self.work,
         )
         if cut:
             self.cut.append("the node-by-node plan")
@@ -213,6 +215,7 @@ class _Run:
             progress=self.progress,
             max_pairs=max_pairs,
             pair_work=work or PAIR_WORK,
+            stats=self.work,
         )
         if self.deadline.passed():
             self.cut.append("the local search")
@@ -251,6 +254,9 @@ class _Run:
             for (node, gpus), cfg in zip(where, self.best, strict=True)
         ]
         gap = _gap(self.value, self.bound)
+        if self.work:
+            done = ", ".join(f"{n} {what}" for what, n in self.work.items())
+            self.notes.append(f"work: {done}")
         if self.cut:
             self.notes.append(
                 f"the time limit cut {' and '.join(self.cut)} short: this plan depends on the "

@@ -36,6 +36,7 @@ def improve(
     max_passes: int = 3,
     max_pairs: int | None = None,
     pair_work: tuple[int, int, int] = PAIR_WORK,
+    stats: dict[str, int] | None = None,
 ) -> Incumbent:
     """A plan at least as good as `start`, found by re-planning pairs of nodes (at most
     `max_pairs` of them, so that the result does not depend on the CPU the run gets)."""
@@ -58,12 +59,16 @@ def improve(
             if deadline.passed() or (max_pairs is not None and visited >= max_pairs):
                 return _incumbent(nodes)
             visited += 1
+            if stats is not None:
+                stats["pairs"] = stats.get("pairs", 0) + 1
             better = _replan(table, nodes, (a, b), deadline, threads, backend, pair_work)
             if better is not None:
                 gain = sum(c.served for c in better[0] + better[1]) - sum(
                     c.served for c in nodes[a] + nodes[b]
                 )
                 if gain > 1e-7 * max(best, 1.0):
+                    if stats is not None:
+                        stats["improving pairs"] = stats.get("improving pairs", 0) + 1
                     nodes[a], nodes[b] = better
                     best += gain
                     improved = True
