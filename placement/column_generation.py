@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from placement.candidates import CandidateTable
 from placement.configurations import Config, price, price_bound, price_mip
 from placement.deadline import Deadline
@@ -335,7 +337,9 @@ class BranchAndPrice:
         return x
 
     # ---- pricing ------------------------------------------------------------------------
-    def aggregate(self) -> tuple[float, list[float], dict[int, float]] | None:
+    def aggregate(
+        self, deadline: Deadline | None = None
+    ) -> tuple[float, list[float], dict[int, float]] | None:
         """The aggregate LP — each unit's candidates with the resources of all meshes of a
         size pooled — and its duals (unit prices, weights): a bound in a fraction of a second
         (as tight as the compact program's LP), and a point to steer pricing from."""
@@ -354,23 +358,32 @@ class BranchAndPrice:
             rows += [cuts[key] for s, _ in per_size for key in self._cut_keys(s)]
             coefs += [a for s, a in per_size for _ in self._cut_keys(s)]
             prog.add_col(0.0, 0.0, math.inf, [*rows, nodes], [*coefs, 1.0])
+        cap = np.array(self.cap)
+        groups = np.zeros((4, len(CUT_GROUPS)))  # resource shares -> each group's mean
+        for g, group in enumerate(CUT_GROUPS):
+            groups[list(group), g] = 1.0 / len(group)
         for k, (i, _) in enumerate(inst.units):
             for s in inst.sizes:
-                for c in self.inst.table.options(i, s):
-                    share = [c.use[r] / self.cap[r] for r in range(4)]
-                    rows = [units[k]] + [pool[(s, r)] for r in range(4) if share[r] > 0]
-                    coefs = [1.0] + [x for x in share if x > 0]
-                    for g, group in enumerate(CUT_GROUPS):
-                        x = min(sum(share[r] for r in group) / len(group), 1.0)
-                        for order in CUT_ORDERS:
-                            if (f := _dff(order, x)) > 0:
-                                rows.append(cuts[(s, g, order)])
-                                coefs.append(f)
+                opts = self.inst.table.options(i, s)
+                if not opts:
+                    continue
+                if (deadline or self._deadline).passed():
+                    return None
+                share = np.array([c.use for c in opts]) / cap  # (n, 4)
+                cut = _dff_all(np.minimum(share @ groups, 1.0))  # (n, groups, orders)
+                cut_rows = [cuts[(s, g, order)] for g in range(len(CUT_GROUPS))
+                            for order in CUT_ORDERS]  # fmt: skip
+                for c, sh, cc in zip(opts, share.tolist(), cut.reshape(len(opts), -1).tolist(),
+                                     strict=True):  # fmt: skip
+                    rows = [units[k]] + [pool[(s, r)] for r in range(4) if sh[r] > 0]
+                    coefs = [1.0] + [x for x in sh if x > 0]
+                    rows += [row for row, f in zip(cut_rows, cc, strict=True) if f > 0]
+                    coefs += [f for f in cc if f > 0]
                     if i in caps:
                         rows.append(caps[i])
                         coefs.append(c.served)
                     prog.add_col(c.served, 0.0, math.inf, rows, coefs)
-        sol = prog.solve(time_limit=max(self._deadline.left(), 0.05))
+        sol = prog.solve(time_limit=max((deadline or self._deadline).left(), 0.05))
         if sol.status != "optimal":
             return None
         d = sol.duals
@@ -584,6 +597,15 @@ def _dff(k: int, x: float) -> float:
     if abs(y - round(y)) < 1e-9:
         return x
     return math.floor(y) / k
+
+
+def _dff_all(x: np.ndarray) -> np.ndarray:
+    """`_dff` of every order in CUT_ORDERS at every x: shape x.shape + (orders,)."""
+    out = []
+    for k in CUT_ORDERS:
+        y = (k + 1) * x
+        out.append(np.where(np.abs(y - np.round(y)) < 1e-9, x, np.floor(y) / k))
+    return np.stack(out, axis=-1)
 
 
 def _split(

@@ -182,9 +182,11 @@ class _Run:
 
     def aggregate_bound(self) -> None:
         """The aggregate LP's bound (with its cuts), in a fraction of a second."""
+        if self.deadline.passed():
+            return
         bp = BranchAndPrice(Instance.whole(self.table), threads=self.threads,
                             backend=self.backend)  # fmt: skip
-        found = bp.aggregate()
+        found = bp.aggregate(self.deadline)
         if found is not None:
             self.tighten(found[0])
 
