@@ -139,7 +139,9 @@ def run_paper(scale: float, args: argparse.Namespace) -> list[dict]:
         sims: dict[tuple, dict] = {}
         for name in ALGORITHMS:
             plan = plans[name]
-            row[name] = summary(plan) | {"authors_est": authors_estimate(p, plan)}
+            row[name] = summary(plan)
+            if name != "temporal":  # their estimator knows SM shares, not time shares
+                row[name]["authors_est"] = authors_estimate(p, plan)
             if (own := own_estimate(plan)) is not None:
                 row[name]["authors_own"] = own  # theirs, with their own shares
             if args.duration > 0 and name in args.simulate:
@@ -157,7 +159,7 @@ def run_paper(scale: float, args: argparse.Namespace) -> list[dict]:
             + ", ".join(
                 f"{n} {row[n]['estimated']:.1f}"
                 + (f"/{row[n]['simulated']:.1f}" if "simulated" in row[n] else "")
-                + f" (theirs {row[n]['authors_est']:.1f})"
+                + (f" (theirs {row[n]['authors_est']:.1f})" if "authors_est" in row[n] else "")
                 for n in ALGORITHMS
             )
             + f" req/s; ilp {row['ilp']['solve_s']:.2f} s, bound {row['ilp']['bound']:.1f}, "
@@ -315,6 +317,56 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(result: dict) -> str:
+    """The paper rows, the warm start and the 64 x 64 runs as markdown tables."""
+
+    def est(r: dict, name: str) -> str:
+        x = r[name]
+        parts = [f"{x['estimated']:.1f}", f"{x['authors_est']:.1f}" if "authors_est" in x else "-"]
+        if "authors_own" in x:
+            parts[1] += f" ({x['authors_own']:.1f})"
+        parts.append(f"{x['simulated']:.1f}" if "simulated" in x else "-")
+        return " / ".join(parts)
+
+    def ratio(r: dict, key: str) -> str:
+        a, b = r["ilp"].get(key), r["muxserve"].get(key)
+        return f"{a / b:.2f}" if a and b else "-"
+
+    out = [
+        "| max rate | α | requested | ILP | bound (gap) | greedy | muxserve | spatial "
+        "| ILP × muxserve (ours / theirs / sim) | SLO ILP / muxserve / spatial "
+        "| ILP time, status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["paper"]:
+        slo = " / ".join(f"{100 * r[n]['slo_attainment']:.0f}%" if "slo_attainment" in r[n]
+                         else "-" for n in ("ilp", "muxserve", "spatial"))  # fmt: skip
+        out.append(
+            f"| {PAPER_MAX_RATE * r['scale']:g} | {r['alpha']} | {r['requested']:.1f} "
+            f"| {est(r, 'ilp')} | {r['ilp']['bound']:.1f} ({r['ilp']['gap']:.2%}) "
+            f"| {est(r, 'greedy')} | {est(r, 'muxserve')} | {est(r, 'spatial')} "
+            f"| {ratio(r, 'estimated')} / {ratio(r, 'authors_est')} / {ratio(r, 'simulated')} "
+            f"| {slo} | {r['ilp']['solve_s']:.2f} s, {r['ilp']['status']} |"
+        )
+    if "warm_start" in result:
+        out += ["", "| max rate | α | table + greedy, CPU s (min-max) | of which the table "
+                "| wall s | load |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for w in result["warm_start"]:
+            lo, hi = w["cpu_min_max"]
+            out.append(f"| {PAPER_MAX_RATE * w['scale']:g} | {w['alpha']} | {w['cpu_s']:.3f} "
+                       f"({lo:.3f}-{hi:.3f}) | {w['table_cpu_s']:.3f} | {w['wall_s']:.3f} "
+                       f"| {w['load']:.1f} |")  # fmt: skip
+    if "large" in result:
+        out += ["", "| run | ILP | bound | gap | wall s | CPU s | load before-after | greedy "
+                "| notes |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for k, r in enumerate(result["large"]["runs"]):
+            out.append(f"| {k + 1} | {r['estimated']:.1f} | {r['bound']:.1f} | {r['gap']:.2%} "
+                       f"| {r['wall_s']:.1f} | {r.get('cpu_s', float('nan')):.1f} "
+                       f"| {r['load_before']:.1f}-{r['load_after']:.1f} | {r['greedy']:.1f} "
+                       f"| {'; '.join(r['notes'])} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "placement")
@@ -338,7 +390,14 @@ def main() -> int:
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--hot-rate", type=float, default=200.0, help="llm-0's rate, replicas run")
     ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="only redraw bench.png and bench.md from this bench.json")  # fmt: skip
     args = ap.parse_args()
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        plot(saved, args.out / "bench.png")
+        (args.out / "bench.md").write_text(markdown(saved))
+        return 0
     args.simulate = tuple(a for a in args.simulate.split(",") if a)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -352,6 +411,7 @@ def main() -> int:
     result |= {"load_after": load(), "wall_s": time.perf_counter() - t0}
     (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / "bench.png")
+    (args.out / "bench.md").write_text(markdown(result))
     log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'} "
         f"in {result['wall_s']:.0f} s (load {result['load_before']:.2f} -> "
         f"{result['load_after']:.2f})")  # fmt: skip
