@@ -338,7 +338,7 @@ def markdown(result: dict) -> str:
         "| ILP time, status |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["paper"]:
+    for r in result.get("paper", []):
         slo = " / ".join(f"{100 * r[n]['slo_attainment']:.0f}%" if "slo_attainment" in r[n]
                          else "-" for n in ("ilp", "muxserve", "spatial"))  # fmt: skip
         out.append(
@@ -388,6 +388,9 @@ def main() -> int:
     ap.add_argument("--large-time-limit", type=float, default=60.0)
     ap.add_argument("--runs", type=int, default=1, help="64 x 64 runs (run-to-run difference)")
     ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--large-only", action="store_true",
+                    help="only the 64 x 64 runs, written to large.json (e.g. with a limit "
+                    "long enough for the search's work limits)")  # fmt: skip
     ap.add_argument("--hot-rate", type=float, default=200.0, help="llm-0's rate, replicas run")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--from-json", type=Path, default=None,
@@ -402,6 +405,13 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result: dict = {"command": " ".join(sys.argv), "load_before": load()}
+    if args.large_only:
+        result["large"] = run_large(args)
+        result |= {"load_after": load(), "wall_s": time.perf_counter() - t0}
+        (args.out / "large.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "large.md").write_text(markdown(result))
+        log(f"wrote {args.out / 'large.json'}")
+        return 0
     scales = [float(x) for x in args.scales.split(",")]
     result["paper"] = [row for scale in scales for row in run_paper(scale, args)]
     result["warm_start"] = run_warm_start(args)
