@@ -13,10 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from muxserve.dtypes import Dtype
 from muxserve.errors import CheckpointError, ConfigError
 from muxserve.models.hub import resolve_checkpoint
 
-Dtype = Literal["float32", "bfloat16", "float16"]
 CPU_KV_POOL_BYTES = 64 << 20  # the KV pool on a CPU when the config does not size it
 
 
@@ -104,6 +104,16 @@ class EngineConfig(_Strict):
     # has a hung worker: the worker is killed and restarted, its requests recomputed
     job_timeout_s: float = Field(60.0, gt=0.0)
     job_timeout_per_token_s: float = Field(0.01, ge=0.0)
+    # mps: a running job whose worker makes no progress this long (stopped; on a CPU, no CPU
+    # time used) is hung too, however far its deadline; None: only the deadline counts
+    job_stall_s: float | None = Field(10.0, gt=0.0)
+    # mps: start a model's worker processes with the engine ("eager") or at its first job
+    # ("lazy"); stop those idle this long (None: never), to start them again when needed
+    worker_start: Literal["eager", "lazy"] = "eager"
+    # a request not finished this long after it arrived ends with a clear timeout error (HTTP
+    # 504, or an error event in a stream), queued or running; None: it waits as long as it takes
+    request_timeout_s: float | None = Field(None, gt=0.0)
+    worker_idle_stop_s: float | None = Field(None, gt=0.0)
 
     @model_validator(mode="after")
     def _pool_holds_a_block(self) -> EngineConfig:

@@ -66,10 +66,6 @@ class QueueFullError(RequestError):
         self.retry_after = retry_after
 
 
-class RequestAbortedError(MuxServeError):
-    """The request was aborted before it finished."""
-
-
 class EngineStoppedError(MuxServeError):
     """The engine's loop is not running (it was shut down, or it failed): nothing is served."""
 

@@ -17,12 +17,15 @@ import torch
 
 from muxserve.config import SMShare
 from muxserve.dtypes import torch_dtype
+from muxserve.executor.lifecycle import WorkerLifecycle
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.kv.layout import KVLayout
 from muxserve.model_descriptor import ModelDescriptor
 from muxserve.models.hf_config import HFModelConfig
 from muxserve.runner.kv_pool import KVPool, PoolSizing
-from muxserve.scheduler.job import Job, JobResult, Phase
+from muxserve.scheduler.job import Job, JobResult
+
+POLL_S = 1.0  # longest one `poll` of the engine's loop waits for a result before it returns
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,6 @@ class ModelSpec:
             model.tensor_parallel,
             model.max_model_len,
         )
-
-    def share(self, phase: Phase) -> float:
-        return self.sm_share.prefill if phase is Phase.PREFILL else self.sm_share.decode
 
 
 class Executor(Protocol):
@@ -94,6 +94,11 @@ class Executor(Protocol):
         """Models that cannot run jobs right now (workers restarting or broken), with why."""
         ...
 
+    def stop_idle(self) -> int:
+        """Stop worker processes idle past their limit, if the executor has any; how many
+        groups stopped. The loop's thread calls it while the engine waits for work."""
+        ...
+
 
 def cpu_threads(share: float, cores: int | None = None) -> int:
     """The CPU analogue of an SM share: intra-op threads for a worker with that share."""
@@ -109,6 +114,7 @@ def create_executor(
     device: torch.device,
     progress: bool = False,
     deadline: JobDeadline | None = None,
+    lifecycle: WorkerLifecycle | None = None,
 ) -> Executor:
     """The executor `EngineConfig.executor` names, with every model loaded and its KV pool.
 
@@ -131,7 +137,9 @@ def create_executor(
     if kind == "mps":
         from muxserve.executor.mps import MpsExecutor
 
-        return MpsExecutor.create(specs, sizing, device, progress, deadline=deadline)
+        return MpsExecutor.create(
+            specs, sizing, device, progress, deadline=deadline, lifecycle=lifecycle
+        )
     raise ValueError(f"unknown executor {kind!r}; use 'inline' or 'mps'")
 
 
