@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, replace
 
 from muxserve.errors import ConfigError
+from placement.authors import solve_muxserve
 from placement.baselines import solve_spatial
 from placement.candidates import Mode, build_candidates
 from placement.deadline import Deadline, PlanningTimeout
@@ -18,7 +19,7 @@ from placement.ilp import Objective, solve_ilp
 from placement.plan import Placement
 from placement.problem import Problem
 
-ALGORITHMS = ("ilp", "greedy", "spatial", "temporal")
+ALGORITHMS = ("ilp", "greedy", "muxserve", "spatial", "temporal")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class SolveOptions:
     objective: Objective = "throughput"
     threads: int | None = None
     max_replicas: int | None = None  # None: the cluster file's planner.max_replicas
+    authors_index_bug: bool = False  # muxserve: keep the authors' indexing bug (see authors.py)
 
 
 def solve(
@@ -53,6 +55,12 @@ def solve(
     plans: dict[str, Placement] = {}
     if "spatial" in algorithms:
         plans["spatial"] = solve_spatial(problem, deadline=deadline.fraction(0.1))
+    if "muxserve" in algorithms:
+        plans["muxserve"] = solve_muxserve(
+            problem,
+            fix_index_bug=not options.authors_index_bug,
+            deadline=deadline.fraction(0.2),
+        )
     if "temporal" in algorithms:
         plans["temporal"] = solve_temporal(
             problem, progress=progress, deadline=deadline.fraction(0.15)

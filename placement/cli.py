@@ -1,7 +1,7 @@
 """`muxserve plan`: place models on GPUs, print the plan per mesh, write it as a config.
 
     muxserve plan --models M.yaml --cluster C.yaml --workload W.yaml
-        [--algorithm ilp|greedy|spatial|temporal|all] [--out plan.yaml] [--simulate]
+        [--algorithm ilp|greedy|muxserve|spatial|temporal|all] [--out plan.yaml] [--simulate]
         [--time-limit S] [--replicas N] [--plot FILE.png]
 
 The plan written by `--out` is a serving config (`muxserve serve --config plan.yaml`). With
@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ILP: HiGHS where highspy is installed, else CBC (bundled with pulp) (default auto)",
     )
     alg.add_argument("--threads", type=int, default=None, help="ILP: solver threads")
+    alg.add_argument(
+        "--authors-index-bug",
+        action="store_true",
+        help="muxserve: keep the authors' indexing bug (a mesh's score looked up by its "
+        "position in a re-sorted list); fixed by default",
+    )
     sim = parser.add_argument_group("simulation")
     sim.add_argument(
         "--simulate",
@@ -107,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         objective=args.objective,
         threads=args.threads,
         max_replicas=args.replicas,
+        authors_index_bug=args.authors_index_bug,
     )
     plans = solve(problem, names, options, progress=stderr_progress, deadline=deadline)
     sims: dict[str, SimResult] = {}
