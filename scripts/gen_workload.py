@@ -12,7 +12,8 @@ ranks every phase (--shift-phases over the duration, --shift-step ranks each: wh
 are hot changes over time); --popularity longtail gives a Zipf law (--alpha) over a seeded
 shuffle of the models, most of them nearly idle. --copies K lists each model K times under
 the names NAME-0 .. NAME-(K-1) (serve them as copies of one checkpoint). Lengths: fixed:N,
-uniform:LO:HI, or chat:MEAN[:MAX] (log-normal, long-tailed). The same options and seed give the same file.
+uniform:LO:HI, or chat:MEAN[:MAX] (log-normal, long-tailed). The same options and seed give
+the same file.
 """
 
 from __future__ import annotations
