@@ -152,6 +152,22 @@ class Mesh(_Strict):
         return self
 
 
+class ReplanConfig(_Strict):
+    """Re-planning while serving (muxserve/router/replan.py): when to re-run the planner on the
+    rates the router measures, and what a move costs."""
+
+    cluster: str  # cluster file (as for `muxserve plan`): the cost model's GPUs
+    interval_s: float = Field(60.0, gt=0.0)  # re-plan at least this often
+    window_s: float = Field(30.0, gt=0.0)  # rates and lengths over the last this many seconds
+    drift: float = Field(0.5, gt=0.0)  # ...and sooner when a rate moves this far (relative)
+    rate_floor: float = Field(0.5, gt=0.0)  # req/s: rates below it drift in units of it
+    check_s: float = Field(1.0, gt=0.0)  # how often the drift is looked at
+    horizon_s: float | None = Field(None, gt=0.0)  # a plan's gain counts this long; None: interval
+    move_cost_s: float | None = Field(None, ge=0.0)  # a model's load time; None: from its weights
+    time_limit_s: float = Field(5.0, gt=0.0)  # for the planner, off the event loop
+    drain_timeout_s: float = Field(300.0, gt=0.0)  # requests left on a model's old mesh, at most
+
+
 class RouterConfig(_Strict):
     """How the router watches a plan's meshes (ignored without `meshes:`)."""
 
@@ -160,6 +176,7 @@ class RouterConfig(_Strict):
     hang_timeout_s: float = Field(30.0, gt=0.0)  # no answer this long: killed and restarted
     backoff_initial_s: float = Field(0.5, gt=0.0)  # first restart delay, doubled per failure
     backoff_max_s: float = Field(30.0, gt=0.0)
+    replan: ReplanConfig | None = None  # None: the plan stays as it is
 
 
 class MuxConfig(_Strict):

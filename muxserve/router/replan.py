@@ -1,0 +1,375 @@
+"""Re-planning while serving: the planner re-run on the rates the router measures.
+
+Every `interval_s`, or sooner when a model's rate drifts more than `drift` (relative, against
+`rate_floor`) from what the current plan was made for, the `Replanner` snapshots the
+router's `WorkloadWindow` and asks its `Planner` (off the event loop, in a thread) for a
+proposal: which meshes each model should be active on. `PlacementPlanner` runs the placement
+planner (`placement.algorithms.solve`, the greedy, with a short time limit) on the observed
+workload, fits its plan onto the plan's fixed meshes, and keeps the current placement unless
+the gain pays for the moves (`placement.migration.decide`: gain x horizon > load time x the
+destination's served rate, summed over moves). A proposal that moves models is applied model
+by model with `Router.move` (wake, switch, drain, sleep), so no request fails.
+
+Meshes are fixed processes in this version: a model can only move to a mesh that lists it.
+A plan lists standby models with `initial_state: asleep` (not loaded until a move or a
+request wakes them); the planner's choices that need a mesh which does not list the model
+are left out, and said so in the change's notes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from muxserve.config import Mesh, MuxConfig, ReplanConfig
+from muxserve.errors import ConfigError
+from muxserve.models.hf_config import load_hf_config
+from muxserve.router.observed import ObservedLoad, drift
+from placement.algorithms import SolveOptions, solve
+from placement.candidates import Mode
+from placement.deadline import PlanningTimeout
+from placement.gpus import load_cluster
+from placement.migration import Decision, decide, evaluate, move_costs
+from placement.plan import PlacedMesh, PlacedModel, Placement
+from placement.problem import Problem, make_problem
+from placement.specs import spec_from_config
+from placement.workload import SLO, Demand, Workload
+
+if TYPE_CHECKING:
+    from muxserve.router.router import Router
+
+log = logging.getLogger(__name__)
+
+Assignment = Mapping[str, Sequence[str]]  # model -> the meshes it is active on
+DEFAULT_PROMPT_LEN = 64  # planned for a model with no request in the window
+DEFAULT_OUTPUT_LEN = 64
+MIN_RATE = 1e-3  # req/s planned for an idle model (the planner wants every rate positive)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What a planner would do, and the numbers behind it."""
+
+    target: dict[str, tuple[str, ...]]  # model -> meshes it should be active on
+    decision: Decision
+    rates: dict[str, float]  # the observed rates it planned for
+    notes: tuple[str, ...] = ()
+
+
+class Planner(Protocol):
+    def propose(self, loads: Mapping[str, ObservedLoad], active: Assignment) -> Proposal | None:
+        """A proposal for the observed `loads` given what is `active` now; None: no plan."""
+        ...
+
+
+@dataclass(frozen=True)
+class Change:
+    """One re-planning round, as logged."""
+
+    at: float  # the clock's time
+    reason: str  # "interval" or "drift ..."
+    rates_before: dict[str, float]  # what the plan in force was made for
+    rates_after: dict[str, float]  # what was observed
+    decision: Decision | None
+    moves: tuple[tuple[str, str | None, str | None], ...] = ()  # (model, from, to) applied
+    notes: tuple[str, ...] = ()
+    failed: tuple[str, ...] = field(default=())  # moves that could not be made, and why
+
+
+class PlacementPlanner:
+    """The placement planner on the observed workload, fitted onto the plan's meshes."""
+
+    def __init__(self, config: MuxConfig, settings: ReplanConfig) -> None:
+        if not config.meshes:
+            raise ConfigError("re-planning needs a plan with meshes")
+        self.settings = settings
+        self.config = config
+        self.meshes: list[Mesh] = list(config.meshes)
+        self.cluster = load_cluster(settings.cluster)
+        on_gpu = config.engine.device != "cpu"
+        self.specs = tuple(
+            spec_from_config(
+                m.name, m.path, load_hf_config(m.path), m.dtype, m.max_model_len, on_gpu=on_gpu
+            )
+            for m in config.models
+        )
+        self.horizon_s = settings.horizon_s or settings.interval_s
+
+    def problem(self, loads: Mapping[str, ObservedLoad]) -> Problem:
+        demands = []
+        for s in self.specs:
+            load = loads.get(s.name)
+            rate = max(load.rate if load else 0.0, MIN_RATE)
+            plen = round(load.prompt_len) if load and load.prompt_len else DEFAULT_PROMPT_LEN
+            olen = round(load.output_len) if load and load.output_len else DEFAULT_OUTPUT_LEN
+            demands.append(Demand(s.name, rate, max(plen, 1), max(olen, 1), SLO(scale=8.0)))
+        return make_problem(
+            self.specs, Workload(tuple(demands)), self.cluster, engine=self.config.engine
+        )
+
+    def placement_of(self, active: Assignment, problem: Problem) -> Placement:
+        """The meshes and their active models as a placement (served estimates left to
+        `evaluate`)."""
+        placed = []
+        for mesh in self.meshes:
+            here = [m for m, where in active.items() if mesh.name in where]
+            models = tuple(_stub(m, len(mesh.gpus), problem) for m in sorted(here))
+            if models:
+                placed.append(PlacedMesh(mesh.node, tuple(mesh.gpus), models))
+        return Placement("current", Mode.MUX, tuple(placed), 0.0, "given")
+
+    def propose(self, loads: Mapping[str, ObservedLoad], active: Assignment) -> Proposal | None:
+        problem = self.problem(loads)
+        options = SolveOptions(time_limit=self.settings.time_limit_s)
+        try:
+            new = solve(problem, ("greedy",), options, progress=None)["greedy"]
+        except (ConfigError, PlanningTimeout) as e:
+            log.warning("re-planning: the planner found no plan (%s); nothing moves", e)
+            return None
+        current = evaluate(self.placement_of(active, problem), problem)
+        costs = move_costs(problem, self.settings.move_cost_s)
+        best: tuple[float, dict[str, tuple[str, ...]], tuple[str, ...], Decision] | None = None
+        for target, notes in fit_to_meshes(new, self.meshes, active):
+            proposed = evaluate(self.placement_of(target, problem), problem)
+            d = decide(current, proposed, costs, self.horizon_s)
+            if best is None or d.net > best[0] + 1e-9:
+                best = (d.net, target, notes, d)
+        assert best is not None  # fit_to_meshes always answers (at worst: nothing moves)
+        _, target, notes, decision = best
+        rates = {
+            s.name: round(t.rate, 4) for s, t in zip(problem.specs, problem.targets, strict=True)
+        }
+        return Proposal(target, decision, rates, notes)
+
+
+def _stub(name: str, tp: int, problem: Problem) -> PlacedModel:
+    rate = problem.targets[problem.index(name)].rate
+    return PlacedModel(name, tp, 1.0, 1.0, 1.0, rate, 0.0, 0.0, 0.0, 0.0)
+
+
+def fit_to_meshes(
+    plan: Placement, meshes: Sequence[Mesh], active: Assignment, limit: int = 64
+) -> list[tuple[dict[str, tuple[str, ...]], tuple[str, ...]]]:
+    """Where each model would be active if `plan` ran on the fixed `meshes`: one answer (with
+    notes) per way of matching the plan's meshes to fixed meshes of the same size (nodes
+    are alike), distinct answers only, at most `limit` (the matchings that put the most
+    models on meshes that list them, and where they are active already, first).
+
+    A model whose planned mesh does not list it stays where it is, with a note; the caller
+    picks among the answers by the cost model (`PlacementPlanner.propose`).
+    """
+    listed = {m.name: {mm.name for mm in m.models} for m in meshes}
+
+    def score(k: int, mesh: Mesh) -> int:
+        return sum(
+            (10 if pm.name in listed[mesh.name] else 0)
+            + (1 if mesh.name in active.get(pm.name, ()) else 0)
+            for pm in plan.meshes[k].models
+        )
+
+    per_size: list[list[dict[int, Mesh]]] = []
+    for size in sorted({m.size for m in plan.meshes}):
+        ks = [k for k, m in enumerate(plan.meshes) if m.size == size]
+        fixed = [m for m in meshes if len(m.gpus) == size]
+        options: list[dict[int, Mesh]]
+        if len(ks) <= 6 and len(fixed) <= 6:
+            if len(ks) <= len(fixed):  # every way to give each planned mesh its own fixed one
+                options = [
+                    dict(zip(ks, perm, strict=True))
+                    for perm in itertools.permutations(fixed, len(ks))
+                ]
+            else:  # every way to pick which planned meshes the fixed ones take
+                options = [
+                    dict(zip(perm, fixed, strict=True))
+                    for perm in itertools.permutations(ks, len(fixed))
+                ]
+        else:  # greedy by score: one matching
+            pairs = sorted(
+                ((score(k, f), k, i) for k in ks for i, f in enumerate(fixed)), reverse=True
+            )
+            one: dict[int, Mesh] = {}
+            used: set[int] = set()
+            for _, k, i in pairs:
+                if k not in one and i not in used:
+                    one[k] = fixed[i]
+                    used.add(i)
+            options = [one]
+        options.sort(key=lambda o: -sum(score(k, f) for k, f in o.items()))
+        per_size.append(options[:limit])
+    answers: dict[tuple, tuple[dict[str, tuple[str, ...]], tuple[str, ...]]] = {}
+    for combo in itertools.islice(itertools.product(*per_size), limit):
+        match = {k: f for part in combo for k, f in part.items()}
+        target, notes = _fit(plan, match, listed, active)
+        answers.setdefault(tuple(sorted(target.items())), (target, notes))
+    return list(answers.values())
+
+
+def _fit(
+    plan: Placement,
+    match: Mapping[int, Mesh],
+    listed: Mapping[str, set[str]],
+    active: Assignment,
+) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
+    wanted: dict[str, list[str]] = {}
+    notes = []
+    for k, pmesh in enumerate(plan.meshes):
+        mesh = match.get(k)
+        for pm in pmesh.models:
+            if mesh is None:
+                notes.append(f"{pm.name}: the plan's mesh of {pmesh.size} GPUs has no match")
+            elif pm.name not in listed[mesh.name]:
+                notes.append(
+                    f"{pm.name}: planned on {mesh.name}, which does not list it "
+                    "(list it there as a standby model to let it move)"
+                )
+            else:
+                wanted.setdefault(pm.name, []).append(mesh.name)
+    target = {}
+    for model, now in active.items():
+        target[model] = tuple(sorted(wanted[model])) if wanted.get(model) else tuple(now)
+    return target, tuple(notes)
+
+
+class Replanner:
+    """Watches the router's measured rates and re-plans when due (see the module)."""
+
+    def __init__(
+        self,
+        router: Router,
+        settings: ReplanConfig,
+        planner: Planner | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.router = router
+        self.settings = settings
+        self._planner = planner
+        self._clock = clock
+        self.planned_rates = {m.name: m.rate for m in router.config.models}
+        self.last = clock()
+        self.history: list[Change] = []
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def planner(self) -> Planner:
+        if self._planner is None:  # built on first use: it reads every model's config.json
+            self._planner = PlacementPlanner(self.router.config, self.settings)
+        return self._planner
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.check_s)  # a timer: re-planning is periodic
+            reason = self.due()
+            if reason is not None:
+                try:
+                    await self.replan(reason)
+                except Exception:  # a planner bug must not stop serving
+                    log.exception("re-planning failed; the plan stays as it is")
+
+    def observed_rates(self) -> dict[str, float]:
+        loads = self.router.window.snapshot(self.router.routing.models)
+        return {m: round(load.rate, 4) for m, load in loads.items()}
+
+    def due(self) -> str | None:
+        """Why to re-plan now ("interval" or "drift ..."), or None."""
+        if self._clock() - self.last >= self.settings.interval_s:
+            return "interval"
+        d = drift(self.planned_rates, self.observed_rates(), self.settings.rate_floor)
+        if d > self.settings.drift:
+            return f"drift {d:.0%} > {self.settings.drift:.0%}"
+        return None
+
+    async def replan(self, reason: str) -> Change:
+        """One round: plan on the window (in a thread), log it, apply the moves if it pays."""
+        async with self._lock:
+            loads = self.router.window.snapshot(self.router.routing.models)
+            active = self.router.routing.assignment()
+            planner = self.planner
+            proposal = await asyncio.to_thread(planner.propose, loads, active)
+            before = dict(self.planned_rates)
+            self.last = self._clock()
+            after = {m: round(load.rate, 4) for m, load in loads.items()}
+            self.planned_rates = after
+            if proposal is None:
+                change = Change(self.last, reason, before, after, None)
+                self.history.append(change)
+                return change
+            d = proposal.decision
+            log.info(
+                "re-planning (%s): rates %s -> %s; %s",
+                reason,
+                _rates(before),
+                _rates(after),
+                d.reason(),
+            )
+            for note in proposal.notes:
+                log.info("re-planning: %s", note)
+            moves: list[tuple[str, str | None, str | None]] = []
+            failed: list[str] = []
+            if d.take:
+                moves, failed = await self.apply(proposal.target, active, reason, d)
+            change = Change(
+                self.last, reason, before, after, d, tuple(moves), proposal.notes, tuple(failed)
+            )
+            self.history.append(change)
+            return change
+
+    async def apply(
+        self,
+        target: Mapping[str, Sequence[str]],
+        active: Assignment,
+        reason: str,
+        decision: Decision,
+    ) -> tuple[list[tuple[str, str | None, str | None]], list[str]]:
+        """Move every model whose meshes change; models move concurrently, each one by one
+        (wakes before drains, so a model always has somewhere to go)."""
+        why = f"{reason}; {decision.reason()}"
+        plan: dict[str, list[tuple[str | None, str | None]]] = {}
+        for model, dsts in target.items():
+            now = list(active.get(model, ()))
+            add = [m for m in dsts if m not in now]
+            drop = [m for m in now if m not in dsts]
+            pairs: list[tuple[str | None, str | None]] = list(
+                itertools.zip_longest(drop, add, fillvalue=None)
+            )
+            # unpaired drops go last (after every wake), unpaired adds first
+            pairs.sort(key=lambda p: (p[1] is None, p[0] is not None))
+            if pairs:
+                plan[model] = pairs
+
+        async def one(model: str) -> tuple[list[tuple[str, str | None, str | None]], list[str]]:
+            done: list[tuple[str, str | None, str | None]] = []
+            for src, dst in plan[model]:
+                try:
+                    await self.router.move(model, src, dst, why)
+                except Exception as e:  # the model stays where it is; the others go on
+                    log.error("moving %s %s -> %s failed: %s", model, src, dst, e)
+                    return done, [f"{model} {src} -> {dst}: {e}"]
+                done.append((model, src, dst))
+            return done, []
+
+        results = await asyncio.gather(*(one(m) for m in plan))
+        moves = [mv for done, _ in results for mv in done]
+        failed = [f for _, fs in results for f in fs]
+        return moves, failed
+
+
+def _rates(rates: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{m}: {r:g}" for m, r in sorted(rates.items())) + "}"
