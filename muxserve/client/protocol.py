@@ -19,6 +19,33 @@ from muxserve.scheduler.scheduler import ModelStats
 from muxserve.served_model import ServedModel
 
 
+class ModelState(enum.Enum):
+    """Where a model is between holding its weights on the device and not."""
+
+    AWAKE = "awake"  # weights on the device: serves
+    ASLEEP = "asleep"  # no device weights, no KV blocks; a request (or `wake`) wakes it
+    WAKING = "waking"  # its weights are coming back; its requests wait
+    SLEEPING = "sleeping"  # its weights are leaving the device
+
+
+@dataclass(frozen=True)
+class WakeStats:
+    """A model's sleeps and wakes since its engine started (cumulative, for metrics).
+
+    `wake_buckets[i]` counts the wakes that took at most `WAKE_BUCKETS[i]` seconds (a
+    Prometheus histogram's cumulative buckets; the +Inf bucket is `wakes`).
+    """
+
+    sleeps: int = 0
+    wakes: int = 0
+    wake_seconds: float = 0.0  # the sum over every wake
+    wake_buckets: tuple[int, ...] = ()
+
+
+# upper bounds (s) of the wake-time histogram's buckets
+WAKE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
 @dataclass(frozen=True)
 class MeshStats:
     """One engine's scheduler state at one moment, for metrics."""
@@ -28,6 +55,8 @@ class MeshStats:
     blocks_total: int  # KV blocks of the engine's pool
     blocks_free: int
     preemptions: int = 0  # since the engine started
+    states: dict[str, ModelState] = field(default_factory=dict)  # every model's, at that moment
+    wakes: dict[str, WakeStats] = field(default_factory=dict)  # per model
 
 
 class MeshState(enum.Enum):
@@ -124,6 +153,28 @@ class EngineClient(Protocol):
 
     async def stats(self) -> list[MeshStats]:
         """Scheduler state of every engine that answers (one per mesh)."""
+        ...
+
+    async def sleep(self, model: str, level: int = 1) -> None:
+        """Put `model` to sleep: its KV quota goes back to the pool, its device weights go.
+
+        Level 1 keeps the weights in host memory (pinned on a GPU) for a fast wake; level 2
+        drops them (a wake reloads the checkpoint). Asleep already: nothing happens. Raises
+        `UnknownModelError`, `ValueError` for another level, and `ModelBusyError` while the
+        model has requests waiting or running (drain it first).
+        """
+        ...
+
+    async def wake(self, model: str) -> float:
+        """Bring `model`'s weights back; returns the seconds it took (0.0: awake already).
+
+        Raises `UnknownModelError`, and `ModelDoesNotFitError` when its weights do not fit in
+        what the awake models leave (after the residency policy put idle ones to sleep).
+        """
+        ...
+
+    def model_states(self) -> dict[str, ModelState]:
+        """Every model's state as last known, without waiting on any engine."""
         ...
 
     def health(self) -> Health:

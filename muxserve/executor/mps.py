@@ -64,6 +64,7 @@ class MpsExecutor:
         self._closed = False
         self.deadline = deadline or JobDeadline()
         self.restarting: dict[str, str] = {}  # model -> why its workers were last restarted
+        self.specs: list[ModelSpec] = []  # set by `create`
         self.hangs = 0  # groups killed for a hung job
 
     @classmethod
@@ -108,6 +109,7 @@ class MpsExecutor:
                     plans = _rank_plans(spec, phase, ranks, daemon)
                     groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
             executor = cls(pools, groups, daemon, deadline)
+            executor.specs = list(specs)
         except BaseException:
             if daemon is not None:
                 daemon.stop()
@@ -270,6 +272,18 @@ class MpsExecutor:
             elif g.state is not GroupState.READY and name not in out:
                 out[name] = self.restarting.get(name, f"{g.label}: workers starting")
         return out
+
+    # ---- sleep and wake: not yet (issue 15) -------------------------------------------------
+    can_sleep = False  # a sleeping model would need its workers stopped and its shards moved
+
+    def weight_bytes(self, model: str) -> int:
+        return next(s for s in self.specs if s.name == model).estimated_weight_bytes()
+
+    def sleep_model(self, model: str, level: int) -> None:
+        raise NotImplementedError("the mps executor cannot put a model to sleep yet")
+
+    def wake_model(self, model: str) -> None:
+        raise NotImplementedError("the mps executor cannot wake a model yet")
 
     def worker_pids(self) -> dict[tuple[str, Phase], list[int]]:
         """The live worker processes, by (model, phase): for tests and operators."""

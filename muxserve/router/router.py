@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from muxserve.client.protocol import Health, MeshState, MeshStats
+from muxserve.client.protocol import Health, MeshState, MeshStats, ModelState
 from muxserve.config import MuxConfig
 from muxserve.errors import MeshStartError, MeshUnavailableError, UnknownModelError
 from muxserve.mesh.remote_client import RemoteEngineClient
@@ -210,6 +210,40 @@ class Router:
 
     def health(self) -> Health:
         return Health({name: s.health() for name, s in self.meshes.items()})
+
+    # ---- sleep and wake: forwarded to the meshes that list the model ---------------------
+    def _listing(self, model: str) -> list[RemoteEngineClient]:
+        replicas = self._replicas.get(model)
+        if replicas is None:
+            raise UnknownModelError(model, list(self._models))
+        up = [s.client for s in replicas if s.client.connected]
+        if not up:
+            raise MeshUnavailableError(
+                f"model {model!r} is unavailable: no mesh of it is up", replicas[0].name
+            )
+        return up
+
+    async def sleep(self, model: str, level: int = 1) -> None:
+        """Sleep `model` on every mesh that lists it (one mesh: `meshes[name].client.sleep`)."""
+        for client in self._listing(model):
+            await client.sleep(model, level)
+
+    async def wake(self, model: str) -> float:
+        """0.0 if a mesh has `model` awake; else wake it on the least loaded mesh listing it."""
+        up = self._listing(model)
+        if any(c.states.get(model) is ModelState.AWAKE for c in up):
+            return 0.0
+        return await min(up, key=lambda c: c.outstanding).wake(model)
+
+    def model_states(self) -> dict[str, ModelState]:
+        """Each model's best state over the meshes listing it (awake on one: awake)."""
+        rank = [ModelState.AWAKE, ModelState.WAKING, ModelState.SLEEPING, ModelState.ASLEEP]
+        out: dict[str, ModelState] = {}
+        for model, replicas in self._replicas.items():
+            seen = [s.client.states[model] for s in replicas if model in s.client.states]
+            if seen:
+                out[model] = min(seen, key=rank.index)
+        return out
 
     async def shutdown(self) -> None:
         if self._replanner is not None:
