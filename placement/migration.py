@@ -297,11 +297,12 @@ def current_from_config(config: MuxConfig, problem: Problem) -> Placement:
     if not config.meshes:
         raise ConfigError("--current: the config has no meshes (write one with `muxserve plan`)")
     known = {s.name for s in problem.specs}
+    default = {m.name: m.initial_state for m in config.models}
     meshes = []
     for mesh in config.meshes:
         placed = []
         for mm in mesh.models:
-            if getattr(mm, "initial_state", "awake") == "asleep":
+            if (mm.initial_state or default.get(mm.name, "awake")) == "asleep":
                 continue
             if mm.name not in known:
                 raise ConfigError(

@@ -59,7 +59,7 @@ class Router:
             )
             for m in config.meshes
         }
-        self.routing = RoutingTable(config.meshes)
+        self.routing = RoutingTable(config.meshes, config.models)
         cap = config.engine.max_model_len
         self._models = {
             m.name: _served(m.name, m.path, m.dtype, m.max_model_len, cap) for m in config.models
@@ -213,9 +213,9 @@ class Router:
 
     # ---- sleep and wake: forwarded to the meshes that list the model ---------------------
     def _listing(self, model: str) -> list[RemoteEngineClient]:
-        replicas = self._replicas.get(model)
-        if replicas is None:
+        if model not in self._models:
             raise UnknownModelError(model, list(self._models))
+        replicas = [self.meshes[m] for m in self.routing.listed(model)]
         up = [s.client for s in replicas if s.client.connected]
         if not up:
             raise MeshUnavailableError(
@@ -239,7 +239,8 @@ class Router:
         """Each model's best state over the meshes listing it (awake on one: awake)."""
         rank = [ModelState.AWAKE, ModelState.WAKING, ModelState.SLEEPING, ModelState.ASLEEP]
         out: dict[str, ModelState] = {}
-        for model, replicas in self._replicas.items():
+        for model in self.routing.models:
+            replicas = [self.meshes[m] for m in self.routing.listed(model)]
             seen = [s.client.states[model] for s in replicas if model in s.client.states]
             if seen:
                 out[model] = min(seen, key=rank.index)

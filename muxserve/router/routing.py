@@ -12,20 +12,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping
 
-from muxserve.config import Mesh
+from muxserve.config import Mesh, ModelEntry
 
 
 class RoutingTable:
     """Listed and active meshes per model, and requests in flight per (mesh, model)."""
 
-    def __init__(self, meshes: Iterable[Mesh]) -> None:
+    def __init__(self, meshes: Iterable[Mesh], models: Iterable[ModelEntry] = ()) -> None:
+        default = {m.name: m.initial_state for m in models}  # a mesh entry may override it
         self._listed: dict[str, list[str]] = {}
         self._active: dict[str, list[str]] = {}
         for mesh in meshes:
             for mm in mesh.models:
                 self._listed.setdefault(mm.name, []).append(mesh.name)
                 self._active.setdefault(mm.name, [])
-                if getattr(mm, "initial_state", "awake") != "asleep":
+                if (mm.initial_state or default.get(mm.name, "awake")) != "asleep":
                     self._active[mm.name].append(mesh.name)
         self._inflight: dict[tuple[str, str], int] = {}
         self._drained: dict[tuple[str, str], asyncio.Event] = {}
