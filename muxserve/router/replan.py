@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -134,13 +135,16 @@ class PlacementPlanner:
             return None
         current = evaluate(self.placement_of(active, problem), problem)
         costs = move_costs(problem, self.settings.move_cost_s)
-        best: tuple[float, dict[str, tuple[str, ...]], tuple[str, ...], Decision] | None = None
+        # the answer that pays most; where none pays, the one with the most gain (its
+        # decision says why even that is not worth its moves)
+        best: tuple[tuple[bool, float], dict[str, tuple[str, ...]], tuple[str, ...], Decision]
+        best = ((False, -math.inf), dict(active), (), decide(current, current, costs, 1.0))
         for target, notes in fit_to_meshes(new, self.meshes, active):
             proposed = evaluate(self.placement_of(target, problem), problem)
             d = decide(current, proposed, costs, self.horizon_s)
-            if best is None or d.net > best[0] + 1e-9:
-                best = (d.net, target, notes, d)
-        assert best is not None  # fit_to_meshes always answers (at worst: nothing moves)
+            key = (d.take, d.net if d.take else d.gain)
+            if key > best[0]:
+                best = (key, target, notes, d)
         _, target, notes, decision = best
         rates = {
             s.name: round(t.rate, 4) for s, t in zip(problem.specs, problem.targets, strict=True)
