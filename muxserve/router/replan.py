@@ -138,7 +138,8 @@ class PlacementPlanner:
         # the answer that pays most; where none pays, the one with the most gain (its
         # decision says why even that is not worth its moves)
         best: tuple[tuple[bool, float], dict[str, tuple[str, ...]], tuple[str, ...], Decision]
-        best = ((False, -math.inf), dict(active), (), decide(current, current, costs, 1.0))
+        now = {m: tuple(where) for m, where in active.items()}
+        best = ((False, -math.inf), now, (), decide(current, current, costs, 1.0))
         for target, notes in fit_to_meshes(new, self.meshes, active):
             proposed = evaluate(self.placement_of(target, problem), problem)
             d = decide(current, proposed, costs, self.horizon_s)

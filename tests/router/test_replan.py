@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from muxserve.client.protocol import MeshState
-from muxserve.config import Mesh, MuxConfig, ReplanConfig, parse_config
+from muxserve.config import Mesh, MuxConfig, parse_config
 from muxserve.demo import DEMO_ENGINE
 from muxserve.output_processor import RequestOutput
 from muxserve.router.mesh_process import LaunchContext
