@@ -68,9 +68,9 @@ class Router:
         self._owner: dict[str, tuple[RemoteEngineClient, str, str]] = {}
         replan = config.router.replan
         self.window = WorkloadWindow(replan.window_s if replan is not None else 30.0)
-        self._replanner: Replanner | None = None
+        self.replanner: Replanner | None = None  # with `router.replan` set
         if replan is not None:
-            self._replanner = Replanner(self, replan)
+            self.replanner = Replanner(self, replan)
 
     @property
     def models(self) -> Mapping[str, ServedModel]:
@@ -93,8 +93,9 @@ class Router:
                 raise err
             raise MeshStartError(f"mesh {name!r} failed to start: {err}") from err
         self._limits_from_meshes()
-        if self._replanner is not None:
-            self._replanner.start()
+        self.window.reset()  # rates from when every mesh serves
+        if self.replanner is not None:
+            self.replanner.start()
 
     def _limits_from_meshes(self) -> None:
         """Each model's dtype and context limit as its engines decided (the least over
@@ -247,8 +248,8 @@ class Router:
         return out
 
     async def shutdown(self) -> None:
-        if self._replanner is not None:
-            await self._replanner.stop()
+        if self.replanner is not None:
+            await self.replanner.stop()
         await asyncio.gather(*(s.stop() for s in self.meshes.values()), return_exceptions=True)
 
 

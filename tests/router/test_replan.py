@@ -34,7 +34,7 @@ def tiny_gpu_cluster(path: Path) -> str:
     path.write_text(
         yaml.safe_dump(
             {
-                "gpu": {"type": "A100-80GB", "peak_tflops": 0.001, "hbm_gbps": 0.1},
+                "gpu": {"type": "A100-80GB", "peak_tflops": 0.0005, "hbm_gbps": 0.03},
                 "nodes": 1,
                 "gpus_per_node": 2,
             }
