@@ -8,6 +8,7 @@ outputs. It runs in the caller's thread (`step()`, `generate()`) or in a backgro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -371,6 +372,10 @@ class MuxEngine:
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="muxserve-engine", daemon=True)
         self._thread.start()
+        if self.config.engine.residency.idle_sleep_s is not None and self.executor.can_sleep:
+            t = threading.Thread(target=self._sleep_idle, name="muxserve-idle", daemon=True)
+            self._wakers[""] = t  # joined with the wakers
+            t.start()
 
     def _loop(self) -> None:
         try:
@@ -641,6 +646,25 @@ class MuxEngine:
                 with self._lock:
                     self._fail_waiting(model, f"waking {model} failed: {type(e).__name__}: {e}")
                 return
+
+    def _sleep_idle(self) -> None:
+        """Put models idle for `idle_sleep_s` to sleep, without memory pressure (start())."""
+        res = self.config.engine.residency
+        assert res.idle_sleep_s is not None
+        while True:
+            with self._lock:
+                self._changed.wait(res.idle_sleep_s / 4)
+                if self._stopping:
+                    return
+                idle = [
+                    m
+                    for m in self._residency.idle_too_long(self._busy())
+                    if self._states[m] is ModelState.AWAKE
+                ]
+            for m in idle:
+                log.info("%s: idle for %g s, put to sleep", m, res.idle_sleep_s)
+                with contextlib.suppress(ModelBusyError, TimeoutError):  # a request came
+                    self.sleep(m, res.sleep_level)
 
     def _fail_waiting(self, model: str, error: str) -> None:
         """Under the lock: end every waiting request of `model` with `error`."""

@@ -291,3 +291,19 @@ def test_a_request_for_a_model_over_the_whole_budget_is_refused_at_once(demo_mod
         assert eng.stats()[big].waiting == 0
     finally:
         eng.shutdown()
+
+
+def test_idle_models_are_put_to_sleep_after_idle_sleep_s(demo_models):
+    eng = MuxEngine(config(demo_models, residency={"idle_sleep_s": 0.2, "min_residency_s": 0}))
+    eng.start()
+    try:
+        with eng._changed:  # every sleep notifies it
+            asleep = eng._changed.wait_for(
+                lambda: all(s is ModelState.ASLEEP for s in eng._states.values()), DEADLINE_S
+            )
+        assert asleep
+        assert all(s.blocks_quota == 0 for s in eng.stats().values())
+        out = eng.generate(PROMPTS[:1], GREEDY, "qwen-demo")  # wakes it again
+        assert out[0].error is None and out[0].token_ids
+    finally:
+        eng.shutdown()
