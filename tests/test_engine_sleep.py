@@ -297,9 +297,10 @@ def test_idle_models_are_put_to_sleep_after_idle_sleep_s(demo_models):
     eng = MuxEngine(config(demo_models, residency={"idle_sleep_s": 0.2, "min_residency_s": 0}))
     eng.start()
     try:
-        with eng._changed:  # every sleep notifies it
-            asleep = eng._changed.wait_for(
-                lambda: all(s is ModelState.ASLEEP for s in eng._states.values()), DEADLINE_S
+        changed = eng.residency._changed  # every sleep notifies it
+        with changed:
+            asleep = changed.wait_for(
+                lambda: set(eng.model_states().values()) == {ModelState.ASLEEP}, DEADLINE_S
             )
         assert asleep
         assert all(s.blocks_quota == 0 for s in eng.stats().values())
