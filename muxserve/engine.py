@@ -20,25 +20,22 @@ from pathlib import Path
 
 import torch
 
-from muxserve.client.protocol import WAKE_BUCKETS, ModelState, WakeStats
+from muxserve.client.protocol import ModelState, WakeStats
 from muxserve.config import MuxConfig, load_config
 from muxserve.errors import (
     ConfigError,
     EmptyPromptError,
     EngineStoppedError,
-    InsufficientMemoryError,
-    ModelBusyError,
-    ModelDoesNotFitError,
     RequestError,
     UnknownModelError,
 )
 from muxserve.executor.base import ModelSpec, create_executor
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.model_descriptor import describe_entry
+from muxserve.model_residency import ModelResidency, check_budget
 from muxserve.models.loader import validate_checkpoint
 from muxserve.output_processor import Completion, OutputSink, RequestOutput, TextState
 from muxserve.request import FinishReason, Request
-from muxserve.residency import ResidencyPolicy, ResidencySettings
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, JobResult, Phase, SeqWork
@@ -103,8 +100,7 @@ class MuxEngine:
             )
             slots.append(d.slot)
             specs.append(replace(ModelSpec.of(d, m.path), asleep=m.name in asleep))
-        self._budget = eng.residency.weights_budget_bytes
-        self._check_budget(specs)
+        check_budget(specs, eng.residency.weights_budget_bytes)
         # The executor loads the weights, then allocates the pool in what they leave (worker
         # processes map it: shared memory, CUDA IPC); the scheduler accounts its blocks.
         deadline = JobDeadline(eng.job_timeout_s, eng.job_timeout_per_token_s)
@@ -138,7 +134,7 @@ class MuxEngine:
         self._rng = random.Random(eng.seed)
         self._thread: threading.Thread | None = None
         self._running = False
-        self._init_residency(asleep)
+        self.residency = ModelResidency(self, asleep)  # sleep, wake, and which stay awake
 
     @classmethod
     def from_config(cls, path: str | Path | MuxConfig, progress: bool = False) -> MuxEngine:
@@ -205,15 +201,12 @@ class MuxEngine:
         req.controls = controls
         sink = OutputSink()
         with self._lock:
-            if self._states[model] is not ModelState.AWAKE:
-                self._check_ever_fits(model)
+            self.residency.admit(model)
             self.scheduler.add_request(req)
             self._controlled += controls is not None
             self._sinks[rid] = sink
             self._texts[rid] = TextState(req, served.tokenizer, sink)
-            self._residency.on_request(model)
-            if self._states[model] is ModelState.ASLEEP:
-                self._start_waker(model)
+            self.residency.on_request(model)
             self._wake.notify()
         self.executor.wake()  # a loop waiting on running jobs may start this one now
         return req
@@ -315,7 +308,7 @@ class MuxEngine:
             self._released.append(req.request_id)
             del self._texts[req.request_id]  # the sink stays until its reader takes the end
             self._controlled -= req.controls is not None
-            self._changed.notify_all()  # a model may be idle now: a waiting wake may evict it
+            self.residency.on_finished()
 
     def has_work(self) -> bool:
         with self._lock:
@@ -371,6 +364,7 @@ class MuxEngine:
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="muxserve-engine", daemon=True)
         self._thread.start()
+        self.residency.start()
 
     def _loop(self) -> None:
         try:
@@ -394,7 +388,7 @@ class MuxEngine:
 
     def shutdown(self) -> None:
         """Stop the loop and abort whatever is left; every block ends free."""
-        self._stop_wakers()
+        self.residency.stop()
         if self._thread is not None:
             with self._lock:
                 self._running = False
@@ -409,251 +403,22 @@ class MuxEngine:
             self._apply(self.executor.poll(POLL_S))
         self.executor.shutdown()
 
-    # ---- sleep and wake (docs/elastic.md) ---------------------------------------------------
-    def _init_residency(self, asleep: Sequence[str]) -> None:
-        res = self.config.engine.residency
-        self._states = {
-            n: ModelState.ASLEEP if n in asleep else ModelState.AWAKE for n in self.models
-        }
-        self._sleep_level = dict.fromkeys(asleep, 2)  # of each asleep model
-        self._wake_stats = {n: WakeStats() for n in self.models}
-        self._last_wake_s = dict.fromkeys(self.models, 0.0)
-        self._changed = threading.Condition(self._lock)  # a state changed, a request ended
-        self._residency = ResidencyPolicy(
-            {m.name: m.rate for m in self.config.models},
-            ResidencySettings(res.half_life_s, res.min_residency_s, res.idle_sleep_s),
-            awake=[n for n in self.models if n not in asleep],
-        )
-        self._wakers: dict[str, threading.Thread] = {}
-        self._stopping = False
-
-    def _check_budget(self, specs: Sequence[ModelSpec]) -> None:
-        """The models that start awake must fit the weights budget: fail before loading."""
-        if self._budget is None:
-            return
-        awake = {s.name: s.estimated_weight_bytes() for s in specs if not s.asleep}
-        if sum(awake.values()) > self._budget:
-            listed = ", ".join(f"{n} {b / (1 << 20):.1f} MiB" for n, b in awake.items())
-            raise InsufficientMemoryError(
-                f"the models that start awake need {sum(awake.values()) / (1 << 20):.1f} MiB "
-                f"of weights ({listed}); engine.residency.weights_budget_bytes is "
-                f"{self._budget / (1 << 20):.1f} MiB: start some with initial_state: asleep"
-            )
-
-    def model_states(self) -> dict[str, ModelState]:
-        """Every model's state now; any thread."""
-        with self._lock:
-            return dict(self._states)
-
-    def wake_stats(self) -> dict[str, WakeStats]:
-        with self._lock:
-            return dict(self._wake_stats)
-
-    def _known(self, model: str) -> None:
-        if model not in self.models:
-            raise UnknownModelError(model, list(self.models))
-
-    def _check_can_sleep(self) -> None:
-        if not self.executor.can_sleep:
-            raise ValueError(
-                f"sleep and wake need engine.executor: inline (this engine runs "
-                f"{self.config.engine.executor!r}, whose workers cannot sleep yet)"
-            )
-
+    # ---- sleep and wake (muxserve/model_residency.py) ------------------------------------------
     def sleep(self, model: str, level: int = 1) -> None:
-        """Put `model` to sleep (see `EngineClient.sleep`); blocks while its weights move, so
-        call it off the event loop. Raises ModelBusyError while it has requests in flight."""
-        self._known(model)
-        self._check_can_sleep()
-        if level not in (1, 2):
-            raise ValueError(
-                f"sleep level must be 1 (weights to host memory) or 2 (dropped), got {level!r}"
-            )
-        with self._lock:
-            self._settle(model)
-            if self._states[model] is ModelState.ASLEEP:
-                if level == 2 and self._sleep_level.get(model) == 1:
-                    self.executor.sleep_model(model, 2)  # drop the host copy
-                    self._sleep_level[model] = 2
-                return
-            busy = self.scheduler.in_flight(model)
-            if busy:
-                raise ModelBusyError(model, busy)
-            self._begin_sleep(model)
-        self._finish_sleep(model, level)
+        """Put `model` to sleep (level 1: weights to host memory; 2: dropped); blocks while
+        they move. ModelBusyError while it has requests in flight."""
+        self.residency.sleep(model, level)
 
     def wake(self, model: str) -> float:
-        """Wake `model` (see `EngineClient.wake`); returns the seconds its weights took to come
-        back. Blocks while they move (call it off the event loop); other models keep running.
-        Puts idle models to sleep to make room where the residency policy allows; raises
-        ModelDoesNotFitError where it does not."""
-        self._known(model)
-        with self._lock:
-            if self._settle(model) is ModelState.AWAKE:
-                return 0.0
-            self._check_can_sleep()
-            victims = self._make_room(model)
-            for v in victims:
-                self._begin_sleep(v)
-            self._states[model] = ModelState.WAKING
-            self._changed.notify_all()
-        level = self.config.engine.residency.sleep_level
-        try:
-            for v in victims:
-                log.info("%s: put to sleep (level %d) to make room for %s", v, level, model)
-                self._finish_sleep(v, level)
-            t0 = time.perf_counter()
-            self.executor.wake_model(model)
-            took = time.perf_counter() - t0
-        except BaseException:
-            with self._lock:
-                self._states[model] = ModelState.ASLEEP
-                self._changed.notify_all()
-            raise
-        with self._lock:
-            self._woke(model, took)
-        self.executor.wake()  # the loop may start the model's jobs now
-        return took
+        """Wake `model`; the seconds its weights took to come back (0.0: awake already).
+        ModelDoesNotFitError when no room can be made."""
+        return self.residency.wake(model)
 
-    def _settle(self, model: str) -> ModelState:
-        """Wait (under the lock) until `model` is not half-way (waking, sleeping)."""
-        deadline = time.monotonic() + self.config.engine.residency.wake_timeout_s
-        while self._states[model] in (ModelState.WAKING, ModelState.SLEEPING):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{model}: still {self._states[model].value} after waiting")
-            self._changed.wait(left)
-        return self._states[model]
+    def model_states(self) -> dict[str, ModelState]:
+        return self.residency.states()
 
-    def _begin_sleep(self, model: str) -> None:
-        """Under the lock: no more jobs for `model`; its quota goes back to the pool."""
-        self._states[model] = ModelState.SLEEPING
-        self.scheduler.sleep_model(model)
-        self._residency.on_asleep(model)
-        self._changed.notify_all()
-
-    def _finish_sleep(self, model: str, level: int) -> None:
-        """Outside the lock: move the weights off the device, then mark `model` asleep."""
-        self.executor.sleep_model(model, level)
-        with self._lock:
-            self._states[model] = ModelState.ASLEEP
-            self._sleep_level[model] = level
-            st = self._wake_stats[model]
-            self._wake_stats[model] = replace(st, sleeps=st.sleeps + 1)
-            self._changed.notify_all()
-            if self.scheduler.queues[model].waiting:  # requests came while it was sleeping
-                self._start_waker(model)
-
-    def _woke(self, model: str, took: float) -> None:
-        """Under the lock: `model` is awake; its waiting requests learn how long they waited."""
-        self.scheduler.wake_model(model)
-        self._states[model] = ModelState.AWAKE
-        self._sleep_level.pop(model, None)
-        self._residency.on_awake(model)
-        self._last_wake_s[model] = took
-        self._wake_stats[model] = _add_wake(self._wake_stats[model], took)
-        now = time.monotonic()
-        for req in self.scheduler.queues[model].waiting:
-            req.wake_time = now - req.arrival_time
-        self._changed.notify_all()
-        self._wake.notify()
-
-    def _held(self) -> dict[str, int]:
-        """Device bytes each model's weights hold now (awake, or on their way in or out)."""
-        return {
-            n: self.executor.weight_bytes(n)
-            for n, st in self._states.items()
-            if st is not ModelState.ASLEEP
-        }
-
-    def _free_bytes(self, held: dict[str, int]) -> int | None:
-        """Bytes free for weights; None: no limit (a CPU without a budget)."""
-        if self._budget is not None:
-            return self._budget - sum(held.values())
-        if self.device.type == "cuda":
-            return int(torch.cuda.mem_get_info(self.device)[0])
-        return None
-
-    def _busy(self) -> set[str]:
-        return {n for n in self.models if self.scheduler.in_flight(n)}
-
-    def _make_room(self, model: str) -> list[str]:
-        """Under the lock: the idle models to put to sleep so that `model` fits (the residency
-        policy's choice), or ModelDoesNotFitError."""
-        held = self._held()
-        held.pop(model, None)
-        free = self._free_bytes(held)
-        need = self.executor.weight_bytes(model)
-        if free is None:
-            return []
-        victims = self._residency.make_room(need, free, held, self._busy())
-        if victims is None:
-            raise ModelDoesNotFitError(model, need, max(free, 0), held)
-        return victims
-
-    def _check_ever_fits(self, model: str) -> None:
-        """A request for a sleeping model whose weights exceed the whole budget: refuse it now
-        rather than let it wait for room that never comes."""
-        if self._budget is None:
-            return
-        need = self.executor.weight_bytes(model)
-        if need > self._budget:
-            raise ModelDoesNotFitError(model, need, self._budget, {})
-
-    # ---- waking for requests -------------------------------------------------------------
-    def _start_waker(self, model: str) -> None:
-        """Under the lock: wake `model` in a thread of its own, for the requests that wait."""
-        t = self._wakers.get(model)
-        if self._stopping or (t is not None and t.is_alive()):
-            return
-        t = threading.Thread(
-            target=self._wake_for_requests,
-            args=(model,),
-            name=f"muxserve-wake-{model}",
-            daemon=True,
-        )
-        self._wakers[model] = t
-        t.start()
-
-    def _wake_for_requests(self, model: str) -> None:
-        """Wake `model`; while it does not fit, wait for a model to go idle (or pass its
-        minimum residency) and try again, up to `wake_timeout_s`; then its waiting requests
-        end with the reason."""
-        deadline = time.monotonic() + self.config.engine.residency.wake_timeout_s
-        while True:
-            with self._lock:
-                if self._stopping or not self.scheduler.queues[model].waiting:
-                    return  # nobody waits any more
-            try:
-                self.wake(model)
-                return
-            except ModelDoesNotFitError as e:
-                with self._lock:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        waited = self.config.engine.residency.wake_timeout_s
-                        self._fail_waiting(model, f"{e} (waited {waited:g} s for room)")
-                        return
-                    nxt = self._residency.next_eviction_in(self._busy())
-                    self._changed.wait(min(left, nxt if nxt is not None else left))
-            except Exception as e:  # a broken checkpoint, no memory: its requests fail
-                log.exception("%s: waking it failed", model)
-                with self._lock:
-                    self._fail_waiting(model, f"waking {model} failed: {type(e).__name__}: {e}")
-                return
-
-    def _fail_waiting(self, model: str, error: str) -> None:
-        """Under the lock: end every waiting request of `model` with `error`."""
-        for req in list(self.scheduler.queues[model].waiting):
-            self.scheduler.finish(req.request_id, FinishReason.ERROR)
-            self._emit(req, error)
-
-    def _stop_wakers(self) -> None:
-        with self._lock:
-            self._stopping = True
-            self._changed.notify_all()
-        for t in list(self._wakers.values()):
-            t.join(timeout=self.config.engine.residency.wake_timeout_s)
+    def wake_stats(self) -> dict[str, WakeStats]:
+        return self.residency.wake_stats()
 
     # ---- introspection -------------------------------------------------------------------
     @property
@@ -683,13 +448,3 @@ class MuxEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def _add_wake(st: WakeStats, took: float) -> WakeStats:
-    buckets = st.wake_buckets or (0,) * len(WAKE_BUCKETS)
-    return replace(
-        st,
-        wakes=st.wakes + 1,
-        wake_seconds=st.wake_seconds + took,
-        wake_buckets=tuple(b + (took <= le) for b, le in zip(buckets, WAKE_BUCKETS, strict=True)),
-    )
