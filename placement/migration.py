@@ -293,16 +293,16 @@ def _best_fit(options: Sequence[Sequence[Candidate]], capacity: object) -> list[
 
 def current_from_config(config: MuxConfig, problem: Problem) -> Placement:
     """The placement a serving config (`muxserve plan --out`) runs: each mesh with the models
-    it serves awake (standby models, listed `initial_state: asleep`, are not placed)."""
+    it serves (standby listings, a mesh entry with `initial_state: asleep`, are not placed;
+    a model entry's `initial_state` only says whether it is loaded at start)."""
     if not config.meshes:
         raise ConfigError("--current: the config has no meshes (write one with `muxserve plan`)")
     known = {s.name for s in problem.specs}
-    default = {m.name: m.initial_state for m in config.models}
     meshes = []
     for mesh in config.meshes:
         placed = []
         for mm in mesh.models:
-            if (mm.initial_state or default.get(mm.name, "awake")) == "asleep":
+            if mm.initial_state == "asleep":
                 continue
             if mm.name not in known:
                 raise ConfigError(

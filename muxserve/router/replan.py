@@ -11,9 +11,16 @@ destination's served rate, summed over moves). A proposal that moves models is a
 by model with `Router.move` (wake, switch, drain, sleep), so no request fails.
 
 Meshes are fixed processes in this version: a model can only move to a mesh that lists it.
-A plan lists standby models with `initial_state: asleep` (not loaded until a move or a
-request wakes them); the planner's choices that need a mesh which does not list the model
-are left out, and said so in the change's notes.
+A plan lists a standby model on a mesh by giving that mesh's entry for it
+`initial_state: asleep` (`muxserve/router/routing.py`): not loaded, and sent no requests,
+until a move wakes it there. For example, mistral served on mesh-a and ready to move to mesh-b:
+
+    meshes:
+      - {name: mesh-a, gpus: [0], models: [{name: llama}, {name: mistral}]}
+      - {name: mesh-b, gpus: [1], models: [{name: qwen}, {name: mistral, initial_state: asleep}]}
+
+The planner's choices that need a mesh which does not list the model are left out, and said
+so in the change's notes.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class Router:
             )
             for m in config.meshes
         }
-        self.routing = RoutingTable(config.meshes, config.models)
+        self.routing = RoutingTable(config.meshes)
         cap = config.engine.max_model_len
         self._models = {
             m.name: _served(m.name, m.path, m.dtype, m.max_model_len, cap) for m in config.models

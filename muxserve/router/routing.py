@@ -1,9 +1,11 @@
 """`RoutingTable`: the one place that says where each model takes new requests.
 
-A plan's mesh lists the models it may serve; each listing is *active* (awake, taking new
-requests: the default) or *standby* (`initial_state: asleep`: loaded only when re-planning
-moves the model there). New requests for a model go to its active meshes; a model with none
-goes to its standby meshes, which wake it on demand. The table also counts each (mesh,
+A plan's mesh lists the models it may serve; each listing is *active* (taking new requests:
+the default) or *standby*: the mesh's own entry for the model says `initial_state: asleep`
+(not loaded, and no requests, until re-planning moves the model there). A model entry's
+`initial_state: asleep` only says the model is not loaded at start: its listings stay active,
+and its first request wakes it. New requests for a model go to its active meshes; a model
+with none (every listing standby) goes to any listing, which wakes it on demand. The table also counts each (mesh,
 model)'s requests in flight, so that moving a model can wait for its old mesh to drain.
 """
 
@@ -12,21 +14,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping
 
-from muxserve.config import Mesh, ModelEntry
+from muxserve.config import Mesh
 
 
 class RoutingTable:
     """Listed and active meshes per model, and requests in flight per (mesh, model)."""
 
-    def __init__(self, meshes: Iterable[Mesh], models: Iterable[ModelEntry] = ()) -> None:
-        default = {m.name: m.initial_state for m in models}  # a mesh entry may override it
+    def __init__(self, meshes: Iterable[Mesh]) -> None:
         self._listed: dict[str, list[str]] = {}
         self._active: dict[str, list[str]] = {}
         for mesh in meshes:
             for mm in mesh.models:
                 self._listed.setdefault(mm.name, []).append(mesh.name)
                 self._active.setdefault(mm.name, [])
-                if (mm.initial_state or default.get(mm.name, "awake")) != "asleep":
+                if mm.initial_state != "asleep":  # the mesh's entry: standby or not
                     self._active[mm.name].append(mesh.name)
         self._inflight: dict[tuple[str, str], int] = {}
         self._drained: dict[tuple[str, str], asyncio.Event] = {}

@@ -66,7 +66,7 @@ def two_mesh_config(demo: dict[str, Path], cluster: str, **replan: Any) -> MuxCo
 def test_routing_table(demo_models: dict[str, Path], tmp_path: Path) -> None:
     config = two_mesh_config(demo_models, tiny_gpu_cluster(tmp_path / "c.yaml"))
     assert config.meshes is not None
-    t = RoutingTable(config.meshes, config.models)
+    t = RoutingTable(config.meshes)
     assert t.assignment() == {LLAMA: ("mesh-a",), MISTRAL: ("mesh-a",), QWEN: ("mesh-b",)}
     assert t.listed(MISTRAL) == ["mesh-a", "mesh-b"]
     t.activate(MISTRAL, "mesh-b")
