@@ -5,8 +5,9 @@ the default) or *standby*: the mesh's own entry for the model says `initial_stat
 (not loaded, and no requests, until re-planning moves the model there). A model entry's
 `initial_state: asleep` only says the model is not loaded at start: its listings stay active,
 and its first request wakes it. New requests for a model go to its active meshes; a model
-with none (every listing standby) goes to any listing, which wakes it on demand. The table also counts each (mesh,
-model)'s requests in flight, so that moving a model can wait for its old mesh to drain.
+with none (every listing standby) goes to any listing, which wakes it on demand. The table
+also counts each (mesh, model)'s requests in flight, so that moving a model can wait for its
+old mesh to drain.
 """
 
 from __future__ import annotations
