@@ -5,9 +5,11 @@ Every `interval_s`, or sooner when a model's rate drifts more than `drift` (rela
 router's `WorkloadWindow` and asks its `Planner` (off the event loop, in a thread) for a
 proposal: which meshes each model should be active on. `PlacementPlanner` runs the placement
 planner (`placement.algorithms.solve`, the greedy, with a short time limit) on the observed
-workload, fits its plan onto the plan's fixed meshes, and keeps the current placement unless
-the gain pays for the moves (`placement.migration.decide`: gain x horizon > load time x the
-destination's served rate, summed over moves). A proposal that moves models is applied model
+workload and fits its plan onto the plan's fixed meshes; it also searches from the current
+placement (warm start: one model moved at a time while that pays more); of the two it takes
+the one that pays most, and keeps the current placement unless the gain pays for the moves
+(`placement.migration.decide`: gain x horizon > load time x the destination's served rate,
+summed over moves). A proposal that moves models is applied model
 by model with `Router.move` (wake, switch, drain, sleep), so no request fails.
 
 Meshes are fixed processes in this version: a model can only move to a mesh that lists it.
@@ -58,6 +60,8 @@ Assignment = Mapping[str, Sequence[str]]  # model -> the meshes it is active on
 DEFAULT_PROMPT_LEN = 64  # planned for a model with no request in the window
 DEFAULT_OUTPUT_LEN = 64
 MIN_RATE = 1e-3  # req/s planned for an idle model (the planner wants every rate positive)
+MAX_LOCAL_MOVES = 3  # models the local search moves in one round, at most
+LOCAL_CANDIDATES = 8  # it tries moving the busiest this many models
 
 
 @dataclass(frozen=True)
@@ -133,23 +137,31 @@ class PlacementPlanner:
         return Placement("current", Mode.MUX, tuple(placed), 0.0, "given")
 
     def propose(self, loads: Mapping[str, ObservedLoad], active: Assignment) -> Proposal | None:
+        """The best of two searches, judged by one rule (`placement.migration.decide`): the
+        planner's whole plan fitted onto the meshes, and a local search from the current
+        placement (one model moved at a time, while that pays more)."""
         problem = self.problem(loads)
         options = SolveOptions(time_limit=self.settings.time_limit_s)
+        answers: list[tuple[dict[str, tuple[str, ...]], tuple[str, ...]]] = []
         try:
             new = solve(problem, ("greedy",), options, progress=None)["greedy"]
+            answers = fit_to_meshes(new, self.meshes, active)
         except (ConfigError, PlanningTimeout) as e:
-            log.warning("re-planning: the planner found no plan (%s); nothing moves", e)
-            return None
+            log.warning("re-planning: the planner found no plan (%s); local moves only", e)
         current = evaluate(self.placement_of(active, problem), problem)
         costs = move_costs(problem, self.settings.move_cost_s)
+        now = {m: tuple(where) for m, where in active.items()}
+
+        def judge(target: Mapping[str, Sequence[str]]) -> Decision:
+            proposed = evaluate(self.placement_of(target, problem), problem)
+            return decide(current, proposed, costs, self.horizon_s)
+
         # the answer that pays most; where none pays, the one with the most gain (its
         # decision says why even that is not worth its moves)
         best: tuple[tuple[bool, float], dict[str, tuple[str, ...]], tuple[str, ...], Decision]
-        now = {m: tuple(where) for m, where in active.items()}
         best = ((False, -math.inf), now, (), decide(current, current, costs, 1.0))
-        for target, notes in fit_to_meshes(new, self.meshes, active):
-            proposed = evaluate(self.placement_of(target, problem), problem)
-            d = decide(current, proposed, costs, self.horizon_s)
+        for target, notes in [*answers, *self._local(now, problem, judge)]:
+            d = judge(target)
             key = (d.take, d.net if d.take else d.gain)
             if key > best[0]:
                 best = (key, target, notes, d)
@@ -158,6 +170,36 @@ class PlacementPlanner:
             s.name: round(t.rate, 4) for s, t in zip(problem.specs, problem.targets, strict=True)
         }
         return Proposal(target, decision, rates, notes)
+
+    def _local(
+        self,
+        start: dict[str, tuple[str, ...]],
+        problem: Problem,
+        judge: Callable[[Mapping[str, Sequence[str]]], Decision],
+    ) -> list[tuple[dict[str, tuple[str, ...]], tuple[str, ...]]]:
+        """Hill climbing from `start`: each step moves one model (the busiest first) to
+        another mesh listing it, the move whose plan pays most; stops when none pays more
+        or after `MAX_LOCAL_MOVES`. Returns the last placement reached (if any move paid)."""
+        listed = {
+            m.name: [mesh.name for mesh in self.meshes if m.name in mesh.models]
+            for m in self.config.models
+        }
+        rates = {s.name: t.rate for s, t in zip(problem.specs, problem.targets, strict=True)}
+        cur, cur_net = start, 0.0
+        for _ in range(MAX_LOCAL_MOVES):
+            step: tuple[float, dict[str, tuple[str, ...]]] | None = None
+            for model in sorted(cur, key=lambda m: -rates.get(m, 0.0))[:LOCAL_CANDIDATES]:
+                for mesh in listed.get(model, []):
+                    if mesh in cur[model] or len(cur[model]) != 1:
+                        continue
+                    target = {**cur, model: (mesh,)}
+                    d = judge(target)
+                    if d.take and d.net > cur_net + 1e-9 and (step is None or d.net > step[0]):
+                        step = (d.net, target)
+            if step is None:
+                break
+            cur_net, cur = step
+        return [] if cur is start else [(cur, ("local search from the current placement",))]
 
 
 def _stub(name: str, tp: int, problem: Problem) -> PlacedModel:
