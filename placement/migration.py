@@ -29,14 +29,14 @@ from dataclasses import dataclass, replace
 
 from muxserve.config import MuxConfig
 from muxserve.errors import ConfigError
-from placement.candidates import Candidate, Mode, build_candidates
+from placement.candidates import Candidate, CandidateTable, Capacity, Mode, build_candidates
 from placement.plan import PlacedMesh, PlacedModel, Placement, assemble
 from placement.problem import Problem, Target
 from placement.specs import ModelSpec
 
 LOAD_BYTES_PER_S = 2e9  # weights read from a warm page cache and copied to the device, at least
 LOAD_FIXED_S = 0.5  # a load's fixed cost: allocations, per-tensor overhead, the first step
-_NODES_CAP = 50_000  # branch-and-bound nodes per mesh in `evaluate`
+_NODES_CAP = 20_000  # branch-and-bound nodes per mesh in `evaluate`
 
 Location = tuple[int, tuple[int, ...]]  # (node, GPU ids): where a mesh is
 
@@ -213,11 +213,20 @@ def against_current(
     return {a: choose(p, current, problem, costs, horizon_s)[0] for a, p in plans.items()}
 
 
-def evaluate(placement: Placement, problem: Problem) -> Placement:
+def candidate_table(problem: Problem) -> CandidateTable:
+    """The cost model's table `evaluate` reads, to share between evaluations of placements
+    that host each model once (building it is most of an evaluation's time)."""
+    return build_candidates(problem, Mode.MUX, max_replicas=1)
+
+
+def evaluate(
+    placement: Placement, problem: Problem, table: CandidateTable | None = None
+) -> Placement:
     """`placement`'s meshes and models under `problem`'s demand: on each mesh the same models,
     each at the SM share and service level that serve the most together (the planner's
     candidates, so numbers compare with a new plan's). A model on k meshes gets 1/k of its
-    rate on each; one that no longer fits its mesh is dropped, with a note."""
+    rate on each; one that no longer fits its mesh is dropped, with a note. `table`
+    (`candidate_table(problem)`) is used where every model is on one mesh."""
     names = {s.name: i for i, s in enumerate(problem.specs)}
     unknown = sorted({m.name for m in placement.models} - set(names))
     if unknown:
@@ -232,7 +241,8 @@ def evaluate(placement: Placement, problem: Problem) -> Placement:
             for s, t in zip(problem.specs, problem.targets, strict=True)
         ),
     )
-    table = build_candidates(split, Mode.MUX, max_replicas=1)
+    if table is None or any(k > 1 for k in copies.values()):
+        table = candidate_table(split)
     chosen, notes = [], []
     for mesh in placement.meshes:
         want = [names[m.name] for m in mesh.models]
@@ -258,13 +268,12 @@ def _with_rates(p: Placement, rates: Mapping[str, float]) -> Placement:
     return replace(p, meshes=meshes)
 
 
-def _best_fit(options: Sequence[Sequence[Candidate]], capacity: object) -> list[Candidate]:
+def _best_fit(options: Sequence[Sequence[Candidate]], capacity: Capacity) -> list[Candidate]:
     """One candidate per model (or none, where it fits at no level) that fit together and
-    serve the most: branch and bound over each model's options, most served first."""
-    from placement.candidates import Capacity, fits
-
-    assert isinstance(capacity, Capacity)
+    serve the most: depth-first branch and bound over each model's options, most served
+    first, with the uses summed as it goes; at most `_NODES_CAP` nodes (then the best found)."""
     n = len(options)
+    cap = [c * (1 + 1e-9) + 1e-9 for c in capacity.as_tuple()]
     tops = [opts[0].served if opts else 0.0 for opts in options]
     rest = [sum(tops[k:]) for k in range(n + 1)]
     best: list[Candidate | None] = [None] * n
@@ -272,7 +281,7 @@ def _best_fit(options: Sequence[Sequence[Candidate]], capacity: object) -> list[
     pick: list[Candidate | None] = [None] * n
     nodes = 0
 
-    def dfs(k: int, val: float) -> None:
+    def dfs(k: int, val: float, used: tuple[float, ...]) -> None:
         nonlocal best_val, nodes, best
         nodes += 1
         if val + rest[k] <= best_val + 1e-12 or nodes > _NODES_CAP:
@@ -281,13 +290,14 @@ def _best_fit(options: Sequence[Sequence[Candidate]], capacity: object) -> list[
             best_val, best = val, list(pick)
             return
         for c in options[k]:
-            pick[k] = c
-            if fits([p for p in pick[: k + 1] if p is not None], capacity):
-                dfs(k + 1, val + c.served)
+            total = tuple(u + x for u, x in zip(used, c.use, strict=True))
+            if all(t <= m for t, m in zip(total, cap, strict=True)):
+                pick[k] = c
+                dfs(k + 1, val + c.served, total)
         pick[k] = None  # leave it out: only when nothing of it fits beside the others
-        dfs(k + 1, val)
+        dfs(k + 1, val, used)
 
-    dfs(0, 0.0)
+    dfs(0, 0.0, (0.0, 0.0, 0.0, 0.0))
     return [c for c in best if c is not None]
 
 

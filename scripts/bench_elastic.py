@@ -162,7 +162,7 @@ def build_config(
                 "rate_floor": 0.5,
                 "check_s": 0.5,
                 "move_cost_s": 0.2,
-                "time_limit_s": 5.0,
+                "time_limit_s": 2.0,
             }
         }
     return config
@@ -253,6 +253,12 @@ def run_one(
         **wake_quantiles(samples),
         "moved": text.count("INFO muxserve.router.router: moving "),
         "replans": text.count("INFO muxserve.router.replan: re-planning ("),
+        "changes": [  # the router's log of every re-planning round and move
+            line.split(" INFO ", 1)[1]
+            for line in text.splitlines()
+            if " INFO muxserve.router.replan: re-planning (" in line
+            or " INFO muxserve.router.router: moving " in line
+        ],
         "load_avg": list(os.getloadavg()),
     }
 

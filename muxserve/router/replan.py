@@ -45,7 +45,7 @@ from placement.algorithms import SolveOptions, solve
 from placement.candidates import Mode
 from placement.deadline import PlanningTimeout
 from placement.gpus import load_cluster
-from placement.migration import Decision, decide, evaluate, move_costs
+from placement.migration import Decision, candidate_table, decide, evaluate, move_costs
 from placement.plan import PlacedMesh, PlacedModel, Placement
 from placement.problem import Problem, make_problem
 from placement.specs import spec_from_config
@@ -61,7 +61,7 @@ DEFAULT_PROMPT_LEN = 64  # planned for a model with no request in the window
 DEFAULT_OUTPUT_LEN = 64
 MIN_RATE = 1e-3  # req/s planned for an idle model (the planner wants every rate positive)
 MAX_LOCAL_MOVES = 3  # models the local search moves in one round, at most
-LOCAL_CANDIDATES = 8  # it tries moving the busiest this many models
+LOCAL_CANDIDATES = 6  # it tries moving the busiest this many models
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,10 @@ class PlacementPlanner:
         costs = move_costs(problem, self.settings.move_cost_s)
         now = {m: tuple(where) for m, where in active.items()}
 
+        table = candidate_table(problem)  # one cost-model table for every answer judged
+
         def judge(target: Mapping[str, Sequence[str]]) -> Decision:
-            proposed = evaluate(self.placement_of(target, problem), problem)
+            proposed = evaluate(self.placement_of(target, problem), problem, table)
             return decide(current, proposed, costs, self.horizon_s)
 
         # the answer that pays most; where none pays, the one with the most gain (its
@@ -317,6 +319,8 @@ class Replanner:
         return self._planner
 
     def start(self) -> None:
+        """Start watching (the interval counts from now: the meshes have just started)."""
+        self.last = self._clock()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
