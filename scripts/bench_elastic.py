@@ -1,6 +1,6 @@
 """Elastic multiplexing benchmark (issue 15): more models than memory, on CPU meshes.
 
-    python scripts/bench_elastic.py [--copies 6] [--meshes 2] [--fit 2] [--rate 6]
+    python scripts/bench_elastic.py [--copies 6] [--meshes 2] [--fit 2] [--rate 10]
         [--duration 30] [--repeats 3] [--traces shifting longtail]
         [--modes static sleep replan] [--slo-ttft-ms 2000] [--slo-tpot-ms 300]
         [--out benchmarks/results/elastic]
@@ -14,7 +14,7 @@ memory. The models are split into contiguous blocks, one per mesh (their home).
 Traces (scripts/gen_workload.py's modes, --rate req/s over --duration s, seeded per repeat):
 - shifting: the power law's ranks rotate every phase (4 phases): which models are hot moves,
   and the hot ones are neighbours, so they crowd one mesh;
-- longtail: Zipf (alpha 1.2) over a seeded shuffle of the models: a few carry the load.
+- longtail: Zipf (alpha 1, the classic law) over a seeded shuffle of the models: a few carry the load.
 
 Modes, each served by a fresh server:
 - static: a plan that must leave models out: the --fit x --meshes models with the highest
@@ -353,7 +353,7 @@ def main() -> int:
     p.add_argument("--copies", type=int, default=6, help="copies of each demo model")
     p.add_argument("--meshes", type=int, default=2)
     p.add_argument("--fit", type=int, default=2, help="models a mesh's weights budget holds")
-    p.add_argument("--rate", type=float, default=6.0, help="req/s over all models")
+    p.add_argument("--rate", type=float, default=10.0, help="req/s over all models")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--traces", nargs="+", choices=TRACES, default=list(TRACES))
