@@ -168,6 +168,16 @@ class ModelResidency:
             t0 = time.perf_counter()
             self.engine.executor.wake_model(model)
             took = time.perf_counter() - t0
+        except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+            # the budget's view was wrong (another process took memory): a clear 503, not a crash
+            with self._lock:
+                self._states[model] = ModelState.ASLEEP
+                self._changed.notify_all()
+                held = self._held()
+                free = self._free_bytes(held)
+                need = self.engine.executor.weight_bytes(model)
+            log.warning("%s: out of memory while waking: %s", model, e)
+            raise ModelDoesNotFitError(model, need, max(free or 0, 0), held) from e
         except BaseException:
             with self._lock:
                 self._states[model] = ModelState.ASLEEP
@@ -234,7 +244,9 @@ class ModelResidency:
         if self._budget is not None:
             return self._budget - sum(held.values())
         if self.engine.device.type == "cuda":
-            return int(torch.cuda.mem_get_info(self.engine.device)[0])
+            device = self.engine.device
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(torch.cuda.mem_get_info(device)[0]) + cached  # ours, not in use
         return None
 
     def _busy(self) -> set[str]:

@@ -379,3 +379,36 @@ def test_a_request_that_never_finds_room_ends_with_the_reason(demo_models):
         eng.check_integrity()
     finally:
         eng.shutdown()
+
+
+def test_running_out_of_memory_while_waking_is_a_does_not_fit_error(demo_models):
+    eng = MuxEngine(config(demo_models, asleep=("qwen-demo",)))
+
+    def oom(model: str) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    eng.executor.wake_model = oom  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ModelDoesNotFitError, match="'qwen-demo' does not fit") as e:
+            eng.wake("qwen-demo")
+        assert set(e.value.held_by) == {"llama-demo", "mistral-demo"}
+        assert eng.model_states()["qwen-demo"] is ModelState.ASLEEP
+    finally:
+        eng.shutdown()
+
+
+def test_a_level_1_sleep_that_cannot_keep_the_weights_drops_them(demo_models, reference):
+    eng = MuxEngine(config(demo_models))
+    runner = eng.executor.runners["qwen-demo"]
+
+    def no_host_memory(*args: object) -> None:
+        raise RuntimeError("no pinned memory")
+
+    runner.weights.to_host = no_host_memory  # type: ignore[method-assign]
+    try:
+        eng.sleep("qwen-demo", 1)
+        assert eng.model_states()["qwen-demo"] is ModelState.ASLEEP
+        assert runner._model is None  # dropped: level 2
+        assert outputs(eng, "qwen-demo") == reference["qwen-demo"]  # reloaded
+    finally:
+        eng.shutdown()

@@ -149,7 +149,14 @@ class InlineExecutor:
         def load() -> CausalLM:
             if s is None:
                 raise RuntimeError(f"{model}: no checkpoint known to reload it from")
-            return load_model(s.path, s.dtype, self.device, s.max_model_len)[0]
+            if self.device.type != "cuda":
+                return load_model(s.path, s.dtype, self.device, s.max_model_len)[0]
+            # on a stream of its own: the legacy default stream would wait for every job
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                loaded = load_model(s.path, s.dtype, self.device, s.max_model_len)[0]
+            stream.synchronize()
+            return loaded
 
         runner.wake(load)
 
