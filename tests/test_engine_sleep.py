@@ -412,3 +412,54 @@ def test_a_level_1_sleep_that_cannot_keep_the_weights_drops_them(demo_models, re
         assert outputs(eng, "qwen-demo") == reference["qwen-demo"]  # reloaded
     finally:
         eng.shutdown()
+
+
+def test_more_models_than_memory_all_served(demo_models, reference):
+    """Six models (two copies of each demo model) with room for the two largest demo models'
+    weights: every request of every model is served, with the same greedy text, by sleeping
+    and waking them."""
+    budget, _ = budget_for(demo_models, 2)
+    names = {f"{m}-{i}": m for i in range(2) for m in demo_models}
+    eng = MuxEngine(
+        parse_config(
+            {
+                "models": [
+                    {
+                        "name": n,
+                        "path": str(demo_models[m]),
+                        "initial_state": "asleep" if n not in ("mistral-demo-0",) else "awake",
+                    }
+                    for n, m in names.items()
+                ],
+                "engine": {
+                    "kv_pool_bytes": 4 << 20,
+                    "block_bytes": 4096,
+                    "residency": {"weights_budget_bytes": budget, "min_residency_s": 0},
+                },
+            }
+        )
+    )
+    eng.start()
+
+    async def run() -> dict[str, list[int]]:
+        rids = {n: eng.add_request(n, PROMPTS[0], GREEDY) for n in names}
+
+        async def tokens(rid: str) -> list[int]:
+            outs = [o async for o in eng.stream(rid)]
+            assert outs[-1].finished and outs[-1].error is None, outs[-1].error
+            return [t for o in outs for t in o.token_ids]
+
+        got = await asyncio.wait_for(
+            asyncio.gather(*(tokens(r) for r in rids.values())), DEADLINE_S
+        )
+        return dict(zip(rids, got, strict=True))
+
+    try:
+        got = asyncio.run(run())
+        assert got == {n: reference[m][0] for n, m in names.items()}
+        awake = [n for n, s in eng.model_states().items() if s is ModelState.AWAKE]
+        assert sum(eng.executor.weight_bytes(n) for n in awake) <= budget
+        assert sum(w.wakes for w in eng.wake_stats().values()) >= len(names) - 1
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
