@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from muxserve.client.protocol import ModelState, WakeStats
 from muxserve.config import MuxConfig, load_config
 from muxserve.errors import (
     ConfigError,
@@ -29,13 +28,14 @@ from muxserve.errors import (
     RequestError,
     UnknownModelError,
 )
-from muxserve.executor.base import ModelSpec, create_executor
+from muxserve.executor.base import POLL_S, ModelSpec, create_executor
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.model_descriptor import describe_entry
 from muxserve.model_residency import ModelResidency, check_budget
 from muxserve.models.loader import validate_checkpoint
 from muxserve.output_processor import Completion, OutputSink, RequestOutput, TextState
 from muxserve.request import FinishReason, Request
+from muxserve.residency import ModelState, WakeStats
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, JobResult, Phase, SeqWork
@@ -45,9 +45,6 @@ from muxserve.step_controls import RequestControls, StepControls
 from muxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-POLL_S = 1.0  # longest a step waits for a result before it returns to its caller
-
 
 AUTO_DEVICE_ENV = "MUXSERVE_AUTO_DEVICE"  # what `device: auto` means here; the CPU tests pin cpu
 

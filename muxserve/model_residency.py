@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from muxserve.client.protocol import WAKE_BUCKETS, ModelState, WakeStats
 from muxserve.errors import (
     InsufficientMemoryError,
     ModelBusyError,
@@ -28,7 +27,13 @@ from muxserve.errors import (
 )
 from muxserve.executor.base import ModelSpec
 from muxserve.request import FinishReason
-from muxserve.residency import ResidencyPolicy, ResidencySettings
+from muxserve.residency import (
+    WAKE_BUCKETS,
+    ModelState,
+    ResidencyPolicy,
+    ResidencySettings,
+    WakeStats,
+)
 
 if TYPE_CHECKING:
     from muxserve.engine import MuxEngine

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from muxserve import ops
 from muxserve.kv.layout import KVLayout
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import HFModelConfig
 from muxserve.request import TokenLogprobs
 from muxserve.runner.attention import BatchLayout
 from muxserve.runner.cuda_graphs import DecodeGraphs
+from muxserve.runner.kernels import ops
 from muxserve.runner.kv_pool import KVPool
 from muxserve.runner.model_weights import ModelWeights
 from muxserve.runner.sampler import SampledBatch, sample
