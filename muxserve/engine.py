@@ -241,14 +241,18 @@ class MuxEngine:
         """Start jobs for idle workers, then apply the results of jobs that finish.
 
         Waits (at most `POLL_S`) for a first result while any job runs, so a caller looping on
-        `step()` starts each worker's next job as soon as its last one is done. Returns how
-        many jobs finished (0: nothing ran, or nothing finished yet).
+        `step()` starts each worker's next job as soon as its last one is done; and while only
+        sleeping models have work, for one of them to wake. Returns how many jobs finished
+        (0: nothing ran, or nothing finished yet).
         """
         with self._lock:
             jobs = self.scheduler.schedule()
             running = self.scheduler.jobs_in_flight
             released, self._released = self._released, []
             controlled = self._prepare(jobs)
+            sch = self.scheduler
+            if not jobs and not running and sch.has_work() and not sch.has_runnable_work():
+                self._wake.wait(POLL_S)  # only sleeping models have work: until one wakes
         if released:
             self.executor.release(released)
         if controlled:  # outside the lock: only this (the loop's) thread advances grammars

@@ -152,13 +152,14 @@ class ModelResidency:
 
     def wake(self, model: str) -> float:
         """Wake `model` (see `EngineClient.wake`); returns the seconds its weights took to come
-        back. Blocks while they move (call it off the event loop); other models keep running.
-        Puts idle models to sleep to make room where the residency policy allows; raises
-        ModelDoesNotFitError where it does not."""
+        back (for a wake under way in another thread: that one's). Blocks while they move (call
+        it off the event loop); other models keep running. Puts idle models to sleep to make
+        room where the residency policy allows; raises ModelDoesNotFitError where it does not."""
         self._known(model)
         with self._lock:
+            joined = self._states[model] is ModelState.WAKING  # another thread's wake
             if self._settle(model) is ModelState.AWAKE:
-                return 0.0
+                return self._last_wake_s[model] if joined else 0.0
             self._check_can_sleep()
             victims = self._make_room(model)
             for v in victims:
@@ -346,6 +347,7 @@ class ModelResidency:
         for req in list(self.engine.scheduler.queues[model].waiting):
             self.engine.scheduler.finish(req.request_id, FinishReason.ERROR)
             self.engine._emit(req, error)
+        self.engine._wake.notify()  # a step waiting for the wake returns
 
     def _stop_wakers(self) -> None:
         with self._lock:
