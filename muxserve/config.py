@@ -13,10 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from muxserve.dtypes import Dtype
 from muxserve.errors import CheckpointError, ConfigError
 from muxserve.models.hub import resolve_checkpoint
 
-Dtype = Literal["float32", "bfloat16", "float16"]
 InitialState = Literal["awake", "asleep"]
 CPU_KV_POOL_BYTES = 64 << 20  # the KV pool on a CPU when the config does not size it
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from muxserve.client.protocol import ModelState, WakeStats
 from muxserve.config import MuxConfig, load_config
 from muxserve.errors import (
     ConfigError,
@@ -29,13 +28,14 @@ from muxserve.errors import (
     RequestError,
     UnknownModelError,
 )
-from muxserve.executor.base import ModelSpec, create_executor
+from muxserve.executor.base import POLL_S, ModelSpec, create_executor
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.model_descriptor import describe_entry
 from muxserve.model_residency import ModelResidency, check_budget
 from muxserve.models.loader import validate_checkpoint
 from muxserve.output_processor import Completion, OutputSink, RequestOutput, TextState
 from muxserve.request import FinishReason, Request
+from muxserve.residency import ModelState, WakeStats
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, JobResult, Phase, SeqWork
@@ -45,9 +45,6 @@ from muxserve.step_controls import RequestControls, StepControls
 from muxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-POLL_S = 1.0  # longest a step waits for a result before it returns to its caller
-
 
 AUTO_DEVICE_ENV = "MUXSERVE_AUTO_DEVICE"  # what `device: auto` means here; the CPU tests pin cpu
 
@@ -244,14 +241,18 @@ class MuxEngine:
         """Start jobs for idle workers, then apply the results of jobs that finish.
 
         Waits (at most `POLL_S`) for a first result while any job runs, so a caller looping on
-        `step()` starts each worker's next job as soon as its last one is done. Returns how
-        many jobs finished (0: nothing ran, or nothing finished yet).
+        `step()` starts each worker's next job as soon as its last one is done; and while only
+        sleeping models have work, for one of them to wake. Returns how many jobs finished
+        (0: nothing ran, or nothing finished yet).
         """
         with self._lock:
             jobs = self.scheduler.schedule()
             running = self.scheduler.jobs_in_flight
             released, self._released = self._released, []
             controlled = self._prepare(jobs)
+            sch = self.scheduler
+            if not jobs and not running and sch.has_work() and not sch.has_runnable_work():
+                self._wake.wait(POLL_S)  # only sleeping models have work: until one wakes
         if released:
             self.executor.release(released)
         if controlled:  # outside the lock: only this (the loop's) thread advances grammars

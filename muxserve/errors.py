@@ -100,10 +100,6 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-class RequestAbortedError(MuxServeError):
-    """The request was aborted before it finished."""
-
-
 class EngineStoppedError(MuxServeError):
     """The engine's loop is not running (it was shut down, or it failed): nothing is served."""
 

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from muxserve.client.protocol import WAKE_BUCKETS, ModelState, WakeStats
 from muxserve.errors import (
     InsufficientMemoryError,
     ModelBusyError,
@@ -28,7 +27,13 @@ from muxserve.errors import (
 )
 from muxserve.executor.base import ModelSpec
 from muxserve.request import FinishReason
-from muxserve.residency import ResidencyPolicy, ResidencySettings
+from muxserve.residency import (
+    WAKE_BUCKETS,
+    ModelState,
+    ResidencyPolicy,
+    ResidencySettings,
+    WakeStats,
+)
 
 if TYPE_CHECKING:
     from muxserve.engine import MuxEngine
@@ -147,13 +152,14 @@ class ModelResidency:
 
     def wake(self, model: str) -> float:
         """Wake `model` (see `EngineClient.wake`); returns the seconds its weights took to come
-        back. Blocks while they move (call it off the event loop); other models keep running.
-        Puts idle models to sleep to make room where the residency policy allows; raises
-        ModelDoesNotFitError where it does not."""
+        back (for a wake under way in another thread: that one's). Blocks while they move (call
+        it off the event loop); other models keep running. Puts idle models to sleep to make
+        room where the residency policy allows; raises ModelDoesNotFitError where it does not."""
         self._known(model)
         with self._lock:
+            joined = self._states[model] is ModelState.WAKING  # another thread's wake
             if self._settle(model) is ModelState.AWAKE:
-                return 0.0
+                return self._last_wake_s[model] if joined else 0.0
             self._check_can_sleep()
             victims = self._make_room(model)
             for v in victims:
@@ -168,6 +174,16 @@ class ModelResidency:
             t0 = time.perf_counter()
             self.engine.executor.wake_model(model)
             took = time.perf_counter() - t0
+        except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+            # the budget's view was wrong (another process took memory): a clear 503, not a crash
+            with self._lock:
+                self._states[model] = ModelState.ASLEEP
+                self._changed.notify_all()
+                held = self._held()
+                free = self._free_bytes(held)
+                need = self.engine.executor.weight_bytes(model)
+            log.warning("%s: out of memory while waking: %s", model, e)
+            raise ModelDoesNotFitError(model, need, max(free or 0, 0), held) from e
         except BaseException:
             with self._lock:
                 self._states[model] = ModelState.ASLEEP
@@ -234,7 +250,9 @@ class ModelResidency:
         if self._budget is not None:
             return self._budget - sum(held.values())
         if self.engine.device.type == "cuda":
-            return int(torch.cuda.mem_get_info(self.engine.device)[0])
+            device = self.engine.device
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(torch.cuda.mem_get_info(device)[0]) + cached  # ours, not in use
         return None
 
     def _busy(self) -> set[str]:
@@ -329,6 +347,7 @@ class ModelResidency:
         for req in list(self.engine.scheduler.queues[model].waiting):
             self.engine.scheduler.finish(req.request_id, FinishReason.ERROR)
             self.engine._emit(req, error)
+        self.engine._wake.notify()  # a step waiting for the wake returns
 
     def _stop_wakers(self) -> None:
         with self._lock:

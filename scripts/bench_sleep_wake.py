@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from muxserve.config import parse_config  # noqa: E402
-from muxserve.demo import ensure_demo_models  # noqa: E402
-from muxserve.engine import MuxEngine  # noqa: E402
+from muxserve.config import parse_config
+from muxserve.demo import ensure_demo_models
+from muxserve.engine import MuxEngine
 
 
 def main() -> None:

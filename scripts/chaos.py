@@ -48,6 +48,10 @@ SHM = Path("/dev/shm")
 CLIENT_TIMEOUT_S = 180.0  # longer than any recovery: a request with no answer by then is lost
 JOB_TIMEOUT_S = 10.0  # a stopped worker's job is recomputed after this (+ 10 ms per token)
 MESH_HANG_TIMEOUT_S = 8.0  # a stopped mesh is killed and restarted after this
+# a model whose queue would take longer than this at its recent rate refuses more (a 429 with
+# that wait as Retry-After): an overloaded or stalled model answers at once, well within the
+# client's deadline, instead of queueing requests that time out
+MAX_QUEUE_WAIT_S = 60.0
 
 
 @dataclass
@@ -95,6 +99,7 @@ def config_for(target: str, models: dict[str, Path]) -> dict[str, Any]:
         "executor": "mps",
         "job_timeout_s": JOB_TIMEOUT_S,
         "job_timeout_per_token_s": 0.01,
+        "max_queue_wait_s": MAX_QUEUE_WAIT_S,
     }
     raw: dict[str, Any] = {
         "models": [

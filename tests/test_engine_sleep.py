@@ -21,6 +21,7 @@ from muxserve.errors import (
 )
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
+from muxserve.scheduler.scheduler import ModelStats
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 3, 99, 42], list(range(20, 60))]
@@ -207,7 +208,7 @@ def budget_for(demo_models, n: int) -> tuple[int, dict[str, int]]:
     eng = MuxEngine(config(demo_models, asleep=tuple(demo_models)))
     sizes = {m: eng.executor.weight_bytes(m) for m in eng.models}
     eng.shutdown()
-    return sum(sorted(sizes.values())[-n:]), sizes
+    return sum(sorted(sizes.values())[len(sizes) - n :]), sizes
 
 
 def test_a_model_that_starts_asleep_is_not_loaded_and_wakes_on_demand(demo_models, reference):
@@ -306,5 +307,159 @@ def test_idle_models_are_put_to_sleep_after_idle_sleep_s(demo_models):
         assert all(s.blocks_quota == 0 for s in eng.stats().values())
         out = eng.generate(PROMPTS[:1], GREEDY, "qwen-demo")  # wakes it again
         assert out[0].error is None and out[0].token_ids
+    finally:
+        eng.shutdown()
+
+
+def two_copies(demo_models, budget: int, **residency: object) -> MuxEngine:
+    """Two copies of llama-demo, "a" awake and "b" asleep, with a budget for one of them."""
+    path = str(demo_models["llama-demo"])
+    return MuxEngine(
+        parse_config(
+            {
+                "models": [
+                    {"name": "a", "path": path},
+                    {"name": "b", "path": path, "initial_state": "asleep"},
+                ],
+                "engine": {
+                    "kv_pool_bytes": 4 << 20,
+                    "block_bytes": 4096,
+                    "residency": {"weights_budget_bytes": budget, **residency},
+                },
+            }
+        )
+    )
+
+
+def step_until_idle(engine: MuxEngine) -> None:
+    """Step (no loop thread) until no request is left; bounded by `DEADLINE_S`."""
+    import time
+
+    deadline = time.monotonic() + DEADLINE_S
+    while engine.has_work():
+        assert time.monotonic() < deadline, f"still busy: {engine.stats()}"
+        engine.step()
+
+
+def read(engine: MuxEngine, rid: str) -> list[RequestOutput]:
+    async def go() -> list[RequestOutput]:
+        return [o async for o in engine.stream(rid)]
+
+    return asyncio.run(asyncio.wait_for(go(), DEADLINE_S))
+
+
+def test_a_request_waits_for_a_busy_model_to_go_idle_then_takes_its_place(demo_models):
+    size = budget_for(demo_models, 0)[1]["llama-demo"]
+    eng = two_copies(demo_models, size, min_residency_s=0)
+    try:
+        busy = eng.add_request("a", PROMPTS[0], GREEDY)  # "a" is in flight: not evictable
+        waits = eng.add_request("b", PROMPTS[1], GREEDY)  # its waker finds no room yet
+        assert eng.model_states()["b"] is ModelState.ASLEEP
+        step_until_idle(eng)  # "a" finishes; the waker puts it to sleep and wakes "b"
+        assert read(eng, busy)[-1].error is None
+        out = read(eng, waits)
+        assert out[-1].finished and out[-1].error is None and out[-1].timings.wake > 0
+        assert eng.model_states() == {"a": ModelState.ASLEEP, "b": ModelState.AWAKE}
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
+
+
+def test_a_request_that_never_finds_room_ends_with_the_reason(demo_models):
+    size = budget_for(demo_models, 0)[1]["llama-demo"]
+    eng = two_copies(demo_models, size, min_residency_s=3600, wake_timeout_s=0.3)
+    try:
+        rid = eng.add_request("b", PROMPTS[0], GREEDY)
+        step_until_idle(eng)  # the waker gives up after wake_timeout_s and fails the request
+        out = read(eng, rid)
+        assert out[-1].finished and out[-1].finish_reason == "error"
+        assert "'b' does not fit" in out[-1].error and "held by a" in out[-1].error
+        assert eng.model_states() == {"a": ModelState.AWAKE, "b": ModelState.ASLEEP}
+        assert eng.stats()["b"] == ModelStats(0, 0, 0, 0)
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
+
+
+def test_running_out_of_memory_while_waking_is_a_does_not_fit_error(demo_models):
+    eng = MuxEngine(config(demo_models, asleep=("qwen-demo",)))
+
+    def oom(model: str) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    eng.executor.wake_model = oom  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ModelDoesNotFitError, match="'qwen-demo' does not fit") as e:
+            eng.wake("qwen-demo")
+        assert set(e.value.held_by) == {"llama-demo", "mistral-demo"}
+        assert eng.model_states()["qwen-demo"] is ModelState.ASLEEP
+    finally:
+        eng.shutdown()
+
+
+def test_a_level_1_sleep_that_cannot_keep_the_weights_drops_them(demo_models, reference):
+    eng = MuxEngine(config(demo_models))
+    runner = eng.executor.runners["qwen-demo"]
+
+    def no_host_memory(*args: object) -> None:
+        raise RuntimeError("no pinned memory")
+
+    runner.weights.to_host = no_host_memory  # type: ignore[method-assign]
+    try:
+        eng.sleep("qwen-demo", 1)
+        assert eng.model_states()["qwen-demo"] is ModelState.ASLEEP
+        assert runner._model is None  # dropped: level 2
+        assert outputs(eng, "qwen-demo") == reference["qwen-demo"]  # reloaded
+    finally:
+        eng.shutdown()
+
+
+def test_more_models_than_memory_all_served(demo_models, reference):
+    """Six models (two copies of each demo model) with room for the two largest demo models'
+    weights: every request of every model is served, with the same greedy text, by sleeping
+    and waking them."""
+    budget, _ = budget_for(demo_models, 2)
+    names = {f"{m}-{i}": m for i in range(2) for m in demo_models}
+    eng = MuxEngine(
+        parse_config(
+            {
+                "models": [
+                    {
+                        "name": n,
+                        "path": str(demo_models[m]),
+                        "initial_state": "asleep" if n not in ("mistral-demo-0",) else "awake",
+                    }
+                    for n, m in names.items()
+                ],
+                "engine": {
+                    "kv_pool_bytes": 4 << 20,
+                    "block_bytes": 4096,
+                    "residency": {"weights_budget_bytes": budget, "min_residency_s": 0},
+                },
+            }
+        )
+    )
+    eng.start()
+
+    async def run() -> dict[str, list[int]]:
+        rids = {n: eng.add_request(n, PROMPTS[0], GREEDY) for n in names}
+
+        async def tokens(rid: str) -> list[int]:
+            outs = [o async for o in eng.stream(rid)]
+            assert outs[-1].finished and outs[-1].error is None, outs[-1].error
+            return [t for o in outs for t in o.token_ids]
+
+        got = await asyncio.wait_for(
+            asyncio.gather(*(tokens(r) for r in rids.values())), DEADLINE_S
+        )
+        return dict(zip(rids, got, strict=True))
+
+    try:
+        got = asyncio.run(run())
+        assert got == {n: reference[m][0] for n, m in names.items()}
+        awake = [n for n, s in eng.model_states().items() if s is ModelState.AWAKE]
+        assert sum(eng.executor.weight_bytes(n) for n in awake) <= budget
+        assert sum(w.wakes for w in eng.wake_stats().values()) >= len(names) - 1
+        eng.check_integrity()
     finally:
         eng.shutdown()

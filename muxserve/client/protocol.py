@@ -14,36 +14,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from muxserve.output_processor import RequestOutput
+from muxserve.residency import ModelState, WakeStats
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.scheduler import ModelStats
 from muxserve.served_model import ServedModel
-
-
-class ModelState(enum.Enum):
-    """Where a model is between holding its weights on the device and not."""
-
-    AWAKE = "awake"  # weights on the device: serves
-    ASLEEP = "asleep"  # no device weights, no KV blocks; a request (or `wake`) wakes it
-    WAKING = "waking"  # its weights are coming back; its requests wait
-    SLEEPING = "sleeping"  # its weights are leaving the device
-
-
-@dataclass(frozen=True)
-class WakeStats:
-    """A model's sleeps and wakes since its engine started (cumulative, for metrics).
-
-    `wake_buckets[i]` counts the wakes that took at most `WAKE_BUCKETS[i]` seconds (a
-    Prometheus histogram's cumulative buckets; the +Inf bucket is `wakes`).
-    """
-
-    sleeps: int = 0
-    wakes: int = 0
-    wake_seconds: float = 0.0  # the sum over every wake
-    wake_buckets: tuple[int, ...] = ()
-
-
-# upper bounds (s) of the wake-time histogram's buckets
-WAKE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 @dataclass(frozen=True)

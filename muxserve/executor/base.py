@@ -23,7 +23,9 @@ from muxserve.kv.layout import KVLayout
 from muxserve.model_descriptor import ModelDescriptor
 from muxserve.models.hf_config import HFModelConfig
 from muxserve.runner.kv_pool import KVPool, PoolSizing
-from muxserve.scheduler.job import Job, JobResult, Phase
+from muxserve.scheduler.job import Job, JobResult
+
+POLL_S = 1.0  # longest one `poll` of the engine's loop waits for a result before it returns
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,6 @@ class ModelSpec:
             model.tensor_parallel,
             model.max_model_len,
         )
-
-    def share(self, phase: Phase) -> float:
-        return self.sm_share.prefill if phase is Phase.PREFILL else self.sm_share.decode
 
     def estimated_weight_bytes(self) -> int:
         """What its weights take on one device, from the checkpoint's shapes and the dtype."""

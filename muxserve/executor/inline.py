@@ -7,16 +7,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from muxserve.executor.base import ModelSpec, load_progress
-from muxserve.executor.sm_partition import SMPartition, make_partitions
+from muxserve.executor.base import POLL_S, ModelSpec, load_progress
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.loader import load_model
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.runner.model_runner import LaunchedJob, ModelRunner
+from muxserve.runner.sm_partition import SMPartition, make_partitions
 from muxserve.scheduler.job import Job, JobResult, Phase
 
 POLL_SLEEP_S = 20e-6  # between checks of the jobs' CUDA events
-POLL_S = 1.0
 
 
 class InlineExecutor:
@@ -78,7 +77,7 @@ class InlineExecutor:
             )
             for s in specs
         }
-        shares = {(s.name, p): s.share(p) for s in specs for p in Phase}
+        shares = {(s.name, p): p.share(s.sm_share) for s in specs for p in Phase}
         return cls(runners, pool, shares, {s.name: s for s in specs})
 
     def submit(self, jobs: Sequence[Job]) -> None:
@@ -149,7 +148,14 @@ class InlineExecutor:
         def load() -> CausalLM:
             if s is None:
                 raise RuntimeError(f"{model}: no checkpoint known to reload it from")
-            return load_model(s.path, s.dtype, self.device, s.max_model_len)[0]
+            if self.device.type != "cuda":
+                return load_model(s.path, s.dtype, self.device, s.max_model_len)[0]
+            # on a stream of its own: the legacy default stream would wait for every job
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                loaded = load_model(s.path, s.dtype, self.device, s.max_model_len)[0]
+            stream.synchronize()
+            return loaded
 
         runner.wake(load)
 

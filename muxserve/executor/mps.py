@@ -31,7 +31,7 @@ from muxserve.executor.waker import Waker
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, WorkerGroup
 from muxserve.models.causal_lm import CausalLM
-from muxserve.parallel.sharding import load_rank_models, rank_device
+from muxserve.models.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.scheduler.job import Job, JobResult, Phase
 
@@ -66,6 +66,7 @@ class MpsExecutor:
         self.restarting: dict[str, str] = {}  # model -> why its workers were last restarted
         self.specs: list[ModelSpec] = []  # set by `create`
         self.hangs = 0  # groups killed for a hung job
+        self.start_timeout = START_TIMEOUT_S  # a restarted group not ready by then is hung too
 
     @classmethod
     def create(
@@ -109,6 +110,7 @@ class MpsExecutor:
                     plans = _rank_plans(spec, phase, ranks, daemon)
                     groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
             executor = cls(pools, groups, daemon, deadline)
+            executor.start_timeout = start_timeout
             executor.specs = list(specs)
         except BaseException:
             if daemon is not None:
@@ -215,24 +217,40 @@ class MpsExecutor:
         return over if over >= 0 else None
 
     def _next_hang_check(self) -> float:
-        """When the earliest delivered job reaches its deadline (inf: none is running)."""
+        """When the earliest delivered job, or a restart with a job waiting on it, reaches its
+        deadline (inf: neither)."""
         ends = [
             g.sent_at + self.deadline.of(g.job, g.jobs_done == 0)
             for g in self.groups.values()
             if g.delivered and g.job is not None
         ]
+        ends += [
+            g.started_at + self.start_timeout
+            for g in self.groups.values()
+            if g.state is GroupState.STARTING and g.job is not None
+        ]
         return min(ends, default=float("inf"))
 
     def _reap_hung(self) -> list[tuple[Job, JobResult]]:
-        """Kill and restart every group whose job is past its deadline; hand the jobs back."""
+        """Kill and restart every group whose job is past its deadline, or whose restart is,
+        with a job waiting on it; hand the jobs back."""
         now = time.monotonic()
         results = []
         for group in self.groups.values():
+            died = None
             if self._hung(group, now) is not None:
                 ran = now - group.sent_at
-                reason = f"no result after {ran:.1f} s (hung); killed"
+                died = WorkerDied(f"no result after {ran:.1f} s (hung); killed", False)
+            elif (
+                group.state is GroupState.STARTING
+                and group.job is not None
+                and now - group.started_at >= self.start_timeout
+            ):
+                waited = now - group.started_at
+                died = WorkerDied(f"not ready after {waited:.1f} s (hung starting); killed", True)
+            if died is not None:
                 self.hangs += 1
-                results.extend(self._restart(group, WorkerDied(reason, during_start=False)))
+                results.extend(self._restart(group, died))
         return results
 
     def _restart(self, group: WorkerGroup, died: WorkerDied) -> list[tuple[Job, JobResult]]:
@@ -297,7 +315,7 @@ def _rank_plans(
     daemon: MpsDaemon | None,
 ) -> list[RankPlan]:
     """How to start each rank's worker of `spec` in `phase`: its model shard, pool and share."""
-    share = spec.share(phase)
+    share = phase.share(spec.sm_share)
     plans = []
     for rank, (model, pool) in enumerate(ranks):
         on_cpu = pool.buffer.device.type == "cpu"

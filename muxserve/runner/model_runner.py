@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from muxserve import ops
 from muxserve.kv.layout import KVLayout
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import HFModelConfig
 from muxserve.request import TokenLogprobs
 from muxserve.runner.attention import BatchLayout
 from muxserve.runner.cuda_graphs import DecodeGraphs
+from muxserve.runner.kernels import ops
 from muxserve.runner.kv_pool import KVPool
 from muxserve.runner.model_weights import ModelWeights
 from muxserve.runner.sampler import SampledBatch, sample
@@ -114,10 +114,13 @@ class ModelRunner:
         """
         self.graphs = None
         if level == 1 and self._model is not None:
-            self.weights.to_host(self._model, self.max_model_len)
-        else:
-            self._model = None
-            self.weights.dropped()
+            try:
+                self.weights.to_host(self._model, self.max_model_len)
+                return
+            except Exception:  # e.g. no pinned host memory left: drop them (level 2) instead
+                log.exception("%s: keeping the weights in host memory failed; dropped", self.name)
+        self._model = None
+        self.weights.dropped()
 
     def wake(self, load: Callable[[], CausalLM]) -> None:
         """Put the weights back on the device: from host memory, or `load()` them (level 2).
@@ -128,7 +131,11 @@ class ModelRunner:
             self._model = load()
             self.weights = ModelWeights(self._model)
         elif not self.weights.on_device:
-            self.weights.to_device(self._model, self.device, self.max_model_len)
+            try:
+                self.weights.to_device(self._model, self.device, self.max_model_len)
+            except BaseException:  # e.g. out of device memory half-way: give back what moved
+                self.sleep(1)
+                raise
         self.graphs = self._make_graphs(self._model)
 
     def release(self, request_ids: Sequence[str]) -> None:

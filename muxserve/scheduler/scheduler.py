@@ -235,7 +235,7 @@ class Scheduler:
                 break
             if q.name in self.asleep:  # its requests wait for its wake
                 continue
-            share = q.slot.share(phase)
+            share = phase.share(q.slot.sm_share)
             over = self._sm_in_use + share > self.sm_limit + SM_EPSILON
             if phase in q.busy or (self._in_flight and over):
                 continue

@@ -23,7 +23,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from muxserve.client.protocol import WAKE_BUCKETS, Health, MeshState, MeshStats, ModelState
+from muxserve.client.protocol import Health, MeshState, MeshStats
+from muxserve.residency import WAKE_BUCKETS, ModelState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "muxserve:"  # vLLM's names, with our prefix for vLLM's

@@ -112,3 +112,48 @@ def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]
         assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
     finally:
         engine.shutdown()
+
+
+def test_a_restart_that_never_gets_ready_is_killed_and_started_again(
+    demo_models: dict[str, Path], monkeypatch
+) -> None:
+    from muxserve.executor import worker_group
+
+    raw = make_config(demo_models, executor="mps").model_dump()
+    raw["models"] = [m for m in raw["models"] if m["name"] == "llama-demo"]
+    engine = MuxEngine(parse_config(raw))
+    executor = engine.executor
+    assert isinstance(executor, MpsExecutor)
+    try:
+        executor.start_timeout = 1.0  # for the hung restart (the first start is over)
+        group = executor.groups[("llama-demo", Phase.DECODE)]
+        [first] = [p.pid for p in group.procs]
+        real, dropped = worker_group._send_init, []
+
+        def drop_first(conn, init) -> None:  # the restarted worker waits for its init forever
+            if not dropped:
+                dropped.append(init.name)
+                return
+            executor.start_timeout = 600.0  # the next start may take its time on a busy host
+            real(conn, init)
+
+        monkeypatch.setattr(worker_group, "_send_init", drop_first)
+        os.kill(first, signal.SIGKILL)  # found while the prefill job runs; its restart hangs
+        engine.start()
+        prompt = prompts_for("llama-demo")[0]
+        rid = engine.add_request("llama-demo", prompt, GREEDY)
+
+        async def collect() -> list[RequestOutput]:
+            return [o async for o in engine.stream(rid)]
+
+        outs = asyncio.run(collect())
+        want = list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
+        assert [t for o in outs for t in o.token_ids] == want
+        assert outs[-1].error is None
+        assert dropped == ["llama-demo"] and executor.hangs == 1  # the hung start, killed
+        assert group.failed_starts == 0  # the second start got ready
+        assert first not in [p.pid for p in group.procs]
+        wait_for(lambda: engine.scheduler.jobs_in_flight == 0, "idle")
+        assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
+    finally:
+        engine.shutdown()

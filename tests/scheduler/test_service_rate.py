@@ -49,6 +49,27 @@ def test_old_completions_leave_the_window() -> None:
     assert r.rate(25.0) == 0.5  # 5 (16..20) in the last 10 s: the model slowed down
 
 
+def test_a_stalled_model_is_rated_by_what_its_busy_time_allows() -> None:
+    r = ServiceRate(window=30.0, min_samples=4)
+    r.on_busy(0.0)
+    assert r.rate(10.0) is None  # never rated, busy 10 s: too soon to say
+    assert r.rate(40.0) == 4 / 30  # busy a whole window without 4 completions: below 4/30
+    for t in (41.0, 42.0, 43.0, 44.0):
+        r.on_finished(t)
+    assert r.rate(44.0) == 4 / 30  # 4 in the 30 s window (14..44)
+    r.on_finished(45.0)
+    assert r.rate(45.0) == 5 / 30
+    # the workers stall: no completion from 45 s on; the old estimate stands only while
+    # the few completions left in the window still allow it
+    assert r.rate(60.0) == 5 / 30  # 41..45 still in the window: 5 in 30 s
+    assert r.rate(72.0) == 4 / 30  # 42..45: 3 completions, below min_samples, cap 4/30
+    assert r.rate(120.0) == 4 / 30  # none left in the window: the cap over the window
+    r.on_idle(120.0)
+    r.on_busy(200.0)  # a new busy period: the last estimate stands, capped by its span
+    assert r.rate(201.0) == 4 / 30
+    assert r.expected_wait(8, 201.0) == 60.0
+
+
 @pytest.mark.parametrize(
     ("wait", "seconds"), [(None, 1), (0.0, 1), (0.2, 1), (1.0, 1), (12.1, 13), (1e9, 3600)]
 )

@@ -1,4 +1,4 @@
-"""muxserve.ops and the decode graphs' bookkeeping, on CPU.
+"""muxserve.runner.kernels.ops and the decode graphs' bookkeeping, on CPU.
 
 - dispatch: the reference on CPU, the kernel modes, which pool views the kernels can read;
 - the reference path of `ops` equals `PagedAttention` bit for bit;
@@ -22,7 +22,6 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from muxserve import kernel_build, ops
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.kv.layout import KVLayout
@@ -37,6 +36,7 @@ from muxserve.runner.cuda_graphs import (
     decode_logits,
     pad_decode_inputs,
 )
+from muxserve.runner.kernels import kernel_build, ops
 from muxserve.runner.kv_pool import KVPool
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import SeqWork
@@ -174,7 +174,7 @@ def mixed_job(layout: KVLayout, num_blocks: int) -> tuple[list[list[SeqWork]], B
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_reference_ops_equal_paged_attention(window: int | None) -> None:
+def test_reference_write_kv_equals_paged_attention(window: int | None) -> None:
     layers, heads, kv_heads, hd, tpb = 2, 4, 2, 16, 3
     layout = KVLayout(layers, kv_heads, hd, 4, 2 * tpb * hd * 4)
     calls, _ = mixed_job(layout, 120)
@@ -191,7 +191,7 @@ def test_reference_ops_equal_paged_attention(window: int | None) -> None:
             k, v = torch.randn(2, n, kv_heads, hd, generator=gen)
             want = paged(layer, q, k, v)
             ops.write_kv(cache_b, k, v, batch, layer)
-            got = ops.prefill_attention(q, cache_b, batch, layer, windows[layer])
+            got = PagedAttention(cache_b, batch, ()).attend_pool(layer, q, windows[layer])
             assert torch.equal(got, want)
             assert torch.equal(pool_a.buffer, pool_b.buffer)
 
