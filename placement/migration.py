@@ -32,7 +32,7 @@ from muxserve.errors import ConfigError
 from placement.candidates import Candidate, CandidateTable, Capacity, Mode, build_candidates
 from placement.plan import PlacedMesh, PlacedModel, Placement, assemble
 from placement.problem import Problem, Target
-from placement.specs import ModelSpec
+from placement.specs import PlannerModel
 
 LOAD_BYTES_PER_S = 2e9  # weights read from a warm page cache and copied to the device, at least
 LOAD_FIXED_S = 0.5  # a load's fixed cost: allocations, per-tensor overhead, the first step
@@ -81,7 +81,7 @@ class Decision:
 
 
 def estimate_move_cost_s(
-    spec: ModelSpec,
+    spec: PlannerModel,
     tp: int = 1,
     bytes_per_s: float = LOAD_BYTES_PER_S,
     fixed_s: float = LOAD_FIXED_S,

@@ -26,7 +26,7 @@ from muxserve.models.hf_config import load_hf_config
 from muxserve.output_processor import RequestOutput
 from muxserve.router.mesh_process import LaunchContext, Launcher
 from muxserve.router.observed import WorkloadWindow
-from muxserve.router.replan import Replanner
+from muxserve.router.replan import Planner, Replanner
 from muxserve.router.routing import RoutingTable
 from muxserve.router.supervisor import MeshSupervisor, SupervisionSettings
 from muxserve.sampling_params import SamplingParams
@@ -46,7 +46,10 @@ class Router:
         config: MuxConfig,
         launcher: Launcher,
         settings: SupervisionSettings | None = None,
+        planner: Planner | None = None,
     ) -> None:
+        """`planner` re-plans while serving where `config.router.replan` is set (`muxserve
+        serve` passes placement/replanning.py's); it is required then."""
         if not config.meshes:
             raise ValueError("the router serves a plan: the config has no meshes")
         launcher.check(config)
@@ -70,7 +73,12 @@ class Router:
         self.window = WorkloadWindow(replan.window_s if replan is not None else 30.0)
         self.replanner: Replanner | None = None  # with `router.replan` set
         if replan is not None:
-            self.replanner = Replanner(self, replan)
+            if planner is None:
+                raise ValueError(
+                    "router.replan is set but no planner was given (muxserve serve passes "
+                    "placement.replanning.PlacementPlanner)"
+                )
+            self.replanner = Replanner(self, replan, planner)
 
     @property
     def models(self) -> Mapping[str, ServedModel]:

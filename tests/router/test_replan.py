@@ -1,65 +1,25 @@
-"""Re-planning with fakes: the routing table, `Router.move` (wake, switch, drain, sleep), the
-fitting of a plan onto fixed meshes, the replanner's triggers and how it applies a proposal,
-and the placement planner on the demo models (a hot pair that cannot share a GPU is split)."""
+"""Re-planning with fakes: the routing table, `Router.move` (wake, switch, drain, sleep), and
+the replanner's triggers and how it applies a proposal. The placement planner behind it is
+tested in tests/placement/test_replanning.py."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from muxserve.client.protocol import MeshState
-from muxserve.config import Mesh, MuxConfig, parse_config
-from muxserve.demo import DEMO_ENGINE
+from muxserve.config import Mesh, MuxConfig
 from muxserve.output_processor import RequestOutput
 from muxserve.router.mesh_process import LaunchContext
-from muxserve.router.observed import ObservedLoad
-from muxserve.router.replan import PlacementPlanner, Proposal, Replanner, fit_to_meshes
+from muxserve.router.replan import Proposal, Replanner
 from muxserve.router.router import Router
 from muxserve.router.routing import RoutingTable
 from muxserve.sampling_params import SamplingParams
-from placement.candidates import Mode
 from placement.migration import Decision
-from placement.plan import PlacedMesh, PlacedModel, Placement
-
-LLAMA, QWEN, MISTRAL = "llama-demo", "qwen-demo", "mistral-demo"
-
-
-def tiny_gpu_cluster(path: Path) -> str:
-    """Two GPUs slow enough that the demo models' rates of a few req/s bind."""
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "gpu": {"type": "A100-80GB", "peak_tflops": 0.0005, "hbm_gbps": 0.03},
-                "nodes": 1,
-                "gpus_per_node": 2,
-            }
-        )
-    )
-    return str(path)
-
-
-def two_mesh_config(demo: dict[str, Path], cluster: str, **replan: Any) -> MuxConfig:
-    """mesh-a serves llama and mistral; mesh-b serves qwen and lists mistral as standby."""
-    return parse_config(
-        {
-            "models": [{"name": n, "path": str(p), "rate": 1.0} for n, p in demo.items()],
-            "engine": {**DEMO_ENGINE, "device": "cpu"},
-            "meshes": [
-                {"name": "mesh-a", "gpus": [0], "models": [{"name": LLAMA}, {"name": MISTRAL}]},
-                {
-                    "name": "mesh-b",
-                    "gpus": [1],
-                    "models": [{"name": QWEN}, {"name": MISTRAL, "initial_state": "asleep"}],
-                },
-            ],
-            "router": {"replan": {"cluster": cluster, "move_cost_s": 1.0, **replan}},
-        }
-    )
+from tests.router.conftest import LLAMA, MISTRAL, QWEN, tiny_gpu_cluster, two_mesh_config
 
 
 # ---- the routing table ------------------------------------------------------------------------
@@ -142,8 +102,8 @@ class NoLauncher:
         return object()
 
 
-def fake_router(config: MuxConfig, log: list[str]) -> Router:
-    r = Router(config, NoLauncher())  # type: ignore[arg-type]
+def fake_router(config: MuxConfig, log: list[str], planner: object = None) -> Router:
+    r = Router(config, NoLauncher(), planner=planner or FixedPlanner(None))  # type: ignore[arg-type]
     for s in r.meshes.values():
         s.client = FakeMesh(s.name, log)  # type: ignore[assignment]
         s.state = MeshState.OK
@@ -194,77 +154,6 @@ async def _read(r: Router, rid: str) -> list[str]:
     return [out.text async for out in r.stream(rid)]
 
 
-# ---- fitting a plan onto the fixed meshes -------------------------------------------------------
-def pm(name: str) -> PlacedModel:
-    return PlacedModel(name, 1, 1.0, 0.5, 0.5, 1.0, 1.0, 1.0, 0.01, 0.01)
-
-
-def test_fit_to_meshes(demo_models: dict[str, Path], tmp_path: Path) -> None:
-    config = two_mesh_config(demo_models, tiny_gpu_cluster(tmp_path / "c.yaml"))
-    assert config.meshes is not None
-    active = {LLAMA: ("mesh-a",), MISTRAL: ("mesh-a",), QWEN: ("mesh-b",)}
-    # the planner split llama from mistral, and put qwen with llama on GPU 0
-    plan = Placement(
-        "greedy",
-        Mode.MUX,
-        (
-            PlacedMesh(0, (0,), (pm(LLAMA), pm(QWEN))),
-            PlacedMesh(0, (1,), (pm(MISTRAL),)),
-        ),
-        0.0,
-        "heuristic",
-    )
-    answers = fit_to_meshes(plan, config.meshes, active)
-    assert len(answers) == 2  # two ways to match two planned meshes to two fixed ones
-    for answer in [
-        # {llama, qwen} -> mesh-a (no qwen there: it stays), {mistral} -> mesh-b (standby)
-        (
-            {LLAMA: ("mesh-a",), MISTRAL: ("mesh-b",), QWEN: ("mesh-b",)},
-            (
-                "qwen-demo: planned on mesh-a, which does not list it (list it there as a standby "
-                "model to let it move)",
-            ),
-        ),
-        (
-            # {llama, qwen} -> mesh-b (no llama there: it stays), {mistral} -> mesh-a
-            {LLAMA: ("mesh-a",), MISTRAL: ("mesh-a",), QWEN: ("mesh-b",)},
-            (
-                "llama-demo: planned on mesh-b, which does not list it (list it there as a "
-                "standby model to let it move)",
-            ),
-        ),
-    ]:
-        assert answer in answers
-
-
-# ---- the placement planner on the demo models ---------------------------------------------------
-def loads(rates: dict[str, float]) -> dict[str, ObservedLoad]:
-    return {m: ObservedLoad(r, 16.0, 16.0, 10) for m, r in rates.items()}
-
-
-def test_placement_planner_moves_only_when_it_pays(
-    demo_models: dict[str, Path], tmp_path: Path
-) -> None:
-    config = two_mesh_config(demo_models, tiny_gpu_cluster(tmp_path / "c.yaml"))
-    assert config.router.replan is not None
-    planner = PlacementPlanner(config, config.router.replan)
-    active = {LLAMA: ("mesh-a",), MISTRAL: ("mesh-a",), QWEN: ("mesh-b",)}
-    calm = planner.propose(loads({LLAMA: 1.0, MISTRAL: 0.2, QWEN: 1.0}), active)
-    assert calm is not None and not calm.decision.take and calm.decision.moves == ()
-    assert calm.target == active
-    hot = planner.propose(loads({LLAMA: 4.0, MISTRAL: 4.0, QWEN: 0.1}), active)
-    assert hot is not None and hot.decision.take
-    assert hot.target == {LLAMA: ("mesh-a",), MISTRAL: ("mesh-b",), QWEN: ("mesh-b",)}
-    assert [(m.model, m.to, m.cost_s) for m in hot.decision.moves] == [(MISTRAL, (0, (1,)), 1.0)]
-    assert hot.decision.gain > 0.5 and hot.rates[MISTRAL] == 4.0
-    # the same drift with a move that costs more than the interval gains: nothing moves
-    dear = config.router.replan.model_copy(update={"move_cost_s": 1e6})
-    kept = PlacementPlanner(config, dear).propose(
-        loads({LLAMA: 4.0, MISTRAL: 4.0, QWEN: 0.1}), active
-    )
-    assert kept is not None and not kept.decision.take and kept.decision.gain > 0.5
-
-
 # ---- the replanner: when, and applying a proposal ---------------------------------------------
 class Clock:
     def __init__(self) -> None:
@@ -275,11 +164,11 @@ class Clock:
 
 
 class FixedPlanner:
-    def __init__(self, proposal: Proposal) -> None:
+    def __init__(self, proposal: Proposal | None) -> None:
         self.proposal = proposal
         self.calls: list[dict[str, tuple[str, ...]]] = []
 
-    def propose(self, loads: object, active: dict[str, tuple[str, ...]]) -> Proposal:
+    def propose(self, loads: object, active: dict[str, tuple[str, ...]]) -> Proposal | None:
         self.calls.append(dict(active))
         return self.proposal
 
@@ -294,12 +183,12 @@ def test_replanner_triggers_and_applies(demo_models: dict[str, Path], tmp_path: 
         rate_floor=0.5,
         window_s=10.0,
     )
-    r = fake_router(config, log)
-    clock = Clock()
-    r.window = type(r.window)(10.0, clock)
     target = {LLAMA: ("mesh-a",), MISTRAL: ("mesh-b",), QWEN: ("mesh-b",)}
     decision = Decision(True, 2.0, 60.0, ())
     planner = FixedPlanner(Proposal(target, decision, {MISTRAL: 4.0}))
+    r = fake_router(config, log, planner)
+    clock = Clock()
+    r.window = type(r.window)(10.0, clock)
     assert config.router.replan is not None
     rp = Replanner(r, config.router.replan, planner, clock)
     assert rp.planned_rates == {LLAMA: 1.0, QWEN: 1.0, MISTRAL: 1.0}

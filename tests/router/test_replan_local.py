@@ -22,7 +22,8 @@ from muxserve.router.local import LocalLauncher
 from muxserve.router.router import Router
 from muxserve.server.app import create_app
 from muxserve.server.background import BackgroundServer
-from tests.router.test_replan import LLAMA, MISTRAL, QWEN, tiny_gpu_cluster, two_mesh_config
+from placement.replanning import PlacementPlanner
+from tests.router.conftest import LLAMA, MISTRAL, QWEN, tiny_gpu_cluster, two_mesh_config
 from tests.router.test_router_local import wait_for
 
 TOKENS = 16
@@ -63,7 +64,9 @@ def test_a_replan_during_a_stream_fails_no_request(
         check_s=0.25,
         time_limit_s=10.0,
     )
-    router = Router(config, LocalLauncher())
+    assert config.router.replan is not None
+    planner = PlacementPlanner(config, config.router.replan)
+    router = Router(config, LocalLauncher(), planner=planner)
     replanner = router.replanner
     assert replanner is not None
     server = BackgroundServer(create_app(router))
