@@ -105,7 +105,10 @@ def spec_for(trace: str, names: list[str], args: argparse.Namespace, seed: int) 
 
 
 def build_config(
-    mode: str, models: list[tuple[str, Path]], spec: WorkloadSpec, args: argparse.Namespace,
+    mode: str,
+    models: list[tuple[str, Path]],
+    spec: WorkloadSpec,
+    args: argparse.Namespace,
     cluster: Path,
 ) -> dict[str, Any]:
     names = [n for n, _ in models]
@@ -222,9 +225,7 @@ def run_one(
     entries, meta = generate(spec, tokenizer)
     trace = Trace(tuple(entries), meta)
     cluster = work / "cluster.yaml"
-    cluster.write_text(
-        json.dumps({"gpu": STAND_IN_GPU, "nodes": 1, "gpus_per_node": args.meshes})
-    )
+    cluster.write_text(json.dumps({"gpu": STAND_IN_GPU, "nodes": 1, "gpus_per_node": args.meshes}))
     raw = build_config(mode, models, spec, args, cluster)
     cfg_path = work / f"{trace_kind}-{mode}-{repeat}.yaml"
     dump_config(parse_config(raw), cfg_path)
