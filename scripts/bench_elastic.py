@@ -14,7 +14,8 @@ memory. The models are split into contiguous blocks, one per mesh (their home).
 Traces (scripts/gen_workload.py's modes, --rate req/s over --duration s, seeded per repeat):
 - shifting: the power law's ranks rotate every phase (4 phases): which models are hot moves,
   and the hot ones are neighbours, so they crowd one mesh;
-- longtail: Zipf (alpha 1, the classic law) over a seeded shuffle of the models: a few carry the load.
+- longtail: Zipf (alpha 1, the classic law) over a seeded shuffle of the models: a few
+  carry the load.
 
 Modes, each served by a fresh server:
 - static: a plan that must leave models out: the --fit x --meshes models with the highest
