@@ -42,11 +42,17 @@ class WorkloadWindow:
 
     def arrived(self, model: str, prompt_len: int) -> None:
         """A request for `model` with `prompt_len` tokens was admitted now."""
-        self._arrivals.setdefault(model, deque()).append((self._clock(), prompt_len))
+        self._add(self._arrivals, model, prompt_len)
 
     def finished(self, model: str, output_len: int) -> None:
         """A request for `model` finished now with `output_len` generated tokens."""
-        self._finishes.setdefault(model, deque()).append((self._clock(), output_len))
+        self._add(self._finishes, model, output_len)
+
+    def _add(self, events: dict[str, deque[tuple[float, int]]], model: str, n: int) -> None:
+        now = self._clock()
+        q = events.setdefault(model, deque())
+        q.append((now, n))
+        _trim(q, now - self.window_s)  # memory stays bounded by the window, snapshots or not
 
     def snapshot(self, models: Iterable[str]) -> dict[str, ObservedLoad]:
         """Every model of `models` (and any other seen) over the window ending now."""

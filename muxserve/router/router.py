@@ -143,9 +143,14 @@ class Router:
     ) -> str:
         mesh = self._pick(model)
         client = mesh.client
-        await client.add_request(model, prompt, params, request_id)
-        self._owner[request_id] = (client, mesh.name, model)
+        # counted in flight before the mesh is asked: a move's drain of this mesh waits for it
         self.routing.begin(mesh.name, model)
+        try:
+            await client.add_request(model, prompt, params, request_id)
+        except BaseException:
+            self.routing.end(mesh.name, model)
+            raise
+        self._owner[request_id] = (client, mesh.name, model)
         self.window.arrived(model, len(prompt))
         return request_id
 
