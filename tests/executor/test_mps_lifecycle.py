@@ -5,13 +5,10 @@ model's first job, idle ones stop and start again at the next, and neither count
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
-from test_engine import MAX_NEW, make_config, prompts_for
 
-from executor.hf_reference import hf_greedy
 from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.errors import ConfigError
@@ -21,16 +18,11 @@ from muxserve.executor.worker_group import GroupState
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
+from tests.helpers.engine import MAX_NEW, hf_greedy, make_config, prompts_for
+from tests.helpers.wait import wait_until
 
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 MODELS = ("llama-demo", "qwen-demo")
-
-
-def wait_for(cond, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
-        time.sleep(0.01)
 
 
 def engine_of(demo_models: dict[str, Path], **eng: object) -> MuxEngine:
@@ -86,7 +78,7 @@ def test_lazy_workers_start_at_a_models_first_job_and_idle_ones_stop(
         assert pids[("qwen-demo", Phase.PREFILL)] == pids[("qwen-demo", Phase.DECODE)] == []
 
         # 2. idle past worker_idle_stop_s: the workers stop (the engine has no work meanwhile)
-        wait_for(lambda: executor.idle_stops == 2, "idle workers stopped", 30.0)
+        wait_until(lambda: executor.idle_stops == 2, 30.0, "idle workers stopped")
         assert all(pids == [] for pids in executor.worker_pids().values())
         assert all(not Path(f"/proc/{p}").exists() for p in first)
         assert engine.degraded() == {}
@@ -95,7 +87,7 @@ def test_lazy_workers_start_at_a_models_first_job_and_idle_ones_stop(
         assert generate(engine, "llama-demo", prompts_for("llama-demo")[1]) == want[1]
         again = executor.worker_pids()[("llama-demo", Phase.DECODE)]
         assert len(again) == 1 and again[0] not in first
-        wait_for(lambda: engine.scheduler.jobs_in_flight == 0, "idle")
+        wait_until(lambda: engine.scheduler.jobs_in_flight == 0, 60.0, "idle")
         assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
     finally:
         engine.shutdown()
