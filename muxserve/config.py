@@ -121,6 +121,13 @@ class EngineConfig(_Strict):
     # has a hung worker: the worker is killed and restarted, its requests recomputed
     job_timeout_s: float = Field(60.0, gt=0.0)
     job_timeout_per_token_s: float = Field(0.01, ge=0.0)
+    # mps: start a model's worker processes with the engine ("eager") or at its first job
+    # ("lazy"); stop those idle this long (None: never), to start them again when needed
+    worker_start: Literal["eager", "lazy"] = "eager"
+    # a request not finished this long after it arrived ends with a clear timeout error (HTTP
+    # 504, or an error event in a stream), queued or running; None: it waits as long as it takes
+    request_timeout_s: float | None = Field(None, gt=0.0)
+    worker_idle_stop_s: float | None = Field(None, gt=0.0)
     residency: ResidencyConfig = ResidencyConfig()  # sleep and wake under memory pressure
 
     @model_validator(mode="after")

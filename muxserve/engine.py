@@ -29,6 +29,7 @@ from muxserve.errors import (
     UnknownModelError,
 )
 from muxserve.executor.base import POLL_S, ModelSpec, create_executor
+from muxserve.executor.lifecycle import WorkerLifecycle
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.model_descriptor import describe_entry
 from muxserve.model_residency import ModelResidency, check_budget
@@ -45,6 +46,7 @@ from muxserve.step_controls import RequestControls, StepControls
 from muxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+EXPIRY_CHECK_S = 0.25  # how often requests are checked against engine.request_timeout_s
 
 AUTO_DEVICE_ENV = "MUXSERVE_AUTO_DEVICE"  # what `device: auto` means here; the CPU tests pin cpu
 
@@ -101,8 +103,9 @@ class MuxEngine:
         # The executor loads the weights, then allocates the pool in what they leave (worker
         # processes map it: shared memory, CUDA IPC); the scheduler accounts its blocks.
         deadline = JobDeadline(eng.job_timeout_s, eng.job_timeout_per_token_s)
+        lifecycle = WorkerLifecycle(eng.worker_start == "lazy", eng.worker_idle_stop_s)
         self.executor = create_executor(
-            eng.executor, specs, PoolSizing.of(eng), self.device, progress, deadline
+            eng.executor, specs, PoolSizing.of(eng), self.device, progress, deadline, lifecycle
         )
         self.pool: KVPool = self.executor.pool
         try:
@@ -119,6 +122,7 @@ class MuxEngine:
             self.executor.shutdown()
             raise
         self._released: list[str] = []  # finished requests the executor may forget
+        self._next_expiry_check = 0.0  # time.monotonic() of the next request timeout check
         self._lock = threading.RLock()  # guards the scheduler and the per-request state
         self._wake = threading.Condition(self._lock)
         self._texts: dict[str, TextState] = {}
@@ -197,12 +201,14 @@ class MuxEngine:
         req = Request(rid, model, ids, params, time.monotonic(), seed, slot.eos_token_ids)
         req.controls = controls
         sink = OutputSink()
+        text = TextState(req, served.tokenizer, sink, controls.constraint if controls else None)
+        req.output_check = text
         with self._lock:
             self.residency.admit(model)
             self.scheduler.add_request(req)
             self._controlled += controls is not None
             self._sinks[rid] = sink
-            self._texts[rid] = TextState(req, served.tokenizer, sink)
+            self._texts[rid] = text
             self.residency.on_request(model)
             self._wake.notify()
         self.executor.wake()  # a loop waiting on running jobs may start this one now
@@ -246,6 +252,7 @@ class MuxEngine:
         (0: nothing ran, or nothing finished yet).
         """
         with self._lock:
+            self._expire()
             jobs = self.scheduler.schedule()
             running = self.scheduler.jobs_in_flight
             released, self._released = self._released, []
@@ -264,6 +271,19 @@ class MuxEngine:
         results = self.executor.poll(POLL_S)
         self._apply(results)
         return len(results)
+
+    def _expire(self) -> None:
+        """End requests past `engine.request_timeout_s` with a timeout (checked every quarter
+        second at most). Under the lock."""
+        limit, now = self.config.engine.request_timeout_s, time.monotonic()
+        if limit is None or now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + EXPIRY_CHECK_S
+        for rid in self.scheduler.overdue(limit):
+            req = self.scheduler.finish(rid, FinishReason.TIMEOUT)
+            if req is not None:
+                log.warning("request %s (%s) timed out after %g s", rid, req.model, limit)
+                self._emit(req, f"not finished within {limit:g} s (engine.request_timeout_s)")
 
     def _prepare(self, jobs: Sequence[Job]) -> list[tuple[SeqWork, RequestControls, list[int]]]:
         """Note first admissions (for the queue-time metric); return the sampling steps of
@@ -293,18 +313,11 @@ class MuxEngine:
         text = self._texts.get(req.request_id)
         if text is None:
             return
-        c = req.controls.constraint if req.controls is not None else None
-        if c is not None and not req.is_finished and req.output_token_ids:
-            if not c.advance(req.output_token_ids):  # a bug, or a grammar llguidance gave up on
-                self.scheduler.finish(req.request_id, FinishReason.ERROR)
-                error = f"structured output: the grammar refused a token ({c.error})"
-            elif c.done:
-                self.scheduler.finish(req.request_id, FinishReason.STOP)
-        if text.update(req):
-            self.scheduler.finish(req.request_id, FinishReason.STOP)
-        if req.first_token_time is None and req.output_token_ids:
-            req.first_token_time = time.monotonic()
-        text.emit(req, error if req.finish_reason is FinishReason.ERROR else None)
+        if req.is_finished and not text.settled:  # ended by an abort, a failed job, a timeout
+            text.update(req, req.finish_reason)
+        error = error or text.error
+        failed = req.finish_reason in (FinishReason.ERROR, FinishReason.TIMEOUT)
+        text.emit(req, error if failed else None)
         if req.is_finished:
             self._released.append(req.request_id)
             del self._texts[req.request_id]  # the sink stays until its reader takes the end
@@ -370,9 +383,11 @@ class MuxEngine:
     def _loop(self) -> None:
         try:
             while self._running:
+                self.executor.stop_idle()  # outside the lock: a stop waits for the workers
                 with self._lock:
-                    while self._running and not self.scheduler.has_runnable_work():
+                    if self._running and not self.scheduler.has_runnable_work():
                         self._wake.wait(timeout=0.5)
+                        continue
                 if self._running and not self.step():
                     time.sleep(0.0005)  # work exists but none can run yet (e.g. no blocks yet)
         except Exception as e:  # a bug, not bad input: fail loudly, leave nobody waiting

@@ -52,6 +52,9 @@ MESH_HANG_TIMEOUT_S = 8.0  # a stopped mesh is killed and restarted after this
 # that wait as Retry-After): an overloaded or stalled model answers at once, well within the
 # client's deadline, instead of queueing requests that time out
 MAX_QUEUE_WAIT_S = 60.0
+# and a request still unfinished this long after it arrived ends with a clear timeout (504, or
+# a stream's error event): what the queue bound let in on an overloaded host is answered too
+REQUEST_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -100,6 +103,7 @@ def config_for(target: str, models: dict[str, Path]) -> dict[str, Any]:
         "job_timeout_s": JOB_TIMEOUT_S,
         "job_timeout_per_token_s": 0.01,
         "max_queue_wait_s": MAX_QUEUE_WAIT_S,
+        "request_timeout_s": REQUEST_TIMEOUT_S,
     }
     raw: dict[str, Any] = {
         "models": [
@@ -424,6 +428,8 @@ def main() -> int:
         "client_timeout_s": CLIENT_TIMEOUT_S,
         "job_timeout_s": JOB_TIMEOUT_S,
         "mesh_hang_timeout_s": MESH_HANG_TIMEOUT_S,
+        "max_queue_wait_s": MAX_QUEUE_WAIT_S,
+        "request_timeout_s": REQUEST_TIMEOUT_S,
         "targets": [asdict(r) for r in results],
     }
     (out / "chaos.json").write_text(json.dumps(report, indent=2))

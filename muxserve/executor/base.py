@@ -18,6 +18,7 @@ import torch
 
 from muxserve.config import SMShare
 from muxserve.dtypes import torch_dtype
+from muxserve.executor.lifecycle import WorkerLifecycle
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.kv.layout import KVLayout
 from muxserve.model_descriptor import ModelDescriptor
@@ -120,6 +121,11 @@ class Executor(Protocol):
         checkpoint); from any thread but the loop's, while the loop runs other models' jobs."""
         ...
 
+    def stop_idle(self) -> int:
+        """Stop worker processes idle past their limit, if the executor has any; how many
+        groups stopped. The loop's thread calls it while the engine waits for work."""
+        ...
+
 
 def cpu_threads(share: float, cores: int | None = None) -> int:
     """The CPU analogue of an SM share: intra-op threads for a worker with that share."""
@@ -135,6 +141,7 @@ def create_executor(
     device: torch.device,
     progress: bool = False,
     deadline: JobDeadline | None = None,
+    lifecycle: WorkerLifecycle | None = None,
 ) -> Executor:
     """The executor `EngineConfig.executor` names, with every model loaded and its KV pool.
 
@@ -157,7 +164,9 @@ def create_executor(
     if kind == "mps":
         from muxserve.executor.mps import MpsExecutor
 
-        return MpsExecutor.create(specs, sizing, device, progress, deadline=deadline)
+        return MpsExecutor.create(
+            specs, sizing, device, progress, deadline=deadline, lifecycle=lifecycle
+        )
     raise ValueError(f"unknown executor {kind!r}; use 'inline' or 'mps'")
 
 

@@ -128,6 +128,9 @@ class InlineExecutor:
     def wake(self) -> None:
         """`poll` never waits on anything but the device."""
 
+    def stop_idle(self) -> int:
+        return 0  # no worker processes
+
     def degraded(self) -> dict[str, str]:
         return {}  # jobs run in this process: a stuck one stops the engine (no watchdog here)
 

@@ -25,6 +25,7 @@ import torch.multiprocessing
 
 from muxserve.errors import WorkerFailedError
 from muxserve.executor.base import ModelSpec, cpu_threads, load_progress
+from muxserve.executor.lifecycle import WorkerLifecycle
 from muxserve.executor.messages import TPRank, WorkerInit
 from muxserve.executor.mps_daemon import HINT, MpsDaemon, MpsUnavailableError
 from muxserve.executor.waker import Waker
@@ -52,6 +53,7 @@ class MpsExecutor:
         groups: dict[tuple[str, Phase], WorkerGroup],
         daemon: MpsDaemon | None,
         deadline: JobDeadline | None = None,
+        lifecycle: WorkerLifecycle | None = None,
     ) -> None:
         # rank r's pool: on GPU on the mesh's r-th device; on CPU its own shared buffer, as
         # the same block id holds different KV heads on each rank
@@ -63,9 +65,10 @@ class MpsExecutor:
         self._failed: list[tuple[Job, JobResult]] = []  # jobs failed at submit, for the next poll
         self._closed = False
         self.deadline = deadline or JobDeadline()
-        self.restarting: dict[str, str] = {}  # model -> why its workers were last restarted
         self.specs: list[ModelSpec] = []  # set by `create`
+        self.lifecycle = lifecycle or WorkerLifecycle()
         self.hangs = 0  # groups killed for a hung job
+        self.idle_stops = 0  # groups stopped for having been idle (lifecycle.idle_stop_s)
         self.start_timeout = START_TIMEOUT_S  # a restarted group not ready by then is hung too
 
     @classmethod
@@ -77,9 +80,11 @@ class MpsExecutor:
         progress: bool = False,
         start_timeout: float = START_TIMEOUT_S,
         deadline: JobDeadline | None = None,
+        lifecycle: WorkerLifecycle | None = None,
     ) -> MpsExecutor:
         """Start MPS (on CUDA), load every model once, size and allocate one pool per rank
-        index in what the weights leave, spawn the workers and wait until they are ready."""
+        index in what the weights leave, spawn the workers and wait until they are ready
+        (lazy workers: none yet; each group starts at its first job)."""
         daemon = None
         if device.type == "cuda":
             if cuda_initialized():  # MPS attaches at CUDA's first initialisation, or never
@@ -109,13 +114,15 @@ class MpsExecutor:
                 for phase in Phase:
                     plans = _rank_plans(spec, phase, ranks, daemon)
                     groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
-            executor = cls(pools, groups, daemon, deadline)
+            executor = cls(pools, groups, daemon, deadline, lifecycle)
             executor.start_timeout = start_timeout
             executor.specs = list(specs)
         except BaseException:
             if daemon is not None:
                 daemon.stop()
             raise
+        if executor.lifecycle.lazy:
+            return executor
         try:
             executor._start_all(start_timeout)
         except BaseException:
@@ -153,11 +160,15 @@ class MpsExecutor:
             group = self.groups[(job.model, job.phase)]
             if group.broken is not None:
                 self._failed.append((job, JobResult(job.job_id, (), group.broken)))
-            else:
-                group.assign(job)
+                continue
+            if group.state is GroupState.STOPPED:  # lazy, or stopped while idle: start now
+                log.info("%s: starting workers for a job", group.label)
+                group.start()
+            group.assign(job)
 
     def poll(self, timeout: float) -> list[tuple[Job, JobResult]]:
         results, self._failed = self._failed, []
+        self.stop_idle()
         if results or not any(g.job is not None for g in self.groups.values()):
             return results
         deadline = time.monotonic() + timeout
@@ -185,6 +196,23 @@ class MpsExecutor:
                     results.append(event)
             if results or woken or time.monotonic() >= deadline:
                 return results
+
+    def stop_idle(self) -> int:
+        """Stop the workers of every group idle past `lifecycle.idle_stop_s` (they start again
+        at the group's next job); how many groups stopped. The loop's thread calls it, from
+        `poll` and while the engine has no work."""
+        if self.lifecycle.idle_stop_s is None or self._closed:
+            return 0
+        now, stopped = time.monotonic(), 0
+        for group in self.groups.values():
+            idle = group.state is GroupState.READY and group.job is None
+            if idle and self.lifecycle.idle_expired(group.idle_since, now):
+                idle_s = now - group.idle_since
+                group.stop()
+                stopped += 1
+                log.info("%s: workers stopped after %.0f s idle", group.label, idle_s)
+        self.idle_stops += stopped
+        return stopped
 
     def release(self, request_ids: Sequence[str]) -> None:
         for group in self.groups.values():
@@ -262,7 +290,6 @@ class MpsExecutor:
         job = group.take_job() if group.delivered else None
         group.kill()
         group.failed_starts = group.failed_starts + 1 if died.during_start else 0
-        self.restarting[group.name] = f"{group.label}: {died.reason}; restarting"
         if job is None:
             error = f"{group.label}: {died.reason}; the worker restarts (no job was lost)"
         else:
@@ -271,11 +298,11 @@ class MpsExecutor:
         if group.failed_starts >= MAX_FAILED_STARTS:
             group.broken = f"{group.label}: workers failed to start {MAX_FAILED_STARTS} times"
             error = f"{group.label}: {died.reason}; {group.broken}, so the model stops serving"
-            self.restarting[group.name] = group.broken
             retry = False
         log.error("%s", error)
         if group.broken is None:
             group.start()
+            group.start_reason = f"{group.label}: {died.reason}; restarting"
         else:
             job = job or group.take_job()
         return [] if job is None else [(job, JobResult(job.job_id, (), error, retry))]
@@ -287,8 +314,9 @@ class MpsExecutor:
         for (name, _), g in self.groups.items():
             if g.broken is not None:
                 out[name] = g.broken
-            elif g.state is not GroupState.READY and name not in out:
-                out[name] = self.restarting.get(name, f"{g.label}: workers starting")
+            elif g.state is GroupState.STARTING and g.start_reason is not None:
+                # a start on demand (lazy, or after an idle stop) is no failure: not degraded
+                out.setdefault(name, g.start_reason)
         return out
 
     # ---- sleep and wake: not yet (issue 15) -------------------------------------------------

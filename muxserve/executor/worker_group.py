@@ -74,6 +74,8 @@ class WorkerGroup:
         self.sent_at = 0.0  # time.monotonic() when it went out: the watchdog's clock
         self.jobs_done = 0  # results since the workers started (the first job is slower)
         self.started_at = 0.0  # time.monotonic() of the last start: the start's deadline
+        self.idle_since = 0.0  # time.monotonic() since which it has had no job
+        self.start_reason: str | None = None  # why it restarts (a failure); None: on demand
         self._senders: list[threading.Thread] = []  # each rank's WorkerInit on its way
         self._ready: set[int] = set()
         self.failed_starts = 0  # starts in a row that ended before every rank was ready
@@ -116,13 +118,16 @@ class WorkerGroup:
         self.jobs_done = 0
 
     def stop(self) -> None:
-        """Ask every rank to exit, kill those that do not, and close the pipes."""
+        """Ask every rank to exit, kill those that do not, and close the pipes; a later
+        `start` begins with workers that hold nothing."""
         for conn in self.conns:
             with contextlib.suppress(OSError):  # already gone
                 conn.send(Stop())
         for proc in self.procs:
             proc.join(STOP_TIMEOUT_S)
         self._reap()
+        for m in self.mirrors:
+            m.reset()
         self.state = GroupState.STOPPED
 
     def kill(self) -> None:
@@ -201,6 +206,8 @@ class WorkerGroup:
             if len(self._ready) == len(self.ranks):
                 self.state = GroupState.READY
                 self.failed_starts = 0
+                self.start_reason = None
+                self.idle_since = time.monotonic()
                 log.info("%s: %d worker(s) ready", self.label, len(self.ranks))
                 if self.job is not None and not self._sent:
                     self._dispatch()
@@ -209,6 +216,7 @@ class WorkerGroup:
             return WorkerDied(f"could not start: {msg.error}", during_start=True)
         if isinstance(msg, JobResult):
             self.jobs_done += 1
+            self.idle_since = time.monotonic()
             job = self.take_job()
             if job is None or job.job_id != msg.job_id:
                 raise RuntimeError(f"{self.label}: result for job {msg.job_id}, expected {job}")

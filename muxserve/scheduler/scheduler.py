@@ -182,7 +182,7 @@ class Scheduler:
         return self.finish(request_id, FinishReason.ABORT)
 
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:
-        """End a request early (abort, a stop string); None if it is unknown or done."""
+        """End a request early (an abort); None if it is unknown or done."""
         req = self._requests.get(request_id)
         if req is None:
             return None
@@ -200,6 +200,16 @@ class Scheduler:
         if not self.asleep or self._in_flight:
             return bool(self._requests)
         return any(q.has_work() for q in self._awake_queues().values())
+
+    def overdue(self, limit_s: float) -> list[str]:
+        """Requests that arrived more than `limit_s` ago and are not in a running job (one
+        that is ends when its job returns, the next call): those to end with a timeout."""
+        cutoff = self.clock() - limit_s
+        return [
+            rid
+            for rid, req in self._requests.items()
+            if req.arrival_time < cutoff and not req.in_flight
+        ]
 
     @property
     def num_jobs_started(self) -> int:
@@ -473,7 +483,9 @@ class Scheduler:
 
     # ---- results -----------------------------------------------------------------------
     def _append(self, q: ModelQueue, req: Request, out: SeqResult) -> None:
-        """Add a sampled token; finish the request where it stops (a stop token, a length)."""
+        """Add a sampled token; finish the request where it stops: a stop token, a length, or
+        what its output check says (a stop string, a grammar). The one place a request's end
+        is decided, but for aborts and failed jobs."""
         token = out.token_id
         assert token is not None
         output, params = req.output_token_ids, req.params
@@ -487,6 +499,8 @@ class Scheduler:
             reason = FinishReason.STOP
         elif n >= params.max_tokens or len(req.prompt_token_ids) + n >= q.slot.max_model_len:
             reason = FinishReason.LENGTH
+        if req.output_check is not None:
+            reason = req.output_check.check(req, reason)
         if reason is not None:
             self._finish(q, req, reason)
 
@@ -514,7 +528,7 @@ class Scheduler:
         req.pending_finish = None
         del self._requests[req.request_id]
         now = self.clock()
-        if reason is not FinishReason.ABORT:  # a client that left is no measure of service
+        if reason not in (FinishReason.ABORT, FinishReason.TIMEOUT):  # no measure of service
             q.service.on_finished(now)
         if not q.has_work():
             q.service.on_idle(now)

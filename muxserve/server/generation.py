@@ -179,7 +179,7 @@ class Generation:
         try:
             stream = self.client.stream(choice.request_id)
             async for out in stream:
-                if out.finished and out.finish_reason in ("abort", "error"):
+                if out.finished and out.finish_reason in ("abort", "error", "timeout"):
                     self._finish(choice, out.finish_reason)
                     raise _ended(out)
                 yield out
@@ -238,6 +238,8 @@ def unavailable(e: MeshUnavailableError) -> APIError:
 
 
 def _ended(out: RequestOutput | None) -> APIError:
+    if out is not None and out.finish_reason == "timeout":
+        return APIError(504, f"the request timed out: {out.error}", "server_error", code="timeout")
     if out is not None and out.finish_reason == "error":
         return APIError(500, f"the engine failed the request: {out.error}", "server_error")
     return APIError(

@@ -14,9 +14,6 @@ import signal
 import time
 from pathlib import Path
 
-from test_engine import MAX_NEW, make_config, prompts_for
-
-from executor.hf_reference import hf_greedy
 from muxserve.client.in_process import InProcessClient
 from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
@@ -25,6 +22,7 @@ from muxserve.executor.watchdog import JobDeadline
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
+from tests.helpers.engine import MAX_NEW, hf_greedy, make_config, prompts_for
 
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 LONG_DEADLINE_S = 600.0  # step 1: no watchdog may fire while qwen-demo is read

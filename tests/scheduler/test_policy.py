@@ -6,8 +6,7 @@ from muxserve.request import Request, RequestStatus
 from muxserve.scheduler.job import Phase
 from muxserve.scheduler.model_slot import ModelQueue
 from muxserve.scheduler.policy import AdbsPolicy, FcfsPolicy
-
-from .factories import make_request, make_slot
+from tests.helpers.scheduler import make_request, make_slot
 
 P, D = Phase.PREFILL, Phase.DECODE
 

@@ -8,7 +8,7 @@ from muxserve.errors import QueueFullError
 from muxserve.request import FinishReason
 from muxserve.scheduler.scheduler import Scheduler
 from muxserve.scheduler.service_rate import ServiceRate, retry_after_s
-from tests.scheduler.factories import make_request, make_scheduler, make_slot
+from tests.helpers.scheduler import make_request, make_scheduler, make_slot
 
 
 class Clock:
@@ -121,3 +121,17 @@ def test_a_full_queue_says_how_long_it_takes_and_aborts_do_not_count() -> None:
         s.add_request(make_request("y"))
     # 4 finished in 8 s (0.5/s): the 6 waiting take 12 s
     assert (str(e.value), e.value.retry_after) == ("a: 6 requests already waiting", 12)
+
+
+def test_overdue_requests_are_those_past_the_limit_and_not_in_a_job() -> None:
+    clock = Clock()
+    s = make_scheduler([make_slot("a")], 64, clock=clock)
+    for rid, arrival in (("old", 0.0), ("mid", 5.0), ("new", 9.0)):
+        s.add_request(make_request(rid, arrival=arrival))
+    clock.now = 10.0
+    assert s.overdue(4.0) == ["old", "mid"]  # arrived before 6.0
+    [job] = s.schedule()  # all three in one prefill job: in flight, not overdue now
+    assert {q.request_id for q in job.seqs} == {"old", "mid", "new"}
+    assert s.overdue(4.0) == []
+    s.finish("old", FinishReason.TIMEOUT)  # its job is still out: it ends when the job returns
+    assert s.get("old") is not None and s.get("old").pending_finish is FinishReason.TIMEOUT

@@ -40,44 +40,15 @@ from muxserve.runner.kernels import kernel_build, ops
 from muxserve.runner.kv_pool import KVPool
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import SeqWork
+from tests.helpers.kernels import decode_batch, make_cache
 
 CPU = torch.device("cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---- factories ---------------------------------------------------------------------------
-def make_cache(
-    num_blocks: int, tpb: int, head_dim: int, dtype: torch.dtype, tail: int = 16, seed: int = 0
-) -> torch.Tensor:
-    """A pool view of random contents; `tail` unused bytes at the end of each block."""
-    item = torch.empty((), dtype=dtype).element_size()
-    layout = KVLayout(1, 1, head_dim, item, 2 * tpb * head_dim * item + tail)
-    cache = KVPool(num_blocks, layout.block_bytes, CPU).view(layout, dtype)
-    gen = torch.Generator().manual_seed(seed)
-    cache.copy_(torch.randn(num_blocks, 2, tpb, head_dim, generator=gen).to(dtype))
-    return cache
-
-
 def seq_work(rid: str, tokens: tuple[int, ...], start: int, table: np.ndarray) -> SeqWork:
     return SeqWork(rid, tokens, start, table, True, SamplingParams(temperature=0.0), 0, 0)
-
-
-def decode_batch(
-    ctx: list[int], tpb: int, layers: int, kv_heads: int, num_blocks: int, seed: int
-) -> BatchLayout:
-    """One decode token per sequence at position ctx - 1; distinct shuffled block ids."""
-    gen = torch.Generator().manual_seed(seed)
-    nlb = max(-(-c // tpb) for c in ctx)
-    ids = torch.randperm(num_blocks, generator=gen)[: len(ctx) * nlb * layers * kv_heads]
-    ctx_t = torch.tensor(ctx)
-    return BatchLayout(
-        seq_of_token=torch.arange(len(ctx)),
-        pos_of_token=ctx_t - 1,
-        row_of_token=torch.zeros(len(ctx), dtype=torch.int64),
-        q_lens=torch.ones(len(ctx), dtype=torch.int64),
-        ctx_lens=ctx_t,
-        block_tables=ids.view(len(ctx), nlb, layers, kv_heads).contiguous(),
-    )
 
 
 def exact_decode(
