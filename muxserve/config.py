@@ -121,6 +121,9 @@ class EngineConfig(_Strict):
     # has a hung worker: the worker is killed and restarted, its requests recomputed
     job_timeout_s: float = Field(60.0, gt=0.0)
     job_timeout_per_token_s: float = Field(0.01, ge=0.0)
+    # mps: a running job whose worker makes no progress this long (stopped; on a CPU, no CPU
+    # time used) is hung too, however far its deadline; None: only the deadline counts
+    job_stall_s: float | None = Field(10.0, gt=0.0)
     # mps: start a model's worker processes with the engine ("eager") or at its first job
     # ("lazy"); stop those idle this long (None: never), to start them again when needed
     worker_start: Literal["eager", "lazy"] = "eager"
