@@ -25,6 +25,7 @@ class RequestTimings:
     queue: float  # arrival to first admission
     prefill: float  # admission to the first token (to the end of the prefill with no tokens)
     decode: float  # first token to the last
+    wake: float = 0.0  # of `queue`, the wait for its model to wake (it was asleep)
 
 
 @dataclass(frozen=True)
@@ -264,4 +265,5 @@ def timings_of(req: Request, first_token_time: float | None) -> RequestTimings |
         queue=max(req.scheduled_time - req.arrival_time, 0.0),
         prefill=max(first - req.scheduled_time, 0.0),
         decode=max(now - first, 0.0),
+        wake=req.wake_time,
     )

@@ -76,6 +76,7 @@ class Request:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     history_sent: bool = False  # its decode runner was sent the tokens before its first step
     scheduled_time: float | None = None  # first admitted (time.monotonic()), for metrics
+    wake_time: float = 0.0  # of its queue time, how long it waited for its model to wake
     controls: RequestControls | None = None  # grammar, allowed ids, bad words (engine only)
     output_check: OutputCheck | None = None  # stop strings, a grammar's end (engine only)
     # tokens masked until min_tokens are out: the stop tokens (EOS unless ignored)

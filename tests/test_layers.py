@@ -41,7 +41,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("models", ("muxserve.models",)),
     ("config", ("muxserve.config",)),
     ("request", ("muxserve.request",)),
-    ("scheduler", ("muxserve.scheduler",)),
+    ("scheduler", ("muxserve.scheduler", "muxserve.residency")),
     (
         "per-model descriptors",
         (
@@ -55,7 +55,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernels", ("muxserve.runner.kernels",)),
     ("model runner", ("muxserve.runner.cuda_graphs", "muxserve.runner.model_runner")),
     ("executor", ("muxserve.executor",)),
-    ("engine", ("muxserve.engine",)),
+    ("engine", ("muxserve.engine", "muxserve.model_residency")),
     ("client", ("muxserve.client", "muxserve.demo")),
     ("mesh", ("muxserve.mesh",)),
     ("router", ("muxserve.router",)),

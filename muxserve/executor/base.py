@@ -7,6 +7,7 @@ one is done, while the jobs of other models still run.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class ModelSpec:
     sm_share: SMShare
     tensor_parallel: int = 1
     max_model_len: int | None = None  # the served context: per-position buffers' length
+    asleep: bool = False  # listed but not loaded until it is woken (initial_state: asleep)
 
     @classmethod
     def of(cls, model: ModelDescriptor, path: str | Path) -> ModelSpec:
@@ -55,6 +57,14 @@ class ModelSpec:
             model.max_model_len,
         )
 
+    def estimated_weight_bytes(self) -> int:
+        """What its weights take on one device, from the checkpoint's shapes and the dtype."""
+        from muxserve.models.registry import checkpoint_shapes
+
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        numel = sum(math.prod(s) for s in checkpoint_shapes(self.config).values())
+        return numel * itemsize // self.tensor_parallel
+
 
 class Executor(Protocol):
     """Runs jobs and hands back their results as they finish.
@@ -65,6 +75,7 @@ class Executor(Protocol):
     """
 
     pool: KVPool  # the KV pool's memory on the device, allocated by the executor
+    can_sleep: bool  # whether `sleep_model` / `wake_model` work (inline: yes; mps: not yet)
 
     def submit(self, jobs: Sequence[Job]) -> None:
         """Start the jobs (or queue them for a worker that is still starting)."""
@@ -92,6 +103,22 @@ class Executor(Protocol):
 
     def degraded(self) -> dict[str, str]:
         """Models that cannot run jobs right now (workers restarting or broken), with why."""
+        ...
+
+    def weight_bytes(self, model: str) -> int:
+        """What `model`'s weights take on each of its devices while it is awake."""
+        ...
+
+    def sleep_model(self, model: str, level: int) -> None:
+        """Take `model`'s weights off the device (level 1: to host memory; 2: dropped).
+
+        The engine calls it with no job of the model in flight, from any thread but the loop's.
+        """
+        ...
+
+    def wake_model(self, model: str) -> None:
+        """Put a sleeping model's weights back on the device (from host memory, or its
+        checkpoint); from any thread but the loop's, while the loop runs other models' jobs."""
         ...
 
     def stop_idle(self) -> int:

@@ -66,6 +66,7 @@ class MpsExecutor:
         self._failed: list[tuple[Job, JobResult]] = []  # jobs failed at submit, for the next poll
         self._closed = False
         self.deadline = deadline or JobDeadline()
+        self.specs: list[ModelSpec] = []  # set by `create`
         self.progress = ProgressProbe()
         self._cpu_workers = self.pool.buffer.device.type == "cpu"  # CPU time means progress
         self.lifecycle = lifecycle or WorkerLifecycle()
@@ -118,6 +119,7 @@ class MpsExecutor:
                     groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
             executor = cls(pools, groups, daemon, deadline, lifecycle)
             executor.start_timeout = start_timeout
+            executor.specs = list(specs)
         except BaseException:
             if daemon is not None:
                 daemon.stop()
@@ -335,6 +337,18 @@ class MpsExecutor:
                 # a start on demand (lazy, or after an idle stop) is no failure: not degraded
                 out.setdefault(name, g.start_reason)
         return out
+
+    # ---- sleep and wake: not yet (issue 15) -------------------------------------------------
+    can_sleep = False  # a sleeping model would need its workers stopped and its shards moved
+
+    def weight_bytes(self, model: str) -> int:
+        return next(s for s in self.specs if s.name == model).estimated_weight_bytes()
+
+    def sleep_model(self, model: str, level: int) -> None:
+        raise NotImplementedError("the mps executor cannot put a model to sleep yet")
+
+    def wake_model(self, model: str) -> None:
+        raise NotImplementedError("the mps executor cannot wake a model yet")
 
     def worker_pids(self) -> dict[tuple[str, Phase], list[int]]:
         """The live worker processes, by (model, phase): for tests and operators."""

@@ -210,6 +210,8 @@ class Generation:
                 m.prefill.observe(out.timings.prefill)
                 m.decode.observe(out.timings.decode)
                 m.inference.observe(out.timings.prefill + out.timings.decode)
+                if out.timings.wake > 0:
+                    m.wake.observe(out.timings.wake)
             m.request_prompt_tokens.observe(out.prompt_tokens)
             m.request_generation_tokens.observe(out.completion_tokens)
             self._finish(choice, out.finish_reason or "stop")
