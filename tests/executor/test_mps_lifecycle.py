@@ -9,9 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_engine import MAX_NEW, make_config, prompts_for
 
-from executor.hf_reference import hf_greedy
 from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.errors import ConfigError
@@ -21,6 +19,7 @@ from muxserve.executor.worker_group import GroupState
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
+from tests.helpers.engine import MAX_NEW, hf_greedy, make_config, prompts_for
 
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 MODELS = ("llama-demo", "qwen-demo")

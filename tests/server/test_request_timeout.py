@@ -15,7 +15,7 @@ from muxserve.demo import DEMO_ENGINE
 from muxserve.engine import MuxEngine
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
-from tests.server.conftest import run_app, sse_events, wait_idle
+from tests.helpers.server import run_app, sse_events, wait_idle
 
 LIMIT_S = 0.5
 
