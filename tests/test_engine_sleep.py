@@ -22,6 +22,7 @@ from muxserve.errors import (
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.scheduler import ModelStats
+from tests.helpers.wait import wait_until
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 3, 99, 42], list(range(20, 60))]
@@ -77,8 +78,7 @@ def test_sleep_and_wake_give_the_same_greedy_output(engine, reference, level):
     st = engine.stats()[model]
     assert (st.blocks_used, st.blocks_quota, st.running, st.waiting) == (0, 0, 0, 0)
     assert engine.executor.runners[model].weights.on_device is False
-    if level == 2:
-        assert engine.executor.runners[model]._model is None  # dropped, reloaded on wake
+    assert engine.executor.runners[model].weights.in_host is (level == 1)  # 2: dropped
     took = engine.wake(model)
     assert took > 0.0
     assert engine.model_states()[model] is ModelState.AWAKE
@@ -109,7 +109,7 @@ def test_waking_an_awake_model_takes_no_time_and_sleep_twice_is_a_no_op(engine):
     engine.sleep("llama-demo", 1)
     engine.sleep("llama-demo", 1)
     engine.sleep("llama-demo", 2)  # deeper: the host copy is dropped
-    assert engine.executor.runners["llama-demo"]._model is None
+    assert engine.executor.runners["llama-demo"].weights.in_host is False
     assert engine.wake_stats()["llama-demo"].sleeps == sleeps + 1
     engine.wake("llama-demo")
     assert engine.model_states()["llama-demo"] is ModelState.AWAKE
@@ -214,7 +214,8 @@ def budget_for(demo_models, n: int) -> tuple[int, dict[str, int]]:
 def test_a_model_that_starts_asleep_is_not_loaded_and_wakes_on_demand(demo_models, reference):
     eng = MuxEngine(config(demo_models, asleep=("qwen-demo",)))
     assert eng.model_states()["qwen-demo"] is ModelState.ASLEEP
-    assert eng.executor.runners["qwen-demo"]._model is None
+    weights = eng.executor.runners["qwen-demo"].weights
+    assert (weights.on_device, weights.in_host) == (False, False)  # never loaded
     assert eng.stats()["qwen-demo"].blocks_quota == 0
     assert outputs(eng, "qwen-demo") == reference["qwen-demo"]
     assert eng.model_states()["qwen-demo"] is ModelState.AWAKE
@@ -298,12 +299,11 @@ def test_idle_models_are_put_to_sleep_after_idle_sleep_s(demo_models):
     eng = MuxEngine(config(demo_models, residency={"idle_sleep_s": 0.2, "min_residency_s": 0}))
     eng.start()
     try:
-        changed = eng.residency._changed  # every sleep notifies it
-        with changed:
-            asleep = changed.wait_for(
-                lambda: set(eng.model_states().values()) == {ModelState.ASLEEP}, DEADLINE_S
-            )
-        assert asleep
+        wait_until(
+            lambda: set(eng.model_states().values()) == {ModelState.ASLEEP},
+            DEADLINE_S,
+            "every idle model asleep",
+        )
         assert all(s.blocks_quota == 0 for s in eng.stats().values())
         out = eng.generate(PROMPTS[:1], GREEDY, "qwen-demo")  # wakes it again
         assert out[0].error is None and out[0].token_ids
@@ -408,7 +408,7 @@ def test_a_level_1_sleep_that_cannot_keep_the_weights_drops_them(demo_models, re
     try:
         eng.sleep("qwen-demo", 1)
         assert eng.model_states()["qwen-demo"] is ModelState.ASLEEP
-        assert runner._model is None  # dropped: level 2
+        assert (runner.weights.on_device, runner.weights.in_host) == (False, False)  # dropped
         assert outputs(eng, "qwen-demo") == reference["qwen-demo"]  # reloaded
     finally:
         eng.shutdown()
