@@ -463,3 +463,69 @@ def test_more_models_than_memory_all_served(demo_models, reference):
         eng.check_integrity()
     finally:
         eng.shutdown()
+
+
+# ---- the mps executor: a sleeping model has no worker processes -------------------------------
+def mps_engine(demo_models, asleep: tuple[str, ...] = ()) -> MuxEngine:
+    return MuxEngine(
+        parse_config(
+            {
+                "models": [
+                    {
+                        "name": n,
+                        "path": str(demo_models[n]),
+                        "initial_state": "asleep" if n in asleep else "awake",
+                    }
+                    for n in ("llama-demo", "qwen-demo")
+                ],
+                "engine": {"kv_pool_bytes": 4 << 20, "block_bytes": 4096, "executor": "mps"},
+            }
+        )
+    )
+
+
+def workers(engine: MuxEngine, model: str) -> list[int]:
+    pids = engine.executor.worker_pids()  # type: ignore[attr-defined]
+    return [p for (m, _), ps in pids.items() if m == model for p in ps]
+
+
+def test_mps_sleep_stops_the_workers_and_wake_gives_the_same_output(demo_models, reference):
+    eng = mps_engine(demo_models, asleep=("qwen-demo",))
+    try:
+        assert workers(eng, "qwen-demo") == [] and len(workers(eng, "llama-demo")) == 2
+        assert outputs(eng, "qwen-demo") == reference["qwen-demo"]  # woken, loaded, workers
+        assert len(workers(eng, "qwen-demo")) == 2
+        for level in (1, 2):
+            eng.sleep("llama-demo", level)
+            assert workers(eng, "llama-demo") == []
+            assert eng.stats()["llama-demo"].blocks_quota == 0
+            assert outputs(eng, "llama-demo") == reference["llama-demo"]  # wakes it
+            assert eng.model_states()["llama-demo"] is ModelState.AWAKE
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
+
+
+def test_mps_sleep_and_wake_while_the_loop_serves_another_model(demo_models, reference):
+    eng = mps_engine(demo_models)
+    eng.start()
+
+    async def last(rid: str) -> list[int]:
+        outs = [o async for o in eng.stream(rid)]
+        assert outs[-1].finished and outs[-1].error is None, outs[-1].error
+        return [t for o in outs for t in o.token_ids]
+
+    async def run() -> None:
+        other = eng.add_request("qwen-demo", PROMPTS[2], GREEDY)
+        await asyncio.to_thread(eng.sleep, "llama-demo", 2)  # while qwen's jobs run
+        assert workers(eng, "llama-demo") == []
+        woke = eng.add_request("llama-demo", PROMPTS[0], GREEDY)
+        got = await asyncio.wait_for(asyncio.gather(last(other), last(woke)), DEADLINE_S)
+        assert got == [reference["qwen-demo"][2], reference["llama-demo"][0]]
+
+    try:
+        asyncio.run(run())
+        assert len(workers(eng, "llama-demo")) == 2
+    finally:
+        eng.shutdown()
+    eng.check_integrity()
