@@ -237,19 +237,6 @@ class MuxConfig(_Strict):
                         f"{key}: {name} has tensor_parallel={degree}, which needs worker "
                         "processes: set engine.executor: mps"
                     )
-        if self.engine.executor != "inline":
-            asleep = [m.name for m in self.models if m.initial_state == "asleep"]
-            asleep += [
-                mm.name
-                for mesh in self.meshes or []
-                for mm in mesh.models
-                if mm.initial_state == "asleep"
-            ]
-            if asleep:
-                raise ValueError(
-                    f"{', '.join(asleep)}: initial_state asleep needs engine.executor: inline "
-                    "(the mps executor cannot sleep a model yet)"
-                )
         if self.meshes is not None:
             self._check_meshes(self.models, self.meshes)
             for mesh in self.meshes:

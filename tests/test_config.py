@@ -355,13 +355,6 @@ def test_bad_residency_settings_name_the_key(path: str, value: object, key: str)
         parse_config(set_in(raw, path, value))
 
 
-def test_asleep_needs_the_inline_executor() -> None:
-    raw = good()
-    raw["models"][1]["initial_state"] = "asleep"
-    with pytest.raises(ConfigError, match=r"qwen: initial_state asleep needs engine\.executor"):
-        parse_config(raw)
-
-
 def set_in(raw: dict, path: str, value: object) -> dict:
     node: object = raw
     keys = path.split(".")

@@ -22,6 +22,7 @@ from muxserve.errors import (
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.scheduler import ModelStats
+from tests.helpers.wait import wait_until
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 3, 99, 42], list(range(20, 60))]
@@ -77,8 +78,7 @@ def test_sleep_and_wake_give_the_same_greedy_output(engine, reference, level):
     st = engine.stats()[model]
     assert (st.blocks_used, st.blocks_quota, st.running, st.waiting) == (0, 0, 0, 0)
     assert engine.executor.runners[model].weights.on_device is False
-    if level == 2:
-        assert engine.executor.runners[model]._model is None  # dropped, reloaded on wake
+    assert engine.executor.runners[model].weights.in_host is (level == 1)  # 2: dropped
     took = engine.wake(model)
     assert took > 0.0
     assert engine.model_states()[model] is ModelState.AWAKE
@@ -109,7 +109,7 @@ def test_waking_an_awake_model_takes_no_time_and_sleep_twice_is_a_no_op(engine):
     engine.sleep("llama-demo", 1)
     engine.sleep("llama-demo", 1)
     engine.sleep("llama-demo", 2)  # deeper: the host copy is dropped
-    assert engine.executor.runners["llama-demo"]._model is None
+    assert engine.executor.runners["llama-demo"].weights.in_host is False
     assert engine.wake_stats()["llama-demo"].sleeps == sleeps + 1
     engine.wake("llama-demo")
     assert engine.model_states()["llama-demo"] is ModelState.AWAKE
@@ -214,7 +214,8 @@ def budget_for(demo_models, n: int) -> tuple[int, dict[str, int]]:
 def test_a_model_that_starts_asleep_is_not_loaded_and_wakes_on_demand(demo_models, reference):
     eng = MuxEngine(config(demo_models, asleep=("qwen-demo",)))
     assert eng.model_states()["qwen-demo"] is ModelState.ASLEEP
-    assert eng.executor.runners["qwen-demo"]._model is None
+    weights = eng.executor.runners["qwen-demo"].weights
+    assert (weights.on_device, weights.in_host) == (False, False)  # never loaded
     assert eng.stats()["qwen-demo"].blocks_quota == 0
     assert outputs(eng, "qwen-demo") == reference["qwen-demo"]
     assert eng.model_states()["qwen-demo"] is ModelState.AWAKE
@@ -298,12 +299,11 @@ def test_idle_models_are_put_to_sleep_after_idle_sleep_s(demo_models):
     eng = MuxEngine(config(demo_models, residency={"idle_sleep_s": 0.2, "min_residency_s": 0}))
     eng.start()
     try:
-        changed = eng.residency._changed  # every sleep notifies it
-        with changed:
-            asleep = changed.wait_for(
-                lambda: set(eng.model_states().values()) == {ModelState.ASLEEP}, DEADLINE_S
-            )
-        assert asleep
+        wait_until(
+            lambda: set(eng.model_states().values()) == {ModelState.ASLEEP},
+            DEADLINE_S,
+            "every idle model asleep",
+        )
         assert all(s.blocks_quota == 0 for s in eng.stats().values())
         out = eng.generate(PROMPTS[:1], GREEDY, "qwen-demo")  # wakes it again
         assert out[0].error is None and out[0].token_ids
@@ -408,7 +408,7 @@ def test_a_level_1_sleep_that_cannot_keep_the_weights_drops_them(demo_models, re
     try:
         eng.sleep("qwen-demo", 1)
         assert eng.model_states()["qwen-demo"] is ModelState.ASLEEP
-        assert runner._model is None  # dropped: level 2
+        assert (runner.weights.on_device, runner.weights.in_host) == (False, False)  # dropped
         assert outputs(eng, "qwen-demo") == reference["qwen-demo"]  # reloaded
     finally:
         eng.shutdown()
@@ -463,3 +463,69 @@ def test_more_models_than_memory_all_served(demo_models, reference):
         eng.check_integrity()
     finally:
         eng.shutdown()
+
+
+# ---- the mps executor: a sleeping model has no worker processes -------------------------------
+def mps_engine(demo_models, asleep: tuple[str, ...] = ()) -> MuxEngine:
+    return MuxEngine(
+        parse_config(
+            {
+                "models": [
+                    {
+                        "name": n,
+                        "path": str(demo_models[n]),
+                        "initial_state": "asleep" if n in asleep else "awake",
+                    }
+                    for n in ("llama-demo", "qwen-demo")
+                ],
+                "engine": {"kv_pool_bytes": 4 << 20, "block_bytes": 4096, "executor": "mps"},
+            }
+        )
+    )
+
+
+def workers(engine: MuxEngine, model: str) -> list[int]:
+    pids = engine.executor.worker_pids()  # type: ignore[attr-defined]
+    return [p for (m, _), ps in pids.items() if m == model for p in ps]
+
+
+def test_mps_sleep_stops_the_workers_and_wake_gives_the_same_output(demo_models, reference):
+    eng = mps_engine(demo_models, asleep=("qwen-demo",))
+    try:
+        assert workers(eng, "qwen-demo") == [] and len(workers(eng, "llama-demo")) == 2
+        assert outputs(eng, "qwen-demo") == reference["qwen-demo"]  # woken, loaded, workers
+        assert len(workers(eng, "qwen-demo")) == 2
+        for level in (1, 2):
+            eng.sleep("llama-demo", level)
+            assert workers(eng, "llama-demo") == []
+            assert eng.stats()["llama-demo"].blocks_quota == 0
+            assert outputs(eng, "llama-demo") == reference["llama-demo"]  # wakes it
+            assert eng.model_states()["llama-demo"] is ModelState.AWAKE
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
+
+
+def test_mps_sleep_and_wake_while_the_loop_serves_another_model(demo_models, reference):
+    eng = mps_engine(demo_models)
+    eng.start()
+
+    async def last(rid: str) -> list[int]:
+        outs = [o async for o in eng.stream(rid)]
+        assert outs[-1].finished and outs[-1].error is None, outs[-1].error
+        return [t for o in outs for t in o.token_ids]
+
+    async def run() -> None:
+        other = eng.add_request("qwen-demo", PROMPTS[2], GREEDY)
+        await asyncio.to_thread(eng.sleep, "llama-demo", 2)  # while qwen's jobs run
+        assert workers(eng, "llama-demo") == []
+        woke = eng.add_request("llama-demo", PROMPTS[0], GREEDY)
+        got = await asyncio.wait_for(asyncio.gather(last(other), last(woke)), DEADLINE_S)
+        assert got == [reference["qwen-demo"][2], reference["llama-demo"][0]]
+
+    try:
+        asyncio.run(run())
+        assert len(workers(eng, "llama-demo")) == 2
+    finally:
+        eng.shutdown()
+    eng.check_integrity()

@@ -75,7 +75,7 @@ class Executor(Protocol):
     """
 
     pool: KVPool  # the KV pool's memory on the device, allocated by the executor
-    can_sleep: bool  # whether `sleep_model` / `wake_model` work (inline: yes; mps: not yet)
+    can_sleep: bool  # whether `sleep_model` / `wake_model` work (both executors: yes)
 
     def submit(self, jobs: Sequence[Job]) -> None:
         """Start the jobs (or queue them for a worker that is still starting)."""

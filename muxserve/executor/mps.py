@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
@@ -34,6 +35,7 @@ from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, Wor
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing
+from muxserve.runner.model_weights import ModelWeights, weight_bytes
 from muxserve.scheduler.job import Job, JobResult, Phase
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,15 @@ class MpsExecutor:
         self._failed: list[tuple[Job, JobResult]] = []  # jobs failed at submit, for the next poll
         self._closed = False
         self.deadline = deadline or JobDeadline()
-        self.specs: list[ModelSpec] = []  # set by `create`
+        self.specs: list[ModelSpec] = []  # set by `create`, with what follows
+        self.ctx: Any = None  # the spawn context its groups start processes with
+        self.device = torch.device("cpu")
+        # each model's shard per rank, with the rank's device; None: dropped (asleep, level 2)
+        self.shards: dict[str, list[tuple[CausalLM, torch.device]] | None] = {}
+        self.nbytes: dict[str, int] = {}  # each model's weights on one rank
+        # held by `poll` and `stop_idle` (the loop's thread) and by a sleep or wake changing a
+        # model's groups from another thread, so no pipe closes under a waiting poll
+        self._groups_lock = threading.RLock()
         self.progress = ProgressProbe()
         self._cpu_workers = self.pool.buffer.device.type == "cpu"  # CPU time means progress
         self.lifecycle = lifecycle or WorkerLifecycle()
@@ -106,6 +116,7 @@ class MpsExecutor:
                     spec.path, spec.dtype, device, spec.tensor_parallel, spec.max_model_len
                 )
                 for spec in load_progress(specs, progress)
+                if not spec.asleep  # asleep at level 2: loaded when it wakes
             }
             width = max((s.tensor_parallel for s in specs), default=1)
             devices = [rank_device(device, r) for r in range(width)]
@@ -113,6 +124,10 @@ class MpsExecutor:
             pools = [KVPool(num_blocks, sizing.block_bytes, d, shared=True) for d in devices]
             ctx = torch.multiprocessing.get_context("spawn")
             for spec in specs:
+                if spec.asleep:  # no workers until it wakes
+                    for phase in Phase:
+                        groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, [])
+                    continue
                 ranks = [(model, pools[r]) for r, (model, _) in enumerate(shards[spec.name])]
                 for phase in Phase:
                     plans = _rank_plans(spec, phase, ranks, daemon)
@@ -120,6 +135,9 @@ class MpsExecutor:
             executor = cls(pools, groups, daemon, deadline, lifecycle)
             executor.start_timeout = start_timeout
             executor.specs = list(specs)
+            executor.ctx, executor.device = ctx, device
+            executor.shards = {s.name: shards.get(s.name) for s in specs}
+            executor.nbytes = {n: weight_bytes(r[0][0]) for n, r in shards.items()}
         except BaseException:
             if daemon is not None:
                 daemon.stop()
@@ -135,7 +153,8 @@ class MpsExecutor:
 
     def _start_all(self, timeout: float) -> None:
         for g in self.groups.values():
-            g.start()
+            if g.ranks:  # an asleep model's groups have none
+                g.start()
         deadline = time.monotonic() + timeout
         while starting := [g for g in self.groups.values() if g.state is GroupState.STARTING]:
             left = deadline - time.monotonic()
@@ -170,6 +189,10 @@ class MpsExecutor:
             group.assign(job)
 
     def poll(self, timeout: float) -> list[tuple[Job, JobResult]]:
+        with self._groups_lock:
+            return self._poll(timeout)
+
+    def _poll(self, timeout: float) -> list[tuple[Job, JobResult]]:
         results, self._failed = self._failed, []
         self.stop_idle()
         if results or not any(g.job is not None for g in self.groups.values()):
@@ -206,6 +229,10 @@ class MpsExecutor:
         `poll` and while the engine has no work."""
         if self.lifecycle.idle_stop_s is None or self._closed:
             return 0
+        with self._groups_lock:
+            return self._stop_idle()
+
+    def _stop_idle(self) -> int:
         now, stopped = time.monotonic(), 0
         for group in self.groups.values():
             idle = group.state is GroupState.READY and group.job is None
@@ -338,17 +365,57 @@ class MpsExecutor:
                 out.setdefault(name, g.start_reason)
         return out
 
-    # ---- sleep and wake: not yet (issue 15) -------------------------------------------------
-    can_sleep = False  # a sleeping model would need its workers stopped and its shards moved
+    # ---- sleep and wake (docs/elastic.md) ---------------------------------------------------
+    can_sleep = True
 
     def weight_bytes(self, model: str) -> int:
+        known = self.nbytes.get(model)
+        if known is not None:
+            return known
         return next(s for s in self.specs if s.name == model).estimated_weight_bytes()
 
     def sleep_model(self, model: str, level: int) -> None:
-        raise NotImplementedError("the mps executor cannot put a model to sleep yet")
+        """Stop the model's workers (between two polls of the loop), then move the engine's
+        copy of its shards, which the workers mapped, to host memory (level 1; on a CPU they
+        are there already, in shared memory) or drop it (level 2)."""
+        spec = next(s for s in self.specs if s.name == model)
+        self._waker.wake()  # a waiting poll returns and lets go of the groups
+        with self._groups_lock:
+            for phase in Phase:
+                self.groups[(model, phase)].stop()
+            shards = self.shards.get(model)
+            if level == 1 and shards is not None:
+                for shard, _ in shards:
+                    ModelWeights(shard).to_host(shard, spec.max_model_len)
+                return
+            self.shards[model] = None  # the groups' inits hold the shards too: new, empty ones
+            for phase in Phase:
+                self.groups[(model, phase)] = WorkerGroup(self.ctx, model, phase, [])
 
     def wake_model(self, model: str) -> None:
-        raise NotImplementedError("the mps executor cannot wake a model yet")
+        """The shards back on their devices (or loaded again), and the model's groups rebuilt
+        over them; its workers start now (eager) or at its first job (lazy). The workers'
+        start is not part of the wake: the model's first job waits for it."""
+        spec = next(s for s in self.specs if s.name == model)
+        shards = self.shards.get(model)
+        if shards is None:
+            shards = load_rank_models(
+                spec.path, spec.dtype, self.device, spec.tensor_parallel, spec.max_model_len
+            )
+        else:
+            for shard, device in shards:
+                ModelWeights(shard).to_device(shard, device, spec.max_model_len)
+        with self._groups_lock:
+            self.shards[model] = shards
+            self.nbytes[model] = weight_bytes(shards[0][0])
+            ranks = [(m, self.pools[r]) for r, (m, _) in enumerate(shards)]
+            for phase in Phase:
+                group = WorkerGroup(
+                    self.ctx, model, phase, _rank_plans(spec, phase, ranks, self.daemon)
+                )
+                self.groups[(model, phase)] = group
+                if not self.lifecycle.lazy:
+                    group.start()
 
     def worker_pids(self) -> dict[tuple[str, Phase], list[int]]:
         """The live worker processes, by (model, phase): for tests and operators."""

@@ -559,6 +559,10 @@ class Scheduler:
         assert not running & waiting, "a request is both running and waiting"
         assert running | waiting == set(self._requests), "request index out of sync"
         assert self.tables.holders() == len(running), "a non-running request holds blocks"
+        for m in self.asleep:  # a sleeping model holds no KV, and under ADBS no quota
+            assert not self.queues[m].running, f"{m} is asleep with requests running"
+            assert self.pool.used(m) == 0, f"{m} is asleep and holds blocks"
+            assert not self.quota.adaptive or self.pool.quota(m) == 0, f"{m}: asleep with a quota"
         for q in self._order:
             partial = [r for r in q.running if not r.is_decoding]
             assert partial == q.prefilling, f"{q.name}: prefilling list out of sync"

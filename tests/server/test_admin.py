@@ -11,7 +11,7 @@ from muxserve.demo import DEMO_ENGINE
 from muxserve.engine import MuxEngine
 from muxserve.sampling_params import SamplingParams
 from muxserve.server import ServerSettings
-from tests.server.conftest import run_app, wait_idle
+from tests.helpers.server import run_app, wait_idle
 
 
 def metric(text: str, prefix: str) -> float:
