@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from muxserve.parallel.sharding import shard_model
 
 from muxserve.models import weight_arena
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.loader import _tensors, load_model, plan_checkpoint
 from muxserve.models.registry import build_model
+from muxserve.models.sharding import shard_model
 from muxserve.models.weight_arena import ALIGN, HUGE_PAGE, materialize_in_arena
 
 MakeCheckpoint = Callable[..., Path]
