@@ -121,6 +121,9 @@ class EngineConfig(_Strict):
     # has a hung worker: the worker is killed and restarted, its requests recomputed
     job_timeout_s: float = Field(60.0, gt=0.0)
     job_timeout_per_token_s: float = Field(0.01, ge=0.0)
+    # mps: a running job whose worker makes no progress this long (stopped; on a CPU, no CPU
+    # time used) is hung too, however far its deadline; None: only the deadline counts
+    job_stall_s: float | None = Field(10.0, gt=0.0)
     # mps: start a model's worker processes with the engine ("eager") or at its first job
     # ("lazy"); stop those idle this long (None: never), to start them again when needed
     worker_start: Literal["eager", "lazy"] = "eager"
@@ -182,6 +185,22 @@ class Mesh(_Strict):
         return self
 
 
+class ReplanConfig(_Strict):
+    """Re-planning while serving (muxserve/router/replan.py): when to re-run the planner on the
+    rates the router measures, and what a move costs."""
+
+    cluster: str  # cluster file (as for `muxserve plan`): the cost model's GPUs
+    interval_s: float = Field(60.0, gt=0.0)  # re-plan at least this often
+    window_s: float = Field(30.0, gt=0.0)  # rates and lengths over the last this many seconds
+    drift: float = Field(0.5, gt=0.0)  # ...and sooner when a rate moves this far (relative)
+    rate_floor: float = Field(0.5, gt=0.0)  # req/s: rates below it drift in units of it
+    check_s: float = Field(1.0, gt=0.0)  # how often the drift is looked at
+    horizon_s: float | None = Field(None, gt=0.0)  # a plan's gain counts this long; None: interval
+    move_cost_s: float | None = Field(None, ge=0.0)  # a model's load time; None: from its weights
+    time_limit_s: float = Field(5.0, gt=0.0)  # for the planner, off the event loop
+    drain_timeout_s: float = Field(300.0, gt=0.0)  # requests left on a model's old mesh, at most
+
+
 class RouterConfig(_Strict):
     """How the router watches a plan's meshes (ignored without `meshes:`)."""
 
@@ -190,6 +209,7 @@ class RouterConfig(_Strict):
     hang_timeout_s: float = Field(30.0, gt=0.0)  # no answer this long: killed and restarted
     backoff_initial_s: float = Field(0.5, gt=0.0)  # first restart delay, doubled per failure
     backoff_max_s: float = Field(30.0, gt=0.0)
+    replan: ReplanConfig | None = None  # None: the plan stays as it is
 
 
 class MuxConfig(_Strict):

@@ -173,7 +173,7 @@ class TextState:
         self.tokens_seen = len(req.output_token_ids)
         if self.first_token_time is None and self.tokens_seen:
             self.first_token_time = time.monotonic()
-        self.settled = reason is not None
+        self.settled |= reason is not None
         if reason is FinishReason.STOP and new:
             last = new[-1]
             if last in req.params.stop_token_ids and not self.stopped_by_string:

@@ -154,6 +154,8 @@ def _across_sm(
 ) -> float:
     """Interpolate in 1/share between the two profiled shares around `sm` (only those two
     are looked up); outside the profiled shares, the nearest scaled by the analytic model."""
+    if sm == shares[0] or sm == shares[-1]:
+        return at(0 if sm == shares[0] else len(shares) - 1)
     if sm <= shares[0]:
         return at(0) * analytic(sm) / analytic(shares[0])
     if sm >= shares[-1]:

@@ -109,11 +109,25 @@ def prompts(point: Point, seed: int) -> list[list[int]]:
 class HFSide:
     """transformers' model over a DynamicCache, decoding greedily one step at a time."""
 
-    def __init__(self, model: torch.nn.Module, batch: list[list[int]]) -> None:
+    def __init__(
+        self, model: torch.nn.Module, batch: list[list[int]], chunk_tokens: int | None = None
+    ) -> None:
+        """Prefill `batch` (rows of one length), `chunk_tokens` tokens of the whole batch per
+        forward at most (one forward by default): logits of the last position only."""
         self.model = model
+        ids = torch.tensor(batch)  # (B, T)
+        step = ids.shape[1] if chunk_tokens is None else max(1, chunk_tokens // ids.shape[0])
+        cache = None
         with torch.inference_mode():
-            out = model(torch.tensor(batch), use_cache=True)
-        self.cache = out.past_key_values
+            for start in range(0, ids.shape[1], step):
+                out = model(
+                    ids[:, start : start + step],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                cache = out.past_key_values
+        self.cache = cache
         self.next = out.logits[:, -1].argmax(-1)  # (B,)
         self.tokens: list[list[int]] = [[t] for t in self.next.tolist()]
 
@@ -173,9 +187,19 @@ def timed(fn: Any) -> float:
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    """Median with p10 and p90 (ms for times)."""
-    qs = statistics.quantiles(values, n=10) if len(values) > 1 else [values[0]] * 9
+    """Median with p10 and p90 (ms for times), interpolated within the values."""
+    if len(values) < 2:
+        return {"median": values[0], "p10": values[0], "p90": values[0]}
+    qs = statistics.quantiles(values, n=10, method="inclusive")
     return {"median": statistics.median(values), "p10": qs[0], "p90": qs[-1]}
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles, interpolated within the values (one value: it twice)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def bench_point(
@@ -184,10 +208,19 @@ def bench_point(
     engine: MuxEngine,
     ours: torch.nn.Module,
     args: argparse.Namespace,
+    prefill_threads: int | None = None,
+    hf_chunk_tokens: int | None = None,
 ) -> dict[str, Any]:
+    """Both sides prefill the point's prompts (with `prefill_threads` torch threads, default
+    the timed count; HF `hf_chunk_tokens` at a time), then `args.repeats` x `args.steps`
+    decode steps, interleaved and timed with `args.threads` threads."""
     batch = prompts(point, seed=point.batch * 100_003 + point.prompt)
-    hf = HFSide(hf_model, batch)
-    side = EngineSide(engine, batch, max_tokens=args.steps * args.repeats + 8)
+    torch.set_num_threads(prefill_threads or args.threads)
+    try:
+        hf = HFSide(hf_model, batch, hf_chunk_tokens)
+        side = EngineSide(engine, batch, max_tokens=args.steps * args.repeats + 8)
+    finally:
+        torch.set_num_threads(args.threads)
     hf_ms: list[float] = []
     ours_ms: list[float] = []
     weights_ms: list[float] = []
@@ -223,6 +256,8 @@ def bench_point(
         "weights_read_ms": summary(weights_ms),
         "ratio": {
             "median": statistics.median(flat),
+            "q1": quartiles(flat)[0],
+            "q3": quartiles(flat)[1],
             "rep_min": min(per_rep),
             "rep_max": max(per_rep),
         },

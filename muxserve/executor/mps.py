@@ -30,7 +30,7 @@ from muxserve.executor.lifecycle import WorkerLifecycle
 from muxserve.executor.messages import TPRank, WorkerInit
 from muxserve.executor.mps_daemon import HINT, MpsDaemon, MpsUnavailableError
 from muxserve.executor.waker import Waker
-from muxserve.executor.watchdog import JobDeadline
+from muxserve.executor.watchdog import JobDeadline, ProgressProbe
 from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, WorkerGroup
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.sharding import load_rank_models, rank_device
@@ -40,6 +40,7 @@ from muxserve.scheduler.job import Job, JobResult, Phase
 
 log = logging.getLogger(__name__)
 
+STALL_SAMPLE_S = 1.0  # how often a running job's workers are checked for progress
 START_TIMEOUT_S = 180.0  # every worker of the engine ready within this, or the engine fails
 MAX_FAILED_STARTS = 3  # restarts in a row that die before ready: the group gives up
 
@@ -76,6 +77,8 @@ class MpsExecutor:
         # held by `poll` and `stop_idle` (the loop's thread) and by a sleep or wake changing a
         # model's groups from another thread, so no pipe closes under a waiting poll
         self._groups_lock = threading.RLock()
+        self.progress = ProgressProbe()
+        self._cpu_workers = self.pool.buffer.device.type == "cpu"  # CPU time means progress
         self.lifecycle = lifecycle or WorkerLifecycle()
         self.hangs = 0  # groups killed for a hung job
         self.idle_stops = 0  # groups stopped for having been idle (lifecycle.idle_stop_s)
@@ -264,21 +267,37 @@ class MpsExecutor:
     def _owners(self) -> dict[Waitable, WorkerGroup]:
         return {obj: g for g in self.groups.values() for obj in g.waitables()}
 
-    def _hung(self, group: WorkerGroup, now: float) -> float | None:
-        """Seconds the group's delivered job has run past its deadline, if it has."""
+    def _hung(self, group: WorkerGroup, now: float) -> str | None:
+        """Why the group's delivered job counts as hung (past its deadline, or a worker that
+        made no progress for `deadline.stall_s`), if it does."""
         if not group.delivered or group.job is None:
             return None
-        over = now - group.sent_at - self.deadline.of(group.job, group.jobs_done == 0)
-        return over if over >= 0 else None
+        ran = now - group.sent_at
+        if ran >= self.deadline.of(group.job, group.jobs_done == 0):
+            return f"no result after {ran:.1f} s (hung)"
+        if self.deadline.stall_s is None:
+            return None
+        key = (group.label, group.sent_at)
+        stalled = (
+            max(
+                self.progress.stalled_for(p.pid, key, now, self._cpu_workers)
+                for p in group.procs
+                if p.pid is not None
+            )
+            if group.procs
+            else 0.0
+        )
+        if stalled >= self.deadline.stall_s:
+            return f"no progress for {stalled:.1f} s (stopped or stuck; {ran:.1f} s into its job)"
+        return None
 
     def _next_hang_check(self) -> float:
         """When the earliest delivered job, or a restart with a job waiting on it, reaches its
         deadline (inf: neither)."""
-        ends = [
-            g.sent_at + self.deadline.of(g.job, g.jobs_done == 0)
-            for g in self.groups.values()
-            if g.delivered and g.job is not None
-        ]
+        running = [g for g in self.groups.values() if g.delivered and g.job is not None]
+        ends = [g.sent_at + self.deadline.of(g.job, g.jobs_done == 0) for g in running if g.job]
+        if running and self.deadline.stall_s is not None:  # sample their progress meanwhile
+            ends.append(time.monotonic() + min(STALL_SAMPLE_S, self.deadline.stall_s))
         ends += [
             g.started_at + self.start_timeout
             for g in self.groups.values()
@@ -293,9 +312,9 @@ class MpsExecutor:
         results = []
         for group in self.groups.values():
             died = None
-            if self._hung(group, now) is not None:
-                ran = now - group.sent_at
-                died = WorkerDied(f"no result after {ran:.1f} s (hung); killed", False)
+            hung = self._hung(group, now)
+            if hung is not None:
+                died = WorkerDied(f"{hung}; killed", False)
             elif (
                 group.state is GroupState.STARTING
                 and group.job is not None

@@ -25,6 +25,7 @@ from muxserve.errors import CheckpointError
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import HFModelConfig, load_hf_config
 from muxserve.models.registry import build_model, checkpoint_shapes
+from muxserve.models.weight_arena import materialize_in_arena
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -86,10 +87,11 @@ def load_model(
     """Build the model for a checkpoint folder and load its weights, cast to `dtype`, on `device`.
 
     Parameters are created on the meta device and allocated once, directly in `dtype` on
-    `device`; each file is memory-mapped and copied in tensor by tensor, so peak extra memory is
-    one tensor (a `.bin` saved in torch's legacy, non-zip format is read whole). The model is
-    returned in eval mode with gradients off, its RoPE tables built for `max_model_len`
-    positions (the served context; default the config's `max_position_embeddings`).
+    `device` (on the CPU in one mapping advised into huge pages: `weight_arena`); each file is
+    memory-mapped and copied in tensor by tensor, so peak extra memory is one tensor (a `.bin`
+    saved in torch's legacy, non-zip format is read whole). The model is returned in eval mode
+    with gradients off, its RoPE tables built for `max_model_len` positions (the served
+    context; default the config's `max_position_embeddings`).
     """
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"model dtype must be one of {MODEL_DTYPES}, got {dtype}")
@@ -97,7 +99,11 @@ def load_model(
     plan = plan_checkpoint(path)
     with torch.device("meta"):
         model = build_model(plan.config)
-    model = model.to(dtype=dtype).to_empty(device=device)  # (the .to on meta costs nothing)
+    model = model.to(dtype=dtype)  # (on meta: costs nothing)
+    if device.type == "cpu":
+        materialize_in_arena(model)
+    else:
+        model = model.to_empty(device=device)
     model.load_weights(_tensors(plan))
     model.eval()
     model.requires_grad_(False)

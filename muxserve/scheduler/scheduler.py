@@ -182,7 +182,7 @@ class Scheduler:
         return self.finish(request_id, FinishReason.ABORT)
 
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:
-        """End a request early (an abort); None if it is unknown or done."""
+        """End a request early (an abort, a timeout); None if it is unknown or done."""
         req = self._requests.get(request_id)
         if req is None:
             return None

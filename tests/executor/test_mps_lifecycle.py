@@ -103,7 +103,8 @@ def test_eager_workers_are_the_default_and_never_stop_when_no_idle_limit_is_set(
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("worker_start", "sometimes"), ("worker_idle_stop_s", 0.0)]
+    ("field", "value"),
+    [("worker_start", "sometimes"), ("worker_idle_stop_s", 0.0), ("job_stall_s", 0.0)],
 )
 def test_bad_worker_settings_are_refused_naming_the_key(
     demo_models: dict[str, Path], field: str, value: object

@@ -45,7 +45,11 @@ async def read(engine: MuxEngine, rid: str) -> tuple[list[RequestOutput], int]:
 def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]) -> None:
     two = {m: demo_models[m] for m in ("llama-demo", "qwen-demo")}
     raw = make_config(
-        demo_models, executor="mps", job_timeout_s=LONG_DEADLINE_S, job_timeout_per_token_s=0
+        demo_models,
+        executor="mps",
+        job_timeout_s=LONG_DEADLINE_S,
+        job_timeout_per_token_s=0,
+        job_stall_s=None,  # the deadline alone, here; the stall check has its own test
     ).model_dump()
     raw["models"] = [m for m in raw["models"] if m["name"] in two]
     config = parse_config(raw)
@@ -72,14 +76,14 @@ def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]
         # requests are recomputed (the deadline is shortened now, so step 1 never raced it,
         # and restored once it fired, so the recomputed jobs are not cut short)
         stuck_for = time.monotonic() - group.sent_at  # seconds: as long as qwen took
-        executor.deadline = JobDeadline(stuck_for / 2, 0.0)  # past for the stuck job only
+        executor.deadline = JobDeadline(stuck_for / 2, 0.0, None)  # past for the stuck job only
         executor.wake()
         seen_degraded: list[dict[str, object]] = []
 
         def watch() -> None:  # /health while the stopped group restarts
             client = InProcessClient(engine, manage=False)
             wait_for(lambda: executor.hangs == 1, "hung group killed")
-            executor.deadline = JobDeadline(LONG_DEADLINE_S, 0.0)  # the recomputes run freely
+            executor.deadline = JobDeadline(LONG_DEADLINE_S, 0.0, None)  # the recomputes run freely
             wait_for(lambda: "llama-demo" in engine.degraded(), "llama-demo degraded", 10)
             seen_degraded.append(client.health().to_json())
 
@@ -153,5 +157,38 @@ def test_a_restart_that_never_gets_ready_is_killed_and_started_again(
         assert first not in [p.pid for p in group.procs]
         wait_for(lambda: engine.scheduler.jobs_in_flight == 0, "idle")
         assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_a_stopped_worker_is_found_by_its_stall_long_before_its_deadline(
+    demo_models: dict[str, Path], caplog
+) -> None:
+    raw = make_config(
+        demo_models, executor="mps", job_timeout_s=LONG_DEADLINE_S, job_stall_s=1.0
+    ).model_dump()
+    raw["models"] = [m for m in raw["models"] if m["name"] == "llama-demo"]
+    engine = MuxEngine(parse_config(raw))
+    executor = engine.executor
+    assert isinstance(executor, MpsExecutor)
+    try:
+        group = executor.groups[("llama-demo", Phase.DECODE)]
+        [victim] = [p.pid for p in group.procs]
+        os.kill(victim, signal.SIGSTOP)  # its first decode job makes no progress
+        engine.start()
+        rid = engine.add_request("llama-demo", prompts_for("llama-demo")[0], GREEDY)
+
+        async def collect() -> list[RequestOutput]:
+            return [o async for o in engine.stream(rid)]
+
+        with caplog.at_level("ERROR", logger="muxserve.executor.mps"):
+            outs = asyncio.run(collect())
+        want = list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
+        assert [t for o in outs for t in o.token_ids] == want and outs[-1].error is None
+        assert executor.hangs == 1
+        [line] = [r.getMessage() for r in caplog.records if "killed" in r.getMessage()]
+        assert line.startswith("llama-demo/decode: no progress for ")
+        assert "(stopped or stuck;" in line and "its job is recomputed" in line
+        assert not Path(f"/proc/{victim}").exists()
     finally:
         engine.shutdown()

@@ -1,0 +1,213 @@
+"""Batch-1 decode with the engine's weights in three kinds of CPU memory, against HF.
+
+    python scripts/bench_weight_memory.py                 # MHA and GQA, 1 x 128
+    python scripts/bench_weight_memory.py --kv-heads 8 --steps 10 --repeats 12
+
+Why the engine's batch-1 decode step was 1.02-1.03x HF transformers' (issue 11) when its code
+does no more work: a batch-1 step reads every weight once, and how fast it walks them depends
+on the memory behind them. One process holds HF's model (computing from the safetensors
+file's mapped pages, as transformers loads it) and three engines over the same checkpoint whose
+weights differ only in where they live:
+
+- `heap`: copied into torch's allocator (4 KiB pages where transparent huge pages are
+  `madvise`-only): the loader before issue 11's fix;
+- `mapped`: the safetensors file's own mapped pages, as HF computes from them;
+- `arena`: the loader now (`muxserve.models.weight_arena`), one mapping advised into huge pages.
+
+All four prefill the same prompt and decode greedily; each round times one step of each, in an
+order that rotates every round, one torch thread. Reported per side: the median step with its
+p10-p90, and the median of the paired ratios side / HF (each against the HF step of its round)
+with their quartiles; also whether all four produced the same tokens, the huge pages the
+process held (AnonHugePages), and the load average. JSON goes to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # this checkout's muxserve; bench_decode
+
+from bench_decode import (  # noqa: E402
+    EngineSide,
+    HFSide,
+    Point,
+    prompts,
+    quartiles,
+    summary,
+    timed,
+    write_checkpoint,
+)
+from safetensors import safe_open  # noqa: E402
+
+from muxserve.config import parse_config  # noqa: E402
+from muxserve.engine import MuxEngine  # noqa: E402
+
+SIDES = ("heap", "mapped", "arena")
+
+
+def to_heap(model: torch.nn.Module) -> None:
+    """Every parameter copied into torch's allocator (the loader before the arena)."""
+    for p in model.parameters():
+        p.data = p.data.clone()
+
+
+def to_mapped(model: torch.nn.Module, file: Path) -> None:
+    """Every parameter replaced by the safetensors file's mapped tensor of the same name
+    (float32 on disk and in the model: no cast, the same values)."""
+    params = dict(model.named_parameters())
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            if name in params:
+                mapped = f.get_tensor(name)
+                if not torch.equal(mapped, params[name]):
+                    raise RuntimeError(f"{name}: the file's tensor differs from the loaded one")
+                params[name].data = mapped
+
+
+def anon_huge_kib() -> int | None:
+    """AnonHugePages of this process in KiB (None where /proc does not tell)."""
+    try:
+        text = Path("/proc/self/smaps_rollup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return None
+
+
+def run(args: argparse.Namespace, kv_heads: int) -> dict[str, Any]:
+    import transformers
+
+    shape = argparse.Namespace(**vars(args), kv_heads=kv_heads)
+    point = Point(1, args.prompt)
+    with tempfile.TemporaryDirectory(prefix="bench-weights-") as tmp:
+        folder = Path(tmp)
+        write_checkpoint(folder, shape)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="sdpa"
+        ).eval()
+        engines = {
+            name: MuxEngine(
+                parse_config(
+                    {
+                        "models": [{"name": "bench", "path": str(folder), "rate": 1.0}],
+                        "engine": {"kv_pool_bytes": 64 << 20, "device": "cpu"},
+                    }
+                )
+            )
+            for name in SIDES
+        }
+        try:
+            models = {n: e.executor.runners["bench"].model for n, e in engines.items()}  # type: ignore[attr-defined]
+            to_heap(models["heap"])
+            to_mapped(models["mapped"], folder / "model.safetensors")
+            batch = prompts(point, seed=1)
+            sides: dict[str, Any] = {"hf": HFSide(hf_model, batch)}
+            steps = args.steps * args.repeats
+            for name, engine in engines.items():
+                sides[name] = EngineSide(engine, batch, max_tokens=steps + 8)
+            names = list(sides)
+            ms: dict[str, list[float]] = {n: [] for n in names}
+            for i in range(steps):
+                order = names[i % len(names) :] + names[: i % len(names)]
+                t = {n: timed(sides[n].step) for n in order}
+                for n in names:
+                    ms[n].append(t[n] * 1e3)
+                if (i + 1) % args.steps == 0:
+                    last = ", ".join(
+                        f"{n} {statistics.median(ms[n][-args.steps :]):.2f}" for n in names
+                    )
+                    print(
+                        f"  kv_heads {kv_heads}, round {i + 1}/{steps}: {last} ms", file=sys.stderr
+                    )
+            tokens = {n: sides[n].tokens if n == "hf" else sides[n].tokens() for n in names}
+            huge = anon_huge_kib()
+            for n in SIDES:
+                sides[n].finish()
+        finally:
+            for e in engines.values():
+                e.shutdown()
+    out: dict[str, Any] = {"kv_heads": kv_heads, "anon_huge_pages_kib": huge}
+    out["same_tokens"] = all(tokens[n] == tokens["hf"] for n in names)
+    for n in names:
+        ratios = [a / b for a, b in zip(ms[n], ms["hf"], strict=True)]
+        q1, q3 = quartiles(ratios)
+        out[n] = {
+            "ms": summary(ms[n]),
+            "vs_hf": {"median": statistics.median(ratios), "q1": q1, "q3": q3},
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="steps per progress line")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--max-positions", type=int, default=4096)
+    p.add_argument("--out", default="benchmarks/results/speed")
+    args = p.parse_args(argv)
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()
+    shape = {k: v for k, v in vars(args).items() if k not in ("kv_heads", "out")}
+    rows = [run(argparse.Namespace(**shape), kv) for kv in args.kv_heads]
+    result = {
+        "command": " ".join(["python", "scripts/bench_weight_memory.py", *(argv or sys.argv[1:])]),
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "model": shape,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "runs": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "weight_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    for row in rows:
+        print(f"kv_heads {row['kv_heads']} (same tokens: {row['same_tokens']}, "
+              f"AnonHugePages {row['anon_huge_pages_kib']} KiB)")  # fmt: skip
+        for n in ("hf", *SIDES):
+            m, r = row[n]["ms"], row[n]["vs_hf"]
+            print(
+                f"  {n:>7}: {m['median']:6.2f} ms (p10-p90 {m['p10']:.2f}-{m['p90']:.2f}), "
+                f"/ HF {r['median']:.3f} (IQR {r['q1']:.3f}-{r['q3']:.3f})"
+            )
+    print(f"load average {load_before} -> {result['load_average_after']}")
+    return 0
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""scripts/bench_vs_hf.py --quick: the grid's JSON and plot, both sides' greedy tokens equal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "bench_vs_hf.py"
+
+
+def test_quick_grid(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # the script finds this checkout's muxserve itself
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "[tiny] cell 1/4: batch x context 1x16" in run.stderr  # progress on stderr
+    result = json.loads((tmp_path / "bench_vs_hf.json").read_text())
+    assert (tmp_path / "bench_vs_hf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["torch_threads"] == 1
+    assert (result["steps"], result["repeats"]) == (2, 2)
+    assert len(result["load_average_before"]) == 3 and len(result["load_average_after"]) == 3
+    assert [m["name"] for m in result["models"]] == ["tiny", "tiny-gqa"]
+    assert [(m["config"]["heads"], m["config"]["kv_heads"]) for m in result["models"]] == [
+        (4, 4),
+        (4, 2),
+    ]
+    for model in result["models"]:
+        assert model["parameters"] > 0
+        cells = model["cells"]
+        assert [(c["batch"], c["prompt"]) for c in cells] == [(1, 16), (1, 40), (2, 16), (2, 40)]
+        for c in cells:
+            assert c["steps"] == 4  # repeats x steps paired ratios
+            # the same greedy tokens on every row: tiny models, prompts too short to chunk
+            assert c["rows_same_tokens"] == c["batch"], (model["name"], c["point"])
+            for side in ("hf_ms", "engine_ms", "weights_read_ms"):
+                assert 0 < c[side]["p10"] <= c[side]["median"] <= c[side]["p90"], side
+            q = c["ratio"]
+            assert 0 < q["q1"] <= q["median"] <= q["q3"]
+            assert q["rep_min"] <= q["rep_max"]
+            assert len(c["load_average_before"]) == 3
+
+
+def test_bad_options_are_refused(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--contexts", "300", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "context 300 does not fit model tiny's positions" in run.stderr
+    assert not (tmp_path / "bench_vs_hf.json").exists()
