@@ -13,10 +13,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from muxserve.dtypes import Dtype
 from muxserve.errors import CheckpointError, ConfigError
 from muxserve.models.hub import resolve_checkpoint
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+InitialState = Literal["awake", "asleep"]
 CPU_KV_POOL_BYTES = 64 << 20  # the KV pool on a CPU when the config does not size it
 
 
@@ -53,6 +54,8 @@ class ModelEntry(_Strict):
     kv_share: float | None = Field(None, gt=0.0, le=1.0)  # initial share of the KV pool;
     # None: in proportion to rate x KV bytes per token (a plan sets it per mesh)
     revision: str | None = None  # a Hub id's branch, tag or commit; ignored for a local folder
+    # "asleep": listed but not loaded (asleep at level 2) until a request or a wake needs it
+    initial_state: InitialState = "awake"
 
     @model_validator(mode="before")
     @classmethod
@@ -80,6 +83,20 @@ def _expand_path(path: str) -> str:
     return str(Path(os.path.expandvars(path)).expanduser())
 
 
+class ResidencyConfig(_Strict):
+    """Which models of an engine stay awake when they do not all fit (docs/elastic.md)."""
+
+    # bytes every awake model's weights may take at once, per device; None: on a GPU what is
+    # free when a model wakes, on a CPU no limit
+    weights_budget_bytes: int | None = Field(None, gt=0)
+    half_life_s: float = Field(60.0, gt=0.0)  # of a model's decayed request rate (its value)
+    min_residency_s: float = Field(10.0, ge=0.0)  # awake at least this long before it may sleep
+    sleep_level: Literal[1, 2] = 1  # of a model put to sleep to make room
+    wake_timeout_s: float = Field(30.0, gt=0.0)  # a request waits this long for room, at most
+    # an awake model idle this long is put to sleep even without pressure; None: never
+    idle_sleep_s: float | None = Field(None, gt=0.0)
+
+
 class EngineConfig(_Strict):
     """How one engine (one mesh) runs its models."""
 
@@ -104,6 +121,17 @@ class EngineConfig(_Strict):
     # has a hung worker: the worker is killed and restarted, its requests recomputed
     job_timeout_s: float = Field(60.0, gt=0.0)
     job_timeout_per_token_s: float = Field(0.01, ge=0.0)
+    # mps: a running job whose worker makes no progress this long (stopped; on a CPU, no CPU
+    # time used) is hung too, however far its deadline; None: only the deadline counts
+    job_stall_s: float | None = Field(10.0, gt=0.0)
+    # mps: start a model's worker processes with the engine ("eager") or at its first job
+    # ("lazy"); stop those idle this long (None: never), to start them again when needed
+    worker_start: Literal["eager", "lazy"] = "eager"
+    # a request not finished this long after it arrived ends with a clear timeout error (HTTP
+    # 504, or an error event in a stream), queued or running; None: it waits as long as it takes
+    request_timeout_s: float | None = Field(None, gt=0.0)
+    worker_idle_stop_s: float | None = Field(None, gt=0.0)
+    residency: ResidencyConfig = ResidencyConfig()  # sleep and wake under memory pressure
 
     @model_validator(mode="after")
     def _pool_holds_a_block(self) -> EngineConfig:
@@ -122,6 +150,9 @@ class MeshModel(_Strict):
     sm_share: SMShare | None = None
     kv_share: float | None = Field(None, gt=0.0, le=1.0)  # initial share of the mesh's pool
     rate: float | None = Field(None, ge=0.0)  # requests/s the planner expects this mesh to serve
+    # None: the model's own; "asleep": listed here but not loaded until needed (so that a
+    # model can be moved to this mesh by waking it here)
+    initial_state: InitialState | None = None
 
 
 class Mesh(_Strict):
@@ -132,6 +163,8 @@ class Mesh(_Strict):
     gpus: list[int] = Field(min_length=1)
     models: list[MeshModel] = Field(min_length=1)
     kv_pool_bytes: int | None = Field(None, gt=0)  # this mesh's pool per GPU; None: engine's
+    # what its awake models' weights may take; None: engine.residency.weights_budget_bytes
+    weights_budget_bytes: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Mesh:
@@ -152,6 +185,22 @@ class Mesh(_Strict):
         return self
 
 
+class ReplanConfig(_Strict):
+    """Re-planning while serving (muxserve/router/replan.py): when to re-run the planner on the
+    rates the router measures, and what a move costs."""
+
+    cluster: str  # cluster file (as for `muxserve plan`): the cost model's GPUs
+    interval_s: float = Field(60.0, gt=0.0)  # re-plan at least this often
+    window_s: float = Field(30.0, gt=0.0)  # rates and lengths over the last this many seconds
+    drift: float = Field(0.5, gt=0.0)  # ...and sooner when a rate moves this far (relative)
+    rate_floor: float = Field(0.5, gt=0.0)  # req/s: rates below it drift in units of it
+    check_s: float = Field(1.0, gt=0.0)  # how often the drift is looked at
+    horizon_s: float | None = Field(None, gt=0.0)  # a plan's gain counts this long; None: interval
+    move_cost_s: float | None = Field(None, ge=0.0)  # a model's load time; None: from its weights
+    time_limit_s: float = Field(5.0, gt=0.0)  # for the planner, off the event loop
+    drain_timeout_s: float = Field(300.0, gt=0.0)  # requests left on a model's old mesh, at most
+
+
 class RouterConfig(_Strict):
     """How the router watches a plan's meshes (ignored without `meshes:`)."""
 
@@ -160,6 +209,7 @@ class RouterConfig(_Strict):
     hang_timeout_s: float = Field(30.0, gt=0.0)  # no answer this long: killed and restarted
     backoff_initial_s: float = Field(0.5, gt=0.0)  # first restart delay, doubled per failure
     backoff_max_s: float = Field(30.0, gt=0.0)
+    replan: ReplanConfig | None = None  # None: the plan stays as it is
 
 
 class MuxConfig(_Strict):
@@ -260,10 +310,17 @@ class MuxConfig(_Strict):
                 update["sm_share"] = m.sm_share
             if m.rate:  # a plan's 0 (nothing expected) keeps the model's weight for its quota
                 update["rate"] = m.rate
+            if m.initial_state is not None:
+                update["initial_state"] = m.initial_state
             models.append(entry.model_copy(update=update))
         engine = self.engine
         if mesh.kv_pool_bytes is not None:
             engine = engine.model_copy(update={"kv_pool_bytes": mesh.kv_pool_bytes})
+        if mesh.weights_budget_bytes is not None:
+            residency = engine.residency.model_copy(
+                update={"weights_budget_bytes": mesh.weights_budget_bytes}
+            )
+            engine = engine.model_copy(update={"residency": residency})
         return MuxConfig(models=models, engine=engine, meshes=None)
 
 

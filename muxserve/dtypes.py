@@ -7,12 +7,13 @@ imports torch only when called. The engine and the planner both resolve a model'
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import torch
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # every dtype a model is served in
+Dtype = Literal["float32", "bfloat16", "float16"]  # every dtype a model is served in
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes of each
 GPU_DEFAULT_DTYPE = "float16"  # on a GPU when neither the config nor the checkpoint says
 CPU_DTYPE = "float32"  # on a CPU unless the config says: half precision is slow there
 HALF_DTYPES = ("float16", "bfloat16")

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,12 +28,15 @@ from muxserve.errors import (
     RequestError,
     UnknownModelError,
 )
-from muxserve.executor.base import ModelSpec, create_executor
+from muxserve.executor.base import POLL_S, ModelSpec, create_executor
+from muxserve.executor.lifecycle import WorkerLifecycle
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.model_descriptor import describe_entry
+from muxserve.model_residency import ModelResidency, check_budget
 from muxserve.models.loader import validate_checkpoint
 from muxserve.output_processor import Completion, OutputSink, RequestOutput, TextState
 from muxserve.request import FinishReason, Request
+from muxserve.residency import ModelState, WakeStats
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, JobResult, Phase, SeqWork
@@ -42,9 +46,7 @@ from muxserve.step_controls import RequestControls, StepControls
 from muxserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-POLL_S = 1.0  # longest a step waits for a result before it returns to its caller
-
+EXPIRY_CHECK_S = 0.25  # how often requests are checked against engine.request_timeout_s
 
 AUTO_DEVICE_ENV = "MUXSERVE_AUTO_DEVICE"  # what `device: auto` means here; the CPU tests pin cpu
 
@@ -86,6 +88,7 @@ class MuxEngine:
         # Everything that can fail on bad input is checked before any memory is taken.
         self.models: dict[str, ServedModel] = {}
         slots, specs = [], []
+        asleep = [m.name for m in config.models if m.initial_state == "asleep"]
         for m in config.models:
             hf, tok = validate_checkpoint(m.path), Tokenizer.from_pretrained(m.path)
             d = describe_entry(
@@ -95,24 +98,31 @@ class MuxEngine:
                 m.name, Path(m.path), hf, tok, d.dtype, d.max_model_len
             )
             slots.append(d.slot)
-            specs.append(ModelSpec.of(d, m.path))
+            specs.append(replace(ModelSpec.of(d, m.path), asleep=m.name in asleep))
+        check_budget(specs, eng.residency.weights_budget_bytes)
         # The executor loads the weights, then allocates the pool in what they leave (worker
         # processes map it: shared memory, CUDA IPC); the scheduler accounts its blocks.
-        deadline = JobDeadline(eng.job_timeout_s, eng.job_timeout_per_token_s)
+        deadline = JobDeadline(eng.job_timeout_s, eng.job_timeout_per_token_s, eng.job_stall_s)
+        lifecycle = WorkerLifecycle(eng.worker_start == "lazy", eng.worker_idle_stop_s)
         self.executor = create_executor(
-            eng.executor, specs, PoolSizing.of(eng), self.device, progress, deadline
+            eng.executor, specs, PoolSizing.of(eng), self.device, progress, deadline, lifecycle
         )
         self.pool: KVPool = self.executor.pool
         try:
             # on a CPU a share is a thread count, not a partition: admission would only
             # serialize the models (one stuck job would hold every other model back)
             self.scheduler = Scheduler.create(
-                slots, self.pool.num_blocks, eng, sm_admission=self.device.type != "cpu"
+                slots,
+                self.pool.num_blocks,
+                eng,
+                sm_admission=self.device.type != "cpu",
+                asleep=asleep,
             )
         except BaseException:
             self.executor.shutdown()
             raise
         self._released: list[str] = []  # finished requests the executor may forget
+        self._next_expiry_check = 0.0  # time.monotonic() of the next request timeout check
         self._lock = threading.RLock()  # guards the scheduler and the per-request state
         self._wake = threading.Condition(self._lock)
         self._texts: dict[str, TextState] = {}
@@ -125,6 +135,7 @@ class MuxEngine:
         self._rng = random.Random(eng.seed)
         self._thread: threading.Thread | None = None
         self._running = False
+        self.residency = ModelResidency(self, asleep)  # sleep, wake, and which stay awake
 
     @classmethod
     def from_config(cls, path: str | Path | MuxConfig, progress: bool = False) -> MuxEngine:
@@ -190,11 +201,15 @@ class MuxEngine:
         req = Request(rid, model, ids, params, time.monotonic(), seed, slot.eos_token_ids)
         req.controls = controls
         sink = OutputSink()
+        text = TextState(req, served.tokenizer, sink, controls.constraint if controls else None)
+        req.output_check = text
         with self._lock:
+            self.residency.admit(model)
             self.scheduler.add_request(req)
             self._controlled += controls is not None
             self._sinks[rid] = sink
-            self._texts[rid] = TextState(req, served.tokenizer, sink)
+            self._texts[rid] = text
+            self.residency.on_request(model)
             self._wake.notify()
         self.executor.wake()  # a loop waiting on running jobs may start this one now
         return req
@@ -232,14 +247,19 @@ class MuxEngine:
         """Start jobs for idle workers, then apply the results of jobs that finish.
 
         Waits (at most `POLL_S`) for a first result while any job runs, so a caller looping on
-        `step()` starts each worker's next job as soon as its last one is done. Returns how
-        many jobs finished (0: nothing ran, or nothing finished yet).
+        `step()` starts each worker's next job as soon as its last one is done; and while only
+        sleeping models have work, for one of them to wake. Returns how many jobs finished
+        (0: nothing ran, or nothing finished yet).
         """
         with self._lock:
+            self._expire()
             jobs = self.scheduler.schedule()
             running = self.scheduler.jobs_in_flight
             released, self._released = self._released, []
             controlled = self._prepare(jobs)
+            sch = self.scheduler
+            if not jobs and not running and sch.has_work() and not sch.has_runnable_work():
+                self._wake.wait(POLL_S)  # only sleeping models have work: until one wakes
         if released:
             self.executor.release(released)
         if controlled:  # outside the lock: only this (the loop's) thread advances grammars
@@ -251,6 +271,19 @@ class MuxEngine:
         results = self.executor.poll(POLL_S)
         self._apply(results)
         return len(results)
+
+    def _expire(self) -> None:
+        """End requests past `engine.request_timeout_s` with a timeout (checked every quarter
+        second at most). Under the lock."""
+        limit, now = self.config.engine.request_timeout_s, time.monotonic()
+        if limit is None or now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + EXPIRY_CHECK_S
+        for rid in self.scheduler.overdue(limit):
+            req = self.scheduler.finish(rid, FinishReason.TIMEOUT)
+            if req is not None:
+                log.warning("request %s (%s) timed out after %g s", rid, req.model, limit)
+                self._emit(req, f"not finished within {limit:g} s (engine.request_timeout_s)")
 
     def _prepare(self, jobs: Sequence[Job]) -> list[tuple[SeqWork, RequestControls, list[int]]]:
         """Note first admissions (for the queue-time metric); return the sampling steps of
@@ -280,22 +313,16 @@ class MuxEngine:
         text = self._texts.get(req.request_id)
         if text is None:
             return
-        c = req.controls.constraint if req.controls is not None else None
-        if c is not None and not req.is_finished and req.output_token_ids:
-            if not c.advance(req.output_token_ids):  # a bug, or a grammar llguidance gave up on
-                self.scheduler.finish(req.request_id, FinishReason.ERROR)
-                error = f"structured output: the grammar refused a token ({c.error})"
-            elif c.done:
-                self.scheduler.finish(req.request_id, FinishReason.STOP)
-        if text.update(req):
-            self.scheduler.finish(req.request_id, FinishReason.STOP)
-        if req.first_token_time is None and req.output_token_ids:
-            req.first_token_time = time.monotonic()
-        text.emit(req, error if req.finish_reason is FinishReason.ERROR else None)
+        if req.is_finished and not text.settled:  # ended by an abort, a failed job, a timeout
+            text.update(req, req.finish_reason)
+        error = error or text.error
+        failed = req.finish_reason in (FinishReason.ERROR, FinishReason.TIMEOUT)
+        text.emit(req, error if failed else None)
         if req.is_finished:
             self._released.append(req.request_id)
             del self._texts[req.request_id]  # the sink stays until its reader takes the end
             self._controlled -= req.controls is not None
+            self.residency.on_finished()
 
     def has_work(self) -> bool:
         with self._lock:
@@ -351,13 +378,16 @@ class MuxEngine:
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="muxserve-engine", daemon=True)
         self._thread.start()
+        self.residency.start()
 
     def _loop(self) -> None:
         try:
             while self._running:
+                self.executor.stop_idle()  # outside the lock: a stop waits for the workers
                 with self._lock:
-                    while self._running and not self.scheduler.has_work():
+                    if self._running and not self.scheduler.has_runnable_work():
                         self._wake.wait(timeout=0.5)
+                        continue
                 if self._running and not self.step():
                     time.sleep(0.0005)  # work exists but none can run yet (e.g. no blocks yet)
         except Exception as e:  # a bug, not bad input: fail loudly, leave nobody waiting
@@ -374,6 +404,7 @@ class MuxEngine:
 
     def shutdown(self) -> None:
         """Stop the loop and abort whatever is left; every block ends free."""
+        self.residency.stop()
         if self._thread is not None:
             with self._lock:
                 self._running = False
@@ -387,6 +418,23 @@ class MuxEngine:
         while self.scheduler.jobs_in_flight:  # their results free the aborted requests' blocks
             self._apply(self.executor.poll(POLL_S))
         self.executor.shutdown()
+
+    # ---- sleep and wake (muxserve/model_residency.py) ------------------------------------------
+    def sleep(self, model: str, level: int = 1) -> None:
+        """Put `model` to sleep (level 1: weights to host memory; 2: dropped); blocks while
+        they move. ModelBusyError while it has requests in flight."""
+        self.residency.sleep(model, level)
+
+    def wake(self, model: str) -> float:
+        """Wake `model`; the seconds its weights took to come back (0.0: awake already).
+        ModelDoesNotFitError when no room can be made."""
+        return self.residency.wake(model)
+
+    def model_states(self) -> dict[str, ModelState]:
+        return self.residency.states()
+
+    def wake_stats(self) -> dict[str, WakeStats]:
+        return self.residency.wake_stats()
 
     # ---- introspection -------------------------------------------------------------------
     @property

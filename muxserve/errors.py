@@ -66,8 +66,38 @@ class QueueFullError(RequestError):
         self.retry_after = retry_after
 
 
-class RequestAbortedError(MuxServeError):
-    """The request was aborted before it finished."""
+class ModelDoesNotFitError(MuxServeError):
+    """A sleeping model cannot wake: its weights do not fit in the device memory the awake
+    models leave (HTTP 503). `held_by` is what holds that memory: model -> bytes."""
+
+    def __init__(
+        self, model: str, needed_bytes: int, free_bytes: int, held_by: dict[str, int]
+    ) -> None:
+        held = ", ".join(f"{m} {_mib(b)}" for m, b in sorted(held_by.items(), key=lambda x: -x[1]))
+        super().__init__(
+            f"model {model!r} does not fit: its weights need {_mib(needed_bytes)}, "
+            f"{_mib(free_bytes)} is free; held by {held or 'nothing we know of'}"
+        )
+        self.model = model
+        self.needed_bytes = needed_bytes
+        self.free_bytes = free_bytes
+        self.held_by = dict(held_by)
+
+
+class ModelBusyError(MuxServeError):
+    """A model cannot be put to sleep now: it has requests waiting or running (HTTP 409)."""
+
+    def __init__(self, model: str, in_flight: int) -> None:
+        super().__init__(
+            f"model {model!r} has {in_flight} request(s) in flight; "
+            "drain it (route its requests elsewhere) and retry"
+        )
+        self.model = model
+        self.in_flight = in_flight
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 class EngineStoppedError(MuxServeError):

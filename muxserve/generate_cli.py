@@ -39,16 +39,16 @@ def run(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"models": only, "meshes": None})
     else:
         config = config.model_copy(update={"meshes": None})  # one engine, offline
-    engine = MuxEngine.from_config(config, progress=True)
-    models = list(engine.models)
-    prompts = args.prompt or ["The quick brown fox", "Once upon a time"]
-    params = SamplingParams(
+    params = SamplingParams.checked(  # before anything loads
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
     )
+    engine = MuxEngine.from_config(config, progress=True)
+    models = list(engine.models)
+    prompts = args.prompt or ["The quick brown fox", "Once upon a time"]
     pairs = [(m, p) for m in models for p in prompts]
     start = time.perf_counter()
     outs = engine.generate([p for _, p in pairs], params, [m for m, _ in pairs])

@@ -16,7 +16,7 @@ from muxserve.config import EngineConfig, ModelEntry, SMShare
 from muxserve.dtypes import dtype_bytes, resolve_dtype
 from muxserve.errors import ConfigError
 from muxserve.kv.layout import KVLayout
-from muxserve.models.hf_config import HFModelConfig
+from muxserve.models.hf_config import HFModelConfig, check_divisible
 from muxserve.scheduler.model_slot import ModelSlot
 
 # The longest context served: per-position buffers (RoPE tables, ~4 x rotary_dim bytes a
@@ -142,19 +142,3 @@ def describe_entry(
             else engine.max_queue_wait_s
         ),
     )
-
-
-def check_divisible(config: HFModelConfig, world_size: int) -> None:
-    """Raise a clear error when the model cannot be split `world_size` ways."""
-    sizes = {
-        "attention heads": config.num_heads,
-        "KV heads": config.num_kv_heads,
-        "intermediate size": config.intermediate_size,
-    }
-    if config.num_experts:
-        sizes["expert intermediate size"] = config.moe_intermediate_size
-    bad = [f"{what} ({n})" for what, n in sizes.items() if n % world_size]
-    if bad:
-        raise ValueError(
-            f"tensor_parallel={world_size} must divide the model's {' and '.join(bad)}"
-        )

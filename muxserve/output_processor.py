@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from muxserve.request import FinishReason, Request, TokenLogprobs
+from muxserve.structured_output import Constraint
 from muxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -24,6 +25,7 @@ class RequestTimings:
     queue: float  # arrival to first admission
     prefill: float  # admission to the first token (to the end of the prefill with no tokens)
     decode: float  # first token to the last
+    wake: float = 0.0  # of `queue`, the wait for its model to wake (it was asleep)
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,19 @@ class OutputSink:
 
 
 class TextState:
-    """Per-request detokenizer and stop-string matcher."""
+    """Per-request detokenizer and stop-string matcher; the request's `OutputCheck`.
 
-    def __init__(self, req: Request, tokenizer: Tokenizer, sink: OutputSink) -> None:
+    The scheduler calls `check` with each new token (under the engine's lock, on its loop
+    thread, which alone advances grammars); the engine then calls `emit`.
+    """
+
+    def __init__(
+        self,
+        req: Request,
+        tokenizer: Tokenizer,
+        sink: OutputSink,
+        constraint: Constraint | None = None,
+    ) -> None:
         self.request_id = req.request_id
         self.model = req.model
         self.prompt_tokens = req.num_prompt_tokens
@@ -134,12 +146,35 @@ class TextState:
         self.tokens_sent = 0  # output tokens sent
         self.logprobs_seen = 0
         self.stopped_by_string = False
+        self.constraint = constraint  # the request's grammar, if it has one
+        self.error: str | None = None  # why the grammar ended it
+        self.settled = False  # the text has taken the request's end (flushed, or cut)
+        self.first_token_time: float | None = None
 
-    def update(self, req: Request) -> bool:
-        """Take the request's new tokens; True if a stop string matched (caller finishes it)."""
+    def check(self, req: Request, reason: FinishReason | None) -> FinishReason | None:
+        """`OutputCheck`: the request's end after its last token. The stop ids and lengths
+        come first (`reason`), then the grammar (complete: stop; a refused token: an error),
+        then stop strings; the text takes every token either way."""
+        c = self.constraint
+        if reason is None and c is not None:
+            if not c.advance(req.output_token_ids):  # a bug, or a grammar llguidance gave up on
+                reason = FinishReason.ERROR
+                self.error = f"structured output: the grammar refused a token ({c.error})"
+            elif c.done:
+                reason = FinishReason.STOP
+        if self.update(req, reason) and reason is None:
+            reason = FinishReason.STOP
+        return reason
+
+    def update(self, req: Request, reason: FinishReason | None) -> bool:
+        """Take the request's new tokens, knowing its end (`reason`; None: not ended yet);
+        True if a stop string matched."""
         new = req.output_token_ids[self.tokens_seen :]
         self.tokens_seen = len(req.output_token_ids)
-        if req.is_finished and req.finish_reason is FinishReason.STOP and new:
+        if self.first_token_time is None and self.tokens_seen:
+            self.first_token_time = time.monotonic()
+        self.settled |= reason is not None
+        if reason is FinishReason.STOP and new:
             last = new[-1]
             if last in req.params.stop_token_ids and not self.stopped_by_string:
                 self.stop_reason = last
@@ -150,7 +185,7 @@ class TextState:
         if self.stopped_by_string:
             return False
         delta = self.detok.step(new)
-        if req.is_finished:
+        if reason is not None:
             delta += self.detok.flush()
         if not delta:
             return False
@@ -164,6 +199,7 @@ class TextState:
                 self.text = self.text[: i + len(s) if self.include_stop else i]
                 self.stopped_by_string = True
                 self.stop_reason = s
+        self.settled |= self.stopped_by_string
         return self.stopped_by_string
 
     def fail(self, error: str) -> None:
@@ -213,20 +249,21 @@ class TextState:
                 error=error,
                 prompt_logprobs=prompt_logprobs,
                 stop_reason=self.stop_reason if done else None,
-                timings=timings_of(req) if done else None,
+                timings=timings_of(req, self.first_token_time) if done else None,
             )
         )
         self.sent = upto
 
 
-def timings_of(req: Request) -> RequestTimings | None:
+def timings_of(req: Request, first_token_time: float | None) -> RequestTimings | None:
     """A finished request's queue, prefill and decode times; None if it never ran."""
     if req.scheduled_time is None:
         return None
     now = time.monotonic()
-    first = req.first_token_time if req.first_token_time is not None else now
+    first = first_token_time if first_token_time is not None else now
     return RequestTimings(
         queue=max(req.scheduled_time - req.arrival_time, 0.0),
         prefill=max(first - req.scheduled_time, 0.0),
         decode=max(now - first, 0.0),
+        wake=req.wake_time,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from muxserve.sampling_params import SamplingParams
 
@@ -27,6 +27,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"  # the client went away or asked
     ERROR = "error"  # the worker failed
+    TIMEOUT = "timeout"  # not finished within engine.request_timeout_s of its arrival
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,18 @@ class TokenLogprobs:
     logprob: float
     top: tuple[tuple[int, float], ...]
     rank: int | None = None  # the token's rank at its step (1: most likely), where computed
+
+
+class OutputCheck(Protocol):
+    """What decides a request's end beyond its stop ids and lengths: stop strings, which need
+    its text, and a grammar that is complete or refuses a token. The engine gives one to each
+    request; the scheduler asks it once per new token, where it checks the stop ids and lengths,
+    so the end is decided in one place."""
+
+    def check(self, req: Request, reason: FinishReason | None) -> FinishReason | None:
+        """The request's end after its last token: `reason` as the stop ids and lengths
+        decided it (None: it goes on), or the end the text or the grammar calls for."""
+        ...
 
 
 @dataclass(eq=False)
@@ -57,14 +70,15 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     num_retries: int = 0  # times recomputed because the job running it was lost (worker died)
-    first_token_time: float | None = None
     in_flight: bool = False  # a job that includes this request is running
     pending_finish: FinishReason | None = None  # finish asked while in flight: apply on return
     # logprobs of prompt tokens 1.. (the first has none), when params.prompt_logprobs is set
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     history_sent: bool = False  # its decode runner was sent the tokens before its first step
     scheduled_time: float | None = None  # first admitted (time.monotonic()), for metrics
+    wake_time: float = 0.0  # of its queue time, how long it waited for its model to wake
     controls: RequestControls | None = None  # grammar, allowed ids, bad words (engine only)
+    output_check: OutputCheck | None = None  # stop strings, a grammar's end (engine only)
     # tokens masked until min_tokens are out: the stop tokens (EOS unless ignored)
     banned: frozenset[int] = field(init=False, default=frozenset())
 

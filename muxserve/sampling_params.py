@@ -1,12 +1,15 @@
-"""How to sample one request's tokens; validated at construction, torch-free.
+"""How to sample one request's tokens: a plain typed record, torch-free.
 
-A plain frozen dataclass: it is pickled to mesh engines and worker processes as it is.
+A frozen dataclass that checks nothing itself: it is pickled to mesh engines and worker
+processes as it is. Values from outside are checked once, at the edge they enter by: the HTTP
+server's pydantic models (`server/protocol.py`), and `SamplingParams.checked` for the other
+entry points (the command line, a library caller).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from muxserve.errors import InvalidSamplingParamsError
 
@@ -64,74 +67,14 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()  # words never generated (their last token is masked
     # whenever the tokens before it were just generated)
     skip_special_tokens: bool = True
-    extra: dict[str, object] = field(default_factory=dict, compare=False)
 
-    def __post_init__(self) -> None:
-        def bad(param: str, why: str) -> InvalidSamplingParamsError:
-            return InvalidSamplingParamsError(f"{param} {why}", param=param)
-
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_number(v: object) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-
-        if not is_int(self.max_tokens):
-            raise bad("max_tokens", f"must be an integer, got {self.max_tokens!r}")
-        if self.max_tokens < 0:
-            raise bad("max_tokens", f"must be at least 0, got {self.max_tokens}")
-        if not is_number(self.temperature):
-            raise bad("temperature", f"must be a number, got {self.temperature!r}")
-        if self.temperature < 0:
-            raise bad("temperature", f"must be non-negative, got {self.temperature}")
-        if not is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
-            raise bad("top_k", f"must be a positive integer or None, got {self.top_k!r}")
-        if not is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
-        for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(self, name)
-            if v is not None and (not is_int(v) or not 0 <= v <= MAX_LOGPROBS):
-                raise bad(name, f"must be in [0, {MAX_LOGPROBS}], got {v}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", "stop strings must be non-empty strings")
-        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must be non-negative integers")
-        if self.seed is not None and not is_int(self.seed):
-            raise bad("seed", f"must be an integer, got {self.seed!r}")
-        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= max(self.max_tokens, 0):
-            raise bad(
-                "min_tokens",
-                f"must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}",
-            )
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not is_number(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
-                raise bad(name, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
-        rp = self.repetition_penalty
-        if not is_number(rp) or not 0.0 < rp < float("inf"):
-            raise bad("repetition_penalty", f"must be a positive number, got {rp!r}")
-        for pair in self.logit_bias:
-            if (
-                not isinstance(pair, tuple)
-                or len(pair) != 2
-                or not is_int(pair[0])
-                or pair[0] < 0
-                or not is_number(pair[1])
-                or not -MAX_BIAS <= pair[1] <= MAX_BIAS
-            ):
-                raise bad(
-                    "logit_bias",
-                    f"must map token ids to numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}], got {pair!r}",
-                )
-        ids = self.allowed_token_ids
-        if ids is not None and (not ids or any(not is_int(t) or t < 0 for t in ids)):
-            raise bad("allowed_token_ids", "must be a non-empty list of token ids")
-        if any(not isinstance(w, str) or not w for w in self.bad_words):
-            raise bad("bad_words", "must be non-empty strings")
-        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
-            raise bad("structured", f"must be a StructuredOutput, got {self.structured!r}")
+    @classmethod
+    def checked(cls, **fields: Any) -> SamplingParams:
+        """The params from `fields`, checked: InvalidSamplingParamsError names the first bad
+        one."""
+        params = cls(**fields)
+        check_sampling_params(params)
+        return params
 
     @property
     def greedy(self) -> bool:
@@ -145,3 +88,73 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
         )
+
+
+def check_sampling_params(params: SamplingParams) -> None:
+    """InvalidSamplingParamsError naming the first field of `params` out of its range."""
+
+    def bad(param: str, why: str) -> InvalidSamplingParamsError:
+        return InvalidSamplingParamsError(f"{param} {why}", param=param)
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+    if not is_int(params.max_tokens):
+        raise bad("max_tokens", f"must be an integer, got {params.max_tokens!r}")
+    if params.max_tokens < 0:
+        raise bad("max_tokens", f"must be at least 0, got {params.max_tokens}")
+    if not is_number(params.temperature):
+        raise bad("temperature", f"must be a number, got {params.temperature!r}")
+    if params.temperature < 0:
+        raise bad("temperature", f"must be non-negative, got {params.temperature}")
+    if not is_number(params.top_p) or not 0.0 < params.top_p <= 1.0:
+        raise bad("top_p", f"must be in (0, 1], got {params.top_p!r}")
+    if params.top_k is not None and (not is_int(params.top_k) or params.top_k < 1):
+        raise bad("top_k", f"must be a positive integer or None, got {params.top_k!r}")
+    if not is_number(params.min_p) or not 0.0 <= params.min_p <= 1.0:
+        raise bad("min_p", f"must be in [0, 1], got {params.min_p!r}")
+    for name in ("logprobs", "prompt_logprobs"):
+        v = getattr(params, name)
+        if v is not None and (not is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+            raise bad(name, f"must be in [0, {MAX_LOGPROBS}], got {v}")
+    if any(not isinstance(s, str) or not s for s in params.stop):
+        raise bad("stop", "stop strings must be non-empty strings")
+    if any(not is_int(t) or t < 0 for t in params.stop_token_ids):
+        raise bad("stop_token_ids", "must be non-negative integers")
+    if params.seed is not None and not is_int(params.seed):
+        raise bad("seed", f"must be an integer, got {params.seed!r}")
+    if not is_int(params.min_tokens) or not 0 <= params.min_tokens <= max(params.max_tokens, 0):
+        raise bad(
+            "min_tokens",
+            f"must be an integer in [0, max_tokens={params.max_tokens}], got {params.min_tokens!r}",
+        )
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(params, name)
+        if not is_number(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+            raise bad(name, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
+    rp = params.repetition_penalty
+    if not is_number(rp) or not 0.0 < rp < float("inf"):
+        raise bad("repetition_penalty", f"must be a positive number, got {rp!r}")
+    for pair in params.logit_bias:
+        if (
+            not isinstance(pair, tuple)
+            or len(pair) != 2
+            or not is_int(pair[0])
+            or pair[0] < 0
+            or not is_number(pair[1])
+            or not -MAX_BIAS <= pair[1] <= MAX_BIAS
+        ):
+            raise bad(
+                "logit_bias",
+                f"must map token ids to numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}], got {pair!r}",
+            )
+    ids = params.allowed_token_ids
+    if ids is not None and (not ids or any(not is_int(t) or t < 0 for t in ids)):
+        raise bad("allowed_token_ids", "must be a non-empty list of token ids")
+    if any(not isinstance(w, str) or not w for w in params.bad_words):
+        raise bad("bad_words", "must be non-empty strings")
+    if params.structured is not None and not isinstance(params.structured, StructuredOutput):
+        raise bad("structured", f"must be a StructuredOutput, got {params.structured!r}")

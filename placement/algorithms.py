@@ -7,18 +7,21 @@ the ILP draw on the same `time_limit` (the ILP gets what the others leave).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from muxserve.errors import ConfigError
+from placement.authors import solve_muxserve
 from placement.baselines import solve_spatial
 from placement.candidates import Mode, build_candidates
 from placement.deadline import Deadline, PlanningTimeout
 from placement.greedy import Progress, solve_greedy, solve_temporal, stderr_progress
 from placement.ilp import Objective, solve_ilp
+from placement.migration import against_current
 from placement.plan import Placement
 from placement.problem import Problem
 
-ALGORITHMS = ("ilp", "greedy", "spatial", "temporal")
+ALGORITHMS = ("ilp", "greedy", "muxserve", "spatial", "temporal")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,13 @@ class SolveOptions:
     objective: Objective = "throughput"
     threads: int | None = None
     max_replicas: int | None = None  # None: the cluster file's planner.max_replicas
+    authors_index_bug: bool = False  # muxserve: keep the authors' indexing bug (see authors.py)
+    # re-planning (placement/migration.py): the placement running now; each plan is kept only
+    # if its gain over `horizon_s` outweighs its moves' load times (`move_cost_s`: seconds for
+    # every model, by name, or None to estimate them from the weights)
+    current: Placement | None = None
+    move_cost_s: float | Mapping[str, float] | None = None
+    horizon_s: float = 600.0
 
 
 def solve(
@@ -53,6 +63,12 @@ def solve(
     plans: dict[str, Placement] = {}
     if "spatial" in algorithms:
         plans["spatial"] = solve_spatial(problem, deadline=deadline.fraction(0.1))
+    if "muxserve" in algorithms:
+        plans["muxserve"] = solve_muxserve(
+            problem,
+            fix_index_bug=not options.authors_index_bug,
+            deadline=deadline.fraction(0.2),
+        )
     if "temporal" in algorithms:
         plans["temporal"] = solve_temporal(
             problem, progress=progress, deadline=deadline.fraction(0.15)
@@ -88,4 +104,8 @@ def solve(
             )
             # the ILP's time includes the candidate table and the greedy plan it starts from
             plans["ilp"] = replace(ilp, solve_time_s=time.perf_counter() - start)
+    if options.current is not None:
+        plans = against_current(
+            plans, problem, options.current, options.move_cost_s, options.horizon_s
+        )
     return {a: plans[a] for a in algorithms}

@@ -155,6 +155,7 @@ def build_candidates(
     cap = mesh_capacity(problem, mode)
     deadline = deadline or Deadline.never()
     shapes: dict[tuple, _Shape | None] = {}  # models of one architecture and target share them
+    evals: dict[tuple, tuple] = {}  # and, at one served rate, their batch, latency and uses
     options: dict[tuple[int, int], tuple[Candidate, ...]] = {}
     for i in range(problem.num_models):
         deadline.check(f"evaluating the cost model (model {i + 1} of {problem.num_models})")
@@ -164,7 +165,7 @@ def build_candidates(
             found = [
                 c
                 for share in problem.params.sm_levels
-                for c in _candidates(problem, mode, cap, i, size, share, shapes)
+                for c in _candidates(problem, mode, cap, i, size, share, shapes, evals)
             ]
             if prune:
                 found = _pareto(found)
@@ -202,8 +203,13 @@ def _candidates(
     size: int,
     share: float,
     shapes: dict[tuple, _Shape | None],
+    evals: dict[tuple, tuple] | None = None,
 ) -> list[Candidate]:
-    """The candidates at one share: serving all it can, and the service levels below."""
+    """The candidates at one share: serving all it can, and the service levels below.
+
+    `evals` memoizes a candidate's batch, latency and uses by (shape, served rate): models
+    of one architecture and target that serve the same rate there (every model a share
+    cannot serve in full serves its capacity) are evaluated once."""
     spec, t, cost = p.specs[i], p.targets[i], p.cost
     if mode is Mode.MUX and share > cap.admission + 1e-12:
         return []
@@ -219,8 +225,13 @@ def _candidates(
     step = _step(p, mode, i, size, share)
     hbm_rate = p.cluster.gpu.hbm_bytes_per_s * p.cluster.cost_model.bandwidth_efficiency
     out = []
+    evals = {} if evals is None else evals
     for level in p.params.service_levels:
         served = level * min(t.rate, shape.capacity)
+        known = evals.get((mode, key, served))
+        if known is not None:
+            out.append(Candidate(i, size, share, served, *known))
+            continue
         batch = _batch_at(served * t.decode_steps, step, shape.max_batch)
         tpot = step(batch)
         # KV for the mean batch and two standard deviations more: the number of requests
@@ -234,6 +245,7 @@ def _candidates(
         else:
             turns = busy * share + served * shape.prefill_s  # its decode turns and prefills
             use = (fixed + kv, turns, turns, 0.0)
+        evals[(mode, key, served)] = (batch, tpot, shape.ttft, kv, use)
         out.append(Candidate(i, size, share, served, batch, tpot, shape.ttft, kv, use))
     return out
 
@@ -323,15 +335,19 @@ def _batch_at(arrivals_per_step: float, step: Callable[[float], float], max_batc
 
 
 def _pareto(cands: list[Candidate]) -> list[Candidate]:
-    """Drop candidates another one beats or equals on served rate and on every resource."""
+    """Drop candidates another one beats or equals on served rate and on every resource.
 
-    def dominates(a: Candidate, b: Candidate) -> bool:
-        return a.served >= b.served and all(x <= y for x, y in zip(a.use, b.use, strict=False))
-
-    kept: list[Candidate] = []
-    for c in cands:
-        if any(dominates(k, c) for k in kept):
+    In decreasing order of served rate (ties: least total use first), a candidate can only be
+    dominated by one before it, so one pass against those kept is enough (of equal ones, the
+    first listed is kept)."""
+    order = sorted(range(len(cands)), key=lambda k: (-cands[k].served, sum(cands[k].use), k))
+    kept: list[tuple[float, float, float, float]] = []
+    out: list[Candidate] = []
+    for k in order:
+        c = cands[k]
+        a, b, d, e = c.use
+        if any(u[0] <= a and u[1] <= b and u[2] <= d and u[3] <= e for u in kept):
             continue
-        kept = [k for k in kept if not dominates(c, k)]
-        kept.append(c)
-    return kept
+        kept.append(c.use)
+        out.append(c)
+    return out

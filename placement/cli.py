@@ -1,11 +1,14 @@
 """`muxserve plan`: place models on GPUs, print the plan per mesh, write it as a config.
 
     muxserve plan --models M.yaml --cluster C.yaml --workload W.yaml
-        [--algorithm ilp|greedy|spatial|temporal|all] [--out plan.yaml] [--simulate]
+        [--algorithm ilp|greedy|muxserve|spatial|temporal|all] [--out plan.yaml] [--simulate]
         [--time-limit S] [--replicas N] [--plot FILE.png]
+        [--current PLAN.yaml [--move-cost S|auto] [--horizon S]]
 
 The plan written by `--out` is a serving config (`muxserve serve --config plan.yaml`). With
-`--algorithm all`, it is the ILP's plan.
+`--algorithm all`, it is the ILP's plan. With `--current`, re-planning: a plan that moves
+models is taken only if what it gains over `--horizon` seconds outweighs the moves' load
+times, else the current placement is kept (placement/migration.py states the rule).
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from muxserve.config import dump_config
+from muxserve.config import dump_config, load_config
 from muxserve.errors import ConfigError
 from placement.algorithms import ALGORITHMS, SolveOptions, solve
 from placement.deadline import Deadline
 from placement.greedy import stderr_progress
 from placement.ilp_solver import SOLVERS
-from placement.plan import to_config
-from placement.problem import load_problem
+from placement.migration import current_from_config
+from placement.plan import Placement, to_config
+from placement.problem import Problem, load_problem
 from placement.report import format_comparison, format_placement, plot
 from placement.simulator import SimResult, simulate
 
@@ -75,6 +79,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ILP: HiGHS where highspy is installed, else CBC (bundled with pulp) (default auto)",
     )
     alg.add_argument("--threads", type=int, default=None, help="ILP: solver threads")
+    alg.add_argument(
+        "--authors-index-bug",
+        action="store_true",
+        help="muxserve: keep the authors' indexing bug (a mesh's score looked up by its "
+        "position in a re-sorted list); fixed by default",
+    )
+    mig = parser.add_argument_group("re-planning (migration cost)")
+    mig.add_argument(
+        "--current",
+        metavar="PLAN.yaml",
+        help="the plan serving now (a config written by --out): moving a model off it costs "
+        "its load time, and a plan is kept only if its gain outweighs that",
+    )
+    mig.add_argument(
+        "--move-cost",
+        default="auto",
+        metavar="S|auto",
+        help="seconds to load a model where it moves to (auto: its weight bytes at 2 GB/s "
+        "plus 0.5 s) (default auto)",
+    )
+    mig.add_argument(
+        "--horizon",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds a new plan is expected to hold: its gain counts over this (default 600)",
+    )
     sim = parser.add_argument_group("simulation")
     sim.add_argument(
         "--simulate",
@@ -95,18 +126,26 @@ def run(args: argparse.Namespace) -> int:
     """Plan, print, and write; bad input raises `ConfigError` (the CLI prints it)."""
     if args.time_limit <= 0:
         raise ConfigError(f"--time-limit must be positive, got {args.time_limit:g}")
+    if args.horizon <= 0:
+        raise ConfigError(f"--horizon must be positive, got {args.horizon:g}")
+    _move_cost(args.move_cost)  # its own check, before the inputs are read
     if args.replicas is not None and not 1 <= args.replicas <= 16:
         raise ConfigError(f"--replicas must be within 1..16, got {args.replicas}")
     deadline = Deadline.after(args.time_limit)  # from here: reading the inputs counts too
     problem = load_problem(args.models, args.cluster, args.workload, deadline=deadline)
     names = ALGORITHMS if args.algorithm == "all" else (args.algorithm,)
+    current = _current(args, problem)
     options = SolveOptions(
+        current=current,
+        move_cost_s=_move_cost(args.move_cost),
+        horizon_s=args.horizon,
         time_limit=args.time_limit,
         gap=args.gap,
         solver=args.solver,
         objective=args.objective,
         threads=args.threads,
         max_replicas=args.replicas,
+        authors_index_bug=args.authors_index_bug,
     )
     plans = solve(problem, names, options, progress=stderr_progress, deadline=deadline)
     sims: dict[str, SimResult] = {}
@@ -132,3 +171,23 @@ def run(args: argparse.Namespace) -> int:
         plot(plans, sims or None, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _move_cost(value: str) -> float | None:
+    """`--move-cost`: seconds, or None for "auto" (estimated per model from its weights)."""
+    if value == "auto":
+        return None
+    try:
+        cost = float(value)
+    except ValueError:
+        cost = -1.0
+    if not cost >= 0:
+        raise ConfigError(f"--move-cost must be 'auto' or non-negative seconds, got {value!r}")
+    return cost
+
+
+def _current(args: argparse.Namespace, problem: Problem) -> Placement | None:
+    """`--current`: the placement the given serving config runs, or None."""
+    if args.current is None:
+        return None
+    return current_from_config(load_config(args.current), problem)

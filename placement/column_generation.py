@@ -18,10 +18,13 @@ search nodes, MIP nodes), so a search that ends before its deadline is determini
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from placement.candidates import CandidateTable
 from placement.configurations import Config, price, price_bound, price_mip
@@ -37,6 +40,10 @@ MASTER_NODES = 5000  # branch-and-bound nodes of one integer master
 PRICING_NODES = 20_000
 PRICING_KEEP = 5  # configurations kept per pricing call
 STABILIZE_FROM = 40  # units: from here on, pricing at the root is stabilised
+# the aggregate LP's cuts: Fekete-Schepers dual feasible functions of orders 1-3 applied to
+# each resource and to the mean of each pair of resources (shares of a mesh's capacity)
+CUT_GROUPS = ((0,), (1,), (2,), (3,), *itertools.combinations(range(4), 2))
+CUT_ORDERS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -330,7 +337,9 @@ class BranchAndPrice:
         return x
 
     # ---- pricing ------------------------------------------------------------------------
-    def aggregate(self) -> tuple[float, list[float], dict[int, float]] | None:
+    def aggregate(
+        self, deadline: Deadline | None = None
+    ) -> tuple[float, list[float], dict[int, float]] | None:
         """The aggregate LP — each unit's candidates with the resources of all meshes of a
         size pooled — and its duals (unit prices, weights): a bound in a fraction of a second
         (as tight as the compact program's LP), and a point to steer pricing from."""
@@ -339,27 +348,52 @@ class BranchAndPrice:
                  for k in range(len(inst.units))]  # fmt: skip
         caps = {i: prog.add_row(-math.inf, cap) for i, cap in inst.caps.items()}
         pool = {(s, r): prog.add_row(-math.inf, 0.0) for s in inst.sizes for r in range(4)}
+        # valid cuts: a dual feasible function of each resource (and of each pair's mean)
+        cuts = {key: prog.add_row(-math.inf, 0.0) for s in inst.sizes for key in self._cut_keys(s)}
         nodes = prog.add_row(-math.inf, float(inst.nodes))
         for p in self.patterns:  # a node of pattern p adds p.count(s) meshes' worth of room
-            rows = [pool[(s, r)] for s in set(p) for r in range(4)] + [nodes]
-            prog.add_col(0.0, 0.0, math.inf, rows, [-float(p.count(s)) for s in set(p)
-                                                       for r in range(4)] + [1.0])  # fmt: skip
+            per_size = [(s, -float(p.count(s))) for s in sorted(set(p))]
+            rows = [pool[(s, r)] for s, _ in per_size for r in range(4)]
+            coefs = [a for _, a in per_size for r in range(4)]
+            rows += [cuts[key] for s, _ in per_size for key in self._cut_keys(s)]
+            coefs += [a for s, a in per_size for _ in self._cut_keys(s)]
+            prog.add_col(0.0, 0.0, math.inf, [*rows, nodes], [*coefs, 1.0])
+        cap = np.array(self.cap)
+        groups = np.zeros((4, len(CUT_GROUPS)))  # resource shares -> each group's mean
+        for g, group in enumerate(CUT_GROUPS):
+            groups[list(group), g] = 1.0 / len(group)
         for k, (i, _) in enumerate(inst.units):
             for s in inst.sizes:
-                for c in self.inst.table.options(i, s):
-                    rows = [units[k]] + [pool[(s, r)] for r in range(4) if c.use[r] > 0]
-                    coefs = [1.0] + [c.use[r] / self.cap[r] for r in range(4) if c.use[r] > 0]
+                opts = self.inst.table.options(i, s)
+                if not opts:
+                    continue
+                if (deadline or self._deadline).passed():
+                    return None
+                share = np.array([c.use for c in opts]) / cap  # (n, 4)
+                cut = _dff_all(np.minimum(share @ groups, 1.0))  # (n, groups, orders)
+                cut_rows = [cuts[(s, g, order)] for g in range(len(CUT_GROUPS))
+                            for order in CUT_ORDERS]  # fmt: skip
+                for c, sh, cc in zip(opts, share.tolist(), cut.reshape(len(opts), -1).tolist(),
+                                     strict=True):  # fmt: skip
+                    rows = [units[k]] + [pool[(s, r)] for r in range(4) if sh[r] > 0]
+                    coefs = [1.0] + [x for x in sh if x > 0]
+                    rows += [row for row, f in zip(cut_rows, cc, strict=True) if f > 0]
+                    coefs += [f for f in cc if f > 0]
                     if i in caps:
                         rows.append(caps[i])
                         coefs.append(c.served)
                     prog.add_col(c.served, 0.0, math.inf, rows, coefs)
-        sol = prog.solve(time_limit=max(self._deadline.left(), 0.05))
+        sol = prog.solve(time_limit=max((deadline or self._deadline).left(), 0.05))
         if sol.status != "optimal":
             return None
         d = sol.duals
         price_ = [d[row] if inst.mandatory(k) else max(d[row], 0.0) for k, row in enumerate(units)]
         weight = {i: 1.0 - max(d[caps[i]], 0.0) if i in caps else 1.0 for i in self.model_units}
         return sol.value, price_, weight
+
+    @staticmethod
+    def _cut_keys(s: int) -> list[tuple[int, int, int]]:
+        return [(s, g, k) for g in range(len(CUT_GROUPS)) for k in CUT_ORDERS]
 
     def _price(self, branch: Branch, deadline: Deadline, stop_at: float) -> _LP | None:
         """Column generation at a node, until no column improves the LP (the Lagrangian bound
@@ -552,6 +586,26 @@ class BranchAndPrice:
         artificial = sum(sol.x[col] for col in self.artificial_cols)
         lp = _LP(served, counts, presence, artificial)
         return lp, unit_price, weight_all, size_price
+
+
+def _dff(k: int, x: float) -> float:
+    """Fekete and Schepers' dual feasible function u^(k): items whose sizes add up to at most
+    1 have values adding up to at most 1, so Σ u^(k)(share) ≤ meshes is valid for a mesh
+    size's pooled candidates — and tighter than the pooled capacity where large items cannot
+    share a mesh (a 30B model's weights with a 7B model's decode on one GPU)."""
+    y = (k + 1) * x
+    if abs(y - round(y)) < 1e-9:
+        return x
+    return math.floor(y) / k
+
+
+def _dff_all(x: np.ndarray) -> np.ndarray:
+    """`_dff` of every order in CUT_ORDERS at every x: shape x.shape + (orders,)."""
+    out = []
+    for k in CUT_ORDERS:
+        y = (k + 1) * x
+        out.append(np.where(np.abs(y - np.round(y)) < 1e-9, x, np.floor(y) / k))
+    return np.stack(out, axis=-1)
 
 
 def _split(

@@ -120,6 +120,16 @@ def price(
         return total
 
     stop = False
+    lam_room = [lam[r] / room0[r] for r in range(4)]
+    lam_total = sum(lam)
+    r0, r1, r2, r3 = room0
+    # per depth: (value, candidate, its four uses, its charge under the multipliers)
+    flat = [
+        [(v, c, c.use[0], c.use[1], c.use[2], c.use[3],
+          sum(lam_room[r] * c.use[r] for r in range(4))) for v, c in its]
+        for its in items
+    ]  # fmt: skip
+    depth_end = len(models)
 
     def dfs(depth: int, used: list[float], value: float, chosen: list[Candidate]) -> None:
         nonlocal nodes, exact, stop
@@ -129,21 +139,29 @@ def price(
         if nodes > node_limit or stop:
             exact = False
             return
-        if depth == len(models):
+        if depth == depth_end:
             return
         need = floor() + 1e-12 - value
         if bound(depth, used, need) <= need:
             return
-        for v, c in items[depth]:
-            new = [used[r] + c.use[r] for r in range(4)]
-            if all(new[r] <= room0[r] for r in range(4)):
-                chosen.append(c)
-                if value + v > floor():
-                    best.append((value + v, tuple(chosen)))
-                    best.sort(key=lambda b: -b[0])
-                    del best[keep:]
-                dfs(depth + 1, new, value + v, chosen)
-                chosen.pop()
+        u0, u1, u2, u3 = used
+        rest, lrest = suffix[depth + 1], lsuffix[depth + 1]
+        charge = lam_total - sum(lam_room[r] * used[r] for r in range(4))
+        for v, c, a0, a1, a2, a3, ch in flat[depth]:
+            if value + v + rest <= floor() + 1e-12:
+                break  # the rest of this model's candidates are worth less still
+            n0, n1, n2, n3 = u0 + a0, u1 + a1, u2 + a2, u3 + a3
+            if n0 > r0 or n1 > r1 or n2 > r2 or n3 > r3:
+                continue
+            if value + v + lrest + charge - ch <= floor() + 1e-12 and len(best) >= keep:
+                continue  # the Lagrangian bound of the child already falls short
+            chosen.append(c)
+            if value + v > floor():
+                best.append((value + v, tuple(chosen)))
+                best.sort(key=lambda b: -b[0])
+                del best[keep:]
+            dfs(depth + 1, [n0, n1, n2, n3], value + v, chosen)
+            chosen.pop()
         dfs(depth + 1, used, value, chosen)
 
     dfs(0, [0.0] * 4, 0.0, [])

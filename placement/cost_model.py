@@ -13,7 +13,7 @@ from muxserve.config import EngineConfig
 from placement.gpus import GPUSpec
 from placement.params import AnalyticParams
 from placement.profile_table import ProfileTable
-from placement.specs import ModelSpec
+from placement.specs import PlannerModel
 
 
 class CostModel(Protocol):
@@ -23,22 +23,22 @@ class CostModel(Protocol):
     params: AnalyticParams
 
     def prefill_latency(
-        self, model: ModelSpec, tp: int, sm: float, num_seqs: int, prompt_len: float
+        self, model: PlannerModel, tp: int, sm: float, num_seqs: int, prompt_len: float
     ) -> float: ...
 
     def decode_latency(
-        self, model: ModelSpec, tp: int, sm: float, batch: float, context: float
+        self, model: PlannerModel, tp: int, sm: float, batch: float, context: float
     ) -> float: ...
 
     def bandwidth_share(self, sm: float) -> float: ...
 
-    def decode_bytes(self, model: ModelSpec, tp: int, batch: float, context: float) -> float: ...
+    def decode_bytes(self, model: PlannerModel, tp: int, batch: float, context: float) -> float: ...
 
     def prefill_bytes(
-        self, model: ModelSpec, tp: int, num_seqs: int, prompt_len: float
+        self, model: PlannerModel, tp: int, num_seqs: int, prompt_len: float
     ) -> float: ...
 
-    def fixed_bytes(self, model: ModelSpec, tp: int, engine: EngineConfig) -> float: ...
+    def fixed_bytes(self, model: PlannerModel, tp: int, engine: EngineConfig) -> float: ...
 
 
 class AnalyticCostModel:
@@ -65,21 +65,23 @@ class AnalyticCostModel:
         return min(1.0, sm) ** self.params.sm_compute_exponent
 
     # ---- bytes ----------------------------------------------------------------------------
-    def decode_bytes(self, model: ModelSpec, tp: int, batch: float, context: float) -> float:
+    def decode_bytes(self, model: PlannerModel, tp: int, batch: float, context: float) -> float:
         """HBM bytes one GPU reads in a decode step: its weight shard (of routed experts, those
         the batch's tokens pick) and the batch's KV."""
         return (model.weight_bytes_read(batch) + self._kv_read(model, batch, context)) / tp
 
     @staticmethod
-    def _kv_read(model: ModelSpec, batch: float, context: float) -> float:
+    def _kv_read(model: PlannerModel, batch: float, context: float) -> float:
         return batch * context * model.kv_bytes_per_token
 
-    def prefill_bytes(self, model: ModelSpec, tp: int, num_seqs: int, prompt_len: float) -> float:
+    def prefill_bytes(
+        self, model: PlannerModel, tp: int, num_seqs: int, prompt_len: float
+    ) -> float:
         """HBM bytes one GPU moves in a prefill: its weight shard and the KV it writes."""
         tokens = num_seqs * prompt_len
         return (model.weight_bytes_read(tokens) + tokens * model.kv_bytes_per_token) / tp
 
-    def activation_bytes(self, model: ModelSpec, tp: int, engine: EngineConfig) -> float:
+    def activation_bytes(self, model: PlannerModel, tp: int, engine: EngineConfig) -> float:
         """Peak activations per GPU: one layer of a full prefill chunk, plus fp32 logits."""
         c = model.config
         tokens = engine.prefill_token_budget
@@ -87,7 +89,7 @@ class AnalyticCostModel:
         logits = engine.max_batch_size * c.vocab_size * 4
         return tokens * per_token * model.dtype_bytes + logits
 
-    def fixed_bytes(self, model: ModelSpec, tp: int, engine: EngineConfig) -> float:
+    def fixed_bytes(self, model: PlannerModel, tp: int, engine: EngineConfig) -> float:
         """Memory per GPU a model takes before any KV: weights, activations, reserve."""
         return (
             model.weight_bytes / tp
@@ -97,7 +99,7 @@ class AnalyticCostModel:
 
     # ---- latencies ------------------------------------------------------------------------
     def prefill_latency(
-        self, model: ModelSpec, tp: int, sm: float, num_seqs: int, prompt_len: float
+        self, model: PlannerModel, tp: int, sm: float, num_seqs: int, prompt_len: float
     ) -> float:
         """Seconds to prefill `num_seqs` prompts of `prompt_len` tokens in one job."""
         tokens = num_seqs * prompt_len
@@ -107,7 +109,7 @@ class AnalyticCostModel:
         return self._roofline(model, tp, sm, flops, nbytes, tokens, num_seqs, overhead)
 
     def decode_latency(
-        self, model: ModelSpec, tp: int, sm: float, batch: float, context: float
+        self, model: PlannerModel, tp: int, sm: float, batch: float, context: float
     ) -> float:
         """Seconds for one decode step of `batch` sequences with `context` tokens each."""
         p = self.params
@@ -123,7 +125,7 @@ class AnalyticCostModel:
 
     def _roofline(
         self,
-        model: ModelSpec,
+        model: PlannerModel,
         tp: int,
         sm: float,
         flops: float,
@@ -142,7 +144,7 @@ class AnalyticCostModel:
             + p.per_seq_overhead_s * seqs
         )
 
-    def allreduce_time(self, model: ModelSpec, tp: int, tokens: float) -> float:
+    def allreduce_time(self, model: PlannerModel, tp: int, tokens: float) -> float:
         """Two ring all-reduces of the hidden state per layer under tensor parallelism."""
         if tp == 1:
             return 0.0
@@ -161,7 +163,7 @@ class ProfiledCostModel(AnalyticCostModel):
         self.table = table
 
     def prefill_latency(
-        self, model: ModelSpec, tp: int, sm: float, num_seqs: int, prompt_len: float
+        self, model: PlannerModel, tp: int, sm: float, num_seqs: int, prompt_len: float
     ) -> float:
         def analytic(s: float) -> float:
             return AnalyticCostModel.prefill_latency(self, model, tp, s, num_seqs, prompt_len)
@@ -170,7 +172,7 @@ class ProfiledCostModel(AnalyticCostModel):
         return analytic(sm) if t is None else t
 
     def decode_latency(
-        self, model: ModelSpec, tp: int, sm: float, batch: float, context: float
+        self, model: PlannerModel, tp: int, sm: float, batch: float, context: float
     ) -> float:
         def analytic(s: float) -> float:
             return AnalyticCostModel.decode_latency(self, model, tp, s, batch, context)

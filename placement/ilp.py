@@ -34,9 +34,10 @@ from placement.candidates import RESOURCES, Candidate, CandidateTable, Mode, bui
 from placement.column_generation import BranchAndPrice, Incumbent, Instance
 from placement.configurations import Config
 from placement.deadline import Deadline
+from placement.decomposition import plan_by_nodes
 from placement.greedy import Progress, solve_greedy, stderr_progress
 from placement.ilp_solver import SOLVERS, run_solver
-from placement.local_search import improve
+from placement.local_search import PAIR_WORK, improve
 from placement.lp import highs_available
 from placement.mesh_groups import MeshPacker, node_patterns, pattern_counts
 from placement.plan import Placement, assemble
@@ -44,6 +45,16 @@ from placement.problem import Problem
 
 Objective = Literal["throughput", "fair"]
 COMPACT_MAX_VARIABLES = 20_000  # larger compact programs are not worth solving whole
+# at scale (this many nodes and units) the configuration LP does not converge in a minute:
+# the aggregate LP bounds, the plan is made node by node and improved by local search
+SCALE_NODES = 4
+SCALE_UNITS = 40
+LOCAL_SEARCH_PAIRS = 28  # pairs of nodes re-planned at scale (all pairs of 8 nodes once)
+SCALE_PAIR_WORK = (10, 20, 2000)  # each pair's search nodes, pricing rounds, pricing nodes
+
+
+def _at_scale(problem: Problem, table: CandidateTable) -> bool:
+    return problem.cluster.nodes >= SCALE_NODES and len(table.units) >= SCALE_UNITS
 
 
 def solve_ilp(
@@ -80,7 +91,12 @@ def solve_ilp(
             run.offer(_configs(problem, table, greedy), "the greedy plan")
         except ConfigError:  # the greedy found no group that holds everyone; the ILP may
             pass
-    if objective == "throughput":
+    if objective == "throughput" and _at_scale(problem, table):
+        run.aggregate_bound()
+        run.by_nodes()
+        if run.gap() > gap_tolerance and not deadline.passed() and run.best is not None:
+            run.local_search(max_pairs=LOCAL_SEARCH_PAIRS, work=SCALE_PAIR_WORK)
+    elif objective == "throughput":
         run.branch_and_price(gap_tolerance)
         if run.gap() > gap_tolerance and not deadline.passed() and run.best is not None:
             run.local_search()
@@ -119,6 +135,8 @@ class _Run:
         self.value = -math.inf
         self.bound = cap_bound(table)
         self.notes: list[str] = []
+        self.cut: list[str] = []  # phases the deadline stopped before their work limits
+        self.work: dict[str, int] = {}  # work done at scale: searches, rounds, pairs
 
     def gap(self) -> float:
         return math.inf if self.best is None else _gap(self.value, self.bound)
@@ -162,7 +180,33 @@ class _Run:
                 "the bound is a Lagrangian one"
             )
 
-    def local_search(self) -> None:
+    def aggregate_bound(self) -> None:
+        """The aggregate LP's bound (with its cuts), in a fraction of a second."""
+        if self.deadline.passed():
+            return
+        bp = BranchAndPrice(Instance.whole(self.table), threads=self.threads,
+                            backend=self.backend)  # fmt: skip
+        found = bp.aggregate(self.deadline)
+        if found is not None:
+            self.tighten(found[0])
+
+    def by_nodes(self) -> None:
+        found, cut = plan_by_nodes(
+            self.table,
+            deadline=self.deadline.fraction(0.6),
+            threads=self.threads,
+            backend=self.backend,
+            progress=self.progress,
+            stats=self.work,
+        )
+        if cut:
+            self.cut.append("the node-by-node plan")
+        if found is not None:
+            self.offer(found.configs, "the node-by-node plan")
+
+    def local_search(
+        self, max_pairs: int | None = None, work: tuple[int, int, int] | None = None
+    ) -> None:
         assert self.best is not None
         found = improve(
             self.table,
@@ -171,7 +215,12 @@ class _Run:
             threads=self.threads,
             backend=self.backend,
             progress=self.progress,
+            max_pairs=max_pairs,
+            pair_work=work or PAIR_WORK,
+            stats=self.work,
         )
+        if self.deadline.passed():
+            self.cut.append("the local search")
         self.offer(found.configs, "the local search")
 
     def compact(self, objective: Objective) -> None:
@@ -207,6 +256,14 @@ class _Run:
             for (node, gpus), cfg in zip(where, self.best, strict=True)
         ]
         gap = _gap(self.value, self.bound)
+        if self.work:
+            done = ", ".join(f"{n} {what}" for what, n in self.work.items())
+            self.notes.append(f"work: {done}")
+        if self.cut:
+            self.notes.append(
+                f"the time limit cut {' and '.join(self.cut)} short: this plan depends on the "
+                "CPU time the run got (a longer limit or a quieter machine may find a better one)"
+            )
         if gap <= 1e-6:
             status = "optimal"
         elif gap <= tolerance:

@@ -10,7 +10,6 @@ second, and the whole search is deterministic unless the deadline cuts it short.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 from placement.candidates import CandidateTable
@@ -18,6 +17,12 @@ from placement.column_generation import BranchAndPrice, Incumbent, Instance
 from placement.configurations import Config
 from placement.deadline import Deadline
 from placement.mesh_groups import MeshPacker
+
+# one pair's search: bounded by work (a heuristic here; no proof needed)
+PAIR_SEARCH_NODES = 20  # search nodes
+PAIR_ROUNDS = 40  # pricing rounds per search node
+PAIR_PRICING = 5000  # branch-and-bound nodes per pricing call
+PAIR_WORK = (PAIR_SEARCH_NODES, PAIR_ROUNDS, PAIR_PRICING)
 
 
 def improve(
@@ -29,8 +34,12 @@ def improve(
     backend: str = "auto",
     progress: Callable[[str], None] | None = None,
     max_passes: int = 3,
+    max_pairs: int | None = None,
+    pair_work: tuple[int, int, int] = PAIR_WORK,
+    stats: dict[str, int] | None = None,
 ) -> Incumbent:
-    """A plan at least as good as `start`, found by re-planning pairs of nodes."""
+    """A plan at least as good as `start`, found by re-planning pairs of nodes (at most
+    `max_pairs` of them, so that the result does not depend on the CPU the run gets)."""
     problem = table.problem
     cl = problem.cluster
     if cl.nodes < 2:
@@ -43,17 +52,23 @@ def improve(
     for cfg, (node, _) in zip(start.configs, where, strict=True):
         nodes[node].append(cfg)
     best = start.value
+    visited = 0
     for npass in range(max_passes):
         improved = False
-        for a, b in itertools.combinations(range(cl.nodes), 2):
-            if deadline.passed():
+        for a, b in _pairs(cl.nodes):
+            if deadline.passed() or (max_pairs is not None and visited >= max_pairs):
                 return _incumbent(nodes)
-            better = _replan(table, nodes, (a, b), deadline, threads, backend)
+            visited += 1
+            if stats is not None:
+                stats["pairs"] = stats.get("pairs", 0) + 1
+            better = _replan(table, nodes, (a, b), deadline, threads, backend, pair_work)
             if better is not None:
                 gain = sum(c.served for c in better[0] + better[1]) - sum(
                     c.served for c in nodes[a] + nodes[b]
                 )
                 if gain > 1e-7 * max(best, 1.0):
+                    if stats is not None:
+                        stats["improving pairs"] = stats.get("improving pairs", 0) + 1
                     nodes[a], nodes[b] = better
                     best += gain
                     improved = True
@@ -64,6 +79,15 @@ def improve(
         if not improved:
             break
     return _incumbent(nodes)
+
+
+def _pairs(n: int) -> list[tuple[int, int]]:
+    """Every pair of nodes, nearest first: (0, 1), (1, 2), …, (n−1, 0), then (0, 2), …"""
+    out = []
+    for d in range(1, n // 2 + 1):
+        for a in range(n if 2 * d < n else n // 2):
+            out.append((a, (a + d) % n))
+    return out
 
 
 def _incumbent(nodes: list[list[Config]]) -> Incumbent:
@@ -78,6 +102,7 @@ def _replan(
     deadline: Deadline,
     threads: int | None,
     backend: str,
+    work: tuple[int, int, int],
 ) -> tuple[list[Config], list[Config]] | None:
     """The best re-plan of two nodes with their models and the plan's left-out replicas."""
     problem = table.problem
@@ -99,10 +124,10 @@ def _replan(
         threads=threads,
         backend=backend,
         label="ilp (local)",
-        max_nodes=20,
+        max_nodes=work[0],
         mip_limit_s=0.0,  # a heuristic here: bounded work, no proof needed
-        max_rounds=40,
-        pricing_nodes=5000,
+        max_rounds=work[1],
+        pricing_nodes=work[2],
     )
     start = Incumbent(
         sum(c.served for k in pair for c in nodes[k]), [*nodes[pair[0]], *nodes[pair[1]]]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from muxserve.config import Mesh, MeshModel, ModelEntry, MuxConfig, SMShare
 from placement.candidates import Candidate, CandidateTable, Mode
 from placement.problem import Problem
-from placement.specs import ModelSpec
+from placement.specs import PlannerModel
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def assemble(
     )
 
 
-def mesh_pool_bytes(problem: Problem, models: Iterable[tuple[ModelSpec, int]]) -> int:
+def mesh_pool_bytes(problem: Problem, models: Iterable[tuple[PlannerModel, int]]) -> int:
     """The KV pool per GPU of a mesh hosting `models` (spec, TP degree), in whole blocks.
 
     The serving config's `kv_pool_bytes` where it sets one (every engine then uses it);

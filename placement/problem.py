@@ -24,7 +24,7 @@ from placement.gpus import (
 from placement.params import PlannerParams
 from placement.profile_table import load_profile
 from placement.ray_cluster import cluster_from_ray, is_ray_cluster
-from placement.specs import ModelSpec, load_models
+from placement.specs import PlannerModel, load_models
 from placement.workload import MAX_MODELS, Arrival, Workload, load_workload
 
 
@@ -53,7 +53,7 @@ class Target:
 class Problem:
     """Everything a placement algorithm needs."""
 
-    specs: tuple[ModelSpec, ...]
+    specs: tuple[PlannerModel, ...]
     targets: tuple[Target, ...]  # aligned with specs
     cluster: ClusterSpec
     cost: CostModel
@@ -114,7 +114,7 @@ class Problem:
 
 
 def make_problem(
-    specs: list[ModelSpec] | tuple[ModelSpec, ...],
+    specs: list[PlannerModel] | tuple[PlannerModel, ...],
     workload: Workload,
     cluster: ClusterSpec,
     *,

@@ -1,6 +1,6 @@
 """Profiled job latencies (JSON, measured on a real GPU) that override the analytic model.
 
-Entries are keyed by architecture (`ModelSpec.arch_key`), tensor-parallel degree, phase and
+Entries are keyed by architecture (`PlannerModel.arch_key`), tensor-parallel degree, phase and
 SM share. Within an entry latencies are interpolated linearly (and extrapolated from the last
 two points); between SM shares linearly in 1/share, and outside the profiled shares the
 nearest entry is scaled by the analytic model's ratio. The format is in docs/placement.md.
@@ -31,7 +31,7 @@ def _increasing(xs: Sequence[float], key: str) -> None:
 class PrefillEntry(Strict):
     """Prefill latency against the number of tokens in the job."""
 
-    model: str  # ModelSpec.arch_key
+    model: str  # PlannerModel.arch_key
     tp: int = Field(ge=1)
     sm: float = Field(gt=0, le=1)
     phase: Literal["prefill"]
@@ -154,6 +154,8 @@ def _across_sm(
 ) -> float:
     """Interpolate in 1/share between the two profiled shares around `sm` (only those two
     are looked up); outside the profiled shares, the nearest scaled by the analytic model."""
+    if sm == shares[0] or sm == shares[-1]:
+        return at(0 if sm == shares[0] else len(shares) - 1)
     if sm <= shares[0]:
         return at(0) * analytic(sm) / analytic(shares[0])
     if sm >= shares[-1]:

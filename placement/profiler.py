@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from placement.profile_table import FORMAT
-from placement.specs import ModelSpec, load_models
+from placement.specs import PlannerModel, load_models
 
 TOKENS = (128, 256, 512, 1024, 2048)
 BATCHES = (1, 8, 32, 128)
 CONTEXTS = (128, 512, 1024)
 
 
-def _layer(spec: ModelSpec, device: str) -> tuple[Any, Any]:
+def _layer(spec: PlannerModel, device: str) -> tuple[Any, Any]:
     """A Llama decoder layer's weights (q, k, v, o, gate, up, down) and the LM head."""
     import torch
 
@@ -45,7 +45,7 @@ def _layer(spec: ModelSpec, device: str) -> tuple[Any, Any]:
     return weights, w(c.vocab_size, h)
 
 
-def _forward(spec: ModelSpec, weights: dict, x: Any, kv: Any | None, causal: bool) -> Any:
+def _forward(spec: PlannerModel, weights: dict, x: Any, kv: Any | None, causal: bool) -> Any:
     """One layer: fused projections, attention over (new + cached) keys, SwiGLU MLP."""
     import torch
     import torch.nn.functional as F
@@ -84,7 +84,7 @@ def _time(fn: Any, device: str, repeat: int) -> float:
 
 
 def profile_model(
-    spec: ModelSpec,
+    spec: PlannerModel,
     device: str,
     sm: float,
     tokens: tuple[int, ...] = TOKENS,

@@ -11,7 +11,7 @@ from pathlib import Path
 from muxserve.errors import ConfigError
 from placement.candidates import Mode
 from placement.plan import Placement
-from placement.simulator import ModelStats, SimResult
+from placement.simulator import ModelResult, SimResult
 
 
 def _ms(x: float | None) -> str:
@@ -70,7 +70,7 @@ def format_placement(plan: Placement, sim: SimResult | None = None) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _sim_cells(s: ModelStats) -> str:
+def _sim_cells(s: ModelResult) -> str:
     ttft = f"{_ms(s.ttft_p50)}/{_ms(s.ttft_p99)}"
     tpot = f"{_ms(s.tpot_p50)}/{_ms(s.tpot_p99)}"
     return f"{s.throughput:>10.2f}{s.slo_attainment:>7.1%}  {ttft:>16}  {tpot:>16}"

@@ -32,7 +32,7 @@ from placement.problem import Problem
 
 
 @dataclass(frozen=True)
-class ModelStats:
+class ModelResult:
     """One model's results over the measured window."""
 
     name: str
@@ -53,7 +53,7 @@ class SimResult:
 
     algorithm: str
     window_s: float
-    models: tuple[ModelStats, ...]
+    models: tuple[ModelResult, ...]
 
     @property
     def throughput(self) -> float:
@@ -348,7 +348,7 @@ def _stats(
     slo_ttft: float | None,
     slo_tpot: float | None,
     output_len: int,
-) -> ModelStats:
+) -> ModelResult:
     arrived = [r for r in tracks if r.in_window]
     done = [r for r in arrived if r.finish is not None and r.first_token is not None]
     ttft = np.array([r.first_token - r.arrival for r in done])  # type: ignore[operator]
@@ -361,7 +361,7 @@ def _stats(
     def pct(xs: np.ndarray, q: float) -> float | None:
         return float(np.percentile(xs, q)) if xs.size else None
 
-    return ModelStats(
+    return ModelResult(
         name=name,
         rate=rate,
         arrived=len(arrived),

@@ -20,8 +20,8 @@ from placement.files import Strict, read_yaml, validate
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """One model to place: its name, checkpoint, serving dtype and architecture."""
+class PlannerModel:
+    """A model as the planner sees it: its name, checkpoint, serving dtype and architecture."""
 
     name: str
     path: str
@@ -99,7 +99,7 @@ class ModelSet:
 
     source: str
     entries: tuple[ModelEntry, ...]
-    specs: tuple[ModelSpec, ...]
+    specs: tuple[PlannerModel, ...]
     engine: EngineConfig
     engine_is_default: bool  # no `engine:` section: the plan may size the KV pool
 
@@ -140,14 +140,14 @@ def spec_from_config(
     max_model_len: int | None = None,
     *,
     on_gpu: bool = True,
-) -> ModelSpec:
+) -> PlannerModel:
     """A spec from an already-read config, in the dtype the engine will serve it in.
 
     `dtype` None: as `muxserve.dtypes.resolve_dtype` decides (on a GPU the checkpoint's half
     dtype, else float16); `on_gpu` False plans a CPU engine (float32).
     """
     ctx = config.max_position_embeddings
-    return ModelSpec(
+    return PlannerModel(
         name=name,
         path=path,
         dtype=resolve_dtype(dtype, config.torch_dtype, on_gpu),

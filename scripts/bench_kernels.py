@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from muxserve import ops
 from muxserve.cuda_timing import copy_bandwidth, cuda_time
 from muxserve.kv.layout import KVLayout
 from muxserve.runner.attention import BatchLayout
+from muxserve.runner.kernels import ops
 from muxserve.runner.kv_pool import KVPool
 
 DECODE_GRID = [  # batch, context, heads, kv_heads, head_dim

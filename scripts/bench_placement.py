@@ -1,14 +1,18 @@
 """Benchmark the placement algorithms on the paper's setup, on 64 models, and with replicas.
 
 1. The paper's 19 models on 4 x 8 A100-80GB (measured A100 profile), rates 1x and 2.5x the
-   paper's (max 40 and 100 req/s), alpha in {0.7, 0.9, 1.3, 1.7, 2.1}: ILP, greedy, spatial and
-   temporal plans — estimated throughput, bound, gap, solve time; simulated throughput and SLO
-   attainment for the --simulate algorithms (a quick simulation: short window, warm-up and
-   drain of one planned request latency).
-2. 64 models (40 x 7B, 14 x 13B, 6 x 30B, 4 x 65B) on 8 x 8 A100-80GB (fitted analytic model),
+   paper's (max 40 and 100 req/s), alpha in {0.7, 0.9, 1.3, 1.7, 2.1}: ILP, our greedy, the
+   authors' algorithm (muxserve, its own time limit), spatial and temporal plans — estimated
+   throughput under our estimator and under the authors' (`placement.authors`), bound, gap,
+   solve time; simulated throughput and SLO attainment for the --simulate algorithms (a quick
+   simulation: short window, warm-up and drain of one planned request latency; a plan equal
+   to one already simulated is not simulated again).
+2. The warm start (candidate table + greedy) on the paper instances: CPU and wall seconds,
+   medians over --repeats.
+3. 64 models (40 x 7B, 14 x 13B, 6 x 30B, 4 x 65B) on 8 x 8 A100-80GB (fitted analytic model),
    alpha 0.7, max rate 100: the ILP within --large-time-limit, --runs times (plan, bound, gap,
-   wall time and overshoot, the difference between runs).
-3. Replicas: the paper's models with one very hot model (llm-0 at --hot-rate req/s), planned
+   wall and CPU time, overshoot, the work done, the difference between runs).
+4. Replicas: the paper's models with one very hot model (llm-0 at --hot-rate req/s), planned
    with 1 and with --replicas meshes per model, estimated and simulated.
 
 Writes bench.json (with the command and the load average before and after) and bench.png.
@@ -32,7 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from muxserve.models.hf_config import load_hf_config  # noqa: E402
 from placement.algorithms import ALGORITHMS, SolveOptions, solve  # noqa: E402
+from placement.authors import authors_estimate, own_estimate  # noqa: E402
+from placement.candidates import Mode, build_candidates  # noqa: E402
 from placement.gpus import load_cluster  # noqa: E402
+from placement.greedy import solve_greedy  # noqa: E402
 from placement.plan import Placement  # noqa: E402
 from placement.problem import Problem, make_problem  # noqa: E402
 from placement.simulator import simulate  # noqa: E402
@@ -108,19 +115,40 @@ def simulated(plan: Placement, p: Problem, args: argparse.Namespace) -> dict:
     }
 
 
+def signature(plan: Placement) -> tuple:
+    """What a simulation of the plan depends on: meshes, models, shares, rates."""
+    return tuple(sorted(
+        (m.size, tuple(sorted((x.name, x.decode_share, x.prefill_share, x.time_share, x.served)
+                              for x in m.models)))
+        for m in plan.meshes
+    ))  # fmt: skip
+
+
 def run_paper(scale: float, args: argparse.Namespace) -> list[dict]:
     rows = []
+    ours = tuple(a for a in ALGORITHMS if a != "muxserve")
     for alpha in PAPER_ALPHAS:
         p = paper_problem(alpha, PAPER_MAX_RATE * scale, args.slo_scale)
         options = SolveOptions(time_limit=args.time_limit, threads=args.threads)
         t0 = time.perf_counter()
-        plans = solve(p, ALGORITHMS, options, progress=None)
+        plans = solve(p, ours, options, progress=None)
         row: dict = {"scale": scale, "alpha": alpha, "requested": p.total_rate,
                      "plan_wall_s": time.perf_counter() - t0}  # fmt: skip
-        for name, plan in plans.items():
+        plans |= solve(p, ("muxserve",), SolveOptions(time_limit=args.muxserve_time_limit),
+                       progress=None)  # fmt: skip
+        sims: dict[tuple, dict] = {}
+        for name in ALGORITHMS:
+            plan = plans[name]
             row[name] = summary(plan)
+            if name != "temporal":  # their estimator knows SM shares, not time shares
+                row[name]["authors_est"] = authors_estimate(p, plan)
+            if (own := own_estimate(plan)) is not None:
+                row[name]["authors_own"] = own  # theirs, with their own shares
             if args.duration > 0 and name in args.simulate:
-                row[name] |= simulated(plan, p, args)
+                key = signature(plan)
+                if key not in sims:
+                    sims[key] = simulated(plan, p, args) | {"same_plan_as": name}
+                row[name] |= sims[key]
         base = row["spatial"]
         for name in ALGORITHMS:
             row[name]["x_spatial_est"] = row[name]["estimated"] / base["estimated"]
@@ -131,6 +159,7 @@ def run_paper(scale: float, args: argparse.Namespace) -> list[dict]:
             + ", ".join(
                 f"{n} {row[n]['estimated']:.1f}"
                 + (f"/{row[n]['simulated']:.1f}" if "simulated" in row[n] else "")
+                + (f" (theirs {row[n]['authors_est']:.1f})" if "authors_est" in row[n] else "")
                 for n in ALGORITHMS
             )
             + f" req/s; ilp {row['ilp']['solve_s']:.2f} s, bound {row['ilp']['bound']:.1f}, "
@@ -140,18 +169,48 @@ def run_paper(scale: float, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_warm_start(args: argparse.Namespace) -> list[dict]:
+    """Candidate table + greedy on the paper instances: CPU and wall seconds (medians)."""
+    rows: list[dict] = []
+    medians: list[float] = []
+    for scale in (1.0, 2.5):
+        for alpha in PAPER_ALPHAS:
+            cpu: list[float] = []
+            wall: list[float] = []
+            table_cpu: list[float] = []
+            for _ in range(args.repeats):
+                p = paper_problem(alpha, PAPER_MAX_RATE * scale, args.slo_scale)
+                c0, w0 = time.process_time(), time.perf_counter()
+                table = build_candidates(p, Mode.MUX)
+                c1 = time.process_time()
+                solve_greedy(p, table, progress=None)
+                cpu.append(time.process_time() - c0)
+                wall.append(time.perf_counter() - w0)
+                table_cpu.append(c1 - c0)
+            rows.append({
+                "scale": scale, "alpha": alpha, "cpu_s": statistics.median(cpu),
+                "cpu_min_max": [min(cpu), max(cpu)], "wall_s": statistics.median(wall),
+                "table_cpu_s": statistics.median(table_cpu), "load": load(),
+            })  # fmt: skip
+            medians.append(statistics.median(cpu))
+    log(f"warm start (table + greedy): median CPU {min(medians):.3f}-{max(medians):.3f} s "
+        "over the paper instances")  # fmt: skip
+    return rows
+
+
 def run_large(args: argparse.Namespace) -> dict:
     p = large_problem(args.large_alpha, args.large_max_rate, args.slo_scale)
     runs = []
     for k in range(args.runs):
         before = load()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         plans = solve(p, ("ilp", "greedy"), SolveOptions(time_limit=args.large_time_limit,
                       threads=args.threads), progress=log)  # fmt: skip
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         ilp = plans["ilp"]
         runs.append(summary(ilp) | {
             "wall_s": wall,
+            "cpu_s": cpu,
             "overshoot": wall / args.large_time_limit - 1,
             "greedy": plans["greedy"].served_total,
             "load_before": before,
@@ -161,7 +220,8 @@ def run_large(args: argparse.Namespace) -> dict:
         })  # fmt: skip
         greedy = plans["greedy"].served_total
         log(f"64 × 64 run {k + 1}: ilp {ilp.served_total:.1f} req/s, bound {ilp.bound:.1f}, "
-            f"gap {ilp.gap:.2%}, {wall:.1f} s (greedy {greedy:.1f})")  # fmt: skip
+            f"gap {ilp.gap:.2%}, {wall:.1f} s ({cpu:.1f} CPU-s, load {before:.1f}-{load():.1f}; "
+            f"greedy {greedy:.1f}); {'; '.join(ilp.notes)}")  # fmt: skip
     values = [r["estimated"] for r in runs]
     return {
         "models": p.num_models,
@@ -212,13 +272,17 @@ def plot(result: dict, path: Path) -> None:
         ax_t, ax_s = axes[k]
         for name in ALGORITHMS:
             (line,) = ax_t.plot(alphas, [r[name]["estimated"] for r in rs], "o-", label=name)
+            if name in ("ilp", "greedy", "muxserve"):
+                ax_t.plot(alphas, [r[name]["authors_est"] for r in rs], "+:", ms=9,
+                          color=line.get_color())  # fmt: skip
             if "simulated" in rs[0][name]:
                 ax_t.plot(alphas, [r[name]["simulated"] for r in rs], "x--", color=line.get_color())
                 ax_s.plot(alphas, [100 * r[name]["slo_attainment"] for r in rs], "o-",
                           color=line.get_color(), label=name)  # fmt: skip
         ax_t.plot(alphas, [r["ilp"]["bound"] for r in rs], "k_", ms=12, label="ILP bound")
         ax_t.plot(alphas, [r["requested"] for r in rs], "k:", label="requested")
-        ax_t.set_title(f"max rate {PAPER_MAX_RATE * scale:g} req/s: o estimated, x simulated")
+        ax_t.set_title(f"max rate {PAPER_MAX_RATE * scale:g} req/s: o ours, + authors' "
+                       "estimator, x simulated", fontsize=9)  # fmt: skip
         ax_t.set_xlabel("α")
         ax_t.set_ylabel("req/s")
         ax_t.legend(fontsize=7)
@@ -253,6 +317,56 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def markdown(result: dict) -> str:
+    """The paper rows, the warm start and the 64 x 64 runs as markdown tables."""
+
+    def est(r: dict, name: str) -> str:
+        x = r[name]
+        parts = [f"{x['estimated']:.1f}", f"{x['authors_est']:.1f}" if "authors_est" in x else "-"]
+        if "authors_own" in x:
+            parts[1] += f" ({x['authors_own']:.1f})"
+        parts.append(f"{x['simulated']:.1f}" if "simulated" in x else "-")
+        return " / ".join(parts)
+
+    def ratio(r: dict, key: str) -> str:
+        a, b = r["ilp"].get(key), r["muxserve"].get(key)
+        return f"{a / b:.2f}" if a and b else "-"
+
+    out = [
+        "| max rate | α | requested | ILP | bound (gap) | greedy | muxserve | spatial "
+        "| ILP × muxserve (ours / theirs / sim) | SLO ILP / muxserve / spatial "
+        "| ILP time, status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result.get("paper", []):
+        slo = " / ".join(f"{100 * r[n]['slo_attainment']:.0f}%" if "slo_attainment" in r[n]
+                         else "-" for n in ("ilp", "muxserve", "spatial"))  # fmt: skip
+        out.append(
+            f"| {PAPER_MAX_RATE * r['scale']:g} | {r['alpha']} | {r['requested']:.1f} "
+            f"| {est(r, 'ilp')} | {r['ilp']['bound']:.1f} ({r['ilp']['gap']:.2%}) "
+            f"| {est(r, 'greedy')} | {est(r, 'muxserve')} | {est(r, 'spatial')} "
+            f"| {ratio(r, 'estimated')} / {ratio(r, 'authors_est')} / {ratio(r, 'simulated')} "
+            f"| {slo} | {r['ilp']['solve_s']:.2f} s, {r['ilp']['status']} |"
+        )
+    if "warm_start" in result:
+        out += ["", "| max rate | α | table + greedy, CPU s (min-max) | of which the table "
+                "| wall s | load |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for w in result["warm_start"]:
+            lo, hi = w["cpu_min_max"]
+            out.append(f"| {PAPER_MAX_RATE * w['scale']:g} | {w['alpha']} | {w['cpu_s']:.3f} "
+                       f"({lo:.3f}-{hi:.3f}) | {w['table_cpu_s']:.3f} | {w['wall_s']:.3f} "
+                       f"| {w['load']:.1f} |")  # fmt: skip
+    if "large" in result:
+        out += ["", "| run | ILP | bound | gap | wall s | CPU s | load before-after | greedy "
+                "| notes |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for k, r in enumerate(result["large"]["runs"]):
+            out.append(f"| {k + 1} | {r['estimated']:.1f} | {r['bound']:.1f} | {r['gap']:.2%} "
+                       f"| {r['wall_s']:.1f} | {r.get('cpu_s', float('nan')):.1f} "
+                       f"| {r['load_before']:.1f}-{r['load_after']:.1f} | {r['greedy']:.1f} "
+                       f"| {'; '.join(r['notes'])} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "placement")
@@ -263,29 +377,51 @@ def main() -> int:
                     help="seconds per paper instance, every algorithm together")  # fmt: skip
     ap.add_argument("--duration", type=float, default=3.0,
                     help="simulated seconds measured after warm-up (0: no simulation)")  # fmt: skip
-    ap.add_argument("--simulate", default="ilp,spatial",
+    ap.add_argument("--simulate", default="ilp,greedy,muxserve,spatial",
                     help="the algorithms whose plans are simulated")  # fmt: skip
+    ap.add_argument("--muxserve-time-limit", type=float, default=60.0,
+                    help="seconds for the authors' algorithm per paper instance")  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=3, help="warm-start timing repeats")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--large-alpha", type=float, default=0.7)
     ap.add_argument("--large-max-rate", type=float, default=100.0)
     ap.add_argument("--large-time-limit", type=float, default=60.0)
     ap.add_argument("--runs", type=int, default=1, help="64 x 64 runs (run-to-run difference)")
     ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--large-only", action="store_true",
+                    help="only the 64 x 64 runs, written to large.json (e.g. with a limit "
+                    "long enough for the search's work limits)")  # fmt: skip
     ap.add_argument("--hot-rate", type=float, default=200.0, help="llm-0's rate, replicas run")
     ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="only redraw bench.png and bench.md from this bench.json")  # fmt: skip
     args = ap.parse_args()
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        plot(saved, args.out / "bench.png")
+        (args.out / "bench.md").write_text(markdown(saved))
+        return 0
     args.simulate = tuple(a for a in args.simulate.split(",") if a)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result: dict = {"command": " ".join(sys.argv), "load_before": load()}
+    if args.large_only:
+        result["large"] = run_large(args)
+        result |= {"load_after": load(), "wall_s": time.perf_counter() - t0}
+        (args.out / "large.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / "large.md").write_text(markdown(result))
+        log(f"wrote {args.out / 'large.json'}")
+        return 0
     scales = [float(x) for x in args.scales.split(",")]
     result["paper"] = [row for scale in scales for row in run_paper(scale, args)]
+    result["warm_start"] = run_warm_start(args)
     result["replicas"] = run_replicas(args)
     if not args.skip_large:
         result["large"] = run_large(args)
     result |= {"load_after": load(), "wall_s": time.perf_counter() - t0}
     (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / "bench.png")
+    (args.out / "bench.md").write_text(markdown(result))
     log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'} "
         f"in {result['wall_s']:.0f} s (load {result['load_before']:.2f} -> "
         f"{result['load_after']:.2f})")  # fmt: skip

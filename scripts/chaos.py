@@ -46,8 +46,19 @@ from muxserve.demo import DEMO_ENGINE, DEMO_RATES, ensure_demo_models  # noqa: E
 
 SHM = Path("/dev/shm")
 CLIENT_TIMEOUT_S = 180.0  # longer than any recovery: a request with no answer by then is lost
-JOB_TIMEOUT_S = 10.0  # a stopped worker's job is recomputed after this (+ 10 ms per token)
+JOB_TIMEOUT_S = 60.0  # a job still running after this (+ 10 ms per token) is recomputed
+# a running job whose worker uses no CPU this long (SIGSTOP) is recomputed: a slow job on this
+# loaded host still uses CPU, so it is not cut short (a 10 s deadline alone recomputed slow
+# prefills in a loop and stalled a model in an earlier run)
+JOB_STALL_S = 5.0
 MESH_HANG_TIMEOUT_S = 8.0  # a stopped mesh is killed and restarted after this
+# a model whose queue would take longer than this at its recent rate refuses more (a 429 with
+# that wait as Retry-After): an overloaded or stalled model answers at once, well within the
+# client's deadline, instead of queueing requests that time out
+MAX_QUEUE_WAIT_S = 60.0
+# and a request still unfinished this long after it arrived ends with a clear timeout (504, or
+# a stream's error event): what the queue bound let in on an overloaded host is answered too
+REQUEST_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -95,6 +106,9 @@ def config_for(target: str, models: dict[str, Path]) -> dict[str, Any]:
         "executor": "mps",
         "job_timeout_s": JOB_TIMEOUT_S,
         "job_timeout_per_token_s": 0.01,
+        "job_stall_s": JOB_STALL_S,
+        "max_queue_wait_s": MAX_QUEUE_WAIT_S,
+        "request_timeout_s": REQUEST_TIMEOUT_S,
     }
     raw: dict[str, Any] = {
         "models": [
@@ -292,7 +306,10 @@ async def run_target(
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
     rng = random.Random(f"{args.seed}-{target}")
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        # no connection limit: aiohttp's default of 100 would queue requests in this client,
+        # on its own clock, whenever 100 are outstanding (they would count as lost)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             if not await wait_healthy(session, url, 300.0):
                 raise RuntimeError(f"{target}: the server did not come up; see {tmp}")
             t0 = time.monotonic()
@@ -418,7 +435,10 @@ def main() -> int:
         "load_average_end": os.getloadavg(),
         "client_timeout_s": CLIENT_TIMEOUT_S,
         "job_timeout_s": JOB_TIMEOUT_S,
+        "job_stall_s": JOB_STALL_S,
         "mesh_hang_timeout_s": MESH_HANG_TIMEOUT_S,
+        "max_queue_wait_s": MAX_QUEUE_WAIT_S,
+        "request_timeout_s": REQUEST_TIMEOUT_S,
         "targets": [asdict(r) for r in results],
     }
     (out / "chaos.json").write_text(json.dumps(report, indent=2))

@@ -38,7 +38,7 @@ from muxserve.models.hf_config import load_hf_config  # noqa: E402
 from placement.cost_model import AnalyticCostModel  # noqa: E402
 from placement.gpus import BUILTIN_GPUS  # noqa: E402
 from placement.params import ROOFLINE, AnalyticParams  # noqa: E402
-from placement.specs import ModelSpec, spec_from_config  # noqa: E402
+from placement.specs import PlannerModel, spec_from_config  # noqa: E402
 
 # the fields fitted, with their bounds
 FIELDS: dict[str, tuple[float, float]] = {
@@ -75,7 +75,7 @@ def load_points(path: Path) -> list[tuple[str, int, float, str, int, int, float]
     return out
 
 
-def specs() -> dict[str, ModelSpec]:
+def specs() -> dict[str, PlannerModel]:
     return {
         f"llama-{k}": spec_from_config(
             k, "", load_hf_config(ROOT / "configs" / "models" / f"llama-{k}"), "float16"
@@ -84,7 +84,7 @@ def specs() -> dict[str, ModelSpec]:
     }
 
 
-def predict(params: AnalyticParams, points: list, models: dict[str, ModelSpec]) -> np.ndarray:
+def predict(params: AnalyticParams, points: list, models: dict[str, PlannerModel]) -> np.ndarray:
     cm = AnalyticCostModel(BUILTIN_GPUS["A100-80GB"], params)
     out = np.empty(len(points))
     for k, (name, tp, sm, phase, b, n, _) in enumerate(points):
@@ -100,7 +100,7 @@ def with_values(base: AnalyticParams, x: np.ndarray) -> AnalyticParams:
     return base.model_copy(update={f: float(v) for f, v in zip(FIELDS, x, strict=True)})
 
 
-def fit(points: list, models: dict[str, ModelSpec], start: AnalyticParams) -> AnalyticParams:
+def fit(points: list, models: dict[str, PlannerModel], start: AnalyticParams) -> AnalyticParams:
     from scipy.optimize import least_squares
 
     measured = np.array([p[-1] for p in points])
@@ -121,7 +121,7 @@ def fit(points: list, models: dict[str, ModelSpec], start: AnalyticParams) -> An
     return with_values(start, res.x * scale)
 
 
-def metrics(params: AnalyticParams, points: list, models: dict[str, ModelSpec]) -> dict:
+def metrics(params: AnalyticParams, points: list, models: dict[str, PlannerModel]) -> dict:
     ratio = predict(params, points, models) / np.array([p[-1] for p in points])
     out = {}
     for phase, key in (("prefill", "prefill"), ("decoding", "decode")):

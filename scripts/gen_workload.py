@@ -7,8 +7,13 @@
 
 Model i's mean rate is proportional to (i + 1) ** -alpha; arrivals are a gamma renewal
 process with the given coefficient of variation (1 with --arrival poisson); --ramp staggered
-makes each model's rate rise and fall in turn. Lengths: fixed:N, uniform:LO:HI, or
-chat:MEAN[:MAX] (log-normal, long-tailed). The same options and seed give the same file.
+makes each model's rate rise and fall in turn. --popularity shifting rotates the power law's
+ranks every phase (--shift-phases over the duration, --shift-step ranks each: which models
+are hot changes over time); --popularity longtail gives a Zipf law (--alpha) over a seeded
+shuffle of the models, most of them nearly idle. --copies K lists each model K times under
+the names NAME-0 .. NAME-(K-1) (serve them as copies of one checkpoint). Lengths: fixed:N,
+uniform:LO:HI, or chat:MEAN[:MAX] (log-normal, long-tailed). The same options and seed give
+the same file.
 
 From a conversation dump you downloaded (nothing is fetched), ShareGPT's JSON or
 LMSYS-Chat-1M's JSON Lines, one request per conversation (first user turn, reply length):
@@ -31,12 +36,20 @@ from muxserve.bench.trace import import_conversations, write_trace
 from muxserve.bench.workload import add_workload_arguments, generate, load_tokenizer, spec_from_args
 
 
+def copy_names(models: list[str], copies: int) -> list[str]:
+    """Each model `copies` times, copy k named NAME-k: the copies of one model side by side."""
+    return [f"{m}-{k}" for m in models for k in range(copies)]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_workload_arguments(p, models=["llama-demo", "qwen-demo", "mistral-demo"])
     p.add_argument("--out", default="trace.jsonl", help="where to write the trace")
+    p.add_argument(
+        "--copies", type=int, default=1, help="list each model K times as NAME-0 .. NAME-(K-1)"
+    )
     p.add_argument(
         "--from-trace",
         metavar="FILE",
@@ -46,6 +59,10 @@ def main() -> int:
         "--trace-limit", type=int, metavar="N", help="--from-trace: the first N records only"
     )
     args = p.parse_args()
+    if args.copies < 1:
+        p.error(f"--copies must be at least 1, got {args.copies}")
+    if args.copies > 1:
+        args.models = copy_names(args.models, args.copies)
     if args.from_trace:
         return from_trace(p, args)
     try:

@@ -53,7 +53,7 @@ stage_env() {
     fi
     python - <<'EOF'
 import torch
-from muxserve.kernel_build import toolchain
+from muxserve.runner.kernels.kernel_build import toolchain
 print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())
 print("toolchain (nvcc, driver, torch):", toolchain())
 try:

@@ -11,9 +11,9 @@ forward over the unified pool with the CUDA kernels and decode graphs, sampling,
 as the engine runs a job. The output is placement's `muxserve-profile/1` format
 (placement/profile_table.py; docs/kernels.md describes it), validated before it is written.
 
-SM shares below 1 run on a green context of that many SMs (muxserve/executor/sm_partition.py);
+SM shares below 1 run on a green context of that many SMs (muxserve/runner/sm_partition.py);
 where torch has none the script refuses them. Tensor parallelism is not implemented in
-muxserve yet (muxserve/parallel/sharding.py), so `--tp` accepts 1 only.
+muxserve yet (muxserve/models/sharding.py), so `--tp` accepts 1 only.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(tp != 1 for tp in args.tp):
         problems.append(
             "--tp: tensor parallelism is not implemented in muxserve yet "
-            "(muxserve/parallel/sharding.py); profile tp=1"
+            "(muxserve/models/sharding.py); profile tp=1"
         )
     if any(not 0 < s <= 1 for s in args.sm):
         problems.append("--sm: shares must be in (0, 1]")
@@ -182,13 +182,13 @@ def measure(plan: ModelPlan, args: argparse.Namespace) -> list[dict[str, Any]]:
     import numpy as np
     import torch
 
-    from muxserve.executor.sm_partition import make_partition
     from muxserve.kv.block_pool import BlockPool
     from muxserve.kv.block_tables import BlockTables
     from muxserve.kv.layout import KVLayout
     from muxserve.models.registry import build_model
     from muxserve.runner.kv_pool import KVPool
     from muxserve.runner.model_runner import ModelRunner
+    from muxserve.runner.sm_partition import make_partition
     from muxserve.sampling_params import SamplingParams
     from muxserve.scheduler.job import Job, Phase, SeqWork
 

@@ -15,6 +15,13 @@ from muxserve.engine import AUTO_DEVICE_ENV
 # stays on gloo, MPS starts no daemon). The GPU suite (tests/gpu) names its device.
 os.environ.setdefault(AUTO_DEVICE_ENV, "cpu")
 
+# Every process the tests start (scripts, mesh processes, Ray workers) imports `muxserve` from
+# this checkout, whatever other copy of the package is installed.
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+)
+
 
 @pytest.fixture(scope="session")
 def demo_models() -> dict[str, Path]:

@@ -303,3 +303,66 @@ def test_round_trip_without_meshes(tmp_path: Path) -> None:
     cfg = parse_config({"models": [{"name": "a", "path": "/a"}], "engine": {"policy": "fcfs"}})
     dump_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+# ---- sleep and wake (issue 15) -------------------------------------------------------------
+def inline(raw: dict) -> dict:
+    raw["engine"]["executor"] = "inline"
+    raw["meshes"][0]["models"][0]["tensor_parallel"] = 1
+    return raw
+
+
+def test_initial_state_and_residency_defaults() -> None:
+    cfg = parse_config(inline(good()))
+    assert [m.initial_state for m in cfg.models] == ["awake", "awake"]
+    res = cfg.engine.residency
+    assert (res.weights_budget_bytes, res.half_life_s, res.min_residency_s) == (None, 60.0, 10.0)
+    assert (res.sleep_level, res.wake_timeout_s, res.idle_sleep_s) == (1, 30.0, None)
+
+
+def test_a_mesh_may_list_a_model_asleep_and_set_its_weights_budget() -> None:
+    raw = inline(good())
+    raw["meshes"][1]["models"].append({"name": "llama", "initial_state": "asleep"})
+    raw["meshes"][1]["weights_budget_bytes"] = 3 << 20
+    cfg = parse_config(raw)
+    m0, m1 = cfg.for_mesh("m0"), cfg.for_mesh("m1")
+    assert [(m.name, m.initial_state) for m in m0.models] == [("llama", "awake")]
+    assert [(m.name, m.initial_state) for m in m1.models] == [
+        ("qwen", "awake"),
+        ("llama", "asleep"),
+    ]
+    assert m1.engine.residency.weights_budget_bytes == 3 << 20
+    assert m0.engine.residency == cfg.engine.residency
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "key"),
+    [
+        ("models.0.initial_state", "dozing", "models.0.initial_state"),
+        ("meshes.1.models.0.initial_state", "off", "meshes.1.models.0.initial_state"),
+        ("engine.residency.weights_budget_bytes", 0, "engine.residency.weights_budget_bytes"),
+        ("engine.residency.half_life_s", 0, "engine.residency.half_life_s"),
+        ("engine.residency.min_residency_s", -1, "engine.residency.min_residency_s"),
+        ("engine.residency.sleep_level", 3, "engine.residency.sleep_level"),
+        ("engine.residency.wake_timeout_s", 0, "engine.residency.wake_timeout_s"),
+        ("engine.residency.idle_sleep_s", 0, "engine.residency.idle_sleep_s"),
+        ("meshes.1.weights_budget_bytes", -5, "meshes.1.weights_budget_bytes"),
+    ],
+)
+def test_bad_residency_settings_name_the_key(path: str, value: object, key: str) -> None:
+    raw = inline(good())
+    with pytest.raises(ConfigError, match=rf"{key}: "):
+        parse_config(set_in(raw, path, value))
+
+
+def set_in(raw: dict, path: str, value: object) -> dict:
+    node: object = raw
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})  # type: ignore[index]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value  # type: ignore[index]
+    return raw

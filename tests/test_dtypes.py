@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from typing import get_args
 
 import pytest
 import torch
 
-from muxserve.dtypes import dtype_bytes, resolve_dtype, torch_dtype
+from muxserve.dtypes import DTYPE_BYTES, Dtype, dtype_bytes, resolve_dtype, torch_dtype
+from muxserve.models.loader import MODEL_DTYPES
 
 
 @pytest.mark.parametrize(
@@ -40,3 +42,10 @@ def test_one_table_for_bytes_and_torch_dtypes() -> None:
         torch_dtype("float64")
     with pytest.raises(ValueError, match=re.escape(f"unknown dtype 'fp16'{names}")):
         resolve_dtype("fp16", None, True)
+
+
+def test_one_table_of_served_dtypes() -> None:
+    """The config's schema, the byte sizes and the loader's torch dtypes list the same names."""
+    assert get_args(Dtype) == tuple(DTYPE_BYTES) == ("float32", "bfloat16", "float16")
+    assert (torch.float32, torch.bfloat16, torch.float16) == MODEL_DTYPES
+    assert [torch_dtype(n).itemsize for n in DTYPE_BYTES] == list(DTYPE_BYTES.values())

@@ -7,55 +7,26 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
-from muxserve.config import MuxConfig, parse_config
+from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.errors import (
     CheckpointError,
     EmptyPromptError,
-    InvalidSamplingParamsError,
     PromptTooLongError,
     RequestError,
     UnknownModelError,
 )
 from muxserve.sampling_params import SamplingParams
-
-PROMPT_LENGTHS = (1, 2, 5, 9, 17, 40, 75, 130)  # mixed; 130 > the prefill budget below
-MAX_NEW = 20
-# all prompts of all models need 576 blocks of 4 KiB at once; the largest single request 80
-TIGHT_POOL = 200 * 4096
-
-
-def make_config(demo_models: dict[str, Path], **engine: object) -> MuxConfig:
-    defaults: dict[str, object] = {"kv_pool_bytes": 4 << 20, "block_bytes": 4096}
-    defaults["prefill_token_budget"] = 64
-    return parse_config(
-        {
-            "models": [
-                {"name": n, "path": str(p), "rate": r}
-                for (n, p), r in zip(demo_models.items(), (3.0, 2.0, 1.0), strict=True)
-            ],
-            "engine": defaults | engine,
-        }
-    )
-
-
-def prompts_for(model: str, vocab: int = 900) -> list[list[int]]:
-    rng = random.Random(model)
-    return [[rng.randrange(3, vocab) for _ in range(n)] for n in PROMPT_LENGTHS]
-
-
-def run_all(engine: MuxEngine, params: SamplingParams) -> dict[str, list[list[int]]]:
-    """Every model's prompts, submitted together so their jobs interleave."""
-    names = list(engine.models)
-    pairs = [(m, p) for m in names for p in prompts_for(m)]
-    random.Random(1).shuffle(pairs)
-    outs = engine.generate([p for _, p in pairs], params, [m for m, _ in pairs])
-    by_model: dict[str, dict[tuple[int, ...], list[int]]] = {m: {} for m in names}
-    for (m, p), c in zip(pairs, outs, strict=True):
-        by_model[m][tuple(p)] = c.token_ids
-    return {m: [by_model[m][tuple(p)] for p in prompts_for(m)] for m in names}
+from tests.helpers.engine import (
+    MAX_NEW,
+    PROMPT_LENGTHS,
+    TIGHT_POOL,
+    hf_greedy,
+    make_config,
+    prompts_for,
+    run_all,
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +43,7 @@ def greedy_outputs(engine: MuxEngine) -> dict[str, list[list[int]]]:
 
 @pytest.fixture(scope="module")
 def hf_outputs(demo_models: dict[str, Path]) -> dict[str, list[list[int]]]:
-    transformers = pytest.importorskip("transformers")
-    out = {}
-    for name, path in demo_models.items():
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager"
-        )
-        rows = []
-        for p in prompts_for(name):
-            ids = hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False)
-            rows.append(ids[0, len(p) :].tolist())
-        out[name] = rows
-    return out
+    return {n: [list(r) for r in hf_greedy(n, p)] for n, p in demo_models.items()}
 
 
 # ---- parity ------------------------------------------------------------------------------
@@ -172,15 +132,6 @@ def test_bad_requests_raise_before_allocating(engine, model, prompt, params, err
     # the engine goes on serving the others
     [c] = engine.generate(["still alive"], SamplingParams(max_tokens=3, temperature=0), "qwen-demo")
     assert len(c.token_ids) == 3
-
-
-@pytest.mark.parametrize(
-    "field,value", [("max_tokens", -1), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5)]
-)
-def test_bad_sampling_params(field, value):
-    with pytest.raises(InvalidSamplingParamsError) as e:
-        SamplingParams(**{field: value})
-    assert e.value.param == field
 
 
 def test_checkpoint_missing_weights(demo_models, tmp_path):

@@ -1,5 +1,5 @@
 // A CPU emulation of the little of CUDA the kernels use, to run csrc/*.cu on a machine
-// without a GPU (tests/test_ops.py). Each CUDA thread of a block is a fiber (ucontext); the
+// without a GPU (tests/runner/kernels/test_ops.py). Each CUDA thread of a block is a fiber (ucontext); the
 // blocks of a grid run one after another, so `__shared__` can be a static. __syncthreads and
 // warp shuffles are barriers between fibers; a barrier some threads never reach is reported
 // as a deadlock instead of hanging. Not a performance model: it checks indexing and results.

@@ -7,6 +7,13 @@
   time-varying rate keeps the same burstiness relative to the local rate.
 - Staggered ramps: each model's rate rises and falls in turn (a raised-cosine bump over a
   floor), so at any time one model is hot and the others are nearly idle.
+- Shifting popularity (`popularity="shifting"`): the power law's ranks rotate every phase
+  (`shift_phases` phases over the duration, `shift_step` ranks each), so the set of hot models
+  changes abruptly and every model is hot for a while; over whole rotations every model has
+  the same mean rate.
+- Long tail (`popularity="longtail"`): a Zipf law over many models whose ranks are a seeded
+  shuffle of the names (the popular models are not the first listed): a few models carry most
+  of the load and most are nearly idle.
 - Lengths: fixed, uniform, or "chat" (log-normal, long-tailed, with a given mean).
 
 Everything is drawn from `numpy.random.default_rng([seed, i])` per model: the same spec gives
@@ -103,6 +110,9 @@ class WorkloadSpec:
     duration_s: float  # span of the arrival process
     alpha: float = 1.0  # popularity power law: rate_i ~ (i + 1) ** -alpha
     cv: float = 1.0  # coefficient of variation of inter-arrival times (1: Poisson)
+    popularity: Literal["power", "shifting", "longtail"] = "power"
+    shift_phases: int = 4  # shifting: phases over the duration, the ranks rotating each phase
+    shift_step: int = 1  # shifting: ranks a model moves down (cyclically) from phase to phase
     ramp: Literal["none", "staggered"] = "none"
     ramp_floor: float = 0.1  # a model's off-peak rate as a fraction of its peak
     ramp_width: float = 0.5  # width of a model's bump as a fraction of a ramp cycle
@@ -121,6 +131,10 @@ class WorkloadSpec:
             raise ValueError("ramp_floor must be in [0, 1] and ramp_width in (0, 1]")
         if self.ramp_cycles < 1:
             raise ValueError("ramp_cycles must be at least 1")
+        if self.shift_phases < 1 or self.shift_step < 0:
+            raise ValueError("shift_phases must be at least 1 and shift_step at least 0")
+        if self.popularity != "power" and self.ramp != "none":
+            raise ValueError(f"popularity {self.popularity!r} sets the rates over time: no ramp")
 
     def meta(self) -> dict[str, Any]:
         """The spec as JSON-able data, for the trace's meta line."""
@@ -134,10 +148,44 @@ class WorkloadSpec:
         )
         return d
 
-    def model_rates(self) -> list[float]:
-        """Mean requests/s of each model: the power law, summing to `rate`."""
-        w = [(i + 1) ** -self.alpha for i in range(len(self.models))]
+    def rank_rates(self) -> list[float]:
+        """Requests/s of popularity rank r (0: the most popular): the power law, summing to
+        `rate`."""
+        w = [(r + 1) ** -self.alpha for r in range(len(self.models))]
         return [self.rate * x / sum(w) for x in w]
+
+    def ranks(self, phase: int = 0) -> list[int]:
+        """Each model's popularity rank: its index ("power"), its index moved down by
+        `shift_step` per phase ("shifting"), or a seeded shuffle ("longtail")."""
+        n = len(self.models)
+        if self.popularity == "shifting":
+            return [(i + phase * self.shift_step) % n for i in range(n)]
+        if self.popularity == "longtail":
+            order = np.random.default_rng([self.seed, 1 << 20]).permutation(n)
+            return [int(r) for r in np.argsort(order)]  # model order[r] has rank r
+        return list(range(n))
+
+    def model_rates(self) -> list[float]:
+        """Mean requests/s of each model over the duration, summing to `rate`."""
+        by_rank = self.rank_rates()
+        if self.popularity != "shifting":
+            return [by_rank[r] for r in self.ranks()]
+        phases = [self.ranks(k) for k in range(self.shift_phases)]
+        return [
+            sum(by_rank[p[i]] for p in phases) / self.shift_phases for i in range(len(self.models))
+        ]
+
+    def intensity(self, i: int, t: np.ndarray) -> np.ndarray:
+        """Model i's requests/s at times `t` (the mean rate times the shape, or, shifting,
+        the rate of the rank it holds in each phase)."""
+        if self.popularity != "shifting":
+            return self.model_rates()[i] * self.shape(i, t)
+        by_rank = np.array(self.rank_rates())
+        n = len(self.models)
+        phase = np.minimum(
+            (t / self.duration_s * self.shift_phases).astype(np.int64), self.shift_phases - 1
+        )
+        return np.asarray(by_rank[(i + phase * self.shift_step) % n])
 
     def shape(self, i: int, t: np.ndarray) -> np.ndarray:
         """Model i's load over time relative to its mean (mean 1 over the duration)."""
@@ -154,9 +202,9 @@ class WorkloadSpec:
 
 def arrivals(spec: WorkloadSpec, i: int, rng: np.random.Generator) -> np.ndarray:
     """Arrival times of model i: a gamma renewal process mapped through its rate's integral."""
-    rate = spec.model_rates()[i]
-    grid = np.linspace(0.0, spec.duration_s, 4096 * spec.ramp_cycles + 1)
-    lam = rate * spec.shape(i, grid)
+    steps = 4096 * max(spec.ramp_cycles, spec.shift_phases if spec.popularity == "shifting" else 1)
+    grid = np.linspace(0.0, spec.duration_s, steps + 1)
+    lam = spec.intensity(i, grid)
     # cumulative expected arrivals at each grid point (trapezoids)
     cum = np.concatenate([[0.0], np.cumsum((lam[1:] + lam[:-1]) / 2 * np.diff(grid))])
     k = 1.0 / spec.cv**2  # gamma shape: variance / mean^2 = cv^2 with mean 1
@@ -260,6 +308,19 @@ def add_workload_arguments(p: argparse.ArgumentParser, **defaults: Any) -> None:
     )
     g.add_argument("--arrival", choices=["poisson", "gamma"], default=d.get("arrival", "gamma"))
     g.add_argument("--cv", type=float, default=d["cv"], help="gamma: inter-arrival CV (>1 bursty)")
+    g.add_argument(
+        "--popularity",
+        choices=["power", "shifting", "longtail"],
+        default=d.get("popularity", "power"),
+        help="power: fixed power law; shifting: its ranks rotate every phase; longtail: Zipf "
+        "over a seeded shuffle of the models (most nearly idle)",
+    )
+    g.add_argument(
+        "--shift-phases", type=int, default=d.get("shift_phases", 4), help="shifting: phases"
+    )
+    g.add_argument(
+        "--shift-step", type=int, default=d.get("shift_step", 1), help="shifting: ranks per phase"
+    )
     g.add_argument("--ramp", choices=["none", "staggered"], default=d["ramp"])
     g.add_argument(
         "--ramp-floor", type=float, default=d.get("ramp_floor", 0.1), help="off-peak / peak rate"
@@ -294,6 +355,9 @@ def spec_from_args(args: argparse.Namespace, models: Sequence[str] | None = None
         duration_s=args.duration,
         alpha=args.alpha,
         cv=1.0 if args.arrival == "poisson" else args.cv,
+        popularity=args.popularity,
+        shift_phases=args.shift_phases,
+        shift_step=args.shift_step,
         ramp=args.ramp,
         ramp_floor=args.ramp_floor,
         ramp_width=args.ramp_width,

@@ -7,7 +7,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Mapping
 
-from muxserve.client.protocol import Health, MeshHealth, MeshState, MeshStats
+from muxserve.client.protocol import Health, MeshHealth, MeshState, MeshStats, ModelState
 from muxserve.engine import MuxEngine
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
@@ -54,6 +54,15 @@ class InProcessClient:
     async def stats(self) -> list[MeshStats]:
         return [mesh_stats(self.engine, self.name)]
 
+    async def sleep(self, model: str, level: int = 1) -> None:
+        await asyncio.to_thread(self.engine.sleep, model, level)
+
+    async def wake(self, model: str) -> float:
+        return await asyncio.to_thread(self.engine.wake, model)
+
+    def model_states(self) -> dict[str, ModelState]:
+        return self.engine.model_states()
+
     def health(self) -> Health:
         state = MeshState.OK if self.engine.is_running else MeshState.STOPPED
         error = None if state is MeshState.OK else "the engine loop is not running"
@@ -75,4 +84,12 @@ class InProcessClient:
 def mesh_stats(engine: MuxEngine, name: str) -> MeshStats:
     """A snapshot of `engine`'s scheduler, labelled as mesh `name`."""
     snap = engine.snapshot()
-    return MeshStats(name, snap.models, snap.blocks_total, snap.blocks_free, snap.preemptions)
+    return MeshStats(
+        name,
+        snap.models,
+        snap.blocks_total,
+        snap.blocks_free,
+        snap.preemptions,
+        engine.model_states(),
+        engine.wake_stats(),
+    )

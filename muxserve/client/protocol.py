@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from muxserve.output_processor import RequestOutput
+from muxserve.residency import ModelState, WakeStats
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.scheduler import ModelStats
 from muxserve.served_model import ServedModel
@@ -28,6 +29,8 @@ class MeshStats:
     blocks_total: int  # KV blocks of the engine's pool
     blocks_free: int
     preemptions: int = 0  # since the engine started
+    states: dict[str, ModelState] = field(default_factory=dict)  # every model's, at that moment
+    wakes: dict[str, WakeStats] = field(default_factory=dict)  # per model
 
 
 class MeshState(enum.Enum):
@@ -124,6 +127,28 @@ class EngineClient(Protocol):
 
     async def stats(self) -> list[MeshStats]:
         """Scheduler state of every engine that answers (one per mesh)."""
+        ...
+
+    async def sleep(self, model: str, level: int = 1) -> None:
+        """Put `model` to sleep: its KV quota goes back to the pool, its device weights go.
+
+        Level 1 keeps the weights in host memory (pinned on a GPU) for a fast wake; level 2
+        drops them (a wake reloads the checkpoint). Asleep already: nothing happens. Raises
+        `UnknownModelError`, `ValueError` for another level, and `ModelBusyError` while the
+        model has requests waiting or running (drain it first).
+        """
+        ...
+
+    async def wake(self, model: str) -> float:
+        """Bring `model`'s weights back; returns the seconds it took (0.0: awake already).
+
+        Raises `UnknownModelError`, and `ModelDoesNotFitError` when its weights do not fit in
+        what the awake models leave (after the residency policy put idle ones to sleep).
+        """
+        ...
+
+    def model_states(self) -> dict[str, ModelState]:
+        """Every model's state as last known, without waiting on any engine."""
         ...
 
     def health(self) -> Health:

@@ -7,6 +7,7 @@ one is done, while the jobs of other models still run.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,12 +18,15 @@ import torch
 
 from muxserve.config import SMShare
 from muxserve.dtypes import torch_dtype
+from muxserve.executor.lifecycle import WorkerLifecycle
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.kv.layout import KVLayout
 from muxserve.model_descriptor import ModelDescriptor
 from muxserve.models.hf_config import HFModelConfig
 from muxserve.runner.kv_pool import KVPool, PoolSizing
-from muxserve.scheduler.job import Job, JobResult, Phase
+from muxserve.scheduler.job import Job, JobResult
+
+POLL_S = 1.0  # longest one `poll` of the engine's loop waits for a result before it returns
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class ModelSpec:
     sm_share: SMShare
     tensor_parallel: int = 1
     max_model_len: int | None = None  # the served context: per-position buffers' length
+    asleep: bool = False  # listed but not loaded until it is woken (initial_state: asleep)
 
     @classmethod
     def of(cls, model: ModelDescriptor, path: str | Path) -> ModelSpec:
@@ -52,8 +57,13 @@ class ModelSpec:
             model.max_model_len,
         )
 
-    def share(self, phase: Phase) -> float:
-        return self.sm_share.prefill if phase is Phase.PREFILL else self.sm_share.decode
+    def estimated_weight_bytes(self) -> int:
+        """What its weights take on one device, from the checkpoint's shapes and the dtype."""
+        from muxserve.models.registry import checkpoint_shapes
+
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        numel = sum(math.prod(s) for s in checkpoint_shapes(self.config).values())
+        return numel * itemsize // self.tensor_parallel
 
 
 class Executor(Protocol):
@@ -65,6 +75,7 @@ class Executor(Protocol):
     """
 
     pool: KVPool  # the KV pool's memory on the device, allocated by the executor
+    can_sleep: bool  # whether `sleep_model` / `wake_model` work (both executors: yes)
 
     def submit(self, jobs: Sequence[Job]) -> None:
         """Start the jobs (or queue them for a worker that is still starting)."""
@@ -94,6 +105,27 @@ class Executor(Protocol):
         """Models that cannot run jobs right now (workers restarting or broken), with why."""
         ...
 
+    def weight_bytes(self, model: str) -> int:
+        """What `model`'s weights take on each of its devices while it is awake."""
+        ...
+
+    def sleep_model(self, model: str, level: int) -> None:
+        """Take `model`'s weights off the device (level 1: to host memory; 2: dropped).
+
+        The engine calls it with no job of the model in flight, from any thread but the loop's.
+        """
+        ...
+
+    def wake_model(self, model: str) -> None:
+        """Put a sleeping model's weights back on the device (from host memory, or its
+        checkpoint); from any thread but the loop's, while the loop runs other models' jobs."""
+        ...
+
+    def stop_idle(self) -> int:
+        """Stop worker processes idle past their limit, if the executor has any; how many
+        groups stopped. The loop's thread calls it while the engine waits for work."""
+        ...
+
 
 def cpu_threads(share: float, cores: int | None = None) -> int:
     """The CPU analogue of an SM share: intra-op threads for a worker with that share."""
@@ -109,6 +141,7 @@ def create_executor(
     device: torch.device,
     progress: bool = False,
     deadline: JobDeadline | None = None,
+    lifecycle: WorkerLifecycle | None = None,
 ) -> Executor:
     """The executor `EngineConfig.executor` names, with every model loaded and its KV pool.
 
@@ -131,7 +164,9 @@ def create_executor(
     if kind == "mps":
         from muxserve.executor.mps import MpsExecutor
 
-        return MpsExecutor.create(specs, sizing, device, progress, deadline=deadline)
+        return MpsExecutor.create(
+            specs, sizing, device, progress, deadline=deadline, lifecycle=lifecycle
+        )
     raise ValueError(f"unknown executor {kind!r}; use 'inline' or 'mps'")
 
 

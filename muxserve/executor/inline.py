@@ -7,15 +7,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from muxserve.executor.base import ModelSpec, load_progress
-from muxserve.executor.sm_partition import SMPartition, make_partitions
+from muxserve.executor.base import POLL_S, ModelSpec, load_progress
+from muxserve.models.causal_lm import CausalLM
 from muxserve.models.loader import load_model
 from muxserve.runner.kv_pool import KVPool, PoolSizing
 from muxserve.runner.model_runner import LaunchedJob, ModelRunner
+from muxserve.runner.sm_partition import SMPartition, make_partitions
 from muxserve.scheduler.job import Job, JobResult, Phase
 
 POLL_SLEEP_S = 20e-6  # between checks of the jobs' CUDA events
-POLL_S = 1.0
 
 
 class InlineExecutor:
@@ -30,8 +30,11 @@ class InlineExecutor:
         runners: Mapping[str, ModelRunner],
         pool: KVPool,
         shares: Mapping[tuple[str, Phase], float] | None = None,
+        specs: Mapping[str, ModelSpec] | None = None,
     ) -> None:
+        """`specs`: where each model's checkpoint is, for a wake that reloads it (level 2)."""
         self.runners = dict(runners)
+        self.specs = dict(specs or {})
         self.pool = pool
         device = self.device = pool.buffer.device
         self._partitions: dict[tuple[str, Phase], SMPartition] = {}
@@ -58,16 +61,24 @@ class InlineExecutor:
         models = {
             s.name: load_model(s.path, s.dtype, device, s.max_model_len)[0]
             for s in load_progress(specs, progress)
+            if not s.asleep
         }
         pool = KVPool(sizing.num_blocks([device]), sizing.block_bytes, device)
         runners = {
             s.name: ModelRunner(
-                s.name, models[s.name], s.config, pool, s.layout, s.dtype, s.max_model_len
+                s.name,
+                models.get(s.name),
+                s.config,
+                pool,
+                s.layout,
+                s.dtype,
+                s.max_model_len,
+                0 if s.name in models else s.estimated_weight_bytes(),
             )
             for s in specs
         }
-        shares = {(s.name, p): s.share(p) for s in specs for p in Phase}
-        return cls(runners, pool, shares)
+        shares = {(s.name, p): p.share(s.sm_share) for s in specs for p in Phase}
+        return cls(runners, pool, shares, {s.name: s for s in specs})
 
     def submit(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
@@ -117,8 +128,39 @@ class InlineExecutor:
     def wake(self) -> None:
         """`poll` never waits on anything but the device."""
 
+    def stop_idle(self) -> int:
+        return 0  # no worker processes
+
     def degraded(self) -> dict[str, str]:
         return {}  # jobs run in this process: a stuck one stops the engine (no watchdog here)
+
+    # ---- sleep and wake ---------------------------------------------------------------------
+    can_sleep = True
+
+    def weight_bytes(self, model: str) -> int:
+        return self.runners[model].weights.nbytes
+
+    def sleep_model(self, model: str, level: int) -> None:
+        self.runners[model].sleep(level)
+
+    def wake_model(self, model: str) -> None:
+        """Host copy back to the device, or the checkpoint loaded again (memory-mapped)."""
+        s = self.specs.get(model)
+        runner = self.runners[model]
+
+        def load() -> CausalLM:
+            if s is None:
+                raise RuntimeError(f"{model}: no checkpoint known to reload it from")
+            if self.device.type != "cuda":
+                return load_model(s.path, s.dtype, self.device, s.max_model_len)[0]
+            # on a stream of its own: the legacy default stream would wait for every job
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                loaded = load_model(s.path, s.dtype, self.device, s.max_model_len)[0]
+            stream.synchronize()
+            return loaded
+
+        runner.wake(load)
 
     def shutdown(self) -> None:
         self._launched.clear()

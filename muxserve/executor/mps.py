@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
@@ -25,18 +26,21 @@ import torch.multiprocessing
 
 from muxserve.errors import WorkerFailedError
 from muxserve.executor.base import ModelSpec, cpu_threads, load_progress
+from muxserve.executor.lifecycle import WorkerLifecycle
 from muxserve.executor.messages import TPRank, WorkerInit
 from muxserve.executor.mps_daemon import HINT, MpsDaemon, MpsUnavailableError
 from muxserve.executor.waker import Waker
-from muxserve.executor.watchdog import JobDeadline
+from muxserve.executor.watchdog import JobDeadline, ProgressProbe
 from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, WorkerGroup
 from muxserve.models.causal_lm import CausalLM
-from muxserve.parallel.sharding import load_rank_models, rank_device
+from muxserve.models.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing
+from muxserve.runner.model_weights import ModelWeights, weight_bytes
 from muxserve.scheduler.job import Job, JobResult, Phase
 
 log = logging.getLogger(__name__)
 
+STALL_SAMPLE_S = 1.0  # how often a running job's workers are checked for progress
 START_TIMEOUT_S = 180.0  # every worker of the engine ready within this, or the engine fails
 MAX_FAILED_STARTS = 3  # restarts in a row that die before ready: the group gives up
 
@@ -52,6 +56,7 @@ class MpsExecutor:
         groups: dict[tuple[str, Phase], WorkerGroup],
         daemon: MpsDaemon | None,
         deadline: JobDeadline | None = None,
+        lifecycle: WorkerLifecycle | None = None,
     ) -> None:
         # rank r's pool: on GPU on the mesh's r-th device; on CPU its own shared buffer, as
         # the same block id holds different KV heads on each rank
@@ -63,8 +68,21 @@ class MpsExecutor:
         self._failed: list[tuple[Job, JobResult]] = []  # jobs failed at submit, for the next poll
         self._closed = False
         self.deadline = deadline or JobDeadline()
-        self.restarting: dict[str, str] = {}  # model -> why its workers were last restarted
+        self.specs: list[ModelSpec] = []  # set by `create`, with what follows
+        self.ctx: Any = None  # the spawn context its groups start processes with
+        self.device = torch.device("cpu")
+        # each model's shard per rank, with the rank's device; None: dropped (asleep, level 2)
+        self.shards: dict[str, list[tuple[CausalLM, torch.device]] | None] = {}
+        self.nbytes: dict[str, int] = {}  # each model's weights on one rank
+        # held by `poll` and `stop_idle` (the loop's thread) and by a sleep or wake changing a
+        # model's groups from another thread, so no pipe closes under a waiting poll
+        self._groups_lock = threading.RLock()
+        self.progress = ProgressProbe()
+        self._cpu_workers = self.pool.buffer.device.type == "cpu"  # CPU time means progress
+        self.lifecycle = lifecycle or WorkerLifecycle()
         self.hangs = 0  # groups killed for a hung job
+        self.idle_stops = 0  # groups stopped for having been idle (lifecycle.idle_stop_s)
+        self.start_timeout = START_TIMEOUT_S  # a restarted group not ready by then is hung too
 
     @classmethod
     def create(
@@ -75,9 +93,11 @@ class MpsExecutor:
         progress: bool = False,
         start_timeout: float = START_TIMEOUT_S,
         deadline: JobDeadline | None = None,
+        lifecycle: WorkerLifecycle | None = None,
     ) -> MpsExecutor:
         """Start MPS (on CUDA), load every model once, size and allocate one pool per rank
-        index in what the weights leave, spawn the workers and wait until they are ready."""
+        index in what the weights leave, spawn the workers and wait until they are ready
+        (lazy workers: none yet; each group starts at its first job)."""
         daemon = None
         if device.type == "cuda":
             if cuda_initialized():  # MPS attaches at CUDA's first initialisation, or never
@@ -96,6 +116,7 @@ class MpsExecutor:
                     spec.path, spec.dtype, device, spec.tensor_parallel, spec.max_model_len
                 )
                 for spec in load_progress(specs, progress)
+                if not spec.asleep  # asleep at level 2: loaded when it wakes
             }
             width = max((s.tensor_parallel for s in specs), default=1)
             devices = [rank_device(device, r) for r in range(width)]
@@ -103,15 +124,26 @@ class MpsExecutor:
             pools = [KVPool(num_blocks, sizing.block_bytes, d, shared=True) for d in devices]
             ctx = torch.multiprocessing.get_context("spawn")
             for spec in specs:
+                if spec.asleep:  # no workers until it wakes
+                    for phase in Phase:
+                        groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, [])
+                    continue
                 ranks = [(model, pools[r]) for r, (model, _) in enumerate(shards[spec.name])]
                 for phase in Phase:
                     plans = _rank_plans(spec, phase, ranks, daemon)
                     groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
-            executor = cls(pools, groups, daemon, deadline)
+            executor = cls(pools, groups, daemon, deadline, lifecycle)
+            executor.start_timeout = start_timeout
+            executor.specs = list(specs)
+            executor.ctx, executor.device = ctx, device
+            executor.shards = {s.name: shards.get(s.name) for s in specs}
+            executor.nbytes = {n: weight_bytes(r[0][0]) for n, r in shards.items()}
         except BaseException:
             if daemon is not None:
                 daemon.stop()
             raise
+        if executor.lifecycle.lazy:
+            return executor
         try:
             executor._start_all(start_timeout)
         except BaseException:
@@ -121,7 +153,8 @@ class MpsExecutor:
 
     def _start_all(self, timeout: float) -> None:
         for g in self.groups.values():
-            g.start()
+            if g.ranks:  # an asleep model's groups have none
+                g.start()
         deadline = time.monotonic() + timeout
         while starting := [g for g in self.groups.values() if g.state is GroupState.STARTING]:
             left = deadline - time.monotonic()
@@ -149,11 +182,19 @@ class MpsExecutor:
             group = self.groups[(job.model, job.phase)]
             if group.broken is not None:
                 self._failed.append((job, JobResult(job.job_id, (), group.broken)))
-            else:
-                group.assign(job)
+                continue
+            if group.state is GroupState.STOPPED:  # lazy, or stopped while idle: start now
+                log.info("%s: starting workers for a job", group.label)
+                group.start()
+            group.assign(job)
 
     def poll(self, timeout: float) -> list[tuple[Job, JobResult]]:
+        with self._groups_lock:
+            return self._poll(timeout)
+
+    def _poll(self, timeout: float) -> list[tuple[Job, JobResult]]:
         results, self._failed = self._failed, []
+        self.stop_idle()
         if results or not any(g.job is not None for g in self.groups.values()):
             return results
         deadline = time.monotonic() + timeout
@@ -182,6 +223,27 @@ class MpsExecutor:
             if results or woken or time.monotonic() >= deadline:
                 return results
 
+    def stop_idle(self) -> int:
+        """Stop the workers of every group idle past `lifecycle.idle_stop_s` (they start again
+        at the group's next job); how many groups stopped. The loop's thread calls it, from
+        `poll` and while the engine has no work."""
+        if self.lifecycle.idle_stop_s is None or self._closed:
+            return 0
+        with self._groups_lock:
+            return self._stop_idle()
+
+    def _stop_idle(self) -> int:
+        now, stopped = time.monotonic(), 0
+        for group in self.groups.values():
+            idle = group.state is GroupState.READY and group.job is None
+            if idle and self.lifecycle.idle_expired(group.idle_since, now):
+                idle_s = now - group.idle_since
+                group.stop()
+                stopped += 1
+                log.info("%s: workers stopped after %.0f s idle", group.label, idle_s)
+        self.idle_stops += stopped
+        return stopped
+
     def release(self, request_ids: Sequence[str]) -> None:
         for group in self.groups.values():
             for mirror in group.mirrors:
@@ -205,32 +267,64 @@ class MpsExecutor:
     def _owners(self) -> dict[Waitable, WorkerGroup]:
         return {obj: g for g in self.groups.values() for obj in g.waitables()}
 
-    def _hung(self, group: WorkerGroup, now: float) -> float | None:
-        """Seconds the group's delivered job has run past its deadline, if it has."""
+    def _hung(self, group: WorkerGroup, now: float) -> str | None:
+        """Why the group's delivered job counts as hung (past its deadline, or a worker that
+        made no progress for `deadline.stall_s`), if it does."""
         if not group.delivered or group.job is None:
             return None
-        over = now - group.sent_at - self.deadline.of(group.job, group.jobs_done == 0)
-        return over if over >= 0 else None
+        ran = now - group.sent_at
+        if ran >= self.deadline.of(group.job, group.jobs_done == 0):
+            return f"no result after {ran:.1f} s (hung)"
+        if self.deadline.stall_s is None:
+            return None
+        key = (group.label, group.sent_at)
+        stalled = (
+            max(
+                self.progress.stalled_for(p.pid, key, now, self._cpu_workers)
+                for p in group.procs
+                if p.pid is not None
+            )
+            if group.procs
+            else 0.0
+        )
+        if stalled >= self.deadline.stall_s:
+            return f"no progress for {stalled:.1f} s (stopped or stuck; {ran:.1f} s into its job)"
+        return None
 
     def _next_hang_check(self) -> float:
-        """When the earliest delivered job reaches its deadline (inf: none is running)."""
-        ends = [
-            g.sent_at + self.deadline.of(g.job, g.jobs_done == 0)
+        """When the earliest delivered job, or a restart with a job waiting on it, reaches its
+        deadline (inf: neither)."""
+        running = [g for g in self.groups.values() if g.delivered and g.job is not None]
+        ends = [g.sent_at + self.deadline.of(g.job, g.jobs_done == 0) for g in running if g.job]
+        if running and self.deadline.stall_s is not None:  # sample their progress meanwhile
+            ends.append(time.monotonic() + min(STALL_SAMPLE_S, self.deadline.stall_s))
+        ends += [
+            g.started_at + self.start_timeout
             for g in self.groups.values()
-            if g.delivered and g.job is not None
+            if g.state is GroupState.STARTING and g.job is not None
         ]
         return min(ends, default=float("inf"))
 
     def _reap_hung(self) -> list[tuple[Job, JobResult]]:
-        """Kill and restart every group whose job is past its deadline; hand the jobs back."""
+        """Kill and restart every group whose job is past its deadline, or whose restart is,
+        with a job waiting on it; hand the jobs back."""
         now = time.monotonic()
         results = []
         for group in self.groups.values():
-            if self._hung(group, now) is not None:
-                ran = now - group.sent_at
-                reason = f"no result after {ran:.1f} s (hung); killed"
+            died = None
+            hung = self._hung(group, now)
+            if hung is not None:
+                died = WorkerDied(f"{hung}; killed", False)
+            elif (
+                group.state is GroupState.STARTING
+                and group.job is not None
+                and now - group.started_at >= self.start_timeout
+            ):
+                waited = now - group.started_at
+                died = WorkerDied(f"not ready after {waited:.1f} s (hung starting); killed", True)
+            if died is not None:
                 self.hangs += 1
-                results.extend(self._restart(group, WorkerDied(reason, during_start=False)))
+                results.extend(self._restart(group, died))
         return results
 
     def _restart(self, group: WorkerGroup, died: WorkerDied) -> list[tuple[Job, JobResult]]:
@@ -242,7 +336,6 @@ class MpsExecutor:
         job = group.take_job() if group.delivered else None
         group.kill()
         group.failed_starts = group.failed_starts + 1 if died.during_start else 0
-        self.restarting[group.name] = f"{group.label}: {died.reason}; restarting"
         if job is None:
             error = f"{group.label}: {died.reason}; the worker restarts (no job was lost)"
         else:
@@ -251,11 +344,11 @@ class MpsExecutor:
         if group.failed_starts >= MAX_FAILED_STARTS:
             group.broken = f"{group.label}: workers failed to start {MAX_FAILED_STARTS} times"
             error = f"{group.label}: {died.reason}; {group.broken}, so the model stops serving"
-            self.restarting[group.name] = group.broken
             retry = False
         log.error("%s", error)
         if group.broken is None:
             group.start()
+            group.start_reason = f"{group.label}: {died.reason}; restarting"
         else:
             job = job or group.take_job()
         return [] if job is None else [(job, JobResult(job.job_id, (), error, retry))]
@@ -267,9 +360,62 @@ class MpsExecutor:
         for (name, _), g in self.groups.items():
             if g.broken is not None:
                 out[name] = g.broken
-            elif g.state is not GroupState.READY and name not in out:
-                out[name] = self.restarting.get(name, f"{g.label}: workers starting")
+            elif g.state is GroupState.STARTING and g.start_reason is not None:
+                # a start on demand (lazy, or after an idle stop) is no failure: not degraded
+                out.setdefault(name, g.start_reason)
         return out
+
+    # ---- sleep and wake (docs/elastic.md) ---------------------------------------------------
+    can_sleep = True
+
+    def weight_bytes(self, model: str) -> int:
+        known = self.nbytes.get(model)
+        if known is not None:
+            return known
+        return next(s for s in self.specs if s.name == model).estimated_weight_bytes()
+
+    def sleep_model(self, model: str, level: int) -> None:
+        """Stop the model's workers (between two polls of the loop), then move the engine's
+        copy of its shards, which the workers mapped, to host memory (level 1; on a CPU they
+        are there already, in shared memory) or drop it (level 2)."""
+        spec = next(s for s in self.specs if s.name == model)
+        self._waker.wake()  # a waiting poll returns and lets go of the groups
+        with self._groups_lock:
+            for phase in Phase:
+                self.groups[(model, phase)].stop()
+            shards = self.shards.get(model)
+            if level == 1 and shards is not None:
+                for shard, _ in shards:
+                    ModelWeights(shard).to_host(shard, spec.max_model_len)
+                return
+            self.shards[model] = None  # the groups' inits hold the shards too: new, empty ones
+            for phase in Phase:
+                self.groups[(model, phase)] = WorkerGroup(self.ctx, model, phase, [])
+
+    def wake_model(self, model: str) -> None:
+        """The shards back on their devices (or loaded again), and the model's groups rebuilt
+        over them; its workers start now (eager) or at its first job (lazy). The workers'
+        start is not part of the wake: the model's first job waits for it."""
+        spec = next(s for s in self.specs if s.name == model)
+        shards = self.shards.get(model)
+        if shards is None:
+            shards = load_rank_models(
+                spec.path, spec.dtype, self.device, spec.tensor_parallel, spec.max_model_len
+            )
+        else:
+            for shard, device in shards:
+                ModelWeights(shard).to_device(shard, device, spec.max_model_len)
+        with self._groups_lock:
+            self.shards[model] = shards
+            self.nbytes[model] = weight_bytes(shards[0][0])
+            ranks = [(m, self.pools[r]) for r, (m, _) in enumerate(shards)]
+            for phase in Phase:
+                group = WorkerGroup(
+                    self.ctx, model, phase, _rank_plans(spec, phase, ranks, self.daemon)
+                )
+                self.groups[(model, phase)] = group
+                if not self.lifecycle.lazy:
+                    group.start()
 
     def worker_pids(self) -> dict[tuple[str, Phase], list[int]]:
         """The live worker processes, by (model, phase): for tests and operators."""
@@ -283,7 +429,7 @@ def _rank_plans(
     daemon: MpsDaemon | None,
 ) -> list[RankPlan]:
     """How to start each rank's worker of `spec` in `phase`: its model shard, pool and share."""
-    share = spec.share(phase)
+    share = phase.share(spec.sm_share)
     plans = []
     for rank, (model, pool) in enumerate(ranks):
         on_cpu = pool.buffer.device.type == "cpu"

@@ -12,6 +12,7 @@ import enum
 import logging
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -72,6 +73,10 @@ class WorkerGroup:
         self._sent = False  # the job went out (the group was ready)
         self.sent_at = 0.0  # time.monotonic() when it went out: the watchdog's clock
         self.jobs_done = 0  # results since the workers started (the first job is slower)
+        self.started_at = 0.0  # time.monotonic() of the last start: the start's deadline
+        self.idle_since = 0.0  # time.monotonic() since which it has had no job
+        self.start_reason: str | None = None  # why it restarts (a failure); None: on demand
+        self._senders: list[threading.Thread] = []  # each rank's WorkerInit on its way
         self._ready: set[int] = set()
         self.failed_starts = 0  # starts in a row that ended before every rank was ready
         self.broken: str | None = None  # why the group gave up restarting; jobs fail at once
@@ -97,21 +102,32 @@ class WorkerGroup:
             init = plan.init
             if init.tp is not None:
                 init = replace(init, tp=replace(init.tp, init_method=f"tcp://127.0.0.1:{port}"))
-            parent.send(init)
+            # A large model's init is more than a pipe holds, and the child reads it only once
+            # it has imported torch (seconds; far more on a loaded host, or never if it is
+            # stopped): sent from the engine's loop it would stall every model meanwhile.
+            sender = threading.Thread(
+                target=_send_init, args=(parent, init), name=f"{proc.name}-init", daemon=True
+            )
+            sender.start()
+            self._senders.append(sender)
             self.procs.append(proc)
             self.conns.append(parent)
         self.state = GroupState.STARTING
+        self.started_at = time.monotonic()
         self._ready.clear()
         self.jobs_done = 0
 
     def stop(self) -> None:
-        """Ask every rank to exit, kill those that do not, and close the pipes."""
+        """Ask every rank to exit, kill those that do not, and close the pipes; a later
+        `start` begins with workers that hold nothing."""
         for conn in self.conns:
             with contextlib.suppress(OSError):  # already gone
                 conn.send(Stop())
         for proc in self.procs:
             proc.join(STOP_TIMEOUT_S)
         self._reap()
+        for m in self.mirrors:
+            m.reset()
         self.state = GroupState.STOPPED
 
     def kill(self) -> None:
@@ -132,9 +148,11 @@ class WorkerGroup:
                 proc.kill()
                 proc.join(STOP_TIMEOUT_S)
             proc.close()
+        for sender in self._senders:  # its reader is gone: the send ends with an error now
+            sender.join(STOP_TIMEOUT_S)
         for conn in self.conns:
             conn.close()
-        self.procs, self.conns = [], []
+        self.procs, self.conns, self._senders = [], [], []
 
     # ---- jobs --------------------------------------------------------------------------
     def assign(self, job: Job) -> None:
@@ -188,6 +206,8 @@ class WorkerGroup:
             if len(self._ready) == len(self.ranks):
                 self.state = GroupState.READY
                 self.failed_starts = 0
+                self.start_reason = None
+                self.idle_since = time.monotonic()
                 log.info("%s: %d worker(s) ready", self.label, len(self.ranks))
                 if self.job is not None and not self._sent:
                     self._dispatch()
@@ -196,15 +216,12 @@ class WorkerGroup:
             return WorkerDied(f"could not start: {msg.error}", during_start=True)
         if isinstance(msg, JobResult):
             self.jobs_done += 1
+            self.idle_since = time.monotonic()
             job = self.take_job()
             if job is None or job.job_id != msg.job_id:
                 raise RuntimeError(f"{self.label}: result for job {msg.job_id}, expected {job}")
             return job, msg
         raise TypeError(f"{self.label}: unexpected message {type(msg).__name__}")
-
-    def owns(self, obj: Connection | int) -> bool:
-        """Whether `obj` is one of this group's current waitables (not a replaced one)."""
-        return any(obj is w or obj == w for w in self.waitables())
 
     def _died(self, proc: BaseProcess) -> WorkerDied:
         proc.join(STOP_TIMEOUT_S)
@@ -217,6 +234,13 @@ class WorkerGroup:
             f"worker {proc.name} (pid {proc.pid}) {how}",
             during_start=self.state is GroupState.STARTING,
         )
+
+
+def _send_init(conn: Connection, init: WorkerInit) -> None:
+    """Send a rank its `WorkerInit` (a thread's whole life). A rank gone first is no error
+    here: its death reaches the engine through the process sentinel."""
+    with contextlib.suppress(OSError):
+        conn.send(init)
 
 
 def _free_port() -> int:

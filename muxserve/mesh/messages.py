@@ -1,15 +1,16 @@
 """What a router and a mesh engine say to each other: one dataclass per message.
 
-Router to mesh: `AddRequest`, `Abort`, `StatsQuery`, `Ping`. Mesh to router: `MeshInfo` once
-after the handshake, then `Added` or `Refused` for each `AddRequest`, `Output` as requests
-produce text, `StatsReply`, `Pong`.
+Router to mesh: `AddRequest`, `Abort`, `StatsQuery`, `Ping`, `Sleep`, `Wake`. Mesh to router:
+`MeshInfo` once after the handshake, then `Added` or `Refused` for each `AddRequest`, `Output`
+as requests produce text, `StatsReply`, `Pong`, and a `SleepReply` / `WakeReply` for each
+`Sleep` / `Wake`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from muxserve.client.protocol import MeshStats
+from muxserve.client.protocol import MeshStats, ModelState
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 
@@ -30,6 +31,7 @@ class MeshInfo:
     pid: int
     node: str
     models: dict[str, ModelLimits]
+    states: dict[str, ModelState] = field(default_factory=dict)  # at the handshake
 
 
 @dataclass(frozen=True)
@@ -87,3 +89,73 @@ class Pong:
     seq: int
     engine_running: bool  # the engine's loop is alive (the process answering is not enough)
     degraded: dict[str, str]  # models whose workers restart, and why
+    states: dict[str, ModelState] = field(default_factory=dict)  # every model's, now
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seq: int
+    model: str
+    level: int
+
+
+@dataclass(frozen=True)
+class Wake:
+    seq: int
+    model: str
+
+
+@dataclass(frozen=True)
+class ModelOpError:
+    """Why a `Sleep` or `Wake` failed, enough to raise the engine's exception again here.
+
+    `kind` names the exception class; a `ModelDoesNotFitError`'s fields come along.
+    """
+
+    kind: str
+    message: str
+    needed_bytes: int = 0
+    free_bytes: int = 0
+    held_by: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0  # a ModelBusyError's
+
+
+@dataclass(frozen=True)
+class SleepReply:
+    seq: int
+    error: ModelOpError | None = None
+    states: dict[str, ModelState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WakeReply:
+    seq: int
+    seconds: float = 0.0  # the wake took (0.0: awake already)
+    error: ModelOpError | None = None
+    states: dict[str, ModelState] = field(default_factory=dict)
+
+
+def op_error(e: Exception) -> ModelOpError:
+    """A failed `Sleep` / `Wake` as it travels."""
+    from muxserve.errors import ModelBusyError, ModelDoesNotFitError
+
+    if isinstance(e, ModelDoesNotFitError):
+        return ModelOpError(type(e).__name__, str(e), e.needed_bytes, e.free_bytes, e.held_by)
+    if isinstance(e, ModelBusyError):
+        return ModelOpError(type(e).__name__, str(e), in_flight=e.in_flight)
+    return ModelOpError(type(e).__name__, str(e))
+
+
+def raise_op_error(err: ModelOpError, model: str, served: list[str], mesh: str) -> None:
+    """The engine's exception again, on the router's side."""
+    from muxserve import errors
+
+    if err.kind == "ModelDoesNotFitError":
+        raise errors.ModelDoesNotFitError(model, err.needed_bytes, err.free_bytes, err.held_by)
+    if err.kind == "ModelBusyError":
+        raise errors.ModelBusyError(model, err.in_flight)
+    if err.kind == "UnknownModelError":
+        raise errors.UnknownModelError(model, served)
+    if err.kind == "ValueError":
+        raise ValueError(err.message)
+    raise errors.MeshUnavailableError(f"mesh {mesh!r}: {err.kind}: {err.message}", mesh)

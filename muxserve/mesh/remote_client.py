@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from muxserve import errors
-from muxserve.client.protocol import MeshStats
+from muxserve.client.protocol import MeshStats, ModelState
 from muxserve.errors import MeshUnavailableError, RequestError
 from muxserve.mesh import wire
 from muxserve.mesh.messages import (
@@ -23,12 +23,18 @@ from muxserve.mesh.messages import (
     Added,
     AddRequest,
     MeshInfo,
+    ModelOpError,
     Output,
     Ping,
     Pong,
     Refused,
+    Sleep,
+    SleepReply,
     StatsQuery,
     StatsReply,
+    Wake,
+    WakeReply,
+    raise_op_error,
 )
 from muxserve.mesh.runtime import Endpoint
 from muxserve.output_processor import RequestOutput
@@ -37,6 +43,7 @@ from muxserve.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+SLEEP_WAKE_TIMEOUT_S = 600.0  # a wake reloading a large checkpoint, at most
 
 _Item = RequestOutput | BaseException
 
@@ -59,6 +66,7 @@ class RemoteEngineClient:
         self._seq = itertools.count()
         self.lost_reason = "not connected yet"
         self.degraded: dict[str, str] = {}  # the mesh's models that do not serve, at last ping
+        self.states: dict[str, ModelState] = {}  # its models' states, as last reported
 
     @property
     def connected(self) -> bool:
@@ -90,6 +98,7 @@ class RemoteEngineClient:
             writer.close()
             raise ConnectionError(f"mesh {self.name}: expected MeshInfo, got {type(info).__name__}")
         self.info, self.endpoint, self._writer = info, endpoint, writer
+        self.states = dict(info.states)
         # what the last connection left (streams whose readers never came for their error)
         self._streams, self._added, self._replies = {}, {}, {}
         self._closed.clear()
@@ -175,7 +184,37 @@ class RemoteEngineClient:
     async def stats(self, timeout: float) -> MeshStats:
         reply = await self._ask(StatsQuery(next(self._seq)), timeout)
         assert isinstance(reply, StatsReply)
+        if reply.stats.states:
+            self.states = dict(reply.stats.states)
         return reply.stats
+
+    async def sleep(
+        self, model: str, level: int = 1, timeout: float = SLEEP_WAKE_TIMEOUT_S
+    ) -> None:
+        """Put `model` to sleep on this mesh (see `EngineClient.sleep`)."""
+        reply = await self._ask(Sleep(next(self._seq), model, level), timeout)
+        assert isinstance(reply, SleepReply)
+        self._model_op_done(model, reply.states, reply.error)
+
+    async def wake(self, model: str, timeout: float = SLEEP_WAKE_TIMEOUT_S) -> float:
+        """Wake `model` on this mesh; the seconds it took (see `EngineClient.wake`)."""
+        reply = await self._ask(Wake(next(self._seq), model), timeout)
+        assert isinstance(reply, WakeReply)
+        self._model_op_done(model, reply.states, reply.error)
+        return reply.seconds
+
+    def model_states(self) -> dict[str, ModelState]:
+        """As the mesh last reported them (the handshake, a ping, stats, a sleep or wake)."""
+        return dict(self.states)
+
+    def _model_op_done(
+        self, model: str, states: dict[str, ModelState], error: ModelOpError | None
+    ) -> None:
+        if states:
+            self.states = dict(states)
+        if error is not None:
+            served = list(self.info.models) if self.info is not None else []
+            raise_op_error(error, model, served, self.name)
 
     async def ping(self, timeout: float) -> bool:
         """Whether the mesh's engine loop runs; MeshUnavailableError or TimeoutError if the
@@ -183,9 +222,11 @@ class RemoteEngineClient:
         reply = await self._ask(Ping(next(self._seq)), timeout)
         assert isinstance(reply, Pong)
         self.degraded = reply.degraded
+        if reply.states:
+            self.states = dict(reply.states)
         return reply.engine_running
 
-    async def _ask(self, msg: StatsQuery | Ping, timeout: float) -> object:
+    async def _ask(self, msg: StatsQuery | Ping | Sleep | Wake, timeout: float) -> object:
         if not self.connected or self._writer is None:
             raise self._unavailable()
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
@@ -225,7 +266,7 @@ class RemoteEngineClient:
             fut = self._added.get(msg.request_id)
             if fut is not None and not fut.done():
                 fut.set_exception(_refusal(msg, self.name))
-        elif isinstance(msg, StatsReply | Pong):
+        elif isinstance(msg, StatsReply | Pong | SleepReply | WakeReply):
             reply = self._replies.get(msg.seq)
             if reply is not None and not reply.done():
                 reply.set_result(msg)

@@ -27,8 +27,13 @@ from muxserve.mesh.messages import (
     Ping,
     Pong,
     Refused,
+    Sleep,
+    SleepReply,
     StatsQuery,
     StatsReply,
+    Wake,
+    WakeReply,
+    op_error,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,7 @@ class MeshServer:
             os.getpid(),
             socket.gethostname(),
             {n: ModelLimits(m.dtype, m.max_model_len) for n, m in engine.models.items()},
+            engine.model_states(),
         )
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -102,6 +108,7 @@ class _Connection:
         self.engine = server.engine
         self.writer = writer
         self.forwards: dict[str, asyncio.Task[None]] = {}
+        self.ops: set[asyncio.Task[None]] = set()  # sleeps and wakes under way
 
     def handle(self, msg: object) -> None:
         if isinstance(msg, AddRequest):
@@ -114,7 +121,19 @@ class _Connection:
         elif isinstance(msg, StatsQuery):
             wire.send(self.writer, StatsReply(msg.seq, mesh_stats(self.engine, self.server.name)))
         elif isinstance(msg, Ping):
-            wire.send(self.writer, Pong(msg.seq, self.engine.is_running, self.engine.degraded()))
+            wire.send(
+                self.writer,
+                Pong(
+                    msg.seq,
+                    self.engine.is_running,
+                    self.engine.degraded(),
+                    self.engine.model_states(),
+                ),
+            )
+        elif isinstance(msg, Sleep | Wake):
+            task = asyncio.create_task(self.sleep_or_wake(msg))
+            self.ops.add(task)
+            task.add_done_callback(self.ops.discard)
         else:
             raise ConnectionError(f"unexpected message {type(msg).__name__}")
 
@@ -148,7 +167,29 @@ class _Connection:
         finally:
             self.forwards.pop(rid, None)
 
+    async def sleep_or_wake(self, msg: Sleep | Wake) -> None:
+        """Run it in a thread (the weights move meanwhile), then answer."""
+        reply: SleepReply | WakeReply
+        try:
+            if isinstance(msg, Sleep):
+                await asyncio.to_thread(self.engine.sleep, msg.model, msg.level)
+                reply = SleepReply(msg.seq, states=self.engine.model_states())
+            else:
+                took = await asyncio.to_thread(self.engine.wake, msg.model)
+                reply = WakeReply(msg.seq, took, states=self.engine.model_states())
+        except Exception as e:
+            states = self.engine.model_states()
+            err = op_error(e)
+            if isinstance(msg, Sleep):
+                reply = SleepReply(msg.seq, err, states)
+            else:
+                reply = WakeReply(msg.seq, 0.0, err, states)
+        with contextlib.suppress(OSError, RuntimeError):  # the router went away meanwhile
+            wire.send(self.writer, reply)
+
     def close(self) -> None:
+        for task in list(self.ops):
+            task.cancel()  # the thread finishes its move; nobody is left to answer
         for rid, task in list(self.forwards.items()):
             task.cancel()
             self.engine.abort(rid)

@@ -42,7 +42,7 @@ class CausalLM(nn.Module):
     names the tensors of a Hugging Face checkpoint and `load_weights` puts each where it goes, so
     a family whose checkpoint fuses or splits tensors differently maps them there. With
     `tp_size > 1` the model holds one rank's slice of every split parameter, at the same name,
-    split along exactly one dimension (see `muxserve.parallel.sharding`).
+    split along exactly one dimension (see `muxserve.models.sharding`).
     """
 
     config: HFModelConfig

@@ -9,7 +9,7 @@ RoPE, routed experts in place of the MLP. Module and parameter names follow tran
 With `tp_size > 1` the model is one rank's shard (see muxserve/parallel): q/k/v and gate/up are
 column-parallel, o and down row-parallel, each rank holds `heads / tp_size` query and KV heads,
 experts keep all of their number but a slice of their width, and an untied LM head is split by
-vocabulary and gathered. Weights are sliced by `muxserve.parallel.sharding`.
+vocabulary and gathered. Weights are sliced by `muxserve.models.sharding`.
 """
 
 from __future__ import annotations

@@ -295,3 +295,19 @@ def _check_experts(config: HFModelConfig, source: str) -> None:
             f"{source}: num_experts_per_tok ({k}) must be between 1 and the "
             f"{config.num_experts} experts"
         )
+
+
+def check_divisible(config: HFModelConfig, world_size: int) -> None:
+    """Raise a clear error when the model cannot be split `world_size` ways."""
+    sizes = {
+        "attention heads": config.num_heads,
+        "KV heads": config.num_kv_heads,
+        "intermediate size": config.intermediate_size,
+    }
+    if config.num_experts:
+        sizes["expert intermediate size"] = config.moe_intermediate_size
+    bad = [f"{what} ({n})" for what, n in sizes.items() if n % world_size]
+    if bad:
+        raise ValueError(
+            f"tensor_parallel={world_size} must divide the model's {' and '.join(bad)}"
+        )

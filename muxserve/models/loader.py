@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from muxserve.dtypes import DTYPE_BYTES, torch_dtype
 from muxserve.errors import CheckpointError
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import HFModelConfig, load_hf_config
@@ -33,7 +34,7 @@ BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 
 # safetensors dtype names we can cast from; quantized formats are not supported
 LOADABLE_DTYPES = ("F64", "F32", "BF16", "F16")
-MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MODEL_DTYPES = tuple(torch_dtype(name) for name in DTYPE_BYTES)
 # a .bin tensor's dtype, named as safetensors names it
 _TORCH_DTYPE_NAMES = {
     torch.float64: "F64",

@@ -1,8 +1,11 @@
 """`Router`: the `EngineClient` in front of every mesh of a plan.
 
-A request goes to the mesh serving its model; where a model is on several meshes, to the
-replica with the fewest outstanding requests. Tokenizing happens here, once; outputs are passed
-on as each arrives. The router never waits on a mesh to answer `/health`.
+A request goes to a mesh where its model is active (`RoutingTable`); where a model is active
+on several meshes, to the replica with the fewest outstanding requests. Tokenizing happens
+here, once; outputs are passed on as each arrives. The router never waits on a mesh to
+answer `/health`. It measures each model's rates (`WorkloadWindow`) and, with `router.replan`
+set, re-plans while serving (`Replanner`), moving models by `move`: wake where it goes,
+switch new requests there, drain the old place, put it to sleep there.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from muxserve.client.protocol import Health, MeshState, MeshStats
+from muxserve.client.protocol import Health, MeshState, MeshStats, ModelState
 from muxserve.config import MuxConfig
 from muxserve.errors import MeshStartError, MeshUnavailableError, UnknownModelError
 from muxserve.mesh.remote_client import RemoteEngineClient
@@ -22,6 +25,9 @@ from muxserve.mesh.wire import new_token
 from muxserve.models.hf_config import load_hf_config
 from muxserve.output_processor import RequestOutput
 from muxserve.router.mesh_process import LaunchContext, Launcher
+from muxserve.router.observed import WorkloadWindow
+from muxserve.router.replan import Planner, Replanner
+from muxserve.router.routing import RoutingTable
 from muxserve.router.supervisor import MeshSupervisor, SupervisionSettings
 from muxserve.sampling_params import SamplingParams
 from muxserve.served_model import ServedModel
@@ -40,7 +46,10 @@ class Router:
         config: MuxConfig,
         launcher: Launcher,
         settings: SupervisionSettings | None = None,
+        planner: Planner | None = None,
     ) -> None:
+        """`planner` re-plans while serving where `config.router.replan` is set (`muxserve
+        serve` passes placement/replanning.py's); it is required then."""
         if not config.meshes:
             raise ValueError("the router serves a plan: the config has no meshes")
         launcher.check(config)
@@ -53,15 +62,23 @@ class Router:
             )
             for m in config.meshes
         }
-        self._replicas = {
-            entry.name: [s for s in self.meshes.values() if entry.name in s.models]
-            for entry in config.models
-        }
+        self.routing = RoutingTable(config.meshes)
         cap = config.engine.max_model_len
         self._models = {
             m.name: _served(m.name, m.path, m.dtype, m.max_model_len, cap) for m in config.models
         }
-        self._owner: dict[str, RemoteEngineClient] = {}
+        # request id -> (its mesh's client, mesh, model), until its last output is read
+        self._owner: dict[str, tuple[RemoteEngineClient, str, str]] = {}
+        replan = config.router.replan
+        self.window = WorkloadWindow(replan.window_s if replan is not None else 30.0)
+        self.replanner: Replanner | None = None  # with `router.replan` set
+        if replan is not None:
+            if planner is None:
+                raise ValueError(
+                    "router.replan is set but no planner was given (muxserve serve passes "
+                    "placement.replanning.PlacementPlanner)"
+                )
+            self.replanner = Replanner(self, replan, planner)
 
     @property
     def models(self) -> Mapping[str, ServedModel]:
@@ -84,6 +101,9 @@ class Router:
                 raise err
             raise MeshStartError(f"mesh {name!r} failed to start: {err}") from err
         self._limits_from_meshes()
+        self.window.reset()  # rates from when every mesh serves
+        if self.replanner is not None:
+            self.replanner.start()
 
     def _limits_from_meshes(self) -> None:
         """Each model's dtype and context limit as its engines decided (the least over
@@ -91,7 +111,7 @@ class Router:
         for name, served in self._models.items():
             limits = [
                 s.client.info.models[name]
-                for s in self._replicas[name]
+                for s in (self.meshes[m] for m in self.routing.listed(name))
                 if s.client.info is not None and name in s.client.info.models
             ]
             if limits:
@@ -102,11 +122,11 @@ class Router:
                 )
 
     # ---- requests --------------------------------------------------------------------------
-    def _pick(self, model: str) -> RemoteEngineClient:
-        replicas = self._replicas.get(model)
-        if replicas is None:
+    def _pick(self, model: str) -> MeshSupervisor:
+        if model not in self._models:
             raise UnknownModelError(model, list(self._models))
-        up = [s.client for s in replicas if s.client.connected]
+        replicas = [self.meshes[m] for m in self.routing.targets(model)]
+        up = [s for s in replicas if s.client.connected]
         if not up:
             # the connection is the truth; the supervisor's state may lag it by a loop turn
             states = ", ".join(
@@ -116,30 +136,79 @@ class Router:
             raise MeshUnavailableError(
                 f"model {model!r} is unavailable: {states}; retry shortly", replicas[0].name
             )
-        return min(up, key=lambda c: c.outstanding)
+        return min(up, key=lambda s: s.client.outstanding)
 
     async def add_request(
         self, model: str, prompt: list[int], params: SamplingParams, request_id: str
     ) -> str:
-        client = self._pick(model)
-        await client.add_request(model, prompt, params, request_id)
-        self._owner[request_id] = client
+        mesh = self._pick(model)
+        client = mesh.client
+        # counted in flight before the mesh is asked: a move's drain of this mesh waits for it
+        self.routing.begin(mesh.name, model)
+        try:
+            await client.add_request(model, prompt, params, request_id)
+        except BaseException:
+            self.routing.end(mesh.name, model)
+            raise
+        self._owner[request_id] = (client, mesh.name, model)
+        self.window.arrived(model, len(prompt))
         return request_id
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
-        client = self._owner.get(request_id)
-        if client is None:
+        owner = self._owner.get(request_id)
+        if owner is None:
             raise KeyError(f"unknown request {request_id!r} (or its outputs were read already)")
+        client, _, model = owner
         try:
             async for out in client.stream(request_id):
+                if out.finished:
+                    self.window.finished(model, out.completion_tokens)
                 yield out
         finally:
-            self._owner.pop(request_id, None)
+            self._done(request_id)
 
     def abort(self, request_id: str) -> None:
-        client = self._owner.pop(request_id, None)
-        if client is not None:
-            client.abort(request_id)
+        owner = self._owner.get(request_id)
+        if owner is not None:
+            self._done(request_id)
+            owner[0].abort(request_id)
+
+    def _done(self, request_id: str) -> None:
+        owner = self._owner.pop(request_id, None)
+        if owner is not None:
+            self.routing.end(owner[1], owner[2])
+
+    # ---- moving a model --------------------------------------------------------------------
+    async def move(self, model: str, src: str | None, dst: str | None, reason: str) -> None:
+        """Move `model`'s new requests from mesh `src` to mesh `dst` without failing any.
+
+        Wake it on `dst` (nothing changes if that fails), route new requests there, wait for
+        those in flight on `src` to finish (at most the drain timeout), then put it to sleep
+        on `src`. Either end may be None: only wake and add `dst`, or only drain and sleep
+        `src` (never the model's last active mesh).
+        """
+        log.info("moving %s: %s -> %s (%s)", model, src or "-", dst or "-", reason)
+        if dst is not None:
+            took = await self.meshes[dst].client.wake(model)
+            self.routing.activate(model, dst)
+            log.info("%s awake on %s after %.2f s; new requests go there", model, dst, took)
+        if src is None:
+            return
+        if self.routing.active(model) == [src]:
+            raise ValueError(f"{model} is active only on {src}: it has nowhere else to go")
+        self.routing.deactivate(model, src)
+        replan = self.config.router.replan
+        timeout = replan.drain_timeout_s if replan is not None else 300.0
+        if not await self.routing.drained(src, model, timeout):
+            log.warning(
+                "%s: requests still in flight on %s after %.0f s; left awake there",
+                model,
+                src,
+                timeout,
+            )
+            return
+        await self.meshes[src].client.sleep(model)
+        log.info("%s asleep on %s (drained)", model, src)
 
     # ---- state -----------------------------------------------------------------------------
     async def stats(self) -> list[MeshStats]:
@@ -156,7 +225,44 @@ class Router:
     def health(self) -> Health:
         return Health({name: s.health() for name, s in self.meshes.items()})
 
+    # ---- sleep and wake: forwarded to the meshes that list the model ---------------------
+    def _listing(self, model: str) -> list[RemoteEngineClient]:
+        if model not in self._models:
+            raise UnknownModelError(model, list(self._models))
+        replicas = [self.meshes[m] for m in self.routing.listed(model)]
+        up = [s.client for s in replicas if s.client.connected]
+        if not up:
+            raise MeshUnavailableError(
+                f"model {model!r} is unavailable: no mesh of it is up", replicas[0].name
+            )
+        return up
+
+    async def sleep(self, model: str, level: int = 1) -> None:
+        """Sleep `model` on every mesh that lists it (one mesh: `meshes[name].client.sleep`)."""
+        for client in self._listing(model):
+            await client.sleep(model, level)
+
+    async def wake(self, model: str) -> float:
+        """0.0 if a mesh has `model` awake; else wake it on the least loaded mesh listing it."""
+        up = self._listing(model)
+        if any(c.states.get(model) is ModelState.AWAKE for c in up):
+            return 0.0
+        return await min(up, key=lambda c: c.outstanding).wake(model)
+
+    def model_states(self) -> dict[str, ModelState]:
+        """Each model's best state over the meshes listing it (awake on one: awake)."""
+        rank = [ModelState.AWAKE, ModelState.WAKING, ModelState.SLEEPING, ModelState.ASLEEP]
+        out: dict[str, ModelState] = {}
+        for model in self.routing.models:
+            replicas = [self.meshes[m] for m in self.routing.listed(model)]
+            seen = [s.client.states[model] for s in replicas if model in s.client.states]
+            if seen:
+                out[model] = min(seen, key=rank.index)
+        return out
+
     async def shutdown(self) -> None:
+        if self.replanner is not None:
+            await self.replanner.stop()
         await asyncio.gather(*(s.stop() for s in self.meshes.values()), return_exceptions=True)
 
 

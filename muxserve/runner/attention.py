@@ -2,8 +2,8 @@
 
 Built once per job from the job's sequences; the model calls it once per layer. It writes the
 new K/V into the pool through the block tables, then attends over each sequence's cached
-tokens with causal and sliding-window masks. On CUDA, `muxserve.ops` replaces it with kernels
-that read the pool in place; its torch fallback is this class.
+tokens with causal and sliding-window masks. On CUDA, `muxserve.runner.kernels.ops` replaces
+it with kernels that read the pool in place; its torch fallback is this class.
 
 How the pool is read. A physical block holds the K and V of one (layer, KV head) for a run of
 tokens, so a sequence's keys lie scattered over the pool and are copied into one tensor before

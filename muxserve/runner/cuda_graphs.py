@@ -40,6 +40,7 @@ import torch
 
 from muxserve.models.causal_lm import Attention, CausalLM
 from muxserve.runner.attention import BatchLayout
+from muxserve.runner.kernels import ops
 from muxserve.scheduler.job import SeqWork
 
 log = logging.getLogger(__name__)
@@ -230,8 +231,6 @@ class DecodeGraphs:
     ) -> DecodeGraphs | None:
         """Graphs for this model, or None: off, not CUDA, a model no graph can hold (soft-capped
         attention, routed experts: `graph_safe`), or no kernels for its pool view."""
-        from muxserve import ops
-
         if not graphs_enabled() or cache.device.type != "cuda" or not model.graph_safe:
             return None
         if ops.kernels_for_cache(cache) is None:
@@ -274,8 +273,6 @@ class DecodeGraphs:
         return entry.logits[: len(seqs)]
 
     def _capture(self, key: GraphKey) -> _Graph:
-        from muxserve import ops
-
         p = self.planner
         dev = self.device
         zeros = torch.zeros(key.batch, dtype=torch.int64, device=dev)

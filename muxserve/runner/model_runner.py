@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from muxserve import ops
 from muxserve.kv.layout import KVLayout
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import HFModelConfig
 from muxserve.request import TokenLogprobs
 from muxserve.runner.attention import BatchLayout
 from muxserve.runner.cuda_graphs import DecodeGraphs
+from muxserve.runner.kernels import ops
 from muxserve.runner.kv_pool import KVPool
+from muxserve.runner.model_weights import ModelWeights
 from muxserve.runner.sampler import SampledBatch, sample
 from muxserve.runner.token_history import TokenHistory
 from muxserve.scheduler.job import Job, JobResult, SeqResult, SeqWork
@@ -62,32 +63,80 @@ class ModelRunner:
     def __init__(
         self,
         name: str,
-        model: CausalLM,
+        model: CausalLM | None,
         config: HFModelConfig,
         pool: KVPool,
         layout: KVLayout,
         dtype: torch.dtype,
         max_model_len: int | None = None,
+        weight_bytes: int = 0,
     ) -> None:
         """`max_model_len` is the served context (default the config's
-        `max_position_embeddings`): what per-position buffers are sized for."""
+        `max_position_embeddings`): what per-position buffers are sized for. `model` None: not
+        loaded yet (asleep at level 2), with `weight_bytes` its checkpoint's estimate."""
         self.name = name
-        self.model = model
+        self._model: CausalLM | None = model
         self.config = config
         self.layout = layout
+        self.max_model_len = max_model_len
         self.device = pool.buffer.device
         self.cache = pool.view(layout, dtype)  # (num_blocks, 2, tokens_per_block, head_dim)
         # decode steps replay CUDA graphs where they fit one (CUDA with the kernels only)
-        self.graphs = DecodeGraphs.create(
-            model,
-            self.cache,
-            max_model_len or config.max_position_embeddings,
-            config.num_layers,
-            layout.num_kv_heads,  # one rank's heads: the block tables' width under TP
-            config.layer_sliding_windows,
-        )
+        self.graphs = None if model is None else self._make_graphs(model)
         # token histories of the sequences whose sampling reads them (penalties)
         self.histories: dict[str, TokenHistory] = {}
+        self.weights = ModelWeights(model, weight_bytes)
+
+    @property
+    def model(self) -> CausalLM:
+        """The model; a sleeping runner has none on the device (the scheduler runs no job of
+        it), and asking is a bug."""
+        if self._model is None or not self.weights.on_device:
+            raise RuntimeError(f"{self.name} is asleep: its weights are not on the device")
+        return self._model
+
+    def _make_graphs(self, model: CausalLM) -> DecodeGraphs | None:
+        return DecodeGraphs.create(
+            model,
+            self.cache,
+            self.max_model_len or self.config.max_position_embeddings,
+            self.config.num_layers,
+            self.layout.num_kv_heads,  # one rank's heads: the block tables' width under TP
+            self.config.layer_sliding_windows,
+        )
+
+    # ---- sleep and wake ---------------------------------------------------------------------
+    def sleep(self, level: int) -> None:
+        """Take the weights off the device: to host memory (level 1) or dropped (level 2).
+
+        The decode graphs go too (they hold the weights' addresses); histories are of requests
+        that have all finished by now.
+        """
+        self.graphs = None
+        if level == 1 and self._model is not None:
+            try:
+                self.weights.to_host(self._model, self.max_model_len)
+                return
+            except Exception:  # e.g. no pinned host memory left: drop them (level 2) instead
+                log.exception("%s: keeping the weights in host memory failed; dropped", self.name)
+        self._model = None
+        self.weights.dropped()
+
+    def wake(self, load: Callable[[], CausalLM]) -> None:
+        """Put the weights back on the device: from host memory, or `load()` them (level 2).
+
+        Decode graphs are captured again lazily, as decode steps first need each size.
+        """
+        if self._model is None:
+            self._model = load()
+            self.weights = ModelWeights(self._model)
+        elif not self.weights.on_device:
+            try:
+                self.weights.to_device(self._model, self.device, self.max_model_len)
+            except BaseException:  # e.g. out of device memory half-way: give back what moved
+                self.sleep(1)
+                raise
+        self.graphs = self._make_graphs(self._model)
 
     def release(self, request_ids: Sequence[str]) -> None:
         """These requests finished: forget what the runner keeps of them."""

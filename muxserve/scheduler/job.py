@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from muxserve.config import SMShare
 from muxserve.request import TokenLogprobs
 from muxserve.sampling_params import SamplingParams
 
@@ -14,6 +15,10 @@ from muxserve.sampling_params import SamplingParams
 class Phase(enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"
+
+    def share(self, sm_share: SMShare) -> float:
+        """The SM share this phase's jobs run at, of a model's `sm_share`."""
+        return sm_share.prefill if self is Phase.PREFILL else sm_share.decode
 
 
 # SeqWork and SeqResult are built once per sequence per step: slotted, not frozen, because a

@@ -26,9 +26,6 @@ class ModelSlot:
     kv_share: float | None = None  # the plan's initial share of the pool; None: by weight
     max_queue_wait_s: float | None = None  # refuse past this expected wait; None: no bound
 
-    def share(self, phase: Phase) -> float:
-        return self.sm_share.prefill if phase is Phase.PREFILL else self.sm_share.decode
-
 
 @dataclass(eq=False)
 class ModelQueue:

@@ -124,7 +124,8 @@ class AdaptiveQuota:
             hungry = [n for n in hungry if give[n] < demand[n]]
         for n, extra in proportional_split(spare, weights).items():
             give[n] += extra
-        pool.set_quotas({n: pool.used(n) + give[n] for n in queues})
+        # models not in `queues` (asleep) hold nothing and get nothing
+        pool.set_quotas({n: pool.used(n) + give.get(n, 0) for n in pool.models})
 
 
 def _oldest_waiting(queues: Mapping[str, ModelQueue]) -> Request | None:

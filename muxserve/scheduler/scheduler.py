@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from muxserve.config import EngineConfig
@@ -63,16 +63,21 @@ class Scheduler:
         rebalance_interval: int = 8,
         sm_overload: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        asleep: Collection[str] = (),
     ) -> None:
         """`clock` times completions, for each model's service rate (a simulator passes its
-        own)."""
+        own). The models in `asleep` start asleep: no quota, no jobs, until `wake_model`."""
         if not slots:
             raise ValueError("the scheduler needs at least one model")
         self.queues = {s.name: ModelQueue(s) for s in slots}
         self._order = list(self.queues.values())
         self.policy = policy
         self.quota = quota
-        self.pool = BlockPool(num_blocks, quota.initial(num_blocks, self.queues))
+        self.asleep: set[str] = set(asleep)
+        # a static partition keeps a sleeping model's share for it; ADBS gives it out
+        split = self._awake_queues() if quota.adaptive else self.queues
+        initial = quota.initial(num_blocks, split) if split else {}
+        self.pool = BlockPool(num_blocks, {n: initial.get(n, 0) for n in self.queues})
         self.tables = BlockTables(self.pool, {s.name: s.layout for s in slots})
         self.prefill_token_budget = prefill_token_budget
         self.max_batch_size = max_batch_size
@@ -97,6 +102,7 @@ class Scheduler:
         *,
         sm_admission: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        asleep: Collection[str] = (),
     ) -> Scheduler:
         """The scheduler the config asks for: policy adbs|fcfs, kv_mode unified|static;
         without `sm_admission` jobs of different models run at once whatever their shares."""
@@ -111,6 +117,7 @@ class Scheduler:
             rebalance_interval=config.rebalance_interval,
             sm_overload=config.sm_overload if sm_admission else math.inf,
             clock=clock,
+            asleep=asleep,
         )
 
     # ---- requests ----------------------------------------------------------------------
@@ -175,7 +182,7 @@ class Scheduler:
         return self.finish(request_id, FinishReason.ABORT)
 
     def finish(self, request_id: str, reason: FinishReason) -> Request | None:
-        """End a request early (abort, a stop string); None if it is unknown or done."""
+        """End a request early (an abort, a timeout); None if it is unknown or done."""
         req = self._requests.get(request_id)
         if req is None:
             return None
@@ -187,6 +194,22 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self._requests)
+
+    def has_runnable_work(self) -> bool:
+        """Work that `schedule()` could give out now: not only requests of asleep models."""
+        if not self.asleep or self._in_flight:
+            return bool(self._requests)
+        return any(q.has_work() for q in self._awake_queues().values())
+
+    def overdue(self, limit_s: float) -> list[str]:
+        """Requests that arrived more than `limit_s` ago and are not in a running job (one
+        that is ends when its job returns, the next call): those to end with a timeout."""
+        cutoff = self.clock() - limit_s
+        return [
+            rid
+            for rid, req in self._requests.items()
+            if req.arrival_time < cutoff and not req.in_flight
+        ]
 
     @property
     def num_jobs_started(self) -> int:
@@ -203,13 +226,13 @@ class Scheduler:
         if self.quota.adaptive and (
             self._needs_rebalance or self._steps % self.rebalance_interval == 0
         ):
-            self.quota.rebalance(self.pool, self.tables, self.queues)
+            self._rebalance()
             self._needs_rebalance = False
         jobs = self._form_jobs()
         if not jobs and not self._in_flight and self._needs_rebalance and self.quota.adaptive:
             # Idle with work that is short of quota: rebalance now, not at the next call, which
             # an event-driven caller would only make once something else happened.
-            self.quota.rebalance(self.pool, self.tables, self.queues)
+            self._rebalance()
             self._needs_rebalance = False
             jobs = self._form_jobs()
         return jobs
@@ -220,7 +243,9 @@ class Scheduler:
         for q, phase in self.policy.candidates(self._order, len(self._in_flight)):
             if cap is not None and len(self._in_flight) >= cap:
                 break
-            share = q.slot.share(phase)
+            if q.name in self.asleep:  # its requests wait for its wake
+                continue
+            share = phase.share(q.slot.sm_share)
             over = self._sm_in_use + share > self.sm_limit + SM_EPSILON
             if phase in q.busy or (self._in_flight and over):
                 continue
@@ -275,6 +300,43 @@ class Scheduler:
             self._append(q, req, out)
             changed.append(req)
         return changed
+
+    # ---- sleep and wake ----------------------------------------------------------------------
+    def _awake_queues(self) -> dict[str, ModelQueue]:
+        if not self.asleep:
+            return self.queues
+        return {n: q for n, q in self.queues.items() if n not in self.asleep}
+
+    def _rebalance(self) -> None:
+        awake = self._awake_queues()
+        if awake:
+            self.quota.rebalance(self.pool, self.tables, awake)
+
+    def in_flight(self, model: str) -> int:
+        """Requests of `model` waiting or running (a sleep must wait until none are)."""
+        q = self.queues[model]
+        return len(q.waiting) + len(q.running)
+
+    def sleep_model(self, model: str) -> None:
+        """`model` runs no more jobs and its quota returns to the pool at once (unified KV; a
+        static partition keeps its share reserved). Its new requests wait for `wake_model`.
+
+        Raises ValueError while it has requests running or a job in flight: those hold blocks.
+        """
+        q = self.queues[model]
+        if q.running or q.busy:
+            raise ValueError(f"{model}: {len(q.running)} requests running; it cannot sleep")
+        self.asleep.add(model)
+        if self.quota.adaptive:
+            quotas = {n: self.pool.quota(n) for n in self.queues}
+            quotas[model] = 0
+            self.pool.set_quotas(quotas)
+            self._needs_rebalance = True
+
+    def wake_model(self, model: str) -> None:
+        """`model` runs jobs again; the next rebalance gives it a quota."""
+        self.asleep.discard(model)
+        self._needs_rebalance = True
 
     # ---- job building --------------------------------------------------------------------
     def _prefill_seqs(self, q: ModelQueue) -> list[SeqWork]:
@@ -391,7 +453,7 @@ class Scheduler:
             need = self.tables.blocks_to_cover(q.name, req.request_id, req.num_tokens)
             if self.quota.adaptive and not rebalanced and self.pool.num_free >= need:
                 # the quota is stale, not the pool full: rebalance before evicting anyone
-                self.quota.rebalance(self.pool, self.tables, self.queues)
+                self._rebalance()
                 rebalanced = True
                 continue
             victim = next((r for r in reversed(q.running) if not r.in_flight), None)
@@ -421,7 +483,9 @@ class Scheduler:
 
     # ---- results -----------------------------------------------------------------------
     def _append(self, q: ModelQueue, req: Request, out: SeqResult) -> None:
-        """Add a sampled token; finish the request where it stops (a stop token, a length)."""
+        """Add a sampled token; finish the request where it stops: a stop token, a length, or
+        what its output check says (a stop string, a grammar). The one place a request's end
+        is decided, but for aborts and failed jobs."""
         token = out.token_id
         assert token is not None
         output, params = req.output_token_ids, req.params
@@ -435,6 +499,8 @@ class Scheduler:
             reason = FinishReason.STOP
         elif n >= params.max_tokens or len(req.prompt_token_ids) + n >= q.slot.max_model_len:
             reason = FinishReason.LENGTH
+        if req.output_check is not None:
+            reason = req.output_check.check(req, reason)
         if reason is not None:
             self._finish(q, req, reason)
 
@@ -462,7 +528,7 @@ class Scheduler:
         req.pending_finish = None
         del self._requests[req.request_id]
         now = self.clock()
-        if reason is not FinishReason.ABORT:  # a client that left is no measure of service
+        if reason not in (FinishReason.ABORT, FinishReason.TIMEOUT):  # no measure of service
             q.service.on_finished(now)
         if not q.has_work():
             q.service.on_idle(now)
@@ -493,6 +559,10 @@ class Scheduler:
         assert not running & waiting, "a request is both running and waiting"
         assert running | waiting == set(self._requests), "request index out of sync"
         assert self.tables.holders() == len(running), "a non-running request holds blocks"
+        for m in self.asleep:  # a sleeping model holds no KV, and under ADBS no quota
+            assert not self.queues[m].running, f"{m} is asleep with requests running"
+            assert self.pool.used(m) == 0, f"{m} is asleep and holds blocks"
+            assert not self.quota.adaptive or self.pool.quota(m) == 0, f"{m}: asleep with a quota"
         for q in self._order:
             partial = [r for r in q.running if not r.is_decoding]
             assert partial == q.prefilling, f"{q.name}: prefilling list out of sync"

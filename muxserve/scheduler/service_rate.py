@@ -19,7 +19,8 @@ class ServiceRate:
     Only time with work counts: a model idle for an hour and then busy is not rated by the
     hour. Each busy period starts afresh; until it has `min_samples` completions the last
     period's estimate stands (None before any), so a burst onto an idle model is not refused
-    for want of a rate.
+    for want of a rate — capped by what so few completions allow, so a stalled model's
+    estimate falls as its busy time without completions grows.
     """
 
     def __init__(self, window: float = WINDOW_S, min_samples: int = MIN_SAMPLES) -> None:
@@ -51,6 +52,14 @@ class ServiceRate:
         span = now - start
         if len(self._done) >= self.min_samples and span > 0:
             self._last = len(self._done) / span
+            return self._last
+        # Too few completions for a rate, yet they bound it: fewer than `min_samples` in
+        # `span` busy seconds is a rate below min_samples / span. So a model whose workers
+        # stall (or restart) is not rated by its speed before the stall for long.
+        ceiling = self.min_samples / span if span > 0 else math.inf
+        if self._last is None:
+            return ceiling if span >= self.window else None
+        self._last = min(self._last, ceiling)  # what the stall taught is kept
         return self._last
 
     def expected_wait(self, waiting: int, now: float) -> float | None:

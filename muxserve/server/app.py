@@ -13,6 +13,7 @@ import logging
 from aiohttp import web
 
 from muxserve.client.protocol import EngineClient
+from muxserve.server.admin import AdminHandlers
 from muxserve.server.chat import ChatHandler
 from muxserve.server.completions import CompletionsHandler
 from muxserve.server.context import CONTEXT, ServerContext, ServerSettings
@@ -61,6 +62,9 @@ def setup_routes(app: web.Application, ctx: ServerContext) -> None:
     app.router.add_get("/metrics", info.metrics)
     app.router.add_get("/v1/models", info.list_models)
     app.router.add_get("/v1/models/{model}", info.get_model)
+    admin = AdminHandlers(ctx)
+    app.router.add_post("/v1/models/{model}/sleep", admin.sleep)
+    app.router.add_post("/v1/models/{model}/wake", admin.wake)
     app.router.add_post("/v1/completions", CompletionsHandler(ctx).handle)
     app.router.add_post("/v1/chat/completions", ChatHandler(ctx).handle)
     tokenizers = TokenizerHandlers(ctx)

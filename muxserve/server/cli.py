@@ -150,7 +150,12 @@ def make_client(config: MuxConfig, launcher: str, ray_address: str | None) -> En
         "; ".join(f"{m.name}: {', '.join(x.name for x in m.models)}" for m in config.meshes),
         launcher,
     )
-    return Router(config, get_launcher(launcher, ray_address))
+    planner = None
+    if config.router.replan is not None:  # re-planning while serving: placement's planner
+        from placement.replanning import PlacementPlanner
+
+        planner = PlacementPlanner(config, config.router.replan)
+    return Router(config, get_launcher(launcher, ray_address), planner=planner)
 
 
 def bind(host: str, port: int) -> socket.socket:

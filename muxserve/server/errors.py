@@ -12,6 +12,8 @@
 | the engine failed the request; anything unexpected   | 500    | server_error                 |
 | aborted because the server is stopping               | 503    | server_error / unavailable   |
 | the model's mesh is down (named in the message)      | 503    | ... / mesh_unavailable       |
+| sleep of a model with requests in flight             | 409    | ... / model_busy             |
+| a wake that does not fit (names what holds memory)   | 503    | ... / model_does_not_fit     |
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pydantic import ValidationError
 from muxserve.errors import (
     EngineStoppedError,
     MeshUnavailableError,
+    ModelBusyError,
+    ModelDoesNotFitError,
     QueueFullError,
     RequestError,
     UnknownModelError,
@@ -136,6 +140,12 @@ def error_middleware(on_response: OnResponse | None = None) -> Middleware:
             response = APIError(503, str(e), "server_error", code="engine_stopped").response()
         except MeshUnavailableError as e:
             response = APIError(503, str(e), "server_error", code="mesh_unavailable").response()
+        except ModelDoesNotFitError as e:
+            response = APIError(
+                503, str(e), "server_error", "model", "model_does_not_fit"
+            ).response()
+        except ModelBusyError as e:
+            response = APIError(409, str(e), param="model", code="model_busy").response()
         except web.HTTPException as e:
             if e.status < 400:
                 raise

@@ -179,7 +179,7 @@ class Generation:
         try:
             stream = self.client.stream(choice.request_id)
             async for out in stream:
-                if out.finished and out.finish_reason in ("abort", "error"):
+                if out.finished and out.finish_reason in ("abort", "error", "timeout"):
                     self._finish(choice, out.finish_reason)
                     raise _ended(out)
                 yield out
@@ -210,6 +210,8 @@ class Generation:
                 m.prefill.observe(out.timings.prefill)
                 m.decode.observe(out.timings.decode)
                 m.inference.observe(out.timings.prefill + out.timings.decode)
+                if out.timings.wake > 0:
+                    m.wake.observe(out.timings.wake)
             m.request_prompt_tokens.observe(out.prompt_tokens)
             m.request_generation_tokens.observe(out.completion_tokens)
             self._finish(choice, out.finish_reason or "stop")
@@ -236,6 +238,8 @@ def unavailable(e: MeshUnavailableError) -> APIError:
 
 
 def _ended(out: RequestOutput | None) -> APIError:
+    if out is not None and out.finish_reason == "timeout":
+        return APIError(504, f"the request timed out: {out.error}", "server_error", code="timeout")
     if out is not None and out.finish_reason == "error":
         return APIError(500, f"the engine failed the request: {out.error}", "server_error")
     return APIError(

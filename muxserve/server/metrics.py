@@ -15,10 +15,16 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from muxserve.client.protocol import Health, MeshState, MeshStats
+from muxserve.residency import WAKE_BUCKETS, ModelState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "muxserve:"  # vLLM's names, with our prefix for vLLM's
@@ -102,6 +108,7 @@ class EngineCollector(Collector):
             total.add_metric([mesh.mesh], mesh.blocks_total)
             free.add_metric([mesh.mesh], mesh.blocks_free)
         yield from (running, waiting, usage, preempted, used, quota, total, free)
+        yield from self._residency()
         up = GaugeMetricFamily("muxserve_mesh_up", "1 while the mesh serves", labels=["mesh"])
         restarts = CounterMetricFamily(
             "muxserve_mesh_restarts", "Times the mesh was restarted after dying", labels=["mesh"]
@@ -110,6 +117,39 @@ class EngineCollector(Collector):
             up.add_metric([name], 1.0 if h.state is MeshState.OK else 0.0)
             restarts.add_metric([name], h.restarts)
         yield from (up, restarts)
+
+    def _residency(self) -> Iterator[Metric]:
+        """Each model's state (1 for the current one), its sleeps, wakes and wake times."""
+        state = GaugeMetricFamily(
+            f"{PREFIX}model_state",
+            "1 for the model's current state on the mesh (awake, asleep, waking, sleeping)",
+            labels=["model_name", "mesh", "state"],
+        )
+        sleeps = CounterMetricFamily(
+            f"{PREFIX}model_sleeps",
+            "Times the model was put to sleep",
+            labels=["model_name", "mesh"],
+        )
+        wakes = CounterMetricFamily(
+            f"{PREFIX}model_wakes", "Times the model was woken", labels=["model_name", "mesh"]
+        )
+        wake_s = HistogramMetricFamily(
+            f"{PREFIX}model_wake_seconds",
+            "Seconds a wake took (weights back on the device)",
+            labels=["model_name", "mesh"],
+        )
+        for mesh in self.stats:
+            for model, current in mesh.states.items():
+                for s in ModelState:
+                    state.add_metric([model, mesh.mesh, s.value], 1.0 if s is current else 0.0)
+            for model, w in mesh.wakes.items():
+                key = [model, mesh.mesh]
+                sleeps.add_metric(key, w.sleeps)
+                wakes.add_metric(key, w.wakes)
+                counts = w.wake_buckets or (0,) * len(WAKE_BUCKETS)
+                buckets = [(f"{le:g}", c) for le, c in zip(WAKE_BUCKETS, counts, strict=True)]
+                wake_s.add_metric(key, [*buckets, ("+Inf", w.wakes)], w.wake_seconds)
+        yield from (state, sleeps, wakes, wake_s)
 
 
 @dataclass(frozen=True)
@@ -125,6 +165,7 @@ class ModelMetrics:
     prefill: Histogram
     decode: Histogram
     inference: Histogram
+    wake: Histogram
     request_prompt_tokens: Histogram
     request_generation_tokens: Histogram
     params_n: Histogram
@@ -186,6 +227,12 @@ class ServerMetrics:
             "From admission to the last token (RUNNING)",
             REQUEST_BUCKETS,
         )
+        wake = histogram(
+            "request_wake_time_seconds",
+            "Of a request's queue time, the wait for its sleeping model to wake (requests that "
+            "found it asleep only); its TTFT includes it",
+            REQUEST_BUCKETS,
+        )
         req_prompt = histogram("request_prompt_tokens", "Prompt tokens per request", tokens)
         req_gen = histogram("request_generation_tokens", "Tokens generated per request", tokens)
         params_n = histogram("request_params_n", "The n request parameter", N_BUCKETS)
@@ -210,6 +257,7 @@ class ServerMetrics:
                 prefill.labels(m),
                 decode.labels(m),
                 inference.labels(m),
+                wake.labels(m),
                 req_prompt.labels(m),
                 req_gen.labels(m),
                 params_n.labels(m),

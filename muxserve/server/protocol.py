@@ -232,8 +232,15 @@ class _SamplingRequest(Strict):
         """The engine's params for candidate `choice` of a prompt.
 
         Candidates of a seeded request get seeds seed, seed+1, ...: reproducible, yet not n
-        copies of one text.
+        copies of one text. The fields' own validators checked the rest; what is left is
+        checked here, where the engine's params are made, as it always was.
         """
+        if self.allowed_token_ids == []:
+            raise InvalidSamplingParamsError(
+                "allowed_token_ids must be a non-empty list of token ids", "allowed_token_ids"
+            )
+        if any(not w for w in self.bad_words or ()):
+            raise InvalidSamplingParamsError("bad_words must be non-empty strings", "bad_words")
         temperature = 1.0 if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else self.top_p
         if temperature < GREEDY_BELOW or top_p == 0.0:

@@ -119,3 +119,64 @@ def test_trace_roundtrip_and_rescaling(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"model": "a"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
         read_trace(tmp_path / "bad.jsonl")
+
+
+def phase_counts(entries: list, models: tuple[str, ...], phases: int, span: float) -> list:
+    width = span / phases
+    return [
+        [
+            sum(1 for e in entries if e.model == m and k * width <= e.arrival_s < (k + 1) * width)
+            for m in models
+        ]
+        for k in range(phases)
+    ]
+
+
+def test_shifting_popularity_rotates_the_hot_model() -> None:
+    models = ("a", "b", "c", "d")
+    s = spec(models=models, rate=10.0, duration_s=40.0, popularity="shifting", shift_phases=4)
+    assert s.rank_rates() == pytest.approx([4.8, 2.4, 1.6, 1.2])
+    assert [s.ranks(k) for k in range(4)] == [
+        [0, 1, 2, 3],
+        [1, 2, 3, 0],
+        [2, 3, 0, 1],
+        [3, 0, 1, 2],
+    ]
+    assert s.model_rates() == pytest.approx([2.5, 2.5, 2.5, 2.5])  # whole rotations: all equal
+    t = np.array([0.0, 9.9, 10.0, 39.9, 40.0])
+    assert list(s.intensity(3, t)) == pytest.approx([1.2, 1.2, 4.8, 1.6, 1.6])
+    entries, meta = generate(s)
+    assert len(entries) == 412 and meta["popularity"] == "shifting"
+    counts = phase_counts(entries, models, 4, 40.0)
+    assert counts == [[40, 23, 20, 10], [30, 13, 12, 49], [10, 15, 68, 26], [10, 43, 26, 17]]
+    assert [int(np.argmax(c)) for c in counts] == [0, 3, 2, 1]  # the hot model moves each phase
+
+
+def test_long_tail_is_zipf_over_shuffled_models() -> None:
+    models = tuple(f"m{i}" for i in range(12))
+    s = spec(models=models, rate=12.0, duration_s=50.0, popularity="longtail", alpha=1.2, seed=1)
+    assert s.ranks() == [10, 2, 6, 11, 1, 4, 9, 5, 0, 7, 8, 3]
+    by_rank = s.rank_rates()
+    assert s.model_rates() == pytest.approx([by_rank[r] for r in s.ranks()])
+    assert sum(s.model_rates()) == pytest.approx(12.0)
+    entries, _ = generate(s)
+    counts = Counter(e.model for e in entries)
+    assert len(entries) == 579
+    assert [counts[m] for m in models] == [12, 66, 21, 12, 91, 32, 10, 28, 214, 25, 15, 53]
+    # the most popular model (rank 0: m8) carries over a third; seven of twelve get < 5% each
+    assert counts["m8"] / len(entries) > 1 / 3
+    assert sum(1 for m in models if counts[m] < 0.05 * len(entries)) == 7
+    assert spec(models=models, popularity="longtail", seed=2).ranks() != s.ranks()
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"popularity": "shifting", "ramp": "staggered"}, "sets the rates over time"),
+        ({"shift_phases": 0}, "shift_phases must be at least 1"),
+        ({"shift_step": -1}, "shift_step at least 0"),
+    ],
+)
+def test_bad_popularity_options(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        spec(**kw)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_engine import make_config
 
 from muxserve.config import MuxConfig, parse_config
 from muxserve.engine import MuxEngine
+from tests.helpers.engine import make_config
 
 SHM = Path("/dev/shm")
 # shares that let jobs of different models run at once (at most 100% + 10% in total)

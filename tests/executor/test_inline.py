@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from executor.factories import SIZING, decode_job, make_spec, prefill_job
 from muxserve.executor.base import cpu_threads, create_executor
 from muxserve.executor.inline import InlineExecutor
+from tests.helpers.executor import SIZING, decode_job, make_spec, prefill_job
 
 CPU = torch.device("cpu")
 

@@ -10,13 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
-from test_engine import MAX_NEW, make_config, run_all
 
-from executor.hf_reference import hf_greedy
 from muxserve.engine import MuxEngine
 from muxserve.executor.mps import MpsExecutor
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
+from tests.helpers.engine import MAX_NEW, hf_greedy, make_config, run_all
 
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 MODELS = ["llama-demo", "qwen-demo", "mistral-demo"]

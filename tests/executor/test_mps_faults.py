@@ -15,16 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-from test_engine import MAX_NEW, prompts_for
 
 from executor.conftest import SHM, mps_config
-from executor.hf_reference import hf_greedy
 from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.errors import WorkerFailedError
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, Phase
+from tests.helpers.engine import MAX_NEW, hf_greedy, prompts_for
 
 MODELS = ["llama-demo", "qwen-demo", "mistral-demo"]
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)

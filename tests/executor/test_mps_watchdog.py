@@ -14,9 +14,6 @@ import signal
 import time
 from pathlib import Path
 
-from test_engine import MAX_NEW, make_config, prompts_for
-
-from executor.hf_reference import hf_greedy
 from muxserve.client.in_process import InProcessClient
 from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
@@ -25,6 +22,7 @@ from muxserve.executor.watchdog import JobDeadline
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
+from tests.helpers.engine import MAX_NEW, hf_greedy, make_config, prompts_for
 
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 LONG_DEADLINE_S = 600.0  # step 1: no watchdog may fire while qwen-demo is read
@@ -47,7 +45,11 @@ async def read(engine: MuxEngine, rid: str) -> tuple[list[RequestOutput], int]:
 def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]) -> None:
     two = {m: demo_models[m] for m in ("llama-demo", "qwen-demo")}
     raw = make_config(
-        demo_models, executor="mps", job_timeout_s=LONG_DEADLINE_S, job_timeout_per_token_s=0
+        demo_models,
+        executor="mps",
+        job_timeout_s=LONG_DEADLINE_S,
+        job_timeout_per_token_s=0,
+        job_stall_s=None,  # the deadline alone, here; the stall check has its own test
     ).model_dump()
     raw["models"] = [m for m in raw["models"] if m["name"] in two]
     config = parse_config(raw)
@@ -74,14 +76,14 @@ def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]
         # requests are recomputed (the deadline is shortened now, so step 1 never raced it,
         # and restored once it fired, so the recomputed jobs are not cut short)
         stuck_for = time.monotonic() - group.sent_at  # seconds: as long as qwen took
-        executor.deadline = JobDeadline(stuck_for / 2, 0.0)  # past for the stuck job only
+        executor.deadline = JobDeadline(stuck_for / 2, 0.0, None)  # past for the stuck job only
         executor.wake()
         seen_degraded: list[dict[str, object]] = []
 
         def watch() -> None:  # /health while the stopped group restarts
             client = InProcessClient(engine, manage=False)
             wait_for(lambda: executor.hangs == 1, "hung group killed")
-            executor.deadline = JobDeadline(LONG_DEADLINE_S, 0.0)  # the recomputes run freely
+            executor.deadline = JobDeadline(LONG_DEADLINE_S, 0.0, None)  # the recomputes run freely
             wait_for(lambda: "llama-demo" in engine.degraded(), "llama-demo degraded", 10)
             seen_degraded.append(client.health().to_json())
 
@@ -110,5 +112,83 @@ def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]
         wait_for(lambda: engine.scheduler.jobs_in_flight == 0, "idle")
         engine.check_integrity()
         assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_a_restart_that_never_gets_ready_is_killed_and_started_again(
+    demo_models: dict[str, Path], monkeypatch
+) -> None:
+    from muxserve.executor import worker_group
+
+    raw = make_config(demo_models, executor="mps").model_dump()
+    raw["models"] = [m for m in raw["models"] if m["name"] == "llama-demo"]
+    engine = MuxEngine(parse_config(raw))
+    executor = engine.executor
+    assert isinstance(executor, MpsExecutor)
+    try:
+        executor.start_timeout = 1.0  # for the hung restart (the first start is over)
+        group = executor.groups[("llama-demo", Phase.DECODE)]
+        [first] = [p.pid for p in group.procs]
+        real, dropped = worker_group._send_init, []
+
+        def drop_first(conn, init) -> None:  # the restarted worker waits for its init forever
+            if not dropped:
+                dropped.append(init.name)
+                return
+            executor.start_timeout = 600.0  # the next start may take its time on a busy host
+            real(conn, init)
+
+        monkeypatch.setattr(worker_group, "_send_init", drop_first)
+        os.kill(first, signal.SIGKILL)  # found while the prefill job runs; its restart hangs
+        engine.start()
+        prompt = prompts_for("llama-demo")[0]
+        rid = engine.add_request("llama-demo", prompt, GREEDY)
+
+        async def collect() -> list[RequestOutput]:
+            return [o async for o in engine.stream(rid)]
+
+        outs = asyncio.run(collect())
+        want = list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
+        assert [t for o in outs for t in o.token_ids] == want
+        assert outs[-1].error is None
+        assert dropped == ["llama-demo"] and executor.hangs == 1  # the hung start, killed
+        assert group.failed_starts == 0  # the second start got ready
+        assert first not in [p.pid for p in group.procs]
+        wait_for(lambda: engine.scheduler.jobs_in_flight == 0, "idle")
+        assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_a_stopped_worker_is_found_by_its_stall_long_before_its_deadline(
+    demo_models: dict[str, Path], caplog
+) -> None:
+    raw = make_config(
+        demo_models, executor="mps", job_timeout_s=LONG_DEADLINE_S, job_stall_s=1.0
+    ).model_dump()
+    raw["models"] = [m for m in raw["models"] if m["name"] == "llama-demo"]
+    engine = MuxEngine(parse_config(raw))
+    executor = engine.executor
+    assert isinstance(executor, MpsExecutor)
+    try:
+        group = executor.groups[("llama-demo", Phase.DECODE)]
+        [victim] = [p.pid for p in group.procs]
+        os.kill(victim, signal.SIGSTOP)  # its first decode job makes no progress
+        engine.start()
+        rid = engine.add_request("llama-demo", prompts_for("llama-demo")[0], GREEDY)
+
+        async def collect() -> list[RequestOutput]:
+            return [o async for o in engine.stream(rid)]
+
+        with caplog.at_level("ERROR", logger="muxserve.executor.mps"):
+            outs = asyncio.run(collect())
+        want = list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
+        assert [t for o in outs for t in o.token_ids] == want and outs[-1].error is None
+        assert executor.hangs == 1
+        [line] = [r.getMessage() for r in caplog.records if "killed" in r.getMessage()]
+        assert line.startswith("llama-demo/decode: no progress for ")
+        assert "(stopped or stuck;" in line and "its job is recomputed" in line
+        assert not Path(f"/proc/{victim}").exists()
     finally:
         engine.shutdown()

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 
-from muxserve import kernel_build, ops
 from muxserve.cuda_timing import copy_bandwidth as measure_copy_bandwidth
 from muxserve.models.hf_config import HFModelConfig, load_hf_config
 from muxserve.models.llama import LlamaForCausalLM
+from muxserve.runner.kernels import kernel_build, ops
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA_7B = REPO / "configs" / "models" / "llama-7b"  # the LLaMA-7B architecture (config only)

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from gpu.conftest import Report, llama_7b_config, random_model
-from muxserve import ops
-from muxserve.executor.sm_partition import SMPartition, make_partitions
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.kv.layout import KVLayout
 from muxserve.runner.attention import BatchLayout, PagedAttention
+from muxserve.runner.kernels import ops
 from muxserve.runner.kv_pool import KVPool
 from muxserve.runner.model_runner import ModelRunner
+from muxserve.runner.sm_partition import SMPartition, make_partitions
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, Phase, SeqWork
 

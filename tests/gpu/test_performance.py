@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from gpu.conftest import Report, llama_7b_config, random_model
-from muxserve import ops
 from muxserve.cuda_timing import cuda_time, graph_time
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.kv.layout import KVLayout
 from muxserve.runner.attention import BatchLayout
+from muxserve.runner.kernels import ops
 from muxserve.runner.kv_pool import KVPool
 from muxserve.runner.model_runner import ModelRunner
 from muxserve.sampling_params import SamplingParams

@@ -21,15 +21,19 @@ from typing import Any, TypeVar
 import pytest
 
 from muxserve.client.in_process import mesh_stats
+from muxserve.client.protocol import ModelState
 from muxserve.config import parse_config
 from muxserve.demo import DEMO_ENGINE
 from muxserve.engine import MuxEngine
 from muxserve.errors import (
     EmptyPromptError,
     MeshUnavailableError,
+    ModelBusyError,
+    ModelDoesNotFitError,
     PromptTooLongError,
     QueueFullError,
     RequestError,
+    UnknownModelError,
 )
 from muxserve.mesh import wire
 from muxserve.mesh.messages import MeshInfo, ModelLimits
@@ -168,7 +172,11 @@ def test_connect_returns_what_the_mesh_serves(engine):
 
     info = serve(engine, body)
     assert info == MeshInfo(
-        MESH, os.getpid(), socket.gethostname(), {"llama-demo": ModelLimits("float32", 1024)}
+        MESH,
+        os.getpid(),
+        socket.gethostname(),
+        {"llama-demo": ModelLimits("float32", 1024)},
+        {"llama-demo": ModelState.AWAKE},
     )
 
 
@@ -427,3 +435,88 @@ def test_stats_are_the_engines(engine, idle):
 
     serve(engine, running_engine)
     serve(idle, stopped_engine)
+
+
+# ---- sleep and wake over the wire --------------------------------------------------------------
+def test_sleep_and_wake_over_the_wire(engine):
+    async def body(server: MeshServer, client: RemoteEngineClient) -> None:
+        assert client.model_states() == {"llama-demo": ModelState.AWAKE}
+        await client.sleep("llama-demo", 2)
+        assert client.model_states() == {"llama-demo": ModelState.ASLEEP}
+        stats = await client.stats(2.0)
+        assert stats.states == {"llama-demo": ModelState.ASLEEP}
+        assert stats.models["llama-demo"].blocks_quota == 0
+        took = await client.wake("llama-demo")
+        assert took > 0
+        assert client.model_states() == {"llama-demo": ModelState.AWAKE}
+        assert await client.wake("llama-demo") == 0.0
+        stats = await client.stats(2.0)
+        assert stats.wakes["llama-demo"].wakes >= 1
+        rid = await client.add_request("llama-demo", ids(engine, "Hello"), GREEDY, "after-wake")
+        outs = await asyncio.wait_for(collect(client, rid), 30.0)
+        assert outs[-1].finished and outs[-1].error is None
+
+    serve(engine, body)
+
+
+def test_sleep_and_wake_refusals_keep_their_type(engine, idle):
+    async def unknown(server: MeshServer, client: RemoteEngineClient) -> None:
+        with pytest.raises(UnknownModelError, match="'nope' is not served here"):
+            await client.sleep("nope")
+        with pytest.raises(UnknownModelError):
+            await client.wake("nope")
+        with pytest.raises(ValueError, match="level must be 1"):
+            await client.sleep("llama-demo", 5)
+
+    async def busy(server: MeshServer, client: RemoteEngineClient) -> None:
+        await client.add_request("mistral-demo", [5, 6, 7], GREEDY, "busy")
+        with pytest.raises(ModelBusyError) as e:
+            await client.sleep("mistral-demo")
+        assert e.value.in_flight == 1 and e.value.model == "mistral-demo"
+        client.abort("busy")
+
+    serve(engine, unknown)
+    serve(idle, busy)
+
+
+def test_a_wake_that_does_not_fit_keeps_its_numbers(demo_models):
+    llama = demo_models["llama-demo"]
+    eng = MuxEngine(
+        parse_config(
+            {
+                "models": [
+                    {"name": "a", "path": str(llama)},
+                    {"name": "b", "path": str(llama), "initial_state": "asleep"},
+                ],
+                "engine": {**DEMO_ENGINE, "residency": {"min_residency_s": 3600}},
+            }
+        )
+    )
+    size = eng.executor.weight_bytes("a")
+    eng.shutdown()
+    eng = MuxEngine(
+        parse_config(
+            {
+                "models": [
+                    {"name": "a", "path": str(llama)},
+                    {"name": "b", "path": str(llama), "initial_state": "asleep"},
+                ],
+                "engine": {
+                    **DEMO_ENGINE,
+                    "residency": {"weights_budget_bytes": size, "min_residency_s": 3600},
+                },
+            }
+        )
+    )
+
+    async def body(server: MeshServer, client: RemoteEngineClient) -> None:
+        with pytest.raises(ModelDoesNotFitError) as e:
+            await client.wake("b")
+        assert (e.value.model, e.value.needed_bytes, e.value.free_bytes) == ("b", size, 0)
+        assert e.value.held_by == {"a": size}
+        assert client.model_states() == {"a": ModelState.AWAKE, "b": ModelState.ASLEEP}
+
+    try:
+        serve(eng, body)
+    finally:
+        eng.shutdown()

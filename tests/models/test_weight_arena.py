@@ -16,8 +16,8 @@ from muxserve.models import weight_arena
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.loader import _tensors, load_model, plan_checkpoint
 from muxserve.models.registry import build_model
+from muxserve.models.sharding import shard_model
 from muxserve.models.weight_arena import ALIGN, HUGE_PAGE, materialize_in_arena
-from muxserve.parallel.sharding import shard_model
 
 MakeCheckpoint = Callable[..., Path]
 FAMILIES = ("qwen3-zoo", "gemma2-zoo", "gemma3-zoo", "phi3-zoo", "mixtral-zoo", "qwen3-moe-zoo")

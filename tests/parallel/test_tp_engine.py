@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from executor.hf_reference import hf_greedy
-from test_engine import MAX_NEW, make_config, prompts_for, run_all
 
 from muxserve.config import MuxConfig, parse_config
 from muxserve.engine import MuxEngine
 from muxserve.kv.layout import KVLayout
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
+from tests.helpers.engine import MAX_NEW, hf_greedy, make_config, prompts_for, run_all
 
 TP_MODELS = ["llama-demo", "qwen-demo"]
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)

@@ -13,7 +13,7 @@ import torch
 from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.models.loader import load_model
-from muxserve.parallel.sharding import shard_model
+from muxserve.models.sharding import shard_model
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
 

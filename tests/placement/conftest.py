@@ -16,7 +16,7 @@ from placement.gpus import ClusterSpec, GPUSpec  # noqa: E402
 from placement.params import ROOFLINE as PAPER_ROOFLINE  # noqa: E402
 from placement.params import PlannerParams  # noqa: E402
 from placement.problem import Problem, make_problem  # noqa: E402
-from placement.specs import ModelSpec, spec_from_config  # noqa: E402
+from placement.specs import PlannerModel, spec_from_config  # noqa: E402
 from placement.workload import SLO, Demand, Workload  # noqa: E402
 
 CONFIGS = ROOT / "configs"
@@ -52,7 +52,7 @@ def hf(**kw: int) -> HFModelConfig:
     return parse_hf_config(llama_config(**kw))
 
 
-def spec(name: str = "m", **kw: int) -> ModelSpec:
+def spec(name: str = "m", **kw: int) -> PlannerModel:
     return spec_from_config(name, f"/ckpt/{name}", hf(**kw))
 
 
@@ -92,10 +92,11 @@ def workload(
 
 
 def problem(
-    specs: list[ModelSpec], rates: list[float], cl: ClusterSpec | None = None, **wl_kw: object
+    specs: list[PlannerModel], rates: list[float], cl: ClusterSpec | None = None, **wl_kw: object
 ) -> Problem:
     specs = [
-        ModelSpec(f"m{i}", s.path, s.dtype, s.config, s.max_model_len) for i, s in enumerate(specs)
+        PlannerModel(f"m{i}", s.path, s.dtype, s.config, s.max_model_len)
+        for i, s in enumerate(specs)
     ]
     return make_problem(specs, workload(rates, **wl_kw), cl or cluster())  # type: ignore[arg-type]
 

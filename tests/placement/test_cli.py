@@ -32,7 +32,7 @@ def test_plan_all_writes_a_serving_config(tmp_path: Path, capsys: pytest.Capture
     rc = main(["plan", *PAPER, "--workload", wl, "--algorithm", "all", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    for name in ("ilp", "greedy", "spatial", "temporal"):
+    for name in ("ilp", "greedy", "muxserve", "spatial", "temporal"):
         assert f"== {name}: " in text
     assert "algorithm   est req/s  x spatial" in text
     cfg = load_config(out)

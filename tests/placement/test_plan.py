@@ -10,7 +10,7 @@ from muxserve.models.hf_config import parse_hf_config
 from placement.greedy import solve_greedy
 from placement.plan import to_config
 from placement.problem import load_problem
-from placement.specs import ModelSpec, spec_from_config
+from placement.specs import PlannerModel, spec_from_config
 
 
 def test_plan_round_trips_as_a_serving_config(tmp_path: Path) -> None:
@@ -40,7 +40,7 @@ def test_plan_round_trips_as_a_serving_config(tmp_path: Path) -> None:
     assert {m.dtype for m in back.models} == {"float16"}
 
 
-def fp32_checkpoint_spec(name: str) -> ModelSpec:
+def fp32_checkpoint_spec(name: str) -> PlannerModel:
     """A model whose config.json says float32: served (and budgeted) in float16 on a GPU."""
     return spec_from_config(
         name, f"/ckpt/{name}", parse_hf_config(llama_config() | {"torch_dtype": "float32"})

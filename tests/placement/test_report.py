@@ -44,6 +44,7 @@ def test_tables() -> None:
     assert [line.split()[0] for line in table.splitlines()[1:]] == [
         "ilp",
         "greedy",
+        "muxserve",
         "spatial",
         "temporal",
     ]

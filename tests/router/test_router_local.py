@@ -274,6 +274,28 @@ def test_metrics_has_a_series_per_mesh(served):
     }
 
 
+def test_sleep_and_wake_through_the_router(served, expected):
+    """A model put to sleep on its mesh over HTTP is woken by its next request, and serves the
+    same text; the router reports its states and the mesh its wake."""
+    mesh, model = next(iter(MESHES.items()))
+    status, body = post(served.port, f"/v1/models/{model}/sleep", {"level": 2})
+    assert status == 200, body
+    assert body["state"] == "asleep"
+    assert served.router.model_states()[model].value == "asleep"
+    state = (("mesh", mesh), ("model_name", model))
+    got = samples(served.port)
+    assert got[("muxserve:model_state", (*state, ("state", "asleep")))] == 1.0
+    assert got[("muxserve:num_requests_running", state)] == 0
+    serves_as_the_engine(served.port, model, expected)  # the first request wakes it
+    got = samples(served.port)
+    assert got[("muxserve:model_state", (*state, ("state", "awake")))] == 1.0
+    assert got[("muxserve:model_wakes_total", state)] == 1.0
+    status, body = post(served.port, f"/v1/models/{model}/wake", {})
+    assert (status, body["state"], body["wake_seconds"]) == (200, "awake", 0.0)
+    status, body = post(served.port, "/v1/models/nope/wake", {})
+    assert status == 404
+
+
 def test_client_disconnect_aborts_on_the_mesh(served):
     """The request is gone from its mesh at once, not after its 1000 tokens (seconds here)."""
 

@@ -6,8 +6,7 @@ from muxserve.request import Request, RequestStatus
 from muxserve.scheduler.job import Phase
 from muxserve.scheduler.model_slot import ModelQueue
 from muxserve.scheduler.policy import AdbsPolicy, FcfsPolicy
-
-from .factories import make_request, make_slot
+from tests.helpers.scheduler import make_request, make_slot
 
 P, D = Phase.PREFILL, Phase.DECODE
 
@@ -99,4 +98,4 @@ def test_requeue_keeps_arrival_order() -> None:
 
 def test_slot_share_by_phase() -> None:
     slot = make_slot("a", prefill_share=0.7, decode_share=0.2)
-    assert (slot.share(P), slot.share(D)) == (0.7, 0.2)
+    assert (P.share(slot.sm_share), D.share(slot.sm_share)) == (0.7, 0.2)

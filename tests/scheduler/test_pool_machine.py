@@ -16,8 +16,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from muxserve.errors import PromptTooLongError, QueueFullError
 from muxserve.request import FinishReason, Request
-
-from .factories import FakeRunner, make_layout, make_request, make_scheduler, make_slot, step_token
+from tests.helpers.scheduler import (
+    FakeRunner,
+    make_layout,
+    make_request,
+    make_scheduler,
+    make_slot,
+    step_token,
+)
 
 NUM_BLOCKS = 30  # static: 10 blocks per model
 EOS = 13  # step_token gives 13 at step 1 for request ids whose letters sum to 3 mod 7

@@ -11,8 +11,7 @@ from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.scheduler.model_slot import ModelQueue, ModelSlot
 from muxserve.scheduler.quota import AdaptiveQuota, StaticQuota, quota_weights
-
-from .factories import FakeRunner, make_layout, make_request, make_scheduler, make_slot
+from tests.helpers.scheduler import FakeRunner, make_layout, make_request, make_scheduler, make_slot
 
 # kv bytes per token: a 2*1*1*8*2 = 32, b 2*2*2*8*2 = 128, c 2*1*1*16*4 = 128
 SLOTS = [

@@ -6,7 +6,7 @@ from muxserve.executor.watchdog import JobDeadline
 from muxserve.request import FinishReason, RequestStatus
 from muxserve.scheduler.job import Job, JobResult, Phase
 from muxserve.scheduler.scheduler import MAX_RETRIES
-from tests.scheduler.factories import make_request, make_scheduler, make_slot
+from tests.helpers.scheduler import make_request, make_scheduler, make_slot
 
 
 def lose(job: Job) -> JobResult:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from muxserve.request import FinishReason, TokenLogprobs
 from muxserve.scheduler.job import Job, JobResult, Phase, SeqResult
-from tests.scheduler.factories import make_request, make_scheduler, make_slot
+from tests.helpers.scheduler import make_request, make_scheduler, make_slot
 
 
 def scores(job: Job) -> JobResult:

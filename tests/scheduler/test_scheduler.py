@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from muxserve.errors import PromptTooLongError, QueueFullError
-from muxserve.request import FinishReason, RequestStatus
+from muxserve.request import FinishReason, Request, RequestStatus
 from muxserve.scheduler.job import JobResult, Phase, SeqResult
 from muxserve.scheduler.scheduler import Scheduler
-
-from .factories import (
+from tests.helpers.scheduler import (
     FakeRunner,
     job_kinds,
     make_layout,
@@ -175,6 +174,39 @@ def finish_of(token_fn, **kw) -> tuple[FinishReason | None, list[int]]:
 
 def counting(request_id: str, step: int) -> int:
     return 100 + step
+
+
+class EndAt:
+    """An output check (as the engine's stop strings and grammars) that ends a request at its
+    `n`-th token, and records what it was asked."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.asked: list[tuple[int, FinishReason | None]] = []
+
+    def check(self, req: Request, reason: FinishReason | None) -> FinishReason | None:
+        self.asked.append((len(req.output_token_ids), reason))
+        if reason is None and len(req.output_token_ids) == self.n:
+            return FinishReason.STOP
+        return reason
+
+
+def test_the_output_check_is_asked_where_ids_and_lengths_decide() -> None:
+    """One place decides a request's end: the check hears the ids' and lengths' verdict on
+    every token, and its answer is the request's end."""
+    s = make_scheduler([make_slot("a")], 32)
+    stopped, long = make_request("s", max_tokens=8), make_request("l", max_tokens=2)
+    stopped.output_check, long.output_check = EndAt(3), EndAt(99)
+    s.add_request(stopped)
+    s.add_request(long)
+    run_to_completion(s, counting)
+    assert (stopped.finish_reason, stopped.output_token_ids) == (FinishReason.STOP, [100, 101, 102])
+    assert stopped.output_check.asked == [(1, None), (2, None), (3, None)]
+    assert (long.finish_reason, long.output_check.asked) == (
+        FinishReason.LENGTH,
+        [(1, None), (2, FinishReason.LENGTH)],
+    )
+    assert s.pool.num_free == 32
 
 
 def test_stop_on_eos() -> None:

@@ -8,7 +8,7 @@ from muxserve.errors import QueueFullError
 from muxserve.request import FinishReason
 from muxserve.scheduler.scheduler import Scheduler
 from muxserve.scheduler.service_rate import ServiceRate, retry_after_s
-from tests.scheduler.factories import make_request, make_scheduler, make_slot
+from tests.helpers.scheduler import make_request, make_scheduler, make_slot
 
 
 class Clock:
@@ -47,6 +47,27 @@ def test_old_completions_leave_the_window() -> None:
         r.on_finished(float(t))
     assert r.rate(20.0) == 1.0  # 10 in the last 10 s
     assert r.rate(25.0) == 0.5  # 5 (16..20) in the last 10 s: the model slowed down
+
+
+def test_a_stalled_model_is_rated_by_what_its_busy_time_allows() -> None:
+    r = ServiceRate(window=30.0, min_samples=4)
+    r.on_busy(0.0)
+    assert r.rate(10.0) is None  # never rated, busy 10 s: too soon to say
+    assert r.rate(40.0) == 4 / 30  # busy a whole window without 4 completions: below 4/30
+    for t in (41.0, 42.0, 43.0, 44.0):
+        r.on_finished(t)
+    assert r.rate(44.0) == 4 / 30  # 4 in the 30 s window (14..44)
+    r.on_finished(45.0)
+    assert r.rate(45.0) == 5 / 30
+    # the workers stall: no completion from 45 s on; the old estimate stands only while
+    # the few completions left in the window still allow it
+    assert r.rate(60.0) == 5 / 30  # 41..45 still in the window: 5 in 30 s
+    assert r.rate(72.0) == 4 / 30  # 42..45: 3 completions, below min_samples, cap 4/30
+    assert r.rate(120.0) == 4 / 30  # none left in the window: the cap over the window
+    r.on_idle(120.0)
+    r.on_busy(200.0)  # a new busy period: the last estimate stands, capped by its span
+    assert r.rate(201.0) == 4 / 30
+    assert r.expected_wait(8, 201.0) == 60.0
 
 
 @pytest.mark.parametrize(
@@ -100,3 +121,17 @@ def test_a_full_queue_says_how_long_it_takes_and_aborts_do_not_count() -> None:
         s.add_request(make_request("y"))
     # 4 finished in 8 s (0.5/s): the 6 waiting take 12 s
     assert (str(e.value), e.value.retry_after) == ("a: 6 requests already waiting", 12)
+
+
+def test_overdue_requests_are_those_past_the_limit_and_not_in_a_job() -> None:
+    clock = Clock()
+    s = make_scheduler([make_slot("a")], 64, clock=clock)
+    for rid, arrival in (("old", 0.0), ("mid", 5.0), ("new", 9.0)):
+        s.add_request(make_request(rid, arrival=arrival))
+    clock.now = 10.0
+    assert s.overdue(4.0) == ["old", "mid"]  # arrived before 6.0
+    [job] = s.schedule()  # all three in one prefill job: in flight, not overdue now
+    assert {q.request_id for q in job.seqs} == {"old", "mid", "new"}
+    assert s.overdue(4.0) == []
+    s.finish("old", FinishReason.TIMEOUT)  # its job is still out: it ends when the job returns
+    assert s.get("old") is not None and s.get("old").pending_finish is FinishReason.TIMEOUT

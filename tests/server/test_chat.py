@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from muxserve.sampling_params import SamplingParams
-from tests.server.conftest import sse_events
+from tests.helpers.server import sse_events
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from muxserve.config import dump_config
-from tests.server.conftest import demo_config
+from tests.helpers.server import demo_config
+from tests.helpers.wait import wait_until
 
 GRACE = 1.0
 
@@ -93,9 +94,39 @@ def start(args: list[str], port: int, env: dict[str, str] | None = None) -> subp
         time.sleep(0.2)
 
 
+def refused(port: int) -> bool:
+    """Whether nothing listens on the port any more."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def stream(port: int, body: dict, key: str | None, got: list[bytes], started: threading.Event):
+    """POST a streamed completion; set `started` at its first SSE event (or its end), then
+    append the whole body to `got`."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        conn.request("POST", "/v1/completions", json.dumps(body), headers)
+        r = conn.getresponse()
+        data = b""
+        while not data.endswith(b"\n\n") and (line := r.readline()):
+            data += line
+        started.set()
+        got.append(data + r.read())
+        conn.close()
+    finally:
+        started.set()
+
+
 def stop_mid_stream(proc: subprocess.Popen, port: int, sig: int, key: str | None) -> str:
     """Start a long stream, send `sig`, and return the process's output once it exits 0."""
     got: list[bytes] = []
+    started = threading.Event()
     body = {
         "model": "mistral-demo",
         "prompt": "Once",
@@ -103,17 +134,14 @@ def stop_mid_stream(proc: subprocess.Popen, port: int, sig: int, key: str | None
         "ignore_eos": True,
         "stream": True,
     }
-    reader = threading.Thread(
-        target=lambda: got.append(request(port, "POST", "/v1/completions", body, key)[1])
-    )
+    reader = threading.Thread(target=stream, args=(port, body, key, got, started))
     reader.start()
-    time.sleep(0.5)  # the stream is under way
+    assert started.wait(timeout=60), "no first event from the stream"
     kids = children(proc.pid)
     t0 = time.monotonic()
     proc.send_signal(sig)
-    time.sleep(0.3)
-    with pytest.raises(ConnectionRefusedError):  # no new connections once stopping
-        request(port, "GET", "/health")
+    # no new connections once stopping: the listener closes at once, in-flight streams go on
+    wait_until(lambda: refused(port), 10, "the listener to close")
     out, _ = proc.communicate(timeout=GRACE + 30)
     took = time.monotonic() - t0
     reader.join(timeout=10)

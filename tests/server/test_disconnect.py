@@ -7,7 +7,8 @@ import asyncio
 import aiohttp
 import pytest
 
-from tests.server.conftest import wait_idle
+from tests.helpers.server import wait_idle
+from tests.helpers.wait import until
 
 LONG = {
     "model": "mistral-demo",
@@ -28,8 +29,11 @@ def aborted(engine_metrics_text: str) -> float:
 
 
 async def until_running(engine, n: int = 1) -> None:
-    while engine.stats()["mistral-demo"].running < n:
-        await asyncio.sleep(0.005)
+    await until(lambda: engine.stats()["mistral-demo"].running >= n, 30, f"{n} running")
+
+
+async def until_idle(engine) -> None:
+    await until(lambda: not engine.has_work(), 3, "the aborts")
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
@@ -44,10 +48,7 @@ def test_streaming_client_disconnect_aborts(serve, engine, path):
         await until_running(engine, 2)
         assert engine.stats()["mistral-demo"].blocks_used > 0
         r.close()  # drop the connection mid-stream
-        for _ in range(300):
-            if not engine.has_work():
-                break
-            await asyncio.sleep(0.01)
+        await until_idle(engine)
         return await (await client.get("/metrics")).text()
 
     metrics = serve(body)
@@ -62,10 +63,7 @@ def test_non_streaming_client_disconnect_aborts(serve, engine):
         task.cancel()  # the client gives up before the response
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(300):
-            if not engine.has_work():
-                break
-            await asyncio.sleep(0.01)
+        await until_idle(engine)
         return await (await client.get("/metrics")).text()
 
     metrics = serve(body)
@@ -79,10 +77,7 @@ def test_client_timeout_aborts(serve, engine):
             await client.post(
                 "/v1/completions", json=LONG, timeout=aiohttp.ClientTimeout(total=0.3)
             )
-        for _ in range(300):
-            if not engine.has_work():
-                break
-            await asyncio.sleep(0.01)
+        await until_idle(engine)
 
     serve(body)
     wait_idle(engine, timeout=0.5)

@@ -3,25 +3,42 @@
 from __future__ import annotations
 
 import asyncio
-import time
+
+import pytest
 
 from muxserve.output_processor import OutputSink, RequestOutput
 from muxserve.sampling_params import SamplingParams
-from tests.server.conftest import wait_idle
+from tests.helpers.server import wait_idle
+from tests.helpers.wait import wait_until
+
+
+async def first_output(engine, request_id: str) -> RequestOutput:
+    async for out in engine.stream(request_id):
+        return out
+    raise AssertionError("a stream with no output")
 
 
 def test_abort_drops_unread_outputs(engine):
-    """A reader that went away leaves no sink behind, finished or not."""
+    """A reader that went away leaves no outputs behind, finished or not; a reader who is
+    merely late still finds them."""
     params = SamplingParams(max_tokens=200, ignore_eos=True)
     running = engine.add_request("llama-demo", [5] * 10, params)
-    done = engine.add_request("llama-demo", [5] * 10, SamplingParams(max_tokens=1))
-    while engine.scheduler.get(done) is not None:  # `done` finishes, unread
-        time.sleep(0.001)
-    assert done in engine._sinks  # kept for a reader who may still come
+    done, late = (
+        engine.add_request("llama-demo", [5] * 10, SamplingParams(max_tokens=1)) for _ in range(2)
+    )
+    wait_until(
+        lambda: engine.scheduler.get(done) is None and engine.scheduler.get(late) is None,
+        30,
+        "the short requests to finish, unread",
+    )
+    out = asyncio.run(first_output(engine, late))  # kept for a reader who comes late
+    assert (out.request_id, out.finished, out.completion_tokens) == (late, True, 1)
     assert engine.abort(running)
     assert not engine.abort(done)  # finished: nothing to abort; its outputs are dropped anyway
     wait_idle(engine)
-    assert not set(engine._sinks) & {running, done}
+    for rid in (running, done, late):  # nothing left to read
+        with pytest.raises(KeyError, match="unknown request"):
+            asyncio.run(first_output(engine, rid))
 
 
 def test_is_running(engine, idle_engine):

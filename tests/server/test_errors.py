@@ -10,7 +10,8 @@ import pytest
 from muxserve.errors import QueueFullError
 from muxserve.server import ServerSettings
 from muxserve.server.context import CONTEXT
-from tests.server.conftest import run_app, wait_idle
+from tests.helpers.server import run_app, wait_idle
+from tests.helpers.wait import until
 
 OK = {"model": "llama-demo", "prompt": "hi", "max_tokens": 2}
 
@@ -162,15 +163,11 @@ def test_full_queue_is_429_and_a_gone_client_leaves_the_queue(idle_engine):
 
     async def body(client):
         waiting = asyncio.create_task(client.post("/v1/chat/completions", json=chat))
-        while idle_engine.stats()["mistral-demo"].waiting == 0:
-            await asyncio.sleep(0.01)
+        await until(lambda: idle_engine.stats()["mistral-demo"].waiting > 0, 10, "a waiting one")
         full = await client.post("/v1/chat/completions", json=chat)
         result = full.status, dict(full.headers), await full.json()
         waiting.cancel()  # the client goes away: its request leaves the queue
-        for _ in range(200):
-            if not idle_engine.has_work():
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: not idle_engine.has_work(), 5, "the queue to empty")
         return result
 
     status, headers, payload = run_app(idle_engine, body)

@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.server.conftest import wait_idle
-from tests.server.test_metrics import samples, value
+from tests.helpers.server import samples, value, wait_idle
+from tests.helpers.wait import until
 
 MODELS = ["llama-demo", "qwen-demo", "mistral-demo"]
 OK_STATUSES = {200, 400, 404, 405, 413}
@@ -238,10 +238,7 @@ def test_a_thousand_hostile_requests(serve, engine):
 
         results = await asyncio.gather(*(one(c) for c in all_cases))
         health = await client.get("/health")
-        for _ in range(500):  # aborts land within a step
-            if not engine.has_work():
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: not engine.has_work(), 5, "the aborts")  # they land within a step
         metrics = await (await client.get("/metrics")).text()
         return results, health.status, metrics
 

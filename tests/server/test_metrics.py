@@ -6,21 +6,8 @@ import asyncio
 import os
 import time
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.server.conftest import run_app
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(m: dict, name: str, **labels: str) -> float:
-    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+from tests.helpers.server import run_app, samples, value
+from tests.helpers.wait import until
 
 
 def test_counters_histograms_and_gauges(serve, engine):
@@ -122,10 +109,7 @@ def test_kv_usage_and_preemptions_follow_the_engine(serve, engine):
                 },
             )
         )
-        deadline = time.monotonic() + 10
-        while engine.stats()["mistral-demo"].blocks_used == 0:
-            assert time.monotonic() < deadline, "the request never started"
-            await asyncio.sleep(0.005)
+        await until(lambda: engine.stats()["mistral-demo"].blocks_used > 0, 10, "the request")
         m = samples(await (await client.get("/metrics")).text())
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -164,8 +148,9 @@ def test_health_and_metrics_answer_while_models_compute(serve, engine):
             )
             for m in ("llama-demo", "qwen-demo", "mistral-demo")
         ]
-        while sum(s.running for s in engine.stats().values()) < 8:
-            await asyncio.sleep(0.005)
+        await until(
+            lambda: sum(s.running for s in engine.stats().values()) >= 8, 30, "8 running requests"
+        )
         worst = 0.0
         running = []
         for _ in range(10):

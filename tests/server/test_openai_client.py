@@ -10,7 +10,7 @@ from muxserve.client.in_process import InProcessClient
 from muxserve.sampling_params import SamplingParams
 from muxserve.server import ServerSettings, create_app
 from muxserve.server.background import BackgroundServer
-from tests.server.conftest import wait_idle
+from tests.helpers.server import wait_idle
 
 openai = pytest.importorskip("openai")
 

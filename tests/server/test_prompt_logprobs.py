@@ -15,7 +15,7 @@ from muxserve.client.in_process import InProcessClient
 from muxserve.engine import MuxEngine
 from muxserve.server import create_app
 from muxserve.server.background import BackgroundServer
-from tests.server.conftest import demo_config, wait_idle
+from tests.helpers.server import demo_config, wait_idle
 
 openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")

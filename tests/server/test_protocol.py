@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from muxserve.errors import InvalidSamplingParamsError
+from muxserve.sampling_params import check_sampling_params
 from muxserve.server.errors import from_validation_error
 from muxserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -193,3 +194,49 @@ def test_chat_max_tokens_and_logprobs():
     with pytest.raises(InvalidSamplingParamsError) as e:
         ChatCompletionRequest.model_validate({**CHAT, "top_logprobs": 2}).check()
     assert e.value.param == "top_logprobs"
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("allowed_token_ids", [], "allowed_token_ids must be a non-empty list of token ids"),
+        ("bad_words", ["ok", ""], "bad_words must be non-empty strings"),
+    ],
+)
+def test_what_no_field_validator_checks_is_checked_where_params_are_made(field, value, message):
+    req = CompletionRequest.model_validate({**BASE, field: value})
+    with pytest.raises(InvalidSamplingParamsError) as e:
+        req.params(0, None)
+    assert (str(e.value), e.value.param) == (message, field)
+
+
+EDGES = {  # the extremes each field's validator lets through
+    "temperature": [0.0, 1e-9, 2.0],
+    "top_p": [0.0, 1e-9, 1.0],
+    "top_k": [-1, 0, 1, 10**9],
+    "min_p": [0.0, 1.0],
+    "seed": [-(2**63), 2**64 - 1],
+    "presence_penalty": [-2.0, 2.0],
+    "frequency_penalty": [-2.0, 2.0],
+    "repetition_penalty": [1e-9, 1e300],
+    "logit_bias": [{"0": -1e300, "7": 1e300}],
+    "stop": ["x", ["x"] * 16],
+    "stop_token_ids": [[], [0]],
+    "min_tokens": [0, 10**9],
+    "max_tokens": [1, 10**9],
+    "logprobs": [0, 20],
+    "prompt_logprobs": [0, 20],
+    "allowed_token_ids": [[0]],
+    "bad_words": [["x"]],
+}
+
+
+@pytest.mark.parametrize("field,value", [(f, v) for f, values in EDGES.items() for v in values])
+def test_what_the_edge_accepts_the_inside_accepts(field, value):
+    """The server checks requests only at the edge: whatever passes it must make params that
+    `SamplingParams.checked` would take as they are."""
+    req = CompletionRequest.model_validate({**BASE, field: value})
+    req.check()
+    for choice in (0, 1):
+        params = req.params(choice, req.logprobs)
+        check_sampling_params(params)

@@ -19,7 +19,7 @@ from muxserve.engine import MuxEngine
 from muxserve.sampling_params import SamplingParams
 from muxserve.server import create_app
 from muxserve.server.background import BackgroundServer
-from tests.server.conftest import wait_idle
+from tests.helpers.server import wait_idle
 
 openai = pytest.importorskip("openai")
 

@@ -16,7 +16,7 @@ import pytest
 from muxserve.client.in_process import InProcessClient
 from muxserve.server import create_app
 from muxserve.server.background import BackgroundServer
-from tests.server.conftest import wait_idle
+from tests.helpers.server import wait_idle
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")

@@ -16,7 +16,7 @@ from muxserve import __version__
 from muxserve.client.in_process import InProcessClient
 from muxserve.server import ServerSettings, create_app
 from muxserve.server.background import BackgroundServer
-from tests.server.conftest import sse_events, wait_idle
+from tests.helpers.server import sse_events, wait_idle
 
 openai = pytest.importorskip("openai")
 

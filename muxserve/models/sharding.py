@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from muxserve.model_descriptor import check_divisible
 from muxserve.models.causal_lm import CausalLM
+from muxserve.models.hf_config import check_divisible
 from muxserve.models.loader import load_model
 from muxserve.models.registry import build_model
 

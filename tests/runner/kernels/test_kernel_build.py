@@ -10,8 +10,8 @@ import ctypes
 
 import pytest
 
-from muxserve import kernel_build
-from muxserve.kernel_build import (
+from muxserve.runner.kernels import kernel_build
+from muxserve.runner.kernels.kernel_build import (
     KernelBuildError,
     Toolchain,
     check_toolchain,

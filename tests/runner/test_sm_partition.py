@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from muxserve.executor import sm_partition as smp
-from muxserve.executor.sm_partition import (
+from muxserve.runner import sm_partition as smp
+from muxserve.runner.sm_partition import (
     assign_groups,
     make_partitions,
     may_run_together,

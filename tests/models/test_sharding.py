@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from muxserve.model_descriptor import check_divisible
+from muxserve.models.hf_config import check_divisible
 from muxserve.models.loader import load_model
+from muxserve.models.sharding import rank_device, shard_model
 from muxserve.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from muxserve.parallel.sharding import rank_device, shard_model
 
 CPU = torch.device("cpu")
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split by output rows

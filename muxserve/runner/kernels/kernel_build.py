@@ -29,7 +29,7 @@ import torch
 
 from muxserve.config import default_cache_dir
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[3] / "csrc"
 
 
 class KernelBuildError(RuntimeError):

@@ -24,10 +24,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from muxserve.executor.sm_partition import stream_sms
-from muxserve.kernel_build import EMULATED, KernelBuildError, build_kernels, build_plan
 from muxserve.models.causal_lm import Attention
 from muxserve.runner.attention import BatchLayout, PagedAttention
+from muxserve.runner.kernels.kernel_build import (
+    EMULATED,
+    KernelBuildError,
+    build_kernels,
+    build_plan,
+)
+from muxserve.runner.sm_partition import stream_sms
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ def kernel_mode() -> KernelMode:
     return mode  # type: ignore[return-value]
 
 
-# ---- loading (building is muxserve/kernel_build.py), with the fallback the mode allows ------
+# ---- loading (building is kernel_build.py), with the fallback the mode allows ---------------
 @functools.cache
 def load_kernels(arch: str) -> ModuleType | None:
     """`build_kernels` and one probe launch, or None (warned once) when either fails and the
@@ -209,17 +214,6 @@ def decode_attention(
         max_context = int(batch.ctx_lens.max())
     plan = _decode_plan(cache, q.shape[0], q.shape[1], batch, max_context, window)
     return _decode(kernels, q, cache, batch, layer, window, plan)
-
-
-def prefill_attention(
-    q: torch.Tensor, cache: torch.Tensor, batch: BatchLayout, layer: int, window: int | None
-) -> torch.Tensor:
-    """Causal attention of the batch's new tokens q (T, Hq, hd) over their sequences' cached
-    tokens (theirs already written), chunked prefill included; returns (T, Hq, hd)."""
-    ref = PagedAttention(cache, batch, ())
-    if kernels_for_cache(cache) is None:
-        return ref.attend_pool(layer, q, window)
-    return _prefill_sdpa(ref, q, layer, window)
 
 
 # ---- the model's Attention -----------------------------------------------------------------
@@ -440,7 +434,8 @@ def _prefill_sdpa(
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """`python -m muxserve.ops [ARCH]`: build (or find) the kernels ahead of serving."""
+    """`python -m muxserve.runner.kernels.ops [ARCH]`: build (or find) the kernels ahead of
+    serving."""
     import argparse
 
     ap = argparse.ArgumentParser(description=_main.__doc__)

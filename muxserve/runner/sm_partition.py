@@ -40,7 +40,8 @@ K = TypeVar("K", bound=Hashable)
 EPS = 1e-9
 
 # SMs of a stream that runs inside a green context, by its handle (`cuda_stream`): the split-K
-# plan of the decode kernel sizes its launch to the SMs its stream may use (muxserve/ops.py).
+# plan of the decode kernel sizes its launch to the SMs its stream may use
+# (muxserve/runner/kernels/ops.py).
 _STREAM_SMS: dict[int, int] = {}
 
 

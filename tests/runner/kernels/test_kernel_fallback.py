@@ -13,12 +13,12 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ops import decode_batch, make_cache
 from torch.utils import cpp_extension
 
-from muxserve import kernel_build, ops
-from muxserve.kernel_build import EMULATED, KernelBuildError
 from muxserve.runner.attention import BatchLayout, PagedAttention
+from muxserve.runner.kernels import kernel_build, ops
+from muxserve.runner.kernels.kernel_build import EMULATED, KernelBuildError
+from tests.helpers.kernels import decode_batch, make_cache
 
 CPU = torch.device("cpu")
 

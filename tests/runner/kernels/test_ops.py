@@ -1,4 +1,4 @@
-"""muxserve.ops and the decode graphs' bookkeeping, on CPU.
+"""muxserve.runner.kernels.ops and the decode graphs' bookkeeping, on CPU.
 
 - dispatch: the reference on CPU, the kernel modes, which pool views the kernels can read;
 - the reference path of `ops` equals `PagedAttention` bit for bit;
@@ -22,7 +22,6 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from muxserve import kernel_build, ops
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.kv.layout import KVLayout
@@ -37,47 +36,19 @@ from muxserve.runner.cuda_graphs import (
     decode_logits,
     pad_decode_inputs,
 )
+from muxserve.runner.kernels import kernel_build, ops
 from muxserve.runner.kv_pool import KVPool
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import SeqWork
+from tests.helpers.kernels import decode_batch, make_cache
 
 CPU = torch.device("cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---- factories ---------------------------------------------------------------------------
-def make_cache(
-    num_blocks: int, tpb: int, head_dim: int, dtype: torch.dtype, tail: int = 16, seed: int = 0
-) -> torch.Tensor:
-    """A pool view of random contents; `tail` unused bytes at the end of each block."""
-    item = torch.empty((), dtype=dtype).element_size()
-    layout = KVLayout(1, 1, head_dim, item, 2 * tpb * head_dim * item + tail)
-    cache = KVPool(num_blocks, layout.block_bytes, CPU).view(layout, dtype)
-    gen = torch.Generator().manual_seed(seed)
-    cache.copy_(torch.randn(num_blocks, 2, tpb, head_dim, generator=gen).to(dtype))
-    return cache
-
-
 def seq_work(rid: str, tokens: tuple[int, ...], start: int, table: np.ndarray) -> SeqWork:
     return SeqWork(rid, tokens, start, table, True, SamplingParams(temperature=0.0), 0, 0)
-
-
-def decode_batch(
-    ctx: list[int], tpb: int, layers: int, kv_heads: int, num_blocks: int, seed: int
-) -> BatchLayout:
-    """One decode token per sequence at position ctx - 1; distinct shuffled block ids."""
-    gen = torch.Generator().manual_seed(seed)
-    nlb = max(-(-c // tpb) for c in ctx)
-    ids = torch.randperm(num_blocks, generator=gen)[: len(ctx) * nlb * layers * kv_heads]
-    ctx_t = torch.tensor(ctx)
-    return BatchLayout(
-        seq_of_token=torch.arange(len(ctx)),
-        pos_of_token=ctx_t - 1,
-        row_of_token=torch.zeros(len(ctx), dtype=torch.int64),
-        q_lens=torch.ones(len(ctx), dtype=torch.int64),
-        ctx_lens=ctx_t,
-        block_tables=ids.view(len(ctx), nlb, layers, kv_heads).contiguous(),
-    )
 
 
 def exact_decode(
@@ -174,7 +145,7 @@ def mixed_job(layout: KVLayout, num_blocks: int) -> tuple[list[list[SeqWork]], B
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_reference_ops_equal_paged_attention(window: int | None) -> None:
+def test_reference_write_kv_equals_paged_attention(window: int | None) -> None:
     layers, heads, kv_heads, hd, tpb = 2, 4, 2, 16, 3
     layout = KVLayout(layers, kv_heads, hd, 4, 2 * tpb * hd * 4)
     calls, _ = mixed_job(layout, 120)
@@ -191,7 +162,7 @@ def test_reference_ops_equal_paged_attention(window: int | None) -> None:
             k, v = torch.randn(2, n, kv_heads, hd, generator=gen)
             want = paged(layer, q, k, v)
             ops.write_kv(cache_b, k, v, batch, layer)
-            got = ops.prefill_attention(q, cache_b, batch, layer, windows[layer])
+            got = PagedAttention(cache_b, batch, ()).attend_pool(layer, q, windows[layer])
             assert torch.equal(got, want)
             assert torch.equal(pool_a.buffer, pool_b.buffer)
 

@@ -50,11 +50,11 @@ def prefill_job(
         seed=0,
         step=0,
     )
-    return Job(job_id, spec.name, Phase.PREFILL, (seq,), spec.share(Phase.PREFILL))
+    return Job(job_id, spec.name, Phase.PREFILL, (seq,), Phase.PREFILL.share(spec.sm_share))
 
 
 def decode_job(job_id: int, spec: ModelSpec, prev: Job, token: int, step: int) -> Job:
     """The next decode step of the single sequence of `prev`, feeding `token`."""
     s = prev.seqs[0]
     seq = SeqWork(s.request_id, (token,), s.end_pos, s.block_table, True, GREEDY, seed=0, step=step)
-    return Job(job_id, spec.name, Phase.DECODE, (seq,), spec.share(Phase.DECODE))
+    return Job(job_id, spec.name, Phase.DECODE, (seq,), Phase.DECODE.share(spec.sm_share))

@@ -1,0 +1,119 @@
+"""Sleep and wake times of the demo models on this machine (CPU unless a GPU is there).
+
+For each model and level, `--runs` times: sleep, wake, then one token of a short prompt;
+prints medians with the min-max spread and the load average, and writes them as JSON.
+`first_ms` is the wake plus that first token (`first_awake_ms`: the same token with the model
+awake, the baseline): with `--executor mps` it includes starting the model's worker
+processes, which the wake itself does not wait for. Level 2's wake reloads the
+checkpoint (memory-mapped safetensors: warm in the page cache after the first run).
+
+    python scripts/bench_sleep_wake.py --runs 5 --out benchmarks/results/elastic/sleep_wake.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from muxserve.config import parse_config
+from muxserve.demo import ensure_demo_models
+from muxserve.engine import MuxEngine
+from muxserve.sampling_params import SamplingParams
+
+ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--executor", choices=("inline", "mps"), default="inline")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    models = ensure_demo_models()
+    config = parse_config(
+        {
+            "models": [{"name": n, "path": str(p)} for n, p in models.items()],
+            "engine": {
+                "device": args.device,
+                "executor": args.executor,
+                "kv_pool_bytes": 8 << 20,
+                "block_bytes": 4096,
+            },
+        }
+    )
+    engine = MuxEngine(config)
+    results = []
+    try:
+        for name in engine.models:
+            size = engine.executor.weight_bytes(name)
+            awake = []  # the same token with the model awake all along: the baseline
+            for _ in range(args.runs):
+                t0 = time.perf_counter()
+                engine.generate([[5, 6, 7]], ONE_TOKEN, name)
+                awake.append(time.perf_counter() - t0)
+            for level in (1, 2):
+                sleeps, wakes, firsts = [], [], []
+                for _ in range(args.runs):
+                    t0 = time.perf_counter()
+                    engine.sleep(name, level)
+                    sleeps.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    wakes.append(engine.wake(name))
+                    engine.generate([[5, 6, 7]], ONE_TOKEN, name)
+                    firsts.append(time.perf_counter() - t0)
+                row = {
+                    "model": name,
+                    "weight_mib": round(size / (1 << 20), 2),
+                    "level": level,
+                    "sleep_ms": stats_ms(sleeps),
+                    "wake_ms": stats_ms(wakes),
+                    "first_ms": stats_ms(firsts),
+                    "first_awake_ms": stats_ms(awake),
+                }
+                results.append(row)
+                print(
+                    f"{name:14s} {row['weight_mib']:7.2f} MiB  level {level}: "
+                    f"sleep {fmt(row['sleep_ms'])}  wake {fmt(row['wake_ms'])}  "
+                    f"first token {fmt(row['first_ms'])} (awake {fmt(row['first_awake_ms'])})"
+                )
+    finally:
+        engine.shutdown()
+    load = os.getloadavg()
+    print(
+        f"runs {args.runs}, device {args.device}, executor {args.executor}, "
+        f"load average {load[0]:.2f} {load[1]:.2f}"
+    )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "command": " ".join(sys.argv),
+            "executor": args.executor,
+            "load_average": load,
+            "results": results,
+        }
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def stats_ms(xs: list[float]) -> dict[str, float]:
+    ms = [x * 1000 for x in xs]
+    return {
+        "median": round(statistics.median(ms), 3),
+        "min": round(min(ms), 3),
+        "max": round(max(ms), 3),
+    }
+
+
+def fmt(s: dict[str, float]) -> str:
+    return f"{s['median']:8.3f} ms [{s['min']:.3f}-{s['max']:.3f}]"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Worker processes against the model count: eager workers (two per model) vs lazy ones.
+
+    python scripts/bench_workers.py [--models 3,12,48] [--asked 3] [--modes eager,lazy]
+                                    [--out benchmarks/results/workers]
+
+For each model count N, a `muxserve serve` process (mps executor, CPU) serves N copies of the
+demo models under different names, once with `worker_start: eager` (every model's prefill and
+decode workers start with the engine) and once with `worker_start: lazy` (a model's workers
+start at its first job; `worker_idle_stop_s` stops them again). Measured per run:
+
+- startup: from launching the server until /health answers "ok" (loading N models included);
+- processes and host memory (the sum of PSS over the server and its descendants, so shared
+  weights count once) right after startup;
+- for lazy: the same after one request to each of --asked models (their workers now run), and
+  that first request's latency (it waits for its workers to start).
+
+An eager run whose workers would not fit in this host's available memory (about 230 MiB each,
+mostly the torch import) is skipped and reported as such. JSON and a PNG go to --out.
+Not a test: the numbers depend on who else uses the machine (the load average is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from muxserve.bench.report import machine, write_json
+from muxserve.bench.server import ServerProcess
+from muxserve.config import dump_config, parse_config
+from muxserve.demo import DEMO_ENGINE, ensure_demo_models
+
+WORKER_BYTES = 230 << 20  # host memory of one idle CPU worker process, measured
+STARTUP_TIMEOUT_S = 1200.0
+
+
+def config_for(n: int, lazy: bool, models: dict[str, Path]) -> dict[str, Any]:
+    bases = sorted(models)
+    entries = [
+        {"name": f"{bases[i % len(bases)]}-{i}", "path": str(models[bases[i % len(bases)]])}
+        for i in range(n)
+    ]
+    engine = {
+        **DEMO_ENGINE,
+        "device": "cpu",
+        "executor": "mps",
+        "kv_pool_bytes": 16 << 20,
+        "worker_start": "lazy" if lazy else "eager",
+        "worker_idle_stop_s": 300.0 if lazy else None,
+    }
+    return {"models": entries, "engine": engine}
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and every live descendant of it (multiprocessing's resource tracker left out)."""
+    parents: dict[int, int] = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(
+                ln.split(":\t", 1) for ln in status.read_text().splitlines() if ":\t" in ln
+            )
+            parents[int(status.parent.name)] = int(fields["PPid"].strip())
+        except (OSError, ValueError, KeyError):
+            continue
+    out, frontier = [pid], [pid]
+    while frontier:
+        cur = frontier.pop()
+        for child, parent in parents.items():
+            if parent == cur and child not in out:
+                out.append(child)
+                frontier.append(child)
+    return [p for p in out if "resource_tracker" not in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def pss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def snapshot(server_pid: int) -> dict[str, Any]:
+    pids = tree(server_pid)
+    return {"processes": len(pids), "workers": len(pids) - 1, "pss_mib": pss_bytes(pids) >> 20}
+
+
+def one_request(url: str, model: str) -> float:
+    body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 4}).encode()
+    req = urllib.request.Request(
+        f"{url}/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as r:
+        r.read()
+    return time.perf_counter() - start
+
+
+def available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run(n: int, lazy: bool, asked: int, models: dict[str, Path], tmp: Path) -> dict[str, Any]:
+    mode = "lazy" if lazy else "eager"
+    need = 2 * n * WORKER_BYTES
+    if not lazy and need > 0.8 * available_bytes():
+        return {
+            "models": n,
+            "mode": mode,
+            "skipped": f"{2 * n} workers need ~{need >> 30} GiB; "
+            f"{available_bytes() >> 30} GiB available",
+        }
+    cfg = tmp / f"{mode}-{n}.yaml"
+    dump_config(parse_config(config_for(n, lazy, models)), cfg)
+    log = (tmp / f"{mode}-{n}.log").open("w")
+    server = ServerProcess(cfg, log=log, startup_timeout=STARTUP_TIMEOUT_S)
+    start = time.perf_counter()
+    try:
+        url = server.start()
+        startup = time.perf_counter() - start
+        assert server.proc is not None
+        out: dict[str, Any] = {"models": n, "mode": mode, "startup_s": round(startup, 2)}
+        out["at_start"] = snapshot(server.proc.pid)
+        names = [f"{sorted(models)[i % len(models)]}-{i}" for i in range(min(asked, n))]
+        first = [one_request(url, m) for m in names]
+        out["first_request_s"] = [round(t, 2) for t in first]
+        out["after_requests"] = snapshot(server.proc.pid)
+        return out
+    finally:
+        server.stop()
+        log.close()
+
+
+def plot(results: list[dict[str, Any]], path: Path, asked: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for mode, color in (("eager", "tab:red"), ("lazy", "tab:blue")):
+        rows = [r for r in results if r["mode"] == mode and "skipped" not in r]
+        xs = [r["models"] for r in rows]
+        axes[0].plot(xs, [r["at_start"]["processes"] for r in rows], "o-", color=color, label=mode)
+        axes[0].plot(
+            xs,
+            [r["after_requests"]["processes"] for r in rows],
+            "x--",
+            color=color,
+            label=f"{mode}, {asked} models asked",
+        )
+        axes[1].plot(xs, [r["at_start"]["pss_mib"] for r in rows], "o-", color=color, label=mode)
+        axes[2].plot(xs, [r["startup_s"] for r in rows], "o-", color=color, label=mode)
+    for ax, title in zip(
+        axes,
+        ("processes", "host memory at start (PSS, MiB)", "startup until /health ok (s)"),
+        strict=True,
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("models on the mesh")
+        ax.legend()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    fig.suptitle(f"mps workers, eager vs lazy, demo model copies on CPU (load {load})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="3,12,48", help="model counts, comma-separated")
+    p.add_argument("--asked", type=int, default=3, help="models sent a request (lazy runs)")
+    p.add_argument("--modes", default="eager,lazy")
+    p.add_argument(
+        "--out", default=str(Path(__file__).resolve().parent.parent / "benchmarks/results/workers")
+    )
+    args = p.parse_args()
+    models = ensure_demo_models()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="muxserve-workers-") as tmp:
+        for n in (int(x) for x in args.models.split(",")):
+            for mode in args.modes.split(","):
+                print(f"[{mode} {n}] starting", file=sys.stderr, flush=True)
+                r = run(n, mode == "lazy", args.asked, models, Path(tmp))
+                print(f"[{mode} {n}] {json.dumps(r)}", file=sys.stderr, flush=True)
+                results.append(r)
+    report = {
+        "command": " ".join(sys.argv),
+        "machine": machine(),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "results": results,
+    }
+    write_json(out / "workers.json", report)
+    plot(results, out / "workers.png", args.asked)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
