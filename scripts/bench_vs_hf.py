@@ -162,6 +162,9 @@ def bench_model(
             del hf_model
 
 
+LOAD_KEYS = ("load_average_before", "load_average_after")
+
+
 def plot(result: dict[str, Any], file: Path) -> None:
     """Ratio engine / HF per cell, one panel per model: below 1 the engine is faster."""
     import matplotlib
@@ -200,8 +203,9 @@ def plot(result: dict[str, Any], file: Path) -> None:
         )
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), label="engine / HF decode step (median)")
-    lo = min(result["load_average_before"][0], result["load_average_after"][0])
-    hi = max(result["load_average_before"][0], result["load_average_after"][0])
+    loads = [result["load_average_before"][0], result["load_average_after"][0]]
+    loads += [c[k][0] for m in models for c in m["cells"] for k in LOAD_KEYS]
+    lo, hi = min(loads), max(loads)  # 1-minute load average at the start, end and every cell
     fig.suptitle(
         "MuxEngine vs HF transformers (DynamicCache): decode step time, engine / HF\n"
         f"one torch thread each, interleaved, {result['repeats']} x {result['steps']} steps; "
