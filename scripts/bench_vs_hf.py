@@ -17,8 +17,9 @@ is cut into chunks of `--hf-chunk-tokens` tokens so its activations stay small.
 Reported per cell: the median decode step of each side with its p10-p90, the median of the
 paired ratios engine / HF with their quartiles and the min-max of the per-repeat medians, the
 rows whose greedy tokens agree (random weights leave near-ties that rounding may flip), and the
-load average before and after. Written to `--out`: `bench_vs_hf.json` and `bench_vs_hf.png`
-(the ratio per cell, one panel per model). Progress goes to stderr.
+load average before and after. Written to `--out`: `bench_vs_hf.json` after every cell
+(`"complete": false` until the last), and `bench_vs_hf.png` (the ratio per cell, one panel
+per model) at the end. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,20 +85,39 @@ SIZES = {
 }  # fmt: skip
 
 
-def bench_model(size: ModelSize, args: argparse.Namespace, log: Any) -> dict[str, Any]:
-    """Every cell of the grid on one model size: a checkpoint, HF's model, one engine."""
+def bench_model(
+    size: ModelSize,
+    args: argparse.Namespace,
+    log: Any,
+    models: list[dict[str, Any]],
+    save: Callable[[], None],
+) -> None:
+    """Every cell of the grid on one model size (a checkpoint, HF's model, one engine),
+    appended to `models`; `save()` after each cell, so a run cut short keeps what it has."""
     import transformers
 
     cells = [Point(b, c) for b in args.batches for c in args.contexts]
     longest = max(c.batch * (c.prompt + args.steps * args.repeats + 16) for c in cells)
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-vs-hf-") as tmp:
         folder = Path(tmp)
         config = write_checkpoint(folder, argparse.Namespace(**vars(size)))
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, attn_implementation=args.attn
         ).eval()
-        params = sum(x.numel() for x in hf_model.parameters())
+        models.append(
+            {
+                "name": size.name,
+                "config": {k: config[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+                | {
+                    "intermediate_size": size.intermediate,
+                    "heads": size.heads,
+                    "kv_heads": size.kv_heads,
+                },
+                "parameters": sum(x.numel() for x in hf_model.parameters()),
+                "cells": rows,
+            }
+        )
         engine = MuxEngine(
             parse_config(
                 {
@@ -135,20 +156,13 @@ def bench_model(size: ModelSize, args: argparse.Namespace, log: Any) -> dict[str
                     file=log,
                 )
                 rows.append(row)
+                save()
         finally:
             engine.shutdown()
             del hf_model
-    return {
-        "name": size.name,
-        "config": {k: config[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
-        | {
-            "intermediate_size": size.intermediate,
-            "heads": size.heads,
-            "kv_heads": size.kv_heads,
-        },
-        "parameters": params,
-        "cells": rows,
-    }
+
+
+LOAD_KEYS = ("load_average_before", "load_average_after")
 
 
 def plot(result: dict[str, Any], file: Path) -> None:
@@ -189,8 +203,9 @@ def plot(result: dict[str, Any], file: Path) -> None:
         )
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), label="engine / HF decode step (median)")
-    lo = min(result["load_average_before"][0], result["load_average_after"][0])
-    hi = max(result["load_average_before"][0], result["load_average_after"][0])
+    loads = [result["load_average_before"][0], result["load_average_after"][0]]
+    loads += [c[k][0] for m in models for c in m["cells"] for k in LOAD_KEYS]
+    lo, hi = min(loads), max(loads)  # 1-minute load average at the start, end and every cell
     fig.suptitle(
         "MuxEngine vs HF transformers (DynamicCache): decode step time, engine / HF\n"
         f"one torch thread each, interleaved, {result['repeats']} x {result['steps']} steps; "
@@ -268,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # past_key_values' rename
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    models = [bench_model(SIZES[name], args, sys.stderr) for name in args.models]
-    result = {
+    models: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
         "command": " ".join(["python", "scripts/bench_vs_hf.py", *(argv or sys.argv[1:])]),
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
@@ -283,12 +298,21 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "repeats": args.repeats,
         "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        "load_average_after": None,
+        "complete": False,  # until every cell is in
         "models": models,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_vs_hf.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    def save() -> None:
+        result["load_average_after"] = os.getloadavg()
+        (out / "bench_vs_hf.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    for name in args.models:
+        bench_model(SIZES[name], args, sys.stderr, models, save)
+    result["complete"] = True
+    save()
     plot(result, out / "bench_vs_hf.png")
     print(f"{'model':>8}{'cell':>10}{'hf ms':>10}{'engine ms':>11}{'ratio':>8}"
           f"{'IQR':>14}{'rep min-max':>14}{'same':>6}{'load':>6}")  # fmt: skip

@@ -84,8 +84,12 @@ def test_parameters_are_aligned_writable_views_of_one_mapping(
 def test_the_mapping_is_advised_into_huge_pages_and_unmapped_with_the_model(
     make_checkpoint: MakeCheckpoint,
 ) -> None:
-    if not Path("/proc/self/smaps").exists() or not hasattr(mmap, "MADV_HUGEPAGE"):
-        pytest.skip("needs Linux's /proc/self/smaps and MADV_HUGEPAGE")
+    if not (
+        Path("/proc/self/smaps").exists()
+        and Path("/sys/kernel/mm/transparent_hugepage").is_dir()
+        and hasattr(mmap, "MADV_HUGEPAGE")
+    ):
+        pytest.skip("needs Linux's /proc/self/smaps and a kernel with transparent huge pages")
     folder = make_checkpoint("llama")
     model, _ = load_model(folder, torch.float32, "cpu")
     ptr = next(model.parameters()).data_ptr()

@@ -28,7 +28,7 @@ def test_quick_grid(tmp_path: Path) -> None:
     assert "[tiny] cell 1/4: batch x context 1x16" in run.stderr  # progress on stderr
     result = json.loads((tmp_path / "bench_vs_hf.json").read_text())
     assert (tmp_path / "bench_vs_hf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result["torch_threads"] == 1
+    assert result["torch_threads"] == 1 and result["complete"] is True
     assert (result["steps"], result["repeats"]) == (2, 2)
     assert len(result["load_average_before"]) == 3 and len(result["load_average_after"]) == 3
     assert [m["name"] for m in result["models"]] == ["tiny", "tiny-gqa"]
