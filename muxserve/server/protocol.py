@@ -144,7 +144,8 @@ class _SamplingRequest(Strict):
     @classmethod
     def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key in v or {}:
-            if not key.isdigit():
+            # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+            if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"logit_bias keys are token ids; got {key!r}")
         return v
 

@@ -55,6 +55,7 @@ def bad(cls: type, body: dict) -> tuple[str, str | None]:
         ("presence_penalty", 2.5),
         ("frequency_penalty", "1"),
         ("logit_bias", {"a": 1.0}),
+        ("logit_bias", {"\u00b2": 1.0}),  # a digit to str.isdigit(), not to int(): was a 500
         ("echo", "yes"),
         ("suffix", "x"),
         ("use_beam_search", True),
