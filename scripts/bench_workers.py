@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from muxserve.bench.processes import descendants
 from muxserve.bench.report import machine, write_json
 from muxserve.bench.server import ServerProcess
 from muxserve.config import dump_config, parse_config
@@ -59,30 +60,8 @@ def config_for(n: int, lazy: bool, models: dict[str, Path]) -> dict[str, Any]:
 
 def tree(pid: int) -> list[int]:
     """`pid` and every live descendant of it (multiprocessing's resource tracker left out)."""
-    parents: dict[int, int] = {}
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(
-                ln.split(":\t", 1) for ln in status.read_text().splitlines() if ":\t" in ln
-            )
-            parents[int(status.parent.name)] = int(fields["PPid"].strip())
-        except (OSError, ValueError, KeyError):
-            continue
-    out, frontier = [pid], [pid]
-    while frontier:
-        cur = frontier.pop()
-        for child, parent in parents.items():
-            if parent == cur and child not in out:
-                out.append(child)
-                frontier.append(child)
-    return [p for p in out if "resource_tracker" not in _cmdline(p)]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+    kids = [p for p, cmd in descendants(pid).items() if "resource_tracker" not in cmd]
+    return [pid, *kids]
 
 
 def pss_bytes(pids: list[int]) -> int:

@@ -41,6 +41,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from muxserve.bench.processes import descendants  # noqa: E402
 from muxserve.config import dump_config, parse_config  # noqa: E402
 from muxserve.demo import DEMO_ENGINE, DEMO_RATES, ensure_demo_models  # noqa: E402
 
@@ -130,30 +131,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """pid -> command line of every live descendant of `pid` (from /proc)."""
-    parents: dict[int, int] = {}
-    cmds: dict[int, str] = {}
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(
-                ln.split(":\t", 1) for ln in status.read_text().splitlines() if ":\t" in ln
-            )
-            p = int(status.parent.name)
-            parents[p] = int(fields["PPid"].strip())
-            cmds[p] = (status.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError, KeyError):
-            continue
-    out, frontier = {}, [pid]
-    while frontier:
-        cur = frontier.pop()
-        for child, parent in parents.items():
-            if parent == cur and child not in out:
-                out[child] = cmds.get(child, "")
-                frontier.append(child)
-    return out
 
 
 def role(cmd: str) -> str:
