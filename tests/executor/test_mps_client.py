@@ -8,12 +8,12 @@ import ctypes
 import pytest
 import torch
 
-from executor.test_mps_daemon import FAKE, script
 from muxserve.engine import AUTO_DEVICE_ENV, resolve_device
 from muxserve.executor import mps
 from muxserve.executor.mps import CUDA_ERROR_NOT_INITIALIZED, MpsExecutor, cuda_initialized
 from muxserve.executor.mps_daemon import MpsUnavailableError
 from muxserve.runner.kv_pool import PoolSizing
+from tests.executor.test_mps_daemon import FAKE, script
 
 
 class FakeLibcuda:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from executor.conftest import SHM, mps_config
 from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.errors import WorkerFailedError
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, Phase
+from tests.executor.conftest import SHM, mps_config
 from tests.helpers.engine import MAX_NEW, hf_greedy, prompts_for
 
 MODELS = ["llama-demo", "qwen-demo", "mistral-demo"]

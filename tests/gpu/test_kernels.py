@@ -11,7 +11,6 @@ from types import ModuleType
 import pytest
 import torch
 
-from gpu.conftest import Report, llama_7b_config, random_model
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.kv.layout import KVLayout
@@ -21,6 +20,7 @@ from muxserve.runner.kv_pool import KVPool
 from muxserve.runner.model_runner import ModelRunner
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, Phase, SeqWork
+from tests.gpu.conftest import Report, llama_7b_config, random_model
 
 pytestmark = pytest.mark.gpu
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gpu.conftest import LLAMA_7B, Report, llama_7b_config
 from muxserve.config import default_cache_dir
 from muxserve.models.llama import parameter_shapes
+from tests.gpu.conftest import LLAMA_7B, Report, llama_7b_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import torch
 
-from gpu.conftest import Report, llama_7b_config, random_model
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.kv.layout import KVLayout
@@ -26,6 +25,7 @@ from muxserve.runner.model_runner import ModelRunner
 from muxserve.runner.sm_partition import SMPartition, make_partitions
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Job, Phase, SeqWork
+from tests.gpu.conftest import Report, llama_7b_config, random_model
 
 pytestmark = pytest.mark.gpu
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from conftest import CONFIGS, cluster, problem, spec
 
 from muxserve.models.hf_config import load_hf_config
 from placement.authors import (
@@ -17,6 +16,7 @@ from placement.authors import (
 from placement.candidates import Mode, build_candidates
 from placement.problem import Problem
 from placement.specs import spec_from_config
+from tests.helpers.placement import CONFIGS, cluster, problem, spec
 
 
 class RateMean:

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import cluster, problem, spec
 
 from muxserve.errors import ConfigError
 from placement.baselines import solve_spatial
+from tests.helpers.placement import cluster, problem, spec
 
 
 def test_each_model_gets_its_own_mesh_and_spare_gpus_go_to_the_busiest() -> None:

@@ -3,9 +3,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import cluster, problem, spec
 
 from placement.candidates import Mode, build_candidates, fits, mesh_capacity
+from tests.helpers.placement import cluster, problem, spec
 
 
 def test_capacity() -> None:

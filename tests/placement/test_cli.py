@@ -5,10 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, ROOT
 
 from muxserve.cli import main
 from muxserve.config import load_config
+from tests.helpers.placement import CONFIGS, ROOT
 
 PAPER = [
     "--models",

@@ -4,10 +4,10 @@ import itertools
 import random
 
 import pytest
-from conftest import cluster, problem, spec
 
 from placement.candidates import Mode, build_candidates
 from placement.configurations import price, price_mip
+from tests.helpers.placement import cluster, problem, spec
 
 
 def brute_force(options, model_price, capacity):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from conftest import CONFIGS, ROOT
 
 from muxserve.models.hf_config import load_hf_config
 from placement.cost_model import AnalyticCostModel
 from placement.gpus import BUILTIN_GPUS
 from placement.profile_table import DecodeEntry, PrefillEntry, ProfileFile
 from placement.specs import spec_from_config
+from tests.helpers.placement import CONFIGS, ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from convert_muxserve_profile import decode_grid, despike

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import gpu, spec
 
 from muxserve.config import EngineConfig
 from placement.cost_model import AnalyticCostModel
 from placement.params import AnalyticParams
+from tests.helpers.placement import gpu, spec
 
 IDEAL = AnalyticParams(
     compute_efficiency=1.0,

@@ -3,9 +3,6 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import cluster, problem, spec
-from exhaustive import best_placement
-from test_ilp import random_problem
 
 import placement.ilp as ilp_module
 from placement.candidates import Mode, build_candidates
@@ -14,6 +11,8 @@ from placement.deadline import Deadline
 from placement.decomposition import deal, plan_by_nodes
 from placement.ilp import check, solve_ilp
 from placement.mesh_groups import MeshPacker
+from tests.helpers.placement import cluster, problem, random_problem, spec
+from tests.placement.exhaustive import best_placement
 
 
 def eight_models():

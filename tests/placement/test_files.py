@@ -3,11 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS
 
 from muxserve.errors import ConfigError
 from placement.files import read_yaml, validate
 from placement.gpus import ClusterFile
+from tests.helpers.placement import CONFIGS
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:

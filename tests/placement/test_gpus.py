@@ -3,10 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS
 
 from muxserve.errors import ConfigError
 from placement.gpus import BUILTIN_GPUS, GIB, load_cluster, make_cluster
+from tests.helpers.placement import CONFIGS
 
 
 def test_builtin_gpus() -> None:

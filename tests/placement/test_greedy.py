@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import cluster, problem, spec
 
 from muxserve.errors import ConfigError
 from placement.candidates import Mode, build_candidates
 from placement.greedy import solve_greedy, solve_temporal
+from tests.helpers.placement import cluster, problem, spec
 
 
 def test_light_load_serves_everyone_on_the_smallest_meshes() -> None:

@@ -6,14 +6,14 @@ import random
 import time
 
 import pytest
-from conftest import CONFIGS, cluster, problem, spec
-from exhaustive import greedy_over_groups
 
 from muxserve.errors import ConfigError
 from placement.candidates import Mode, build_candidates
 from placement.deadline import Deadline
 from placement.greedy import solve_greedy
 from placement.problem import Problem, load_problem
+from tests.helpers.placement import CONFIGS, cluster, problem, spec
+from tests.placement.exhaustive import greedy_over_groups
 
 
 def random_problem(rng: random.Random) -> Problem:

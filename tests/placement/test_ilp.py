@@ -3,30 +3,14 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import cluster, problem, spec
-from exhaustive import best_placement
 
 from placement.candidates import Mode, build_candidates
 from placement.greedy import solve_greedy
 from placement.ilp import solve_ilp
 from placement.ilp_solver import highs_available
 from placement.problem import Problem
-
-
-def random_problem(rng: random.Random) -> Problem:
-    """Up to 4 models of 0.1–3.5 GiB on up to 4 GPUs of 4 GiB, loaded to make them compete."""
-    nodes, per_node = rng.choice([(1, 4), (2, 2), (1, 2), (1, 3), (4, 1)])
-    specs, rates = [], []
-    for _ in range(rng.randint(1, 4)):
-        hidden = rng.choice([512, 1024, 1536, 2048])
-        layers = rng.choice([4, 8, 12, 16, 24, 28])
-        specs.append(spec(hidden=hidden, layers=layers, heads=8))
-        rates.append(round(rng.uniform(0.5, 60.0), 2))
-    cl = cluster(nodes=nodes, gpus_per_node=per_node, levels=(0.1, 0.25, 0.5, 0.8))
-    try:
-        return problem(specs, rates, cl)
-    except Exception:  # a model too big for the drawn cluster: draw again
-        return random_problem(rng)
+from tests.helpers.placement import cluster, problem, random_problem, spec
+from tests.placement.exhaustive import best_placement
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -94,7 +78,7 @@ def test_unknown_solver() -> None:
 
 
 def paper_setup(workload: str = "paper-alpha0.9.yaml") -> Problem:
-    from conftest import CONFIGS
+    from tests.helpers.placement import CONFIGS
 
     from placement.problem import load_problem
 
@@ -138,7 +122,7 @@ def test_tiny_time_limits_never_crash_nor_lose_the_warm_start() -> None:
     import sys
     import time
 
-    from conftest import ROOT
+    from tests.helpers.placement import ROOT
 
     from placement.ilp import check
     from placement.mesh_groups import MeshPacker

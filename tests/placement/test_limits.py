@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, cluster, problem, spec
 
 from muxserve.cli import main
 from muxserve.errors import ConfigError
@@ -14,6 +13,7 @@ from placement.deadline import Deadline, PlanningTimeout
 from placement.gpus import load_cluster
 from placement.problem import make_problem
 from placement.workload import SLO, Demand, Workload, load_workload
+from tests.helpers.placement import CONFIGS, cluster, problem, spec
 
 
 def write_inputs(tmp: Path, models: int, nodes: int = 2) -> list[str]:

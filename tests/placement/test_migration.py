@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, cluster, problem, spec
 
 from muxserve.cli import main
 from muxserve.config import load_config
@@ -24,6 +23,7 @@ from placement.migration import (
     move_costs,
 )
 from placement.plan import PlacedMesh, PlacedModel, Placement
+from tests.helpers.placement import CONFIGS, cluster, problem, spec
 
 
 def pm(name: str, served: float, rate: float | None = None) -> PlacedModel:

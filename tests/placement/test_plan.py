@@ -3,14 +3,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from conftest import CONFIGS, cluster, llama_config, problem, spec
-
 from muxserve.config import dump_config, load_config
 from muxserve.models.hf_config import parse_hf_config
 from placement.greedy import solve_greedy
 from placement.plan import to_config
 from placement.problem import load_problem
 from placement.specs import PlannerModel, spec_from_config
+from tests.helpers.placement import CONFIGS, cluster, llama_config, problem, spec
 
 
 def test_plan_round_trips_as_a_serving_config(tmp_path: Path) -> None:

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import cluster, problem, spec
 
 from muxserve.errors import ConfigError
 from placement.workload import SLO
+from tests.helpers.placement import cluster, problem, spec
 
 
 def test_fits_and_min_sizes() -> None:

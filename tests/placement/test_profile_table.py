@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import gpu, spec
 
 from muxserve.errors import ConfigError
 from placement.cost_model import AnalyticCostModel, ProfiledCostModel
 from placement.profile_table import interp, load_profile
+from tests.helpers.placement import gpu, spec
 
 
 def table(path: Path, model: str) -> Path:

@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import gpu, llama_config
 
 from placement.cost_model import ProfiledCostModel
 from placement.profile_table import load_profile
 from placement.specs import load_models
+from tests.helpers.placement import gpu, llama_config
 
 torch = pytest.importorskip("torch")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import cluster, problem, spec
 
 from muxserve.config import dump_config, load_config
 from placement.algorithms import SolveOptions, solve
@@ -13,6 +12,7 @@ from placement.candidates import Mode, build_candidates
 from placement.plan import to_config
 from placement.problem import Problem
 from placement.simulator import _split_arrivals, simulate
+from tests.helpers.placement import cluster, problem, spec
 
 
 def hot() -> Problem:

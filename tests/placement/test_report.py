@@ -2,11 +2,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import cluster, problem, spec
-
 from placement.algorithms import solve
 from placement.report import format_comparison, format_placement, plot
 from placement.simulator import simulate
+from tests.helpers.placement import cluster, problem, spec
 
 
 def plans(hot: float = 900.0):

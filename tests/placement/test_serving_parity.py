@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cluster, llama_config, workload
 
 from muxserve.config import EngineConfig, MuxConfig
 from muxserve.kv.layout import KVLayout
@@ -26,6 +25,7 @@ from placement.plan import Placement, to_config
 from placement.problem import Problem, make_problem
 from placement.simulator import served_mesh
 from placement.specs import load_models
+from tests.helpers.placement import cluster, llama_config, workload
 
 CHECKPOINTS = {
     "m0": llama_config(hidden=1024, layers=16, heads=16, kv_heads=8, vocab=32000),  # 0.59 GiB

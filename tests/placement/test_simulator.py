@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import cluster, problem, spec
 
 from placement.baselines import solve_spatial
 from placement.greedy import solve_greedy
 from placement.simulator import arrival_times, simulate
+from tests.helpers.placement import cluster, problem, spec
 
 
 def test_arrivals() -> None:

@@ -3,11 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, llama_config, spec
 
 from muxserve.errors import ConfigError
 from muxserve.models.hf_config import load_hf_config
 from placement.specs import load_models, spec_from_config
+from tests.helpers.placement import CONFIGS, llama_config, spec
 
 
 def llama_7b():

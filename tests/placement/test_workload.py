@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONFIGS
 
 from muxserve.errors import ConfigError
 from placement.workload import (
@@ -14,6 +13,7 @@ from placement.workload import (
     paper_workload,
     power_law_rates,
 )
+from tests.helpers.placement import CONFIGS
 
 
 def test_defaults_apply(tmp_path: Path) -> None:

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS
 
 from muxserve.models.hf_config import load_hf_config
 from placement.algorithms import SolveOptions, solve
 from placement.problem import load_problem
 from placement.specs import load_models, spec_from_config
+from tests.helpers.placement import CONFIGS
 
 # parameter counts as published with each model (all of Mixtral's experts)
 PUBLISHED = {
