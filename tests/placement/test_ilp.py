@@ -78,9 +78,8 @@ def test_unknown_solver() -> None:
 
 
 def paper_setup(workload: str = "paper-alpha0.9.yaml") -> Problem:
-    from tests.helpers.placement import CONFIGS
-
     from placement.problem import load_problem
+    from tests.helpers.placement import CONFIGS
 
     return load_problem(
         CONFIGS / "models" / "paper-19.yaml",
@@ -122,10 +121,9 @@ def test_tiny_time_limits_never_crash_nor_lose_the_warm_start() -> None:
     import sys
     import time
 
-    from tests.helpers.placement import ROOT
-
     from placement.ilp import check
     from placement.mesh_groups import MeshPacker
+    from tests.helpers.placement import ROOT
 
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_placement import large_problem
