@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+
+import aiohttp
 
 from muxserve.bench.client import ClientOptions, replay, run_replay
 from muxserve.bench.metrics import SLO, run_to_json
 from muxserve.bench.workload import load_tokenizer
 from tests.bench.conftest import make_trace
+from tests.helpers.server import samples, value
 
 MODELS = ("llama-demo", "qwen-demo", "mistral-demo")
 
@@ -76,12 +80,32 @@ def test_time_limit_cancels_what_is_open(server: str) -> None:
 def test_stop_event_returns_partial_records(server: str) -> None:
     trace = make_trace((0.0, "llama-demo", 2), (0.0, "mistral-demo", 900), (30.0, "qwen-demo", 2))
 
+    async def llama_done_mistral_running(session: aiohttp.ClientSession) -> tuple[float, float]:
+        async with session.get(f"{server}/metrics") as r:
+            m = samples(await r.text())
+        done = sum(
+            v
+            for (name, labels), v in m.items()
+            if name == "muxserve:request_success_total" and ("model_name", "llama-demo") in labels
+        )
+        return done, value(
+            m, "muxserve:num_requests_running", model_name="mistral-demo", mesh="local"
+        )
+
     async def main() -> tuple[int, list[str | None]]:
         stop = asyncio.Event()
-        task = asyncio.create_task(
-            replay(trace, ClientOptions(url=server, ignore_eos=True, progress=False), stop)
-        )
-        await asyncio.sleep(0.5)
+        async with aiohttp.ClientSession() as session:
+            before, _ = await llama_done_mistral_running(session)
+            task = asyncio.create_task(
+                replay(trace, ClientOptions(url=server, ignore_eos=True, progress=False), stop)
+            )
+            deadline = time.monotonic() + 60.0
+            while True:  # stop once llama's request is done and mistral's long one runs
+                done, running = await llama_done_mistral_running(session)
+                if done > before and running >= 1:
+                    break
+                assert time.monotonic() < deadline, "llama not done with mistral running in 60 s"
+                await asyncio.sleep(0.01)  # between two reads of /metrics
         stop.set()
         run = await task
         return len(run.records), [r.error for r in run.records]
