@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from typing import Any, cast
 
 import torch
@@ -31,7 +32,14 @@ from muxserve.executor.messages import TPRank, WorkerInit
 from muxserve.executor.mps_daemon import HINT, MpsDaemon, MpsUnavailableError
 from muxserve.executor.waker import Waker
 from muxserve.executor.watchdog import JobDeadline, ProgressProbe
-from muxserve.executor.worker_group import GroupState, RankPlan, WorkerDied, WorkerGroup
+from muxserve.executor.worker_group import (
+    STOP_TIMEOUT_S,
+    GroupState,
+    RankPlan,
+    WorkerDied,
+    WorkerGroup,
+    reap,
+)
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing
@@ -77,6 +85,7 @@ class MpsExecutor:
         # held by `poll` and `stop_idle` (the loop's thread) and by a sleep or wake changing a
         # model's groups from another thread, so no pipe closes under a waiting poll
         self._groups_lock = threading.RLock()
+        self._retiring: list[tuple[BaseProcess, float]] = []  # stopped workers still exiting
         self.progress = ProgressProbe()
         self._cpu_workers = self.pool.buffer.device.type == "cpu"  # CPU time means progress
         self.lifecycle = lifecycle or WorkerLifecycle()
@@ -234,15 +243,31 @@ class MpsExecutor:
 
     def _stop_idle(self) -> int:
         now, stopped = time.monotonic(), 0
+        self._reap_retired(now)
         for group in self.groups.values():
             idle = group.state is GroupState.READY and group.job is None
             if idle and self.lifecycle.idle_expired(group.idle_since, now):
                 idle_s = now - group.idle_since
-                group.stop()
+                # not waited for here: the loop goes on serving while they exit
+                self._retiring.extend((p, now) for p in group.retire())
                 stopped += 1
                 log.info("%s: workers stopped after %.0f s idle", group.label, idle_s)
         self.idle_stops += stopped
         return stopped
+
+    def _reap_retired(self, now: float) -> None:
+        """Release the stopped workers that have exited; kill those still there after
+        STOP_TIMEOUT_S."""
+        left = []
+        for proc, since in self._retiring:
+            if not proc.is_alive():
+                proc.close()
+            elif now - since >= STOP_TIMEOUT_S:
+                proc.kill()
+                left.append((proc, now - STOP_TIMEOUT_S))  # reaped at the next look
+            else:
+                left.append((proc, since))
+        self._retiring = left
 
     def release(self, request_ids: Sequence[str]) -> None:
         for group in self.groups.values():
@@ -258,6 +283,8 @@ class MpsExecutor:
         self._closed = True
         for group in self.groups.values():
             group.stop()
+        reap([p for p, _ in self._retiring])
+        self._retiring = []
         self._waker.close()
         self.pools.clear()
         if self.daemon is not None:
@@ -381,8 +408,9 @@ class MpsExecutor:
         spec = next(s for s in self.specs if s.name == model)
         self._waker.wake()  # a waiting poll returns and lets go of the groups
         with self._groups_lock:
-            for phase in Phase:
-                self.groups[(model, phase)].stop()
+            exiting = [p for phase in Phase for p in self.groups[(model, phase)].retire()]
+        reap(exiting)  # outside the lock: the loop serves the other models meanwhile
+        with self._groups_lock:
             shards = self.shards.get(model)
             if level == 1 and shards is not None:
                 for shard, _ in shards:

@@ -120,15 +120,22 @@ class WorkerGroup:
     def stop(self) -> None:
         """Ask every rank to exit, kill those that do not, and close the pipes; a later
         `start` begins with workers that hold nothing."""
+        reap(self.retire())
+
+    def retire(self) -> list[BaseProcess]:
+        """Ask every rank to exit and let go of them at once: the group is stopped (a later
+        `start` begins afresh) and the processes, still exiting, are the caller's to `reap`,
+        so a caller that must not wait (the engine's loop) need not."""
         for conn in self.conns:
             with contextlib.suppress(OSError):  # already gone
-                conn.send(Stop())
-        for proc in self.procs:
-            proc.join(STOP_TIMEOUT_S)
-        self._reap()
+                conn.send(Stop())  # read before the closed pipe's end of file
+            conn.close()
+        procs = self.procs
+        self.procs, self.conns, self._senders = [], [], []  # senders end with their reader
         for m in self.mirrors:
             m.reset()
         self.state = GroupState.STOPPED
+        return procs
 
     def kill(self) -> None:
         """End every rank now (one died: the others cannot finish a job without it)."""
@@ -234,6 +241,19 @@ class WorkerGroup:
             f"worker {proc.name} (pid {proc.pid}) {how}",
             during_start=self.state is GroupState.STARTING,
         )
+
+
+def reap(procs: list[BaseProcess], timeout: float = STOP_TIMEOUT_S) -> None:
+    """Wait for exiting workers (those given `Stop`), kill any still there after `timeout`,
+    and release them."""
+    end = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(0.0, end - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(STOP_TIMEOUT_S)
+        proc.close()
 
 
 def _send_init(conn: Connection, init: WorkerInit) -> None:
