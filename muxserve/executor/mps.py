@@ -48,7 +48,8 @@ from muxserve.scheduler.job import Job, JobResult, Phase
 
 log = logging.getLogger(__name__)
 
-STALL_SAMPLE_S = 1.0  # how often a running job's workers are checked for progress
+STALL_SAMPLE_S = 1.0  # how often a running job's workers are checked for progress (/proc)
+IDLE_CHECK_S = 0.5  # how often groups are checked for idleness (lifecycle.idle_stop_s)
 START_TIMEOUT_S = 180.0  # every worker of the engine ready within this, or the engine fails
 MAX_FAILED_STARTS = 3  # restarts in a row that die before ready: the group gives up
 
@@ -87,6 +88,8 @@ class MpsExecutor:
         self._groups_lock = threading.RLock()
         self._retiring: list[tuple[BaseProcess, float]] = []  # stopped workers still exiting
         self.progress = ProgressProbe()
+        self._next_stall_sample = 0.0  # time.monotonic() of the next look at /proc
+        self._next_idle_check = 0.0
         self._cpu_workers = self.pool.buffer.device.type == "cpu"  # CPU time means progress
         self.lifecycle = lifecycle or WorkerLifecycle()
         self.hangs = 0  # groups killed for a hung job
@@ -203,7 +206,6 @@ class MpsExecutor:
 
     def _poll(self, timeout: float) -> list[tuple[Job, JobResult]]:
         results, self._failed = self._failed, []
-        self.stop_idle()
         if results or not any(g.job is not None for g in self.groups.values()):
             return results
         deadline = time.monotonic() + timeout
@@ -234,8 +236,8 @@ class MpsExecutor:
 
     def stop_idle(self) -> int:
         """Stop the workers of every group idle past `lifecycle.idle_stop_s` (they start again
-        at the group's next job); how many groups stopped. The loop's thread calls it, from
-        `poll` and while the engine has no work."""
+        at the group's next job); how many groups stopped. The engine's loop calls it once an
+        iteration; it looks at most every IDLE_CHECK_S."""
         if self.lifecycle.idle_stop_s is None or self._closed:
             return 0
         with self._groups_lock:
@@ -243,13 +245,18 @@ class MpsExecutor:
 
     def _stop_idle(self) -> int:
         now, stopped = time.monotonic(), 0
+        if now < self._next_idle_check:
+            return 0
+        self._next_idle_check = now + IDLE_CHECK_S
         self._reap_retired(now)
         for group in self.groups.values():
             idle = group.state is GroupState.READY and group.job is None
             if idle and self.lifecycle.idle_expired(group.idle_since, now):
                 idle_s = now - group.idle_since
                 # not waited for here: the loop goes on serving while they exit
-                self._retiring.extend((p, now) for p in group.retire())
+                exiting = group.retire()
+                self.progress.forget([p.pid for p in exiting if p.pid is not None])
+                self._retiring.extend((p, now) for p in exiting)
                 stopped += 1
                 log.info("%s: workers stopped after %.0f s idle", group.label, idle_s)
         self.idle_stops += stopped
@@ -294,15 +301,17 @@ class MpsExecutor:
     def _owners(self) -> dict[Waitable, WorkerGroup]:
         return {obj: g for g in self.groups.values() for obj in g.waitables()}
 
-    def _hung(self, group: WorkerGroup, now: float) -> str | None:
-        """Why the group's delivered job counts as hung (past its deadline, or a worker that
-        made no progress for `deadline.stall_s`), if it does."""
+    def _hung(self, group: WorkerGroup, now: float, sample: bool) -> str | None:
+        """Why the group's delivered job counts as hung (past its deadline, or — when this is
+        a round that `sample`s /proc — a worker that made no progress for `deadline.stall_s`),
+        if it does."""
         if not group.delivered or group.job is None:
             return None
         ran = now - group.sent_at
         if ran >= self.deadline.of(group.job, group.jobs_done == 0):
             return f"no result after {ran:.1f} s (hung)"
-        if self.deadline.stall_s is None:
+        limit = self.deadline.stall_s
+        if not sample or limit is None:
             return None
         key = (group.label, group.sent_at)
         stalled = (
@@ -314,7 +323,7 @@ class MpsExecutor:
             if group.procs
             else 0.0
         )
-        if stalled >= self.deadline.stall_s:
+        if stalled >= limit:
             return f"no progress for {stalled:.1f} s (stopped or stuck; {ran:.1f} s into its job)"
         return None
 
@@ -324,7 +333,7 @@ class MpsExecutor:
         running = [g for g in self.groups.values() if g.delivered and g.job is not None]
         ends = [g.sent_at + self.deadline.of(g.job, g.jobs_done == 0) for g in running if g.job]
         if running and self.deadline.stall_s is not None:  # sample their progress meanwhile
-            ends.append(time.monotonic() + min(STALL_SAMPLE_S, self.deadline.stall_s))
+            ends.append(self._next_stall_sample)
         ends += [
             g.started_at + self.start_timeout
             for g in self.groups.values()
@@ -337,9 +346,13 @@ class MpsExecutor:
         with a job waiting on it; hand the jobs back."""
         now = time.monotonic()
         results = []
+        # /proc is read at most every STALL_SAMPLE_S, not at every result of the hot loop
+        sample = self.deadline.stall_s is not None and now >= self._next_stall_sample
+        if sample:
+            self._next_stall_sample = now + min(STALL_SAMPLE_S, self.deadline.stall_s or 0.0)
         for group in self.groups.values():
             died = None
-            hung = self._hung(group, now)
+            hung = self._hung(group, now, sample)
             if hung is not None:
                 died = WorkerDied(f"{hung}; killed", False)
             elif (
@@ -361,6 +374,7 @@ class MpsExecutor:
         not refused. A job that never reached the workers is kept and goes to the new ones.
         """
         job = group.take_job() if group.delivered else None
+        self.progress.forget([p.pid for p in group.procs if p.pid is not None])
         group.kill()
         group.failed_starts = group.failed_starts + 1 if died.during_start else 0
         if job is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from muxserve.demo import DEMO_ENGINE
 from muxserve.engine import MuxEngine
 from muxserve.server import create_app
 from muxserve.server.background import BackgroundServer
+from tests.helpers.server import wait_idle
 
 
 @pytest.fixture(scope="session")
@@ -36,16 +36,7 @@ def server(live: tuple[str, MuxEngine]) -> Iterator[str]:
     """The live server's URL; afterwards no request may be left and every block is free."""
     url, engine = live
     yield url
-    wait_idle(engine)
-
-
-def wait_idle(engine: MuxEngine, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    pool = engine.scheduler.pool
-    while engine.has_work() or pool.num_free != pool.num_blocks:
-        assert time.monotonic() < deadline, f"engine still busy: {engine.stats()}"
-        time.sleep(0.02)
-    engine.check_integrity()
+    wait_idle(engine, timeout=10.0)
 
 
 def make_trace(*items: tuple[float, str, int], prompt: str = "Once upon a time") -> Trace:

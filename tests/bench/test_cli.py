@@ -13,7 +13,8 @@ from pathlib import Path
 from muxserve.bench.cli import describe
 from muxserve.bench.trace import write_trace
 from muxserve.engine import MuxEngine
-from tests.bench.conftest import make_trace, wait_idle
+from tests.bench.conftest import make_trace
+from tests.helpers.server import wait_idle
 
 
 def bench(trace: Path, out: Path, *args: str) -> subprocess.Popen[str]:
