@@ -302,8 +302,35 @@ class BranchAndPrice:
             return a
         return b if a is None or b.value > a.value + 1e-9 else a
 
+    def best_columns(self, keep: int) -> list[Config]:
+        """The `keep` configurations with the largest reduced values at the duals of the
+        master LP over the columns so far (its own columns first, ties in column order);
+        all of them if the LP has no solution."""
+        master = self._master_lp(Branch())
+        if master is None:
+            return list(self.configs)
+        _, unit_price, weight, size_price = master
+        reduced = [
+            sum(weight[c.model] * c.served - unit_price[self.unit_index[(c.model, c.replica)]]
+                for c in cfg.cands) - size_price[cfg.size]
+            for cfg in self.configs
+        ]  # fmt: skip
+        order = sorted(range(len(self.configs)), key=lambda k: (-reduced[k], k))
+        return [self.configs[k] for k in order[:keep]]
+
+    def combine(
+        self, start: Incumbent | None, deadline: Deadline, node_limit: int = MASTER_NODES
+    ) -> Incumbent | None:
+        """The best plan the columns so far make together (the integer master, unrestricted,
+        from `start` where given); None if they make none."""
+        return self._integer(Branch(), start, deadline, node_limit)
+
     def _integer(
-        self, branch: Branch, start: Incumbent | None, deadline: Deadline
+        self,
+        branch: Branch,
+        start: Incumbent | None,
+        deadline: Deadline,
+        node_limit: int = MASTER_NODES,
     ) -> Incumbent | None:
         """The integer master over the columns so far, within the node's restrictions."""
         if deadline.passed() and start is not None:
@@ -312,7 +339,7 @@ class BranchAndPrice:
         x0 = None
         if start is not None and all(branch.allows(c) for c in start.configs):
             x0 = self._start_vector(start)
-        sol = self.prog.solve_mip(max(deadline.left(), 0.2), MASTER_NODES, x0)
+        sol = self.prog.solve_mip(max(deadline.left(), 0.2), node_limit, x0)
         self._restrict(branch, integer=False)
         if not sol.feasible:
             return None
