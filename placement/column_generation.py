@@ -39,6 +39,7 @@ MASTER_NODES = 5000  # branch-and-bound nodes of one integer master
 # the LP relaxation (or the MIP solver) bounds what is left
 PRICING_NODES = 20_000
 PRICING_KEEP = 5  # configurations kept per pricing call
+ROOT_SHARE = 0.7  # of a search's time left, for pricing at its root
 STABILIZE_FROM = 40  # units: from here on, pricing at the root is stabilised
 # the aggregate LP's cuts: Fekete-Schepers dual feasible functions of orders 1-3 applied to
 # each resource and to the mean of each pair of resources (shares of a mesh's capacity)
@@ -245,7 +246,7 @@ class BranchAndPrice:
             return best is not None and bound <= best.value * (1 + tolerance) + 1e-9
 
         root_branch = Branch()
-        root_deadline = deadline.fraction(0.7)  # the rest: the integer master, branching
+        root_deadline = deadline.fraction(ROOT_SHARE)  # the rest: the integer master, branching
         root = self._price(root_branch, root_deadline, value() * (1 + tolerance))
         best = self._better(best, self._integer(root_branch, best, deadline))
         if root is None or root.bound == math.inf:
