@@ -64,6 +64,8 @@ def test_at_scale_the_ilp_plans_by_nodes_and_notes_nothing_cut(monkeypatch) -> N
     plan = solve_ilp(p, progress=None, time_limit=120)
     table = build_candidates(p, Mode.MUX)
     assert plan.bound is not None and plan.served_total <= plan.bound + 1e-9
+    assert plan.bound <= p.total_rate + 1e-9
+    assert plan.served_total == pytest.approx(39.0)  # every model served in full
     assert not any("time limit cut" in n for n in plan.notes)
     again = solve_ilp(p, progress=None, time_limit=120)
     assert [(m.name, m.tensor_parallel, m.decode_share, m.served) for m in again.models] == [
