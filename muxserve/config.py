@@ -127,6 +127,9 @@ class EngineConfig(_Strict):
     # mps: start a model's worker processes with the engine ("eager") or at its first job
     # ("lazy"); stop those idle this long (None: never), to start them again when needed
     worker_start: Literal["eager", "lazy"] = "eager"
+    # mps: worker processes per (model, phase) ("per_model"), or one per (phase, SM-share
+    # class) that every tp=1 model attaches to ("shared"; docs/executor.md)
+    worker_pool: Literal["per_model", "shared"] = "per_model"
     # a request not finished this long after it arrived ends with a clear timeout error (HTTP
     # 504, or an error event in a stream), queued or running; None: it waits as long as it takes
     request_timeout_s: float | None = Field(None, gt=0.0)

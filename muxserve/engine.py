@@ -103,7 +103,9 @@ class MuxEngine:
         # The executor loads the weights, then allocates the pool in what they leave (worker
         # processes map it: shared memory, CUDA IPC); the scheduler accounts its blocks.
         deadline = JobDeadline(eng.job_timeout_s, eng.job_timeout_per_token_s, eng.job_stall_s)
-        lifecycle = WorkerLifecycle(eng.worker_start == "lazy", eng.worker_idle_stop_s)
+        lifecycle = WorkerLifecycle(
+            eng.worker_start == "lazy", eng.worker_idle_stop_s, eng.worker_pool == "shared"
+        )
         self.executor = create_executor(
             eng.executor, specs, PoolSizing.of(eng), self.device, progress, deadline, lifecycle
         )

@@ -1,21 +1,25 @@
-"""Worker processes against the model count: eager workers (two per model) vs lazy ones.
+"""Worker processes against the model count: per-model workers (eager, lazy) vs pooled ones.
 
-    python scripts/bench_workers.py [--models 3,12,48] [--asked 3] [--modes eager,lazy]
+    python scripts/bench_workers.py [--models 3,12,48] [--asked 3]
+                                    [--modes eager,lazy,shared,shared-lazy]
                                     [--out benchmarks/results/workers]
 
 For each model count N, a `muxserve serve` process (mps executor, CPU) serves N copies of the
-demo models under different names, once with `worker_start: eager` (every model's prefill and
-decode workers start with the engine) and once with `worker_start: lazy` (a model's workers
-start at its first job; `worker_idle_stop_s` stops them again). Measured per run:
+demo models under different names, once per mode: `eager` (`worker_start: eager`: every
+model's prefill and decode workers start with the engine), `lazy` (`worker_start: lazy`: a
+model's workers start at its first job; `worker_idle_stop_s` stops them again), `shared`
+(`worker_pool: shared`: one prefill and one decode worker that every model attaches to,
+started with the engine) and `shared-lazy` (the same, started at the first job). Measured per
+run:
 
 - startup: from launching the server until /health answers "ok" (loading N models included);
 - processes and host memory (the sum of PSS over the server and its descendants, so shared
   weights count once) right after startup;
-- for lazy: the same after one request to each of --asked models (their workers now run), and
-  that first request's latency (it waits for its workers to start).
+- the same after one request to each of --asked models (lazy: their workers now run), and
+  each first request's latency (lazy: it waits for its workers to start).
 
-An eager run whose workers would not fit in this host's available memory (about 230 MiB each,
-mostly the torch import) is skipped and reported as such. JSON and a PNG go to --out.
+An eager per-model run whose workers would not fit in this host's available memory (about
+230 MiB each, mostly the torch import) is skipped and reported as such. JSON and a PNG go to --out.
 Not a test: the numbers depend on who else uses the machine (the load average is recorded).
 """
 
@@ -41,7 +45,11 @@ WORKER_BYTES = 230 << 20  # host memory of one idle CPU worker process, measured
 STARTUP_TIMEOUT_S = 1200.0
 
 
-def config_for(n: int, lazy: bool, models: dict[str, Path]) -> dict[str, Any]:
+MODES = ("eager", "lazy", "shared", "shared-lazy")
+
+
+def config_for(n: int, mode: str, models: dict[str, Path]) -> dict[str, Any]:
+    lazy = mode.endswith("lazy")
     bases = sorted(models)
     entries = [
         {"name": f"{bases[i % len(bases)]}-{i}", "path": str(models[bases[i % len(bases)]])}
@@ -54,6 +62,7 @@ def config_for(n: int, lazy: bool, models: dict[str, Path]) -> dict[str, Any]:
         "kv_pool_bytes": 16 << 20,
         "worker_start": "lazy" if lazy else "eager",
         "worker_idle_stop_s": 300.0 if lazy else None,
+        "worker_pool": "shared" if mode.startswith("shared") else "per_model",
     }
     return {"models": entries, "engine": engine}
 
@@ -99,10 +108,9 @@ def available_bytes() -> int:
     return 0
 
 
-def run(n: int, lazy: bool, asked: int, models: dict[str, Path], tmp: Path) -> dict[str, Any]:
-    mode = "lazy" if lazy else "eager"
+def run(n: int, mode: str, asked: int, models: dict[str, Path], tmp: Path) -> dict[str, Any]:
     need = 2 * n * WORKER_BYTES
-    if not lazy and need > 0.8 * available_bytes():
+    if mode == "eager" and need > 0.8 * available_bytes():
         return {
             "models": n,
             "mode": mode,
@@ -110,7 +118,7 @@ def run(n: int, lazy: bool, asked: int, models: dict[str, Path], tmp: Path) -> d
             f"{available_bytes() >> 30} GiB available",
         }
     cfg = tmp / f"{mode}-{n}.yaml"
-    dump_config(parse_config(config_for(n, lazy, models)), cfg)
+    dump_config(parse_config(config_for(n, mode, models)), cfg)
     log = (tmp / f"{mode}-{n}.log").open("w")
     server = ServerProcess(cfg, log=log, startup_timeout=STARTUP_TIMEOUT_S)
     start = time.perf_counter()
@@ -137,7 +145,8 @@ def plot(results: list[dict[str, Any]], path: Path, asked: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for mode, color in (("eager", "tab:red"), ("lazy", "tab:blue")):
+    colors = ("tab:red", "tab:blue", "tab:green", "tab:olive")
+    for mode, color in zip(MODES, colors, strict=True):
         rows = [r for r in results if r["mode"] == mode and "skipped" not in r]
         xs = [r["models"] for r in rows]
         axes[0].plot(xs, [r["at_start"]["processes"] for r in rows], "o-", color=color, label=mode)
@@ -159,7 +168,9 @@ def plot(results: list[dict[str, Any]], path: Path, asked: int) -> None:
         ax.set_xlabel("models on the mesh")
         ax.legend()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    fig.suptitle(f"mps workers, eager vs lazy, demo model copies on CPU (load {load})")
+    fig.suptitle(
+        f"mps workers: per model (eager, lazy) vs pooled, demo model copies on CPU (load {load})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -168,7 +179,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="3,12,48", help="model counts, comma-separated")
     p.add_argument("--asked", type=int, default=3, help="models sent a request (lazy runs)")
-    p.add_argument("--modes", default="eager,lazy")
+    p.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
     p.add_argument(
         "--out", default=str(Path(__file__).resolve().parent.parent / "benchmarks/results/workers")
     )
@@ -182,7 +193,9 @@ def main() -> int:
         for n in (int(x) for x in args.models.split(",")):
             for mode in args.modes.split(","):
                 print(f"[{mode} {n}] starting", file=sys.stderr, flush=True)
-                r = run(n, mode == "lazy", args.asked, models, Path(tmp))
+                if mode not in MODES:
+                    p.error(f"--modes: unknown mode {mode!r}; use {', '.join(MODES)}")
+                r = run(n, mode, args.asked, models, Path(tmp))
                 print(f"[{mode} {n}] {json.dumps(r)}", file=sys.stderr, flush=True)
                 results.append(r)
     report = {
