@@ -321,14 +321,16 @@ def pooled_worker_for(
     phase: Phase,
     kv: KVPool,
     env_of: Callable[[float, int], dict[str, str]],
+    cores: int | None = None,
 ) -> PooledWorker:
     """The pooled worker of `spec`'s (phase, SM-share class) on `kv`'s device, made on first
-    use. A class is what the process's environment fixes at its start (the MPS thread
-    percentage on a GPU, the intra-op thread count on a CPU): models that need the same one
-    share a process. `env_of(share, threads)` is that environment."""
+        use. A class is what the process's environment fixes at its start (the MPS thread
+        percentage on a GPU, the intra-op thread count on a CPU): models that need the same one
+        share a process. `env_of(share, threads)` is that environment; `cores`: the CPU's (None:
+    this process's)."""
     share = phase.share(spec.sm_share)
     on_cpu = kv.buffer.device.type == "cpu"
-    threads = cpu_threads(share) if on_cpu else 1
+    threads = cpu_threads(share, cores) if on_cpu else 1
     env = env_of(share, threads)
     key = (phase, tuple(sorted(env.items())))
     if key not in pools:
