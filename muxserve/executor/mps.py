@@ -1,5 +1,8 @@
 """The multi-process executor: a worker process per (model, phase, TP rank), SM quotas by MPS.
 
+With `engine.worker_pool: shared` the tp=1 models share pooled workers instead, one per
+(phase, SM-share class) (worker_pool.py); the executor drives both kinds through one surface.
+
 Each model's weights are loaded once, here, into shared memory (CPU) or GPU memory exported by
 CUDA IPC, and mapped by its prefill and decode workers. Each TP rank index has its own KV pool
 buffer (on GPU on the mesh's device of that rank), sized after the weights and mapped by every

@@ -137,6 +137,9 @@ def test_a_killed_pooled_worker_recomputes_every_models_job(
         pairs = [(m, p) for m in models for p in prompts_for(base_of(m))[:PER_MODEL]]
         rids = [(m, pooled.add_request(m, p, GREEDY)) for m, p in pairs]
         wait_until(lambda: unit.delivered, 60.0, "a decode job reached the pooled worker")
+        assert unit.job is not None
+        in_job = {s.request_id for s in unit.job.seqs}
+        preempted = pooled.scheduler.num_preemptions
     finally:
         os.kill(victim, signal.SIGKILL)
 
@@ -153,6 +156,7 @@ def test_a_killed_pooled_worker_recomputes_every_models_job(
         got[m].append([t for o in out for t in o.token_ids])
     for model in models:
         assert got[model] == want(demo_models, model), model
+    assert in_job and pooled.scheduler.num_preemptions >= preempted + len(in_job)  # recomputed
     assert not Path(f"/proc/{victim}").exists()  # reaped, not left a zombie
     assert victim not in pool_pids(executor) and len(pool_pids(executor)) == 2
     wait_until(lambda: pooled.scheduler.jobs_in_flight == 0, 60.0, "idle")
