@@ -49,13 +49,15 @@ class Added:
 
 @dataclass(frozen=True)
 class Refused:
-    """The engine refused the request; `kind` names the RequestError subclass to raise."""
+    """The engine refused the request; `kind` names the RequestError subclass to raise
+    (`error` carries a `ModelDoesNotFitError`'s fields: it is not a RequestError)."""
 
     request_id: str
     kind: str
     message: str
     param: str | None
     retry_after: int = 1  # a QueueFullError's
+    error: ModelOpError | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class ModelOpError:
 
     kind: str
     message: str
+    model: str = ""  # the model the exception names
     needed_bytes: int = 0
     free_bytes: int = 0
     held_by: dict[str, int] = field(default_factory=dict)
@@ -139,23 +142,29 @@ def op_error(e: Exception) -> ModelOpError:
     """A failed `Sleep` / `Wake` as it travels."""
     from muxserve.errors import ModelBusyError, ModelDoesNotFitError
 
+    kind = type(e).__name__
     if isinstance(e, ModelDoesNotFitError):
-        return ModelOpError(type(e).__name__, str(e), e.needed_bytes, e.free_bytes, e.held_by)
+        return ModelOpError(kind, str(e), e.model, e.needed_bytes, e.free_bytes, e.held_by)
     if isinstance(e, ModelBusyError):
-        return ModelOpError(type(e).__name__, str(e), in_flight=e.in_flight)
-    return ModelOpError(type(e).__name__, str(e))
+        return ModelOpError(kind, str(e), e.model, in_flight=e.in_flight)
+    return ModelOpError(kind, str(e))
 
 
-def raise_op_error(err: ModelOpError, model: str, served: list[str], mesh: str) -> None:
+def op_exception(err: ModelOpError, model: str, served: list[str], mesh: str) -> Exception:
     """The engine's exception again, on the router's side."""
     from muxserve import errors
 
     if err.kind == "ModelDoesNotFitError":
-        raise errors.ModelDoesNotFitError(model, err.needed_bytes, err.free_bytes, err.held_by)
+        return errors.ModelDoesNotFitError(model, err.needed_bytes, err.free_bytes, err.held_by)
     if err.kind == "ModelBusyError":
-        raise errors.ModelBusyError(model, err.in_flight)
+        return errors.ModelBusyError(model, err.in_flight)
     if err.kind == "UnknownModelError":
-        raise errors.UnknownModelError(model, served)
+        return errors.UnknownModelError(model, served)
     if err.kind == "ValueError":
-        raise ValueError(err.message)
-    raise errors.MeshUnavailableError(f"mesh {mesh!r}: {err.kind}: {err.message}", mesh)
+        return ValueError(err.message)
+    return errors.MeshUnavailableError(f"mesh {mesh!r}: {err.kind}: {err.message}", mesh)
+
+
+def raise_op_error(err: ModelOpError, model: str, served: list[str], mesh: str) -> None:
+    """Raise `op_exception`'s exception."""
+    raise op_exception(err, model, served, mesh)

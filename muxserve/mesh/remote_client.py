@@ -34,6 +34,7 @@ from muxserve.mesh.messages import (
     StatsReply,
     Wake,
     WakeReply,
+    op_exception,
     raise_op_error,
 )
 from muxserve.mesh.runtime import Endpoint
@@ -299,6 +300,8 @@ def _aborted(request_id: str) -> RequestOutput:
 def _refusal(msg: Refused, mesh: str) -> Exception:
     """The engine's exception again, on this side: a RequestError subclass keeps its type (the
     HTTP layer maps it to 400/404/429); anything else means the mesh cannot serve (503)."""
+    if msg.error is not None and msg.error.kind == "ModelDoesNotFitError":
+        return op_exception(msg.error, msg.error.model, [], mesh)
     cls = getattr(errors, msg.kind, None)
     if isinstance(cls, type) and issubclass(cls, RequestError):
         if cls is errors.UnknownModelError:

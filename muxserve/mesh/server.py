@@ -15,7 +15,7 @@ import socket
 
 from muxserve.client.in_process import mesh_stats
 from muxserve.engine import MuxEngine
-from muxserve.errors import QueueFullError, RequestError
+from muxserve.errors import ModelDoesNotFitError, QueueFullError, RequestError
 from muxserve.mesh import wire
 from muxserve.mesh.messages import (
     Abort,
@@ -150,6 +150,9 @@ class _Connection:
             return
         except ValueError as e:  # e.g. an id another connection uses: the request's fault
             wire.send(self.writer, Refused(rid, "RequestError", str(e), None))
+            return
+        except ModelDoesNotFitError as e:  # a 503 that keeps its numbers on the router's side
+            wire.send(self.writer, Refused(rid, type(e).__name__, str(e), "model", 1, op_error(e)))
             return
         except Exception as e:  # the engine stopped, or a bug: the router answers 503/500
             wire.send(self.writer, Refused(rid, type(e).__name__, str(e), None))
