@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from muxserve.config import MuxConfig, load_config
+from muxserve import roster
+from muxserve.config import ModelEntry, MuxConfig, load_config
 from muxserve.errors import (
     ConfigError,
     EmptyPromptError,
@@ -432,6 +433,15 @@ class MuxEngine:
 
     def model_states(self) -> dict[str, ModelState]:
         return self.residency.states()
+
+    # ---- models joining and leaving (muxserve/roster.py) -------------------------------------
+    def add_model(self, entry: ModelEntry) -> ServedModel:
+        """Serve one more model, asleep until woken (or asked for); see `roster.add_model`."""
+        return roster.add_model(self, entry)
+
+    def remove_model(self, model: str) -> None:
+        """Stop serving an asleep, drained model; see `roster.remove_model`."""
+        roster.remove_model(self, model)
 
     def wake_stats(self) -> dict[str, WakeStats]:
         return self.residency.wake_stats()

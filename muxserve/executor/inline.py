@@ -162,6 +162,38 @@ class InlineExecutor:
 
         runner.wake(load)
 
+    # ---- models joining and leaving (ModelSetExecutor) ----------------------------------------
+    def add_model(self, spec: ModelSpec) -> None:
+        """A runner for `spec`, asleep: its first wake loads the checkpoint."""
+        runner = ModelRunner(
+            spec.name,
+            None,
+            spec.config,
+            self.pool,
+            spec.layout,
+            spec.dtype,
+            spec.max_model_len,
+            spec.estimated_weight_bytes(),
+        )
+        if self.device.type == "cuda":  # a split of its own (untested on a GPU so far)
+            shares = {(spec.name, p): p.share(spec.sm_share) for p in Phase}
+            self._partitions = {**self._partitions, **make_partitions(self.device, shares)}
+        # new dicts, not updates: the loop's thread may be iterating the old ones
+        self.specs = {**self.specs, spec.name: spec}
+        self.runners = {**self.runners, spec.name: runner}
+
+    def remove_model(self, model: str) -> None:
+        """Forget `model` (asleep, no job in flight) and its host copy, if any."""
+        runner = self.runners[model]
+        runner.sleep(2)  # drops a level-1 host copy; nothing to do for level 2
+        self.runners = {n: r for n, r in self.runners.items() if n != model}
+        self.specs = {n: s for n, s in self.specs.items() if n != model}
+        for p in Phase:
+            part = self._partitions.get((model, p))
+            if part is not None:
+                self._partitions = {k: v for k, v in self._partitions.items() if k != (model, p)}
+                part.close()
+
     def shutdown(self) -> None:
         self._launched.clear()
         for part in self._partitions.values():

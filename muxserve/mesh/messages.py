@@ -1,9 +1,10 @@
 """What a router and a mesh engine say to each other: one dataclass per message.
 
-Router to mesh: `AddRequest`, `Abort`, `StatsQuery`, `Ping`, `Sleep`, `Wake`. Mesh to router:
-`MeshInfo` once after the handshake, then `Added` or `Refused` for each `AddRequest`, `Output`
-as requests produce text, `StatsReply`, `Pong`, and a `SleepReply` / `WakeReply` for each
-`Sleep` / `Wake`.
+Router to mesh: `AddRequest`, `Abort`, `StatsQuery`, `Ping`, `Sleep`, `Wake`, `AddModel`,
+`RemoveModel`. Mesh to router: `MeshInfo` once after the handshake, then `Added` or `Refused`
+for each `AddRequest`, `Output` as requests produce text, `StatsReply`, `Pong`, a
+`SleepReply` / `WakeReply` for each `Sleep` / `Wake`, and a `ModelSetReply` for each
+`AddModel` / `RemoveModel`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from muxserve.client.protocol import MeshStats, ModelState
+from muxserve.config import ModelEntry
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 
@@ -108,8 +110,39 @@ class Wake:
 
 
 @dataclass(frozen=True)
+class AddModel:
+    """Serve one more model: `entry` is its config entry, as the router's config has it. The
+    mesh adds it asleep and, with `wake`, wakes it (within its weights budget); a wake that
+    fails takes it off again, so a refused model leaves the mesh as it was."""
+
+    seq: int
+    entry: ModelEntry
+    wake: bool = True
+
+
+@dataclass(frozen=True)
+class RemoveModel:
+    """Stop serving `model`: it must be drained (the mesh puts it to sleep, then removes it)."""
+
+    seq: int
+    model: str
+
+
+@dataclass(frozen=True)
+class ModelSetReply:
+    """The answer to `AddModel` / `RemoveModel`: the added model's limits, the wake's seconds."""
+
+    seq: int
+    limits: ModelLimits | None = None
+    seconds: float = 0.0
+    error: ModelOpError | None = None
+    states: dict[str, ModelState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelOpError:
-    """Why a `Sleep` or `Wake` failed, enough to raise the engine's exception again here.
+    """Why a `Sleep`, `Wake`, `AddModel` or `RemoveModel` failed, enough to raise the
+    engine's exception again here.
 
     `kind` names the exception class; a `ModelDoesNotFitError`'s fields come along.
     """

@@ -347,6 +347,40 @@ class Scheduler:
         if not self.quota.adaptive:
             self._rebalance()
 
+    # ---- models joining and leaving (a mesh that changes shape) ----------------------------
+    def add_model(self, slot: ModelSlot) -> None:
+        """A model joins, asleep: no quota and no jobs until `wake_model`."""
+        if slot.name in self.queues:
+            raise ValueError(f"{slot.name} is scheduled here already")
+        q = ModelQueue(slot)
+        self.queues[slot.name] = q
+        self._order.append(q)
+        self.asleep.add(slot.name)
+        self.preemptions_by_model[slot.name] = 0
+        self.pool.add_model(slot.name)
+        self.tables.layouts[slot.name] = slot.layout
+        self._reshaped()
+
+    def remove_model(self, model: str) -> None:
+        """An asleep model with no requests leaves; ValueError otherwise."""
+        q = self.queues[model]
+        if model not in self.asleep or q.has_work():
+            raise ValueError(f"{model}: only an asleep model with no requests can be removed")
+        if len(self.queues) == 1:
+            raise ValueError(f"{model} is the last model here; it cannot be removed")
+        del self.queues[model], self.preemptions_by_model[model], self.tables.layouts[model]
+        self._order.remove(q)
+        self.asleep.discard(model)
+        self.pool.remove_model(model)
+        self._reshaped()
+
+    def _reshaped(self) -> None:
+        """A static partition splits the pool again over the models now here."""
+        if not self.quota.adaptive:
+            self.quota.initial(self.pool.num_blocks, self.queues)
+        self._rebalance()
+        self._needs_rebalance = True
+
     # ---- job building --------------------------------------------------------------------
     def _prefill_seqs(self, q: ModelQueue) -> list[SeqWork]:
         """Continue chunked prefills, then admit waiting requests FIFO, within the token budget.

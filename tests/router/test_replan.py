@@ -55,6 +55,26 @@ def test_routing_table(demo_models: dict[str, Path], tmp_path: Path) -> None:
         t.end("mesh-a", LLAMA)
 
 
+def test_routing_table_listings_added_while_serving(
+    demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    config = two_mesh_config(demo_models, tiny_gpu_cluster(tmp_path / "c.yaml"), standby=False)
+    assert config.meshes is not None
+    t = RoutingTable(config.meshes)
+    with pytest.raises(ValueError, match="mesh 'mesh-a' lists model 'llama-demo' already"):
+        t.list_added(LLAMA, "mesh-a")
+    t.list_added(LLAMA, "mesh-b")
+    assert t.listed(LLAMA) == ["mesh-a", "mesh-b"] and t.active(LLAMA) == ["mesh-a"]
+    assert t.added(LLAMA, "mesh-b") and not t.added(LLAMA, "mesh-a")
+    assert t.added_on("mesh-b") == [LLAMA] and t.added_on("mesh-a") == []
+    t.activate(LLAMA, "mesh-b")
+    with pytest.raises(ValueError, match="llama-demo is active on mesh-b"):
+        t.unlist(LLAMA, "mesh-b")
+    t.deactivate(LLAMA, "mesh-a")
+    t.unlist(LLAMA, "mesh-a")  # a plan's listing goes too
+    assert t.listed(LLAMA) == ["mesh-b"] and t.assignment()[LLAMA] == ("mesh-b",)
+
+
 # ---- Router.move over fake meshes -------------------------------------------------------------
 class FakeMesh:
     """A mesh connection whose requests finish when the test says; records sleeps and wakes."""

@@ -123,3 +123,32 @@ def test_a_sleeping_static_model_takes_requests_its_own_share_holds():
     s.wake_model("c")
     FakeRunner(s).drain()
     s.check_integrity()
+
+
+def test_a_model_joins_asleep_and_an_asleep_idle_one_leaves():
+    s = scheduler()
+    s.add_model(make_slot("d"))
+    assert quotas(s) == {"a": 10, "b": 10, "c": 10, "d": 0} and "d" in s.asleep
+    with pytest.raises(ValueError, match="d is scheduled here already"):
+        s.add_model(make_slot("d"))
+    s.add_request(make_request("d0", "d", max_tokens=2))
+    with pytest.raises(ValueError, match="only an asleep model with no requests"):
+        s.remove_model("d")
+    s.wake_model("d")
+    FakeRunner(s).drain()
+    s.sleep_model("d")
+    s.remove_model("d")
+    assert list(s.stats()) == ["a", "b", "c"]
+    s.check_integrity()
+
+
+def test_a_static_partition_splits_again_when_a_model_joins_or_leaves():
+    s = scheduler(kv_mode="static")
+    s.add_model(make_slot("d"))  # shares 8/8/7/7 (largest remainder); d's lent to a, b, c
+    assert quotas(s) == {"a": 11, "b": 10, "c": 9, "d": 0}
+    s.wake_model("d")
+    assert quotas(s) == {"a": 8, "b": 8, "c": 7, "d": 7}
+    s.sleep_model("d")
+    s.remove_model("d")
+    assert quotas(s) == {"a": 10, "b": 10, "c": 10}
+    s.check_integrity()
