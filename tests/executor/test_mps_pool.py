@@ -1,7 +1,8 @@
 """Pooled worker processes (`engine.worker_pool: shared`, issue 15): six models share one
 prefill and one decode worker, give HF's greedy tokens, detach on sleep (the worker reports
 holding none of the model's weights), attach again on wake without a new process, and a killed
-pooled worker's jobs of every model are recomputed with the same tokens and no process left.
+or stopped (watchdog) pooled worker's jobs of every model are recomputed with the same tokens
+and no process left.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.errors import ConfigError
 from muxserve.executor.mps import MpsExecutor
+from muxserve.executor.watchdog import JobDeadline
 from muxserve.executor.worker_group import GroupState
 from muxserve.executor.worker_pool import PooledWorker
 from muxserve.output_processor import RequestOutput
@@ -166,6 +168,33 @@ def test_a_killed_pooled_worker_recomputes_every_models_job(
     )
     pooled.check_integrity()
     assert pooled.scheduler.pool.num_free == pooled.scheduler.pool.num_blocks
+
+
+def test_a_stopped_pooled_worker_is_found_by_the_watchdog_and_every_model_served(
+    pooled: MuxEngine, demo_models: dict[str, Path]
+) -> None:
+    """SIGSTOP, not a kill: only the watchdog's stall check can find it. Its job is recomputed
+    and the queued jobs of the other models go to the restarted process."""
+    executor = pooled.executor
+    assert isinstance(executor, MpsExecutor)
+    unit = executor.groups[("qwen-demo-0", Phase.PREFILL)]
+    [victim] = [p.pid for p in unit.procs]
+    hangs, saved = executor.hangs, executor.deadline
+    executor.deadline = JobDeadline(60.0, 0.01, 3.0)  # 3 s without CPU time is a stall
+    models = ["qwen-demo-0", "llama-demo-1", "mistral-demo-0"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        pooled.start()
+        got = generate_all(pooled, models)
+    finally:
+        executor.deadline = saved
+        if Path(f"/proc/{victim}").exists():
+            os.kill(victim, signal.SIGKILL)
+    for model in models:
+        assert got[model] == want(demo_models, model), model
+    # the victim's; on a loaded host a starved worker could count too, and is recomputed alike
+    assert executor.hangs >= hangs + 1
+    assert not Path(f"/proc/{victim}").exists() and len(pool_pids(executor)) == 2
 
 
 def test_lazy_pooled_workers_start_at_the_first_job_and_stop_when_idle(
