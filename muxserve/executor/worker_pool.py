@@ -63,7 +63,7 @@ class PooledWorker:
         self.env = env
         self.members: dict[str, Attach] = {}  # attached models (awake), re-attached on restart
         self.mirrors: dict[str, WorkerMirror] = {}  # per model: what the process holds of it
-        self._pending: list[Attach | Detach] = []  # changes made while it starts
+        self._pending: list[Attach | Detach] = []  # made while it starts or runs a job
         self.state = GroupState.STOPPED
         self.procs: list[BaseProcess] = []
         self.conns: list[Connection] = []
