@@ -2,7 +2,7 @@
 
     muxserve plan --models M.yaml --cluster C.yaml --workload W.yaml
         [--algorithm ilp|greedy|muxserve|spatial|temporal|all] [--out plan.yaml]
-        [--simulate [--contention shared|start|none]]
+        [--simulate [--contention shared|start|none|peak]]
         [--time-limit S] [--replicas N] [--plot FILE.png]
         [--current PLAN.yaml [--move-cost S|auto] [--horizon S]]
 
@@ -20,6 +20,7 @@ import sys
 from muxserve.config import dump_config, load_config
 from muxserve.errors import ConfigError
 from placement.algorithms import ALGORITHMS, SolveOptions, solve
+from placement.contention import CONTENTION_MODES
 from placement.deadline import Deadline
 from placement.greedy import stderr_progress
 from placement.ilp_solver import SOLVERS
@@ -27,7 +28,6 @@ from placement.migration import current_from_config
 from placement.plan import Placement, to_config
 from placement.problem import Problem, load_problem
 from placement.report import format_comparison, format_placement, plot
-from placement.contention import CONTENTION_MODES
 from placement.simulator import SimResult, simulate
 
 
@@ -128,7 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="shared",
         help="how jobs running at once slow each other: shared (SMs and HBM bandwidth, "
         "re-paced at every job's start and end), start (slowed once, at start: results "
-        "before `shared`), none (each as if alone) (default shared)",
+        "before `shared`), none (each as if alone), peak (as shared, demands counted over the "
+        "time a job moves bytes: a pessimistic bracket) (default shared)",
     )
 
 

@@ -17,6 +17,10 @@ models sharing a mesh run at the same time, so how fast each goes depends on the
   proportion. A job's demand is its bytes over its latency, as a fraction of the device's
   achievable bandwidth — a fluid: the bytes are spread evenly over the job, overheads
   included, and launch overheads slow with the rest.
+- `peak`: as `shared`, but a job's demand is its bytes over the part of its latency that
+  moves them (less the fixed per-step overhead, in which it reads nothing), so jobs whose
+  memory phases overlap count as fully in each other's way; the whole job still slows. A
+  pessimistic bracket around `shared`'s fluid: with `none`, the two bound the contention.
 
 Why: the planner budgets SM time and bandwidth on average, and its estimator and the
 authors' disagree about how much co-located models slow each other; a clock that charges
@@ -30,9 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar, get_args
 
-Contention = Literal["none", "start", "shared"]
+Contention = Literal["none", "start", "shared", "peak"]
 CONTENTION_MODES: tuple[str, ...] = get_args(Contention)
 
+_SHARING = ("shared", "peak")  # the modes that re-pace at every start and end
 T = TypeVar("T")
 _EPS = 1e-12  # shares and demands this close to the device's count as fitting
 
@@ -47,6 +52,7 @@ class JobDemand:
     compute_bound: bool  # a prefill: slowed by fewer SMs, not by others' reads
     # seconds alone at a smaller SM share (the cost model's SM curve); None: in proportion
     at_share: Callable[[float], float] | None = None
+    busy_s: float | None = None  # of `alone_s`, the seconds that move bytes (None: all)
 
     def __post_init__(self) -> None:
         if not (self.alone_s > 0 and math.isfinite(self.alone_s)):
@@ -54,6 +60,12 @@ class JobDemand:
         if self.sm <= 0 or self.hbm < 0:
             raise ValueError(f"a job needs a positive SM share and a bandwidth demand ≥ 0, got "
                              f"sm {self.sm}, hbm {self.hbm}")  # fmt: skip
+
+    def peak_hbm(self) -> float:
+        """Its demand while it moves bytes: `hbm` over the share of its time that does."""
+        if self.busy_s is None or self.busy_s >= self.alone_s:
+            return self.hbm
+        return min(1.0, self.hbm * self.alone_s / self.busy_s)
 
     def pace_on(self, share: float) -> float:
         """Its pace (work per second, 1 alone) when it gets only `share` of the SMs."""
@@ -78,7 +90,7 @@ class RunningJobs(Generic[T]):
     """The jobs running on one mesh, each ending when its work is done at the pace it gets.
 
     `start` adds a job at `now`; `next_end` tells when the first one ends; `pop` ends it (the
-    clock moves to its end) and, under `shared`, re-paces the rest.
+    clock moves to its end) and, under `shared` and `peak`, re-paces the rest.
     """
 
     def __init__(self, contention: Contention) -> None:
@@ -103,7 +115,7 @@ class RunningJobs(Generic[T]):
         self._order += 1
         self._jobs.append(entry)
         self.contended |= slow > 1.0
-        if self.contention == "shared":
+        if self.contention in _SHARING:
             self._repace(now)
 
     def next_end(self) -> float | None:
@@ -116,7 +128,7 @@ class RunningJobs(Generic[T]):
             raise IndexError("no job is running")
         first = min(self._jobs, key=lambda e: (e.end, e.order))
         self._jobs.remove(first)
-        if self.contention == "shared":
+        if self.contention in _SHARING:
             self._repace(first.end)
         return first.end, first.item
 
@@ -139,7 +151,9 @@ class RunningJobs(Generic[T]):
         over = sum(e.demand.sm for e in jobs)
         fits = over <= 1.0 + _EPS
         paces = [1.0] * len(jobs) if fits else [_sm_pace(e, over) for e in jobs]
-        drawn = [e.demand.hbm * p for e, p in zip(jobs, paces, strict=True)]
+        peak = self.contention == "peak"
+        drawn = [(e.demand.peak_hbm() if peak else e.demand.hbm) * p
+                 for e, p in zip(jobs, paces, strict=True)]  # fmt: skip
         compute = sum(d for e, d in zip(jobs, drawn, strict=True) if e.demand.compute_bound)
         total = sum(drawn)
         if total <= 1.0 + _EPS:

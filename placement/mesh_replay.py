@@ -133,6 +133,7 @@ def replay_mesh(
 
 def job_demand(cost: CostModel, spec: PlannerModel, tp: int, job: Job, hbm: float) -> JobDemand:
     """A job's latency alone at its share, its draw on `hbm` bytes/s, and its SM curve."""
+    p = cost.params
     if job.phase is Phase.PREFILL:
         n = len(job.seqs)
         prompt = job.num_tokens / n
@@ -142,7 +143,8 @@ def job_demand(cost: CostModel, spec: PlannerModel, tp: int, job: Job, hbm: floa
 
         lat = prefill_at(job.sm_share)
         moved = cost.prefill_bytes(spec, tp, n, prompt)
-        return JobDemand(lat, job.sm_share, moved / lat / hbm, True, prefill_at)
+        fixed = p.prefill_overhead_s + p.per_seq_overhead_s * n
+        return JobDemand(lat, job.sm_share, moved / lat / hbm, True, prefill_at, _busy(lat, fixed))
     batch = len(job.seqs)
     ctx = (sum([s.start_pos for s in job.seqs]) + batch) / batch  # one token each: Σ end_pos
 
@@ -151,7 +153,14 @@ def job_demand(cost: CostModel, spec: PlannerModel, tp: int, job: Job, hbm: floa
 
     lat = decode_at(job.sm_share)
     moved = cost.decode_bytes(spec, tp, batch, ctx)
-    return JobDemand(lat, job.sm_share, moved / lat / hbm, False, decode_at)
+    fixed = p.step_overhead_s + p.per_seq_overhead_s * batch
+    return JobDemand(lat, job.sm_share, moved / lat / hbm, False, decode_at, _busy(lat, fixed))
+
+
+def _busy(latency: float, fixed: float) -> float:
+    """Seconds of a job that move bytes: its latency less its fixed overheads (at least a
+    tenth of it: a profiled latency may come below the analytic overheads)."""
+    return max(latency - fixed, 0.1 * latency)
 
 
 def served_mesh(

@@ -46,7 +46,7 @@ def ends(result: list[tuple[str, float]]) -> list[tuple[str, float]]:
 
 
 def test_modes() -> None:
-    assert CONTENTION_MODES == ("none", "start", "shared")
+    assert CONTENTION_MODES == ("none", "start", "shared", "peak")
 
 
 @pytest.mark.parametrize("mode", CONTENTION_MODES)
@@ -101,6 +101,18 @@ def test_oversubscribed_sms_are_shared_by_shares() -> None:
         ("p", round(p_end, 9)),
         ("q", round(p_end + (10 - (p_end - 5) * pace), 9)),
     ]
+
+
+def test_peak_counts_the_memory_phases_only() -> None:
+    # each decode draws half of HBM over its 10 ms, but moves its bytes in 5 of them (the rest
+    # is launch overhead): at peak each asks all of it. shared: 1.0 together, no slow-down;
+    # peak: 2.0, each at half pace, both end at 20 ms.
+    def half(name: str) -> tuple[float, str, JobDemand]:
+        return (0, name, JobDemand(10 * MS, 0.5, 0.5, compute_bound=False, busy_s=5 * MS))
+
+    assert JobDemand(10 * MS, 0.5, 0.5, compute_bound=False, busy_s=5 * MS).peak_hbm() == 1.0
+    assert ends(run("shared", [half("a"), half("b")])) == [("a", 10.0), ("b", 10.0)]
+    assert ends(run("peak", [half("a"), half("b")])) == [("a", 20.0), ("b", 20.0)]
 
 
 def test_ties_end_in_start_order_and_paces_are_reported() -> None:
