@@ -4,9 +4,11 @@
    paper's (max 40 and 100 req/s), alpha in {0.7, 0.9, 1.3, 1.7, 2.1}: ILP, our greedy, the
    authors' algorithm (muxserve, its own time limit), spatial and temporal plans — estimated
    throughput under our estimator and under the authors' (`placement.authors`), bound, gap,
-   solve time; simulated throughput and SLO attainment for the --simulate algorithms (a quick
-   simulation: short window, warm-up and drain of one planned request latency; a plan equal
-   to one already simulated is not simulated again).
+   solve time; simulated throughput and SLO attainment for the --simulate algorithms, under
+   each --contention mode (default: jobs that run at once share SMs and HBM bandwidth, and
+   without contention), and which estimator the simulation sides with (a quick simulation:
+   2 s window, warm-up and drain of one planned request latency; a plan equal to one
+   already simulated, or a mesh already replayed, is not simulated again).
 2. The warm start (candidate table + greedy) on the paper instances: CPU and wall seconds,
    medians over --repeats.
 3. 64 models (40 x 7B, 14 x 13B, 6 x 30B, 4 x 65B) on 8 x 8 A100-80GB (fitted analytic model),
@@ -15,8 +17,8 @@
 4. Replicas: the paper's models with one very hot model (llm-0 at --hot-rate req/s), planned
    with 1 and with --replicas meshes per model, estimated and simulated.
 
-Writes bench.json (with the command and the load average before and after) and bench.png.
-The default run takes about 5 minutes on an idle 2-core machine.
+Writes bench.json (with the command, the load average before and after, wall and CPU
+seconds), bench.png and bench.md. The default run takes about 285 CPU-seconds.
 
     python scripts/bench_placement.py [--out benchmarks/results/placement] [--runs 3]
 """
@@ -107,15 +109,17 @@ def summary(plan: Placement) -> dict:
     }
 
 
-def simulated(plan: Placement, p: Problem, args: argparse.Namespace, cache: MeshCache) -> dict:
-    """The plan simulated under each --contention mode (the first is `simulated`, `none` is
+def simulated(
+    plan: Placement, p: Problem, args: argparse.Namespace, cache: MeshCache, modes: tuple
+) -> dict:
+    """The plan simulated under each of `modes` (the first is `simulated`, `none` is
     `simulated_none`): throughput, SLO attainment, meshes where jobs slowed each other."""
     out: dict = {}
-    for mode in args.contention:
+    for mode in modes:
         c0 = time.process_time()
         sim = simulate(plan, p, window_s=args.duration, min_warmup_s=2.0, settle=1.0, drain=1.0,
                        contention=mode, cache=cache)  # fmt: skip
-        tag = "" if mode == args.contention[0] else f"_{mode}"
+        tag = "" if mode == modes[0] else f"_{mode}"
         out |= {
             f"simulated{tag}": sim.throughput,
             f"slo_attainment{tag}": sim.slo_attainment,
@@ -158,7 +162,9 @@ def run_paper(scale: float, args: argparse.Namespace) -> list[dict]:
             if args.duration > 0 and name in args.simulate:
                 key = signature(plan)
                 if key not in sims:
-                    sims[key] = simulated(plan, p, args, cache) | {"same_plan_as": name}
+                    sims[key] = simulated(plan, p, args, cache, args.contention) | {
+                        "same_plan_as": name
+                    }
                 row[name] |= sims[key]
         base = row["spatial"]
         for name in ALGORITHMS:
@@ -266,7 +272,8 @@ def run_replicas(args: argparse.Namespace) -> dict:
             "hot_replicas": [(m.tensor_parallel, m.served) for m in plan.replicas("llm-0")],
         }
         if args.duration > 0:
-            entry |= simulated(plan, p, args, MeshCache(p))
+            # the first contention mode only: replicas are not about interference
+            entry |= simulated(plan, p, args, MeshCache(p), args.contention[:1])
         out[f"replicas_{replicas}"] = entry
         sim = f", simulated {entry['simulated']:.1f}" if "simulated" in entry else ""
         hot = f"{plan.served()['llm-0']:.1f} on {len(plan.replicas('llm-0'))} meshes"
@@ -282,8 +289,10 @@ def main() -> int:
     ap.add_argument("--slo-scale", type=float, default=8.0)
     ap.add_argument("--time-limit", type=float, default=5.0,
                     help="seconds per paper instance, every algorithm together")  # fmt: skip
-    ap.add_argument("--duration", type=float, default=3.0,
-                    help="simulated seconds measured after warm-up (0: no simulation)")  # fmt: skip
+    ap.add_argument("--duration", type=float, default=2.0,
+                    help="simulated seconds measured after warm-up (0: no simulation); "
+                    "requests live 10-60 s here, so the tokens in a window measure the "
+                    "requests in flight, and a longer one adds little")  # fmt: skip
     ap.add_argument("--contention", default="shared,none",
                     help="how jobs running at once slow each other in simulation, one "
                     f"simulation per mode ({', '.join(CONTENTION_MODES)}); the first is "
