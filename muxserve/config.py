@@ -198,6 +198,9 @@ class ReplanConfig(_Strict):
     horizon_s: float | None = Field(None, gt=0.0)  # a plan's gain counts this long; None: interval
     move_cost_s: float | None = Field(None, ge=0.0)  # a model's load time; None: from its weights
     time_limit_s: float = Field(5.0, gt=0.0)  # for the planner, off the event loop
+    # a model may move to a mesh that does not list it (the router adds it there, and removes
+    # it from the mesh it leaves); false: only to meshes that list it, as a standby at least
+    add_models: bool = False
     drain_timeout_s: float = Field(300.0, gt=0.0)  # requests left on a model's old mesh, at most
 
 

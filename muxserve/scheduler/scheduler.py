@@ -74,11 +74,14 @@ class Scheduler:
         self.policy = policy
         self.quota = quota
         self.asleep: set[str] = set(asleep)
-        # a static partition keeps a sleeping model's share for it; ADBS gives it out
+        # ADBS splits the pool over the awake models; a static partition gives every model its
+        # share, then lends the sleeping ones' shares to the awake ones (StaticQuota)
         split = self._awake_queues() if quota.adaptive else self.queues
         initial = quota.initial(num_blocks, split) if split else {}
         self.pool = BlockPool(num_blocks, {n: initial.get(n, 0) for n in self.queues})
         self.tables = BlockTables(self.pool, {s.name: s.layout for s in slots})
+        if self.asleep and not quota.adaptive:
+            self._rebalance()
         self.prefill_token_budget = prefill_token_budget
         self.max_batch_size = max_batch_size
         self.rebalance_interval = rebalance_interval
@@ -223,13 +226,12 @@ class Scheduler:
     def schedule(self) -> list[Job]:
         """Jobs to start now: one per idle (model, phase) with work, within the SM budget."""
         self._steps += 1
-        if self.quota.adaptive and (
-            self._needs_rebalance or self._steps % self.rebalance_interval == 0
-        ):
+        # a static partition rebalances too: to take back the shares it lent to awake models
+        if self._needs_rebalance or self._steps % self.rebalance_interval == 0:
             self._rebalance()
             self._needs_rebalance = False
         jobs = self._form_jobs()
-        if not jobs and not self._in_flight and self._needs_rebalance and self.quota.adaptive:
+        if not jobs and not self._in_flight and self._needs_rebalance:
             # Idle with work that is short of quota: rebalance now, not at the next call, which
             # an event-driven caller would only make once something else happened.
             self._rebalance()
@@ -318,8 +320,9 @@ class Scheduler:
         return len(q.waiting) + len(q.running)
 
     def sleep_model(self, model: str) -> None:
-        """`model` runs no more jobs and its quota returns to the pool at once (unified KV; a
-        static partition keeps its share reserved). Its new requests wait for `wake_model`.
+        """`model` runs no more jobs and its quota returns to the pool at once: ADBS gives it
+        out at the next rebalance, a static partition lends it to the awake models now. Its new
+        requests wait for `wake_model`.
 
         Raises ValueError while it has requests running or a job in flight: those hold blocks.
         """
@@ -332,10 +335,50 @@ class Scheduler:
             quotas[model] = 0
             self.pool.set_quotas(quotas)
             self._needs_rebalance = True
+        else:
+            self._rebalance()
 
     def wake_model(self, model: str) -> None:
-        """`model` runs jobs again; the next rebalance gives it a quota."""
+        """`model` runs jobs again; ADBS gives it a quota at the next rebalance, a static
+        partition its share now (less what borrowers still hold; that comes back as their
+        requests end)."""
         self.asleep.discard(model)
+        self._needs_rebalance = True
+        if not self.quota.adaptive:
+            self._rebalance()
+
+    # ---- models joining and leaving (a mesh that changes shape) ----------------------------
+    def add_model(self, slot: ModelSlot) -> None:
+        """A model joins, asleep: no quota and no jobs until `wake_model`."""
+        if slot.name in self.queues:
+            raise ValueError(f"{slot.name} is scheduled here already")
+        q = ModelQueue(slot)
+        self.queues[slot.name] = q
+        self._order.append(q)
+        self.asleep.add(slot.name)
+        self.preemptions_by_model[slot.name] = 0
+        self.pool.add_model(slot.name)
+        self.tables.layouts[slot.name] = slot.layout
+        self._reshaped()
+
+    def remove_model(self, model: str) -> None:
+        """An asleep model with no requests leaves; ValueError otherwise."""
+        q = self.queues[model]
+        if model not in self.asleep or q.has_work():
+            raise ValueError(f"{model}: only an asleep model with no requests can be removed")
+        if len(self.queues) == 1:
+            raise ValueError(f"{model} is the last model here; it cannot be removed")
+        del self.queues[model], self.preemptions_by_model[model], self.tables.layouts[model]
+        self._order.remove(q)
+        self.asleep.discard(model)
+        self.pool.remove_model(model)
+        self._reshaped()
+
+    def _reshaped(self) -> None:
+        """A static partition splits the pool again over the models now here."""
+        if not self.quota.adaptive:
+            self.quota.initial(self.pool.num_blocks, self.queues)
+        self._rebalance()
         self._needs_rebalance = True
 
     # ---- job building --------------------------------------------------------------------
@@ -451,7 +494,7 @@ class Scheduler:
         rebalanced = False
         while not self.tables.can_cover(q.name, req.request_id, req.num_tokens):
             need = self.tables.blocks_to_cover(q.name, req.request_id, req.num_tokens)
-            if self.quota.adaptive and not rebalanced and self.pool.num_free >= need:
+            if not rebalanced and self.pool.num_free >= need:
                 # the quota is stale, not the pool full: rebalance before evicting anyone
                 self._rebalance()
                 rebalanced = True
@@ -532,6 +575,8 @@ class Scheduler:
             q.service.on_finished(now)
         if not q.has_work():
             q.service.on_idle(now)
+        if not self.quota.adaptive:  # blocks freed: a share lent out may come back now
+            self._needs_rebalance = True
 
     # ---- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, ModelStats]:
@@ -559,10 +604,10 @@ class Scheduler:
         assert not running & waiting, "a request is both running and waiting"
         assert running | waiting == set(self._requests), "request index out of sync"
         assert self.tables.holders() == len(running), "a non-running request holds blocks"
-        for m in self.asleep:  # a sleeping model holds no KV, and under ADBS no quota
+        for m in self.asleep:  # a sleeping model holds no KV and no quota
             assert not self.queues[m].running, f"{m} is asleep with requests running"
             assert self.pool.used(m) == 0, f"{m} is asleep and holds blocks"
-            assert not self.quota.adaptive or self.pool.quota(m) == 0, f"{m}: asleep with a quota"
+            assert self.pool.quota(m) == 0, f"{m}: asleep with a quota"
         for q in self._order:
             partial = [r for r in q.running if not r.is_decoding]
             assert partial == q.prefilling, f"{q.name}: prefilling list out of sync"
