@@ -65,7 +65,7 @@ class JobDemand:
         """Its demand while it moves bytes: `hbm` over the share of its time that does."""
         if self.busy_s is None or self.busy_s >= self.alone_s:
             return self.hbm
-        return min(1.0, self.hbm * self.alone_s / self.busy_s)
+        return max(self.hbm, min(1.0, self.hbm * self.alone_s / self.busy_s))
 
     def pace_on(self, share: float) -> float:
         """Its pace (work per second, 1 alone) when it gets only `share` of the SMs."""
