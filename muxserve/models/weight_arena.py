@@ -8,11 +8,25 @@ engine's batch-1 decode step was 1.02-1.03x HF's with its weights on the heap, a
 HF's with them in memory advised `MADV_HUGEPAGE` (2 MiB pages: one TLB entry for 512 of the
 4 KiB ones), while keeping the file's mapped pages instead gained less.
 
-`materialize_in_arena` gives every parameter of a model built on the meta device a 64-byte
-aligned view into one such mapping, writable like any tensor; the mapping lives as long as
-any of its views (the tensors hold the mapping object) and is unmapped with the last one.
-Where the platform has no `MADV_HUGEPAGE`, or the kernel refuses the advice, the mapping is
-used as it is (4 KiB pages): the advice is a hint, never a requirement.
+Each parameter starts `SKEW` (32) bytes past a 64-byte boundary, not on it. MKL's sgemm (the
+float32 `linear` of torch's CPU build) is slower when the weight matrix is 64-byte aligned, for
+a batch of rows times a wide matrix. Measured on a 2-core AMD EPYC (AVX2, oneMKL 2024.0), one
+thread, weights in huge pages: 16 x 1024 times a 32000 x 1024 LM head took 36.0 ms aligned
+and 32.7 ms at 32 bytes past (0.91x; 0.93x at 32 rows); 2816 x 1024 gate/up projections
+0.92-0.96x at 16-32 rows; within noise at one row, for narrow matrices, and in bfloat16.
+transformers computes from the safetensors file's pages, where a tensor lands wherever the
+header's length puts it (here 16 bytes past a 64-byte boundary). This was most of the
+4% by which MuxEngine's 16 x 128 decode step trailed HF's on `scripts/bench_vs_hf.py`'s 150M
+model: `scripts/profile_vs_hf.py` showed our LM head 2.6 ms slower than HF's, the same
+product, and `scripts/bench_weight_memory.py --batch 16 --sides aligned arena` (the two
+placements in one process) measured 1.016x HF's step in thread CPU time aligned, 0.991x
+skewed. 32 bytes keeps every AVX2 load aligned.
+
+`materialize_in_arena` gives every parameter of a model built on the meta device a view into
+one such mapping, writable like any tensor; the mapping lives as long as any of its views (the
+tensors hold the mapping object) and is unmapped with the last one. Where the platform has no
+`MADV_HUGEPAGE`, or the kernel refuses the advice, the mapping is used as it is (4 KiB pages):
+the advice is a hint, never a requirement.
 """
 
 from __future__ import annotations
@@ -23,7 +37,8 @@ import mmap
 import torch
 from torch import nn
 
-ALIGN = 64  # bytes: a cache line, and what AVX-512 loads like
+ALIGN = 64  # bytes: a cache line; each parameter gets whole lines
+SKEW = 32  # bytes past a line's start where each parameter begins (see above)
 HUGE_PAGE = 2 << 20  # the mapping's size is rounded up to this
 
 
@@ -40,8 +55,8 @@ def materialize_in_arena(model: nn.Module) -> int:
     offsets: dict[int, int] = {}
     size = 0
     for key, p in params.items():
-        offsets[key] = size
-        size += -(-p.numel() * p.element_size() // ALIGN) * ALIGN
+        offsets[key] = size + SKEW
+        size += -(-(SKEW + p.numel() * p.element_size()) // ALIGN) * ALIGN
     if params:
         size = -(-size // HUGE_PAGE) * HUGE_PAGE
         arena = _huge_page_bytes(size)

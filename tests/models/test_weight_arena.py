@@ -17,7 +17,7 @@ from muxserve.models.causal_lm import CausalLM
 from muxserve.models.loader import _tensors, load_model, plan_checkpoint
 from muxserve.models.registry import build_model
 from muxserve.models.sharding import shard_model
-from muxserve.models.weight_arena import ALIGN, HUGE_PAGE, materialize_in_arena
+from muxserve.models.weight_arena import ALIGN, HUGE_PAGE, SKEW, materialize_in_arena
 
 MakeCheckpoint = Callable[..., Path]
 FAMILIES = ("qwen3-zoo", "gemma2-zoo", "gemma3-zoo", "phi3-zoo", "mixtral-zoo", "qwen3-moe-zoo")
@@ -70,7 +70,8 @@ def test_parameters_are_aligned_writable_views_of_one_mapping(
     assert len(bases) == 1
     base = bases.pop()
     assert base % HUGE_PAGE == 0  # the kernel aligns a large anonymous mapping to its pages
-    assert all(p.data_ptr() % ALIGN == 0 for p in params)
+    # 32 bytes past a cache line's start, where MKL's sgemm reads a wide matrix faster
+    assert all(p.data_ptr() % ALIGN == SKEW == 32 for p in params)
     spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in params)
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # no overlap
     assert model.lm_head is None  # tied: one embedding serves both
@@ -125,7 +126,9 @@ def test_meta_buffers_get_cpu_memory_and_a_model_without_parameters_no_mapping()
         lin = torch.nn.Linear(5, 3)
     size = materialize_in_arena(lin)
     assert size == HUGE_PAGE and lin.weight.shape == (3, 5) and lin.bias.device.type == "cpu"
-    assert lin.bias.data_ptr() - lin.weight.data_ptr() == ALIGN  # 60 bytes rounded up to 64
+    # the weight's 60 bytes after the 32 of skew take two lines; the bias starts 32 past them
+    assert lin.weight.data_ptr() - lin.weight.untyped_storage().data_ptr() == SKEW
+    assert lin.bias.data_ptr() - lin.weight.data_ptr() == 2 * ALIGN
 
 
 def test_shards_and_shared_memory_work_from_the_arena(make_checkpoint: MakeCheckpoint) -> None:
