@@ -333,10 +333,13 @@ class MuxEngine:
         prompts: Sequence[str | Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         model: str | Sequence[str] | None = None,
+        timeout_s: float | None = None,
     ) -> list[Completion]:
         """Offline: run prompts to completion and return them in order (like vLLM's LLM.generate).
 
         `model` is one served name for all prompts or one per prompt; default: the first model.
+        `timeout_s` bounds the whole call: past it the unfinished requests are aborted and
+        `TimeoutError` says how many there were.
         """
         n = len(prompts)
         models = (
@@ -347,6 +350,10 @@ class MuxEngine:
         plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * n
         if len(models) != n or len(plist) != n:
             raise ValueError("give one model and one SamplingParams per prompt, or one for all")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        arrived = threading.Event()  # set by any of this call's sinks on each output
         done: dict[str, Completion] = {}
         sinks = {}
         order = []
@@ -354,14 +361,24 @@ class MuxEngine:
             req = self._submit(m, p, sp, None)
             rid = req.request_id
             sinks[rid] = self._sinks[rid]
+            sinks[rid].watch(arrived)
             done[rid] = Completion(rid, m, list(req.prompt_token_ids))
             order.append(rid)
         pending = set(order)
         while pending:
-            if self._thread is None and not self.step() and not self.has_work():
-                break
-            if self._thread is not None:
-                time.sleep(0.001)
+            if deadline is not None and time.monotonic() >= deadline:
+                for rid in pending:
+                    self.abort(rid)
+                raise TimeoutError(
+                    f"generate: {len(pending)} of {n} requests unfinished after {timeout_s} s"
+                )
+            if self._thread is None:
+                if not self.step() and not self.has_work():
+                    break
+            else:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                arrived.wait(left)
+                arrived.clear()
             for rid in list(pending):
                 for out in sinks[rid].drain():
                     done[rid].add(out)

@@ -88,15 +88,7 @@ def describe_model(
         dtype_bytes(dtype),
         block_bytes,
     )
-    caps = [c for c in max_model_len if c is not None]
-    served = min([config.max_position_embeddings, *caps])
-    if served > MAX_SERVED_CONTEXT:
-        raise ConfigError(
-            f"{name}: config.json's max_position_embeddings is {config.max_position_embeddings} "
-            f"and max_model_len is {min(caps) if caps else 'not set'}: more than the "
-            f"{MAX_SERVED_CONTEXT} positions served at most (buffers are sized by them); set "
-            "max_model_len (the model's, or engine.max_model_len) to the context to serve"
-        )
+    served = served_context(name, config, max_model_len)
     slot = ModelSlot(
         name,
         layout,
@@ -109,6 +101,24 @@ def describe_model(
         max_queue_wait_s,
     )
     return ModelDescriptor(name, config, dtype, tensor_parallel, slot)
+
+
+def served_context(name: str, config: HFModelConfig, caps: Iterable[int | None]) -> int:
+    """The context `name` is served with: its config's, capped by the `caps` that are set.
+
+    ConfigError when that is past `MAX_SERVED_CONTEXT` (buffers are sized by it). The one
+    rule for the engine and for the router, which needs it before any mesh reports.
+    """
+    set_caps = [c for c in caps if c is not None]
+    served = min([config.max_position_embeddings, *set_caps])
+    if served > MAX_SERVED_CONTEXT:
+        raise ConfigError(
+            f"{name}: config.json's max_position_embeddings is {config.max_position_embeddings} "
+            f"and max_model_len is {min(set_caps) if set_caps else 'not set'}: more than the "
+            f"{MAX_SERVED_CONTEXT} positions served at most (buffers are sized by them); set "
+            "max_model_len (the model's, or engine.max_model_len) to the context to serve"
+        )
+    return served
 
 
 def describe_entry(

@@ -82,11 +82,24 @@ class OutputSink:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
+        self._watcher: threading.Event | None = None
+
+    def watch(self, event: threading.Event) -> None:
+        """Set `event` on every output from now on (and now, if outputs are waiting).
+
+        A thread reading many sinks (the engine's offline `generate`) waits on one event.
+        """
+        with self._lock:
+            self._watcher = event
+            if self._items:
+                event.set()
 
     def put(self, out: RequestOutput) -> None:
         with self._lock:
             self._items.append(out)
-            loop, event = self._loop, self._event
+            loop, event, watcher = self._loop, self._event, self._watcher
+        if watcher is not None:
+            watcher.set()
         if loop is not None and event is not None:
             # the reader's loop may have closed (it went away): then there is nothing to wake
             with contextlib.suppress(RuntimeError):

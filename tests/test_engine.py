@@ -146,6 +146,34 @@ def test_checkpoint_missing_weights(demo_models, tmp_path):
         MuxEngine(parse_config(cfg))
 
 
+# ---- generate() on a running loop ---------------------------------------------------------------
+def test_generate_on_the_background_loop_matches(demo_models, greedy_outputs):
+    eng = MuxEngine(make_config(demo_models))
+    try:
+        eng.start()
+        got = run_all(eng, SamplingParams(max_tokens=MAX_NEW, temperature=0.0))
+    finally:
+        eng.shutdown()
+    assert got == greedy_outputs
+
+
+def test_generate_timeout_aborts_what_is_unfinished(engine):
+    params = SamplingParams(max_tokens=64, temperature=0.0)
+    free = engine.scheduler.pool.num_free
+    # the deadline has passed by the first check, before any step: every request is unfinished
+    with pytest.raises(TimeoutError, match="3 of 3 requests unfinished"):
+        engine.generate(["a", "b", "c"], params, "llama-demo", timeout_s=1e-9)
+    assert engine.scheduler.pool.num_free == free
+    assert all(s.running == 0 and s.waiting == 0 for s in engine.stats().values())
+    engine.check_integrity()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+def test_generate_rejects_a_bad_timeout(engine, bad):
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        engine.generate(["a"], SamplingParams(max_tokens=1), "llama-demo", timeout_s=bad)
+
+
 # ---- streaming, stop, abort, seeds -----------------------------------------------------------
 def test_stream_deltas_add_up(engine):
     params = SamplingParams(max_tokens=16, temperature=0.0)

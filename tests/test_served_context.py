@@ -14,6 +14,8 @@ from muxserve.config import MuxConfig, parse_config
 from muxserve.demo import DEMO_ENGINE
 from muxserve.engine import MuxEngine
 from muxserve.errors import ConfigError
+from muxserve.model_descriptor import MAX_SERVED_CONTEXT, served_context
+from muxserve.models.hf_config import load_hf_config
 from muxserve.sampling_params import SamplingParams
 
 HUGE = 10**8  # positions the config claims: its RoPE tables alone would be ~13 GB
@@ -57,3 +59,12 @@ def test_without_a_cap_it_is_refused_naming_both_keys(demo_models, tmp_path):
         "not set: more than the 16777216 positions served at most (buffers are sized by "
         "them); set max_model_len (the model's, or engine.max_model_len) to the context to serve"
     )
+
+
+def test_served_context_is_one_rule(demo_models, tmp_path):
+    hf = load_hf_config(claiming(demo_models, tmp_path, HUGE))
+    assert served_context("m", hf, (None, 4096)) == 4096
+    assert served_context("m", hf, (2048, 4096)) == 2048
+    with pytest.raises(ConfigError, match=r"m: config.json's max_position_embeddings is 100000000"):
+        served_context("m", hf, (None, None))
+    assert MAX_SERVED_CONTEXT < HUGE

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from muxserve.config import CPU_KV_POOL_BYTES, Mesh, MuxConfig
 from muxserve.dtypes import resolve_dtype
 from muxserve.errors import ConfigError
-from muxserve.models.hf_config import load_hf_config
+from muxserve.models.hf_config import HFModelConfig, load_hf_config
 
 GIB = float(1 << 30)
 
@@ -57,6 +57,7 @@ def check_plan(config: MuxConfig, nodes: Sequence[NodeMemory]) -> None:
     """ConfigError naming the mesh if a mesh's node or GPUs do not exist, or if what it must
     hold (weights per GPU, plus the pool where its size is set) is over its memory."""
     on_cpu = config.engine.device == "cpu"
+    hf = {m.name: load_hf_config(m.path) for m in config.models}  # read once, not per mesh
     host_use: dict[int, list[tuple[str, int]]] = {}  # node -> (mesh, bytes) of its CPU meshes
     for mesh in config.meshes or []:
         if mesh.node >= len(nodes):
@@ -66,7 +67,7 @@ def check_plan(config: MuxConfig, nodes: Sequence[NodeMemory]) -> None:
             )
         node = nodes[mesh.node]
         if on_cpu:
-            need = _check_fits(config, mesh, node.host_bytes, "host memory", cpu=True)
+            need = _check_fits(config, hf, mesh, node.host_bytes, "host memory", cpu=True)
             host_use.setdefault(mesh.node, []).append((mesh.name, need))
             continue
         missing = [g for g in mesh.gpus if g >= len(node.gpus)]
@@ -78,7 +79,7 @@ def check_plan(config: MuxConfig, nodes: Sequence[NodeMemory]) -> None:
             )
         least = min(node.gpus[g] for g in mesh.gpus)
         usable = int(least * config.engine.gpu_memory_utilization)
-        _check_fits(config, mesh, usable, "GPU memory (x gpu_memory_utilization)", cpu=False)
+        _check_fits(config, hf, mesh, usable, "GPU memory (x gpu_memory_utilization)", cpu=False)
     for node_index, uses in host_use.items():  # CPU meshes of a node share its memory
         total = sum(b for _, b in uses)
         if len(uses) > 1 and total > nodes[node_index].host_bytes:
@@ -89,13 +90,23 @@ def check_plan(config: MuxConfig, nodes: Sequence[NodeMemory]) -> None:
             )
 
 
-def _check_fits(config: MuxConfig, mesh: Mesh, memory: int, what: str, *, cpu: bool) -> int:
-    """The bytes `mesh` needs per device; ConfigError naming it if that is over `memory`."""
+def _check_fits(
+    config: MuxConfig,
+    hf: dict[str, HFModelConfig],
+    mesh: Mesh,
+    memory: int,
+    what: str,
+    *,
+    cpu: bool,
+) -> int:
+    """The bytes `mesh` needs per device; ConfigError naming it if that is over `memory`.
+
+    `hf` is each model's architecture by name."""
     sub = config.for_mesh(mesh)
     weights = 0
     for m in sub.models:
-        hf = load_hf_config(m.path)
-        total = hf.weight_bytes(resolve_dtype(m.dtype, hf.torch_dtype, on_gpu=not cpu))
+        arch = hf[m.name]
+        total = arch.weight_bytes(resolve_dtype(m.dtype, arch.torch_dtype, on_gpu=not cpu))
         # on a CPU every rank shares the one memory; on GPUs each holds 1/tp
         weights += total if cpu else -(-total // m.tensor_parallel)
     pool = sub.engine.kv_pool_bytes or (CPU_KV_POOL_BYTES if cpu else 0)  # GPU: sized to fit

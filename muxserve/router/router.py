@@ -22,6 +22,7 @@ from muxserve.config import MuxConfig
 from muxserve.errors import MeshStartError, MeshUnavailableError, UnknownModelError
 from muxserve.mesh.remote_client import RemoteEngineClient
 from muxserve.mesh.wire import new_token
+from muxserve.model_descriptor import served_context
 from muxserve.models.hf_config import load_hf_config
 from muxserve.output_processor import RequestOutput
 from muxserve.router.mesh_process import LaunchContext, Launcher
@@ -271,5 +272,5 @@ def _served(
 ) -> ServedModel:
     """What the router needs of a model before its mesh reports: tokenizer and architecture."""
     hf = load_hf_config(path)
-    limit = min(x for x in (hf.max_position_embeddings, max_model_len, cap) if x is not None)
+    limit = served_context(name, hf, (max_model_len, cap))
     return ServedModel(name, Path(path), hf, Tokenizer.from_pretrained(path), dtype or "", limit)
