@@ -178,7 +178,11 @@ def plot(result: dict[str, Any], file: Path) -> None:
 
     models = result["models"]
     fig, axes = plt.subplots(
-        1, len(models), figsize=(4.6 * len(models), 4.6), squeeze=False, layout="constrained"
+        1,
+        len(models),
+        figsize=(max(4.6 * len(models), 7.5), 4.6),
+        squeeze=False,
+        layout="constrained",
     )
     norm = TwoSlopeNorm(vmin=0.25, vcenter=1.0, vmax=1.75)
     image = None

@@ -8,16 +8,17 @@
 Why the engine's batch-1 decode step was 1.02-1.03x HF transformers' (issue 11) when its code
 does no more work: a batch-1 step reads every weight once, and how fast it walks them depends
 on the memory behind them. One process holds HF's model (computing from the safetensors
-file's mapped pages, as transformers loads it) and three engines over the same checkpoint whose
+file's mapped pages, as transformers loads it) and engines over the same checkpoint whose
 weights differ only in where they live:
 
 - `heap`: copied into torch's allocator (4 KiB pages where transparent huge pages are
   `madvise`-only): the loader before issue 11's fix;
 - `mapped`: the safetensors file's own mapped pages, as HF computes from them;
-- `aligned`: the arena with every parameter on a 64-byte boundary (the loader before the skew
-  of `weight_arena.SKEW`: MKL's sgemm reads a wide matrix slower from there at 16-32 rows);
+- `aligned`: the arena with every parameter on a 64-byte boundary, the LM head too (the
+  loader before `weight_arena.SKEW`: MKL's sgemm multiplies a batch of rows by an aligned
+  wide matrix slower);
 - `arena`: the loader now (`muxserve.models.weight_arena`), one mapping advised into huge pages,
-  each parameter 32 bytes past a 64-byte boundary.
+  the LM head 32 bytes past a 64-byte boundary.
 
 All sides (`--sides` picks the engines) prefill the same `--batch` prompts and decode greedily;
 each round times one step of each, in an order that rotates every round, one torch thread.
