@@ -127,6 +127,9 @@ class EngineConfig(_Strict):
     # mps: start a model's worker processes with the engine ("eager") or at its first job
     # ("lazy"); stop those idle this long (None: never), to start them again when needed
     worker_start: Literal["eager", "lazy"] = "eager"
+    # mps: worker processes per (model, phase) ("per_model"), or one per (phase, SM-share
+    # class) that every tp=1 model attaches to ("shared"; docs/executor.md)
+    worker_pool: Literal["per_model", "shared"] = "per_model"
     # a request not finished this long after it arrived ends with a clear timeout error (HTTP
     # 504, or an error event in a stream), queued or running; None: it waits as long as it takes
     request_timeout_s: float | None = Field(None, gt=0.0)
@@ -198,6 +201,9 @@ class ReplanConfig(_Strict):
     horizon_s: float | None = Field(None, gt=0.0)  # a plan's gain counts this long; None: interval
     move_cost_s: float | None = Field(None, ge=0.0)  # a model's load time; None: from its weights
     time_limit_s: float = Field(5.0, gt=0.0)  # for the planner, off the event loop
+    # a model may move to a mesh that does not list it (the router adds it there, and removes
+    # it from the mesh it leaves); false: only to meshes that list it, as a standby at least
+    add_models: bool = False
     drain_timeout_s: float = Field(300.0, gt=0.0)  # requests left on a model's old mesh, at most
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from muxserve.config import MuxConfig, load_config
+from muxserve import roster
+from muxserve.config import ModelEntry, MuxConfig, load_config
 from muxserve.errors import (
     ConfigError,
     EmptyPromptError,
@@ -103,7 +104,9 @@ class MuxEngine:
         # The executor loads the weights, then allocates the pool in what they leave (worker
         # processes map it: shared memory, CUDA IPC); the scheduler accounts its blocks.
         deadline = JobDeadline(eng.job_timeout_s, eng.job_timeout_per_token_s, eng.job_stall_s)
-        lifecycle = WorkerLifecycle(eng.worker_start == "lazy", eng.worker_idle_stop_s)
+        lifecycle = WorkerLifecycle(
+            eng.worker_start == "lazy", eng.worker_idle_stop_s, eng.worker_pool == "shared"
+        )
         self.executor = create_executor(
             eng.executor, specs, PoolSizing.of(eng), self.device, progress, deadline, lifecycle
         )
@@ -449,6 +452,15 @@ class MuxEngine:
 
     def model_states(self) -> dict[str, ModelState]:
         return self.residency.states()
+
+    # ---- models joining and leaving (muxserve/roster.py) -------------------------------------
+    def add_model(self, entry: ModelEntry) -> ServedModel:
+        """Serve one more model, asleep until woken (or asked for); see `roster.add_model`."""
+        return roster.add_model(self, entry)
+
+    def remove_model(self, model: str) -> None:
+        """Stop serving an asleep, drained model; see `roster.remove_model`."""
+        roster.remove_model(self, model)
 
     def wake_stats(self) -> dict[str, WakeStats]:
         return self.residency.wake_stats()

@@ -117,6 +117,24 @@ class ModelResidency:
         """No more wakes; wait (bounded) for those under way."""
         self._stop_wakers()
 
+    def add(self, model: str, rate: float) -> None:
+        """Under the lock: a model joined, asleep and not loaded (level 2)."""
+        self._states[model] = ModelState.ASLEEP
+        self._sleep_level[model] = 2
+        self._wake_stats[model] = WakeStats()
+        self._last_wake_s[model] = 0.0
+        self._policy.add(model, rate)
+
+    def forget(self, model: str) -> None:
+        """Under the lock: a model left (asleep, no requests: the caller checked)."""
+        for d in (self._states, self._sleep_level, self._wake_stats, self._last_wake_s):
+            d.pop(model, None)
+        self._policy.forget(model)
+
+    def state(self, model: str) -> ModelState:
+        """Under the lock: `model`'s state, once it is not half-way (waking, sleeping)."""
+        return self._settle(model)
+
     def _known(self, model: str) -> None:
         if model not in self.engine.models:
             raise UnknownModelError(model, list(self.engine.models))

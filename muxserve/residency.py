@@ -99,6 +99,15 @@ class ResidencyPolicy:
         }
 
     # ---- events ----------------------------------------------------------------------------
+    def add(self, model: str, rate: float) -> None:
+        """A model joined, asleep, expected at `rate` requests/s."""
+        now = self.clock()
+        self._models[model] = _Demand(max(rate, 0.0) / self._decay, now, None, now)
+
+    def forget(self, model: str) -> None:
+        """A model left."""
+        self._models.pop(model, None)
+
     def on_request(self, model: str) -> None:
         """A request for `model` arrived."""
         d = self._models[model]

@@ -47,6 +47,17 @@ class StepControls:
         self._vocab = vocab_sizes  # the models' logits width
         self._compilers: dict[str, GrammarCompiler] = {}
 
+    def add(self, model: str, tokenizer: Tokenizer, vocab_size: int) -> None:
+        """A model joined the engine."""
+        self._tokenizers = {**self._tokenizers, model: tokenizer}
+        self._vocab = {**self._vocab, model: vocab_size}
+
+    def forget(self, model: str) -> None:
+        """A model left the engine."""
+        self._tokenizers = {n: t for n, t in self._tokenizers.items() if n != model}
+        self._vocab = {n: v for n, v in self._vocab.items() if n != model}
+        self._compilers.pop(model, None)
+
     def make(self, model: str, params: SamplingParams) -> RequestControls | None:
         """The controls `params` ask for (None: none); a 400-worthy error for a bad grammar."""
         if params.structured is None and params.allowed_token_ids is None and not params.bad_words:

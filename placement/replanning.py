@@ -28,7 +28,7 @@ from placement.gpus import load_cluster
 from placement.migration import Decision, candidate_table, decide, evaluate, move_costs
 from placement.plan import PlacedMesh, PlacedModel, Placement
 from placement.problem import Problem, make_problem
-from placement.specs import spec_from_config
+from placement.specs import PlannerModel, spec_from_config
 from placement.workload import SLO, Demand, Workload
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class PlacementPlanner:
             for m in config.models
         )
         self.horizon_s = settings.horizon_s or settings.interval_s
+        self.placeable = placeable(config, self.specs, settings.add_models)
 
     def problem(self, loads: Mapping[str, ObservedLoad]) -> Problem:
         demands = []
@@ -91,7 +92,7 @@ class PlacementPlanner:
         answers: list[tuple[dict[str, tuple[str, ...]], tuple[str, ...]]] = []
         try:
             new = solve(problem, ("greedy",), options, progress=None)["greedy"]
-            answers = fit_to_meshes(new, self.meshes, active)
+            answers = fit_to_meshes(new, self.meshes, active, self.placeable)
         except (ConfigError, PlanningTimeout) as e:
             log.warning("re-planning: the planner found no plan (%s); local moves only", e)
         current = evaluate(self.placement_of(active, problem), problem)
@@ -126,10 +127,11 @@ class PlacementPlanner:
         judge: Callable[[Mapping[str, Sequence[str]]], Decision],
     ) -> list[tuple[dict[str, tuple[str, ...]], tuple[str, ...]]]:
         """Hill climbing from `start`: each step moves one model (the busiest first) to
-        another mesh listing it, the move whose plan pays most; stops when none pays more
-        or after `MAX_LOCAL_MOVES`. Returns the last placement reached (if any move paid)."""
+        another mesh that may hold it (`placeable`), the move whose plan pays most; stops
+        when none pays more or after `MAX_LOCAL_MOVES`. Returns the last placement reached
+        (if any move paid)."""
         listed = {
-            m.name: [mesh.name for mesh in self.meshes if m.name in mesh.models]
+            m.name: [mesh.name for mesh in self.meshes if m.name in self.placeable[mesh.name]]
             for m in self.config.models
         }
         rates = {s.name: t.rate for s, t in zip(problem.specs, problem.targets, strict=True)}
@@ -155,18 +157,46 @@ def _stub(name: str, tp: int, problem: Problem) -> PlacedModel:
     return PlacedModel(name, tp, 1.0, 1.0, 1.0, rate, 0.0, 0.0, 0.0, 0.0)
 
 
+def placeable(
+    config: MuxConfig, specs: Sequence[PlannerModel], add_models: bool
+) -> dict[str, set[str]]:
+    """Mesh -> the models it may serve: those it lists; with `add_models`, also every model
+    whose heads split over its GPUs and whose weights (per GPU) fit its weights budget, if
+    it has one (the router adds such a model to the mesh when it moves there)."""
+    out = {}
+    for mesh in config.meshes or []:
+        here = {mm.name for mm in mesh.models}
+        if add_models:
+            tp = len(mesh.gpus)
+            budget = mesh.weights_budget_bytes or config.engine.residency.weights_budget_bytes
+            here |= {
+                s.name
+                for s in specs
+                if s.supports_tp(tp) and (budget is None or s.weight_bytes // tp <= budget)
+            }
+        out[mesh.name] = here
+    return out
+
+
 def fit_to_meshes(
-    plan: Placement, meshes: Sequence[Mesh], active: Assignment, limit: int = 64
+    plan: Placement,
+    meshes: Sequence[Mesh],
+    active: Assignment,
+    placeable: Mapping[str, set[str]] | None = None,
+    limit: int = 64,
 ) -> list[tuple[dict[str, tuple[str, ...]], tuple[str, ...]]]:
     """Where each model would be active if `plan` ran on the fixed `meshes`: one answer (with
     notes) per way of matching the plan's meshes to fixed meshes of the same size (nodes
     are alike), distinct answers only, at most `limit` (the matchings that put the most
     models on meshes that list them, and where they are active already, first).
 
-    A model whose planned mesh does not list it stays where it is, with a note; the caller
-    picks among the answers by the cost model (`PlacementPlanner.propose`).
+    A model whose planned mesh may not serve it (`placeable`: mesh -> models; default: the
+    models each mesh lists) stays where it is, with a note; the caller picks among the
+    answers by the cost model (`PlacementPlanner.propose`).
     """
     listed = {m.name: {mm.name for mm in m.models} for m in meshes}
+    if placeable is not None:
+        listed = {m: set(placeable.get(m, ())) for m in listed}
 
     def score(k: int, mesh: Mesh) -> int:
         return sum(
@@ -227,8 +257,8 @@ def _fit(
                 notes.append(f"{pm.name}: the plan's mesh of {pmesh.size} GPUs has no match")
             elif pm.name not in listed[mesh.name]:
                 notes.append(
-                    f"{pm.name}: planned on {mesh.name}, which does not list it "
-                    "(list it there as a standby model to let it move)"
+                    f"{pm.name}: planned on {mesh.name}, which does not list it (list it "
+                    "there as a standby model, or set router.replan.add_models, to let it move)"
                 )
             else:
                 wanted.setdefault(pm.name, []).append(mesh.name)

@@ -15,7 +15,12 @@ Traces (scripts/gen_workload.py's modes, --rate req/s over --duration s, seeded 
 - shifting: the power law's ranks rotate every phase (4 phases): which models are hot moves,
   and the hot ones are neighbours, so they crowd one mesh;
 - longtail: Zipf (alpha 1, the classic law) over a seeded shuffle of the models: a few
-  carry the load.
+  carry the load;
+- crowd: the hot set moves onto one mesh. For the first --crowd-warm of the duration the
+  --crowd-hot hot models are spread over the meshes (the first model of each mesh's block in
+  turn), then they are the first --crowd-hot models of mesh-0's block: all on one mesh, the
+  other idle. Every model fits its home mesh (the budget holds one model more than a mesh
+  lists), so memory is not the limit: one mesh's CPU is.
 
 Modes, each served by a fresh server:
 - static: a plan that must leave models out: the --fit x --meshes models with the highest
@@ -28,6 +33,11 @@ Modes, each served by a fresh server:
   re-plans on the rates it measures and moves models between meshes (wake, switch, drain,
   sleep). Its cost model is a cluster file standing in for the CPU meshes (tiny GPUs whose
   capacity binds at these rates): the plan's numbers are not the CPU's, only its shape.
+  On the crowd trace there are no standbys: `router.replan.add_models` lets the router add a
+  model to the other mesh and remove it from the crowded one (meshes that change shape).
+  On the crowd trace static and sleep are the same plan (every model on its home mesh, made
+  for the first phase's rates); sleep/wake cannot help there, since each mesh holds what it
+  lists.
 
 Reported per trace and mode, median over --repeats with min and max: SLO attainment (a
 request counts if it completed within both --slo-ttft-ms and --slo-tpot-ms; failed requests
@@ -49,6 +59,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +69,14 @@ from muxserve.bench.client import ClientOptions, run_replay
 from muxserve.bench.metrics import SLO, summarize
 from muxserve.bench.report import machine, write_json
 from muxserve.bench.server import ServerProcess
-from muxserve.bench.trace import Trace
+from muxserve.bench.trace import Trace, TraceEntry
 from muxserve.bench.workload import LengthDist, WorkloadSpec, generate, load_tokenizer
 from muxserve.config import dump_config, parse_config
 from muxserve.demo import DEMO_ENGINE, ensure_demo_models
 
 BASES = ("llama-demo", "qwen-demo")
 MODES = ("static", "sleep", "replan")
-TRACES = ("shifting", "longtail")
+TRACES = ("shifting", "longtail", "crowd")
 # the re-planner's cost model: two tiny "GPUs" whose capacity binds at a few req/s of the demo
 # models (tests/router/test_replan.py uses the same numbers)
 STAND_IN_GPU = {"type": "A100-80GB", "memory_gib": 1024, "peak_tflops": 0.002, "hbm_gbps": 0.12}
@@ -103,6 +114,105 @@ def spec_for(trace: str, names: list[str], args: argparse.Namespace, seed: int) 
     if trace == "shifting":
         return WorkloadSpec(**common, popularity="shifting", alpha=1.0, shift_phases=4)
     return WorkloadSpec(**common, popularity="longtail", alpha=1.2)
+
+
+def crowd_sets(names: list[str], meshes: int, hot: int) -> tuple[list[str], list[str]]:
+    """The crowd trace's hot models before (spread: each mesh's block in turn) and after the
+    shift (the first `hot` of mesh-0's block)."""
+    home = homes(names, meshes)
+    blocks = [[n for n in names if home[n] == i] for i in range(meshes)]
+    spread = [b[k] for k in range(max(len(b) for b in blocks)) for b in blocks if k < len(b)]
+    if hot > len(blocks[0]):
+        raise ValueError(f"--crowd-hot {hot}: mesh-0 holds only {len(blocks[0])} models")
+    return spread[:hot], blocks[0][:hot]
+
+
+def crowd_trace(
+    names: list[str], args: argparse.Namespace, seed: int, tokenizer: Any
+) -> tuple[list[TraceEntry], dict[str, Any], dict[str, float]]:
+    """The crowd trace (see the module): entries, meta, and the first phase's rates (what the
+    static plan was made for)."""
+    before, after = crowd_sets(names, args.meshes, args.crowd_hot)
+    warm = args.duration * args.crowd_warm
+    lengths = {
+        "prompt_len": LengthDist.parse(args.crowd_prompt),
+        "output_len": LengthDist.parse(args.crowd_output),
+    }
+    first = WorkloadSpec(
+        tuple(before),
+        args.rate,
+        warm,
+        alpha=0.0,
+        seed=seed,
+        **lengths,
+    )
+    second = WorkloadSpec(
+        tuple(after),
+        args.rate,
+        args.duration - warm,
+        alpha=0.0,
+        seed=seed + 1000,
+        **lengths,
+    )
+    a, _ = generate(first, tokenizer)
+    b, _ = generate(second, tokenizer)
+    entries = a + [replace(e, arrival_s=round(e.arrival_s + warm, 6)) for e in b]
+    planned = {n: args.rate / len(before) if n in before else 0.0 for n in names}
+    meta = {
+        "popularity": "crowd",
+        "hot_before": before,
+        "hot_after": after,
+        "warm_s": warm,
+        "rate": args.rate,
+        "duration_s": args.duration,
+        "requests": len(entries),
+        "seed": seed,
+    }
+    return entries, meta, planned
+
+
+def build_crowd_config(
+    mode: str,
+    models: list[tuple[str, Path]],
+    rates: dict[str, float],
+    args: argparse.Namespace,
+    cluster: Path,
+) -> dict[str, Any]:
+    """Every model on its home mesh, awake; the budget holds one model more than a mesh
+    lists (room for one moved in). static: no residency budget; replan: add_models."""
+    names = [n for n, _ in models]
+    paths = dict(models)
+    home = homes(names, args.meshes)
+    per_mesh = max(sum(1 for n in names if home[n] == i) for i in range(args.meshes))
+    budget = int((per_mesh + 1) * max(weight_bytes(p) for p in paths.values()) * 1.05)
+    residency: dict[str, Any] = {"min_residency_s": args.min_residency, "sleep_level": 2}
+    if mode != "static":
+        residency["weights_budget_bytes"] = budget
+    engine = {**DEMO_ENGINE, "device": "cpu", "residency": residency}
+    entries = [
+        {"name": n, "path": str(paths[n]), "rate": round(max(rates[n], 0.01), 4)} for n in names
+    ]
+    meshes = [
+        {"name": f"mesh-{i}", "gpus": [i], "models": [{"name": n} for n in names if home[n] == i]}
+        for i in range(args.meshes)
+    ]
+    config: dict[str, Any] = {"models": entries, "engine": engine, "meshes": meshes}
+    if mode == "replan":
+        config["router"] = {"replan": {**replan_settings(args, cluster), "add_models": True}}
+    return config
+
+
+def replan_settings(args: argparse.Namespace, cluster: Path) -> dict[str, Any]:
+    return {
+        "cluster": str(cluster),
+        "interval_s": args.replan_interval,
+        "window_s": args.replan_window,
+        "drift": 0.5,
+        "rate_floor": 0.5,
+        "check_s": 0.5,
+        "move_cost_s": 0.2,
+        "time_limit_s": 2.0,
+    }
 
 
 def build_config(
@@ -157,18 +267,7 @@ def build_config(
         meshes.append({"name": m, "gpus": [i], "models": listed})
     config: dict[str, Any] = {"models": entries, "engine": engine, "meshes": meshes}
     if mode == "replan":
-        config["router"] = {
-            "replan": {
-                "cluster": str(cluster),
-                "interval_s": args.replan_interval,
-                "window_s": args.replan_window,
-                "drift": 0.5,
-                "rate_floor": 0.5,
-                "check_s": 0.5,
-                "move_cost_s": 0.2,
-                "time_limit_s": 2.0,
-            }
-        }
+        config["router"] = {"replan": replan_settings(args, cluster)}
     return config
 
 
@@ -221,13 +320,17 @@ def run_one(
 ) -> dict[str, Any]:
     models = model_list(args.copies)
     names = [n for n, _ in models]
-    spec = spec_for(trace_kind, names, args, args.seed + repeat)
     tokenizer = load_tokenizer(models[0][1])
-    entries, meta = generate(spec, tokenizer)
-    trace = Trace(tuple(entries), meta)
     cluster = work / "cluster.yaml"
     cluster.write_text(json.dumps({"gpu": STAND_IN_GPU, "nodes": 1, "gpus_per_node": args.meshes}))
-    raw = build_config(mode, models, spec, args, cluster)
+    if trace_kind == "crowd":
+        entries, meta, planned = crowd_trace(names, args, args.seed + repeat, tokenizer)
+        raw = build_crowd_config(mode, models, planned, args, cluster)
+    else:
+        spec = spec_for(trace_kind, names, args, args.seed + repeat)
+        entries, meta = generate(spec, tokenizer)
+        raw = build_config(mode, models, spec, args, cluster)
+    trace = Trace(tuple(entries), meta)
     cfg_path = work / f"{trace_kind}-{mode}-{repeat}.yaml"
     dump_config(parse_config(raw), cfg_path)
     log_path = work / f"{trace_kind}-{mode}-{repeat}.log"
@@ -365,12 +468,19 @@ def main() -> int:
     p.add_argument("--min-residency", type=float, default=1.0, help="residency policy (s)")
     p.add_argument("--replan-interval", type=float, default=10.0)
     p.add_argument("--replan-window", type=float, default=5.0)
+    p.add_argument("--crowd-hot", type=int, default=2, help="crowd: hot models")
+    p.add_argument(
+        "--crowd-warm", type=float, default=0.25, help="crowd: share of the run before the shift"
+    )
+    p.add_argument("--crowd-prompt", default="uniform:16:32", help="crowd: prompt tokens")
+    p.add_argument("--crowd-output", default="uniform:8:16", help="crowd: output tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/elastic")
+    p.add_argument("--name", default="elastic", help="file stem of the JSON and PNG in --out")
     args = p.parse_args()
     if args.copies < 1 or args.meshes < 1 or args.fit < 1 or args.repeats < 1:
         p.error("--copies, --meshes, --fit and --repeats must be at least 1")
-    if args.fit * args.meshes >= 2 * args.copies:
+    if args.fit * args.meshes >= 2 * args.copies and args.traces != ["crowd"]:
         p.error("every model fits: raise --copies or lower --fit for more models than memory")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -396,13 +506,19 @@ def main() -> int:
         f"{n} models, {fit} fit at once ({n / fit:g}x), {args.meshes} CPU meshes, "
         f"{args.rate:g} req/s, {args.repeats} repeats (median, min-max)"
     )
+    if args.traces == ["crowd"]:
+        title = (
+            f"hot set moves onto one mesh: {n} models, {args.crowd_hot} hot, {args.meshes} CPU "
+            f"meshes, {args.rate:g} req/s, {args.duration:g} s, {args.repeats} repeats "
+            "(median, min-max)"
+        )
     table = report(agg)
     print(title)
     print(table)
     load = os.getloadavg()
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     write_json(
-        out / "elastic.json",
+        out / f"{args.name}.json",
         {
             "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
             "title": title,
@@ -414,8 +530,8 @@ def main() -> int:
             "runs": runs,
         },
     )
-    plot(agg, out / "elastic.png", title)
-    print(f"wrote {out / 'elastic.json'} and {out / 'elastic.png'}", file=sys.stderr)
+    plot(agg, out / f"{args.name}.png", title)
+    print(f"wrote {out / args.name}.json and .png", file=sys.stderr)
     return 0
 
 

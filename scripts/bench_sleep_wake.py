@@ -3,11 +3,15 @@
 For each model and level, `--runs` times: sleep, wake, then one token of a short prompt;
 prints medians with the min-max spread and the load average, and writes them as JSON.
 `first_ms` is the wake plus that first token (`first_awake_ms`: the same token with the model
-awake, the baseline): with `--executor mps` it includes starting the model's worker
-processes, which the wake itself does not wait for. Level 2's wake reloads the
-checkpoint (memory-mapped safetensors: warm in the page cache after the first run).
+awake, the baseline). With `--executor mps` a sleep stops the model's two worker processes
+and a wake starts them again and waits for them (`--worker-pool per_model`), or the sleep
+detaches the model from the pooled workers and the wake attaches it (`--worker-pool shared`:
+no process stops or starts). Level 2's wake reloads the checkpoint (memory-mapped
+safetensors: warm in the page cache after the first run).
 
     python scripts/bench_sleep_wake.py --runs 5 --out benchmarks/results/elastic/sleep_wake.json
+    python scripts/bench_sleep_wake.py --runs 3 --executor mps --worker-pool shared \
+        --out benchmarks/results/elastic/sleep_wake_mps_shared.json
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--executor", choices=("inline", "mps"), default="inline")
+    ap.add_argument("--worker-pool", choices=("per_model", "shared"), default="per_model")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     models = ensure_demo_models()
@@ -44,6 +49,7 @@ def main() -> None:
             "engine": {
                 "device": args.device,
                 "executor": args.executor,
+                "worker_pool": args.worker_pool,
                 "kv_pool_bytes": 8 << 20,
                 "block_bytes": 4096,
             },
@@ -88,7 +94,8 @@ def main() -> None:
         engine.shutdown()
     load = os.getloadavg()
     print(
-        f"runs {args.runs}, device {args.device}, executor {args.executor}, "
+        f"runs {args.runs}, device {args.device}, executor {args.executor} "
+        f"({args.worker_pool}), "
         f"load average {load[0]:.2f} {load[1]:.2f}"
     )
     if args.out is not None:
@@ -96,6 +103,7 @@ def main() -> None:
         doc = {
             "command": " ".join(sys.argv),
             "executor": args.executor,
+            "worker_pool": args.worker_pool,
             "load_average": load,
             "results": results,
         }

@@ -1,21 +1,29 @@
-"""Worker processes against the model count: eager workers (two per model) vs lazy ones.
+"""Worker processes against the model count: per-model workers (eager, lazy) vs pooled ones.
 
-    python scripts/bench_workers.py [--models 3,12,48] [--asked 3] [--modes eager,lazy]
+    python scripts/bench_workers.py [--models 3,12,48] [--asked 3]
+                                    [--modes eager,lazy,shared,shared-lazy]
                                     [--out benchmarks/results/workers]
 
 For each model count N, a `muxserve serve` process (mps executor, CPU) serves N copies of the
-demo models under different names, once with `worker_start: eager` (every model's prefill and
-decode workers start with the engine) and once with `worker_start: lazy` (a model's workers
-start at its first job; `worker_idle_stop_s` stops them again). Measured per run:
+demo models under different names, once per mode: `eager` (`worker_start: eager`: every
+model's prefill and decode workers start with the engine), `lazy` (`worker_start: lazy`: a
+model's workers start at its first job; `worker_idle_stop_s` stops them again), `shared`
+(`worker_pool: shared`: one prefill and one decode worker that every model attaches to,
+started with the engine) and `shared-lazy` (the same, started at the first job). Measured per
+run:
 
 - startup: from launching the server until /health answers "ok" (loading N models included);
 - processes and host memory (the sum of PSS over the server and its descendants, so shared
   weights count once) right after startup;
-- for lazy: the same after one request to each of --asked models (their workers now run), and
-  that first request's latency (it waits for its workers to start).
+- the same after one request to each of --asked models (lazy: their workers now run), and
+  each first request's latency (lazy: it waits for its workers to start);
+- at the first model count only (it involves the --asked models alone, whatever N): a burst
+  of 4 concurrent 16-token requests to each of the --asked models, 3 times (median, min,
+  max): per-model workers run those models' jobs side by side, pooled ones one after another
+  in each phase's worker, so this is what pooling costs (or saves) in concurrency here.
 
-An eager run whose workers would not fit in this host's available memory (about 230 MiB each,
-mostly the torch import) is skipped and reported as such. JSON and a PNG go to --out.
+An eager per-model run whose workers would not fit in this host's available memory (about
+230 MiB each, mostly the torch import) is skipped and reported as such. JSON and a PNG go to --out.
 Not a test: the numbers depend on who else uses the machine (the load average is recorded).
 """
 
@@ -28,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +46,16 @@ from muxserve.bench.server import ServerProcess
 from muxserve.config import dump_config, parse_config
 from muxserve.demo import DEMO_ENGINE, ensure_demo_models
 
+BURST_PER_MODEL, BURST_TOKENS, BURSTS = 4, 16, 3
 WORKER_BYTES = 230 << 20  # host memory of one idle CPU worker process, measured
 STARTUP_TIMEOUT_S = 1200.0
 
 
-def config_for(n: int, lazy: bool, models: dict[str, Path]) -> dict[str, Any]:
+MODES = ("eager", "lazy", "shared", "shared-lazy")
+
+
+def config_for(n: int, mode: str, models: dict[str, Path]) -> dict[str, Any]:
+    lazy = mode.endswith("lazy")
     bases = sorted(models)
     entries = [
         {"name": f"{bases[i % len(bases)]}-{i}", "path": str(models[bases[i % len(bases)]])}
@@ -54,6 +68,7 @@ def config_for(n: int, lazy: bool, models: dict[str, Path]) -> dict[str, Any]:
         "kv_pool_bytes": 16 << 20,
         "worker_start": "lazy" if lazy else "eager",
         "worker_idle_stop_s": 300.0 if lazy else None,
+        "worker_pool": "shared" if mode.startswith("shared") else "per_model",
     }
     return {"models": entries, "engine": engine}
 
@@ -81,14 +96,26 @@ def snapshot(server_pid: int) -> dict[str, Any]:
     return {"processes": len(pids), "workers": len(pids) - 1, "pss_mib": pss_bytes(pids) >> 20}
 
 
-def one_request(url: str, model: str) -> float:
-    body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 4}).encode()
+def one_request(url: str, model: str, max_tokens: int = 4) -> float:
+    body = json.dumps(
+        {"model": model, "prompt": "Once upon a time", "max_tokens": max_tokens}
+    ).encode()
     req = urllib.request.Request(
         f"{url}/v1/completions", body, {"Content-Type": "application/json"}
     )
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=600) as r:
         r.read()
+    return time.perf_counter() - start
+
+
+def burst(url: str, names: list[str]) -> float:
+    """Seconds for BURST_PER_MODEL concurrent requests to each of `names` (their workers run
+    already): what serving several busy models at once costs in this mode."""
+    jobs = [m for m in names for _ in range(BURST_PER_MODEL)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        list(pool.map(lambda m: one_request(url, m, BURST_TOKENS), jobs))
     return time.perf_counter() - start
 
 
@@ -99,10 +126,11 @@ def available_bytes() -> int:
     return 0
 
 
-def run(n: int, lazy: bool, asked: int, models: dict[str, Path], tmp: Path) -> dict[str, Any]:
-    mode = "lazy" if lazy else "eager"
+def run(
+    n: int, mode: str, asked: int, models: dict[str, Path], tmp: Path, bursts: bool
+) -> dict[str, Any]:
     need = 2 * n * WORKER_BYTES
-    if not lazy and need > 0.8 * available_bytes():
+    if mode == "eager" and need > 0.8 * available_bytes():
         return {
             "models": n,
             "mode": mode,
@@ -110,7 +138,7 @@ def run(n: int, lazy: bool, asked: int, models: dict[str, Path], tmp: Path) -> d
             f"{available_bytes() >> 30} GiB available",
         }
     cfg = tmp / f"{mode}-{n}.yaml"
-    dump_config(parse_config(config_for(n, lazy, models)), cfg)
+    dump_config(parse_config(config_for(n, mode, models)), cfg)
     log = (tmp / f"{mode}-{n}.log").open("w")
     server = ServerProcess(cfg, log=log, startup_timeout=STARTUP_TIMEOUT_S)
     start = time.perf_counter()
@@ -124,20 +152,25 @@ def run(n: int, lazy: bool, asked: int, models: dict[str, Path], tmp: Path) -> d
         first = [one_request(url, m) for m in names]
         out["first_request_s"] = [round(t, 2) for t in first]
         out["after_requests"] = snapshot(server.proc.pid)
+        if bursts:
+            times = sorted(burst(url, names) for _ in range(BURSTS))
+            mid = round(times[len(times) // 2], 2)
+            out["burst_s"] = {"median": mid, "min": round(times[0], 2), "max": round(times[-1], 2)}
         return out
     finally:
         server.stop()
         log.close()
 
 
-def plot(results: list[dict[str, Any]], path: Path, asked: int) -> None:
+def plot(results: list[dict[str, Any]], path: Path, asked: int, load: tuple[float, ...]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for mode, color in (("eager", "tab:red"), ("lazy", "tab:blue")):
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    colors = ("tab:red", "tab:blue", "tab:green", "tab:olive")
+    for mode, color in zip(MODES, colors, strict=True):
         rows = [r for r in results if r["mode"] == mode and "skipped" not in r]
         xs = [r["models"] for r in rows]
         axes[0].plot(xs, [r["at_start"]["processes"] for r in rows], "o-", color=color, label=mode)
@@ -150,16 +183,31 @@ def plot(results: list[dict[str, Any]], path: Path, asked: int) -> None:
         )
         axes[1].plot(xs, [r["at_start"]["pss_mib"] for r in rows], "o-", color=color, label=mode)
         axes[2].plot(xs, [r["startup_s"] for r in rows], "o-", color=color, label=mode)
+        bursts = [r for r in rows if "burst_s" in r]
+        for r in bursts:
+            b = r["burst_s"]
+            err = [[b["median"] - b["min"]], [b["max"] - b["median"]]]
+            axes[3].errorbar(
+                [mode], [b["median"]], yerr=err, fmt="o", color=color, capsize=4, label=mode
+            )
     for ax, title in zip(
         axes,
-        ("processes", "host memory at start (PSS, MiB)", "startup until /health ok (s)"),
+        (
+            "processes",
+            "host memory at start (PSS, MiB)",
+            "startup until /health ok (s)",
+            f"burst: {BURST_PER_MODEL} requests x {asked} models, first N (s)",
+        ),
         strict=True,
     ):
         ax.set_title(title)
         ax.set_xlabel("models on the mesh")
         ax.legend()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    fig.suptitle(f"mps workers, eager vs lazy, demo model copies on CPU (load {load})")
+    axes[3].set_xlabel("mode (at the first model count)")
+    loads = ", ".join(f"{x:.1f}" for x in load)
+    fig.suptitle(
+        f"mps workers: per model (eager, lazy) vs pooled, demo model copies on CPU (load {loads})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -168,7 +216,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="3,12,48", help="model counts, comma-separated")
     p.add_argument("--asked", type=int, default=3, help="models sent a request (lazy runs)")
-    p.add_argument("--modes", default="eager,lazy")
+    p.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
     p.add_argument(
         "--out", default=str(Path(__file__).resolve().parent.parent / "benchmarks/results/workers")
     )
@@ -179,10 +227,13 @@ def main() -> int:
     load_start = os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory(prefix="muxserve-workers-") as tmp:
-        for n in (int(x) for x in args.models.split(",")):
+        counts = [int(x) for x in args.models.split(",")]
+        for n in counts:
             for mode in args.modes.split(","):
                 print(f"[{mode} {n}] starting", file=sys.stderr, flush=True)
-                r = run(n, mode == "lazy", args.asked, models, Path(tmp))
+                if mode not in MODES:
+                    p.error(f"--modes: unknown mode {mode!r}; use {', '.join(MODES)}")
+                r = run(n, mode, args.asked, models, Path(tmp), n == counts[0])
                 print(f"[{mode} {n}] {json.dumps(r)}", file=sys.stderr, flush=True)
                 results.append(r)
     report = {
@@ -193,7 +244,7 @@ def main() -> int:
         "results": results,
     }
     write_json(out / "workers.json", report)
-    plot(results, out / "workers.png", args.asked)
+    plot(results, out / "workers.png", args.asked, report["load_average_end"])
     return 0
 
 

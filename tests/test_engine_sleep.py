@@ -21,6 +21,7 @@ from muxserve.errors import (
 )
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
+from muxserve.scheduler.job import Phase
 from muxserve.scheduler.scheduler import ModelStats
 from tests.helpers.wait import wait_until
 
@@ -466,7 +467,7 @@ def test_more_models_than_memory_all_served(demo_models, reference):
 
 
 # ---- the mps executor: a sleeping model has no worker processes -------------------------------
-def mps_engine(demo_models, asleep: tuple[str, ...] = ()) -> MuxEngine:
+def mps_engine(demo_models, asleep: tuple[str, ...] = (), pool: str = "per_model") -> MuxEngine:
     return MuxEngine(
         parse_config(
             {
@@ -478,7 +479,12 @@ def mps_engine(demo_models, asleep: tuple[str, ...] = ()) -> MuxEngine:
                     }
                     for n in ("llama-demo", "qwen-demo")
                 ],
-                "engine": {"kv_pool_bytes": 4 << 20, "block_bytes": 4096, "executor": "mps"},
+                "engine": {
+                    "kv_pool_bytes": 4 << 20,
+                    "block_bytes": 4096,
+                    "executor": "mps",
+                    "worker_pool": pool,
+                },
             }
         )
     )
@@ -506,8 +512,18 @@ def test_mps_sleep_stops_the_workers_and_wake_gives_the_same_output(demo_models,
         eng.shutdown()
 
 
-def test_mps_sleep_and_wake_while_the_loop_serves_another_model(demo_models, reference):
-    eng = mps_engine(demo_models)
+def attached(engine: MuxEngine, model: str) -> bool:
+    """Whether `model` is attached to its pooled workers (worker_pool: shared)."""
+    units = [engine.executor.groups[(model, ph)] for ph in Phase]  # type: ignore[attr-defined]
+    return all(model in u.members for u in units)
+
+
+@pytest.mark.parametrize("pool", ["per_model", "shared"])
+def test_mps_sleep_and_wake_while_the_loop_serves_another_model(demo_models, reference, pool):
+    """Shared: the sleep detaches llama from the workers running qwen's jobs, and the wake
+    attaches it again while they run."""
+    eng = mps_engine(demo_models, pool=pool)
+    pids = set(workers(eng, "qwen-demo"))
     eng.start()
 
     async def last(rid: str) -> list[int]:
@@ -518,7 +534,11 @@ def test_mps_sleep_and_wake_while_the_loop_serves_another_model(demo_models, ref
     async def run() -> None:
         other = eng.add_request("qwen-demo", PROMPTS[2], GREEDY)
         await asyncio.to_thread(eng.sleep, "llama-demo", 2)  # while qwen's jobs run
-        assert workers(eng, "llama-demo") == []
+        if pool == "shared":
+            assert not attached(eng, "llama-demo")
+            assert set(workers(eng, "llama-demo")) == pids  # the pooled workers run on
+        else:
+            assert workers(eng, "llama-demo") == []
         woke = eng.add_request("llama-demo", PROMPTS[0], GREEDY)
         got = await asyncio.wait_for(asyncio.gather(last(other), last(woke)), DEADLINE_S)
         assert got == [reference["qwen-demo"][2], reference["llama-demo"][0]]
@@ -526,6 +546,8 @@ def test_mps_sleep_and_wake_while_the_loop_serves_another_model(demo_models, ref
     try:
         asyncio.run(run())
         assert len(workers(eng, "llama-demo")) == 2
+        if pool == "shared":
+            assert attached(eng, "llama-demo") and set(workers(eng, "llama-demo")) == pids
     finally:
         eng.shutdown()
     eng.check_integrity()

@@ -55,7 +55,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernels", ("muxserve.runner.kernels",)),
     ("model runner", ("muxserve.runner.cuda_graphs", "muxserve.runner.model_runner")),
     ("executor", ("muxserve.executor",)),
-    ("engine", ("muxserve.engine", "muxserve.model_residency")),
+    ("engine", ("muxserve.engine", "muxserve.model_residency", "muxserve.roster")),
     ("client", ("muxserve.client", "muxserve.demo")),
     ("mesh", ("muxserve.mesh",)),
     ("router", ("muxserve.router",)),

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -124,6 +124,19 @@ class Executor(Protocol):
     def stop_idle(self) -> int:
         """Stop worker processes idle past their limit, if the executor has any; how many
         groups stopped. The loop's thread calls it while the engine waits for work."""
+        ...
+
+
+@runtime_checkable
+class ModelSetExecutor(Protocol):
+    """An executor whose models may change while it serves (a mesh that changes shape)."""
+
+    def add_model(self, spec: ModelSpec) -> None:
+        """Take on a model, asleep (nothing loaded): its wake loads it."""
+        ...
+
+    def remove_model(self, model: str) -> None:
+        """Forget an asleep model with no job in flight, and what it holds."""
         ...
 
 

@@ -42,9 +42,7 @@ class InlineExecutor:
             wanted = {(n, p): (shares or {}).get((n, p), 1.0) for n in runners for p in Phase}
             self._partitions = make_partitions(device, wanted)
             for name, runner in self.runners.items():
-                if runner.graphs is not None:  # captured now, on the stream decode jobs run on
-                    with torch.cuda.stream(self._partitions[(name, Phase.DECODE)].stream):
-                        runner.graphs.warm_up()
+                self._warm_up(name, runner)
         # launched jobs, each with the event recorded after it on its stream (CUDA only)
         self._launched: list[tuple[LaunchedJob, torch.cuda.Event | None]] = []
 
@@ -161,6 +159,52 @@ class InlineExecutor:
             return loaded
 
         runner.wake(load)
+        # its decode graphs now, in this (the waker's) thread, not one by one mid-serving as
+        # its first decode steps need them: a capture there would stall the engine's loop
+        self._warm_up(model, runner)
+
+    def _warm_up(self, model: str, runner: ModelRunner) -> None:
+        """Capture `model`'s start-up decode graphs, on the stream its decode jobs run on."""
+        if runner.graphs is None:  # no graphs: off, or not CUDA
+            return
+        part = self._partitions.get((model, Phase.DECODE))
+        if part is None:
+            runner.graphs.warm_up()
+            return
+        with torch.cuda.stream(part.stream):
+            runner.graphs.warm_up()
+
+    # ---- models joining and leaving (ModelSetExecutor) ----------------------------------------
+    def add_model(self, spec: ModelSpec) -> None:
+        """A runner for `spec`, asleep: its first wake loads the checkpoint."""
+        runner = ModelRunner(
+            spec.name,
+            None,
+            spec.config,
+            self.pool,
+            spec.layout,
+            spec.dtype,
+            spec.max_model_len,
+            spec.estimated_weight_bytes(),
+        )
+        if self.device.type == "cuda":  # a split of its own (untested on a GPU so far)
+            shares = {(spec.name, p): p.share(spec.sm_share) for p in Phase}
+            self._partitions = {**self._partitions, **make_partitions(self.device, shares)}
+        # new dicts, not updates: the loop's thread may be iterating the old ones
+        self.specs = {**self.specs, spec.name: spec}
+        self.runners = {**self.runners, spec.name: runner}
+
+    def remove_model(self, model: str) -> None:
+        """Forget `model` (asleep, no job in flight) and its host copy, if any."""
+        runner = self.runners[model]
+        runner.sleep(2)  # drops a level-1 host copy; nothing to do for level 2
+        self.runners = {n: r for n, r in self.runners.items() if n != model}
+        self.specs = {n: s for n, s in self.specs.items() if n != model}
+        for p in Phase:
+            part = self._partitions.get((model, p))
+            if part is not None:
+                self._partitions = {k: v for k, v in self._partitions.items() if k != (model, p)}
+                part.close()
 
     def shutdown(self) -> None:
         self._launched.clear()

@@ -99,8 +99,56 @@ class JobMessage:
     new: tuple[NewSeq, ...]
     steps: tuple[SeqStep, ...]
     finished: tuple[str, ...]  # requests the worker may forget
+    model: str = ""  # whose job: a pooled worker runs several models' (worker_pool.py)
 
 
 @dataclass(frozen=True)
 class Stop:
     """Exit after the current job."""
+
+
+# ---- a pooled worker's messages (pool_worker.py): several models in one process ----------
+
+
+@dataclass
+class Attach:
+    """Map one model into a pooled worker (its weights shared, not copied), to run its jobs."""
+
+    name: str
+    model: CausalLM  # parameters in shared memory (CPU) or CUDA IPC handles
+    config: HFModelConfig
+    layout: KVLayout
+    dtype: torch.dtype
+    max_model_len: int | None = None
+
+
+@dataclass(frozen=True)
+class Detach:
+    """Drop a model (it went to sleep): the worker keeps no reference to its weights."""
+
+    name: str
+
+
+@dataclass
+class PoolInit:
+    """A pooled worker's first message: its phase, pool, threads and the models to attach."""
+
+    label: str
+    phase: Phase
+    pool: torch.Tensor  # the KV pool's byte buffer of the worker's rank
+    block_bytes: int
+    threads: int  # intra-op threads: the CPU analogue of the SM share class
+    attach: tuple[Attach, ...] = ()
+
+
+@dataclass(frozen=True)
+class Report:
+    """Ask a pooled worker what it holds; it answers with a `WorkerReport`."""
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What a pooled worker holds: each attached model with the bytes of its weights."""
+
+    pid: int
+    models: tuple[tuple[str, int], ...]  # (name, weight bytes), sorted by name

@@ -60,7 +60,7 @@ class WorkerMirror:
                 )
             )
         finished, self._finished = tuple(self._finished), []
-        return JobMessage(job.job_id, job.sm_share, tuple(new), tuple(steps), finished)
+        return JobMessage(job.job_id, job.sm_share, tuple(new), tuple(steps), finished, job.model)
 
     def invalidate(self, request_ids: Iterable[str]) -> None:
         """These requests' tables were rebuilt: send them whole next time."""

@@ -1,5 +1,8 @@
 """The multi-process executor: a worker process per (model, phase, TP rank), SM quotas by MPS.
 
+With `engine.worker_pool: shared` the tp=1 models share pooled workers instead, one per
+(phase, SM-share class) (worker_pool.py); the executor drives both kinds through one surface.
+
 Each model's weights are loaded once, here, into shared memory (CPU) or GPU memory exported by
 CUDA IPC, and mapped by its prefill and decode workers. Each TP rank index has its own KV pool
 buffer (on GPU on the mesh's device of that rank), sized after the weights and mapped by every
@@ -12,9 +15,7 @@ started again. On CUDA the executor runs its own MPS daemon and gives each worke
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -26,20 +27,27 @@ import torch
 import torch.multiprocessing
 
 from muxserve.errors import WorkerFailedError
-from muxserve.executor.base import ModelSpec, cpu_threads, load_progress
+from muxserve.executor.base import ModelSpec, load_progress
 from muxserve.executor.lifecycle import WorkerLifecycle
-from muxserve.executor.messages import TPRank, WorkerInit
-from muxserve.executor.mps_daemon import HINT, MpsDaemon, MpsUnavailableError
+from muxserve.executor.messages import WorkerReport
+from muxserve.executor.mps_daemon import (
+    HINT,
+    MpsDaemon,
+    MpsUnavailableError,
+    become_client,
+    cuda_initialized,
+)
 from muxserve.executor.waker import Waker
 from muxserve.executor.watchdog import JobDeadline, ProgressProbe
 from muxserve.executor.worker_group import (
     STOP_TIMEOUT_S,
     GroupState,
-    RankPlan,
     WorkerDied,
     WorkerGroup,
     reap,
 )
+from muxserve.executor.worker_plans import env_of, rank_plans
+from muxserve.executor.worker_pool import PooledWorker, attach_of, pooled_worker_for
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing
@@ -54,6 +62,8 @@ START_TIMEOUT_S = 180.0  # every worker of the engine ready within this, or the 
 MAX_FAILED_STARTS = 3  # restarts in a row that die before ready: the group gives up
 
 Waitable = Connection | int  # a worker's pipe, or a process sentinel
+# what runs a (model, phase)'s jobs: its own processes, or a pooled worker it shares
+Unit = WorkerGroup | PooledWorker
 
 
 class MpsExecutor:
@@ -62,7 +72,7 @@ class MpsExecutor:
     def __init__(
         self,
         pools: list[KVPool],
-        groups: dict[tuple[str, Phase], WorkerGroup],
+        groups: dict[tuple[str, Phase], Unit],
         daemon: MpsDaemon | None,
         deadline: JobDeadline | None = None,
         lifecycle: WorkerLifecycle | None = None,
@@ -120,8 +130,10 @@ class MpsExecutor:
                     f"torch.cuda.device_count, not is_available), or {HINT}"
                 )
             daemon = MpsDaemon.start()
-            _become_client(daemon)
-        groups: dict[tuple[str, Phase], WorkerGroup] = {}
+            become_client(daemon)
+        groups: dict[tuple[str, Phase], Unit] = {}
+        pooled: dict[Any, PooledWorker] = {}  # engine.worker_pool: shared
+        pool_on = lifecycle is not None and lifecycle.pooled
         try:
             shards = {  # each model's shard per rank; on GPU rank r's is on the mesh's r-th
                 spec.name: load_rank_models(
@@ -136,13 +148,20 @@ class MpsExecutor:
             pools = [KVPool(num_blocks, sizing.block_bytes, d, shared=True) for d in devices]
             ctx = torch.multiprocessing.get_context("spawn")
             for spec in specs:
+                if pool_on and spec.tensor_parallel == 1:  # a TP model keeps its own groups
+                    for phase in Phase:
+                        unit = pooled_worker_for(pooled, ctx, spec, phase, pools[0], env_of(daemon))
+                        groups[(spec.name, phase)] = unit
+                        if not spec.asleep:
+                            unit.attach(attach_of(spec, shards[spec.name][0][0]))
+                    continue
                 if spec.asleep:  # no workers until it wakes
                     for phase in Phase:
                         groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, [])
                     continue
                 ranks = [(model, pools[r]) for r, (model, _) in enumerate(shards[spec.name])]
                 for phase in Phase:
-                    plans = _rank_plans(spec, phase, ranks, daemon)
+                    plans = rank_plans(spec, phase, ranks, daemon)
                     groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
             executor = cls(pools, groups, daemon, deadline, lifecycle)
             executor.start_timeout = start_timeout
@@ -163,12 +182,16 @@ class MpsExecutor:
             raise
         return executor
 
+    def _units(self) -> list[Unit]:
+        """Each group or pooled worker once (a pooled one runs several (model, phase)s)."""
+        return list({id(u): u for u in self.groups.values()}.values())
+
     def _start_all(self, timeout: float) -> None:
-        for g in self.groups.values():
-            if g.ranks:  # an asleep model's groups have none
+        for g in self._units():
+            if g.can_start:  # an asleep model's groups have no ranks
                 g.start()
         deadline = time.monotonic() + timeout
-        while starting := [g for g in self.groups.values() if g.state is GroupState.STARTING]:
+        while starting := [g for g in self._units() if g.state is GroupState.STARTING]:
             left = deadline - time.monotonic()
             if left <= 0:
                 names = ", ".join(g.label for g in starting)
@@ -183,13 +206,19 @@ class MpsExecutor:
     def submit(self, jobs: Sequence[Job]) -> None:
         if self._closed and jobs:
             raise WorkerFailedError("the executor was shut down: its workers are gone")
+        if not jobs:
+            return
+        with self._groups_lock:  # a wake may be writing to a pooled worker's pipe
+            self._submit(jobs)
+
+    def _submit(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
             # a chunk at position 0 means a fresh block table (first admission or after a
             # preemption): every worker of the model must take it whole
             restarted = [s.request_id for s in job.seqs if s.start_pos == 0]
             if restarted:
                 for phase in Phase:
-                    for mirror in self.groups[(job.model, phase)].mirrors:
+                    for mirror in self.groups[(job.model, phase)].mirrors_of(job.model):
                         mirror.invalidate(restarted)
             group = self.groups[(job.model, job.phase)]
             if group.broken is not None:
@@ -206,7 +235,7 @@ class MpsExecutor:
 
     def _poll(self, timeout: float) -> list[tuple[Job, JobResult]]:
         results, self._failed = self._failed, []
-        if results or not any(g.job is not None for g in self.groups.values()):
+        if results or not any(g.busy for g in self._units()):
             return results
         deadline = time.monotonic() + timeout
         while True:
@@ -249,7 +278,7 @@ class MpsExecutor:
             return 0
         self._next_idle_check = now + IDLE_CHECK_S
         self._reap_retired(now)
-        for group in self.groups.values():
+        for group in self._units():
             idle = group.state is GroupState.READY and group.job is None
             if idle and self.lifecycle.idle_expired(group.idle_since, now):
                 idle_s = now - group.idle_since
@@ -277,8 +306,8 @@ class MpsExecutor:
         self._retiring = left
 
     def release(self, request_ids: Sequence[str]) -> None:
-        for group in self.groups.values():
-            for mirror in group.mirrors:
+        for group in self._units():
+            for mirror in group.all_mirrors():
                 mirror.forget(request_ids)
 
     def wake(self) -> None:
@@ -288,7 +317,7 @@ class MpsExecutor:
         if self._closed:
             return
         self._closed = True
-        for group in self.groups.values():
+        for group in self._units():
             group.stop()
         reap([p for p, _ in self._retiring])
         self._retiring = []
@@ -298,10 +327,10 @@ class MpsExecutor:
             self.daemon.stop()
 
     # ---- internals -----------------------------------------------------------------------
-    def _owners(self) -> dict[Waitable, WorkerGroup]:
-        return {obj: g for g in self.groups.values() for obj in g.waitables()}
+    def _owners(self) -> dict[Waitable, Unit]:
+        return {obj: g for g in self._units() for obj in g.waitables()}
 
-    def _hung(self, group: WorkerGroup, now: float, sample: bool) -> str | None:
+    def _hung(self, group: Unit, now: float, sample: bool) -> str | None:
         """Why the group's delivered job counts as hung (past its deadline, or — when this is
         a round that `sample`s /proc — a worker that made no progress for `deadline.stall_s`),
         if it does."""
@@ -330,13 +359,13 @@ class MpsExecutor:
     def _next_hang_check(self) -> float:
         """When the earliest delivered job, or a restart with a job waiting on it, reaches its
         deadline (inf: neither)."""
-        running = [g for g in self.groups.values() if g.delivered and g.job is not None]
+        running = [g for g in self._units() if g.delivered and g.job is not None]
         ends = [g.sent_at + self.deadline.of(g.job, g.jobs_done == 0) for g in running if g.job]
         if running and self.deadline.stall_s is not None:  # sample their progress meanwhile
             ends.append(self._next_stall_sample)
         ends += [
             g.started_at + self.start_timeout
-            for g in self.groups.values()
+            for g in self._units()
             if g.state is GroupState.STARTING and g.job is not None
         ]
         return min(ends, default=float("inf"))
@@ -350,7 +379,7 @@ class MpsExecutor:
         sample = self.deadline.stall_s is not None and now >= self._next_stall_sample
         if sample:
             self._next_stall_sample = now + min(STALL_SAMPLE_S, self.deadline.stall_s or 0.0)
-        for group in self.groups.values():
+        for group in self._units():
             died = None
             hung = self._hung(group, now, sample)
             if hung is not None:
@@ -367,11 +396,12 @@ class MpsExecutor:
                 results.extend(self._restart(group, died))
         return results
 
-    def _restart(self, group: WorkerGroup, died: WorkerDied) -> list[tuple[Job, JobResult]]:
+    def _restart(self, group: Unit, died: WorkerDied) -> list[tuple[Job, JobResult]]:
         """Hand back the job the group was running, and start the group again (or give up).
 
         The job's requests are recomputed (`JobResult.retry`): they were lost with the worker,
-        not refused. A job that never reached the workers is kept and goes to the new ones.
+        not refused. A job that never reached the workers is kept and goes to the new ones
+        (a pooled worker's queued jobs of other models too; its models are attached again).
         """
         job = group.take_job() if group.delivered else None
         self.progress.forget([p.pid for p in group.procs if p.pid is not None])
@@ -390,15 +420,17 @@ class MpsExecutor:
         if group.broken is None:
             group.start()
             group.start_reason = f"{group.label}: {died.reason}; restarting"
-        else:
-            job = job or group.take_job()
-        return [] if job is None else [(job, JobResult(job.job_id, (), error, retry))]
+            return [] if job is None else [(job, JobResult(job.job_id, (), error, retry))]
+        jobs = ([] if job is None else [job]) + group.take_all()
+        return [(j, JobResult(j.job_id, (), error, retry)) for j in jobs]
 
     def degraded(self) -> dict[str, str]:
         """Models whose workers are restarting or broken, with why: for /health (it only
         reads, so any thread may call it)."""
         out: dict[str, str] = {}
         for (name, _), g in self.groups.items():
+            if isinstance(g, PooledWorker) and name not in g.members:
+                continue  # asleep: a pooled worker's trouble is not its own
             if g.broken is not None:
                 out[name] = g.broken
             elif g.state is GroupState.STARTING and g.start_reason is not None:
@@ -416,13 +448,20 @@ class MpsExecutor:
         return next(s for s in self.specs if s.name == model).estimated_weight_bytes()
 
     def sleep_model(self, model: str, level: int) -> None:
-        """Stop the model's workers (between two polls of the loop), then move the engine's
-        copy of its shards, which the workers mapped, to host memory (level 1; on a CPU they
-        are there already, in shared memory) or drop it (level 2)."""
+        """Stop the model's workers, or detach it from its pooled ones (between two polls of
+        the loop), then move the engine's copy of its shards, which the workers mapped, to
+        host memory (level 1; on a CPU they are there already, in shared memory) or drop it
+        (level 2)."""
         spec = next(s for s in self.specs if s.name == model)
         self._waker.wake()  # a waiting poll returns and lets go of the groups
+        exiting: list[BaseProcess] = []
         with self._groups_lock:
-            exiting = [p for phase in Phase for p in self.groups[(model, phase)].retire()]
+            for phase in Phase:
+                unit = self.groups[(model, phase)]
+                if isinstance(unit, PooledWorker):
+                    unit.detach(model)  # the process stays up for the others
+                else:
+                    exiting += unit.retire()
         reap(exiting)  # outside the lock: the loop serves the other models meanwhile
         with self._groups_lock:
             shards = self.shards.get(model)
@@ -432,12 +471,14 @@ class MpsExecutor:
                 return
             self.shards[model] = None  # the groups' inits hold the shards too: new, empty ones
             for phase in Phase:
-                self.groups[(model, phase)] = WorkerGroup(self.ctx, model, phase, [])
+                if isinstance(self.groups[(model, phase)], WorkerGroup):
+                    self.groups[(model, phase)] = WorkerGroup(self.ctx, model, phase, [])
 
     def wake_model(self, model: str) -> None:
-        """The shards back on their devices (or loaded again), and the model's groups rebuilt
-        over them; its workers start now (eager) or at its first job (lazy). The workers'
-        start is not part of the wake: the model's first job waits for it."""
+        """The shards back on their devices (or loaded again), then attached to the model's
+        pooled workers (running: nothing starts), or its own groups rebuilt and, with eager
+        workers, started and waited for: a wake's time includes the start it needs, not the
+        model's first job. Lazy workers start at its first job."""
         spec = next(s for s in self.specs if s.name == model)
         shards = self.shards.get(model)
         if shards is None:
@@ -447,93 +488,50 @@ class MpsExecutor:
         else:
             for shard, device in shards:
                 ModelWeights(shard).to_device(shard, device, spec.max_model_len)
+        ranks = [(m, self.pools[r]) for r, (m, _) in enumerate(shards)]
+        fresh: dict[Phase, WorkerGroup] = {}
         with self._groups_lock:
             self.shards[model] = shards
             self.nbytes[model] = weight_bytes(shards[0][0])
-            ranks = [(m, self.pools[r]) for r, (m, _) in enumerate(shards)]
             for phase in Phase:
-                group = WorkerGroup(
-                    self.ctx, model, phase, _rank_plans(spec, phase, ranks, self.daemon)
-                )
+                unit = self.groups[(model, phase)]
+                if isinstance(unit, PooledWorker):
+                    unit.attach(attach_of(spec, shards[0][0]))
+                else:
+                    plans = rank_plans(spec, phase, ranks, self.daemon)
+                    fresh[phase] = WorkerGroup(self.ctx, model, phase, plans)
+        if fresh and not self.lifecycle.lazy:
+            # started here, before the loop's poll knows them, so only this thread reads them
+            for group in fresh.values():
+                group.start()
+            for group in fresh.values():
+                died = group.wait_ready(self.start_timeout)
+                if died is not None:  # its first job starts it again (and counts failures)
+                    log.warning(
+                        "%s: %s while waking; starting at its first job", group.label, died.reason
+                    )
+                    group.kill()
+        with self._groups_lock:
+            for phase, group in fresh.items():
                 self.groups[(model, phase)] = group
-                if not self.lifecycle.lazy:
-                    group.start()
 
     def worker_pids(self) -> dict[tuple[str, Phase], list[int]]:
-        """The live worker processes, by (model, phase): for tests and operators."""
+        """The live worker processes, by (model, phase): for tests and operators (a pooled
+        worker's pid appears under every model attached to it)."""
         return {k: [p.pid for p in g.procs if p.pid is not None] for k, g in self.groups.items()}
 
-
-def _rank_plans(
-    spec: ModelSpec,
-    phase: Phase,
-    ranks: list[tuple[CausalLM, KVPool]],
-    daemon: MpsDaemon | None,
-) -> list[RankPlan]:
-    """How to start each rank's worker of `spec` in `phase`: its model shard, pool and share."""
-    share = phase.share(spec.sm_share)
-    plans = []
-    for rank, (model, pool) in enumerate(ranks):
-        on_cpu = pool.buffer.device.type == "cpu"
-        tp = None
-        if spec.tensor_parallel > 1:
-            tp = TPRank(rank, spec.tensor_parallel, "", "gloo" if on_cpu else "nccl")
-        threads = cpu_threads(share) if on_cpu else 1
-        init = WorkerInit(
-            spec.name,
-            phase,
-            model,
-            spec.config,
-            pool.buffer,
-            pool.block_bytes,
-            spec.layout,
-            spec.dtype,
-            threads,
-            tp,
-            spec.max_model_len,
-        )
-        plans.append(RankPlan(init, worker_env(daemon, share, threads)))
-    return plans
-
-
-def worker_env(daemon: MpsDaemon | None, share: float, threads: int) -> dict[str, str]:
-    """A worker's environment: its MPS client settings on CUDA, its thread count on CPU."""
-    if daemon is not None:
-        return daemon.client_env(share)
-    return {"OMP_NUM_THREADS": str(threads)}
+    def worker_report(self) -> dict[str, WorkerReport]:
+        """What each running, idle pooled worker holds (model names and weight bytes), asked
+        of the processes themselves: for tests and operators, when no job runs."""
+        self._waker.wake()
+        with self._groups_lock:
+            out = {}
+            for unit in self._units():
+                if isinstance(unit, PooledWorker) and (rep := unit.report()) is not None:
+                    out[unit.label] = rep
+            return out
 
 
 def _wait(objs: list[Waitable], timeout: float) -> list[Waitable]:
     """`multiprocessing.connection.wait`, typed for what we give it."""
     return cast(list[Waitable], wait(objs, timeout))
-
-
-def _become_client(daemon: MpsDaemon) -> None:
-    """Make this process an MPS client too: it allocates the pool and weights that workers map.
-
-    CUDA reads the variables once, at its first initialisation in this process, which
-    `MpsExecutor.create` has checked is still to come.
-    """
-    os.environ.update(daemon.daemon_env())
-
-
-CUDA_ERROR_NOT_INITIALIZED = 3
-
-
-def cuda_initialized(libcuda: Any = None) -> bool:
-    """Whether CUDA has been initialised in this process, by torch or by anything else.
-
-    `torch.cuda.is_initialized()` knows only torch's own lazy init, while
-    `torch.cuda.is_available()` initialises the driver without it. A driver call that needs
-    `cuInit` tells: before it, `cuDeviceGetCount` answers CUDA_ERROR_NOT_INITIALIZED and
-    initialises nothing. `libcuda`: the driver library (tests pass a stand-in).
-    """
-    if torch.cuda.is_initialized():
-        return True
-    if libcuda is None:
-        try:
-            libcuda = ctypes.CDLL("libcuda.so.1")
-        except OSError:  # no driver here: nothing can have been initialised
-            return False
-    count = ctypes.c_int(0)
-    return int(libcuda.cuDeviceGetCount(ctypes.byref(count))) != CUDA_ERROR_NOT_INITIALIZED

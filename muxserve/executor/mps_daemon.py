@@ -9,6 +9,7 @@ process that should be its client gets `client_env()`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import subprocess
@@ -16,6 +17,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from muxserve.errors import MuxServeError
 
@@ -119,3 +123,34 @@ class MpsDaemon:
 
 def _environ() -> dict[str, str]:
     return dict(os.environ)
+
+
+def become_client(daemon: MpsDaemon) -> None:
+    """Make this process an MPS client too: it allocates the pool and weights that workers map.
+
+    CUDA reads the variables once, at its first initialisation in this process, which
+    `MpsExecutor.create` has checked is still to come.
+    """
+    os.environ.update(daemon.daemon_env())
+
+
+CUDA_ERROR_NOT_INITIALIZED = 3
+
+
+def cuda_initialized(libcuda: Any = None) -> bool:
+    """Whether CUDA has been initialised in this process, by torch or by anything else.
+
+    `torch.cuda.is_initialized()` knows only torch's own lazy init, while
+    `torch.cuda.is_available()` initialises the driver without it. A driver call that needs
+    `cuInit` tells: before it, `cuDeviceGetCount` answers CUDA_ERROR_NOT_INITIALIZED and
+    initialises nothing. `libcuda`: the driver library (tests pass a stand-in).
+    """
+    if torch.cuda.is_initialized():
+        return True
+    if libcuda is None:
+        try:
+            libcuda = ctypes.CDLL("libcuda.so.1")
+        except OSError:  # no driver here: nothing can have been initialised
+            return False
+    count = ctypes.c_int(0)
+    return int(libcuda.cuDeviceGetCount(ctypes.byref(count))) != CUDA_ERROR_NOT_INITIALIZED

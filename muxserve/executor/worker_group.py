@@ -15,9 +15,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
+from typing import cast
 
 from muxserve.executor.messages import (
     Stop,
@@ -84,6 +85,22 @@ class WorkerGroup:
     @property
     def label(self) -> str:
         return f"{self.name}/{self.phase.value}"
+
+    @property
+    def can_start(self) -> bool:
+        """It has ranks to start (an asleep model's groups have none)."""
+        return bool(self.ranks)
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+    def mirrors_of(self, model: str) -> list[WorkerMirror]:
+        """The mirrors of `model`'s requests: one per rank (the group serves only it)."""
+        return self.mirrors
+
+    def all_mirrors(self) -> list[WorkerMirror]:
+        return self.mirrors
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -161,7 +178,30 @@ class WorkerGroup:
             conn.close()
         self.procs, self.conns, self._senders = [], [], []
 
+    def wait_ready(self, timeout: float) -> WorkerDied | None:
+        """After `start`, read the ranks' answers until all are ready (None) or one fails.
+
+        For a group no poll watches yet (a wake starts it before installing it), so that the
+        wake, not the model's first job, pays for the start."""
+        deadline = time.monotonic() + timeout
+        while self.state is GroupState.STARTING:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return WorkerDied(f"not ready after {timeout:.0f} s", during_start=True)
+            for obj in wait(self.waitables(), left):
+                event = self.on_readable(cast(Connection | int, obj))
+                if isinstance(event, WorkerDied):
+                    return event
+                if self.state is not GroupState.STARTING:
+                    break
+        return None
+
     # ---- jobs --------------------------------------------------------------------------
+    def take_all(self) -> list[Job]:
+        """Every job held (at most one): the group gave up, they fail."""
+        job = self.take_job()
+        return [] if job is None else [job]
+
     def assign(self, job: Job) -> None:
         """Take a job; it goes out now if every rank is ready, else when they are."""
         if self.job is not None:

@@ -23,7 +23,8 @@ class BlockPool:
             raise ValueError(f"quotas {dict(quotas)} exceed the pool's {num_blocks} blocks")
         self.num_blocks = num_blocks
         self._models = list(quotas)
-        self._index = {m: i for i, m in enumerate(self._models)}
+        self._index = {m: i for i, m in enumerate(self._models)}  # owner codes, never reused
+        self._next_code = len(self._models)
         self._quota = dict(quotas)
         self._used = dict.fromkeys(self._models, 0)
         # the free list, FIFO, as a ring over one array: ids taken from the head and returned
@@ -83,6 +84,23 @@ class BlockPool:
         self._num_free += ids.size
         self._used[model] -= ids.size
 
+    def add_model(self, model: str) -> None:
+        """A model joins the pool with no quota and no blocks (a mesh that changes shape)."""
+        if model in self._index:
+            raise ValueError(f"{model} is in the pool already")
+        self._models.append(model)
+        self._index[model] = self._next_code
+        self._next_code += 1
+        self._quota[model] = 0
+        self._used[model] = 0
+
+    def remove_model(self, model: str) -> None:
+        """A model leaves the pool; it must hold no blocks. Its quota goes back."""
+        if self._used[model]:
+            raise ValueError(f"{model} holds {self._used[model]} blocks; it cannot leave the pool")
+        self._models.remove(model)
+        del self._index[model], self._quota[model], self._used[model]
+
     def set_quotas(self, quotas: Mapping[str, int]) -> None:
         """Replace the quotas; nobody may drop below what it holds, nor the sum exceed the pool."""
         if set(quotas) != set(self._models):
@@ -101,7 +119,7 @@ class BlockPool:
         assert np.all(self._owner[free] == _FREE), "a free-listed block has an owner"
         owned = int(np.count_nonzero(self._owner != _FREE))
         assert owned + free.size == self.num_blocks, "free + used != total"
-        counts = np.bincount(self._owner[self._owner != _FREE], minlength=len(self._models))
+        counts = np.bincount(self._owner[self._owner != _FREE], minlength=self._next_code)
         for m, i in self._index.items():
             assert counts[i] == self._used[m], f"{m}: usage {self._used[m]} != owned {counts[i]}"
             assert self._used[m] <= self._quota[m], f"{m}: usage above quota"

@@ -13,27 +13,33 @@ import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from muxserve import errors
 from muxserve.client.protocol import MeshStats, ModelState
+from muxserve.config import ModelEntry
 from muxserve.errors import MeshUnavailableError, RequestError
 from muxserve.mesh import wire
 from muxserve.mesh.messages import (
     Abort,
     Added,
+    AddModel,
     AddRequest,
     MeshInfo,
     ModelOpError,
+    ModelSetReply,
     Output,
     Ping,
     Pong,
     Refused,
+    RemoveModel,
     Sleep,
     SleepReply,
     StatsQuery,
     StatsReply,
     Wake,
     WakeReply,
+    op_exception,
     raise_op_error,
 )
 from muxserve.mesh.runtime import Endpoint
@@ -203,6 +209,28 @@ class RemoteEngineClient:
         self._model_op_done(model, reply.states, reply.error)
         return reply.seconds
 
+    async def add_model(
+        self, entry: ModelEntry, wake: bool = True, timeout: float = SLEEP_WAKE_TIMEOUT_S
+    ) -> float:
+        """Serve `entry`'s model on this mesh too, asleep, then (with `wake`) woken; the wake's
+        seconds. ModelDoesNotFitError where it does not fit (the mesh is left as it was)."""
+        reply = await self._ask(AddModel(next(self._seq), entry, wake), timeout)
+        assert isinstance(reply, ModelSetReply)
+        self._model_op_done(entry.name, reply.states, reply.error)
+        if self.info is not None and reply.limits is not None:
+            self.info = replace(self.info, models={**self.info.models, entry.name: reply.limits})
+        return reply.seconds
+
+    async def remove_model(self, model: str, timeout: float = SLEEP_WAKE_TIMEOUT_S) -> None:
+        """Stop serving `model` on this mesh (drained first: ModelBusyError otherwise)."""
+        reply = await self._ask(RemoveModel(next(self._seq), model), timeout)
+        assert isinstance(reply, ModelSetReply)
+        self._model_op_done(model, reply.states, reply.error)
+        if self.info is not None:
+            models = {n: lim for n, lim in self.info.models.items() if n != model}
+            self.info = replace(self.info, models=models)
+        self.states.pop(model, None)
+
     def model_states(self) -> dict[str, ModelState]:
         """As the mesh last reported them (the handshake, a ping, stats, a sleep or wake)."""
         return dict(self.states)
@@ -226,7 +254,9 @@ class RemoteEngineClient:
             self.states = dict(reply.states)
         return reply.engine_running
 
-    async def _ask(self, msg: StatsQuery | Ping | Sleep | Wake, timeout: float) -> object:
+    async def _ask(
+        self, msg: StatsQuery | Ping | Sleep | Wake | AddModel | RemoveModel, timeout: float
+    ) -> object:
         if not self.connected or self._writer is None:
             raise self._unavailable()
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
@@ -266,7 +296,7 @@ class RemoteEngineClient:
             fut = self._added.get(msg.request_id)
             if fut is not None and not fut.done():
                 fut.set_exception(_refusal(msg, self.name))
-        elif isinstance(msg, StatsReply | Pong | SleepReply | WakeReply):
+        elif isinstance(msg, StatsReply | Pong | SleepReply | WakeReply | ModelSetReply):
             reply = self._replies.get(msg.seq)
             if reply is not None and not reply.done():
                 reply.set_result(msg)
@@ -299,6 +329,8 @@ def _aborted(request_id: str) -> RequestOutput:
 def _refusal(msg: Refused, mesh: str) -> Exception:
     """The engine's exception again, on this side: a RequestError subclass keeps its type (the
     HTTP layer maps it to 400/404/429); anything else means the mesh cannot serve (503)."""
+    if msg.error is not None and msg.error.kind == "ModelDoesNotFitError":
+        return op_exception(msg.error, msg.error.model, [], mesh)
     cls = getattr(errors, msg.kind, None)
     if isinstance(cls, type) and issubclass(cls, RequestError):
         if cls is errors.UnknownModelError:

@@ -15,18 +15,21 @@ import socket
 
 from muxserve.client.in_process import mesh_stats
 from muxserve.engine import MuxEngine
-from muxserve.errors import QueueFullError, RequestError
+from muxserve.errors import ModelDoesNotFitError, QueueFullError, RequestError
 from muxserve.mesh import wire
 from muxserve.mesh.messages import (
     Abort,
     Added,
+    AddModel,
     AddRequest,
     MeshInfo,
     ModelLimits,
+    ModelSetReply,
     Output,
     Ping,
     Pong,
     Refused,
+    RemoveModel,
     Sleep,
     SleepReply,
     StatsQuery,
@@ -48,14 +51,8 @@ class MeshServer:
         self.name = name
         self.engine = engine
         self.token = token
-        self.info = MeshInfo(
-            name,
-            os.getpid(),
-            socket.gethostname(),
-            {n: ModelLimits(m.dtype, m.max_model_len) for n, m in engine.models.items()},
-            engine.model_states(),
-        )
         self._server: asyncio.Server | None = None
+        self._node = socket.gethostname()
         self._connections: set[asyncio.Task[None]] = set()
 
     async def listen(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
@@ -87,7 +84,7 @@ class MeshServer:
             return
         conn = _Connection(self, writer)
         try:
-            wire.send(writer, self.info)
+            wire.send(writer, self.info())
             while True:
                 conn.handle(await wire.receive(reader))
         except (OSError, asyncio.IncompleteReadError, EOFError):
@@ -98,6 +95,17 @@ class MeshServer:
             conn.close()
             self._connections.discard(task)
             writer.close()
+
+    def info(self) -> MeshInfo:
+        """What the mesh serves now (models may have been added or removed since it started)."""
+        models = dict(self.engine.models)
+        return MeshInfo(
+            self.name,
+            os.getpid(),
+            self._node,
+            {n: ModelLimits(m.dtype, m.max_model_len) for n, m in models.items()},
+            self.engine.model_states(),
+        )
 
 
 class _Connection:
@@ -130,8 +138,9 @@ class _Connection:
                     self.engine.model_states(),
                 ),
             )
-        elif isinstance(msg, Sleep | Wake):
-            task = asyncio.create_task(self.sleep_or_wake(msg))
+        elif isinstance(msg, Sleep | Wake | AddModel | RemoveModel):
+            op = self.sleep_or_wake(msg) if isinstance(msg, Sleep | Wake) else self.reshape(msg)
+            task = asyncio.create_task(op)
             self.ops.add(task)
             task.add_done_callback(self.ops.discard)
         else:
@@ -150,6 +159,9 @@ class _Connection:
             return
         except ValueError as e:  # e.g. an id another connection uses: the request's fault
             wire.send(self.writer, Refused(rid, "RequestError", str(e), None))
+            return
+        except ModelDoesNotFitError as e:  # a 503 that keeps its numbers on the router's side
+            wire.send(self.writer, Refused(rid, type(e).__name__, str(e), "model", 1, op_error(e)))
             return
         except Exception as e:  # the engine stopped, or a bug: the router answers 503/500
             wire.send(self.writer, Refused(rid, type(e).__name__, str(e), None))
@@ -186,6 +198,36 @@ class _Connection:
                 reply = WakeReply(msg.seq, 0.0, err, states)
         with contextlib.suppress(OSError, RuntimeError):  # the router went away meanwhile
             wire.send(self.writer, reply)
+
+    async def reshape(self, msg: AddModel | RemoveModel) -> None:
+        """Add a model (asleep, then woken) or remove a drained one, in a thread; answer."""
+        reply: ModelSetReply
+        try:
+            if isinstance(msg, AddModel):
+                served = await asyncio.to_thread(self.engine.add_model, msg.entry)
+                took = 0.0
+                if msg.wake:
+                    try:
+                        took = await asyncio.to_thread(self.engine.wake, served.name)
+                    except BaseException:  # it does not fit, or failed to load: off again
+                        with contextlib.suppress(Exception):
+                            await asyncio.to_thread(self.engine.remove_model, served.name)
+                        raise
+                limits = ModelLimits(served.dtype, served.max_model_len)
+                reply = ModelSetReply(msg.seq, limits, took, states=self.engine.model_states())
+            else:
+                await asyncio.to_thread(self._drop, msg.model)
+                reply = ModelSetReply(msg.seq, states=self.engine.model_states())
+        except Exception as e:
+            reply = ModelSetReply(msg.seq, error=op_error(e), states=self.engine.model_states())
+        with contextlib.suppress(OSError, RuntimeError):  # the router went away meanwhile
+            wire.send(self.writer, reply)
+
+    def _drop(self, model: str) -> None:
+        """Sleep (dropping the weights) and remove `model`; ModelBusyError while it has
+        requests."""
+        self.engine.sleep(model, 2)
+        self.engine.remove_model(model)
 
     def close(self) -> None:
         for task in list(self.ops):

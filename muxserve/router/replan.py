@@ -13,17 +13,19 @@ the one that pays most, and keeps the current placement unless the gain pays for
 summed over moves). A proposal that moves models is applied model
 by model with `Router.move` (wake, switch, drain, sleep), so no request fails.
 
-Meshes are fixed processes in this version: a model can only move to a mesh that lists it.
-A plan lists a standby model on a mesh by giving that mesh's entry for it
-`initial_state: asleep` (`muxserve/router/routing.py`): not loaded, and sent no requests,
-until a move wakes it there. For example, mistral served on mesh-a and ready to move to mesh-b:
+Unless `add_models` is set, a model can only move to a mesh that lists it. A plan lists a
+standby model on a mesh by giving that mesh's entry for it `initial_state: asleep`
+(`muxserve/router/routing.py`): not loaded, and sent no requests, until a move wakes it
+there. For example, mistral served on mesh-a and ready to move to mesh-b:
 
     meshes:
       - {name: mesh-a, gpus: [0], models: [{name: llama}, {name: mistral}]}
       - {name: mesh-b, gpus: [1], models: [{name: qwen}, {name: mistral, initial_state: asleep}]}
 
 The planner's choices that need a mesh which does not list the model are left out, and said
-so in the change's notes.
+so in the change's notes. With `add_models`, meshes change shape: the planner may move a
+model to any mesh that can hold it, and `Router.move` adds it there (and removes it from the
+mesh it leaves).
 """
 
 from __future__ import annotations

@@ -64,6 +64,8 @@ class Router:
             for m in config.meshes
         }
         self.routing = RoutingTable(config.meshes)
+        for sup in self.meshes.values():
+            sup.on_back = self._restore
         cap = config.engine.max_model_len
         self._models = {
             m.name: _served(m.name, m.path, m.dtype, m.max_model_len, cap) for m in config.models
@@ -186,11 +188,16 @@ class Router:
         Wake it on `dst` (nothing changes if that fails), route new requests there, wait for
         those in flight on `src` to finish (at most the drain timeout), then put it to sleep
         on `src`. Either end may be None: only wake and add `dst`, or only drain and sleep
-        `src` (never the model's last active mesh).
+        `src` (never the model's last active mesh). A `dst` that does not list the model
+        gets it added first (`add_model`); a `src` it was added to (or any `src`, with
+        `router.replan.add_models`) is left without it (`remove_model`), not as a standby.
         """
         log.info("moving %s: %s -> %s (%s)", model, src or "-", dst or "-", reason)
         if dst is not None:
-            took = await self.meshes[dst].client.wake(model)
+            if dst in self.routing.listed(model):
+                took = await self.meshes[dst].client.wake(model)
+            else:
+                took = await self.add_model(model, dst)
             self.routing.activate(model, dst)
             log.info("%s awake on %s after %.2f s; new requests go there", model, dst, took)
         if src is None:
@@ -208,8 +215,45 @@ class Router:
                 timeout,
             )
             return
+        # a mesh it was added to, or any with add_models on, is left without it (not standby)
+        if self.routing.added(model, src) or (replan is not None and replan.add_models):
+            await self.remove_model(model, src)
+            return
         await self.meshes[src].client.sleep(model)
         log.info("%s asleep on %s (drained)", model, src)
+
+    async def add_model(self, model: str, mesh: str, wake: bool = True) -> float:
+        """Serve `model` on `mesh`, which does not list it: the mesh loads it (asleep, then
+        woken with `wake`) within its weights budget, or refuses (ModelDoesNotFitError) and
+        stays as it was. Listed there from now on, not active (see `move`). The seconds
+        the wake took."""
+        if model not in self._models:
+            raise UnknownModelError(model, list(self._models))
+        client = self.meshes[mesh].client
+        took = await client.add_model(self.config.model(model), wake)
+        self.routing.list_added(model, mesh)
+        self._limits_from_meshes()
+        log.info("%s added to %s (woken in %.2f s)", model, mesh, took)
+        return took
+
+    async def _restore(self, mesh: MeshSupervisor) -> None:
+        """A mesh restarted with its plan's models: add back (asleep) those added while
+        serving, so its listings hold; one that cannot come back is unlisted (if inactive)."""
+        for model in self.routing.added_on(mesh.name):
+            try:
+                await mesh.client.add_model(self.config.model(model), wake=False)
+            except Exception as e:
+                log.error("%s: not restored on %s after its restart: %s", model, mesh.name, e)
+                if mesh.name not in self.routing.active(model):
+                    self.routing.unlist(model, mesh.name)
+
+    async def remove_model(self, model: str, mesh: str) -> None:
+        """Take `model` off `mesh` (not active there, drained: ModelBusyError otherwise)."""
+        if mesh in self.routing.active(model):
+            raise ValueError(f"{model} is active on {mesh}: move it away first")
+        await self.meshes[mesh].client.remove_model(model)
+        self.routing.unlist(model, mesh)
+        log.info("%s removed from %s (drained)", model, mesh)
 
     # ---- state -----------------------------------------------------------------------------
     async def stats(self) -> list[MeshStats]:

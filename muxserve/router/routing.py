@@ -7,7 +7,8 @@ the default) or *standby*: the mesh's own entry for the model says `initial_stat
 and its first request wakes it. New requests for a model go to its active meshes; a model
 with none (every listing standby) goes to any listing, which wakes it on demand. The table
 also counts each (mesh, model)'s requests in flight, so that moving a model can wait for its
-old mesh to drain.
+old mesh to drain. A model added to a mesh while serving (a mesh that changes shape) is
+listed there from then on, and unlisted when it is removed (`list_added`, `unlist`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class RoutingTable:
                 self._active.setdefault(mm.name, [])
                 if mm.initial_state != "asleep":  # the mesh's entry: standby or not
                     self._active[mm.name].append(mesh.name)
+        self._added: set[tuple[str, str]] = set()  # (mesh, model) listed while serving
         self._inflight: dict[tuple[str, str], int] = {}
         self._drained: dict[tuple[str, str], asyncio.Event] = {}
 
@@ -65,6 +67,30 @@ class RoutingTable:
         """`mesh` takes no new requests for `model`; those in flight there go on."""
         if mesh in self._active.get(model, []):
             self._active[model].remove(mesh)
+
+    def list_added(self, model: str, mesh: str) -> None:
+        """`mesh` serves `model` now, added while serving (not active until `activate`)."""
+        if mesh in self._listed.get(model, []):
+            raise ValueError(f"mesh {mesh!r} lists model {model!r} already")
+        self._listed.setdefault(model, []).append(mesh)
+        self._active.setdefault(model, [])
+        self._added.add((mesh, model))
+
+    def added(self, model: str, mesh: str) -> bool:
+        """Whether `model` was added to `mesh` while serving (not listed there by the plan)."""
+        return (mesh, model) in self._added
+
+    def added_on(self, mesh: str) -> list[str]:
+        """The models added to `mesh` while serving."""
+        return [m for (me, m) in self._added if me == mesh]
+
+    def unlist(self, model: str, mesh: str) -> None:
+        """`mesh` no longer serves `model` (it was removed there); it must not be active."""
+        if mesh in self._active.get(model, []):
+            raise ValueError(f"{model} is active on {mesh}: deactivate and drain it first")
+        if mesh in self._listed.get(model, []):
+            self._listed[model].remove(mesh)
+        self._added.discard((mesh, model))
 
     # ---- in flight --------------------------------------------------------------------------
     def begin(self, mesh: str, model: str) -> None:

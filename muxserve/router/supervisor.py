@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from muxserve.client.protocol import MeshHealth, MeshState
@@ -64,6 +65,8 @@ class MeshSupervisor:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._up_since = 0.0
+        # after a restart: what the router re-does on the fresh process (models it added)
+        self.on_back: Callable[[MeshSupervisor], Awaitable[None]] | None = None
 
     @property
     def name(self) -> str:
@@ -110,6 +113,11 @@ class MeshSupervisor:
                     log.error("mesh %s: %s", self.name, self.error)
                     continue
                 self.restarts += 1
+                if self.on_back is not None:
+                    try:
+                        await self.on_back(self)
+                    except Exception:  # the mesh serves its plan's models all the same
+                        log.exception("mesh %s: restoring it after the restart failed", self.name)
                 self._serving()
                 log.info("mesh %s is back (restart %d)", self.name, self.restarts)
                 break

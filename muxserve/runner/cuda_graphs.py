@@ -15,7 +15,8 @@ job's inputs are copied into them and the graph replays. Correct by construction
   is in flight at a time and each output (the logits) is consumed on the same stream before
   the next replay.
 
-Capture: the executors call `warm_up()` at start-up, on the stream the model's decode jobs will
+Capture: the executors call `warm_up()` at start-up and after a model wakes (its weights, and
+so its graphs, are new), on the stream the model's decode jobs will
 run on (a partition's: kernels captured on torch's side stream would replay outside the green
 context's SMs). It captures every batch bucket for contexts up to STARTUP_MAX_CONTEXT; after it,
 a bucket it did not capture runs eagerly, because a capture mid-serving synchronises the whole

@@ -125,7 +125,8 @@ class ModelRunner:
     def wake(self, load: Callable[[], CausalLM]) -> None:
         """Put the weights back on the device: from host memory, or `load()` them (level 2).
 
-        Decode graphs are captured again lazily, as decode steps first need each size.
+        Its decode graphs are made again, empty: the executor captures them (`warm_up`) right
+        after, on the model's decode stream.
         """
         if self._model is None:
             self._model = load()

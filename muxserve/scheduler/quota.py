@@ -62,21 +62,70 @@ def initial_split(
 
 class StaticQuota:
     """A fixed partition (the spatial baseline): each model owns its plan's share of the pool,
-    or an equal part of it, for ever."""
+    or an equal part of it.
+
+    A sleeping model's share is lent to the awake models, in proportion to their own shares,
+    and comes back when it wakes: a borrower that holds more than its share then keeps what
+    it holds (it can take no more) and the woken model has what is left of its share, until
+    the borrower's requests end and free the rest. A model is never refused a request its
+    own share could hold (`ceiling`).
+    """
 
     adaptive = False
 
+    def __init__(self) -> None:
+        self.shares: dict[str, int] = {}  # each model's own share of the pool, in blocks
+
     def initial(self, num_blocks: int, queues: Mapping[str, ModelQueue]) -> dict[str, int]:
         """The plan's shares where given; the models without one split the rest equally."""
-        return initial_split(num_blocks, queues, dict.fromkeys(queues, 1.0))
+        self.shares = initial_split(num_blocks, queues, dict.fromkeys(queues, 1.0))
+        return dict(self.shares)
 
     def ceiling(self, pool: BlockPool, model: str) -> int:
-        return pool.quota(model)
+        return self.shares.get(model, pool.quota(model))
 
     def rebalance(
         self, pool: BlockPool, tables: BlockTables, queues: Mapping[str, ModelQueue]
     ) -> None:
-        return None
+        """Quotas for the awake models in `queues`: own share plus what sleeping ones lend."""
+        used = {n: pool.used(n) for n in pool.models}
+        now = {n: pool.quota(n) for n in pool.models}
+        quotas = lent_quotas(self.shares, used, now, list(queues), pool.num_blocks)
+        pool.set_quotas({n: quotas.get(n, used[n]) for n in pool.models})
+
+
+def lent_quotas(
+    shares: Mapping[str, int],
+    used: Mapping[str, int],
+    quotas_now: Mapping[str, int],
+    awake: list[str],
+    num_blocks: int,
+) -> dict[str, int]:
+    """The awake models' quotas in a static partition whose sleeping models lend their shares.
+
+    Each awake model's target is its share plus the asleep models' shares split in proportion
+    to the awake shares. A model holding more than its target keeps what it holds; the blocks
+    that leaves short are taken first from the models owed blocks (a quota now below their
+    target: a model just woken), then from the others, each time in proportion to their
+    headroom (target - used). Exact, in whole blocks.
+    """
+    if not awake:
+        return {}
+    lend = sum(b for n, b in shares.items() if n not in awake)
+    extra = proportional_split(lend, {n: float(shares[n]) for n in awake})
+    target = {n: shares[n] + extra[n] for n in awake}
+    quotas = {n: max(target[n], used[n]) for n in awake}
+    short = sum(quotas.values()) + sum(used[n] for n in shares if n not in awake) - num_blocks
+    owed = [n for n in awake if quotas_now[n] < target[n]]
+    for group in (owed, [n for n in awake if n not in owed]):  # blocks still lent out
+        room = {n: float(target[n] - used[n]) for n in group if target[n] > used[n]}
+        take = min(short, int(sum(room.values())))
+        if take <= 0:
+            continue
+        for n, t in proportional_split(take, room).items():
+            quotas[n] -= t
+        short -= take
+    return quotas
 
 
 class AdaptiveQuota:

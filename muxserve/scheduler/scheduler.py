@@ -16,14 +16,14 @@ from muxserve.errors import PromptTooLongError, QueueFullError
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.request import FinishReason, Request, RequestStatus, TokenLogprobs
-from muxserve.scheduler.job import Job, JobResult, Phase, SeqResult, SeqWork
+from muxserve.scheduler.batcher import Batcher
+from muxserve.scheduler.job import Job, JobResult, Phase, SeqResult
 from muxserve.scheduler.model_slot import ModelQueue, ModelSlot
 from muxserve.scheduler.policy import AdbsPolicy, FcfsPolicy, JobPolicy
 from muxserve.scheduler.quota import AdaptiveQuota, QuotaPolicy, StaticQuota
 from muxserve.scheduler.service_rate import retry_after_s
 
 SM_EPSILON = 1e-9  # shares are floats: 0.01 + 0.26 + 0.93 must fit a 1.2 limit
-NO_TOKENS: frozenset[int] = frozenset()  # nothing banned (one object, not one per step)
 MAX_RETRIES = 2  # a request whose jobs are lost this often fails (it may be what kills them)
 
 
@@ -74,13 +74,14 @@ class Scheduler:
         self.policy = policy
         self.quota = quota
         self.asleep: set[str] = set(asleep)
-        # a static partition keeps a sleeping model's share for it; ADBS gives it out
+        # ADBS splits the pool over the awake models; a static partition gives every model its
+        # share, then lends the sleeping ones' shares to the awake ones (StaticQuota)
         split = self._awake_queues() if quota.adaptive else self.queues
         initial = quota.initial(num_blocks, split) if split else {}
         self.pool = BlockPool(num_blocks, {n: initial.get(n, 0) for n in self.queues})
         self.tables = BlockTables(self.pool, {s.name: s.layout for s in slots})
-        self.prefill_token_budget = prefill_token_budget
-        self.max_batch_size = max_batch_size
+        if self.asleep and not quota.adaptive:
+            self._rebalance()
         self.rebalance_interval = rebalance_interval
         self.sm_limit = 1.0 + sm_overload
         self.clock = clock
@@ -90,8 +91,15 @@ class Scheduler:
         self._next_job_id = 0
         self._steps = 0
         self._needs_rebalance = False
-        self.num_preemptions = 0
-        self.preemptions_by_model = dict.fromkeys(self.queues, 0)
+        self.batcher = Batcher(
+            self.pool,
+            self.tables,
+            prefill_token_budget=prefill_token_budget,
+            max_batch_size=max_batch_size,
+            rebalance=self._rebalance,
+            on_short=self._short_of_quota,
+            models=list(self.queues),
+        )
 
     @classmethod
     def create(
@@ -223,13 +231,12 @@ class Scheduler:
     def schedule(self) -> list[Job]:
         """Jobs to start now: one per idle (model, phase) with work, within the SM budget."""
         self._steps += 1
-        if self.quota.adaptive and (
-            self._needs_rebalance or self._steps % self.rebalance_interval == 0
-        ):
+        # a static partition rebalances too: to take back the shares it lent to awake models
+        if self._needs_rebalance or self._steps % self.rebalance_interval == 0:
             self._rebalance()
             self._needs_rebalance = False
         jobs = self._form_jobs()
-        if not jobs and not self._in_flight and self._needs_rebalance and self.quota.adaptive:
+        if not jobs and not self._in_flight and self._needs_rebalance:
             # Idle with work that is short of quota: rebalance now, not at the next call, which
             # an event-driven caller would only make once something else happened.
             self._rebalance()
@@ -249,7 +256,8 @@ class Scheduler:
             over = self._sm_in_use + share > self.sm_limit + SM_EPSILON
             if phase in q.busy or (self._in_flight and over):
                 continue
-            seqs = self._prefill_seqs(q) if phase is Phase.PREFILL else self._decode_seqs(q)
+            batcher = self.batcher
+            seqs = batcher.prefill(q) if phase is Phase.PREFILL else batcher.decode(q)
             if not seqs:
                 continue
             job = Job(self._next_job_id, q.name, phase, tuple(seqs), share)
@@ -277,7 +285,7 @@ class Scheduler:
             pending = req.pending_finish
             if pending is None and retry and req.num_retries < MAX_RETRIES:
                 req.num_retries += 1  # its worker was lost, not its fault: compute it again
-                self._preempt(q, req)
+                self.batcher.preempt(q, req)
                 continue
             if pending is not None or failed:
                 self._finish(q, req, pending or FinishReason.ERROR)
@@ -301,6 +309,18 @@ class Scheduler:
             changed.append(req)
         return changed
 
+    def _short_of_quota(self) -> None:
+        """Work waits on quota, or blocks were freed by a preemption: rebalance next step."""
+        self._needs_rebalance = True
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.batcher.num_preemptions
+
+    @property
+    def preemptions_by_model(self) -> dict[str, int]:
+        return self.batcher.preemptions_by_model
+
     # ---- sleep and wake ----------------------------------------------------------------------
     def _awake_queues(self) -> dict[str, ModelQueue]:
         if not self.asleep:
@@ -318,8 +338,9 @@ class Scheduler:
         return len(q.waiting) + len(q.running)
 
     def sleep_model(self, model: str) -> None:
-        """`model` runs no more jobs and its quota returns to the pool at once (unified KV; a
-        static partition keeps its share reserved). Its new requests wait for `wake_model`.
+        """`model` runs no more jobs and its quota returns to the pool at once: ADBS gives it
+        out at the next rebalance, a static partition lends it to the awake models now. Its new
+        requests wait for `wake_model`.
 
         Raises ValueError while it has requests running or a job in flight: those hold blocks.
         """
@@ -332,154 +353,51 @@ class Scheduler:
             quotas[model] = 0
             self.pool.set_quotas(quotas)
             self._needs_rebalance = True
+        else:
+            self._rebalance()
 
     def wake_model(self, model: str) -> None:
-        """`model` runs jobs again; the next rebalance gives it a quota."""
+        """`model` runs jobs again; ADBS gives it a quota at the next rebalance, a static
+        partition its share now (less what borrowers still hold; that comes back as their
+        requests end)."""
         self.asleep.discard(model)
         self._needs_rebalance = True
+        if not self.quota.adaptive:
+            self._rebalance()
 
-    # ---- job building --------------------------------------------------------------------
-    def _prefill_seqs(self, q: ModelQueue) -> list[SeqWork]:
-        """Continue chunked prefills, then admit waiting requests FIFO, within the token budget.
+    # ---- models joining and leaving (a mesh that changes shape) ----------------------------
+    def add_model(self, slot: ModelSlot) -> None:
+        """A model joins, asleep: no quota and no jobs until `wake_model`."""
+        if slot.name in self.queues:
+            raise ValueError(f"{slot.name} is scheduled here already")
+        q = ModelQueue(slot)
+        self.queues[slot.name] = q
+        self._order.append(q)
+        self.asleep.add(slot.name)
+        self.preemptions_by_model[slot.name] = 0
+        self.pool.add_model(slot.name)
+        self.tables.layouts[slot.name] = slot.layout
+        self._reshaped()
 
-        Every request taken is in flight from here (`_chunk`); a job is formed of them all.
-        """
-        budget, seqs = self.prefill_token_budget, list[SeqWork]()
-        for req in q.prefilling:
-            if budget <= 0 or len(seqs) >= self.max_batch_size:
-                return seqs
-            if not req.in_flight:
-                seqs.append(self._chunk(req, budget))
-                budget -= len(seqs[-1].token_ids)
-        while q.waiting and budget > 0 and len(seqs) < self.max_batch_size:
-            req = q.waiting[0]
-            # leave each running request of the model room for its next block (a watermark), so
-            # admitting one more does not force a preemption a few decode steps later
-            need = self.tables.blocks_to_cover(q.name, req.request_id, req.num_tokens)
-            reserve = len(q.running) * q.slot.layout.blocks_per_logical
-            if not self.pool.can_allocate(q.name, need + reserve):
-                self._needs_rebalance = True
-                break
-            self.tables.cover(q.name, req.request_id, req.num_tokens)
-            q.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            q.running.append(req)
-            q.prefilling.append(req)
-            seqs.append(self._chunk(req, budget))
-            budget -= len(seqs[-1].token_ids)
-        return seqs
+    def remove_model(self, model: str) -> None:
+        """An asleep model with no requests leaves; ValueError otherwise."""
+        q = self.queues[model]
+        if model not in self.asleep or q.has_work():
+            raise ValueError(f"{model}: only an asleep model with no requests can be removed")
+        if len(self.queues) == 1:
+            raise ValueError(f"{model} is the last model here; it cannot be removed")
+        del self.queues[model], self.preemptions_by_model[model], self.tables.layouts[model]
+        self._order.remove(q)
+        self.asleep.discard(model)
+        self.pool.remove_model(model)
+        self._reshaped()
 
-    def _chunk(self, req: Request, budget: int) -> SeqWork:
-        """The request's next prefill chunk, within `budget` tokens; it is in flight from now."""
-        req.in_flight = True
-        start = req.num_computed_tokens
-        end = min(req.num_tokens, start + budget)
-        step = len(req.output_token_ids)
-        prompt_len, next_token = 0, None
-        if req.wants_prompt_logprobs and start < req.num_prompt_tokens:
-            prompt_len = req.num_prompt_tokens
-            next_token = req.token_at(end) if end < prompt_len else None
-        return SeqWork(
-            request_id=req.request_id,
-            token_ids=req.tokens_from(start, end),
-            start_pos=start,
-            block_table=self.tables.table(req.request_id),
-            # max_tokens 0 (prompt logprobs only): the prefill ends the request, nothing sampled
-            sample=end == req.num_tokens and req.params.max_tokens > 0,
-            params=req.params,
-            seed=req.seed,
-            step=step,
-            banned=req.banned if step < req.params.min_tokens else NO_TOKENS,
-            prompt_len=prompt_len,
-            next_token=next_token,
-        )
-
-    def _decode_seqs(self, q: ModelQueue) -> list[SeqWork]:
-        """One token for each decoding request, oldest first; preempt the newest when short.
-
-        Every request taken is in flight from here; a job is formed of them all. This runs
-        once per model per step over every running request: the loop reads fields, not
-        properties, and builds each SeqWork positionally (under 1 us per request in all).
-        """
-        seqs: list[SeqWork] = []
-        add, capacity, table = seqs.append, self.tables.capacity, self.tables.table
-        limit, running = self.max_batch_size, RequestStatus.RUNNING
-        for req in list(q.running):  # a copy: making room may preempt
-            if len(seqs) >= limit:
-                break
-            out = req.output_token_ids
-            num_tokens = len(req.prompt_token_ids) + len(out)
-            # `req.is_decoding`: all but the last sampled token are in the pool
-            if (
-                req.in_flight
-                or req.status is not running
-                or req.num_computed_tokens != num_tokens - 1
-                or not out
-            ):
-                continue
-            rid, params = req.request_id, req.params
-            if num_tokens > capacity(rid) and not self._make_room(q, req):
-                continue
-            req.in_flight = True
-            step = len(out)
-            history = None
-            if params.has_penalties and not req.history_sent:
-                history = tuple(req.all_token_ids[: num_tokens - 1])
-                req.history_sent = True
-            add(
-                SeqWork(
-                    rid,  # request_id
-                    (out[-1],),  # token_ids
-                    num_tokens - 1,  # start_pos
-                    table(rid),  # block_table
-                    True,  # sample
-                    params,
-                    req.seed,
-                    step,
-                    history,
-                    req.banned if step < params.min_tokens else NO_TOKENS,  # banned
-                )
-            )
-        return seqs
-
-    def _make_room(self, q: ModelQueue, req: Request) -> bool:
-        """Cover `req`'s next token: borrow free blocks first, else preempt newer requests.
-
-        Victims are the requests not in flight, newest first: those already taken into this
-        step's batch are in flight, and `req` itself comes before any older one.
-        """
-        rebalanced = False
-        while not self.tables.can_cover(q.name, req.request_id, req.num_tokens):
-            need = self.tables.blocks_to_cover(q.name, req.request_id, req.num_tokens)
-            if self.quota.adaptive and not rebalanced and self.pool.num_free >= need:
-                # the quota is stale, not the pool full: rebalance before evicting anyone
-                self._rebalance()
-                rebalanced = True
-                continue
-            victim = next((r for r in reversed(q.running) if not r.in_flight), None)
-            if victim is None:
-                self._needs_rebalance = True
-                return False
-            self._preempt(q, victim)
-            if victim is req:
-                return False
-        self.tables.cover(q.name, req.request_id, req.num_tokens)
-        return True
-
-    def _preempt(self, q: ModelQueue, req: Request) -> None:
-        """Free a request's blocks; it recomputes its tokens when admitted again."""
-        self.tables.release(req.request_id)
-        q.running.remove(req)
-        if req in q.prefilling:
-            q.prefilling.remove(req)
-        req.status = RequestStatus.WAITING
-        req.num_computed_tokens = 0
-        req.history_sent = False  # its next decode runner may have forgotten it
-        req.num_preemptions += 1
-        self.num_preemptions += 1
-        self.preemptions_by_model[q.name] += 1
+    def _reshaped(self) -> None:
+        """A static partition splits the pool again over the models now here."""
+        if not self.quota.adaptive:
+            self.quota.initial(self.pool.num_blocks, self.queues)
+        self._rebalance()
         self._needs_rebalance = True
-        q.requeue(req)
 
     # ---- results -----------------------------------------------------------------------
     def _append(self, q: ModelQueue, req: Request, out: SeqResult) -> None:
@@ -532,6 +450,8 @@ class Scheduler:
             q.service.on_finished(now)
         if not q.has_work():
             q.service.on_idle(now)
+        if not self.quota.adaptive:  # blocks freed: a share lent out may come back now
+            self._needs_rebalance = True
 
     # ---- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, ModelStats]:
@@ -559,10 +479,10 @@ class Scheduler:
         assert not running & waiting, "a request is both running and waiting"
         assert running | waiting == set(self._requests), "request index out of sync"
         assert self.tables.holders() == len(running), "a non-running request holds blocks"
-        for m in self.asleep:  # a sleeping model holds no KV, and under ADBS no quota
+        for m in self.asleep:  # a sleeping model holds no KV and no quota
             assert not self.queues[m].running, f"{m} is asleep with requests running"
             assert self.pool.used(m) == 0, f"{m} is asleep and holds blocks"
-            assert not self.quota.adaptive or self.pool.quota(m) == 0, f"{m}: asleep with a quota"
+            assert self.pool.quota(m) == 0, f"{m}: asleep with a quota"
         for q in self._order:
             partial = [r for r in q.running if not r.is_decoding]
             assert partial == q.prefilling, f"{q.name}: prefilling list out of sync"

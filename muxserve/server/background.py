@@ -8,11 +8,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Coroutine
 from types import TracebackType
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from muxserve.server.connection import AppRunner
+
+T = TypeVar("T")
 
 
 class BackgroundServer:
@@ -62,6 +66,11 @@ class BackgroundServer:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run `coro` on the server's event loop (where the app's client lives) from another
+        thread, and return its result (or raise its error); TimeoutError after `timeout` s."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def __enter__(self) -> str:
         return self.start()

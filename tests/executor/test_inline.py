@@ -58,3 +58,44 @@ def test_unknown_executor(demo_models):
 )
 def test_cpu_threads_follow_the_share(share, cores, threads):
     assert cpu_threads(share, cores) == threads
+
+
+class StubGraphs:
+    """Stands in for DecodeGraphs on a CPU: records warm-ups; every job runs eagerly."""
+
+    def __init__(self) -> None:
+        self.warm_ups = 0
+
+    def warm_up(self) -> list[object]:
+        self.warm_ups += 1
+        return []
+
+    def run(self, seqs: object) -> None:
+        return None
+
+
+def test_a_wake_captures_the_decode_graphs_at_once(demo_models, monkeypatch):
+    from muxserve.runner import model_runner
+
+    spec = make_spec("llama-demo", demo_models["llama-demo"])
+    ex = create_executor("inline", [spec], SIZING, CPU)
+    assert isinstance(ex, InlineExecutor)
+    runner = ex.runners["llama-demo"]
+    assert runner.graphs is None  # a CPU has none
+    made: list[StubGraphs] = []
+
+    def create(*args: object, **kw: object) -> StubGraphs:
+        made.append(StubGraphs())
+        return made[-1]
+
+    monkeypatch.setattr(model_runner.DecodeGraphs, "create", create)
+    for level in (1, 2):
+        ex.sleep_model("llama-demo", level)
+        assert runner.graphs is None  # they held the old weights' addresses
+        ex.wake_model("llama-demo")
+        assert runner.graphs is made[-1] and made[-1].warm_ups == 1  # captured in the wake
+    assert len(made) == 2
+    job = prefill_job(0, spec, [5, 6, 7], "a", 0)
+    ((_, result),) = ex.run([job])
+    assert result.error is None
+    ex.shutdown()

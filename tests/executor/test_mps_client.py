@@ -10,8 +10,12 @@ import torch
 
 from muxserve.engine import AUTO_DEVICE_ENV, resolve_device
 from muxserve.executor import mps
-from muxserve.executor.mps import CUDA_ERROR_NOT_INITIALIZED, MpsExecutor, cuda_initialized
-from muxserve.executor.mps_daemon import MpsUnavailableError
+from muxserve.executor.mps import MpsExecutor
+from muxserve.executor.mps_daemon import (
+    CUDA_ERROR_NOT_INITIALIZED,
+    MpsUnavailableError,
+    cuda_initialized,
+)
 from muxserve.runner.kv_pool import PoolSizing
 from tests.executor.test_mps_daemon import FAKE, script
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from muxserve.executor.mps import MpsExecutor, worker_env
+from muxserve.executor.mps import MpsExecutor
 from muxserve.executor.mps_daemon import MpsDaemon, MpsUnavailableError, thread_percentage
+from muxserve.executor.worker_plans import worker_env
 from muxserve.runner.kv_pool import PoolSizing
 
 # Stands in for nvidia-cuda-mps-control: `-d` makes the control pipe, like the real daemon,

@@ -279,3 +279,25 @@ def test_a_logical_block_is_one_array_operation() -> None:
     got = pool.allocate("a", 1024)
     assert got.dtype == np.int32 and ids(got) == list(range(100, 1124))
     pool.check_integrity()
+
+
+def test_models_join_and_leave_the_pool() -> None:
+    pool = BlockPool(8, {"a": 4, "b": 4})
+    a = pool.allocate("a", 2)
+    pool.add_model("c")
+    assert pool.models == ["a", "b", "c"] and pool.snapshot()["c"] == (0, 0)
+    with pytest.raises(ValueError, match="c is in the pool already"):
+        pool.add_model("c")
+    pool.set_quotas({"a": 4, "b": 0, "c": 4})
+    c = pool.allocate("c", 3)
+    with pytest.raises(ValueError, match="a holds 2 blocks; it cannot leave the pool"):
+        pool.remove_model("a")
+    pool.remove_model("b")
+    assert pool.models == ["a", "c"]
+    pool.check_integrity()  # owner codes stay: c's blocks are still c's
+    pool.free("a", a)
+    pool.remove_model("a")
+    pool.add_model("a")  # back, with a new owner code
+    pool.check_integrity()
+    pool.free("c", c)
+    assert pool.snapshot() == {"c": (0, 4), "a": (0, 0)} and pool.num_free == 8

@@ -520,3 +520,31 @@ def test_a_wake_that_does_not_fit_keeps_its_numbers(demo_models):
         serve(eng, body)
     finally:
         eng.shutdown()
+
+
+def test_a_request_that_can_never_fit_keeps_its_numbers(demo_models):
+    llama = demo_models["llama-demo"]
+    models = [
+        {"name": "a", "path": str(llama)},
+        {"name": "b", "path": str(llama), "initial_state": "asleep"},
+    ]
+    eng = MuxEngine(parse_config({"models": models, "engine": DEMO_ENGINE}))
+    size = eng.executor.weight_bytes("a")
+    eng.shutdown()
+    residency = {"weights_budget_bytes": size - 1}  # b, as large as a, can never wake
+    models[0]["initial_state"] = "asleep"
+    eng = MuxEngine(
+        parse_config({"models": models, "engine": {**DEMO_ENGINE, "residency": residency}})
+    )
+
+    async def body(server: MeshServer, client: RemoteEngineClient) -> None:
+        with pytest.raises(ModelDoesNotFitError) as e:
+            await client.add_request("b", [1, 2, 3], SamplingParams(max_tokens=2), "r0")
+        assert (e.value.model, e.value.needed_bytes, e.value.free_bytes) == ("b", size, size - 1)
+        assert e.value.held_by == {}
+        assert client.outstanding == 0
+
+    try:
+        serve(eng, body)
+    finally:
+        eng.shutdown()

@@ -8,7 +8,7 @@ from pathlib import Path
 from muxserve.router.observed import ObservedLoad
 from placement.candidates import Mode
 from placement.plan import PlacedMesh, PlacedModel, Placement
-from placement.replanning import PlacementPlanner, fit_to_meshes
+from placement.replanning import PlacementPlanner, fit_to_meshes, placeable
 from tests.router.conftest import LLAMA, MISTRAL, QWEN, tiny_gpu_cluster, two_mesh_config
 
 
@@ -40,7 +40,7 @@ def test_fit_to_meshes(demo_models: dict[str, Path], tmp_path: Path) -> None:
             {LLAMA: ("mesh-a",), MISTRAL: ("mesh-b",), QWEN: ("mesh-b",)},
             (
                 "qwen-demo: planned on mesh-a, which does not list it (list it there as a standby "
-                "model to let it move)",
+                "model, or set router.replan.add_models, to let it move)",
             ),
         ),
         (
@@ -48,7 +48,7 @@ def test_fit_to_meshes(demo_models: dict[str, Path], tmp_path: Path) -> None:
             {LLAMA: ("mesh-a",), MISTRAL: ("mesh-a",), QWEN: ("mesh-b",)},
             (
                 "llama-demo: planned on mesh-b, which does not list it (list it there as a "
-                "standby model to let it move)",
+                "standby model, or set router.replan.add_models, to let it move)",
             ),
         ),
     ]:
@@ -81,3 +81,40 @@ def test_placement_planner_moves_only_when_it_pays(
         loads({LLAMA: 4.0, MISTRAL: 4.0, QWEN: 0.1}), active
     )
     assert kept is not None and not kept.decision.take and kept.decision.gain > 0.5
+
+
+def test_with_add_models_a_model_may_move_to_a_mesh_that_does_not_list_it(
+    demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    cluster = tiny_gpu_cluster(tmp_path / "c.yaml")
+    fixed = two_mesh_config(demo_models, cluster, standby=False)
+    assert fixed.router.replan is not None
+    active = {LLAMA: ("mesh-a",), MISTRAL: ("mesh-a",), QWEN: ("mesh-b",)}
+    hot = loads({LLAMA: 4.0, MISTRAL: 4.0, QWEN: 0.1})
+    kept = PlacementPlanner(fixed, fixed.router.replan).propose(hot, active)
+    assert kept is not None and kept.target == active  # mesh-b does not list mistral
+    free = two_mesh_config(demo_models, cluster, standby=False, add_models=True)
+    assert free.router.replan is not None
+    planner = PlacementPlanner(free, free.router.replan)
+    assert planner.placeable == {"mesh-a": {LLAMA, MISTRAL, QWEN}, "mesh-b": {LLAMA, MISTRAL, QWEN}}
+    moved = planner.propose(hot, active)
+    assert moved is not None and moved.decision.take
+    # the hot pair split: one of them (here llama, the planner's pick) goes to mesh-b
+    assert moved.target == {LLAMA: ("mesh-b",), MISTRAL: ("mesh-a",), QWEN: ("mesh-b",)}
+    assert [m.model for m in moved.decision.moves] == [LLAMA]
+
+
+def test_placeable_keeps_to_a_meshs_weights_budget(demo_models: dict[str, Path], tmp_path: Path):
+    config = two_mesh_config(
+        demo_models, tiny_gpu_cluster(tmp_path / "c.yaml"), standby=False, add_models=True
+    )
+    assert config.meshes is not None and config.router.replan is not None
+    sizes = {s.name: s.weight_bytes for s in PlacementPlanner(config, config.router.replan).specs}
+    assert sizes[MISTRAL] > max(sizes[LLAMA], sizes[QWEN])
+    small = config.meshes[1].model_copy(update={"weights_budget_bytes": sizes[MISTRAL] - 1})
+    config = config.model_copy(update={"meshes": [config.meshes[0], small]})
+    assert placeable(config, PlacementPlanner(config, config.router.replan).specs, True) == {
+        "mesh-a": {LLAMA, MISTRAL, QWEN},
+        "mesh-b": {LLAMA, QWEN},  # lists qwen; llama fits its budget, mistral does not
+    }
+    assert placeable(config, (), False) == {"mesh-a": {LLAMA, MISTRAL}, "mesh-b": {QWEN}}

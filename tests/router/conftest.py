@@ -50,19 +50,21 @@ def tiny_gpu_cluster(path: Path) -> str:
     return str(path)
 
 
-def two_mesh_config(demo: dict[str, Path], cluster: str, **replan: Any) -> MuxConfig:
-    """mesh-a serves llama and mistral; mesh-b serves qwen and lists mistral as standby."""
+def two_mesh_config(
+    demo: dict[str, Path], cluster: str, standby: bool = True, **replan: Any
+) -> MuxConfig:
+    """mesh-a serves llama and mistral; mesh-b serves qwen and (with `standby`) lists mistral
+    as standby."""
+    b_models: list[dict[str, Any]] = [{"name": QWEN}]
+    if standby:
+        b_models.append({"name": MISTRAL, "initial_state": "asleep"})
     return parse_config(
         {
             "models": [{"name": n, "path": str(p), "rate": 1.0} for n, p in demo.items()],
             "engine": {**DEMO_ENGINE, "device": "cpu"},
             "meshes": [
                 {"name": "mesh-a", "gpus": [0], "models": [{"name": LLAMA}, {"name": MISTRAL}]},
-                {
-                    "name": "mesh-b",
-                    "gpus": [1],
-                    "models": [{"name": QWEN}, {"name": MISTRAL, "initial_state": "asleep"}],
-                },
+                {"name": "mesh-b", "gpus": [1], "models": b_models},
             ],
             "router": {"replan": {"cluster": cluster, "move_cost_s": 1.0, **replan}},
         }

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from muxserve.client.protocol import MeshState
-from muxserve.config import Mesh, MuxConfig
+from muxserve.config import Mesh, ModelEntry, MuxConfig
 from muxserve.output_processor import RequestOutput
 from muxserve.router.mesh_process import LaunchContext
 from muxserve.router.replan import Proposal, Replanner
@@ -55,6 +55,26 @@ def test_routing_table(demo_models: dict[str, Path], tmp_path: Path) -> None:
         t.end("mesh-a", LLAMA)
 
 
+def test_routing_table_listings_added_while_serving(
+    demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    config = two_mesh_config(demo_models, tiny_gpu_cluster(tmp_path / "c.yaml"), standby=False)
+    assert config.meshes is not None
+    t = RoutingTable(config.meshes)
+    with pytest.raises(ValueError, match="mesh 'mesh-a' lists model 'llama-demo' already"):
+        t.list_added(LLAMA, "mesh-a")
+    t.list_added(LLAMA, "mesh-b")
+    assert t.listed(LLAMA) == ["mesh-a", "mesh-b"] and t.active(LLAMA) == ["mesh-a"]
+    assert t.added(LLAMA, "mesh-b") and not t.added(LLAMA, "mesh-a")
+    assert t.added_on("mesh-b") == [LLAMA] and t.added_on("mesh-a") == []
+    t.activate(LLAMA, "mesh-b")
+    with pytest.raises(ValueError, match="llama-demo is active on mesh-b"):
+        t.unlist(LLAMA, "mesh-b")
+    t.deactivate(LLAMA, "mesh-a")
+    t.unlist(LLAMA, "mesh-a")  # a plan's listing goes too
+    assert t.listed(LLAMA) == ["mesh-b"] and t.assignment()[LLAMA] == ("mesh-b",)
+
+
 # ---- Router.move over fake meshes -------------------------------------------------------------
 class FakeMesh:
     """A mesh connection whose requests finish when the test says; records sleeps and wakes."""
@@ -92,6 +112,13 @@ class FakeMesh:
 
     async def sleep(self, model: str, level: int = 1) -> None:
         self.log.append(f"{self.name}: sleep {model}")
+
+    async def add_model(self, entry: ModelEntry, wake: bool = True) -> float:
+        self.log.append(f"{self.name}: add_model {entry.name} wake={wake}")
+        return 0.5
+
+    async def remove_model(self, model: str) -> None:
+        self.log.append(f"{self.name}: remove_model {model}")
 
 
 class NoLauncher:
@@ -148,6 +175,34 @@ def test_move_wakes_switches_drains_then_sleeps(
     assert (snap.requests, snap.prompt_len, snap.output_len) == (2, 2.0, 3.0)
     with pytest.raises(ValueError, match="active only on mesh-b: it has nowhere else to go"):
         asyncio.run(r.move(MISTRAL, "mesh-b", None, "test"))
+
+
+def test_move_to_a_mesh_that_does_not_list_it_adds_there_and_removes_here(
+    demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    log: list[str] = []
+    config = two_mesh_config(
+        demo_models, tiny_gpu_cluster(tmp_path / "c.yaml"), standby=False, add_models=True
+    )
+    r = fake_router(config, log)
+    asyncio.run(r.move(LLAMA, "mesh-a", "mesh-b", "test"))
+    assert log == [
+        "mesh-b: add_model llama-demo wake=True",
+        "mesh-a: remove_model llama-demo",
+    ]
+    assert r.routing.listed(LLAMA) == ["mesh-b"] and r.routing.active(LLAMA) == ["mesh-b"]
+    assert r.routing.added(LLAMA, "mesh-b")
+    # mesh-b restarts with its plan's models: the router adds llama back, asleep
+    log.clear()
+    asyncio.run(r._restore(r.meshes["mesh-b"]))
+    assert log == ["mesh-b: add_model llama-demo wake=False"]
+    # and back to mesh-a, which the plan listed it on: added there again, removed from b
+    log.clear()
+    asyncio.run(r.move(LLAMA, "mesh-b", "mesh-a", "test"))
+    assert log == ["mesh-a: add_model llama-demo wake=True", "mesh-b: remove_model llama-demo"]
+    assert r.routing.listed(LLAMA) == ["mesh-a"]
+    with pytest.raises(ValueError, match="llama-demo is active on mesh-a: move it away first"):
+        asyncio.run(r.remove_model(LLAMA, "mesh-a"))
 
 
 async def _read(r: Router, rid: str) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from muxserve.client.protocol import ModelState
 from muxserve.router.local import LocalLauncher
+from muxserve.router.replan import Replanner
 from muxserve.router.router import Router
 from muxserve.server.app import create_app
 from muxserve.server.background import BackgroundServer
@@ -51,6 +52,36 @@ def complete(port: int, model: str) -> dict[str, Any]:
         conn.close()
 
 
+def stream_until_moved(
+    port: int, replanner: Replanner, after_move: int = AFTER_MOVE
+) -> list[tuple[str, dict[str, Any]]]:
+    """Send llama and mistral at ~4 req/s each until a round has moved a model and
+    `after_move` more mistral requests were sent; every (model, response)."""
+    futures: list[tuple[str, Future[dict[str, Any]]]] = []
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        deadline = time.monotonic() + 120
+        moved_at: int | None = None
+        while moved_at is None or sum(m == MISTRAL for m, _ in futures) < moved_at + after_move:
+            assert time.monotonic() < deadline, f"no move after 120 s: {replanner.history}"
+            for model in (LLAMA, MISTRAL):
+                futures.append((model, pool.submit(complete, port, model)))
+            if moved_at is None and any(c.moves for c in replanner.history):
+                moved_at = sum(m == MISTRAL for m, _ in futures)
+            time.sleep(PERIOD_S)  # the client's pace: this is the load, not a wait
+        return [(m, f.result(timeout=120)) for m, f in futures]
+
+
+def check_all_served(results: list[tuple[str, dict[str, Any]]]) -> None:
+    """Every request got its full answer, and each model one greedy text on either mesh."""
+    failed = [(m, r) for m, r in results if r["status"] != 200]
+    assert failed == []
+    assert all(r["usage"]["completion_tokens"] == TOKENS for _, r in results)
+    texts = {
+        m: {r["choices"][0]["text"] for mm, r in results if mm == m} for m in (LLAMA, MISTRAL)
+    }
+    assert all(len(t) == 1 for t in texts.values()), texts
+
+
 def test_a_replan_during_a_stream_fails_no_request(
     demo_models: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -72,27 +103,9 @@ def test_a_replan_during_a_stream_fails_no_request(
     server = BackgroundServer(create_app(router))
     server.start()  # returns once both meshes serve
     port = int(server.port)
-    futures: list[tuple[str, Future[dict[str, Any]]]] = []
     try:
         assert router.meshes["mesh-b"].client.model_states()[MISTRAL] is ModelState.ASLEEP
-        with ThreadPoolExecutor(max_workers=32) as pool:
-            deadline = time.monotonic() + 120
-            moved_at: int | None = None
-            while moved_at is None or sum(m == MISTRAL for m, _ in futures) < moved_at + AFTER_MOVE:
-                assert time.monotonic() < deadline, f"no move after 120 s: {replanner.history}"
-                for model in (LLAMA, MISTRAL):
-                    futures.append((model, pool.submit(complete, port, model)))
-                if moved_at is None and any(c.moves for c in replanner.history):
-                    moved_at = sum(m == MISTRAL for m, _ in futures)
-                time.sleep(PERIOD_S)  # the client's pace: this is the load, not a wait
-            results = [(m, f.result(timeout=120)) for m, f in futures]
-        failed = [(m, r) for m, r in results if r["status"] != 200]
-        assert failed == []
-        assert all(r["usage"]["completion_tokens"] == TOKENS for _, r in results)
-        texts = {
-            m: {r["choices"][0]["text"] for mm, r in results if mm == m} for m in (LLAMA, MISTRAL)
-        }
-        assert all(len(t) == 1 for t in texts.values()), texts  # greedy: one answer, either mesh
+        check_all_served(stream_until_moved(port, replanner))
         moves = [mv for c in replanner.history for mv in c.moves]
         assert moves == [(MISTRAL, "mesh-a", "mesh-b")]
         change = next(c for c in replanner.history if c.moves)

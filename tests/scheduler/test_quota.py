@@ -10,7 +10,7 @@ import pytest
 from muxserve.kv.block_pool import BlockPool
 from muxserve.kv.block_tables import BlockTables
 from muxserve.scheduler.model_slot import ModelQueue, ModelSlot
-from muxserve.scheduler.quota import AdaptiveQuota, StaticQuota, quota_weights
+from muxserve.scheduler.quota import AdaptiveQuota, StaticQuota, lent_quotas, quota_weights
 from tests.helpers.scheduler import FakeRunner, make_layout, make_request, make_scheduler, make_slot
 
 # kv bytes per token: a 2*1*1*8*2 = 32, b 2*2*2*8*2 = 128, c 2*1*1*16*4 = 128
@@ -182,3 +182,15 @@ def test_static_quotas_stay_fixed_under_load() -> None:
         assert s.pool.quota("b") == 20
         assert s.pool.used("a") <= 20
     assert s.num_preemptions > 0  # a alone would have wanted more than its half
+
+
+def test_lent_quotas_take_blocks_still_lent_from_the_owed_models_first() -> None:
+    shares = {"a": 10, "b": 10, "c": 10}
+    # all awake: a holds 8 beyond its share; b (quota 8 < 10) is owed, c (quota 10) is not
+    used = {"a": 18, "b": 8, "c": 0}
+    now = {"a": 18, "b": 8, "c": 10}
+    assert lent_quotas(shares, used, now, ["a", "b", "c"], 30) == {"a": 18, "b": 8, "c": 4}
+    # b asleep: its 10 lent 5/5; a keeps 18, c the rest
+    used = {"a": 18, "b": 0, "c": 0}
+    assert lent_quotas(shares, used, now, ["a", "c"], 30) == {"a": 18, "c": 12}
+    assert lent_quotas(shares, used, now, [], 30) == {}

@@ -70,7 +70,7 @@ def test_a_recomputed_prefill_keeps_each_prompt_logprob_once():
     [job] = sched.schedule()
     sched.on_job_done(job, scores(job))  # positions 1..4 scored
     q = sched.queues["a"]
-    sched._preempt(q, req)  # as _make_room does to a victim: it starts over at position 0
+    sched.batcher.preempt(q, req)  # as making room does to a victim: it starts over at position 0
     jobs: list[Job] = []
     run(sched, jobs)
     assert jobs[0].seqs[0].start_pos == 0 and jobs[0].seqs[0].prompt_len == 10  # re-scored

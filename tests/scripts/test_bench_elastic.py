@@ -115,3 +115,47 @@ def test_models_per_mesh_and_medians(bench: ModuleType) -> None:
     assert bench.models_per_mesh(samples, config) == {"mesh-0": 2, "mesh-1": 1}
     assert bench.med([0.5, None, 0.9, 0.7]) == {"median": 0.7, "min": 0.5, "max": 0.9}
     assert bench.med([None]) == {"median": None, "min": None, "max": None}
+
+
+def test_the_crowd_trace_moves_the_hot_set_onto_one_mesh(bench: ModuleType, tmp_path: Path):
+    a = args(
+        copies=2,
+        crowd_hot=2,
+        crowd_warm=0.25,
+        crowd_prompt="uniform:16:32",
+        crowd_output="uniform:8:16",
+        rate=4.0,
+        duration=20.0,
+    )
+    models = bench.model_list(a.copies)
+    names = [n for n, _ in models]  # llama-demo-0, -1 on mesh-0; qwen-demo-0, -1 on mesh-1
+    assert bench.crowd_sets(names, 2, 2) == (
+        ["llama-demo-0", "qwen-demo-0"],  # one per mesh
+        ["llama-demo-0", "llama-demo-1"],  # both on mesh-0
+    )
+    with pytest.raises(ValueError, match="--crowd-hot 3: mesh-0 holds only 2 models"):
+        bench.crowd_sets(names, 2, 3)
+    entries, meta, planned = bench.crowd_trace(names, a, 0, None)
+    assert planned == {
+        "llama-demo-0": 2.0,
+        "qwen-demo-0": 2.0,
+        "llama-demo-1": 0.0,
+        "qwen-demo-1": 0.0,
+    }
+    assert meta["warm_s"] == 5.0 and meta["requests"] == len(entries)
+    assert {e.model for e in entries if e.arrival_s < 5.0} <= {"llama-demo-0", "qwen-demo-0"}
+    assert {e.model for e in entries if e.arrival_s >= 5.0} == {"llama-demo-0", "llama-demo-1"}
+    assert [e.arrival_s for e in entries] == sorted(e.arrival_s for e in entries)
+    cluster = tmp_path / "c.json"
+    configs = {m: bench.build_crowd_config(m, models, planned, a, cluster) for m in bench.MODES}
+    for mode, raw in configs.items():
+        assert [[x["name"] for x in m["models"]] for m in raw["meshes"]] == [
+            names[:2],
+            names[2:],
+        ], mode
+        parse_config(raw)
+    assert "weights_budget_bytes" not in configs["static"]["engine"]["residency"]
+    budget = int(3 * max(bench.weight_bytes(p) for _, p in models) * 1.05)
+    assert configs["sleep"]["engine"]["residency"]["weights_budget_bytes"] == budget
+    assert "router" not in configs["sleep"]
+    assert configs["replan"]["router"]["replan"]["add_models"] is True

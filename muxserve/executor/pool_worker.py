@@ -1,0 +1,135 @@
+"""A pooled worker process: runs the jobs of every model attached to it, in one phase.
+
+Spawned by `PooledWorker` (worker_pool.py) with `engine.worker_pool: shared`. Its environment
+(MPS thread percentage, thread count) is its SM-share class's, set before anything touches
+CUDA; then it receives its `PoolInit` (the pool and the models to attach), says `WorkerReady`,
+and serves `Attach`, `Detach`, `Report` and `JobMessage`s in the order they come until `Stop`
+or until the engine's end of the pipe closes. So one process (one torch import, one CUDA
+context) serves any number of models, instead of two per model.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import torch
+
+from muxserve.executor.messages import (
+    Attach,
+    Detach,
+    JobMessage,
+    PoolInit,
+    Report,
+    Stop,
+    WorkerReady,
+    WorkerReport,
+    WorkerStartFailed,
+)
+from muxserve.executor.mirror import RequestMirror
+from muxserve.runner.kv_pool import KVPool
+from muxserve.runner.model_runner import ModelRunner
+from muxserve.runner.model_weights import weight_bytes
+from muxserve.scheduler.job import JobResult, Phase
+
+log = logging.getLogger(__name__)
+
+
+def pool_worker_main(conn: Connection, env: dict[str, str]) -> None:
+    """Process entry point: set the environment, attach the first models, serve until told to
+    stop."""
+    os.environ.update(env)  # before CUDA initialises: MPS reads it once, at context creation
+    try:
+        init = conn.recv()
+        if not isinstance(init, PoolInit):
+            raise TypeError(f"expected PoolInit, got {type(init).__name__}")
+        worker = PoolWorker(init)
+    except Exception as e:
+        conn.send(WorkerStartFailed(f"{type(e).__name__}: {e}"))
+        return
+    conn.send(WorkerReady(os.getpid()))
+    sys.exit(worker.serve(conn))
+
+
+@dataclass
+class _Attached:
+    runner: ModelRunner
+    mirror: RequestMirror
+    nbytes: int  # its weights' bytes, for `WorkerReport`
+
+
+class PoolWorker:
+    """The runners of the models attached to this process, over its rank's shared pool."""
+
+    def __init__(self, init: PoolInit) -> None:
+        torch.set_num_threads(init.threads)
+        self.label = init.label
+        self.phase: Phase = init.phase
+        device = init.pool.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.pool = KVPool.from_buffer(init.pool, init.block_bytes)
+        self.models: dict[str, _Attached] = {}
+        for a in init.attach:
+            self.attach(a)
+
+    def attach(self, a: Attach) -> None:
+        runner = ModelRunner(
+            a.name, a.model, a.config, self.pool, a.layout, a.dtype, a.max_model_len
+        )
+        if self.phase is Phase.DECODE and runner.graphs is not None:
+            runner.graphs.warm_up()  # before its first job: not mid-serving another model's
+        self.models[a.name] = _Attached(
+            runner, RequestMirror(a.name, self.phase), weight_bytes(a.model)
+        )
+
+    def detach(self, name: str) -> None:
+        """Drop every reference to the model's weights (shared pages, or IPC mappings)."""
+        self.models.pop(name, None)
+        gc.collect()  # the runner's graphs and modules may sit in cycles
+        if self.pool.buffer.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.ipc_collect()  # lets the engine free what it exported to us
+
+    def report(self) -> WorkerReport:
+        held = tuple(sorted((n, a.nbytes) for n, a in self.models.items()))
+        return WorkerReport(os.getpid(), held)
+
+    def serve(self, conn: Connection) -> int:
+        """Serve messages until `Stop` or the engine goes away (0)."""
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return 0  # the engine closed its end: nothing more will come
+            if isinstance(msg, Stop):
+                return 0
+            if isinstance(msg, JobMessage):
+                conn.send(self.run(msg))
+            elif isinstance(msg, Attach):
+                try:
+                    self.attach(msg)
+                except Exception:  # its jobs fail with a clear error; the others run on
+                    log.exception("%s: cannot attach %s", self.label, msg.name)
+            elif isinstance(msg, Detach):
+                self.detach(msg.name)
+            elif isinstance(msg, Report):
+                conn.send(self.report())
+            else:
+                raise TypeError(f"{self.label}: unexpected message {type(msg).__name__}")
+
+    def run(self, msg: JobMessage) -> JobResult:
+        attached = self.models.get(msg.model)
+        if attached is None:
+            return JobResult(msg.job_id, (), f"{self.label}: model {msg.model!r} is not attached")
+        try:
+            job = attached.mirror.apply(msg)
+        except Exception as e:  # a protocol bug fails this job, not the worker
+            log.exception("job %d: cannot apply the message", msg.job_id)
+            return JobResult(msg.job_id, (), f"worker mirror out of sync: {type(e).__name__}: {e}")
+        attached.runner.release(msg.finished)
+        return attached.runner.execute(job)
