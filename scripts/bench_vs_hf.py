@@ -2,6 +2,7 @@
 
     python scripts/bench_vs_hf.py                  # 2 models x batch 1/16/32 x context 128/512/2048
     python scripts/bench_vs_hf.py --quick          # a smoke test of a few seconds
+    python scripts/bench_vs_hf.py --merge A.json B.json   # runs of parts of the grid, as one
 
 For each model size (`--models`: a ~30M-parameter Llama with full multi-head attention and a
 ~150M one with grouped-query attention, 4 KV heads; both seeded random weights in the Hugging
@@ -259,7 +260,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="tiny models, batch 1/2, context 16/40, 2 x 2 steps: a smoke test",
     )
     p.add_argument("--out", default="benchmarks/results/speed")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="measure nothing: combine these runs' complete cells into one grid (a cell "
+        "measured twice keeps the later file's) and write its JSON and plot to --out",
+    )
     args = p.parse_args(argv)
+    if args.merge:
+        return args
     quick = args.quick
     defaults = {
         "models": ["tiny", "tiny-gqa"] if quick else ["30m", "150m"],
@@ -283,8 +293,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def merge(files: list[Path]) -> dict[str, Any]:
+    """One grid from several runs' JSON: their cells by model and point, in batch x context
+    order; each run's command, repeats and load averages are kept, in `runs`."""
+    runs = [json.loads(f.read_text()) for f in files]
+    for f, run in zip(files, runs, strict=True):
+        if not run.get("complete"):
+            raise ValueError(f"{f}: an unfinished run (complete is false)")
+    models: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for model in run["models"]:
+            into = models.setdefault(model["name"], {**model, "cells": []})
+            if into["config"] != model["config"]:
+                raise ValueError(f"model {model['name']}: the runs used different configs")
+            cells = {c["point"]: c for c in into["cells"]}
+            cells.update({c["point"]: c for c in model["cells"]})
+            into["cells"] = sorted(cells.values(), key=lambda c: (c["batch"], c["prompt"]))
+    repeats = sorted({r["repeats"] for r in runs})
+    steps = sorted({r["steps"] for r in runs})
+    loads = [r[k] for r in runs for k in ("load_average_before", "load_average_after")]
+    return {
+        **{k: v for k, v in runs[0].items() if k not in ("models", "command")},
+        "command": "python scripts/bench_vs_hf.py --merge " + " ".join(str(f) for f in files),
+        "repeats": "/".join(map(str, repeats)),
+        "steps": "/".join(map(str, steps)),
+        "load_average_before": min(loads),
+        "load_average_after": max(loads),
+        "runs": [{k: v for k, v in r.items() if k != "models"} for r in runs],
+        "models": list(models.values()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            result = merge([Path(f) for f in args.merge])
+        except (OSError, ValueError, KeyError) as e:
+            print(f"bench_vs_hf --merge: {e}", file=sys.stderr)
+            return 2
+        (out / "bench_vs_hf.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, out / "bench_vs_hf.png")
+        print(f"wrote {out / 'bench_vs_hf.json'} and {out / 'bench_vs_hf.png'}", file=sys.stderr)
+        return 0
     import transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # past_key_values' rename

@@ -65,3 +65,70 @@ def test_bad_options_are_refused(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert "context 300 does not fit model tiny's positions" in run.stderr
     assert not (tmp_path / "bench_vs_hf.json").exists()
+
+
+def _run(name: str, points: list[tuple[int, int]], repeats: int, complete: bool = True) -> dict:
+    cell = {
+        "steps": 4,
+        "ratio": {"median": 1.0, "q1": 0.9, "q3": 1.1},
+        "load_average_before": [1.0, 0, 0],
+        "load_average_after": [1.5, 0, 0],
+    }
+    return {
+        "command": f"run {name}",
+        "complete": complete,
+        "repeats": repeats,
+        "steps": 8,
+        "load_average_before": [0.5, 0, 0],
+        "load_average_after": [2.5, 0, 0],
+        "models": [
+            {
+                "name": "m",
+                "parameters": 1e6,
+                "config": {"heads": 4, "kv_heads": 2},
+                "cells": [
+                    {**cell, "point": f"{b}x{c}", "batch": b, "prompt": c, "source": name}
+                    for b, c in points
+                ],
+            }
+        ],
+    }
+
+
+def test_merge_combines_runs_into_one_grid(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_run("a", [(16, 128), (1, 128)], 4)))
+    b.write_text(json.dumps(_run("b", [(1, 2048), (16, 128)], 3)))
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--merge", str(a), str(b), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "bench_vs_hf.json").read_text())
+    [model] = result["models"]
+    # batch x context order; the cell measured twice keeps the later file's
+    assert [(c["point"], c["source"]) for c in model["cells"]] == [
+        ("1x128", "a"),
+        ("1x2048", "b"),
+        ("16x128", "b"),
+    ]
+    assert (result["repeats"], result["steps"]) == ("3/4", "8")
+    assert [r["command"] for r in result["runs"]] == ["run a", "run b"]
+    assert (out / "bench_vs_hf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_merge_refuses_an_unfinished_run(tmp_path: Path) -> None:
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(_run("a", [(1, 128)], 3, complete=False)))
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--merge", str(a), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "an unfinished run (complete is false)" in run.stderr
+    assert not (tmp_path / "out" / "bench_vs_hf.json").exists()
