@@ -7,6 +7,7 @@ busy model, a tensor-parallel model) are the same clear errors as with the inlin
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,9 +19,11 @@ from muxserve.errors import ModelBusyError
 from muxserve.executor.base import cpu_threads
 from muxserve.executor.mps import MpsExecutor
 from muxserve.executor.worker_pool import PooledWorker
+from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
 from tests.helpers.engine import MAX_NEW, hf_greedy, prompts_for
+from tests.helpers.wait import wait_until
 
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 LLAMA, QWEN, MISTRAL = "llama-demo", "qwen-demo", "mistral-demo"
@@ -117,6 +120,47 @@ def test_a_model_added_to_pooled_workers_attaches_on_wake_and_leaves_nothing_whe
     finally:
         eng.shutdown()
     assert not [p for p in before if alive(p)]
+
+
+def streamed(engine: MuxEngine, rids: list[str]) -> list[list[int]]:
+    """Each request's tokens, read from its stream (the engine's loop runs them)."""
+
+    async def read(rid: str) -> list[RequestOutput]:
+        return [o async for o in engine.stream(rid)]
+
+    async def all_of() -> list[list[RequestOutput]]:
+        return list(await asyncio.gather(*(read(r) for r in rids)))
+
+    outs = asyncio.run(all_of())
+    assert [out[-1].error for out in outs] == [None] * len(rids)
+    return [[t for o in out for t in o.token_ids] for out in outs]
+
+
+def test_a_wake_attaches_while_another_model_runs_on_the_same_worker(
+    demo_models: dict[str, Path],
+) -> None:
+    """The wake returns once the worker built the model (read by the loop's poll, or by the
+    waking thread between polls), while llama's jobs on the same workers go on."""
+    eng = engine_of(demo_models, "shared")
+    ex = eng.executor
+    assert isinstance(ex, MpsExecutor)
+    try:
+        eng.add_model(entry(demo_models, QWEN))
+        eng.start()
+        rids = [eng.add_request(LLAMA, p, GREEDY) for p in prompts_for(LLAMA)[:2]]
+        unit = ex.groups[(LLAMA, Phase.DECODE)]
+        wait_until(lambda: unit.delivered, 60.0, "a llama decode job in flight")
+        assert eng.wake(QWEN) > 0.0
+        units = [ex.groups[(QWEN, p)] for p in Phase]
+        assert all(isinstance(u, PooledWorker) and not u.attaching(QWEN) for u in units)
+        qwen = [eng.add_request(QWEN, p, GREEDY) for p in prompts_for(QWEN)[:2]]
+        want = {m: [list(t) for t in hf_greedy(m, demo_models[m])[:2]] for m in (LLAMA, QWEN)}
+        assert streamed(eng, rids) == want[LLAMA]
+        assert streamed(eng, qwen) == want[QWEN]
+        wait_until(lambda: eng.scheduler.jobs_in_flight == 0, 60.0, "idle")
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
 
 
 def test_a_model_added_with_its_own_workers_starts_them_on_wake_and_stops_them_on_sleep(
