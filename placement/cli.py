@@ -1,7 +1,8 @@
 """`muxserve plan`: place models on GPUs, print the plan per mesh, write it as a config.
 
     muxserve plan --models M.yaml --cluster C.yaml --workload W.yaml
-        [--algorithm ilp|greedy|muxserve|spatial|temporal|all] [--out plan.yaml] [--simulate]
+        [--algorithm ilp|greedy|muxserve|spatial|temporal|all] [--out plan.yaml]
+        [--simulate [--contention shared|start|none|peak]]
         [--time-limit S] [--replicas N] [--plot FILE.png]
         [--current PLAN.yaml [--move-cost S|auto] [--horizon S]]
 
@@ -19,6 +20,7 @@ import sys
 from muxserve.config import dump_config, load_config
 from muxserve.errors import ConfigError
 from placement.algorithms import ALGORITHMS, SolveOptions, solve
+from placement.contention import CONTENTION_MODES
 from placement.deadline import Deadline
 from placement.greedy import stderr_progress
 from placement.ilp_solver import SOLVERS
@@ -120,6 +122,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds of arrivals to measure, after a warm-up (default 20)",
     )
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument(
+        "--contention",
+        choices=CONTENTION_MODES,
+        default="shared",
+        help="how jobs running at once slow each other: shared (SMs and HBM bandwidth, "
+        "re-paced at every job's start and end), start (slowed once, at start: results "
+        "before `shared`), none (each as if alone), peak (as shared, demands counted over the "
+        "time a job moves bytes: a pessimistic bracket) (default shared)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
                 problem,
                 window_s=args.duration,
                 seed=args.seed,
+                contention=args.contention,
                 progress=stderr_progress,  # one line per mesh: simulations take a while
             )
     for name, plan in plans.items():

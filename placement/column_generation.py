@@ -39,6 +39,7 @@ MASTER_NODES = 5000  # branch-and-bound nodes of one integer master
 # the LP relaxation (or the MIP solver) bounds what is left
 PRICING_NODES = 20_000
 PRICING_KEEP = 5  # configurations kept per pricing call
+ROOT_SHARE = 0.7  # of a search's time left, for pricing at its root
 STABILIZE_FROM = 40  # units: from here on, pricing at the root is stabilised
 # the aggregate LP's cuts: Fekete-Schepers dual feasible functions of orders 1-3 applied to
 # each resource and to the mean of each pair of resources (shares of a mesh's capacity)
@@ -245,7 +246,7 @@ class BranchAndPrice:
             return best is not None and bound <= best.value * (1 + tolerance) + 1e-9
 
         root_branch = Branch()
-        root_deadline = deadline.fraction(0.7)  # the rest: the integer master, branching
+        root_deadline = deadline.fraction(ROOT_SHARE)  # the rest: the integer master, branching
         root = self._price(root_branch, root_deadline, value() * (1 + tolerance))
         best = self._better(best, self._integer(root_branch, best, deadline))
         if root is None or root.bound == math.inf:
@@ -302,8 +303,35 @@ class BranchAndPrice:
             return a
         return b if a is None or b.value > a.value + 1e-9 else a
 
+    def best_columns(self, keep: int) -> list[Config]:
+        """The `keep` configurations with the largest reduced values at the duals of the
+        master LP over the columns so far (its own columns first, ties in column order);
+        all of them if the LP has no solution."""
+        master = self._master_lp(Branch())
+        if master is None:
+            return list(self.configs)
+        _, unit_price, weight, size_price = master
+        reduced = [
+            sum(weight[c.model] * c.served - unit_price[self.unit_index[(c.model, c.replica)]]
+                for c in cfg.cands) - size_price[cfg.size]
+            for cfg in self.configs
+        ]  # fmt: skip
+        order = sorted(range(len(self.configs)), key=lambda k: (-reduced[k], k))
+        return [self.configs[k] for k in order[:keep]]
+
+    def combine(
+        self, start: Incumbent | None, deadline: Deadline, node_limit: int = MASTER_NODES
+    ) -> Incumbent | None:
+        """The best plan the columns so far make together (the integer master, unrestricted,
+        from `start` where given); None if they make none."""
+        return self._integer(Branch(), start, deadline, node_limit)
+
     def _integer(
-        self, branch: Branch, start: Incumbent | None, deadline: Deadline
+        self,
+        branch: Branch,
+        start: Incumbent | None,
+        deadline: Deadline,
+        node_limit: int = MASTER_NODES,
     ) -> Incumbent | None:
         """The integer master over the columns so far, within the node's restrictions."""
         if deadline.passed() and start is not None:
@@ -312,7 +340,7 @@ class BranchAndPrice:
         x0 = None
         if start is not None and all(branch.allows(c) for c in start.configs):
             x0 = self._start_vector(start)
-        sol = self.prog.solve_mip(max(deadline.left(), 0.2), MASTER_NODES, x0)
+        sol = self.prog.solve_mip(max(deadline.left(), 0.2), node_limit, x0)
         self._restrict(branch, integer=False)
         if not sol.feasible:
             return None

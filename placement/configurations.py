@@ -95,8 +95,9 @@ def price(
     best: list[tuple[float, tuple[Candidate, ...]]] = []
     nodes, exact = 0, True
 
-    def floor() -> float:
-        return best[-1][0] if len(best) >= keep else max(threshold, 1e-9)
+    # what a configuration must beat to be kept: the keep-th best value once there are keep
+    # of them (a variable, not a call: the search reads it at every candidate)
+    floor = max(threshold, 1e-9)
 
     def bound(depth: int, used: list[float], need: float) -> float:
         total = min(
@@ -132,7 +133,7 @@ def price(
     depth_end = len(models)
 
     def dfs(depth: int, used: list[float], value: float, chosen: list[Candidate]) -> None:
-        nonlocal nodes, exact, stop
+        nonlocal nodes, exact, stop, floor
         nodes += 1
         if nodes % 1024 == 0 and deadline is not None and deadline.passed():
             stop = True
@@ -141,25 +142,27 @@ def price(
             return
         if depth == depth_end:
             return
-        need = floor() + 1e-12 - value
+        need = floor + 1e-12 - value
         if bound(depth, used, need) <= need:
             return
         u0, u1, u2, u3 = used
         rest, lrest = suffix[depth + 1], lsuffix[depth + 1]
         charge = lam_total - sum(lam_room[r] * used[r] for r in range(4))
         for v, c, a0, a1, a2, a3, ch in flat[depth]:
-            if value + v + rest <= floor() + 1e-12:
+            if value + v + rest <= floor + 1e-12:
                 break  # the rest of this model's candidates are worth less still
             n0, n1, n2, n3 = u0 + a0, u1 + a1, u2 + a2, u3 + a3
             if n0 > r0 or n1 > r1 or n2 > r2 or n3 > r3:
                 continue
-            if value + v + lrest + charge - ch <= floor() + 1e-12 and len(best) >= keep:
+            if value + v + lrest + charge - ch <= floor + 1e-12 and len(best) >= keep:
                 continue  # the Lagrangian bound of the child already falls short
             chosen.append(c)
-            if value + v > floor():
+            if value + v > floor:
                 best.append((value + v, tuple(chosen)))
                 best.sort(key=lambda b: -b[0])
                 del best[keep:]
+                if len(best) >= keep:
+                    floor = best[-1][0]
             dfs(depth + 1, [n0, n1, n2, n3], value + v, chosen)
             chosen.pop()
         dfs(depth + 1, used, value, chosen)

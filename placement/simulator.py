@@ -2,32 +2,27 @@
 
 Each mesh runs its own `muxserve.scheduler.Scheduler` (the plan's engine settings; temporal
 and spatial plans give every job the whole GPU, so SM admission runs one job at a time) over a
-KV pool of the planned size. A clock advances by the cost model's latency of each job (slowed
-when the jobs running at once ask for more than the GPU's SMs or HBM bandwidth), and dummy
-tokens are fed back. Requests arrive through a warm-up and a measured window; the simulation
-then runs on until they finish or can no longer meet their SLO. Reported per model, over the
-window: throughput (tokens generated in the window ÷ the mean output length: requests/s served,
-partial requests included, so a window shorter than a request still measures the rate),
-SLO attainment of the window's arrivals, and TTFT / TPOT percentiles.
+KV pool of the planned size (`placement.mesh_replay`). A clock advances by the cost model's
+latency of each job, slowed by the jobs running beside it as the contention mode says
+(`placement.contention`: by default they share the SMs and the HBM bandwidth, re-paced at
+every job's start and end), and dummy tokens are fed back. Requests arrive through a warm-up
+and a measured window; the simulation then runs on until they finish or can no longer meet
+their SLO. Reported per model, over the window: throughput (tokens generated in the window ÷
+the mean output length: requests/s served, partial requests included, so a window shorter
+than a request still measures the rate), SLO attainment of the window's arrivals, and TTFT /
+TPOT percentiles.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from muxserve.config import EngineConfig, SMShare
-from muxserve.errors import RequestError
-from muxserve.model_descriptor import ModelDescriptor, describe_model
-from muxserve.request import Request
-from muxserve.sampling_params import SamplingParams
-from muxserve.scheduler.job import Job, JobResult, Phase, SeqResult
-from muxserve.scheduler.scheduler import Scheduler
-from placement.plan import PlacedMesh, PlacedModel, Placement, mesh_pool_bytes
+from placement.contention import CONTENTION_MODES, Contention
+from placement.mesh_replay import MeshRun, Track, planned_latency, replay_mesh
+from placement.plan import Placement
 from placement.problem import Problem
 
 
@@ -54,6 +49,8 @@ class SimResult:
     algorithm: str
     window_s: float
     models: tuple[ModelResult, ...]
+    contention: str = "shared"  # how jobs running at once slowed each other
+    contended_meshes: int = 0  # meshes where some job ran slower than alone
 
     @property
     def throughput(self) -> float:
@@ -65,27 +62,6 @@ class SimResult:
         arrived = sum(m.arrived for m in self.models)
         good = sum(m.slo_attainment * m.arrived for m in self.models)
         return good / arrived if arrived else 1.0
-
-
-@dataclass
-class _Track:
-    """Timestamps of one request."""
-
-    model: str
-    arrival: float
-    in_window: bool  # arrived within its mesh's measured window
-    first_token: float | None = None
-    finish: float | None = None
-    rejected: bool = False
-
-
-@dataclass(order=True)
-class _Running:
-    end: float
-    job_id: int
-    job: Job = field(compare=False)
-    sm: float = field(compare=False)
-    hbm: float = field(compare=False)
 
 
 def arrival_times(
@@ -115,6 +91,9 @@ def simulate(
     progress: Callable[[str], None] | None = None,
     settle: float = 1.2,
     drain: float = 2.0,
+    contention: Contention = "shared",
+    cache: MeshCache | None = None,
+    model_warmup: bool = True,
 ) -> SimResult:
     """Replay the problem's workload (Poisson or gamma) against `placement`.
 
@@ -127,44 +106,72 @@ def simulate(
     arrivals are measured, and the mesh runs on until they can no longer meet their SLO, or
     for `drain` times their planned latency if that is sooner (a request later than that
     counts as a miss). Smaller `settle` and `drain` (1, 1) make a quick, slightly pessimistic
-    simulation: what the benchmark's default run uses.
+    simulation: what the benchmark's default run uses. With `model_warmup`, each model's
+    arrivals begin only its own warm-up (`settle` × its planned latency, at least
+    `min_warmup_s`) before the window, so a busy model with short requests is not replayed
+    through the long warm-up of a slow one beside it (it reaches its steady state by the
+    window all the same); without, every model's arrivals begin at 0 (results before it).
+
+    `contention` (`none`, `start`, `shared`; see `placement.contention`): how jobs running at
+    once slow each other; `start` is the model of results before `shared` existed. With a
+    `cache` (one per problem), a mesh replayed before with the same models, arrivals and
+    settings is not replayed again: the result is the same, so plans that share meshes, and
+    the two contention modes on meshes where no job was ever slowed, cost one replay.
     """
+    if contention not in CONTENTION_MODES:
+        raise ValueError(f"contention must be one of {CONTENTION_MODES}, got {contention!r}")
+    if cache is not None and cache.problem is not problem:
+        raise ValueError("a MeshCache holds one problem's replays; make one per problem")
     block_bytes = block_bytes or problem.engine.block_bytes  # the serving config's, by default
-    tracks: dict[str, _Track] = {}
+    tracks: list[Track] = []
     tokens: dict[str, int] = {pm.name: 0 for pm in placement.models}
-    windows = []
+    windows: list[tuple[float, float]] = []
+    starts: list[dict[str, float]] = []  # per mesh, when each model's arrivals begin
     for mesh in placement.meshes:
-        warmup = max(
-            min_warmup_s,
-            min(_MAX_WARMUP_S, settle * max(_latency(problem, m) for m in mesh.models)),
-        )
+        ramp = {m.name: max(min_warmup_s, min(_MAX_WARMUP_S, settle * planned_latency(problem, m)))
+                for m in mesh.models}  # fmt: skip
+        warmup = max(ramp.values())
         windows.append((warmup, warmup + window_s))
-    arrivals = _split_arrivals(placement, problem, windows, seed, admission)
+        starts.append({n: warmup - r for n, r in ramp.items()} if model_warmup else {})
+    arrivals = _split_arrivals(placement, problem, windows, starts, seed, admission)
+    contended = 0
     for k, mesh in enumerate(placement.meshes):
         if progress:
             progress(f"simulate {placement.algorithm}: mesh {k + 1}/{len(placement.meshes)}")
-        tracks.update(
-            _run_mesh(mesh, k, problem, windows[k], block_bytes, arrivals[k], tokens, drain)
-        )
+        key = (mesh.size, mesh.models, mesh.kv_pool_bytes, windows[k], block_bytes, drain,
+               tuple(arrivals[k]))  # fmt: skip
+        run = cache.get(contention, key) if cache is not None else None
+        if run is None:
+            run = replay_mesh(
+                mesh, problem, windows[k], block_bytes, arrivals[k], drain, contention
+            )
+            if cache is not None:
+                cache.put(contention, key, run)
+        tracks += run.tracks
+        for name, n in run.tokens.items():
+            tokens[name] += n
+        contended += run.contended
     stats = []
     rates = placement.rates()
     for name in sorted(rates, key=problem.index):  # one row per model, in the problem's order
         rate = rates[name]
         t = problem.targets[problem.index(name)]
-        mine = [r for r in tracks.values() if r.model == name]
+        mine = [r for r in tracks if r.model == name]
         served = tokens[name] / t.output_len / window_s
         stats.append(_stats(name, rate, mine, served, t.ttft, t.tpot, t.output_len))
-    return SimResult(placement.algorithm, window_s, tuple(stats))
+    return SimResult(placement.algorithm, window_s, tuple(stats), contention, contended)
 
 
 def _split_arrivals(
     placement: Placement,
     problem: Problem,
     windows: list[tuple[float, float]],
+    starts: list[dict[str, float]],
     seed: int,
     admission: bool,
 ) -> list[list[tuple[float, str, bool]]]:
-    """Per mesh, its arrivals (time, model, admitted) up to the end of its window.
+    """Per mesh, its arrivals (time, model, admitted) from each model's start (`starts`, 0
+    where not given) up to the end of its window.
 
     A model's arrivals are drawn once (the same in every plan: common random numbers) and
     spread over its replicas in proportion to the rates the plan expects each to serve (a
@@ -190,7 +197,7 @@ def _split_arrivals(
         pick = draws.choice(len(where), size=len(times), p=weights)
         for at, ok, r in zip(times, admit, pick, strict=True):
             k = where[int(r)][0]
-            if at < windows[k][1]:
+            if starts[k].get(name, 0.0) <= at < windows[k][1]:
                 out[k].append((at, name, bool(ok)))
     for mesh_arrivals in out:
         mesh_arrivals.sort()
@@ -200,150 +207,34 @@ def _split_arrivals(
 _MAX_WARMUP_S = 120.0
 
 
-def _latency(problem: Problem, m: PlacedModel) -> float:
-    """A request's planned latency: its prefill, then its decode steps at the planned pace."""
-    return m.ttft + problem.targets[problem.index(m.name)].decode_steps * m.tpot
+class MeshCache:
+    """Mesh replays of one problem, by what they depend on, for plans simulated in turn.
 
-
-def _run_mesh(
-    mesh: PlacedMesh,
-    mesh_index: int,
-    problem: Problem,
-    window: tuple[float, float],
-    block_bytes: int,
-    arrivals: list[tuple[float, str, bool]],
-    tokens: dict[str, int],
-    drain: float,
-) -> dict[str, _Track]:
-    """Simulate one mesh; adds to `tokens` each model's tokens generated in `window`."""
-    cost, tp = problem.cost, mesh.size
-    duration = window[1]
-    engine = problem.engine.model_copy(update={"block_bytes": block_bytes})
-    specs = {pm.name: problem.specs[problem.index(pm.name)] for pm in mesh.models}
-    models, num_blocks = served_mesh(mesh, problem, block_bytes)
-    slots = [replace(d.slot, max_waiting=1 << 30) for d in models]  # queues never refuse
-    sched = Scheduler.create(slots, num_blocks, EngineConfig.model_validate(engine.model_dump()))
-
-    tracks: dict[str, _Track] = {}
-    running: list[_Running] = []
-    ids = itertools.count()
-    hbm = problem.cluster.gpu.hbm_bytes_per_s * problem.cluster.cost_model.bandwidth_efficiency
-    horizon = duration + _drain(problem, mesh, duration, drain)
-    now, a = 0.0, 0
-    while now < horizon:
-        while a < len(arrivals) and arrivals[a][0] <= now:
-            at, name, admitted = arrivals[a]
-            a += 1
-            t = problem.targets[problem.index(name)]
-            rid = f"m{mesh_index}-r{next(ids)}"
-            tracks[rid] = _Track(name, at, window[0] <= at < window[1])
-            if not admitted:  # beyond the rate the plan serves: turned away (HTTP 429)
-                tracks[rid].rejected = True
-                continue
-            req = Request(
-                rid,
-                name,
-                [1] * t.prompt_len,
-                SamplingParams(max_tokens=t.output_len, ignore_eos=True),
-                at,
-                0,
-            )
-            try:
-                sched.add_request(req)
-            except RequestError:
-                tracks[rid].rejected = True
-        for job in sched.schedule():
-            spec = specs[job.model]
-            if job.phase is Phase.PREFILL:
-                n = len(job.seqs)
-                lat = cost.prefill_latency(spec, tp, job.sm_share, n, job.num_tokens / n)
-                moved = cost.prefill_bytes(spec, tp, n, job.num_tokens / n)
-            else:
-                ctx = sum(s.end_pos for s in job.seqs) / len(job.seqs)
-                lat = cost.decode_latency(spec, tp, job.sm_share, len(job.seqs), ctx)
-                moved = cost.decode_bytes(spec, tp, len(job.seqs), ctx)
-            bw = moved / lat / hbm
-            slow = max(
-                1.0, job.sm_share + sum(r.sm for r in running), bw + sum(r.hbm for r in running)
-            )
-            heapq.heappush(running, _Running(now + lat * slow, job.job_id, job, job.sm_share, bw))
-        next_arrival = arrivals[a][0] if a < len(arrivals) else float("inf")
-        if not running and next_arrival == float("inf"):
-            break
-        if running and running[0].end <= next_arrival:
-            done = heapq.heappop(running)
-            now = done.end
-            if window[0] <= now < window[1]:
-                tokens[done.job.model] += sum(s.sample for s in done.job.seqs)
-            result = JobResult(
-                done.job.job_id,
-                tuple(SeqResult(s.request_id, 0 if s.sample else None) for s in done.job.seqs),
-            )
-            for req in sched.on_job_done(done.job, result):
-                tr = tracks[req.request_id]
-                if tr.first_token is None and req.output_token_ids:
-                    tr.first_token = now
-                if req.is_finished:
-                    tr.finish = now
-        else:
-            now = next_arrival
-    return tracks
-
-
-def served_mesh(
-    mesh: PlacedMesh, problem: Problem, block_bytes: int | None = None
-) -> tuple[list[ModelDescriptor], int]:
-    """What the engine serving `mesh` derives from the plan: each model's descriptors (dtype,
-    one rank's KV layout, shares) and the blocks of its KV pool (`num_blocks` per GPU).
-
-    The same `describe_model` the engine calls, on the facts `to_config` writes for the mesh,
-    so the simulated scheduler sees the blocks the served one will.
+    A replay that never slowed a job is also the replay without contention.
     """
-    block_bytes = block_bytes or problem.engine.block_bytes
-    models = []
-    for pm in mesh.models:
-        spec = problem.specs[problem.index(pm.name)]
-        models.append(
-            describe_model(
-                pm.name,
-                spec.config,
-                spec.dtype,
-                block_bytes=block_bytes,
-                tensor_parallel=pm.tensor_parallel,
-                sm_share=SMShare(prefill=pm.prefill_share, decode=pm.decode_share),
-                rate=pm.serving_rate,
-                kv_share=pm.kv_share,
-                max_model_len=(spec.max_model_len, problem.engine.max_model_len),
-            )
-        )
-    pool = mesh.kv_pool_bytes
-    if pool is None:  # a placement built by hand: size it as `assemble` does
-        pool = mesh_pool_bytes(
-            problem,
-            [(problem.specs[problem.index(m.name)], m.tensor_parallel) for m in mesh.models],
-        )
-    return models, pool // block_bytes
 
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self._runs: dict[tuple[str, tuple], MeshRun] = {}
+        self.hits = 0
+        self.misses = 0
 
-def _drain(problem: Problem, mesh: PlacedMesh, duration: float, factor: float) -> float:
-    """How long to run on after the last arrival: until a request can no longer meet its SLO,
-    or has taken `factor` times its planned latency (a request that far behind the plan is
-    counted as a miss: this spares simulating the long tail of a generous SLO)."""
-    longest = 0.0
-    for m in mesh.models:
-        t = problem.targets[problem.index(m.name)]
-        planned = factor * _latency(problem, m)
-        if t.ttft is None or t.tpot is None:
-            longest = max(longest, min(duration, planned))
-            continue
-        longest = max(longest, min(1.05 * (t.ttft + t.decode_steps * t.tpot), planned))
-    return longest
+    def get(self, contention: Contention, key: tuple) -> MeshRun | None:
+        run = self._runs.get((contention, key))
+        self.hits += run is not None
+        self.misses += run is None
+        return run
+
+    def put(self, contention: Contention, key: tuple, run: MeshRun) -> None:
+        self._runs[(contention, key)] = run
+        if not run.contended:
+            self._runs.setdefault(("none", key), run)
 
 
 def _stats(
     name: str,
     rate: float,
-    tracks: list[_Track],
+    tracks: list[Track],
     served: float,
     slo_ttft: float | None,
     slo_tpot: float | None,

@@ -225,11 +225,16 @@ def bench_point(
     ours_ms: list[float] = []
     weights_ms: list[float] = []
     ratios: list[list[float]] = []
+    cpu_ms: dict[Any, list[float]] = {hf.step: [], side.step: []}  # the thread's CPU time
     for rep in range(args.repeats):
         rep_ratios = []
         for step in range(args.steps):
             order = (hf.step, side.step) if (rep + step) % 2 == 0 else (side.step, hf.step)
-            t = {fn: timed(fn) for fn in order}
+            t = {}
+            for fn in order:
+                start = time.thread_time()
+                t[fn] = timed(fn)
+                cpu_ms[fn].append((time.thread_time() - start) * 1e3)
             weights_ms.append(timed(lambda: read_weights(ours)) * 1e3)
             hf_ms.append(t[hf.step] * 1e3)
             ours_ms.append(t[side.step] * 1e3)
@@ -246,6 +251,7 @@ def bench_point(
     side.finish()
     flat = [r for rep in ratios for r in rep]
     per_rep = [statistics.median(rep) for rep in ratios]
+    cpu_ratios = [e / h for e, h in zip(cpu_ms[side.step], cpu_ms[hf.step], strict=True)]
     return {
         "point": str(point),
         "batch": point.batch,
@@ -260,6 +266,15 @@ def bench_point(
             "q3": quartiles(flat)[1],
             "rep_min": min(per_rep),
             "rep_max": max(per_rep),
+        },
+        # the same steps in the timing thread's CPU time: what the time slices other processes
+        # take do not inflate (their contention for caches and memory still does)
+        "hf_cpu_ms": summary(cpu_ms[hf.step]),
+        "engine_cpu_ms": summary(cpu_ms[side.step]),
+        "cpu_ratio": {
+            "median": statistics.median(cpu_ratios),
+            "q1": quartiles(cpu_ratios)[0],
+            "q3": quartiles(cpu_ratios)[1],
         },
         "engine_vs_weights_read": statistics.median(ours_ms) / statistics.median(weights_ms),
         "rows_same_tokens": same,

@@ -4,9 +4,11 @@
    paper's (max 40 and 100 req/s), alpha in {0.7, 0.9, 1.3, 1.7, 2.1}: ILP, our greedy, the
    authors' algorithm (muxserve, its own time limit), spatial and temporal plans — estimated
    throughput under our estimator and under the authors' (`placement.authors`), bound, gap,
-   solve time; simulated throughput and SLO attainment for the --simulate algorithms (a quick
-   simulation: short window, warm-up and drain of one planned request latency; a plan equal
-   to one already simulated is not simulated again).
+   solve time; simulated throughput and SLO attainment for the --simulate algorithms, under
+   each --contention mode (default: jobs that run at once share SMs and HBM bandwidth, and
+   without contention), and which estimator the simulation sides with (a quick simulation:
+   2 s window, warm-up and drain of one planned request latency; a plan equal to one
+   already simulated, or a mesh already replayed, is not simulated again).
 2. The warm start (candidate table + greedy) on the paper instances: CPU and wall seconds,
    medians over --repeats.
 3. 64 models (40 x 7B, 14 x 13B, 6 x 30B, 4 x 65B) on 8 x 8 A100-80GB (fitted analytic model),
@@ -15,8 +17,8 @@
 4. Replicas: the paper's models with one very hot model (llm-0 at --hot-rate req/s), planned
    with 1 and with --replicas meshes per model, estimated and simulated.
 
-Writes bench.json (with the command and the load average before and after) and bench.png.
-The default run takes about 5 minutes on an idle 2-core machine.
+Writes bench.json (with the command, the load average before and after, wall and CPU
+seconds), bench.png and bench.md. The default run took 272 CPU-seconds (727 s wall at load 7-8).
 
     python scripts/bench_placement.py [--out benchmarks/results/placement] [--runs 3]
 """
@@ -34,15 +36,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_placement_report import PAPER_MAX_RATE, markdown, plot, sides_with  # noqa: E402
+
 from muxserve.models.hf_config import load_hf_config  # noqa: E402
 from placement.algorithms import ALGORITHMS, SolveOptions, solve  # noqa: E402
 from placement.authors import authors_estimate, own_estimate  # noqa: E402
 from placement.candidates import Mode, build_candidates  # noqa: E402
+from placement.contention import CONTENTION_MODES  # noqa: E402
 from placement.gpus import load_cluster  # noqa: E402
 from placement.greedy import solve_greedy  # noqa: E402
 from placement.plan import Placement  # noqa: E402
 from placement.problem import Problem, make_problem  # noqa: E402
-from placement.simulator import simulate  # noqa: E402
+from placement.simulator import MeshCache, simulate  # noqa: E402
 from placement.specs import load_models, spec_from_config  # noqa: E402
 from placement.workload import (  # noqa: E402
     PAPER_ALPHAS,
@@ -52,7 +57,6 @@ from placement.workload import (  # noqa: E402
 )
 
 CONFIGS = ROOT / "configs"
-PAPER_MAX_RATE = 40.0  # the paper's generator: model i gets 40 × (i + 1)^-α req/s
 
 
 def log(msg: str) -> None:
@@ -105,14 +109,24 @@ def summary(plan: Placement) -> dict:
     }
 
 
-def simulated(plan: Placement, p: Problem, args: argparse.Namespace) -> dict:
-    t0 = time.perf_counter()
-    sim = simulate(plan, p, window_s=args.duration, min_warmup_s=2.0, settle=1.0, drain=1.0)
-    return {
-        "simulated": sim.throughput,
-        "slo_attainment": sim.slo_attainment,
-        "sim_wall_s": time.perf_counter() - t0,
-    }
+def simulated(
+    plan: Placement, p: Problem, args: argparse.Namespace, cache: MeshCache, modes: tuple
+) -> dict:
+    """The plan simulated under each of `modes` (the first is `simulated`, `none` is
+    `simulated_none`): throughput, SLO attainment, meshes where jobs slowed each other."""
+    out: dict = {}
+    for mode in modes:
+        c0 = time.process_time()
+        sim = simulate(plan, p, window_s=args.duration, min_warmup_s=2.0, settle=1.0, drain=1.0,
+                       contention=mode, cache=cache)  # fmt: skip
+        tag = "" if mode == modes[0] else f"_{mode}"
+        out |= {
+            f"simulated{tag}": sim.throughput,
+            f"slo_attainment{tag}": sim.slo_attainment,
+            f"contended_meshes{tag}": sim.contended_meshes,
+            f"sim_cpu_s{tag}": time.process_time() - c0,
+        }
+    return out
 
 
 def signature(plan: Placement) -> tuple:
@@ -137,6 +151,7 @@ def run_paper(scale: float, args: argparse.Namespace) -> list[dict]:
         plans |= solve(p, ("muxserve",), SolveOptions(time_limit=args.muxserve_time_limit),
                        progress=None)  # fmt: skip
         sims: dict[tuple, dict] = {}
+        cache = MeshCache(p)
         for name in ALGORITHMS:
             plan = plans[name]
             row[name] = summary(plan)
@@ -147,23 +162,32 @@ def run_paper(scale: float, args: argparse.Namespace) -> list[dict]:
             if args.duration > 0 and name in args.simulate:
                 key = signature(plan)
                 if key not in sims:
-                    sims[key] = simulated(plan, p, args) | {"same_plan_as": name}
+                    sims[key] = simulated(plan, p, args, cache, args.contention) | {
+                        "same_plan_as": name
+                    }
                 row[name] |= sims[key]
         base = row["spatial"]
         for name in ALGORITHMS:
             row[name]["x_spatial_est"] = row[name]["estimated"] / base["estimated"]
             if "simulated" in row[name] and "simulated" in base:
                 row[name]["x_spatial_sim"] = row[name]["simulated"] / base["simulated"]
+            if "authors_est" in row[name] and "authors_est" in base:
+                row[name]["x_spatial_theirs"] = row[name]["authors_est"] / base["authors_est"]
+        row["sides_with"] = sides_with(row)
+        row["mesh_replays"] = {"replayed": cache.misses, "reused": cache.hits}
         log(
             f"scale {scale} α {alpha}: "
             + ", ".join(
                 f"{n} {row[n]['estimated']:.1f}"
                 + (f"/{row[n]['simulated']:.1f}" if "simulated" in row[n] else "")
+                + (f"/{row[n]['simulated_none']:.1f}" if "simulated_none" in row[n] else "")
                 + (f" (theirs {row[n]['authors_est']:.1f})" if "authors_est" in row[n] else "")
                 for n in ALGORITHMS
             )
             + f" req/s; ilp {row['ilp']['solve_s']:.2f} s, bound {row['ilp']['bound']:.1f}, "
-            f"gap {row['ilp']['gap']:.2%}"
+            f"gap {row['ilp']['gap']:.2%}; simulator sides with "
+            f"{row['sides_with'].get('sides_with', '-')}; {cache.misses} mesh replays, "
+            f"{cache.hits} reused"
         )
         rows.append(row)
     return rows
@@ -248,123 +272,13 @@ def run_replicas(args: argparse.Namespace) -> dict:
             "hot_replicas": [(m.tensor_parallel, m.served) for m in plan.replicas("llm-0")],
         }
         if args.duration > 0:
-            entry |= simulated(plan, p, args)
+            # the first contention mode only: replicas are not about interference
+            entry |= simulated(plan, p, args, MeshCache(p), args.contention[:1])
         out[f"replicas_{replicas}"] = entry
         sim = f", simulated {entry['simulated']:.1f}" if "simulated" in entry else ""
         hot = f"{plan.served()['llm-0']:.1f} on {len(plan.replicas('llm-0'))} meshes"
         log(f"replicas ≤ {replicas}: {plan.served_total:.1f} req/s, llm-0 {hot}{sim}")
     return out
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["paper"]
-    scales = sorted({r["scale"] for r in rows})
-    fig, axes = plt.subplots(len(scales) + 1, 2, figsize=(12, 3.4 * (len(scales) + 1)),
-                             squeeze=False)  # fmt: skip
-    for k, scale in enumerate(scales):
-        rs = [r for r in rows if r["scale"] == scale]
-        alphas = [r["alpha"] for r in rs]
-        ax_t, ax_s = axes[k]
-        for name in ALGORITHMS:
-            (line,) = ax_t.plot(alphas, [r[name]["estimated"] for r in rs], "o-", label=name)
-            if name in ("ilp", "greedy", "muxserve"):
-                ax_t.plot(alphas, [r[name]["authors_est"] for r in rs], "+:", ms=9,
-                          color=line.get_color())  # fmt: skip
-            if "simulated" in rs[0][name]:
-                ax_t.plot(alphas, [r[name]["simulated"] for r in rs], "x--", color=line.get_color())
-                ax_s.plot(alphas, [100 * r[name]["slo_attainment"] for r in rs], "o-",
-                          color=line.get_color(), label=name)  # fmt: skip
-        ax_t.plot(alphas, [r["ilp"]["bound"] for r in rs], "k_", ms=12, label="ILP bound")
-        ax_t.plot(alphas, [r["requested"] for r in rs], "k:", label="requested")
-        ax_t.set_title(f"max rate {PAPER_MAX_RATE * scale:g} req/s: o ours, + authors' "
-                       "estimator, x simulated", fontsize=9)  # fmt: skip
-        ax_t.set_xlabel("α")
-        ax_t.set_ylabel("req/s")
-        ax_t.legend(fontsize=7)
-        ax_s.set_title("SLO attainment (%, simulated)")
-        ax_s.set_xlabel("α")
-        ax_s.set_ylim(0, 105)
-        ax_s.legend(fontsize=7)
-    ax_l, ax_r = axes[-1]
-    if "large" in result:
-        large = result["large"]
-        xs = range(1, len(large["runs"]) + 1)
-        ax_l.bar([x - 0.2 for x in xs], [r["estimated"] for r in large["runs"]], 0.4, label="ILP")
-        ax_l.bar([x + 0.2 for x in xs], [r["bound"] for r in large["runs"]], 0.4, label="bound")
-        ax_l.plot(xs, [r["greedy"] for r in large["runs"]], "k*", label="greedy")
-        ax_l.set_title(f"64 models x 64 GPUs, {large['time_limit_s']:g} s: per run")
-        ax_l.set_xlabel("run")
-        ax_l.set_ylabel("req/s")
-        ax_l.legend(fontsize=7)
-    if "replicas" in result:
-        rep = result["replicas"]
-        keys = [k for k in rep if k.startswith("replicas_")]
-        ax_r.bar([k.replace("_", " ≤ ") for k in keys], [rep[k]["estimated"] for k in keys],
-                 0.4, label="estimated")  # fmt: skip
-        if "simulated" in rep[keys[0]]:
-            ax_r.plot(range(len(keys)), [rep[k]["simulated"] for k in keys], "kx", ms=10,
-                      label="simulated")  # fmt: skip
-        ax_r.axhline(rep["requested"], color="k", ls=":", label="requested")
-        ax_r.set_title(f"one hot model (llm-0 at {rep['hot_rate']:g} req/s): replicas")
-        ax_r.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def markdown(result: dict) -> str:
-    """The paper rows, the warm start and the 64 x 64 runs as markdown tables."""
-
-    def est(r: dict, name: str) -> str:
-        x = r[name]
-        parts = [f"{x['estimated']:.1f}", f"{x['authors_est']:.1f}" if "authors_est" in x else "-"]
-        if "authors_own" in x:
-            parts[1] += f" ({x['authors_own']:.1f})"
-        parts.append(f"{x['simulated']:.1f}" if "simulated" in x else "-")
-        return " / ".join(parts)
-
-    def ratio(r: dict, key: str) -> str:
-        a, b = r["ilp"].get(key), r["muxserve"].get(key)
-        return f"{a / b:.2f}" if a and b else "-"
-
-    out = [
-        "| max rate | α | requested | ILP | bound (gap) | greedy | muxserve | spatial "
-        "| ILP × muxserve (ours / theirs / sim) | SLO ILP / muxserve / spatial "
-        "| ILP time, status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result.get("paper", []):
-        slo = " / ".join(f"{100 * r[n]['slo_attainment']:.0f}%" if "slo_attainment" in r[n]
-                         else "-" for n in ("ilp", "muxserve", "spatial"))  # fmt: skip
-        out.append(
-            f"| {PAPER_MAX_RATE * r['scale']:g} | {r['alpha']} | {r['requested']:.1f} "
-            f"| {est(r, 'ilp')} | {r['ilp']['bound']:.1f} ({r['ilp']['gap']:.2%}) "
-            f"| {est(r, 'greedy')} | {est(r, 'muxserve')} | {est(r, 'spatial')} "
-            f"| {ratio(r, 'estimated')} / {ratio(r, 'authors_est')} / {ratio(r, 'simulated')} "
-            f"| {slo} | {r['ilp']['solve_s']:.2f} s, {r['ilp']['status']} |"
-        )
-    if "warm_start" in result:
-        out += ["", "| max rate | α | table + greedy, CPU s (min-max) | of which the table "
-                "| wall s | load |", "|---|---|---|---|---|---|"]  # fmt: skip
-        for w in result["warm_start"]:
-            lo, hi = w["cpu_min_max"]
-            out.append(f"| {PAPER_MAX_RATE * w['scale']:g} | {w['alpha']} | {w['cpu_s']:.3f} "
-                       f"({lo:.3f}-{hi:.3f}) | {w['table_cpu_s']:.3f} | {w['wall_s']:.3f} "
-                       f"| {w['load']:.1f} |")  # fmt: skip
-    if "large" in result:
-        out += ["", "| run | ILP | bound | gap | wall s | CPU s | load before-after | greedy "
-                "| notes |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for k, r in enumerate(result["large"]["runs"]):
-            out.append(f"| {k + 1} | {r['estimated']:.1f} | {r['bound']:.1f} | {r['gap']:.2%} "
-                       f"| {r['wall_s']:.1f} | {r.get('cpu_s', float('nan')):.1f} "
-                       f"| {r['load_before']:.1f}-{r['load_after']:.1f} | {r['greedy']:.1f} "
-                       f"| {'; '.join(r['notes'])} |")  # fmt: skip
-    return "\n".join(out) + "\n"
 
 
 def main() -> int:
@@ -375,8 +289,14 @@ def main() -> int:
     ap.add_argument("--slo-scale", type=float, default=8.0)
     ap.add_argument("--time-limit", type=float, default=5.0,
                     help="seconds per paper instance, every algorithm together")  # fmt: skip
-    ap.add_argument("--duration", type=float, default=3.0,
-                    help="simulated seconds measured after warm-up (0: no simulation)")  # fmt: skip
+    ap.add_argument("--duration", type=float, default=2.0,
+                    help="simulated seconds measured after warm-up (0: no simulation); "
+                    "requests live 10-60 s here, so the tokens in a window measure the "
+                    "requests in flight, and a longer one adds little")  # fmt: skip
+    ap.add_argument("--contention", default="shared,none",
+                    help="how jobs running at once slow each other in simulation, one "
+                    f"simulation per mode ({', '.join(CONTENTION_MODES)}); the first is "
+                    "`simulated`")  # fmt: skip
     ap.add_argument("--simulate", default="ilp,greedy,muxserve,spatial",
                     help="the algorithms whose plans are simulated")  # fmt: skip
     ap.add_argument("--muxserve-time-limit", type=float, default=60.0,
@@ -402,8 +322,11 @@ def main() -> int:
         (args.out / "bench.md").write_text(markdown(saved))
         return 0
     args.simulate = tuple(a for a in args.simulate.split(",") if a)
+    args.contention = tuple(a for a in args.contention.split(",") if a)
+    if not args.contention or any(m not in CONTENTION_MODES for m in args.contention):
+        ap.error(f"--contention: modes from {', '.join(CONTENTION_MODES)}, got {args.contention}")
     args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result: dict = {"command": " ".join(sys.argv), "load_before": load()}
     if args.large_only:
         result["large"] = run_large(args)
@@ -418,12 +341,14 @@ def main() -> int:
     result["replicas"] = run_replicas(args)
     if not args.skip_large:
         result["large"] = run_large(args)
-    result |= {"load_after": load(), "wall_s": time.perf_counter() - t0}
+    result |= {"load_after": load(), "wall_s": time.perf_counter() - t0,
+               "cpu_s": time.process_time() - c0}  # fmt: skip
     (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.out / "bench.png")
     (args.out / "bench.md").write_text(markdown(result))
     log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'} "
-        f"in {result['wall_s']:.0f} s (load {result['load_before']:.2f} -> "
+        f"in {result['wall_s']:.0f} s, {result['cpu_s']:.0f} CPU-s "
+        f"(load {result['load_before']:.2f} -> "
         f"{result['load_after']:.2f})")  # fmt: skip
     return 0
 

@@ -16,10 +16,12 @@ is cut into chunks of `--hf-chunk-tokens` tokens so its activations stay small.
 
 Reported per cell: the median decode step of each side with its p10-p90, the median of the
 paired ratios engine / HF with their quartiles and the min-max of the per-repeat medians, the
-rows whose greedy tokens agree (random weights leave near-ties that rounding may flip), and the
-load average before and after. Written to `--out`: `bench_vs_hf.json` after every cell
-(`"complete": false` until the last), and `bench_vs_hf.png` (the ratio per cell, one panel
-per model) at the end. Progress goes to stderr.
+same in the timing thread's CPU time (`cpu_ratio`: on a loaded machine the time slices other
+processes take inflate wall times, not these), the rows whose greedy tokens agree (random
+weights leave near-ties that rounding may flip), and the load average before and after.
+Written to `--out`: `bench_vs_hf.json` after every cell (`"complete": false` until the last),
+and `bench_vs_hf.png` (the ratio per cell, one panel per model) at the end. Progress goes to
+stderr.
 """
 
 from __future__ import annotations
@@ -147,11 +149,12 @@ def bench_model(
                 row["seconds"] = round(time.perf_counter() - start, 1)
                 row["load_average_before"] = load_before
                 row["load_average_after"] = os.getloadavg()
-                q = row["ratio"]
+                q, c = row["ratio"], row["cpu_ratio"]
                 print(
                     f"[{size.name}] {cell}: hf {row['hf_ms']['median']:.1f} ms, engine "
                     f"{row['engine_ms']['median']:.1f} ms, ratio {q['median']:.3f} "
-                    f"(IQR {q['q1']:.3f}-{q['q3']:.3f}), {row['seconds']:.0f} s, load "
+                    f"(IQR {q['q1']:.3f}-{q['q3']:.3f}), thread CPU ratio {c['median']:.3f} "
+                    f"(IQR {c['q1']:.3f}-{c['q3']:.3f}), {row['seconds']:.0f} s, load "
                     f"{load_before[0]:.1f}",
                     file=log,
                 )
@@ -175,7 +178,11 @@ def plot(result: dict[str, Any], file: Path) -> None:
 
     models = result["models"]
     fig, axes = plt.subplots(
-        1, len(models), figsize=(4.6 * len(models), 4.6), squeeze=False, layout="constrained"
+        1,
+        len(models),
+        figsize=(max(4.6 * len(models), 7.5), 4.6),
+        squeeze=False,
+        layout="constrained",
     )
     norm = TwoSlopeNorm(vmin=0.25, vcenter=1.0, vmax=1.75)
     image = None
@@ -315,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     save()
     plot(result, out / "bench_vs_hf.png")
     print(f"{'model':>8}{'cell':>10}{'hf ms':>10}{'engine ms':>11}{'ratio':>8}"
-          f"{'IQR':>14}{'rep min-max':>14}{'same':>6}{'load':>6}")  # fmt: skip
+          f"{'IQR':>14}{'rep min-max':>14}{'cpu ratio':>10}{'IQR':>14}{'same':>6}"
+          f"{'load':>6}")  # fmt: skip
     for model in models:
         for c in model["cells"]:
             q = c["ratio"]
@@ -323,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{model['name']:>8}{c['point']:>10}{c['hf_ms']['median']:>10.1f}"
                 f"{c['engine_ms']['median']:>11.1f}{q['median']:>7.2f}x"
                 f"{q['q1']:>7.2f}-{q['q3']:.2f}{q['rep_min']:>8.2f}-{q['rep_max']:.2f}"
+                f"{c['cpu_ratio']['median']:>9.2f}x"
+                f"{c['cpu_ratio']['q1']:>7.2f}-{c['cpu_ratio']['q3']:.2f}"
                 f"{c['rows_same_tokens']:>4}/{c['batch']}{c['load_average_before'][0]:>6.1f}"
             )
     print(f"load average {load_before} -> {result['load_average_after']}")

@@ -78,6 +78,12 @@ class CausalLM(nn.Module):
         """(N, hidden) -> (N, vocab) float32 logits on every rank."""
         raise NotImplementedError
 
+    def head_weight(self) -> Tensor:
+        """The (vocab or this rank's share of it, hidden) matrix `compute_logits` multiplies
+        by: the LM head, or the embedding when the two are tied (the CPU loader places it
+        apart, see `weight_arena`)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def build_rope_cache(self, device: torch.device, max_len: int | None = None) -> None:
         """Allocate RoPE tables (and other derived state) on `device` now, before the KV pool

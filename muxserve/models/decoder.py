@@ -209,11 +209,16 @@ class DecoderForCausalLM(CausalLM):
             x = layer(x, cos, sin, attention)
         return m.norm(x)
 
+    def head_weight(self) -> Tensor:
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return head
+
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """(N, hidden) -> (N, vocab) float32 logits; the matmul (and a final soft-cap) run in
         the model's dtype, as HF."""
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, head)  # (N, vocab), or this rank's (N, vocab / tp_size)
+        logits = F.linear(
+            hidden, self.head_weight()
+        )  # (N, vocab), or this rank's (N, vocab / tp_size)
         if self.vocab_parallel:
             logits = gather_vocab(logits, self.tp_size)
         cap = self.config.final_logit_softcap

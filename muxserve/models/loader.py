@@ -101,7 +101,7 @@ def load_model(
         model = build_model(plan.config)
     model = model.to(dtype=dtype)  # (on meta: costs nothing)
     if device.type == "cpu":
-        materialize_in_arena(model)
+        materialize_in_arena(model, skewed=(model.head_weight(),))
     else:
         model = model.to_empty(device=device)
     model.load_weights(_tensors(plan))

@@ -17,7 +17,7 @@ from muxserve.models.causal_lm import CausalLM
 from muxserve.models.loader import _tensors, load_model, plan_checkpoint
 from muxserve.models.registry import build_model
 from muxserve.models.sharding import shard_model
-from muxserve.models.weight_arena import ALIGN, HUGE_PAGE, materialize_in_arena
+from muxserve.models.weight_arena import ALIGN, HUGE_PAGE, SKEW, materialize_in_arena
 
 MakeCheckpoint = Callable[..., Path]
 FAMILIES = ("qwen3-zoo", "gemma2-zoo", "gemma3-zoo", "phi3-zoo", "mixtral-zoo", "qwen3-moe-zoo")
@@ -70,7 +70,11 @@ def test_parameters_are_aligned_writable_views_of_one_mapping(
     assert len(bases) == 1
     base = bases.pop()
     assert base % HUGE_PAGE == 0  # the kernel aligns a large anonymous mapping to its pages
-    assert all(p.data_ptr() % ALIGN == 0 for p in params)
+    # the LM head (here the tied embedding) 32 bytes past a cache line's start, where MKL's
+    # sgemm reads a wide matrix faster; every other parameter on one
+    head = model.head_weight()
+    assert head is model.model.embed_tokens.weight and head.data_ptr() % ALIGN == SKEW == 32
+    assert all(p.data_ptr() % ALIGN == 0 for p in params if p is not head)
     spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in params)
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # no overlap
     assert model.lm_head is None  # tied: one embedding serves both
@@ -79,6 +83,16 @@ def test_parameters_are_aligned_writable_views_of_one_mapping(
     old = w[0, 0].item()
     w[0, 0] += 1.0  # weights are written in place (e.g. a loader's copy, a test's edit)
     assert w[0, 0].item() == old + 1.0
+
+
+def test_an_untied_head_is_skewed_and_the_embedding_is_not(
+    make_checkpoint: MakeCheckpoint,
+) -> None:
+    folder = make_checkpoint("llama")
+    model, _ = load_model(folder, torch.float32, "cpu")
+    assert model.lm_head is not None and model.head_weight() is model.lm_head.weight
+    assert model.lm_head.weight.data_ptr() % ALIGN == SKEW
+    assert model.model.embed_tokens.weight.data_ptr() % ALIGN == 0
 
 
 def test_the_mapping_is_advised_into_huge_pages_and_unmapped_with_the_model(
@@ -125,7 +139,14 @@ def test_meta_buffers_get_cpu_memory_and_a_model_without_parameters_no_mapping()
         lin = torch.nn.Linear(5, 3)
     size = materialize_in_arena(lin)
     assert size == HUGE_PAGE and lin.weight.shape == (3, 5) and lin.bias.device.type == "cpu"
+    assert lin.weight.data_ptr() == lin.weight.untyped_storage().data_ptr()
     assert lin.bias.data_ptr() - lin.weight.data_ptr() == ALIGN  # 60 bytes rounded up to 64
+    with torch.device("meta"):
+        lin = torch.nn.Linear(5, 3)
+    assert materialize_in_arena(lin, skewed=(lin.weight,)) == HUGE_PAGE
+    # the weight's 60 bytes after the 32 of skew take two lines; the bias starts on the next
+    assert lin.weight.data_ptr() - lin.weight.untyped_storage().data_ptr() == SKEW
+    assert lin.bias.data_ptr() - lin.weight.data_ptr() == 2 * ALIGN - SKEW
 
 
 def test_shards_and_shared_memory_work_from_the_arena(make_checkpoint: MakeCheckpoint) -> None:

@@ -52,6 +52,8 @@ def test_simulate_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
         "--simulate",
         "--duration",
         "4",
+        "--contention",
+        "start",
         "--plot",
         str(png),
     ]

@@ -64,6 +64,8 @@ def test_at_scale_the_ilp_plans_by_nodes_and_notes_nothing_cut(monkeypatch) -> N
     plan = solve_ilp(p, progress=None, time_limit=120)
     table = build_candidates(p, Mode.MUX)
     assert plan.bound is not None and plan.served_total <= plan.bound + 1e-9
+    assert plan.bound <= p.total_rate + 1e-9
+    assert plan.served_total == pytest.approx(39.0)  # every model served in full
     assert not any("time limit cut" in n for n in plan.notes)
     again = solve_ilp(p, progress=None, time_limit=120)
     assert [(m.name, m.tensor_parallel, m.decode_share, m.served) for m in again.models] == [
@@ -75,15 +77,16 @@ def test_at_scale_the_ilp_plans_by_nodes_and_notes_nothing_cut(monkeypatch) -> N
 def test_a_plan_the_deadline_cut_says_so_and_the_work_is_noted(monkeypatch) -> None:
     monkeypatch.setattr(ilp_module, "SCALE_NODES", 2)
     monkeypatch.setattr(ilp_module, "SCALE_UNITS", 4)
-    real = ilp_module.plan_by_nodes
+    real = ilp_module.plan_by_deals
 
     def cut_short(*args, **kwargs):
         found, _ = real(*args, **kwargs)
         return found, True  # as if the deadline had stopped a node's search
 
-    monkeypatch.setattr(ilp_module, "plan_by_nodes", cut_short)
+    monkeypatch.setattr(ilp_module, "plan_by_deals", cut_short)
     plan = solve_ilp(eight_models(), progress=None, time_limit=120)
-    assert any(n.startswith("work: 3 node searches, ") for n in plan.notes)
+    # four distinct deals of 3 nodes (shifts 7 and 6 deal as 1 and 3 do), 3 nodes each
+    assert any(n.startswith("work: 12 node searches, ") for n in plan.notes)
     assert any(
         n.startswith("the time limit cut the node-by-node plan short: this plan depends on the CPU")
         for n in plan.notes

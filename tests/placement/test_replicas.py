@@ -78,7 +78,7 @@ def test_the_simulator_splits_arrivals_by_planned_rate() -> None:
     p = hot()
     plan = solve(p, ("ilp",), SolveOptions(time_limit=30, max_replicas=4), progress=None)["ilp"]
     windows = [(5.0, 65.0)] * len(plan.meshes)
-    arrivals = _split_arrivals(plan, p, windows, seed=0, admission=False)
+    arrivals = _split_arrivals(plan, p, windows, [{}] * len(windows), seed=0, admission=False)
     counts = [sum(1 for _, name, _ in mesh if name == "m0") for mesh in arrivals]
     served = [sum(m.served for m in mesh.models if m.name == "m0") for mesh in plan.meshes]
     total = sum(counts)

@@ -21,9 +21,9 @@ from muxserve.models.hf_config import load_hf_config
 from muxserve.runner.kv_pool import PoolSizing
 from muxserve.scheduler.scheduler import Scheduler
 from placement.greedy import solve_greedy
+from placement.mesh_replay import served_mesh
 from placement.plan import Placement, to_config
 from placement.problem import Problem, make_problem
-from placement.simulator import served_mesh
 from placement.specs import load_models
 from tests.helpers.placement import cluster, llama_config, workload
 

@@ -49,6 +49,9 @@ def test_quick_grid(tmp_path: Path) -> None:
             q = c["ratio"]
             assert 0 < q["q1"] <= q["median"] <= q["q3"]
             assert q["rep_min"] <= q["rep_max"]
+            c_ = c["cpu_ratio"]
+            assert 0 < c_["q1"] <= c_["median"] <= c_["q3"]
+            assert c["engine_cpu_ms"]["median"] > 0 and c["hf_cpu_ms"]["median"] > 0
             assert len(c["load_average_before"]) == 3
 
 

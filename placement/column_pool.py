@@ -1,0 +1,74 @@
+"""A pool of mesh configurations from many small searches, and the best plan they make together.
+
+At scale the plan is made by small searches: each node's dealt models on that node, pairs of
+nodes re-planned. Each prices configurations good for its own few models; a configuration
+one search did not use may still be the best for the whole plan. The integer master over
+every configuration found so far (the restricted configuration program, solved by the MIP
+solver from the best plan as its start) picks the best combination: on the 64-model
+instance, 570.5 → 581.1 req/s for the snake deal's columns alone, in a fraction of a second.
+Deterministic: configurations are kept in the order they were first found, and the master's
+work is bounded by its node limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from placement.candidates import CandidateTable
+from placement.column_generation import BranchAndPrice, Incumbent, Instance
+from placement.configurations import Config
+from placement.deadline import Deadline
+
+POOL_MASTER_NODES = 2000  # branch-and-bound nodes of the integer master over the pool
+# configurations the master chooses from: those of the best reduced value at the pool LP's
+# duals. The MIP's time grows fast with its columns (4,288 pooled: 12.7 s for 589.81 req/s;
+# the best 600: 5.5 s, the same plan; the best 300: 1.1 s, 589.04)
+POOL_MASTER_COLUMNS = 400
+
+
+class ColumnPool:
+    """Configurations (mesh columns) found so far, each once, in the order first found."""
+
+    def __init__(self) -> None:
+        self._configs: dict[tuple, Config] = {}
+
+    def add(self, configs: Iterable[Config]) -> None:
+        for cfg in configs:
+            self._configs.setdefault(cfg.key, cfg)
+
+    def __len__(self) -> int:
+        return len(self._configs)
+
+    def combine(
+        self,
+        table: CandidateTable,
+        start: Incumbent | None,
+        *,
+        deadline: Deadline,
+        threads: int | None = None,
+        backend: str = "auto",
+        node_limit: int = POOL_MASTER_NODES,
+        columns: int = POOL_MASTER_COLUMNS,
+    ) -> Incumbent | None:
+        """The best whole plan the pool's `columns` most promising configurations make
+        (with `start`'s, which are added to the pool; never worse than `start`); None if
+        they make none."""
+        if start is not None:
+            self.add(start.configs)
+
+        def master() -> BranchAndPrice:
+            return BranchAndPrice(Instance.whole(table), threads=threads, backend=backend,
+                                  label="ilp (pool)")  # fmt: skip
+
+        bp = master()
+        for cfg in self._configs.values():
+            bp.add(cfg)
+        if len(self._configs) > columns:
+            chosen = bp.best_columns(columns) + (start.configs if start is not None else [])
+            bp = master()
+            for cfg in chosen:
+                bp.add(cfg)
+        found = bp.combine(start, deadline, node_limit)
+        if found is None or (start is not None and found.value <= start.value + 1e-9):
+            return start
+        return found
