@@ -30,8 +30,8 @@ def _reshapeable(engine: MuxEngine) -> ModelSetExecutor:
     ex = engine.executor
     if not isinstance(ex, ModelSetExecutor):
         raise ValueError(
-            f"adding or removing a model while serving needs engine.executor: inline (this "
-            f"engine runs {engine.config.engine.executor!r})"
+            f"adding or removing a model while serving needs an executor that can (inline or "
+            f"mps); this engine's {type(ex).__name__} cannot"
         )
     return ex
 

@@ -123,6 +123,15 @@ class Attach:
 
 
 @dataclass(frozen=True)
+class Attached:
+    """A pooled worker's answer to `Attach`: the model is ready to run (error: why not), so a
+    wake's time includes the model's build and its first job does not pay it."""
+
+    name: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class Detach:
     """Drop a model (it went to sleep): the worker keeps no reference to its weights."""
 

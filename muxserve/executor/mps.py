@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, cast
@@ -29,7 +30,7 @@ import torch.multiprocessing
 from muxserve.errors import WorkerFailedError
 from muxserve.executor.base import ModelSpec, load_progress
 from muxserve.executor.lifecycle import WorkerLifecycle
-from muxserve.executor.messages import WorkerReport
+from muxserve.executor.messages import Attached, WorkerReport
 from muxserve.executor.mps_daemon import (
     HINT,
     MpsDaemon,
@@ -47,7 +48,7 @@ from muxserve.executor.worker_group import (
     reap,
 )
 from muxserve.executor.worker_plans import env_of, rank_plans
-from muxserve.executor.worker_pool import PooledWorker, attach_of, pooled_worker_for
+from muxserve.executor.worker_pool import PooledWorker, PoolKey, attach_of, pooled_worker_for
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 STALL_SAMPLE_S = 1.0  # how often a running job's workers are checked for progress (/proc)
 IDLE_CHECK_S = 0.5  # how often groups are checked for idleness (lifecycle.idle_stop_s)
 START_TIMEOUT_S = 180.0  # every worker of the engine ready within this, or the engine fails
+ATTACH_TIMEOUT_S = 120.0  # a wake waits this long for its pooled workers to build the model
 MAX_FAILED_STARTS = 3  # restarts in a row that die before ready: the group gives up
 
 Waitable = Connection | int  # a worker's pipe, or a process sentinel
@@ -84,7 +86,8 @@ class MpsExecutor:
         self.groups = groups
         self.daemon = daemon
         self._waker = Waker()
-        self._failed: list[tuple[Job, JobResult]] = []  # jobs failed at submit, for the next poll
+        # results for the next poll: jobs failed at submit, or read by a waking thread
+        self._failed: list[tuple[Job, JobResult]] = []
         self._closed = False
         self.deadline = deadline or JobDeadline()
         self.specs: list[ModelSpec] = []  # set by `create`, with what follows
@@ -105,6 +108,9 @@ class MpsExecutor:
         self.hangs = 0  # groups killed for a hung job
         self.idle_stops = 0  # groups stopped for having been idle (lifecycle.idle_stop_s)
         self.start_timeout = START_TIMEOUT_S  # a restarted group not ready by then is hung too
+        self.attach_timeout = ATTACH_TIMEOUT_S
+        self._acks = Waker()  # a poll read an `Attached`: a waking thread rechecks
+        self._pooled: dict[PoolKey, PooledWorker] = {}  # shared mode: by (phase, class)
 
     @classmethod
     def create(
@@ -132,7 +138,7 @@ class MpsExecutor:
             daemon = MpsDaemon.start()
             become_client(daemon)
         groups: dict[tuple[str, Phase], Unit] = {}
-        pooled: dict[Any, PooledWorker] = {}  # engine.worker_pool: shared
+        pooled: dict[PoolKey, PooledWorker] = {}  # engine.worker_pool: shared
         pool_on = lifecycle is not None and lifecycle.pooled
         try:
             shards = {  # each model's shard per rank; on GPU rank r's is on the mesh's r-th
@@ -167,6 +173,7 @@ class MpsExecutor:
             executor.start_timeout = start_timeout
             executor.specs = list(specs)
             executor.ctx, executor.device = ctx, device
+            executor._pooled = pooled
             executor.shards = {s.name: shards.get(s.name) for s in specs}
             executor.nbytes = {n: weight_bytes(r[0][0]) for n, r in shards.items()}
         except BaseException:
@@ -258,6 +265,9 @@ class MpsExecutor:
                 if isinstance(event, WorkerDied):
                     results.extend(self._restart(group, event))
                     restarted.add(id(group))
+                elif isinstance(event, Attached):  # a wake waits for it; no need to wait on
+                    self._acks.wake()
+                    woken = True
                 elif event is not None:
                     results.append(event)
             if results or woken or time.monotonic() >= deadline:
@@ -322,6 +332,7 @@ class MpsExecutor:
         reap([p for p, _ in self._retiring])
         self._retiring = []
         self._waker.close()
+        self._acks.close()
         self.pools.clear()
         if self.daemon is not None:
             self.daemon.stop()
@@ -490,6 +501,7 @@ class MpsExecutor:
                 ModelWeights(shard).to_device(shard, device, spec.max_model_len)
         ranks = [(m, self.pools[r]) for r, (m, _) in enumerate(shards)]
         fresh: dict[Phase, WorkerGroup] = {}
+        pooled: list[PooledWorker] = []
         with self._groups_lock:
             self.shards[model] = shards
             self.nbytes[model] = weight_bytes(shards[0][0])
@@ -497,6 +509,9 @@ class MpsExecutor:
                 unit = self.groups[(model, phase)]
                 if isinstance(unit, PooledWorker):
                     unit.attach(attach_of(spec, shards[0][0]))
+                    if unit.state is GroupState.STOPPED and not self.lifecycle.lazy:
+                        unit.start()  # its class has no running worker: its init attaches it
+                    pooled.append(unit)
                 else:
                     plans = rank_plans(spec, phase, ranks, self.daemon)
                     fresh[phase] = WorkerGroup(self.ctx, model, phase, plans)
@@ -514,6 +529,100 @@ class MpsExecutor:
         with self._groups_lock:
             for phase, group in fresh.items():
                 self.groups[(model, phase)] = group
+        if pooled:
+            self._await_attached(pooled, model)
+
+    def _await_attached(self, units: list[PooledWorker], model: str) -> None:
+        """Wait (up to `attach_timeout`) until each pooled worker has built `model` (its
+        `Attached`, or the `WorkerReady` of a worker started with it), so the wake's time
+        includes the build and the model's first job does not pay it.
+
+        The pipes are read here, under the lock, between two polls (the loop polls only while
+        jobs run); the wait itself is outside the lock, so the loop runs the other workers'
+        jobs meanwhile, and this worker's queued ones wait only for the build itself.
+        """
+        deadline = time.monotonic() + self.attach_timeout
+        while True:
+            with self._groups_lock:
+                self._acks.clear()  # before looking: an ack read later wakes the wait below
+                for unit in units:
+                    self._drain(unit)
+                waiting = [u for u in units if u.attaching(model)]
+                objs = [o for u in waiting for o in u.waitables()]
+            if not waiting:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                names = ", ".join(u.label for u in waiting)
+                log.warning(
+                    "%s: not attached after %.0f s by %s", model, self.attach_timeout, names
+                )
+                return
+            _wait([*objs, self._acks.fileno()], left)
+        for unit in units:
+            if model in unit.attach_errors:  # its jobs fail with "not attached"
+                log.error(
+                    "%s: %s cannot attach it: %s", model, unit.label, unit.attach_errors[model]
+                )
+
+    def _drain(self, unit: PooledWorker) -> None:
+        """Handle what `unit`'s process has sent, under the lock while no poll runs: a
+        result is kept for the next poll, a death restarts it (as a poll would)."""
+        while unit.conns and unit.conns[0].poll(0):  # a closed pipe (death) reads as ready
+            event = unit.on_readable(unit.conns[0])
+            if isinstance(event, WorkerDied):
+                self._failed.extend(self._restart(unit, event))
+                return
+            if isinstance(event, tuple):
+                self._failed.append(event)
+
+    # ---- a model added or removed while serving (muxserve/roster.py) -------------------------
+    def add_model(self, spec: ModelSpec) -> None:
+        """Take on `spec`'s model, asleep: with pooled workers it joins its share class's (made
+        if its class has none; started at its wake), otherwise it gets groups with no workers
+        (built at its wake). Nothing is loaded until it wakes. Tensor-parallel models are
+        refused: their ranks would need pools this engine may not have."""
+        if spec.tensor_parallel > 1:
+            raise ValueError(
+                f"{spec.name}: tensor_parallel={spec.tensor_parallel} cannot be added to a "
+                "running mps engine (only tensor_parallel: 1); list it in the engine's config"
+            )
+        spec = replace(spec, asleep=True)
+        with self._groups_lock:
+            new: dict[tuple[str, Phase], Unit] = {}
+            for phase in Phase:
+                if self.lifecycle.pooled:
+                    env = env_of(self.daemon)
+                    kv = self.pools[0]
+                    new[(spec.name, phase)] = pooled_worker_for(
+                        self._pooled, self.ctx, spec, phase, kv, env
+                    )
+                else:
+                    new[(spec.name, phase)] = WorkerGroup(self.ctx, spec.name, phase, [])
+            # new containers, not updates: `degraded` and `worker_pids` read without the lock
+            self.groups = {**self.groups, **new}
+            self.specs = [*self.specs, spec]
+            self.shards = {**self.shards, spec.name: None}
+
+    def remove_model(self, model: str) -> None:
+        """Forget an asleep `model` with no job in flight: its groups (no workers while
+        asleep), its place in its pooled workers (a worker no model uses any more stops), and
+        its shards' host copy."""
+        exiting: list[BaseProcess] = []
+        with self._groups_lock:
+            units = [self.groups[(model, phase)] for phase in Phase]
+            self.groups = {k: u for k, u in self.groups.items() if k[0] != model}
+            used = {id(u) for u in self.groups.values()}
+            for unit in units:
+                if isinstance(unit, PooledWorker):
+                    unit.detach(model)
+                if id(unit) not in used:  # a pooled worker of its class alone, or its groups
+                    exiting += unit.retire()
+                    self._pooled = {k: p for k, p in self._pooled.items() if p is not unit}
+            self.specs = [s for s in self.specs if s.name != model]
+            self.shards = {n: s for n, s in self.shards.items() if n != model}
+            self.nbytes = {n: b for n, b in self.nbytes.items() if n != model}
+        reap(exiting)
 
     def worker_pids(self) -> dict[tuple[str, Phase], list[int]]:
         """The live worker processes, by (model, phase): for tests and operators (a pooled

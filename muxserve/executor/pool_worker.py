@@ -3,9 +3,9 @@
 Spawned by `PooledWorker` (worker_pool.py) with `engine.worker_pool: shared`. Its environment
 (MPS thread percentage, thread count) is its SM-share class's, set before anything touches
 CUDA; then it receives its `PoolInit` (the pool and the models to attach), says `WorkerReady`,
-and serves `Attach`, `Detach`, `Report` and `JobMessage`s in the order they come until `Stop`
-or until the engine's end of the pipe closes. So one process (one torch import, one CUDA
-context) serves any number of models, instead of two per model.
+and serves `Attach` (answered with `Attached`), `Detach`, `Report` and `JobMessage`s in the
+order they come until `Stop` or until the engine's end of the pipe closes. So one process (one
+torch import, one CUDA context) serves any number of models, instead of two per model.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from muxserve.executor.messages import (
     Attach,
+    Attached,
     Detach,
     JobMessage,
     PoolInit,
@@ -56,7 +57,7 @@ def pool_worker_main(conn: Connection, env: dict[str, str]) -> None:
 
 
 @dataclass
-class _Attached:
+class _Held:
     runner: ModelRunner
     mirror: RequestMirror
     nbytes: int  # its weights' bytes, for `WorkerReport`
@@ -73,7 +74,7 @@ class PoolWorker:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.pool = KVPool.from_buffer(init.pool, init.block_bytes)
-        self.models: dict[str, _Attached] = {}
+        self.models: dict[str, _Held] = {}
         for a in init.attach:
             self.attach(a)
 
@@ -83,7 +84,7 @@ class PoolWorker:
         )
         if self.phase is Phase.DECODE and runner.graphs is not None:
             runner.graphs.warm_up()  # before its first job: not mid-serving another model's
-        self.models[a.name] = _Attached(
+        self.models[a.name] = _Held(
             runner, RequestMirror(a.name, self.phase), weight_bytes(a.model)
         )
 
@@ -111,10 +112,13 @@ class PoolWorker:
             if isinstance(msg, JobMessage):
                 conn.send(self.run(msg))
             elif isinstance(msg, Attach):
+                error = None
                 try:
                     self.attach(msg)
-                except Exception:  # its jobs fail with a clear error; the others run on
+                except Exception as e:  # its jobs fail with a clear error; the others run on
                     log.exception("%s: cannot attach %s", self.label, msg.name)
+                    error = f"{type(e).__name__}: {e}"
+                conn.send(Attached(msg.name, error))  # the waking thread waits for it
             elif isinstance(msg, Detach):
                 self.detach(msg.name)
             elif isinstance(msg, Report):

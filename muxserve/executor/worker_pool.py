@@ -25,6 +25,7 @@ from multiprocessing.process import BaseProcess
 from muxserve.executor.base import ModelSpec, cpu_threads
 from muxserve.executor.messages import (
     Attach,
+    Attached,
     Detach,
     PoolInit,
     Report,
@@ -43,6 +44,7 @@ from muxserve.scheduler.job import Job, JobResult, Phase
 log = logging.getLogger(__name__)
 
 REPORT_TIMEOUT_S = 30.0  # a pooled worker answers a `Report` within this
+PoolKey = tuple[Phase, tuple[tuple[str, str], ...]]  # (phase, its class's environment)
 
 
 class PooledWorker:
@@ -64,6 +66,10 @@ class PooledWorker:
         self.members: dict[str, Attach] = {}  # attached models (awake), re-attached on restart
         self.mirrors: dict[str, WorkerMirror] = {}  # per model: what the process holds of it
         self._pending: list[Attach | Detach] = []  # made while it starts or runs a job
+        # attached models the process has not acknowledged yet (`Attached`, or its `WorkerReady`
+        # after an init that carried them): a wake waits for them (the model's build)
+        self._unacked: set[str] = set()
+        self.attach_errors: dict[str, str] = {}  # models the process could not attach, why
         self.state = GroupState.STOPPED
         self.procs: list[BaseProcess] = []
         self.conns: list[Connection] = []
@@ -90,13 +96,26 @@ class PooledWorker:
         """Serve `msg.name` here from now on (sent now, at the running process's next read)."""
         self.members[msg.name] = msg
         self.mirrors[msg.name] = WorkerMirror()
+        self.attach_errors.pop(msg.name, None)
+        if self.state is not GroupState.STOPPED:  # stopped: its next start's init attaches it
+            self._unacked.add(msg.name)
         self._change(msg)
+
+    def attaching(self, model: str) -> bool:
+        """Whether `model`'s attach is on its way to, or being built in, the running process."""
+        return model in self._unacked
+
+    def _acked(self, msg: Attached) -> None:
+        self._unacked.discard(msg.name)
+        if msg.error is not None:
+            self.attach_errors[msg.name] = msg.error
 
     def detach(self, model: str) -> None:
         """Stop serving `model`: the process drops its weights (no job of it may be queued)."""
         if self.members.pop(model, None) is None:
             return
         self.mirrors.pop(model, None)
+        self._unacked.discard(model)
         self._change(Detach(model))
 
     def _change(self, msg: Attach | Detach) -> None:
@@ -145,6 +164,7 @@ class PooledWorker:
         sender.start()
         self._senders, self.procs, self.conns = [sender], [proc], [parent]
         self._pending = []
+        self._unacked = set(self.members)  # its `WorkerReady` says they are built
         self.state = GroupState.STARTING
         self.started_at = time.monotonic()
         self.jobs_done = 0
@@ -182,6 +202,7 @@ class PooledWorker:
         for m in self.mirrors.values():
             m.reset()
         self._pending = []
+        self._unacked = set()
         self._sent = False
         self.state = GroupState.STOPPED
 
@@ -238,9 +259,11 @@ class PooledWorker:
     def waitables(self) -> list[Connection | int]:
         return [*self.conns, *(p.sentinel for p in self.procs)]
 
-    def on_readable(self, obj: Connection | int) -> tuple[Job, JobResult] | WorkerDied | None:
-        """Handle one ready waitable: a finished job (the next one goes out), a death, or
-        nothing to report."""
+    def on_readable(
+        self, obj: Connection | int
+    ) -> tuple[Job, JobResult] | WorkerDied | Attached | None:
+        """Handle one ready waitable: a finished job (the next one goes out), a death, an
+        acknowledged attach (a waking thread may be waiting for it), or nothing to report."""
         if isinstance(obj, int):
             return self._died()
         try:
@@ -252,6 +275,8 @@ class PooledWorker:
             self.failed_starts = 0
             self.start_reason = None
             self.idle_since = time.monotonic()
+            # its init's models are built; those attached since go out now and answer
+            self._unacked &= {c.name for c in self._pending if isinstance(c, Attach)}
             log.info("%s: ready with %d model(s)", self.label, len(self.members))
             self._flush()
             if self.job is not None and not self._sent:
@@ -259,6 +284,9 @@ class PooledWorker:
             return None
         if isinstance(msg, WorkerStartFailed):
             return WorkerDied(f"could not start: {msg.error}", during_start=True)
+        if isinstance(msg, Attached):
+            self._acked(msg)
+            return msg
         if isinstance(msg, JobResult):
             self.jobs_done += 1
             self.idle_since = time.monotonic()
@@ -294,9 +322,14 @@ class PooledWorker:
             raise RuntimeError(f"{self.label}: busy; ask again when it is idle")
         conn = self.conns[0]
         conn.send(Report())
-        if not conn.poll(timeout):
-            raise TimeoutError(f"{self.label}: no report after {timeout:.0f} s")
-        msg = conn.recv()
+        deadline = time.monotonic() + timeout
+        while True:
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"{self.label}: no report after {timeout:.0f} s")
+            msg = conn.recv()
+            if not isinstance(msg, Attached):  # an ack nobody waited for is read on the way
+                break
+            self._acked(msg)
         if not isinstance(msg, WorkerReport):
             raise TypeError(f"{self.label}: expected WorkerReport, got {type(msg).__name__}")
         return msg
@@ -315,7 +348,7 @@ def attach_of(spec: ModelSpec, model: CausalLM) -> Attach:
 
 
 def pooled_worker_for(
-    pools: dict[tuple[Phase, tuple[tuple[str, str], ...]], PooledWorker],
+    pools: dict[PoolKey, PooledWorker],
     ctx: SpawnContext,
     spec: ModelSpec,
     phase: Phase,

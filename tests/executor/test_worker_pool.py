@@ -1,5 +1,6 @@
-"""A pooled worker's engine-side bookkeeping, without a process: which models it serves, the
-order its jobs go out in, and what its class is (tests/executor/test_mps_pool.py runs it)."""
+"""A pooled worker's engine-side bookkeeping, without a process: which models it serves, which
+attaches the process has not acknowledged yet, the order its jobs go out in, and what its class
+is (tests/executor/test_mps_pool.py runs it)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from muxserve.config import SMShare
 from muxserve.executor.base import ModelSpec
-from muxserve.executor.messages import Attach, PoolInit
+from muxserve.executor.messages import Attach, Attached, PoolInit, Report, WorkerReady, WorkerReport
 from muxserve.executor.worker_group import GroupState
 from muxserve.executor.worker_pool import PooledWorker, pooled_worker_for
 from muxserve.runner.kv_pool import KVPool
@@ -88,3 +89,54 @@ def test_a_report_of_a_stopped_worker_is_none_and_of_a_busy_one_refused() -> Non
     u.job = job(1, "a")
     with pytest.raises(RuntimeError, match="busy"):
         u.report()
+
+
+class FakeConn:
+    """The engine's end of a pooled worker's pipe: what was sent, and what comes back."""
+
+    def __init__(self, *inbox: object) -> None:
+        self.sent: list[object] = []
+        self.inbox = list(inbox)
+
+    def send(self, msg: object) -> None:
+        self.sent.append(msg)
+
+    def recv(self) -> object:
+        return self.inbox.pop(0)
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return bool(self.inbox)
+
+
+def test_an_attach_is_pending_until_the_process_acknowledges_it() -> None:
+    u, conn = unit(), FakeConn()
+    u.attach(attach("asleep-then-started"))  # stopped: its next start's init carries it
+    assert not u.attaching("asleep-then-started")
+    u.state, u.conns = GroupState.READY, cast(Any, [conn])
+    u.attach(attach("a"))
+    assert ([type(m).__name__ for m in conn.sent], u.attaching("a")) == (["Attach"], True)
+    conn.inbox = [Attached("a")]
+    assert u.on_readable(cast(Any, conn)) == Attached("a")
+    assert not u.attaching("a") and u.attach_errors == {}
+    u.attach(attach("b"))
+    conn.inbox = [Attached("b", "RuntimeError: boom")]
+    u.on_readable(cast(Any, conn))
+    assert (u.attaching("b"), u.attach_errors) == (False, {"b": "RuntimeError: boom"})
+    u.attach(attach("b"))  # attached again: the old error is gone
+    assert (u.attaching("b"), u.attach_errors) == (True, {})
+    u.detach("b")  # nothing to wait for any more
+    assert not u.attaching("b")
+
+
+def test_ready_acknowledges_the_init_but_not_what_waited_for_it() -> None:
+    u, conn = unit(), FakeConn(WorkerReady(1))
+    u.state, u.conns = GroupState.STARTING, cast(Any, [conn])
+    u.attach(attach("late"))  # after the init went out: sent once the process is ready
+    assert u.attaching("late") and conn.sent == []
+    assert u.on_readable(cast(Any, conn)) is None
+    assert u.state is GroupState.READY and [m.name for m in cast(Any, conn.sent)] == ["late"]
+    assert u.attaching("late")  # sent now, built after
+    report = WorkerReport(1, (("late", 64),))
+    conn.inbox = [Attached("late"), report]  # an ack nobody waited for, then the report
+    assert u.report() == report and not u.attaching("late")
+    assert isinstance(conn.sent[-1], Report)

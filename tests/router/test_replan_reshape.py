@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from muxserve.client.protocol import ModelState
+from muxserve.config import parse_config
 from muxserve.errors import ModelDoesNotFitError
 from muxserve.router.local import LocalLauncher
 from muxserve.router.router import Router
@@ -24,7 +25,7 @@ from muxserve.server.app import create_app
 from muxserve.server.background import BackgroundServer
 from placement.replanning import PlacementPlanner
 from tests.router.conftest import LLAMA, MISTRAL, QWEN, tiny_gpu_cluster, two_mesh_config
-from tests.router.test_replan_local import check_all_served, stream_until_moved
+from tests.router.test_replan_local import TOKENS, check_all_served, complete, stream_until_moved
 from tests.router.test_router_local import wait_for
 
 
@@ -101,3 +102,35 @@ def test_adding_a_model_over_a_meshs_budget_is_refused_and_changes_nothing(
         assert router.routing.listed(MISTRAL) == ["mesh-a"]
     finally:
         server.stop()
+
+
+def test_a_model_moves_to_an_mps_mesh_that_did_not_list_it_and_back(
+    demo_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The same move between meshes whose engines run pooled mps workers (issue 15): mistral
+    joins mesh-b's running pooled workers, serves the same greedy text there, and moving it
+    back takes it off mesh-b (it was added there) while mesh-a wakes it again."""
+    raw = two_mesh_config(demo_models, tiny_gpu_cluster(tmp_path / "c.yaml")).model_dump()
+    raw["engine"] |= {"executor": "mps", "worker_pool": "shared"}
+    raw["router"]["replan"] = None
+    raw["meshes"][1]["models"] = [{"name": QWEN}]
+    router = Router(parse_config(raw), LocalLauncher())
+    server = BackgroundServer(create_app(router))
+    server.start()
+    a, b = router.meshes["mesh-a"].client, router.meshes["mesh-b"].client
+    try:
+        port = int(server.port)
+        first = complete(port, MISTRAL)
+        server.run(router.move(MISTRAL, "mesh-a", "mesh-b", "test"), 300)
+        assert b.model_states()[MISTRAL] is ModelState.AWAKE
+        assert a.model_states()[MISTRAL] is ModelState.ASLEEP  # listed there: a standby
+        there = complete(port, MISTRAL)
+        server.run(router.move(MISTRAL, "mesh-b", "mesh-a", "back"), 300)
+        assert set(b.model_states()) == {QWEN}  # added there: removed, not left asleep
+        assert router.routing.listed(MISTRAL) == ["mesh-a"]
+        back = complete(port, MISTRAL)
+        texts = {r["choices"][0]["text"] for r in (first, there, back)}
+        assert len(texts) == 1 and first["usage"]["completion_tokens"] == TOKENS
+    finally:
+        server.stop()
+    assert all(p.pid is None for p in (router.meshes[m].process for m in ("mesh-a", "mesh-b")))

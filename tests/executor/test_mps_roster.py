@@ -1,0 +1,194 @@
+"""A model added to a running mps engine and removed again (issue 15), pooled and per-model:
+asleep it holds no process and no weights in a worker; woken it gives HF's greedy tokens (a
+pooled wake returns only once the worker has built it); removed, no process, mirror or
+worker-held weights of it are left; and roster's refusals (a name served already, an awake or
+busy model, a tensor-parallel model) are the same clear errors as with the inline executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from muxserve.config import ModelEntry, SMShare, parse_config
+from muxserve.engine import MuxEngine
+from muxserve.errors import ModelBusyError
+from muxserve.executor.base import cpu_threads
+from muxserve.executor.mps import MpsExecutor
+from muxserve.executor.worker_pool import PooledWorker
+from muxserve.output_processor import RequestOutput
+from muxserve.sampling_params import SamplingParams
+from muxserve.scheduler.job import Phase
+from tests.helpers.engine import MAX_NEW, hf_greedy, prompts_for
+from tests.helpers.wait import wait_until
+
+GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+LLAMA, QWEN, MISTRAL = "llama-demo", "qwen-demo", "mistral-demo"
+HALF = SMShare(prefill=0.5, decode=0.5)  # another share class than the default (1.0) on CPUs
+
+
+def engine_of(demo: dict[str, Path], pool: str) -> MuxEngine:
+    return MuxEngine(
+        parse_config(
+            {
+                "models": [{"name": LLAMA, "path": str(demo[LLAMA])}],
+                "engine": {
+                    "kv_pool_bytes": 4 << 20,
+                    "block_bytes": 4096,
+                    "executor": "mps",
+                    "worker_pool": pool,
+                },
+            }
+        )
+    )
+
+
+def entry(demo: dict[str, Path], name: str, share: SMShare | None = None) -> ModelEntry:
+    return ModelEntry(name=name, path=str(demo[name]), rate=1.0, sm_share=share or SMShare())
+
+
+def check_tokens(engine: MuxEngine, demo: dict[str, Path], model: str) -> None:
+    prompts = prompts_for(model)[:2]
+    got = [o.token_ids for o in engine.generate(prompts, GREEDY, model)]
+    assert got == [list(t) for t in hf_greedy(model, demo[model])[:2]], model
+
+
+def pids(executor: MpsExecutor) -> set[int]:
+    return {p for ps in executor.worker_pids().values() for p in ps}
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def held(executor: MpsExecutor) -> dict[str, list[str]]:
+    return {label: [n for n, _ in r.models] for label, r in executor.worker_report().items()}
+
+
+def test_a_model_added_to_pooled_workers_attaches_on_wake_and_leaves_nothing_when_removed(
+    demo_models: dict[str, Path],
+) -> None:
+    eng = engine_of(demo_models, "shared")
+    ex = eng.executor
+    assert isinstance(ex, MpsExecutor)
+    before = pids(ex)
+    try:
+        assert len(before) == 2  # one prefill, one decode worker
+        labels = sorted(held(ex))
+        eng.add_model(entry(demo_models, QWEN))  # the running workers' class
+        assert held(ex) == {label: [LLAMA] for label in labels}  # asleep: nothing attached
+        assert eng.wake(QWEN) > 0.0
+        units = [ex.groups[(QWEN, p)] for p in Phase]
+        assert all(isinstance(u, PooledWorker) and not u.attaching(QWEN) for u in units)
+        assert pids(ex) == before  # attached to the running workers: no process started
+        assert held(ex) == {label: [LLAMA, QWEN] for label in labels}
+        check_tokens(eng, demo_models, QWEN)
+        with pytest.raises(ValueError, match="'qwen-demo' is served here already"):
+            eng.add_model(entry(demo_models, QWEN))
+        with pytest.raises(ValueError, match="qwen-demo' is awake: put it to sleep first"):
+            eng.remove_model(QWEN)
+        eng.sleep(QWEN, 1)
+        eng.remove_model(QWEN)
+        assert held(ex) == {label: [LLAMA] for label in labels}
+        assert pids(ex) == before and all(u.mirrors_of(QWEN) == [] for u in units)
+        assert {m for m, _ in ex.worker_pids()} == {LLAMA}
+
+        # a share class with no worker yet: its wake starts one per phase, its removal stops them
+        new_class = cpu_threads(HALF.decode) != cpu_threads(1.0)
+        eng.add_model(entry(demo_models, MISTRAL, HALF))
+        assert pids(ex) == before  # nothing starts while it sleeps
+        eng.wake(MISTRAL)
+        assert len(pids(ex)) == 2 + (2 if new_class else 0)
+        names = sorted(n for ns in held(ex).values() for n in ns)
+        assert names == [LLAMA, LLAMA, MISTRAL, MISTRAL]  # in its own workers or the old ones
+        check_tokens(eng, demo_models, MISTRAL)
+        check_tokens(eng, demo_models, LLAMA)
+        started = pids(ex) - before
+        eng.sleep(MISTRAL, 2)
+        eng.remove_model(MISTRAL)
+        assert pids(ex) == before and not [p for p in started if alive(p)]
+        assert held(ex) == {label: [LLAMA] for label in labels}
+
+        eng.add_model(entry(demo_models, QWEN))
+        eng.add_request(QWEN, prompts_for(QWEN)[0], GREEDY)  # waits (no loop runs): busy
+        with pytest.raises(ModelBusyError, match="qwen-demo"):
+            eng.remove_model(QWEN)
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
+    assert not [p for p in before if alive(p)]
+
+
+def streamed(engine: MuxEngine, rids: list[str]) -> list[list[int]]:
+    """Each request's tokens, read from its stream (the engine's loop runs them)."""
+
+    async def read(rid: str) -> list[RequestOutput]:
+        return [o async for o in engine.stream(rid)]
+
+    async def all_of() -> list[list[RequestOutput]]:
+        return list(await asyncio.gather(*(read(r) for r in rids)))
+
+    outs = asyncio.run(all_of())
+    assert [out[-1].error for out in outs] == [None] * len(rids)
+    return [[t for o in out for t in o.token_ids] for out in outs]
+
+
+def test_a_wake_attaches_while_another_model_runs_on_the_same_worker(
+    demo_models: dict[str, Path],
+) -> None:
+    """The wake returns once the worker built the model (read by the loop's poll, or by the
+    waking thread between polls), while llama's jobs on the same workers go on."""
+    eng = engine_of(demo_models, "shared")
+    ex = eng.executor
+    assert isinstance(ex, MpsExecutor)
+    try:
+        eng.add_model(entry(demo_models, QWEN))
+        eng.start()
+        rids = [eng.add_request(LLAMA, p, GREEDY) for p in prompts_for(LLAMA)[:2]]
+        unit = ex.groups[(LLAMA, Phase.DECODE)]
+        wait_until(lambda: unit.delivered, 60.0, "a llama decode job in flight")
+        assert eng.wake(QWEN) > 0.0
+        units = [ex.groups[(QWEN, p)] for p in Phase]
+        assert all(isinstance(u, PooledWorker) and not u.attaching(QWEN) for u in units)
+        qwen = [eng.add_request(QWEN, p, GREEDY) for p in prompts_for(QWEN)[:2]]
+        want = {m: [list(t) for t in hf_greedy(m, demo_models[m])[:2]] for m in (LLAMA, QWEN)}
+        assert streamed(eng, rids) == want[LLAMA]
+        assert streamed(eng, qwen) == want[QWEN]
+        wait_until(lambda: eng.scheduler.jobs_in_flight == 0, 60.0, "idle")
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
+
+
+def test_a_model_added_with_its_own_workers_starts_them_on_wake_and_stops_them_on_sleep(
+    demo_models: dict[str, Path],
+) -> None:
+    eng = engine_of(demo_models, "per_model")
+    ex = eng.executor
+    assert isinstance(ex, MpsExecutor)
+    before = pids(ex)
+    try:
+        assert len(before) == 2
+        eng.add_model(entry(demo_models, QWEN))
+        assert ex.worker_pids()[(QWEN, Phase.PREFILL)] == [] and pids(ex) == before
+        assert eng.wake(QWEN) > 0.0
+        mine = {p for ph in Phase for p in ex.worker_pids()[(QWEN, ph)]}
+        assert len(mine) == 2 and pids(ex) == before | mine  # eager: started by the wake
+        check_tokens(eng, demo_models, QWEN)
+        with pytest.raises(ValueError, match="qwen-demo' is awake: put it to sleep first"):
+            eng.remove_model(QWEN)
+        eng.sleep(QWEN, 2)
+        eng.remove_model(QWEN)
+        assert pids(ex) == before and not [p for p in mine if alive(p)]
+        assert {m for m, _ in ex.worker_pids()} == {LLAMA}
+        check_tokens(eng, demo_models, LLAMA)
+        spec = next(s for s in ex.specs if s.name == LLAMA)
+        with pytest.raises(ValueError, match="tp2: tensor_parallel=2 cannot be added"):
+            ex.add_model(replace(spec, name="tp2", tensor_parallel=2))
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
+    assert not [p for p in before if alive(p)]
