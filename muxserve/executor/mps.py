@@ -540,6 +540,7 @@ class MpsExecutor:
         The pipes are read here, under the lock, between two polls (the loop polls only while
         jobs run); the wait itself is outside the lock, so the loop runs the other workers'
         jobs meanwhile, and this worker's queued ones wait only for the build itself.
+        Raises WorkerFailedError, the model put back to sleep, if a worker cannot build it.
         """
         deadline = time.monotonic() + self.attach_timeout
         while True:
@@ -559,11 +560,10 @@ class MpsExecutor:
                 )
                 return
             _wait([*objs, self._acks.fileno()], left)
-        for unit in units:
-            if model in unit.attach_errors:  # its jobs fail with "not attached"
-                log.error(
-                    "%s: %s cannot attach it: %s", model, unit.label, unit.attach_errors[model]
-                )
+        failed = [f"{u.label}: {u.attach_errors[model]}" for u in units if model in u.attach_errors]
+        if failed:  # the wake fails, undone: the model is asleep again, as before it
+            self.sleep_model(model, 1)
+            raise WorkerFailedError(f"{model}: its workers could not build it: {'; '.join(failed)}")
 
     def _drain(self, unit: PooledWorker) -> None:
         """Handle what `unit`'s process has sent, under the lock while no poll runs: a

@@ -15,11 +15,14 @@ import pytest
 
 from muxserve.config import ModelEntry, SMShare, parse_config
 from muxserve.engine import MuxEngine
-from muxserve.errors import ModelBusyError
-from muxserve.executor.base import cpu_threads
+from muxserve.errors import ModelBusyError, WorkerFailedError
+from muxserve.executor.base import ModelSpec, cpu_threads
+from muxserve.executor.messages import Attach
 from muxserve.executor.mps import MpsExecutor
 from muxserve.executor.worker_pool import PooledWorker
+from muxserve.models.causal_lm import CausalLM
 from muxserve.output_processor import RequestOutput
+from muxserve.residency import ModelState
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
 from tests.helpers.engine import MAX_NEW, hf_greedy, prompts_for
@@ -192,3 +195,38 @@ def test_a_model_added_with_its_own_workers_starts_them_on_wake_and_stops_them_o
     finally:
         eng.shutdown()
     assert not [p for p in before if alive(p)]
+
+
+def test_a_wake_the_workers_cannot_build_fails_and_leaves_the_model_asleep(
+    demo_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import muxserve.executor.mps as mps
+
+    eng = engine_of(demo_models, "shared")
+    ex = eng.executor
+    assert isinstance(ex, MpsExecutor)
+    try:
+        labels = sorted(held(ex))
+        eng.add_model(entry(demo_models, QWEN))
+        real = mps.attach_of
+
+        def broken(spec: ModelSpec, model: CausalLM) -> Attach:
+            a = real(spec, model)  # a layout whose blocks are not the pool's: the build raises
+            return replace(a, layout=replace(a.layout, block_bytes=2 * a.layout.block_bytes))
+
+        monkeypatch.setattr(mps, "attach_of", broken)
+        with pytest.raises(
+            WorkerFailedError,
+            match=r"qwen-demo: its workers could not build it.*"
+            r"layout block_bytes 8192 != the pool's 4096",
+        ):
+            eng.wake(QWEN)
+        assert eng.model_states()[QWEN] is ModelState.ASLEEP
+        assert held(ex) == {label: [LLAMA] for label in labels}  # nothing of it held
+        monkeypatch.setattr(mps, "attach_of", real)
+        eng.wake(QWEN)  # the same wake, with a message the workers can build
+        check_tokens(eng, demo_models, QWEN)
+        check_tokens(eng, demo_models, LLAMA)  # the other model was served throughout
+        eng.check_integrity()
+    finally:
+        eng.shutdown()
