@@ -29,6 +29,7 @@ import torch.multiprocessing
 
 from muxserve.errors import WorkerFailedError
 from muxserve.executor.base import ModelSpec, load_progress
+from muxserve.executor.hang_watch import START_TIMEOUT_S, HangWatch, Unit
 from muxserve.executor.lifecycle import WorkerLifecycle
 from muxserve.executor.messages import Attached, WorkerReport
 from muxserve.executor.mps_daemon import (
@@ -39,7 +40,7 @@ from muxserve.executor.mps_daemon import (
     cuda_initialized,
 )
 from muxserve.executor.waker import Waker
-from muxserve.executor.watchdog import JobDeadline, ProgressProbe
+from muxserve.executor.watchdog import JobDeadline
 from muxserve.executor.worker_group import (
     STOP_TIMEOUT_S,
     GroupState,
@@ -57,15 +58,11 @@ from muxserve.scheduler.job import Job, JobResult, Phase
 
 log = logging.getLogger(__name__)
 
-STALL_SAMPLE_S = 1.0  # how often a running job's workers are checked for progress (/proc)
 IDLE_CHECK_S = 0.5  # how often groups are checked for idleness (lifecycle.idle_stop_s)
-START_TIMEOUT_S = 180.0  # every worker of the engine ready within this, or the engine fails
 ATTACH_TIMEOUT_S = 120.0  # a wake waits this long for its pooled workers to build the model
 MAX_FAILED_STARTS = 3  # restarts in a row that die before ready: the group gives up
 
 Waitable = Connection | int  # a worker's pipe, or a process sentinel
-# what runs a (model, phase)'s jobs: its own processes, or a pooled worker it shares
-Unit = WorkerGroup | PooledWorker
 
 
 class MpsExecutor:
@@ -89,7 +86,6 @@ class MpsExecutor:
         # results for the next poll: jobs failed at submit, or read by a waking thread
         self._failed: list[tuple[Job, JobResult]] = []
         self._closed = False
-        self.deadline = deadline or JobDeadline()
         self.specs: list[ModelSpec] = []  # set by `create`, with what follows
         self.ctx: Any = None  # the spawn context its groups start processes with
         self.device = torch.device("cpu")
@@ -100,14 +96,10 @@ class MpsExecutor:
         # model's groups from another thread, so no pipe closes under a waiting poll
         self._groups_lock = threading.RLock()
         self._retiring: list[tuple[BaseProcess, float]] = []  # stopped workers still exiting
-        self.progress = ProgressProbe()
-        self._next_stall_sample = 0.0  # time.monotonic() of the next look at /proc
+        self.watch = HangWatch(deadline, cpu_workers=self.pool.buffer.device.type == "cpu")
         self._next_idle_check = 0.0
-        self._cpu_workers = self.pool.buffer.device.type == "cpu"  # CPU time means progress
         self.lifecycle = lifecycle or WorkerLifecycle()
-        self.hangs = 0  # groups killed for a hung job
         self.idle_stops = 0  # groups stopped for having been idle (lifecycle.idle_stop_s)
-        self.start_timeout = START_TIMEOUT_S  # a restarted group not ready by then is hung too
         self.attach_timeout = ATTACH_TIMEOUT_S
         self._acks = Waker()  # a poll read an `Attached`: a waking thread rechecks
         self._pooled: dict[PoolKey, PooledWorker] = {}  # shared mode: by (phase, class)
@@ -170,7 +162,7 @@ class MpsExecutor:
                     plans = rank_plans(spec, phase, ranks, daemon)
                     groups[(spec.name, phase)] = WorkerGroup(ctx, spec.name, phase, plans)
             executor = cls(pools, groups, daemon, deadline, lifecycle)
-            executor.start_timeout = start_timeout
+            executor.watch.start_timeout = start_timeout
             executor.specs = list(specs)
             executor.ctx, executor.device = ctx, device
             executor._pooled = pooled
@@ -249,7 +241,7 @@ class MpsExecutor:
             results.extend(self._reap_hung())
             owners = self._owners()
             waker = self._waker.fileno()
-            until = min(deadline, self._next_hang_check())
+            until = min(deadline, self.watch.next_check(self._units()))
             ready = _wait([*owners, waker], max(0.0, until - time.monotonic()))
             woken = False
             restarted: set[int] = set()  # groups replaced this round: their other events are old
@@ -294,7 +286,7 @@ class MpsExecutor:
                 idle_s = now - group.idle_since
                 # not waited for here: the loop goes on serving while they exit
                 exiting = group.retire()
-                self.progress.forget([p.pid for p in exiting if p.pid is not None])
+                self.watch.forget(exiting)
                 self._retiring.extend((p, now) for p in exiting)
                 stopped += 1
                 log.info("%s: workers stopped after %.0f s idle", group.label, idle_s)
@@ -341,70 +333,11 @@ class MpsExecutor:
     def _owners(self) -> dict[Waitable, Unit]:
         return {obj: g for g in self._units() for obj in g.waitables()}
 
-    def _hung(self, group: Unit, now: float, sample: bool) -> str | None:
-        """Why the group's delivered job counts as hung (past its deadline, or — when this is
-        a round that `sample`s /proc — a worker that made no progress for `deadline.stall_s`),
-        if it does."""
-        if not group.delivered or group.job is None:
-            return None
-        ran = now - group.sent_at
-        if ran >= self.deadline.of(group.job, group.jobs_done == 0):
-            return f"no result after {ran:.1f} s (hung)"
-        limit = self.deadline.stall_s
-        if not sample or limit is None:
-            return None
-        key = (group.label, group.sent_at)
-        stalled = (
-            max(
-                self.progress.stalled_for(p.pid, key, now, self._cpu_workers)
-                for p in group.procs
-                if p.pid is not None
-            )
-            if group.procs
-            else 0.0
-        )
-        if stalled >= limit:
-            return f"no progress for {stalled:.1f} s (stopped or stuck; {ran:.1f} s into its job)"
-        return None
-
-    def _next_hang_check(self) -> float:
-        """When the earliest delivered job, or a restart with a job waiting on it, reaches its
-        deadline (inf: neither)."""
-        running = [g for g in self._units() if g.delivered and g.job is not None]
-        ends = [g.sent_at + self.deadline.of(g.job, g.jobs_done == 0) for g in running if g.job]
-        if running and self.deadline.stall_s is not None:  # sample their progress meanwhile
-            ends.append(self._next_stall_sample)
-        ends += [
-            g.started_at + self.start_timeout
-            for g in self._units()
-            if g.state is GroupState.STARTING and g.job is not None
-        ]
-        return min(ends, default=float("inf"))
-
     def _reap_hung(self) -> list[tuple[Job, JobResult]]:
-        """Kill and restart every group whose job is past its deadline, or whose restart is,
-        with a job waiting on it; hand the jobs back."""
-        now = time.monotonic()
+        """Kill and restart every unit the watch finds hung; hand their jobs back."""
         results = []
-        # /proc is read at most every STALL_SAMPLE_S, not at every result of the hot loop
-        sample = self.deadline.stall_s is not None and now >= self._next_stall_sample
-        if sample:
-            self._next_stall_sample = now + min(STALL_SAMPLE_S, self.deadline.stall_s or 0.0)
-        for group in self._units():
-            died = None
-            hung = self._hung(group, now, sample)
-            if hung is not None:
-                died = WorkerDied(f"{hung}; killed", False)
-            elif (
-                group.state is GroupState.STARTING
-                and group.job is not None
-                and now - group.started_at >= self.start_timeout
-            ):
-                waited = now - group.started_at
-                died = WorkerDied(f"not ready after {waited:.1f} s (hung starting); killed", True)
-            if died is not None:
-                self.hangs += 1
-                results.extend(self._restart(group, died))
+        for unit, died in self.watch.hung(self._units()):
+            results.extend(self._restart(unit, died))
         return results
 
     def _restart(self, group: Unit, died: WorkerDied) -> list[tuple[Job, JobResult]]:
@@ -415,7 +348,7 @@ class MpsExecutor:
         (a pooled worker's queued jobs of other models too; its models are attached again).
         """
         job = group.take_job() if group.delivered else None
-        self.progress.forget([p.pid for p in group.procs if p.pid is not None])
+        self.watch.forget(group.procs)
         group.kill()
         group.failed_starts = group.failed_starts + 1 if died.during_start else 0
         if job is None:
@@ -520,7 +453,7 @@ class MpsExecutor:
             for group in fresh.values():
                 group.start()
             for group in fresh.values():
-                died = group.wait_ready(self.start_timeout)
+                died = group.wait_ready(self.watch.start_timeout)
                 if died is not None:  # its first job starts it again (and counts failures)
                     log.warning(
                         "%s: %s while waking; starting at its first job", group.label, died.reason

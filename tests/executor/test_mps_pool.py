@@ -179,21 +179,21 @@ def test_a_stopped_pooled_worker_is_found_by_the_watchdog_and_every_model_served
     assert isinstance(executor, MpsExecutor)
     unit = executor.groups[("qwen-demo-0", Phase.PREFILL)]
     [victim] = [p.pid for p in unit.procs]
-    hangs, saved = executor.hangs, executor.deadline
-    executor.deadline = JobDeadline(60.0, 0.01, 3.0)  # 3 s without CPU time is a stall
+    hangs, saved = executor.watch.hangs, executor.watch.deadline
+    executor.watch.deadline = JobDeadline(60.0, 0.01, 3.0)  # 3 s without CPU time is a stall
     models = ["qwen-demo-0", "llama-demo-1", "mistral-demo-0"]
     os.kill(victim, signal.SIGSTOP)
     try:
         pooled.start()
         got = generate_all(pooled, models)
     finally:
-        executor.deadline = saved
+        executor.watch.deadline = saved
         if Path(f"/proc/{victim}").exists():
             os.kill(victim, signal.SIGKILL)
     for model in models:
         assert got[model] == want(demo_models, model), model
     # the victim's; on a loaded host a starved worker could count too, and is recomputed alike
-    assert executor.hangs >= hangs + 1
+    assert executor.watch.hangs >= hangs + 1
     assert not Path(f"/proc/{victim}").exists() and len(pool_pids(executor)) == 2
 
 

@@ -39,7 +39,7 @@ async def read(engine: MuxEngine, rid: str) -> tuple[list[RequestOutput], int]:
     """A request's outputs, and how many hung groups the executor had killed at its end."""
     outs = [o async for o in engine.stream(rid)]
     assert isinstance(engine.executor, MpsExecutor)
-    return outs, engine.executor.hangs
+    return outs, engine.executor.watch.hangs
 
 
 def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]) -> None:
@@ -70,7 +70,7 @@ def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]
 
         qwen = asyncio.run(read_all("qwen-demo"))
         assert [hangs for _, hangs in qwen] == [0, 0, 0]
-        assert group.job is not None and executor.hangs == 0  # llama's job: still stuck
+        assert group.job is not None and executor.watch.hangs == 0  # llama's job: still stuck
 
         # 2. the watchdog: past its deadline the stuck group is killed and restarted, and its
         # requests are recomputed (the deadline is shortened now, so step 1 never raced it,
@@ -78,14 +78,16 @@ def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]
         stuck_for = time.monotonic() - group.sent_at  # seconds: as long as qwen took
         assert group.job is not None
         stuck = len(group.job.seqs)  # 1 to 3: the prefills may have come in several jobs
-        executor.deadline = JobDeadline(stuck_for / 2, 0.0, None)  # past for the stuck job only
+        # past for the stuck job only
+        executor.watch.deadline = JobDeadline(stuck_for / 2, 0.0, None)
         executor.wake()
         seen_degraded: list[dict[str, object]] = []
 
         def watch() -> None:  # /health while the stopped group restarts
             client = InProcessClient(engine, manage=False)
-            wait_for(lambda: executor.hangs == 1, "hung group killed")
-            executor.deadline = JobDeadline(LONG_DEADLINE_S, 0.0, None)  # the recomputes run freely
+            wait_for(lambda: executor.watch.hangs == 1, "hung group killed")
+            # the recomputes run freely
+            executor.watch.deadline = JobDeadline(LONG_DEADLINE_S, 0.0, None)
             wait_for(lambda: "llama-demo" in engine.degraded(), "llama-demo degraded", 10)
             seen_degraded.append(client.health().to_json())
 
@@ -129,7 +131,7 @@ def test_a_restart_that_never_gets_ready_is_killed_and_started_again(
     executor = engine.executor
     assert isinstance(executor, MpsExecutor)
     try:
-        executor.start_timeout = 1.0  # for the hung restart (the first start is over)
+        executor.watch.start_timeout = 1.0  # for the hung restart (the first start is over)
         group = executor.groups[("llama-demo", Phase.DECODE)]
         [first] = [p.pid for p in group.procs]
         real, dropped = worker_group._send_init, []
@@ -138,7 +140,7 @@ def test_a_restart_that_never_gets_ready_is_killed_and_started_again(
             if not dropped:
                 dropped.append(init.name)
                 return
-            executor.start_timeout = 600.0  # the next start may take its time on a busy host
+            executor.watch.start_timeout = 600.0  # the next start may take its time on a busy host
             real(conn, init)
 
         monkeypatch.setattr(worker_group, "_send_init", drop_first)
@@ -154,7 +156,7 @@ def test_a_restart_that_never_gets_ready_is_killed_and_started_again(
         want = list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
         assert [t for o in outs for t in o.token_ids] == want
         assert outs[-1].error is None
-        assert dropped == ["llama-demo"] and executor.hangs == 1  # the hung start, killed
+        assert dropped == ["llama-demo"] and executor.watch.hangs == 1  # the hung start, killed
         assert group.failed_starts == 0  # the second start got ready
         assert first not in [p.pid for p in group.procs]
         wait_for(lambda: engine.scheduler.jobs_in_flight == 0, "idle")
@@ -187,7 +189,7 @@ def test_a_stopped_worker_is_found_by_its_stall_long_before_its_deadline(
             outs = asyncio.run(collect())
         want = list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
         assert [t for o in outs for t in o.token_ids] == want and outs[-1].error is None
-        assert executor.hangs == 1
+        assert executor.watch.hangs == 1
         [line] = [r.getMessage() for r in caplog.records if "killed" in r.getMessage()]
         assert line.startswith("llama-demo/decode: no progress for ")
         assert "(stopped or stuck;" in line and "its job is recomputed" in line
