@@ -18,7 +18,8 @@
    with 1 and with --replicas meshes per model, estimated and simulated.
 
 Writes bench.json (with the command, the load average before and after, wall and CPU
-seconds), bench.png and bench.md. The default run took 272 CPU-seconds (727 s wall at load 7-8).
+seconds), bench.png and bench.md. The default run took 4 min 47 s wall on a quiet machine
+(287 CPU-seconds; 727 s wall at load 7-8).
 
     python scripts/bench_placement.py [--out benchmarks/results/placement] [--runs 3]
 """
