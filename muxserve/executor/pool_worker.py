@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -27,11 +26,10 @@ from muxserve.executor.messages import (
     PoolInit,
     Report,
     Stop,
-    WorkerReady,
     WorkerReport,
-    WorkerStartFailed,
 )
 from muxserve.executor.mirror import RequestMirror
+from muxserve.executor.worker import run_process
 from muxserve.runner.kv_pool import KVPool
 from muxserve.runner.model_runner import ModelRunner
 from muxserve.runner.model_weights import weight_bytes
@@ -41,19 +39,9 @@ log = logging.getLogger(__name__)
 
 
 def pool_worker_main(conn: Connection, env: dict[str, str]) -> None:
-    """Process entry point: set the environment, attach the first models, serve until told to
+    """Process entry point: start a pooled worker with its first models, serve until told to
     stop."""
-    os.environ.update(env)  # before CUDA initialises: MPS reads it once, at context creation
-    try:
-        init = conn.recv()
-        if not isinstance(init, PoolInit):
-            raise TypeError(f"expected PoolInit, got {type(init).__name__}")
-        worker = PoolWorker(init)
-    except Exception as e:
-        conn.send(WorkerStartFailed(f"{type(e).__name__}: {e}"))
-        return
-    conn.send(WorkerReady(os.getpid()))
-    sys.exit(worker.serve(conn))
+    run_process(conn, env, PoolInit, PoolWorker)
 
 
 @dataclass
@@ -95,6 +83,11 @@ class PoolWorker:
         if self.pool.buffer.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.ipc_collect()  # lets the engine free what it exported to us
+
+    def close(self) -> None:
+        """Let go of every model's weights before the process exits."""
+        for name in list(self.models):
+            self.detach(name)
 
     def report(self) -> WorkerReport:
         held = tuple(sorted((n, a.nbytes) for n, a in self.models.items()))

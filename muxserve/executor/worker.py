@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -31,17 +33,30 @@ from muxserve.scheduler.job import JobResult, Phase
 
 log = logging.getLogger(__name__)
 
+I = TypeVar("I")  # a process's init message
+
 TP_TIMEOUT = timedelta(seconds=60)  # a collective waiting longer than this: a peer is gone
 
 
-def worker_main(conn: Connection, env: dict[str, str]) -> None:
-    """Process entry point: set the environment, start the worker, serve until told to stop."""
+class Serving(Protocol):
+    """What a worker process runs once started: its message loop, then its cleanup."""
+
+    def serve(self, conn: Connection) -> int: ...
+    def close(self) -> None: ...
+
+
+def run_process(
+    conn: Connection, env: dict[str, str], init_type: type[I], make: Callable[[I], Serving]
+) -> None:
+    """A worker process's life: set the environment, receive its `init_type` init, build the
+    worker with `make` (a failure is sent back as `WorkerStartFailed`), say `WorkerReady`,
+    serve until told to stop, clean up."""
     os.environ.update(env)  # before CUDA initialises: MPS reads it once, at context creation
     try:
         init = conn.recv()
-        if not isinstance(init, WorkerInit):
-            raise TypeError(f"expected WorkerInit, got {type(init).__name__}")
-        worker = Worker(init)
+        if not isinstance(init, init_type):
+            raise TypeError(f"expected {init_type.__name__}, got {type(init).__name__}")
+        worker = make(init)
     except Exception as e:
         conn.send(WorkerStartFailed(f"{type(e).__name__}: {e}"))
         return
@@ -49,6 +64,12 @@ def worker_main(conn: Connection, env: dict[str, str]) -> None:
     code = worker.serve(conn)
     worker.close()
     sys.exit(code)
+
+
+def worker_main(conn: Connection, env: dict[str, str]) -> None:
+    """Process entry point: start the worker of one (model, phase, rank), serve until told to
+    stop."""
+    run_process(conn, env, WorkerInit, Worker)
 
 
 class Worker:
