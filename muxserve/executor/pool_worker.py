@@ -25,11 +25,10 @@ from muxserve.executor.messages import (
     JobMessage,
     PoolInit,
     Report,
-    Stop,
     WorkerReport,
 )
 from muxserve.executor.mirror import RequestMirror
-from muxserve.executor.worker import run_process
+from muxserve.executor.worker import messages, run_job, run_process
 from muxserve.runner.kv_pool import KVPool
 from muxserve.runner.model_runner import ModelRunner
 from muxserve.runner.model_weights import weight_bytes
@@ -95,13 +94,7 @@ class PoolWorker:
 
     def serve(self, conn: Connection) -> int:
         """Serve messages until `Stop` or the engine goes away (0)."""
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                return 0  # the engine closed its end: nothing more will come
-            if isinstance(msg, Stop):
-                return 0
+        for msg in messages(conn):
             if isinstance(msg, JobMessage):
                 conn.send(self.run(msg))
             elif isinstance(msg, Attach):
@@ -118,15 +111,10 @@ class PoolWorker:
                 conn.send(self.report())
             else:
                 raise TypeError(f"{self.label}: unexpected message {type(msg).__name__}")
+        return 0
 
     def run(self, msg: JobMessage) -> JobResult:
         attached = self.models.get(msg.model)
         if attached is None:
             return JobResult(msg.job_id, (), f"{self.label}: model {msg.model!r} is not attached")
-        try:
-            job = attached.mirror.apply(msg)
-        except Exception as e:  # a protocol bug fails this job, not the worker
-            log.exception("job %d: cannot apply the message", msg.job_id)
-            return JobResult(msg.job_id, (), f"worker mirror out of sync: {type(e).__name__}: {e}")
-        attached.runner.release(msg.finished)
-        return attached.runner.execute(job)
+        return run_job(attached.runner, attached.mirror, msg)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from typing import Protocol, TypeVar
@@ -66,6 +66,30 @@ def run_process(
     sys.exit(code)
 
 
+def messages(conn: Connection) -> Iterator[object]:
+    """The engine's messages to a worker, until `Stop` or until the engine closes its end."""
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the engine closed its end: nothing more will come
+        if isinstance(msg, Stop):
+            return
+        yield msg
+
+
+def run_job(runner: ModelRunner, mirror: RequestMirror, msg: JobMessage) -> JobResult:
+    """Apply a job's delta to the model's mirror, free what finished, run the job. A delta the
+    mirror cannot apply (a protocol bug) fails this job, not the worker."""
+    try:
+        job = mirror.apply(msg)
+    except Exception as e:
+        log.exception("job %d: cannot apply the message", msg.job_id)
+        return JobResult(msg.job_id, (), f"worker mirror out of sync: {type(e).__name__}: {e}")
+    runner.release(msg.finished)
+    return runner.execute(job)
+
+
 def worker_main(conn: Connection, env: dict[str, str]) -> None:
     """Process entry point: start the worker of one (model, phase, rank), serve until told to
     stop."""
@@ -94,13 +118,7 @@ class Worker:
 
     def serve(self, conn: Connection) -> int:
         """Run jobs until `Stop` (0) or the engine goes away (0); 1 if a TP rank fails a job."""
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                return 0  # the engine closed its end: nothing more will come
-            if isinstance(msg, Stop):
-                return 0
+        for msg in messages(conn):
             if not isinstance(msg, JobMessage):
                 raise TypeError(f"expected JobMessage, got {type(msg).__name__}")
             result = self.run(msg)
@@ -109,15 +127,10 @@ class Worker:
             if result.error is not None and self.tp is not None:
                 # the ranks may now disagree on which collective comes next: restart the group
                 return 1
+        return 0
 
     def run(self, msg: JobMessage) -> JobResult:
-        try:
-            job = self.mirror.apply(msg)
-        except Exception as e:  # a protocol bug fails this job, not the worker
-            log.exception("job %d: cannot apply the message", msg.job_id)
-            return JobResult(msg.job_id, (), f"worker mirror out of sync: {type(e).__name__}: {e}")
-        self.runner.release(msg.finished)
-        return self.runner.execute(job)
+        return run_job(self.runner, self.mirror, msg)
 
     def close(self) -> None:
         if self.tp is not None and torch.distributed.is_initialized():
