@@ -14,8 +14,8 @@ integer master combines the best meshes found into one plan, and two steps then 
 to the pool, each followed by the master again: "replan" plans each node of the best plan
 exactly, from its own meshes (so never worse), and "grow" prices the pool against its own
 LP's duals over small groups of models (every deal's node groups). On the 64-model instance
-the snake deal alone gives 570.5 req/s, its pool 581.1, then replan 586.4, grow 592.5,
-replan 594.2 (~36 CPU-s). Other deals shift each round of the rate order by a fixed number
+the snake deal alone gives 570.5 req/s, its pool 581.1, then replan 586.4, grow 591.8,
+replan 594.6 (~28 CPU-s). Other deals shift each round of the rate order by a fixed number
 of nodes (round r's k-th model to node k + r·d); searching five of them gave 590.9 in as
 much time.
 
@@ -47,10 +47,10 @@ DEALS: tuple[int | None, ...] = (None,)
 # after the deals' pool is combined, each step adds meshes to the pool and combines it again
 # from the best plan: "replan" re-plans each node of that plan exactly (from its meshes),
 # "grow" prices the pool against its own LP's duals over groups of models. On 64/64 (snake
-# deal): 581.1 → replan 586.4 → grow 592.5 → replan 594.2 req/s in ~36 CPU-s, where five
-# deals gave 590.9 in ~35. Measured alternatives (same instance, CPU-s of the whole step):
-# snake + 5 with replan, grow 593.5 (34); with replan, grow, replan 594.0 (42); snake with
-# grow, replan 593.0 (38); replan, replan, grow 593.2 (30)
+# deal): 581.1 → replan 586.4 → grow 591.8 → replan 594.6 req/s in ~28 CPU-s, where five
+# deals gave 590.9 in ~35. Measured alternatives (CPU-s of the whole plan): a fourth step,
+# replan or grow, adds nothing (34, 36); snake + 5 with the same steps 594.1 (35); with
+# 4 pool rounds a grow instead of 2: 594.2 (35), 3 rounds 593.7 (32), 1 round 591.2 (26)
 STEPS: tuple[str, ...] = ("replan", "grow", "replan")
 SEARCH_SHARE = 0.85  # of the time left: the rest is the pool's integer master's
 
