@@ -15,6 +15,7 @@ on a GPU, a tensor-parallel shard, a model built by hand), each linear runs on i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,21 +31,22 @@ class Stacked:
 
     def __init__(self, *linears: nn.Module) -> None:
         self.linears = linears
-        self.sizes = [int(m.weight.shape[0]) for m in linears]
+        self.sizes = [int(w.shape[0]) for w in self.weights()]
         self._key: tuple[int, ...] | None = None
         self._stack: tuple[Tensor, Tensor | None] | None = None
 
     def weights(self) -> list[Tensor]:
-        return [m.weight for m in self.linears]
+        return [cast(Tensor, m.weight) for m in self.linears]
 
     def biases(self) -> list[Tensor]:
-        """The linears' biases: all of them, or none."""
-        return [m.bias for m in self.linears if getattr(m, "bias", None) is not None]
+        """The linears' biases, where they have them."""
+        biases = (getattr(m, "bias", None) for m in self.linears)
+        return [b for b in biases if isinstance(b, Tensor)]
 
     def __call__(self, x: Tensor) -> list[Tensor]:
         """Each linear's output for `x` (..., in): one product, split, where the weights lie
         as one matrix; else one product each."""
-        key = tuple(m.weight.data_ptr() for m in self.linears)
+        key = tuple(w.data_ptr() for w in self.weights())
         if key != self._key:
             self._key, self._stack = key, self._find()
         if self._stack is None:
