@@ -100,6 +100,7 @@ class DecoderAttention(nn.Module):
         self.rope_slot = int(self.rope_tables == 2 and sliding)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: Attention) -> Tensor:
+        """x (T, hidden); cos/sin (T, 1, rotary width): one step's angles, over all heads."""
         t = x.shape[0]
         q, k, v = self.qkv(x)
         q = q.view(t, self.num_heads, self.head_dim)  # (T, nh, hd)
@@ -107,9 +108,11 @@ class DecoderAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)  # (T, nkv, hd)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over each head's hd
-        width = cos.shape[-1] // self.rope_tables
-        lo = self.rope_slot * width
-        c, s = cos[:, lo : lo + width], sin[:, lo : lo + width]  # (T, rotary_dim)
+        c, s = cos, sin  # (T, 1, rotary_dim * rope_tables)
+        if self.rope_tables > 1:
+            width = cos.shape[-1] // self.rope_tables
+            lo = self.rope_slot * width
+            c, s = cos[..., lo : lo + width], sin[..., lo : lo + width]  # (T, 1, rotary_dim)
         q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
         if self.q_scale is not None:
             q = q * self.q_scale
@@ -210,6 +213,7 @@ class DecoderForCausalLM(CausalLM):
         x = m.embed_tokens(input_ids)  # (T, hidden)
         if m.embed_scale is not None:
             x = x * m.scale(x)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (T, 1, rd): over heads, once per step
         for layer in m.layers:
             x = layer(x, cos, sin, attention)
         return m.norm(x)
