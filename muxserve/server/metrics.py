@@ -113,10 +113,16 @@ class EngineCollector(Collector):
         restarts = CounterMetricFamily(
             "muxserve_mesh_restarts", "Times the mesh was restarted after dying", labels=["mesh"]
         )
+        resubmitted = CounterMetricFamily(
+            "muxserve_mesh_requests_resubmitted",
+            "Requests the mesh lost before any output that the router sent to another replica",
+            labels=["mesh"],
+        )
         for name, h in self.health.meshes.items():
             up.add_metric([name], 1.0 if h.state is MeshState.OK else 0.0)
             restarts.add_metric([name], h.restarts)
-        yield from (up, restarts)
+            resubmitted.add_metric([name], h.resubmitted)
+        yield from (up, restarts, resubmitted)
 
     def _residency(self) -> Iterator[Metric]:
         """Each model's state (1 for the current one), its sleeps, wakes and wake times."""
