@@ -274,6 +274,10 @@ class ServerMetrics:
         self.engines = EngineCollector()
         r.register(self.engines)
 
+    def on_protocol_error(self, status: int) -> None:
+        """Count the answer to a request aiohttp could not parse (no route: "malformed")."""
+        self.http_responses.labels("malformed", str(status)).inc()
+
     def on_response(self, request: web.Request, status: int) -> None:
         """Count a response under its route's pattern (not the raw path: bounded labels)."""
         route = request.match_info.route.resource
