@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_REASON = 200  # characters of a parser's message kept in the answer
 # the app's callback for the status of a request aiohttp could not parse (its metrics)
-ON_PROTOCOL_ERROR = web.AppKey("on_protocol_error", Callable[[int], None])
+ON_PROTOCOL_ERROR: web.AppKey[Callable[[int], None]] = web.AppKey("on_protocol_error")
 
 
 def describe_protocol_error(exc: BaseException | None, message: str | None) -> tuple[int, str]:
