@@ -10,6 +10,11 @@ weight bytes it streams: measured on a 2-core EPYC, one thread, column-major wei
 512 x 512 each 204 -> 144 us as one product, gate/up of 1376 x 512 284 -> 246 us, 150M's
 q/k/v (1024 + 2 x 256 rows of 1024) 366 -> 278 us. Where the weights do not lie so (loaded
 on a GPU, a tensor-parallel shard, a model built by hand), each linear runs on its own.
+
+Only a few rows gain: at 1-2 rows one product is 0.60-0.91x the time of the parts apart, at 4-8
+rows 0.94-1.04x, and from 16 rows on the fixed cost is lost in the work while 150M's stacked
+gate/up (5632 x 1024) ran 1.02-1.04x slower (16 to 2,048 rows). So a stack runs as one product
+for at most `STACK_ROWS` rows, and apart (on the same memory) for more.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+STACK_ROWS = 8  # most input rows that run as one product (see above)
 
 
 class Stacked:
@@ -45,7 +52,9 @@ class Stacked:
 
     def __call__(self, x: Tensor) -> list[Tensor]:
         """Each linear's output for `x` (..., in): one product, split, where the weights lie
-        as one matrix; else one product each."""
+        as one matrix and `x` has at most `STACK_ROWS` rows; else one product each."""
+        if x.numel() > STACK_ROWS * x.shape[-1]:
+            return [m(x) for m in self.linears]
         key = tuple(w.data_ptr() for w in self.weights())
         if key != self._key:
             self._key, self._stack = key, self._find()

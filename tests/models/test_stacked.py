@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from muxserve.models.loader import load_model
-from muxserve.models.stacked import Stacked, stack_of, stacked_tensors, stacks_in
+from muxserve.models.stacked import (
+    STACK_ROWS,
+    Stacked,
+    stack_of,
+    stacked_tensors,
+    stacks_in,
+)
 from muxserve.models.weight_arena import column_major_weights, materialize_in_arena
 from muxserve.parallel.layers import ColumnParallelLinear
 
@@ -54,6 +60,21 @@ def test_a_laid_out_stack_is_one_product_with_the_same_outputs(
     assert [tuple(o.shape) for o in outs] == [(3, 6), (3, 2), (3, 2)]
     for out, m in zip(outs, seq, strict=True):
         assert torch.allclose(out, m(x), atol=1e-6)
+
+
+def test_many_rows_run_apart_on_the_same_memory() -> None:
+    """Past `STACK_ROWS` rows the parts run one product each (the stacked one gains nothing
+    there), with the same outputs."""
+    seq, stacked = arena_linears([(6, 4), (2, 4)], bias=True, column_major=True)
+    x = torch.randn(STACK_ROWS + 1, 4, generator=torch.Generator().manual_seed(7))
+    outs = stacked(x)
+    assert stacked._key is None  # never looked for the stack
+    for out, m in zip(outs, seq, strict=True):
+        assert torch.equal(out, m(x))
+    few = stacked(x[:STACK_ROWS])
+    assert stacked._stack is not None
+    for out, m in zip(few, seq, strict=True):
+        assert torch.allclose(out, m(x[:STACK_ROWS]), atol=1e-6)
 
 
 def test_linears_apart_run_one_product_each() -> None:
