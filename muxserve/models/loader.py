@@ -103,13 +103,7 @@ def load_model(
         model = build_model(plan.config)
     model = model.to(dtype=dtype)  # (on meta: costs nothing)
     if device.type == "cpu":
-        head, stacks = model.head_weight(), stacked_tensors(model)
-        materialize_in_arena(
-            model,
-            skewed=(head,),
-            column_major=column_major_weights(model, head, stacks),
-            stacks=stacks,
-        )
+        place_on_cpu(model)
     else:
         model = model.to_empty(device=device)
     model.load_weights(_tensors(plan))
@@ -117,6 +111,19 @@ def load_model(
     model.requires_grad_(False)
     model.build_rope_cache(device, max_model_len)
     return model, plan.config
+
+
+def place_on_cpu(model: CausalLM) -> None:
+    """Give a model built on the meta device its CPU memory, laid out for decoding
+    (`weight_arena`): the LM head skewed, tall matrices column-major, each stack of linears
+    (`stacked`) back to back. Uninitialised, as `Module.to_empty` leaves it."""
+    head, stacks = model.head_weight(), stacked_tensors(model)
+    materialize_in_arena(
+        model,
+        skewed=(head,),
+        column_major=column_major_weights(model, head, stacks),
+        stacks=stacks,
+    )
 
 
 def _tensors(plan: CheckpointPlan) -> Iterator[tuple[str, torch.Tensor]]:

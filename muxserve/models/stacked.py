@@ -9,7 +9,7 @@ once and splits the result with views. At one row a product has a fixed cost bes
 weight bytes it streams: measured on a 2-core EPYC, one thread, column-major weights, q/k/v of
 512 x 512 each 204 -> 144 us as one product, gate/up of 1376 x 512 284 -> 246 us, 150M's
 q/k/v (1024 + 2 x 256 rows of 1024) 366 -> 278 us. Where the weights do not lie so (loaded
-on a GPU, a tensor-parallel shard, a model built by hand), each linear runs on its own.
+on a GPU, a model built by hand), each linear runs on its own.
 
 Only a few rows gain: at 1-2 rows one product is 0.60-0.91x the time of the parts apart, at 4-8
 rows 0.94-1.04x, and from 16 rows on the fixed cost is lost in the work while 150M's stacked
@@ -29,7 +29,7 @@ STACK_ROWS = 8  # most input rows that run as one product (see above)
 
 
 class Stacked:
-    """`linears` (plain `nn.Linear`s with one input width) called on one input.
+    """`linears` (`nn.Linear`s, or column-parallel shards, of one input width) on one input.
 
     A plain object, not a module: the linears stay where the model registers them. It
     remembers the stacked matrix for the weights' addresses it was built at, and looks again
@@ -64,8 +64,8 @@ class Stacked:
         return list(F.linear(x, weight, bias).split(self.sizes, dim=-1))
 
     def _find(self) -> tuple[Tensor, Tensor | None] | None:
-        if not all(type(m) is nn.Linear for m in self.linears):
-            return None  # a parallel shard's forward does more than its product
+        if not all(type(m).forward is nn.Linear.forward for m in self.linears):
+            return None  # e.g. a row-parallel shard: its forward does more than its product
         weight, biases = stack_of(self.weights()), self.biases()
         if weight is None or len(biases) not in (0, len(self.linears)):
             return None

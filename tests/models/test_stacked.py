@@ -20,7 +20,7 @@ from muxserve.models.stacked import (
     stacks_in,
 )
 from muxserve.models.weight_arena import column_major_weights, materialize_in_arena
-from muxserve.parallel.layers import ColumnParallelLinear
+from muxserve.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 MakeCheckpoint = Callable[..., Path]
 
@@ -105,11 +105,17 @@ def test_a_moved_stack_is_looked_for_again() -> None:
     assert state._key is None and state._stack is None
 
 
-def test_parallel_shards_and_mixed_biases_never_stack() -> None:
+def test_column_parallel_shards_stack_and_row_parallel_ones_and_mixed_biases_never() -> None:
     with torch.device("meta"):
-        shard = ColumnParallelLinear(4, 4, False, 1)
+        cols = nn.Sequential(
+            ColumnParallelLinear(4, 4, False, 2), ColumnParallelLinear(4, 4, False, 2)
+        )
+    materialize_in_arena(cols, stacks=[[m.weight for m in cols]])
+    assert Stacked(*cols)._find() is not None  # its forward is nn.Linear's
+    with torch.device("meta"):
+        row = RowParallelLinear(4, 4, False, 1)
         plain = nn.Linear(4, 4, bias=False)
-    assert Stacked(shard, plain)._find() is None
+    assert Stacked(row, plain)._find() is None  # its forward all-reduces
     with torch.device("meta"):
         seq = nn.Sequential(nn.Linear(4, 4, bias=True), nn.Linear(4, 4, bias=False))
     materialize_in_arena(seq, stacks=[[m.weight for m in seq]])

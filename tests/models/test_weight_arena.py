@@ -219,10 +219,15 @@ def test_shards_and_shared_memory_work_from_the_arena(make_checkpoint: MakeCheck
     whole, _ = load_model(folder, torch.float32, "cpu")
     heap = heap_load(folder, torch.float32)
     for rank in range(2):
-        a = dict(shard_model(whole, rank, 2, torch.device("cpu")).named_parameters())
+        shard = shard_model(whole, rank, 2, torch.device("cpu"))
+        a = dict(shard.named_parameters())
         b = dict(shard_model(heap, rank, 2, torch.device("cpu")).named_parameters())
         for key in b:
             assert torch.equal(a[key], b[key]), (rank, key)
+        # a CPU shard is laid out as a whole model is: its q/k/v and gate/up stacked
+        stacks = stacked_tensors(shard)
+        assert len(stacks) == 2 * shard.config.num_layers
+        assert all(stack_of(stack) is not None for stack in stacks)
     whole.share_memory()
     for (n, a), (_, b) in zip(whole.named_parameters(), heap.named_parameters(), strict=True):
         assert a.is_shared() and torch.equal(a, b), n
