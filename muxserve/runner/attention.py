@@ -111,7 +111,7 @@ class PagedAttention:
         self._reads: dict[int | None, list[_Read]] = {}
         self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._ws_views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ws_views: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
 
     # ---- the model's call --------------------------------------------------------------
     def __call__(
@@ -267,28 +267,33 @@ class PagedAttention:
         return _as(out.reshape(n, num_heads, hd), q.dtype)
 
     def _gather_group(self, read: _Read, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The group's K and V of `layer` copied into the workspace, as (Bg, Hkv, key_len,
-        hd) views of the copied keys from `key_start` (one op each: an op costs microseconds
-        at batch 1, as much as a few KiB of copying)."""
+        """The group's K and V of `layer` copied into the workspace: (Bg, Hkv, key_len, hd)
+        views of the copied keys from `key_start`, the same views for every layer."""
         ids = read.blocks[layer]  # (Bg * Hkv * nb,)
-        ws_k, ws_v = self._group_workspace(ids.shape[0])
-        tpb, hd = self.cache.shape[2], self.cache.shape[3]
-        bg, per_head = read.stop - read.first, read.num_blocks * tpb * hd
-        heads = ids.shape[0] // (bg * read.num_blocks)
-        shape = (bg, heads, read.key_len, hd)
-        strides = (heads * per_head, per_head, hd, 1)
-        start = ws_k.storage_offset() + read.key_start * hd
-        k = torch.index_select(self._k_rows, 0, ids, out=ws_k).as_strided(shape, strides, start)
-        start = ws_v.storage_offset() + read.key_start * hd
-        v = torch.index_select(self._v_rows, 0, ids, out=ws_v).as_strided(shape, strides, start)
+        ws_k, ws_v, k, v = self._group_views(read, ids.shape[0])
+        torch.index_select(self._k_rows, 0, ids, out=ws_k)  # in place: k and v see it
+        torch.index_select(self._v_rows, 0, ids, out=ws_v)
         return k, v
 
-    def _group_workspace(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The workspace's first `rows` block rows for K and for V (sliced once per size)."""
-        views = self._ws_views.get(rows)
+    def _group_views(self, read: _Read, rows: int) -> tuple[torch.Tensor, ...]:
+        """The workspace's first `rows` block rows for K and for V, and the (Bg, Hkv,
+        key_len, hd) views of them that SDPA reads; made once per step and shape, since a
+        view costs microseconds at batch 1, as much as copying a few KiB."""
+        bg = read.stop - read.first
+        key = (rows, bg, read.num_blocks, read.key_start, read.key_len)
+        views = self._ws_views.get(key)
         if views is None:
             assert self._workspace is not None
-            views = self._ws_views[rows] = (self._workspace[0][:rows], self._workspace[1][:rows])
+            tpb, hd = self.cache.shape[2], self.cache.shape[3]
+            per_head = read.num_blocks * tpb * hd
+            heads = rows // (bg * read.num_blocks)
+            shape = (bg, heads, read.key_len, hd)
+            strides = (heads * per_head, per_head, hd, 1)
+            ws = (self._workspace[0][:rows], self._workspace[1][:rows])
+            keys = [
+                w.as_strided(shape, strides, w.storage_offset() + read.key_start * hd) for w in ws
+            ]
+            views = self._ws_views[key] = (*ws, *keys)
         return views
 
     def _sdpa(
