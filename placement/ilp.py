@@ -11,9 +11,10 @@ For throughput, in this order, all within one deadline:
 2. branch and price over mesh configurations (`column_generation`): the bound, and a plan,
 3. local search (`local_search`): two nodes at a time re-planned exactly, while time is left,
 4. the compact program (below), for instances small enough to solve whole, when a gap is left.
-At scale (`_at_scale`) steps 2 and 3 give way to the aggregate LP's bound and a plan made
-node by node over several deals, their meshes combined by the integer master over their
-pool (`decomposition`, `column_pool`); the greedy runs there only if that finds no plan.
+At scale (`_at_scale`) steps 2 and 3 give way to the aggregate LP's bound (its cuts
+separated, `config_bound`) and a plan made node by node over several deals, their meshes
+combined by the integer master over their pool (`decomposition`, `column_pool`); the greedy
+runs there only if that finds no plan.
 For fairness, the compact program. Any solution that does not decode into a feasible plan
 (every model placed once, each mesh within capacity, the meshes packable on the nodes) is
 dropped with a note, and the best feasible one is kept. The reported bound is the least of
