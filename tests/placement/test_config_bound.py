@@ -9,6 +9,7 @@ from placement.candidates import Candidate, CandidateTable, Capacity, Mode, buil
 from placement.column_generation import BranchAndPrice, Instance
 from placement.config_bound import cut_bound, dff, start_cuts, weight_grid
 from placement.deadline import Deadline
+from placement.ilp import solve_ilp
 from placement.lp import highs_available
 from tests.helpers.placement import cluster, problem, random_problem, spec
 from tests.placement.exhaustive import best_placement
@@ -95,3 +96,21 @@ def test_the_weight_grid_is_the_simplex_in_a_fixed_order() -> None:
     assert len(grid) == 10 and len(weight_grid()) == 84
     assert grid[0] == (0.0, 0.0, 0.0, 1.0) and grid[-1] == (1.0, 0.0, 0.0, 0.0)
     assert all(sum(w) == pytest.approx(1.0) and min(w) >= 0 for w in grid)
+
+
+def test_with_replicas_the_bound_is_at_least_the_optimal_plan() -> None:
+    # one hot model two single-GPU meshes serve (two replicas) and two light ones, 4 GPUs
+    p = problem(
+        [spec(hidden=1024, layers=8), spec(), spec()],
+        [400.0, 2.0, 3.0],
+        cluster(nodes=1, gpus_per_node=4),
+    )
+    table = build_candidates(p, Mode.MUX, max_replicas=4)
+    assert table.units == [(0, 0), (0, 1), (1, 0), (2, 0)]
+    plan = solve_ilp(p, table, gap_tolerance=0.0, progress=None, time_limit=60)
+    assert plan.status == "optimal"
+    found = cut_bound(table)
+    fixed = BranchAndPrice(Instance.whole(table)).aggregate()
+    assert found is not None and fixed is not None
+    assert plan.served_total - 1e-7 <= found.value <= fixed[0] + 1e-6
+    assert found.value <= p.total_rate + 1e-9
