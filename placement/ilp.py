@@ -12,7 +12,7 @@ For throughput, in this order, all within one deadline:
 3. local search (`local_search`): two nodes at a time re-planned exactly, while time is left,
 4. the compact program (below), for instances small enough to solve whole, when a gap is left.
 At scale (`_at_scale`) steps 2 and 3 give way to the aggregate LP's bound (its cuts
-separated, `config_bound`) and a plan made node by node over several deals, their meshes
+separated, `cut_bound`) and a plan made node by node over several deals, their meshes
 combined by the integer master over their pool (`decomposition`, `column_pool`); the greedy
 runs there only if that finds no plan.
 For fairness, the compact program. Any solution that does not decode into a feasible plan
@@ -37,8 +37,8 @@ from muxserve.errors import ConfigError
 from placement.candidates import RESOURCES, Candidate, CandidateTable, Mode, build_candidates
 from placement.column_generation import BranchAndPrice, Incumbent, Instance
 from placement.column_pool import ColumnPool
-from placement.config_bound import cut_bound
 from placement.configurations import Config
+from placement.cut_bound import cut_bound
 from placement.deadline import Deadline
 from placement.decomposition import plan_by_deals
 from placement.greedy import Progress, solve_greedy, stderr_progress
@@ -193,7 +193,7 @@ class _Run:
             )
 
     def aggregate_bound(self) -> None:
-        """The aggregate LP's bound with separated cuts (`config_bound`), in about a second."""
+        """The aggregate LP's bound with separated cuts (`cut_bound`), in about a second."""
         if self.deadline.passed():
             return
         found = cut_bound(self.table, deadline=self.deadline, backend=self.backend)

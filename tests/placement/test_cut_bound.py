@@ -7,7 +7,7 @@ import pytest
 
 from placement.candidates import Candidate, CandidateTable, Capacity, Mode, build_candidates
 from placement.column_generation import BranchAndPrice, Instance
-from placement.config_bound import cut_bound, dff, start_cuts, weight_grid
+from placement.cut_bound import cut_bound, dff, start_cuts, weight_grid
 from placement.deadline import Deadline
 from placement.ilp import solve_ilp
 from placement.lp import highs_available
