@@ -11,9 +11,10 @@ For throughput, in this order, all within one deadline:
 2. branch and price over mesh configurations (`column_generation`): the bound, and a plan,
 3. local search (`local_search`): two nodes at a time re-planned exactly, while time is left,
 4. the compact program (below), for instances small enough to solve whole, when a gap is left.
-At scale (`_at_scale`) steps 2 and 3 give way to the aggregate LP's bound and a plan made
-node by node over several deals, their meshes combined by the integer master over their
-pool (`decomposition`, `column_pool`); the greedy runs there only if that finds no plan.
+At scale (`_at_scale`) steps 2 and 3 give way to the aggregate LP's bound (its cuts
+separated, `cut_bound`) and a plan made node by node over several deals, their meshes
+combined by the integer master over their pool (`decomposition`, `column_pool`); the greedy
+runs there only if that finds no plan.
 For fairness, the compact program. Any solution that does not decode into a feasible plan
 (every model placed once, each mesh within capacity, the meshes packable on the nodes) is
 dropped with a note, and the best feasible one is kept. The reported bound is the least of
@@ -37,6 +38,7 @@ from placement.candidates import RESOURCES, Candidate, CandidateTable, Mode, bui
 from placement.column_generation import BranchAndPrice, Incumbent, Instance
 from placement.column_pool import ColumnPool
 from placement.configurations import Config
+from placement.cut_bound import cut_bound
 from placement.deadline import Deadline
 from placement.decomposition import plan_by_deals
 from placement.greedy import Progress, solve_greedy, stderr_progress
@@ -191,14 +193,12 @@ class _Run:
             )
 
     def aggregate_bound(self) -> None:
-        """The aggregate LP's bound (with its cuts), in a fraction of a second."""
+        """The aggregate LP's bound with separated cuts (`cut_bound`), in about a second."""
         if self.deadline.passed():
             return
-        bp = BranchAndPrice(Instance.whole(self.table), threads=self.threads,
-                            backend=self.backend)  # fmt: skip
-        found = bp.aggregate(self.deadline)
+        found = cut_bound(self.table, deadline=self.deadline, backend=self.backend)
         if found is not None:
-            self.tighten(found[0])
+            self.tighten(found.value)
 
     def by_nodes(self) -> None:
         found, cut = plan_by_deals(

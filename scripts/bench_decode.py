@@ -194,6 +194,12 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "p10": qs[0], "p90": qs[-1]}
 
 
+def ratio_stats(values: list[float]) -> dict[str, float]:
+    """Median and quartiles of paired ratios."""
+    q1, q3 = quartiles(values)
+    return {"median": statistics.median(values), "q1": q1, "q3": q3}
+
+
 def quartiles(values: list[float]) -> tuple[float, float]:
     """The first and third quartiles, interpolated within the values (one value: it twice)."""
     if len(values) < 2:
@@ -224,6 +230,7 @@ def bench_point(
     hf_ms: list[float] = []
     ours_ms: list[float] = []
     weights_ms: list[float] = []
+    weights_cpu_ms: list[float] = []
     ratios: list[list[float]] = []
     cpu_ms: dict[Any, list[float]] = {hf.step: [], side.step: []}  # the thread's CPU time
     for rep in range(args.repeats):
@@ -235,7 +242,9 @@ def bench_point(
                 start = time.thread_time()
                 t[fn] = timed(fn)
                 cpu_ms[fn].append((time.thread_time() - start) * 1e3)
+            start = time.thread_time()
             weights_ms.append(timed(lambda: read_weights(ours)) * 1e3)
+            weights_cpu_ms.append((time.thread_time() - start) * 1e3)
             hf_ms.append(t[hf.step] * 1e3)
             ours_ms.append(t[side.step] * 1e3)
             rep_ratios.append(t[side.step] / t[hf.step])
@@ -277,6 +286,12 @@ def bench_point(
             "q3": quartiles(cpu_ratios)[1],
         },
         "engine_vs_weights_read": statistics.median(ours_ms) / statistics.median(weights_ms),
+        # the same in thread CPU time (the read too), and per step with its quartiles: what
+        # other processes' time slices do not inflate
+        "weights_read_cpu_ms": summary(weights_cpu_ms),
+        "engine_vs_weights_read_cpu": ratio_stats(
+            [e / w for e, w in zip(cpu_ms[side.step], weights_cpu_ms, strict=True)]
+        ),
         "rows_same_tokens": same,
     }
 

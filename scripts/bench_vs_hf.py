@@ -18,7 +18,9 @@ is cut into chunks of `--hf-chunk-tokens` tokens so its activations stay small.
 Reported per cell: the median decode step of each side with its p10-p90, the median of the
 paired ratios engine / HF with their quartiles and the min-max of the per-repeat medians, the
 same in the timing thread's CPU time (`cpu_ratio`: on a loaded machine the time slices other
-processes take inflate wall times, not these), the rows whose greedy tokens agree (random
+processes take inflate wall times, not these), the engine's step against the weight read
+(`engine_vs_weights_read`, medians of wall times; `engine_vs_weights_read_cpu`, paired ratios
+of thread CPU times with quartiles), the rows whose greedy tokens agree (random
 weights leave near-ties that rounding may flip), and the load average before and after.
 Written to `--out`: `bench_vs_hf.json` after every cell (`"complete": false` until the last),
 and `bench_vs_hf.png` (the ratio per cell, one panel per model) at the end. Progress goes to
@@ -375,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     save()
     plot(result, out / "bench_vs_hf.png")
     print(f"{'model':>8}{'cell':>10}{'hf ms':>10}{'engine ms':>11}{'ratio':>8}"
-          f"{'IQR':>14}{'rep min-max':>14}{'cpu ratio':>10}{'IQR':>14}{'same':>6}"
-          f"{'load':>6}")  # fmt: skip
+          f"{'IQR':>14}{'rep min-max':>14}{'cpu ratio':>10}{'IQR':>14}{'vs read':>9}"
+          f"{'cpu':>7}{'same':>6}{'load':>6}")  # fmt: skip
     for model in models:
         for c in model["cells"]:
             q = c["ratio"]
@@ -386,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{q['q1']:>7.2f}-{q['q3']:.2f}{q['rep_min']:>8.2f}-{q['rep_max']:.2f}"
                 f"{c['cpu_ratio']['median']:>9.2f}x"
                 f"{c['cpu_ratio']['q1']:>7.2f}-{c['cpu_ratio']['q3']:.2f}"
+                f"{c['engine_vs_weights_read']:>8.2f}x"
+                f"{c['engine_vs_weights_read_cpu']['median']:>6.2f}x"
                 f"{c['rows_same_tokens']:>4}/{c['batch']}{c['load_average_before'][0]:>6.1f}"
             )
     print(f"load average {load_before} -> {result['load_average_after']}")

@@ -53,6 +53,7 @@ class MeshHealth:
     restarts: int = 0  # times it was restarted after dying
     error: str | None = None  # why it is down, when it is
     degraded: dict[str, str] = field(default_factory=dict)  # models not serving now, and why
+    resubmitted: int = 0  # requests it lost before any output that another replica took
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -61,6 +62,7 @@ class MeshHealth:
             "node": self.node,
             "models": list(self.models),
             "restarts": self.restarts,
+            "resubmitted": self.resubmitted,
         }
         if self.error is not None:
             out["error"] = self.error

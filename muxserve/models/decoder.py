@@ -26,6 +26,7 @@ from muxserve.models.experts import SparseMoeBlock
 from muxserve.models.hf_config import HFModelConfig
 from muxserve.models.norm import RMSNorm
 from muxserve.models.rope import RotaryEmbedding, apply_rotary
+from muxserve.models.stacked import Stacked
 from muxserve.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -63,9 +64,11 @@ class GatedMLP(nn.Module):
         self.up_proj = linear(h, i, bias, tp_size, ColumnParallelLinear)
         self.down_proj = linear(i, h, bias, tp_size, RowParallelLinear)
         self.act = ACTIVATIONS[config.hidden_act]
+        self.gate_up = Stacked(self.gate_proj, self.up_proj)  # one product where it can
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderAttention(nn.Module):
@@ -83,6 +86,7 @@ class DecoderAttention(nn.Module):
         self.k_proj = linear(h, config.kv_size, bias, tp_size, ColumnParallelLinear)
         self.v_proj = linear(h, config.kv_size, bias, tp_size, ColumnParallelLinear)
         self.o_proj = linear(config.q_size, h, config.o_bias, tp_size, RowParallelLinear)
+        self.qkv = Stacked(self.q_proj, self.k_proj, self.v_proj)  # one product where it can
         self.q_norm: RMSNorm | None = make_norm(config, hd) if config.qk_norm else None
         self.k_norm: RMSNorm | None = make_norm(config, hd) if config.qk_norm else None
         # the attention applies 1/sqrt(head_dim); a config with another scale folds the ratio
@@ -96,15 +100,19 @@ class DecoderAttention(nn.Module):
         self.rope_slot = int(self.rope_tables == 2 and sliding)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: Attention) -> Tensor:
+        """x (T, hidden); cos/sin (T, 1, rotary width): one step's angles, over all heads."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, nh, hd)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, nkv, hd)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, nkv, hd)
+        q, k, v = self.qkv(x)
+        q = q.view(t, self.num_heads, self.head_dim)  # (T, nh, hd)
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # (T, nkv, hd)
+        v = v.view(t, self.num_kv_heads, self.head_dim)  # (T, nkv, hd)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over each head's hd
-        width = cos.shape[-1] // self.rope_tables
-        lo = self.rope_slot * width
-        c, s = cos[:, lo : lo + width], sin[:, lo : lo + width]  # (T, rotary_dim)
+        c, s = cos, sin  # (T, 1, rotary_dim * rope_tables)
+        if self.rope_tables > 1:
+            width = cos.shape[-1] // self.rope_tables
+            lo = self.rope_slot * width
+            c, s = cos[..., lo : lo + width], sin[..., lo : lo + width]  # (T, 1, rotary_dim)
         q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
         if self.q_scale is not None:
             q = q * self.q_scale
@@ -205,6 +213,7 @@ class DecoderForCausalLM(CausalLM):
         x = m.embed_tokens(input_ids)  # (T, hidden)
         if m.embed_scale is not None:
             x = x * m.scale(x)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (T, 1, rd): over heads, once per step
         for layer in m.layers:
             x = layer(x, cos, sin, attention)
         return m.norm(x)

@@ -25,7 +25,8 @@ from muxserve.errors import CheckpointError
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import HFModelConfig, load_hf_config
 from muxserve.models.registry import build_model, checkpoint_shapes
-from muxserve.models.weight_arena import materialize_in_arena
+from muxserve.models.stacked import stacked_tensors
+from muxserve.models.weight_arena import column_major_weights, materialize_in_arena
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -87,7 +88,8 @@ def load_model(
     """Build the model for a checkpoint folder and load its weights, cast to `dtype`, on `device`.
 
     Parameters are created on the meta device and allocated once, directly in `dtype` on
-    `device` (on the CPU in one mapping advised into huge pages: `weight_arena`); each file is
+    `device` (on the CPU in one mapping advised into huge pages, the tall matrices
+    column-major: `weight_arena`); each file is
     memory-mapped and copied in tensor by tensor, so peak extra memory is one tensor (a `.bin`
     saved in torch's legacy, non-zip format is read whole). The model is returned in eval mode
     with gradients off, its RoPE tables built for `max_model_len` positions (the served
@@ -101,7 +103,7 @@ def load_model(
         model = build_model(plan.config)
     model = model.to(dtype=dtype)  # (on meta: costs nothing)
     if device.type == "cpu":
-        materialize_in_arena(model, skewed=(model.head_weight(),))
+        place_on_cpu(model)
     else:
         model = model.to_empty(device=device)
     model.load_weights(_tensors(plan))
@@ -109,6 +111,19 @@ def load_model(
     model.requires_grad_(False)
     model.build_rope_cache(device, max_model_len)
     return model, plan.config
+
+
+def place_on_cpu(model: CausalLM) -> None:
+    """Give a model built on the meta device its CPU memory, laid out for decoding
+    (`weight_arena`): the LM head skewed, tall matrices column-major, each stack of linears
+    (`stacked`) back to back. Uninitialised, as `Module.to_empty` leaves it."""
+    head, stacks = model.head_weight(), stacked_tensors(model)
+    materialize_in_arena(
+        model,
+        skewed=(head,),
+        column_major=column_major_weights(model, head, stacks),
+        stacks=stacks,
+    )
 
 
 def _tensors(plan: CheckpointPlan) -> Iterator[tuple[str, torch.Tensor]]:

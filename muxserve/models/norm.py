@@ -23,11 +23,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x32 = x.to(torch.float32)
+        same = dtype == torch.float32  # then the casts are no-ops: skip their dispatch
+        x32 = x if same else x.to(torch.float32)
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:
             return (normed * (1.0 + self.weight.float())).to(dtype)
-        return self.weight * normed.to(dtype)
+        return self.weight * (normed if same else normed.to(dtype))
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, unit_offset={self.unit_offset}"

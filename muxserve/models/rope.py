@@ -174,12 +174,14 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate `x` (T, heads, head_dim) by per-token angles; `cos`, `sin`: (T, rotary_dim).
+    """Rotate `x` (T, heads, head_dim) by per-token angles; `cos`, `sin`: (T, rotary_dim), or
+    (T, 1, rotary_dim) as the decoder passes them (unsqueezed once per forward, not per call).
 
     With a partial rotary factor only the first `rotary_dim` dims of each head turn, the rest
     pass through, as in transformers' Phi-3.
     """
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (T, 1, rd): broadcast over heads
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (T, 1, rd): broadcast over heads
     rd = cos.shape[-1]
     if rd == x.shape[-1]:
         return x * cos + rotate_half(x) * sin
@@ -265,4 +267,6 @@ class RotaryEmbedding(nn.Module):
             cos, sin = table[0][positions], table[1][positions]  # (T, rd/2)
         cos = torch.cat((cos, cos), dim=-1)  # (T, rd)
         sin = torch.cat((sin, sin), dim=-1)
+        if cos.dtype == dtype:
+            return cos, sin
         return cos.to(dtype), sin.to(dtype)

@@ -16,7 +16,7 @@ import torch
 
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import check_divisible
-from muxserve.models.loader import load_model
+from muxserve.models.loader import load_model, place_on_cpu
 from muxserve.models.registry import build_model
 
 
@@ -66,7 +66,11 @@ def shard_model(
     """Rank `rank`'s shard of `whole` on `device`, in eval mode with gradients off."""
     with torch.device("meta"):
         shard = build_model(whole.config, tp_size=world_size)
-    shard = shard.to(dtype=whole.dtype).to_empty(device=device)
+    shard = shard.to(dtype=whole.dtype)
+    if device.type == "cpu":
+        place_on_cpu(shard)  # laid out as a whole model is (load_model)
+    else:
+        shard = shard.to_empty(device=device)
     full = dict(whole.named_parameters())
     for name, param in shard.named_parameters():
         param.copy_(_rank_slice(full[name], param.shape, rank, world_size))

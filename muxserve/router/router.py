@@ -2,10 +2,12 @@
 
 A request goes to a mesh where its model is active (`RoutingTable`); where a model is active
 on several meshes, to the replica with the fewest outstanding requests. Tokenizing happens
-here, once; outputs are passed on as each arrives. The router never waits on a mesh to
-answer `/health`. It measures each model's rates (`WorkloadWindow`) and, with `router.replan`
-set, re-plans while serving (`Replanner`), moving models by `move`: wake where it goes,
-switch new requests there, drain the old place, put it to sleep there.
+here, once; outputs are passed on as each arrives. A request whose mesh is lost before it
+gave any output is sent again to another replica of its model, if one is up (`stream`): the
+client sees one answer. The router never waits on a mesh to answer `/health`. It measures
+each model's rates (`WorkloadWindow`) and, with `router.replan` set, re-plans while serving
+(`Replanner`), moving models by `move`: wake where it goes, switch new requests there, drain
+the old place, put it to sleep there.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from muxserve.client.protocol import Health, MeshState, MeshStats, ModelState
@@ -37,6 +40,18 @@ from muxserve.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 2.0  # a mesh slower than this to report is left out of a scrape
+
+
+@dataclass
+class _Routed:
+    """Where a request went, and what it takes to send it again elsewhere."""
+
+    client: RemoteEngineClient
+    mesh: str
+    model: str
+    prompt: list[int]
+    params: SamplingParams
+    tried: set[str] = field(default_factory=set)  # meshes it was sent to
 
 
 class Router:
@@ -70,8 +85,10 @@ class Router:
         self._models = {
             m.name: _served(m.name, m.path, m.dtype, m.max_model_len, cap) for m in config.models
         }
-        # request id -> (its mesh's client, mesh, model), until its last output is read
-        self._owner: dict[str, tuple[RemoteEngineClient, str, str]] = {}
+        # request id -> where it went, until its last output is read
+        self._owner: dict[str, _Routed] = {}
+        # mesh -> requests it lost before any output and that another replica took
+        self.resubmitted: Counter[str] = Counter()
         replan = config.router.replan
         self.window = WorkloadWindow(replan.window_s if replan is not None else 30.0)
         self.replanner: Replanner | None = None  # with `router.replan` set
@@ -145,41 +162,101 @@ class Router:
         self, model: str, prompt: list[int], params: SamplingParams, request_id: str
     ) -> str:
         mesh = self._pick(model)
-        client = mesh.client
-        # counted in flight before the mesh is asked: a move's drain of this mesh waits for it
-        self.routing.begin(mesh.name, model)
+        routed = _Routed(mesh.client, mesh.name, model, prompt, params, {mesh.name})
         try:
-            await client.add_request(model, prompt, params, request_id)
-        except BaseException:
-            self.routing.end(mesh.name, model)
-            raise
-        self._owner[request_id] = (client, mesh.name, model)
+            await self._send(mesh, model, prompt, params, request_id)
+        except MeshUnavailableError as e:  # lost while it took the request: try another
+            if not await self._resubmit(request_id, routed, e, counted=False):
+                raise
+        self._owner[request_id] = routed
         self.window.arrived(model, len(prompt))
         return request_id
 
-    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
-        owner = self._owner.get(request_id)
-        if owner is None:
-            raise KeyError(f"unknown request {request_id!r} (or its outputs were read already)")
-        client, _, model = owner
+    async def _send(
+        self,
+        mesh: MeshSupervisor,
+        model: str,
+        prompt: list[int],
+        params: SamplingParams,
+        request_id: str,
+    ) -> None:
+        # counted in flight before the mesh is asked: a move's drain of this mesh waits for it
+        self.routing.begin(mesh.name, model)
         try:
-            async for out in client.stream(request_id):
-                if out.finished:
-                    self.window.finished(model, out.completion_tokens)
-                yield out
+            await mesh.client.add_request(model, prompt, params, request_id)
+        except BaseException:
+            self.routing.end(mesh.name, model)
+            raise
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they arrive. Its mesh lost before the first output (the
+        process died, the connection dropped; or while it took the request, in
+        `add_request`), the request goes to another replica of its
+        model that is up and was not tried yet, with the same prompt and parameters, so the
+        caller sees one whole answer. Once an output was passed on it is not sent again (the
+        continuation would not be the same request: penalties, seeds, stop strings over the
+        seam), and `MeshUnavailableError` ends the stream, as with no replica left."""
+        routed = self._owner.get(request_id)
+        if routed is None:
+            raise KeyError(f"unknown request {request_id!r} (or its outputs were read already)")
+        passed_on = False
+        try:
+            while True:
+                try:
+                    async for out in routed.client.stream(request_id):
+                        if out.finished:
+                            self.window.finished(routed.model, out.completion_tokens)
+                        passed_on = True
+                        yield out
+                    return
+                except MeshUnavailableError as e:
+                    if passed_on or not await self._resubmit(request_id, routed, e):
+                        raise
         finally:
             self._done(request_id)
 
+    async def _resubmit(
+        self, request_id: str, routed: _Routed, err: Exception, counted: bool = True
+    ) -> bool:
+        """Send `request_id` to a replica it has not been to; False if none is up or takes it.
+        `counted`: the lost mesh still counts it in flight (it had taken it)."""
+        lost = routed.mesh
+        others = [
+            self.meshes[n]
+            for n in self.routing.targets(routed.model)
+            if n not in routed.tried and self.meshes[n].client.connected
+        ]
+        for mesh in sorted(others, key=lambda s: s.client.outstanding):
+            name = mesh.name
+            routed.tried.add(name)
+            try:
+                await self._send(mesh, routed.model, routed.prompt, routed.params, request_id)
+            except MeshUnavailableError:
+                continue
+            if counted:
+                self.routing.end(lost, routed.model)
+            routed.client, routed.mesh = mesh.client, name
+            self.resubmitted[lost] += 1
+            log.warning(
+                "request %s: mesh %r was lost before any output (%s); sent to mesh %r",
+                request_id,
+                lost,
+                err,
+                name,
+            )
+            return True
+        return False
+
     def abort(self, request_id: str) -> None:
-        owner = self._owner.get(request_id)
-        if owner is not None:
+        routed = self._owner.get(request_id)
+        if routed is not None:
             self._done(request_id)
-            owner[0].abort(request_id)
+            routed.client.abort(request_id)
 
     def _done(self, request_id: str) -> None:
-        owner = self._owner.pop(request_id, None)
-        if owner is not None:
-            self.routing.end(owner[1], owner[2])
+        routed = self._owner.pop(request_id, None)
+        if routed is not None:
+            self.routing.end(routed.mesh, routed.model)
 
     # ---- moving a model --------------------------------------------------------------------
     async def move(self, model: str, src: str | None, dst: str | None, reason: str) -> None:
@@ -268,7 +345,12 @@ class Router:
         return [g for g in got if g is not None]
 
     def health(self) -> Health:
-        return Health({name: s.health() for name, s in self.meshes.items()})
+        return Health(
+            {
+                name: replace(s.health(), resubmitted=self.resubmitted[name])
+                for name, s in self.meshes.items()
+            }
+        )
 
     # ---- sleep and wake: forwarded to the meshes that list the model ---------------------
     def _listing(self, model: str) -> list[RemoteEngineClient]:

@@ -56,7 +56,7 @@ class _Read:
     stop: int
     tokens: slice  # their new tokens' rows in T
     q_len: int  # query rows per sequence (a prefill chunk is a group of its own)
-    blocks: torch.Tensor  # (layers, Bg * kv_heads * nb) int64: the blocks to copy, per layer
+    blocks: tuple[torch.Tensor, ...]  # per layer (Bg * kv_heads * nb,) int64: blocks to copy
     num_blocks: int  # nb: blocks per (sequence, KV head), the widest sequence's
     key_start: int  # the copied keys to attend to: key_len columns from key_start
     key_len: int
@@ -111,6 +111,7 @@ class PagedAttention:
         self._reads: dict[int | None, list[_Read]] = {}
         self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._ws_views: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
 
     # ---- the model's call --------------------------------------------------------------
     def __call__(
@@ -122,8 +123,9 @@ class PagedAttention:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' K/V, (T, Hkv, hd) each, in the pool through the block tables."""
         ids, off = self._write_slots(layer, k.shape[1])  # (T, Hkv) each
-        self._k_tokens.index_put_((ids, off), k.to(self.cache.dtype))
-        self._v_tokens.index_put_((ids, off), v.to(self.cache.dtype))
+        dtype = self.cache.dtype
+        self._k_tokens.index_put_((ids, off), _as(k, dtype))
+        self._v_tokens.index_put_((ids, off), _as(v, dtype))
 
     def attend_pool(
         self,
@@ -171,10 +173,11 @@ class PagedAttention:
             n = sum(host.q_lens[i:stop])
             reads.append(self._read(i, stop, slice(token, token + n), window, group))
             i, token = stop, token + n
-        rows = max(r.blocks.shape[1] for r in reads)
+        rows = max(r.blocks[0].shape[0] for r in reads)
         if self._workspace is None or self._workspace[0].shape[0] < rows:
             ws = self.cache.new_empty(2, rows, tpb * hd)
             self._workspace = (ws[0], ws[1])
+            self._ws_views = {}
         return reads
 
     def _read(self, first: int, stop: int, tokens: slice, window: int | None, group: int) -> _Read:
@@ -223,7 +226,7 @@ class PagedAttention:
             stop,
             tokens,
             q_len,
-            torch.from_numpy(blocks.reshape(layers, -1)),
+            torch.from_numpy(blocks.reshape(layers, -1)).unbind(0),
             nb,
             key_start,
             key_len,
@@ -240,44 +243,58 @@ class PagedAttention:
     ) -> torch.Tensor:
         """(n, Hq, hd): the attention output of one group's n new tokens."""
         dtype = self.cache.dtype
-        qg = q[read.tokens].to(dtype)  # (n, Hq, hd)
+        qg = _as(_rows(q, read.tokens), dtype)  # (n, Hq, hd)
         n, num_heads, hd = qg.shape
         if read.causal and fresh is not None:
-            k, v = (x[read.tokens].to(dtype).transpose(0, 1)[None] for x in fresh)  # (1,Hkv,n,hd)
+            k, v = (_as(_rows(x, read.tokens), dtype).transpose(0, 1)[None] for x in fresh)
         else:
-            k, v = self._gather_group(read, layer)  # (Bg, Hkv, nb * tpb, hd) each
-            if read.key_len != k.shape[2]:
-                k, v = (
-                    k.narrow(2, read.key_start, read.key_len),
-                    v.narrow(2, read.key_start, read.key_len),
-                )
+            k, v = self._gather_group(read, layer)  # (Bg, Hkv, key_len, hd) each
         bg, kv_heads = read.stop - read.first, k.shape[1]
         group = num_heads // kv_heads
         if read.causal:
             qh = qg.transpose(0, 1)[None]  # (1, Hq, n, hd)
             out = F.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=group > 1)
-            return out[0].transpose(0, 1).to(q.dtype)  # (n, Hq, hd)
+            return _as(out[0].transpose(0, 1), q.dtype)  # (n, Hq, hd)
         lq = read.q_len
         # fold the query heads that share a KV head into its rows: (Bg, Hkv, group * Lq, hd)
         if lq == 1:
             out = self._sdpa(qg.reshape(bg, kv_heads, group, hd), k, v, read.mask)
-            return out.reshape(n, num_heads, hd).to(q.dtype)
+            return _as(out.reshape(n, num_heads, hd), q.dtype)
         qf = qg.reshape(bg, lq, kv_heads, group, hd).permute(0, 2, 3, 1, 4)
         qf = qf.reshape(bg, kv_heads, group * lq, hd)
         out = self._sdpa(qf, k, v, read.mask)  # (Bg, Hkv, group * Lq, hd)
         out = out.reshape(bg, kv_heads, group, lq, hd).permute(0, 3, 1, 2, 4)
-        return out.reshape(n, num_heads, hd).to(q.dtype)
+        return _as(out.reshape(n, num_heads, hd), q.dtype)
 
     def _gather_group(self, read: _Read, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The group's K and V of `layer` copied into the workspace: (Bg, Hkv, nb * tpb, hd)."""
-        assert self._workspace is not None
+        """The group's K and V of `layer` copied into the workspace: (Bg, Hkv, key_len, hd)
+        views of the copied keys from `key_start`, the same views for every layer."""
         ids = read.blocks[layer]  # (Bg * Hkv * nb,)
-        tpb, hd = self.cache.shape[2], self.cache.shape[3]
-        shape = (read.stop - read.first, -1, read.num_blocks * tpb, hd)
-        ws_k, ws_v = (w[: ids.shape[0]] for w in self._workspace)
-        k = torch.index_select(self._k_rows, 0, ids, out=ws_k).view(shape)
-        v = torch.index_select(self._v_rows, 0, ids, out=ws_v).view(shape)
+        ws_k, ws_v, k, v = self._group_views(read, ids.shape[0])
+        torch.index_select(self._k_rows, 0, ids, out=ws_k)  # in place: k and v see it
+        torch.index_select(self._v_rows, 0, ids, out=ws_v)
         return k, v
+
+    def _group_views(self, read: _Read, rows: int) -> tuple[torch.Tensor, ...]:
+        """The workspace's first `rows` block rows for K and for V, and the (Bg, Hkv,
+        key_len, hd) views of them that SDPA reads; made once per step and shape, since a
+        view costs microseconds at batch 1, as much as copying a few KiB."""
+        bg = read.stop - read.first
+        key = (rows, bg, read.num_blocks, read.key_start, read.key_len)
+        views = self._ws_views.get(key)
+        if views is None:
+            assert self._workspace is not None
+            tpb, hd = self.cache.shape[2], self.cache.shape[3]
+            per_head = read.num_blocks * tpb * hd
+            heads = rows // (bg * read.num_blocks)
+            shape = (bg, heads, read.key_len, hd)
+            strides = (heads * per_head, per_head, hd, 1)
+            ws = (self._workspace[0][:rows], self._workspace[1][:rows])
+            keys = [
+                w.as_strided(shape, strides, w.storage_offset() + read.key_start * hd) for w in ws
+            ]
+            views = self._ws_views[key] = (*ws, *keys)
+        return views
 
     def _sdpa(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
@@ -387,3 +404,13 @@ class PagedAttention:
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded rows see no key
         out = torch.matmul(probs.to(vals.dtype), vals)  # (B, Hq, Lq, hd)
         return self.unpad(out).to(q.dtype)  # (T, Hq, hd)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in `dtype`; without an op where it is already (at batch 1 an op costs microseconds)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _rows(x: torch.Tensor, tokens: slice) -> torch.Tensor:
+    """`x[tokens]`; `x` itself where the slice takes every row (one group: the whole batch)."""
+    return x if tokens.start == 0 and tokens.stop == x.shape[0] else x[tokens]

@@ -16,6 +16,7 @@ from muxserve.client.protocol import EngineClient
 from muxserve.server.admin import AdminHandlers
 from muxserve.server.chat import ChatHandler
 from muxserve.server.completions import CompletionsHandler
+from muxserve.server.connection import ON_PROTOCOL_ERROR
 from muxserve.server.context import CONTEXT, ServerContext, ServerSettings
 from muxserve.server.errors import auth_middleware, error_middleware
 from muxserve.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -48,6 +49,7 @@ def create_app(client: EngineClient, settings: ServerSettings | None = None) -> 
         },
     )
     app[CONTEXT] = ctx
+    app[ON_PROTOCOL_ERROR] = metrics.on_protocol_error
     setup_routes(app, ctx)
     app.on_shutdown.append(_drain)
     app.on_startup.append(_start_client)

@@ -5,7 +5,9 @@ aiohttp answers a request it cannot parse (a bad chunk size, an oversized header
 `Content-Encoding` it cannot decode) itself, before any middleware runs: in plain text, with
 its own wording (which may name a Python package), and with a traceback in the log. Its one
 seam for that answer is `RequestHandler.handle_error`, so the runner here builds its server
-with a handler that overrides it: one log line, and `{"error": {...}}` as every other error.
+with a handler that overrides it: one log line, `{"error": {...}}` as every other error, and
+the status counted where the app keeps its metrics (`ON_PROTOCOL_ERROR`), since no
+middleware sees these requests.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +28,8 @@ from muxserve.server.responses import ErrorInfo, ErrorResponse
 log = logging.getLogger(__name__)
 
 MAX_REASON = 200  # characters of a parser's message kept in the answer
+# the app's callback for the status of a request aiohttp could not parse (its metrics)
+ON_PROTOCOL_ERROR: web.AppKey[Callable[[int], None]] = web.AppKey("on_protocol_error")
 
 
 def describe_protocol_error(exc: BaseException | None, message: str | None) -> tuple[int, str]:
@@ -62,6 +67,9 @@ class OpenAIRequestHandler(web.RequestHandler):
             return super().handle_error(request, status, exc, message)
         status, text = describe_protocol_error(exc, message)
         log.warning("%d to %s: %s", status, request.remote, text)
+        on_error = getattr(self._manager, "on_protocol_error", None)
+        if on_error is not None:
+            on_error(status)
         if request.writer.output_size > 0:  # an answer is under way: nothing more can be said
             raise ConnectionError("a response was sent already; closing the connection")
         code = "unsupported_content_encoding" if status == 415 else "malformed_request"
@@ -76,6 +84,8 @@ class OpenAIRequestHandler(web.RequestHandler):
 class _Server(web.Server):
     """aiohttp's server, with `OpenAIRequestHandler` for each connection."""
 
+    on_protocol_error: Callable[[int], None] | None = None
+
     def __call__(self) -> web.RequestHandler:
         return OpenAIRequestHandler(self, loop=self._loop, **self._kwargs)
 
@@ -85,13 +95,15 @@ class AppRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return _Server(
+        ours = _Server(
             server.request_handler,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,
             **server._kwargs,
         )
+        ours.on_protocol_error = self.app.get(ON_PROTOCOL_ERROR)
+        return ours
 
 
 def serve_forever(

@@ -113,10 +113,16 @@ class EngineCollector(Collector):
         restarts = CounterMetricFamily(
             "muxserve_mesh_restarts", "Times the mesh was restarted after dying", labels=["mesh"]
         )
+        resubmitted = CounterMetricFamily(
+            "muxserve_mesh_requests_resubmitted",
+            "Requests the mesh lost before any output that the router sent to another replica",
+            labels=["mesh"],
+        )
         for name, h in self.health.meshes.items():
             up.add_metric([name], 1.0 if h.state is MeshState.OK else 0.0)
             restarts.add_metric([name], h.restarts)
-        yield from (up, restarts)
+            resubmitted.add_metric([name], h.resubmitted)
+        yield from (up, restarts, resubmitted)
 
     def _residency(self) -> Iterator[Metric]:
         """Each model's state (1 for the current one), its sleeps, wakes and wake times."""
@@ -267,6 +273,10 @@ class ServerMetrics:
         }
         self.engines = EngineCollector()
         r.register(self.engines)
+
+    def on_protocol_error(self, status: int) -> None:
+        """Count the answer to a request aiohttp could not parse (no route: "malformed")."""
+        self.http_responses.labels("malformed", str(status)).inc()
 
     def on_response(self, request: web.Request, status: int) -> None:
         """Count a response under its route's pattern (not the raw path: bounded labels)."""

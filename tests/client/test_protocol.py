@@ -53,6 +53,7 @@ def test_to_json_shape():
                 "node": "node-0",
                 "models": ["llama-demo", "qwen-demo"],
                 "restarts": 0,
+                "resubmitted": 0,
             },
             "mesh-b": {
                 "status": "down",
@@ -60,6 +61,7 @@ def test_to_json_shape():
                 "node": "node-1",
                 "models": ["mistral-demo"],
                 "restarts": 2,
+                "resubmitted": 0,
                 "error": "it was killed",
             },
         },

@@ -17,7 +17,14 @@ from muxserve.models.causal_lm import CausalLM
 from muxserve.models.loader import _tensors, load_model, plan_checkpoint
 from muxserve.models.registry import build_model
 from muxserve.models.sharding import shard_model
-from muxserve.models.weight_arena import ALIGN, HUGE_PAGE, SKEW, materialize_in_arena
+from muxserve.models.stacked import stack_of, stacked_tensors
+from muxserve.models.weight_arena import (
+    ALIGN,
+    HUGE_PAGE,
+    SKEW,
+    column_major_weights,
+    materialize_in_arena,
+)
 
 MakeCheckpoint = Callable[..., Path]
 FAMILIES = ("qwen3-zoo", "gemma2-zoo", "gemma3-zoo", "phi3-zoo", "mixtral-zoo", "qwen3-moe-zoo")
@@ -74,8 +81,14 @@ def test_parameters_are_aligned_writable_views_of_one_mapping(
     # sgemm reads a wide matrix faster; every other parameter on one
     head = model.head_weight()
     assert head is model.model.embed_tokens.weight and head.data_ptr() % ALIGN == SKEW == 32
-    assert all(p.data_ptr() % ALIGN == 0 for p in params if p is not head)
-    spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in params)
+    # a stack (q/k/v, gate/up, their biases) is one block: the block starts on a line
+    stacks = stacked_tensors(model)
+    in_stack = {id(p) for stack in stacks for p in stack}
+    blocks = [stack_of(stack) for stack in stacks]
+    assert all(b is not None for b in blocks)
+    blocks += [p for p in params if id(p) not in in_stack]
+    assert all(b.data_ptr() % ALIGN == 0 for b in blocks if b is not head)
+    spans = sorted((b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()) for b in blocks)
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # no overlap
     assert model.lm_head is None  # tied: one embedding serves both
     assert not any(p.requires_grad for p in params)
@@ -93,6 +106,57 @@ def test_an_untied_head_is_skewed_and_the_embedding_is_not(
     assert model.lm_head is not None and model.head_weight() is model.lm_head.weight
     assert model.lm_head.weight.data_ptr() % ALIGN == SKEW
     assert model.model.embed_tokens.weight.data_ptr() % ALIGN == 0
+
+
+def is_column_major(w: torch.Tensor) -> bool:
+    return w.stride()[0] == 1 and w.shape[1] > 1
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tall_linear_weights_and_the_head_are_column_major_views(
+    make_checkpoint: MakeCheckpoint, tied: bool
+) -> None:
+    """The matrices a batch-1 step multiplies by faster column-major are stored so (still
+    (out, in) to every reader): a stack (q/k/v, gate/up) by its stacked shape, another linear
+    by its own; wide ones and an untied embedding stay row-major."""
+    folder = make_checkpoint("llama", tie_word_embeddings=tied)
+    model, _ = load_model(folder, torch.float32, "cpu")
+    stacked = {id(w): stack for stack in stacked_tensors(model) for w in stack}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    kinds = set()
+    for m in linears:
+        assert m.weight.shape == (m.out_features, m.in_features)
+        stack = stacked.get(id(m.weight), [m.weight])
+        tall = m.in_features <= sum(w.shape[0] for w in stack)
+        kinds.add(tall)
+        assert is_column_major(m.weight) == tall, m
+        if not tall and len(stack) == 1:
+            assert m.weight.is_contiguous()
+    assert kinds == {False, True}  # both kinds are in the checkpoint
+    head, embedding = model.head_weight(), model.model.embed_tokens.weight
+    assert is_column_major(head) and head.data_ptr() % ALIGN == SKEW
+    assert (embedding is head) == tied and is_column_major(embedding) == tied
+    want = heap_load(folder, torch.float32)
+    for (n, a), (_, b) in zip(model.named_parameters(), want.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_column_major_takes_matrices_only_and_lists_each_weight_once() -> None:
+    with torch.device("meta"):
+        lin = torch.nn.Linear(3, 5)
+    with pytest.raises(ValueError, match="only matrices"):
+        materialize_in_arena(lin, column_major=(lin.bias,))
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 3))
+    tall, wide = model[0].weight, model[1].weight
+    assert [id(w) for w in column_major_weights(model, head=tall)] == [id(tall)]
+    assert [id(w) for w in column_major_weights(model, head=wide)] == [id(tall), id(wide)]
+    assert materialize_in_arena(model, column_major=column_major_weights(model)) == HUGE_PAGE
+    tall, wide = model[0].weight, model[1].weight
+    assert tall.stride() == (1, 5) and wide.stride() == (5, 1)
+    # the transposed block starts where a row-major one would: the weight's 60 bytes, then
+    # its bias on the next line
+    assert model[0].bias.data_ptr() - tall.data_ptr() == ALIGN
 
 
 def test_the_mapping_is_advised_into_huge_pages_and_unmapped_with_the_model(
@@ -155,10 +219,15 @@ def test_shards_and_shared_memory_work_from_the_arena(make_checkpoint: MakeCheck
     whole, _ = load_model(folder, torch.float32, "cpu")
     heap = heap_load(folder, torch.float32)
     for rank in range(2):
-        a = dict(shard_model(whole, rank, 2, torch.device("cpu")).named_parameters())
+        shard = shard_model(whole, rank, 2, torch.device("cpu"))
+        a = dict(shard.named_parameters())
         b = dict(shard_model(heap, rank, 2, torch.device("cpu")).named_parameters())
         for key in b:
             assert torch.equal(a[key], b[key]), (rank, key)
+        # a CPU shard is laid out as a whole model is: its q/k/v and gate/up stacked
+        stacks = stacked_tensors(shard)
+        assert len(stacks) == 2 * shard.config.num_layers
+        assert all(stack_of(stack) is not None for stack in stacks)
     whole.share_memory()
     for (n, a), (_, b) in zip(whole.named_parameters(), heap.named_parameters(), strict=True):
         assert a.is_shared() and torch.equal(a, b), n

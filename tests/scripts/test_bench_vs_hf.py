@@ -52,6 +52,9 @@ def test_quick_grid(tmp_path: Path) -> None:
             c_ = c["cpu_ratio"]
             assert 0 < c_["q1"] <= c_["median"] <= c_["q3"]
             assert c["engine_cpu_ms"]["median"] > 0 and c["hf_cpu_ms"]["median"] > 0
+            assert c["weights_read_cpu_ms"]["median"] > 0
+            w = c["engine_vs_weights_read_cpu"]
+            assert 0 < w["q1"] <= w["median"] <= w["q3"]
             assert len(c["load_average_before"]) == 3
 
 

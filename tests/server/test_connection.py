@@ -11,6 +11,7 @@ import time
 import pytest
 
 from muxserve.server import ServerSettings
+from tests.helpers.server import samples, value
 
 FAST = ServerSettings(header_timeout=0.5, body_timeout=0.5, linger=0.2)
 SLACK = 3.0  # seconds past a timeout before the test calls the connection held
@@ -113,10 +114,12 @@ def test_protocol_errors_are_openai_errors_with_one_log_line(
     serve, caplog, raw, status, message, code
 ):
     async def body(client):
-        return await exchange(client, raw, SLACK)
+        got = await exchange(client, raw, SLACK)
+        metrics = await (await client.get("/metrics")).text()
+        return got, metrics
 
     with caplog.at_level(logging.DEBUG):
-        got, _ = serve(body)
+        (got, _), metrics = serve(body)
     line, headers, payload = split(got)
     assert line.split()[1] == str(status)
     assert headers["content-type"] == "application/json"  # and closed: exchange() read to EOF
@@ -128,3 +131,5 @@ def test_protocol_errors_are_openai_errors_with_one_log_line(
         ("muxserve.server.connection", f"{status} to 127.0.0.1: {message}")
     ]
     assert [r for r in caplog.records if r.exc_info] == []  # no traceback, at any level
+    counted = {"route": "malformed", "status": str(status)}  # no middleware saw it
+    assert value(samples(metrics), "muxserve_http_responses_total", **counted) == 1

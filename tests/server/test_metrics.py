@@ -57,6 +57,7 @@ def test_counters_histograms_and_gauges(serve, engine):
     assert value(m, "muxserve_kv_blocks_free", **mesh) == pool.num_blocks
     assert value(m, "muxserve_mesh_up", **mesh) == 1
     assert value(m, "muxserve_mesh_restarts_total", **mesh) == 0
+    assert value(m, "muxserve_mesh_requests_resubmitted_total", **mesh) == 0
     for model, s in engine.stats().items():
         labels = {"model_name": model, **mesh}
         assert value(m, "muxserve:num_requests_running", **labels) == 0
