@@ -319,6 +319,32 @@ class BranchAndPrice:
         order = sorted(range(len(self.configs)), key=lambda k: (-reduced[k], k))
         return [self.configs[k] for k in order[:keep]]
 
+    def price_groups(
+        self, groups: list[list[int]], keep: int, node_limit: int, deadline: Deadline
+    ) -> int | None:
+        """One pricing round of the unrestricted master LP, each mesh size priced over each
+        group's models alone (a small knapsack, where pricing over every model is not):
+        the configurations with a positive reduced value are added; how many (None if the
+        LP has no solution or the deadline cut the round)."""
+        self._deadline = deadline
+        master = self._master_lp(Branch())
+        if master is None:
+            return None
+        lp, unit_price, weight, size_price = master
+        model_price = {i: min(unit_price[k] for k in ks) for i, ks in self.model_units.items()}
+        added = 0
+        for models in groups:
+            chosen = set(models)
+            for s in self.inst.sizes:
+                if deadline.passed():
+                    return None
+                options = [c for c in self.options[s] if c.model in chosen]
+                threshold = size_price[s] + 1e-7 * max(1.0, lp.value)
+                priced = price(s, options, model_price, self.cap, keep, threshold, weight,
+                               node_limit=node_limit)  # fmt: skip
+                added += sum(self.add(self._to_units(cfg, unit_price)) for _, cfg in priced.configs)
+        return added
+
     def combine(
         self, start: Incumbent | None, deadline: Deadline, node_limit: int = MASTER_NODES
     ) -> Incumbent | None:
