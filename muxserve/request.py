@@ -79,13 +79,20 @@ class Request:
     wake_time: float = 0.0  # of its queue time, how long it waited for its model to wake
     controls: RequestControls | None = None  # grammar, allowed ids, bad words (engine only)
     output_check: OutputCheck | None = None  # stop strings, a grammar's end (engine only)
-    # tokens masked until min_tokens are out: the stop tokens (EOS unless ignored)
+    # Derived from the fields above once, for the scheduler's per-step loops:
+    # the tokens that end it once min_tokens are out: its stop tokens, and EOS unless ignored
+    stop_ids: frozenset[int] = field(init=False, default=frozenset())
+    # tokens masked until min_tokens are out: the stop tokens (none without min_tokens)
     banned: frozenset[int] = field(init=False, default=frozenset())
+    penalised: bool = field(init=False, default=False)  # `params.has_penalties`
 
     def __post_init__(self) -> None:
-        if self.params.min_tokens:
-            eos = frozenset() if self.params.ignore_eos else self.eos_token_ids
-            self.banned = eos | frozenset(self.params.stop_token_ids)
+        params = self.params
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        self.stop_ids = eos | frozenset(params.stop_token_ids)
+        if params.min_tokens:
+            self.banned = self.stop_ids
+        self.penalised = params.has_penalties
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -23,6 +23,10 @@ class BlockTables:
         self._tables: dict[str, np.ndarray] = {}
         self._owner: dict[str, str] = {}  # request id -> model
         self._capacity: dict[str, int] = {}  # request id -> tokens its table holds
+        # the two, read-only (to the type checker), for the scheduler's loops over every
+        # request in every step: a dict lookup costs a third of a method call
+        self.by_request: Mapping[str, np.ndarray] = self._tables
+        self.capacities: Mapping[str, int] = self._capacity
 
     def table(self, request_id: str) -> np.ndarray:
         return self._tables[request_id]

@@ -106,40 +106,39 @@ class Batcher:
         """One token for each decoding request, oldest first; preempt the newest when short.
 
         Every request taken is in flight from here; a job is formed of them all. This runs
-        once per model per step over every running request: the loop reads fields, not
-        properties, and builds each SeqWork positionally (under 1 us per request in all).
+        once per model per step over every running request: the loop reads fields and dict
+        views, not properties or methods, and builds each SeqWork positionally.
         """
         seqs: list[SeqWork] = []
-        add, capacity, table = seqs.append, self.tables.capacity, self.tables.table
-        limit, running = self.max_batch_size, RequestStatus.RUNNING
-        for req in list(q.running):  # a copy: making room may preempt
-            if len(seqs) >= limit:
-                break
-            out = req.output_token_ids
-            num_tokens = len(req.prompt_token_ids) + len(out)
+        limit, candidates = self.max_batch_size, list(q.running)  # a copy: room may preempt
+        if limit <= 0:
+            return seqs
+        capped = len(candidates) > limit  # else the batch cannot fill up: no need to count
+        add, capacities, tables = seqs.append, self.tables.capacities, self.tables.by_request
+        running = RequestStatus.RUNNING
+        for req in candidates:
             # `req.is_decoding`: all but the last sampled token are in the pool
-            if (
-                req.in_flight
-                or req.status is not running
-                or req.num_computed_tokens != num_tokens - 1
-                or not out
-            ):
+            if req.in_flight or req.status is not running:
                 continue
-            rid, params = req.request_id, req.params
-            if num_tokens > capacity(rid) and not self._make_room(q, req):
+            out = req.output_token_ids
+            step = len(out)  # the index of the token to sample
+            start = len(req.prompt_token_ids) + step - 1  # the last token's position
+            if req.num_computed_tokens != start or not step:
+                continue
+            rid = req.request_id
+            if start >= capacities.get(rid, 0) and not self._make_room(q, req):
                 continue
             req.in_flight = True
-            step = len(out)
-            history = None
-            if params.has_penalties and not req.history_sent:
-                history = tuple(req.all_token_ids[: num_tokens - 1])
+            params, history = req.params, None
+            if req.penalised and not req.history_sent:
+                history = tuple(req.all_token_ids[:start])
                 req.history_sent = True
             add(
                 SeqWork(
                     rid,  # request_id
                     (out[-1],),  # token_ids
-                    num_tokens - 1,  # start_pos
-                    table(rid),  # block_table
+                    start,  # start_pos
+                    tables[rid],  # block_table
                     True,  # sample
                     params,
                     req.seed,
@@ -148,6 +147,8 @@ class Batcher:
                     req.banned if step < params.min_tokens else NO_TOKENS,  # banned
                 )
             )
+            if capped and len(seqs) >= limit:
+                break
         return seqs
 
     def _make_room(self, q: ModelQueue, req: Request) -> bool:

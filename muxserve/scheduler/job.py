@@ -86,3 +86,7 @@ class JobResult:
     outputs: tuple[SeqResult, ...]
     error: str | None = None
     retry: bool = False  # with `error`: the workers failed, not the requests; recompute them
+
+    def __post_init__(self) -> None:
+        if self.retry and self.error is None:
+            raise ValueError(f"job {self.job_id}: retry=True needs the error that caused it")

@@ -184,11 +184,11 @@ def _oldest_waiting(queues: Mapping[str, ModelQueue]) -> Request | None:
 
 def _demand(q: ModelQueue, tables: BlockTables, cap: int) -> int:
     """Blocks the model could use now beyond what it holds."""
-    layout, capacity = q.slot.layout, tables.capacity
+    layout, capacities = q.slot.layout, tables.capacities
     need = 0
     for r in q.running:  # the next token of each running request, where its blocks end
         after = len(r.prompt_token_ids) + len(r.output_token_ids) + 1  # r.num_tokens + 1
-        if after > capacity(r.request_id):
+        if after > capacities.get(r.request_id, 0):
             need += tables.blocks_to_cover(q.name, r.request_id, after)
     for r in q.waiting:
         if need >= cap:

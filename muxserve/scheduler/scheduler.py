@@ -274,11 +274,75 @@ class Scheduler:
         q = self.queues[job.model]
         q.busy.discard(job.phase)
         self._sm_in_use = max(self._sm_in_use - job.sm_share, 0.0) if self._in_flight else 0.0
+        if result.error is not None:
+            return self._job_failed(q, job, result.retry)
+        return self._apply(q, job, result)
+
+    def _apply(self, q: ModelQueue, job: Job, result: JobResult) -> list[Request]:
+        """Apply a finished job's outputs: its requests' computed tokens, and their sampled
+        tokens, finishing a request where it stops: a stop token, a length, or what its
+        output check says (a stop string, a grammar). The one place a request's end is
+        decided, but for aborts and failed jobs.
+
+        This loop runs once per request per step: it reads fields, not properties, keeps
+        what is the same for the whole job in locals, and leaves the rare cases (a finish
+        asked meanwhile, prompt logprobs, logprobs) to their branches.
+        """
+        if len(result.outputs) != len(job.seqs):
+            raise ValueError(
+                f"job {job.job_id} ({job.model}): {len(result.outputs)} outputs for "
+                f"{len(job.seqs)} sequences"
+            )
         changed: list[Request] = []
         requests, prefill = self._requests, job.phase is Phase.PREFILL
-        retry, failed = result.retry, result.error is not None
-        for i, seq in enumerate(job.seqs):
+        max_len, finish = q.slot.max_model_len, self._finish
+        for seq, out in zip(job.seqs, result.outputs, strict=True):
             req = requests.get(seq.request_id)
+            if req is None:
+                continue
+            req.in_flight = False
+            pending = req.pending_finish
+            if pending is not None:
+                finish(q, req, pending)
+                changed.append(req)
+                continue
+            req.num_computed_tokens = seq.start_pos + len(seq.token_ids)  # seq.end_pos
+            # A recomputed request whose chunk stops one short is decoding already: its last
+            # token is an output token that the next decode step feeds.
+            if prefill and (seq.sample or req.is_decoding):
+                q.prefilling.remove(req)
+            if out.prompt_logprobs:
+                self._add_prompt_logprobs(req, out)
+            params = req.params
+            if params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
+                finish(q, req, FinishReason.LENGTH)  # prompt logprobs only: done
+                changed.append(req)
+                continue
+            token = out.token_id
+            if token is None:
+                continue
+            output = req.output_token_ids
+            output.append(token)
+            if params.logprobs is not None and out.logprob is not None:
+                req.output_logprobs.append(TokenLogprobs(token, out.logprob, out.top_logprobs))
+            n, reason = len(output), None
+            if token in req.stop_ids and n > params.min_tokens:  # stop tokens are masked before
+                reason = FinishReason.STOP
+            elif n >= params.max_tokens or len(req.prompt_token_ids) + n >= max_len:
+                reason = FinishReason.LENGTH
+            if req.output_check is not None:
+                reason = req.output_check.check(req, reason)
+            if reason is not None:
+                finish(q, req, reason)
+            changed.append(req)
+        return changed
+
+    def _job_failed(self, q: ModelQueue, job: Job, retry: bool) -> list[Request]:
+        """A job that failed: its requests are computed again where its workers were lost
+        (`retry`, up to MAX_RETRIES times each), or end with an error; returns those ended."""
+        changed: list[Request] = []
+        for seq in job.seqs:
+            req = self._requests.get(seq.request_id)
             if req is None:
                 continue
             req.in_flight = False
@@ -287,25 +351,7 @@ class Scheduler:
                 req.num_retries += 1  # its worker was lost, not its fault: compute it again
                 self.batcher.preempt(q, req)
                 continue
-            if pending is not None or failed:
-                self._finish(q, req, pending or FinishReason.ERROR)
-                changed.append(req)
-                continue
-            req.num_computed_tokens = seq.start_pos + len(seq.token_ids)  # seq.end_pos
-            # A recomputed request whose chunk stops one short is decoding already: its last
-            # token is an output token that the next decode step feeds.
-            if prefill and (seq.sample or req.is_decoding):
-                q.prefilling.remove(req)
-            out = result.outputs[i]
-            if out.prompt_logprobs:
-                self._add_prompt_logprobs(req, out)
-            if req.params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
-                self._finish(q, req, FinishReason.LENGTH)  # prompt logprobs only: done
-                changed.append(req)
-                continue
-            if out.token_id is None:
-                continue
-            self._append(q, req, out)
+            self._finish(q, req, pending or FinishReason.ERROR)
             changed.append(req)
         return changed
 
@@ -400,28 +446,6 @@ class Scheduler:
         self._needs_rebalance = True
 
     # ---- results -----------------------------------------------------------------------
-    def _append(self, q: ModelQueue, req: Request, out: SeqResult) -> None:
-        """Add a sampled token; finish the request where it stops: a stop token, a length, or
-        what its output check says (a stop string, a grammar). The one place a request's end
-        is decided, but for aborts and failed jobs."""
-        token = out.token_id
-        assert token is not None
-        output, params = req.output_token_ids, req.params
-        output.append(token)
-        if params.logprobs is not None and out.logprob is not None:
-            req.output_logprobs.append(TokenLogprobs(token, out.logprob, out.top_logprobs))
-        n, reason = len(output), None
-        if n > params.min_tokens and (  # stop tokens are masked before
-            (not params.ignore_eos and token in req.eos_token_ids) or token in params.stop_token_ids
-        ):
-            reason = FinishReason.STOP
-        elif n >= params.max_tokens or len(req.prompt_token_ids) + n >= q.slot.max_model_len:
-            reason = FinishReason.LENGTH
-        if req.output_check is not None:
-            reason = req.output_check.check(req, reason)
-        if reason is not None:
-            self._finish(q, req, reason)
-
     @staticmethod
     def _add_prompt_logprobs(req: Request, out: SeqResult) -> None:
         """Keep the prompt logprobs not had yet (a recomputed chunk scores its tokens again)."""

@@ -105,3 +105,18 @@ def test_released_ids_are_reused_after_the_rest(tables: BlockTables) -> None:
     tables.release("s")
     tables.cover("b", "t", 2)
     np.testing.assert_array_equal(tables.table("t").ravel(), [2])
+
+
+def test_views_follow_cover_and_release(tables: BlockTables) -> None:
+    # the scheduler's loops read these instead of calling `table` and `capacity` per request
+    assert dict(tables.by_request) == {} and dict(tables.capacities) == {}
+    tables.cover("a", "r", 5)
+    tables.cover("b", "s", 3)
+    assert dict(tables.capacities) == {"r": 8, "s": 4}  # 2 x 4 and 2 x 2 tokens
+    assert tables.by_request["r"] is tables.table("r")
+    tables.cover("a", "r", 9)
+    assert tables.capacities["r"] == 12 == tables.capacity("r")
+    assert tables.by_request["r"] is tables.table("r")  # the grown table, not the old one
+    tables.release("r")
+    assert set(tables.by_request) == {"s"} and dict(tables.capacities) == {"s": 4}
+    assert tables.capacity("r") == 0
