@@ -124,7 +124,6 @@ class MuxEngine:
         except BaseException:
             self.executor.shutdown()
             raise
-        self._released: list[str] = []  # finished requests the executor may forget
         self._next_expiry_check = 0.0  # time.monotonic() of the next request timeout check
         self._lock = threading.RLock()  # guards the scheduler and the per-request state
         self._wake = threading.Condition(self._lock)
@@ -258,7 +257,7 @@ class MuxEngine:
             self._expire()
             jobs = self.scheduler.schedule()
             running = self.scheduler.jobs_in_flight
-            released, self._released = self._released, []
+            released = self.scheduler.finished_before_round  # the executor may forget these
             controlled = self._prepare(jobs)
             sch = self.scheduler
             if not jobs and not running and sch.has_work() and not sch.has_runnable_work():
@@ -322,7 +321,6 @@ class MuxEngine:
         failed = req.finish_reason in (FinishReason.ERROR, FinishReason.TIMEOUT)
         text.emit(req, error if failed else None)
         if req.is_finished:
-            self._released.append(req.request_id)
             del self._texts[req.request_id]  # the sink stays until its reader takes the end
             self._controlled -= req.controls is not None
             self.residency.on_finished()

@@ -23,7 +23,8 @@ class WorkerMirror:
 
     A block table only grows by appended logical blocks while its request holds them, so the
     worker is sent the rows past those it has. A preempted request gets a new table when it is
-    admitted again: its first chunk (start_pos 0) is the cue to `invalidate` it everywhere.
+    admitted again: the job that admits it names it (`Job.fresh`), the cue to `invalidate` it
+    everywhere.
     """
 
     def __init__(self) -> None:

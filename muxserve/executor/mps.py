@@ -212,13 +212,12 @@ class MpsExecutor:
 
     def _submit(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
-            # a chunk at position 0 means a fresh block table (first admission or after a
-            # preemption): every worker of the model must take it whole
-            restarted = [s.request_id for s in job.seqs if s.start_pos == 0]
-            if restarted:
+            # the scheduler says whose block tables are new (first admission or after a
+            # preemption): every worker of the model must take them whole
+            if job.fresh:
                 for phase in Phase:
                     for mirror in self.groups[(job.model, phase)].mirrors_of(job.model):
-                        mirror.invalidate(restarted)
+                        mirror.invalidate(job.fresh)
             group = self.groups[(job.model, job.phase)]
             if group.broken is not None:
                 self._failed.append((job, JobResult(job.job_id, (), group.broken)))

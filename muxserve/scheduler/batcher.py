@@ -46,13 +46,16 @@ class Batcher:
         self._on_short = on_short
         self.num_preemptions = 0
         self.preemptions_by_model = dict.fromkeys(models, 0)
+        self.admitted: list[str] = []  # by the last `prefill`: their tables are new
 
     def prefill(self, q: ModelQueue) -> list[SeqWork]:
         """Continue chunked prefills, then admit waiting requests FIFO, within the token budget.
 
         Every request taken is in flight from here (`_chunk`); a job is formed of them all.
+        The requests admitted (their block tables new) are in `admitted` until the next call.
         """
         budget, seqs = self.prefill_token_budget, list[SeqWork]()
+        self.admitted = []
         for req in q.prefilling:
             if budget <= 0 or len(seqs) >= self.max_batch_size:
                 return seqs
@@ -73,6 +76,7 @@ class Batcher:
             req.status = RequestStatus.RUNNING
             q.running.append(req)
             q.prefilling.append(req)
+            self.admitted.append(req.request_id)
             seqs.append(self._chunk(req, budget))
             budget -= len(seqs[-1].token_ids)
         return seqs

@@ -60,6 +60,10 @@ class Job:
     phase: Phase
     seqs: tuple[SeqWork, ...]
     sm_share: float  # fraction of the device's SMs this job may use
+    # requests whose block table starts anew in this job (admitted from the waiting queue:
+    # the first time, or again after a preemption): whoever mirrors their tables drops the
+    # old ones. The scheduler says so; nothing downstream guesses it from positions.
+    fresh: tuple[str, ...] = ()
 
     @property
     def num_tokens(self) -> int:

@@ -87,6 +87,10 @@ class Scheduler:
         self.clock = clock
         self._requests: dict[str, Request] = {}
         self._in_flight: dict[int, Job] = {}
+        self._finished: list[str] = []  # finished since the last round began
+        # the requests that finished (or were aborted) between the previous round and the
+        # last one, their blocks freed: whoever mirrors their tables may drop them
+        self.finished_before_round: tuple[str, ...] = ()
         self._sm_in_use = 0.0
         self._next_job_id = 0
         self._steps = 0
@@ -229,8 +233,11 @@ class Scheduler:
 
     # ---- steps -------------------------------------------------------------------------
     def schedule(self) -> list[Job]:
-        """Jobs to start now: one per idle (model, phase) with work, within the SM budget."""
+        """Jobs to start now: one per idle (model, phase) with work, within the SM budget.
+        What else changed since the previous round: `finished_before_round`; in the jobs,
+        each one's new block tables (`Job.fresh`)."""
         self._steps += 1
+        self.finished_before_round, self._finished = tuple(self._finished), []
         # a static partition rebalances too: to take back the shares it lent to awake models
         if self._needs_rebalance or self._steps % self.rebalance_interval == 0:
             self._rebalance()
@@ -257,10 +264,13 @@ class Scheduler:
             if phase in q.busy or (self._in_flight and over):
                 continue
             batcher = self.batcher
-            seqs = batcher.prefill(q) if phase is Phase.PREFILL else batcher.decode(q)
+            if phase is Phase.PREFILL:
+                seqs, fresh = batcher.prefill(q), tuple(batcher.admitted)
+            else:
+                seqs, fresh = batcher.decode(q), ()
             if not seqs:
                 continue
-            job = Job(self._next_job_id, q.name, phase, tuple(seqs), share)
+            job = Job(self._next_job_id, q.name, phase, tuple(seqs), share, fresh)
             self._next_job_id += 1
             q.busy.add(phase)
             self._in_flight[job.job_id] = job
@@ -459,6 +469,7 @@ class Scheduler:
 
     def _finish(self, q: ModelQueue, req: Request, reason: FinishReason) -> None:
         self.tables.release(req.request_id)
+        self._finished.append(req.request_id)
         if req.status is RequestStatus.RUNNING:
             q.running.remove(req)
             if req in q.prefilling:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.executor.mps import MpsExecutor
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
-from tests.helpers.engine import MAX_NEW, hf_greedy, make_config, run_all
+from tests.executor.conftest import SHARES
+from tests.helpers.engine import MAX_NEW, TIGHT_POOL, hf_greedy, make_config, run_all
 
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 MODELS = ["llama-demo", "qwen-demo", "mistral-demo"]
@@ -85,3 +87,17 @@ def test_abort_while_in_flight_frees_blocks(engine):
         engine.step()
     assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
     engine.check_integrity()
+
+
+def test_pressure_preempts_and_the_workers_recompute_with_hf_tokens(demo_models, greedy_outputs):
+    """A pool far too small: requests are preempted, and each re-admission (`Job.fresh`) makes
+    every worker of the model take its new block table whole; the tokens are unchanged."""
+    raw = make_config(demo_models, executor="mps", kv_pool_bytes=TIGHT_POOL).model_dump()
+    for m in raw["models"]:
+        m["sm_share"] = SHARES
+    with MuxEngine(parse_config(raw)) as tight:
+        got = run_all(tight, GREEDY)
+        assert tight.scheduler.num_preemptions > 0
+        assert got == greedy_outputs
+        assert tight.scheduler.pool.num_free == tight.scheduler.pool.num_blocks
+        tight.check_integrity()

@@ -50,7 +50,8 @@ def prefill_job(
         seed=0,
         step=0,
     )
-    return Job(job_id, spec.name, Phase.PREFILL, (seq,), Phase.PREFILL.share(spec.sm_share))
+    share = Phase.PREFILL.share(spec.sm_share)
+    return Job(job_id, spec.name, Phase.PREFILL, (seq,), share, fresh=(request_id,))
 
 
 def decode_job(job_id: int, spec: ModelSpec, prev: Job, token: int, step: int) -> Job:

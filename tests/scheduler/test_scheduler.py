@@ -391,6 +391,25 @@ def test_preemption_takes_the_newest_and_recomputes() -> None:
     r2_out = [step_token("r2", i) for i in range(5)]
     assert views[8] == [("r2", (1000, 1001, 1002, 1003, *r2_out), 0, True, 5)]
     assert views[9] == [("r2", (step_token("r2", 5),), 9, True, 6)]
+    # the scheduler says whose block tables are new: the first admission, and r2's again
+    assert [j.fresh for j in runner.jobs] == [("r0", "r1", "r2"), *[()] * 7, ("r2",), (), ()]
+
+
+def test_each_round_names_the_requests_finished_before_it() -> None:
+    s = make_scheduler([make_slot("a")], 16)
+    for rid, n in (("r0", 1), ("r1", 3), ("r2", 3)):
+        s.add_request(make_request(rid, max_tokens=n))
+    runner = FakeRunner(s)
+    runner.step()  # one prefill of all three: r0 ends with its first token
+    assert s.finished_before_round == ()
+    s.abort("r2")  # between rounds, as a client's disconnect
+    runner.step()  # r1's second token
+    assert s.finished_before_round == ("r0", "r2")
+    runner.step()  # r1's third and last token
+    assert s.finished_before_round == ()  # said once
+    s.schedule()
+    assert s.finished_before_round == ("r1",)
+    assert not s.has_work()
 
 
 def test_preemption_gives_the_same_tokens_as_no_pressure() -> None:
