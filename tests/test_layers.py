@@ -219,6 +219,7 @@ def test_layers_of_modules():
     assert layer_of("muxserve") == 0
     assert layer_of("muxserve.nowhere") is None  # the top package's entry is its __init__ only
     assert LAYERS[layer_of("muxserve.runner.attention")][0] == "runner"  # type: ignore[index]
+    assert LAYERS[layer_of("muxserve.runner.device_tables")][0] == "runner"  # type: ignore[index]
     assert LAYERS[layer_of("muxserve.runner.kernels.ops")][0] == "kernels"  # type: ignore[index]
     assert LAYERS[layer_of("muxserve.runner.model_runner")][0] == "model runner"  # type: ignore[index]
     assert LAYERS[layer_of("placement.simulator")][0] == "applications"  # type: ignore[index]

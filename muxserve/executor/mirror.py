@@ -129,7 +129,10 @@ class RequestMirror:
                     st.next_token,
                 )
             )
-        return Job(msg.job_id, self.model, self.phase, tuple(seqs), msg.sm_share)
+        # every request sent whole is new to this worker's runner: its device tables
+        # (`DeviceTables`) write it from row 0, as for `Job.fresh` in the engine
+        fresh = tuple(n.request_id for n in msg.new)
+        return Job(msg.job_id, self.model, self.phase, tuple(seqs), msg.sm_share, fresh)
 
     def __len__(self) -> int:
         return len(self._seqs)

@@ -3,7 +3,8 @@
 The model runner builds one `BatchLayout` per job (`from_seqs`); attention over the pool and
 the kernels read it. The host keeps the lengths and block tables it was built from
 (`HostBatch`), so the CPU path plans its reads without a device round trip, and the padded
-device tables are built only for what reads them (the kernels, the padded path).
+device tables are built only for what reads them (the kernels, the padded path). A runner with
+`DeviceTables` (any device but the CPU) gives the padded tables ready, gathered on the device.
 """
 
 from __future__ import annotations
@@ -77,7 +78,15 @@ class BatchLayout:
         return self._block_tables
 
     @classmethod
-    def from_seqs(cls, seqs: Sequence[SeqWork], device: torch.device) -> BatchLayout:
+    def from_seqs(
+        cls,
+        seqs: Sequence[SeqWork],
+        device: torch.device,
+        block_tables: torch.Tensor | None = None,
+    ) -> BatchLayout:
+        """The layout of a job's sequences. `block_tables`: their padded tables, already on the
+        device (`DeviceTables`); then every path reads those, the CPU's too, and the host's
+        tables are not kept."""
         q_lens = np.array([len(s.token_ids) for s in seqs], dtype=np.int64)
         starts = np.array([s.start_pos for s in seqs], dtype=np.int64)
         seq_of = np.repeat(np.arange(len(seqs)), q_lens)
@@ -86,16 +95,19 @@ class BatchLayout:
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(device)
 
-        host = HostBatch(
-            tuple(s.start_pos for s in seqs),
-            tuple(len(s.token_ids) for s in seqs),
-            tuple(s.block_table for s in seqs),
-        )
+        host = None
+        if block_tables is None:
+            host = HostBatch(
+                tuple(s.start_pos for s in seqs),
+                tuple(len(s.token_ids) for s in seqs),
+                tuple(s.block_table for s in seqs),
+            )
         return cls(
             seq_of_token=t(seq_of),
             pos_of_token=t(starts[seq_of] + row_of),
             row_of_token=t(row_of),
             q_lens=t(q_lens),
             ctx_lens=t(starts + q_lens),
+            block_tables=block_tables,
             host=host,
         )

@@ -41,6 +41,7 @@ import torch
 
 from muxserve.models.causal_lm import Attention, CausalLM
 from muxserve.runner.attention import BatchLayout
+from muxserve.runner.device_tables import DeviceTables
 from muxserve.runner.kernels import ops
 from muxserve.scheduler.job import SeqWork
 
@@ -145,23 +146,33 @@ class DecodeInputs:
     positions: np.ndarray  # (batch,) for RoPE; padding: 0 (any valid position)
     pos_of_token: np.ndarray  # (batch,) where the K/V go; padding: -1, nothing written
     ctx_lens: np.ndarray  # (batch,) padding: 0, output zeros
-    block_tables: np.ndarray  # (batch, width, layers, kv_heads) padding: 0, never read
+    # (batch, width, layers, kv_heads) padding: 0, never read; None: the device has them
+    block_tables: np.ndarray | None
 
 
 def pad_decode_inputs(
-    seqs: Sequence[SeqWork], key: GraphKey, width: int, num_layers: int, num_kv_heads: int
+    seqs: Sequence[SeqWork],
+    key: GraphKey,
+    width: int,
+    num_layers: int,
+    num_kv_heads: int,
+    with_tables: bool = True,
 ) -> DecodeInputs:
-    """The static inputs of graph `key` for these sequences: row i is seqs[i], then padding."""
+    """The static inputs of graph `key` for these sequences: row i is seqs[i], then padding.
+    `with_tables` False: not the block tables (a runner with `DeviceTables` gathers them)."""
     n = len(seqs)
     ids = np.zeros(key.batch, dtype=np.int64)
     pos = np.full(key.batch, -1, dtype=np.int64)
     ctx = np.zeros(key.batch, dtype=np.int64)
-    tables = np.zeros((key.batch, width, num_layers, num_kv_heads), dtype=np.int64)
+    tables = None
+    if with_tables:
+        tables = np.zeros((key.batch, width, num_layers, num_kv_heads), dtype=np.int64)
     for i, s in enumerate(seqs):
         ids[i] = s.token_ids[0]
         pos[i] = s.start_pos
         ctx[i] = s.end_pos
-        tables[i, : s.block_table.shape[0]] = s.block_table
+        if tables is not None:
+            tables[i, : s.block_table.shape[0]] = s.block_table
     positions = pos.copy()
     positions[n:] = 0
     return DecodeInputs(ids, positions, pos, ctx, tables)
@@ -242,8 +253,16 @@ class DecodeGraphs:
         return cls(model, cache, planner, sliding_windows)
 
     @torch.inference_mode()
-    def run(self, seqs: Sequence[SeqWork]) -> torch.Tensor | None:
-        """(len(seqs), vocab) float32 logits of one decode step, or None when no graph fits."""
+    def run(
+        self,
+        seqs: Sequence[SeqWork],
+        tables: DeviceTables | None = None,
+        fresh: Sequence[str] = (),
+    ) -> torch.Tensor | None:
+        """(len(seqs), vocab) float32 logits of one decode step, or None when no graph fits.
+
+        `tables`: the runner's block tables on the device (`fresh` as in `Job.fresh`): the
+        static table is gathered from them on the device, not padded on the host and copied."""
         key = self.planner.key_for(seqs)
         if key is None:
             return None
@@ -255,17 +274,24 @@ class DecodeGraphs:
             if entry is None:
                 return None
         p = self.planner
+        width = p.table_width(key.context)
         inputs = pad_decode_inputs(
-            seqs, key, p.table_width(key.context), p.num_layers, p.num_kv_heads
+            seqs, key, width, p.num_layers, p.num_kv_heads, with_tables=tables is None
         )
         b = entry.batch
-        for dst, src in (
+        copies = [
             (entry.input_ids, inputs.input_ids),
             (entry.positions, inputs.positions),
             (b.pos_of_token, inputs.pos_of_token),
             (b.ctx_lens, inputs.ctx_lens),
-            (b.block_tables, inputs.block_tables),
-        ):
+        ]
+        if inputs.block_tables is not None:
+            copies.append((b.block_tables, inputs.block_tables))
+        else:
+            assert tables is not None
+            slots = tables.update(seqs, fresh, pad_to=key.batch)  # padding rows: slot 0
+            tables.gather(slots, width, out=b.block_tables)  # device to device
+        for dst, src in copies:
             dst.copy_(torch.from_numpy(src), non_blocking=True)
         cos, sin = self.model.rotary(entry.positions, self.dtype)
         entry.cos.copy_(cos)

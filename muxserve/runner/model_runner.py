@@ -14,6 +14,7 @@ from muxserve.models.hf_config import HFModelConfig
 from muxserve.request import TokenLogprobs
 from muxserve.runner.attention import BatchLayout
 from muxserve.runner.cuda_graphs import DecodeGraphs
+from muxserve.runner.device_tables import DeviceTables
 from muxserve.runner.kernels import ops
 from muxserve.runner.kv_pool import KVPool
 from muxserve.runner.model_weights import ModelWeights
@@ -70,10 +71,13 @@ class ModelRunner:
         dtype: torch.dtype,
         max_model_len: int | None = None,
         weight_bytes: int = 0,
+        device_tables: bool | None = None,
     ) -> None:
         """`max_model_len` is the served context (default the config's
         `max_position_embeddings`): what per-position buffers are sized for. `model` None: not
-        loaded yet (asleep at level 2), with `weight_bytes` its checkpoint's estimate."""
+        loaded yet (asleep at level 2), with `weight_bytes` its checkpoint's estimate.
+        `device_tables`: keep the block tables on the device (`DeviceTables`); by default
+        everywhere but the CPU, whose path reads the host's tables."""
         self.name = name
         self._model: CausalLM | None = model
         self.config = config
@@ -81,6 +85,19 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.device = pool.buffer.device
         self.cache = pool.view(layout, dtype)  # (num_blocks, 2, tokens_per_block, head_dim)
+        if device_tables is None:
+            device_tables = self.device.type != "cpu"
+        max_context = max_model_len or config.max_position_embeddings
+        self.device_tables = (
+            DeviceTables(
+                self.device,
+                config.num_layers,
+                layout.num_kv_heads,  # one rank's heads under TP
+                layout.logical_blocks_for(max_context),
+            )
+            if device_tables
+            else None
+        )
         # decode steps replay CUDA graphs where they fit one (CUDA with the kernels only)
         self.graphs = None if model is None else self._make_graphs(model)
         # token histories of the sequences whose sampling reads them (penalties)
@@ -143,6 +160,8 @@ class ModelRunner:
         """These requests finished: forget what the runner keeps of them."""
         for rid in request_ids:
             self.histories.pop(rid, None)
+        if self.device_tables is not None:
+            self.device_tables.release(request_ids)
 
     def execute(self, job: Job) -> JobResult:
         """Run a job to completion (launch, then collect)."""
@@ -154,7 +173,8 @@ class ModelRunner:
         try:
             self._feed_histories(job.seqs)
             sampling = [i for i, s in enumerate(job.seqs) if s.sample]
-            graphed = None if self.graphs is None else self.graphs.run(job.seqs)
+            tables = self.device_tables
+            graphed = None if self.graphs is None else self.graphs.run(job.seqs, tables, job.fresh)
             if graphed is not None:  # (B, vocab) logits of a decode step
                 if not sampling:
                     return LaunchedJob(job, None)
@@ -163,7 +183,11 @@ class ModelRunner:
                 return LaunchedJob(job, sample(graphed[rows], seqs, self.histories))
             tokens = [t for s in job.seqs for t in s.token_ids]
             input_ids = torch.tensor(tokens, dtype=torch.int64, device=self.device)  # (T,)
-            batch = BatchLayout.from_seqs(job.seqs, self.device)
+            padded = None  # the job's padded block tables, gathered on the device
+            if tables is not None:
+                slots = tables.update(job.seqs, job.fresh)
+                padded = tables.gather(slots, max(s.block_table.shape[0] for s in job.seqs))
+            batch = BatchLayout.from_seqs(job.seqs, self.device, padded)
             attention = ops.make_attention(
                 self.cache,
                 batch,

@@ -75,7 +75,18 @@ def test_invalidated_request_is_sent_whole_again():
     again = job(2, seq("a", table(300, 3), 0, (1, 2, 3)))
     msg = enc.encode(again)
     assert [n.request_id for n in msg.new] == ["a"]
-    same(again, dec.apply(msg))
+    rebuilt = dec.apply(msg)
+    same(again, rebuilt)
+    assert rebuilt.fresh == ("a",)  # the worker's runner rewrites its device table
+
+
+def test_rebuilt_jobs_name_what_the_worker_got_whole_as_fresh():
+    enc, dec = WorkerMirror(), RequestMirror("m", Phase.DECODE)
+    first = roundtrip(
+        enc, dec, job(1, seq("a", table(0, 2), 5, (7,)), seq("b", table(9, 1), 2, (3,)))
+    )
+    assert first.fresh == ("a", "b")
+    assert roundtrip(enc, dec, job(2, seq("a", table(0, 2), 6, (8,)))).fresh == ()
 
 
 def test_finished_requests_are_dropped_with_the_next_job():

@@ -20,6 +20,7 @@ from muxserve.models.hf_config import HFModelConfig
 from muxserve.models.llama import LlamaForCausalLM
 from muxserve.models.loader import load_model
 from muxserve.runner.attention import BatchLayout, PagedAttention
+from muxserve.runner.batch_layout import pad_tables
 from muxserve.runner.kv_pool import KVPool
 from muxserve.runner.model_runner import ModelRunner
 from muxserve.runner.sampler import sample
@@ -311,3 +312,67 @@ def test_execute_reports_a_table_too_short_for_its_tokens(served: Served) -> Non
     result = served.runners[name].execute(served.job(name, [seq]))
     assert result.outputs == ()
     assert result.error is not None
+
+
+# ---- block tables on the device ----------------------------------------------------------------
+def test_device_tables_give_the_host_paths_greedy_tokens(loaded: dict[str, Loaded]) -> None:
+    """A runner forced to keep its tables on the device (`DeviceTables`, here the CPU's), whose
+    attention then reads the gathered padded tables, against the host path: the same greedy
+    tokens through decodes that cross block boundaries, a preempted request re-admitted with a
+    different table (`Job.fresh`), and a finished request's slot taken by a new one."""
+    name = "llama-demo"  # 6 tokens per block
+    host, dev = Served(loaded), Served(loaded)
+    m = loaded[name]
+    dev.runners[name] = ModelRunner(
+        name, m.ours, m.config, dev.kv, dev.layouts[name], torch.float32, device_tables=True
+    )
+    assert host.runners[name].device_tables is None  # the CPU's default: the host's tables
+    tokens = {"a": prompt(7, seed=60), "b": prompt(4, seed=61), "c": prompt(5, seed=62)}
+    done: dict[str, int] = {}  # request -> tokens in the pool
+    job_ids = iter(range(1000))
+
+    def step(rids: Sequence[str], fresh: Sequence[str] = ()) -> None:
+        """One job of `rids` on both runners (a prefill of whatever each has not computed)."""
+        outs = []
+        for s in (host, dev):
+            seqs = [s.work(name, r, tokens[r][done.get(r, 0) :], done.get(r, 0)) for r in rids]
+            phase = Phase.DECODE if all(len(w.token_ids) == 1 for w in seqs) else Phase.PREFILL
+            job = Job(next(job_ids), name, phase, tuple(seqs), 1.0, tuple(fresh))
+            result = s.runners[name].execute(job)
+            assert result.error is None
+            outs.append([o.token_id for o in result.outputs])
+            store = s.runners[name].device_tables
+            if store is not None:  # what it holds now is the host's tables, padded
+                width = max(w.block_table.shape[0] for w in seqs)
+                got = store.gather(store.update(seqs), width)  # nothing new to send
+                want = pad_tables([w.block_table for w in seqs])
+                np.testing.assert_array_equal(got.numpy(), want)
+        assert outs[0] == outs[1]
+        for r, t in zip(rids, outs[0], strict=True):
+            done[r] = len(tokens[r])
+            tokens[r] = [*tokens[r], t]
+
+    step(["a", "b"], fresh=["a", "b"])
+    for _ in range(4):  # "b" crosses into its second block, "a" into its third... soon
+        step(["a", "b"])
+    for s in (host, dev):  # "b" is preempted: its blocks go back, the runners keep nothing new
+        s.tables.release("b")
+    step(["c"], fresh=["c"])  # "c" takes blocks "b" had
+    done.pop("b")
+    step(["b", "a", "c"], fresh=["b"])  # "b" again: recomputed, its table a different one
+    for _ in range(3):
+        step(["a", "b", "c"])
+    for s in (host, dev):  # "a" finishes; "d" takes its slot
+        s.tables.release("a")
+        s.runners[name].release(["a"])
+    tokens["d"] = prompt(3, seed=63)
+    step(["d", "b"], fresh=["d"])
+    for _ in range(3):
+        step(["b", "d", "c"])
+    store = dev.runners[name].device_tables
+    assert store is not None and len(store) == 3  # b, c, d
+    # and each token is HF's greedy choice
+    for r in "bcd":
+        assert tokens[r][-1] == int(hf_logits(m, tokens[r][:-1])[-1].argmax())
+    host.check()
+    dev.check()
