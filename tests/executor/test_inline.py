@@ -70,7 +70,7 @@ class StubGraphs:
         self.warm_ups += 1
         return []
 
-    def run(self, seqs: object) -> None:
+    def run(self, seqs: object, tables: object = None, fresh: object = ()) -> None:
         return None
 
 
