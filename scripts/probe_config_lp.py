@@ -180,17 +180,21 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [r["cpu_s"] for r in res["rounds"]]
-    ax.plot(xs, [r["master_lp"] for r in res["rounds"]], marker=".", label="master LP")
-    ax.axhline(res["pool"]["plan"], color="gray", ls=":", label="planner's plan")
+    # each round's master LP was solved when the round before it ended; the last point is
+    # the master over the last round's columns too
+    rounds = res["rounds"]
+    xs = [0.0] + [r["cpu_s"] for r in rounds[:-1]] + [res["cg_cpu_s"]]
+    ys = [r["master_lp"] for r in rounds] + [res["final_master_lp"]]
+    ax.plot(xs, ys, marker=".", label="master LP")
+    plan = res["pool"]["plan"]
+    ax.axhline(plan, color="gray", ls=":", label=f"planner's plan {plan:.1f}")
     for c, color in zip(res["combine"], ("tab:green", "tab:olive", "tab:cyan"), strict=False):
         if c["plan"] is not None:
-            ax.axhline(
-                c["plan"], color=color, ls="--", label=f"integer master, best {c['columns']}"
-            )
+            label = f"integer master, best {c['columns']}: {c['plan']:.1f}"
+            ax.axhline(c["plan"], color=color, ls="--", label=label)
     bound, which = res["bound"], res["bound_from"]
     if bound is not None:
-        ax.axhline(bound, color="tab:red", ls="-.", label=f"bound ({which})")
+        ax.axhline(bound, color="tab:red", ls="-.", label=f"bound ({which}) {bound:.1f}")
     ax.set_xlabel("CPU seconds (from the pool)")
     ax.set_ylabel("req/s")
     ax.set_title(f"Configuration LP by column generation\n{res['instance']}", fontsize=9)
