@@ -3,7 +3,7 @@
 `schedule()` hands out jobs for idle (model, phase) workers; `on_job_done()` applies their
 results. The same object drives the inline executor, worker processes and the simulator. Its
 parts, each owned by the `Scheduler`: `ModelSet` (the models, asleep or awake, and the pool
-split over them), `Intake` (new requests), `Batcher` (what a job holds) and `Completion` (what
+split over them), `Intake` (new requests), `Batcher` (what a job holds) and `Outcomes` (what
 a job's results do).
 """
 
@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from muxserve.config import EngineConfig
 from muxserve.request import FinishReason, Request
 from muxserve.scheduler.batcher import Batcher
-from muxserve.scheduler.completion import Completion
 from muxserve.scheduler.intake import Intake
 from muxserve.scheduler.job import Job, JobResult, Phase
 from muxserve.scheduler.model_set import ModelSet
 from muxserve.scheduler.model_slot import ModelSlot
+from muxserve.scheduler.outcomes import Outcomes
 from muxserve.scheduler.policy import AdbsPolicy, FcfsPolicy, JobPolicy
 from muxserve.scheduler.quota import AdaptiveQuota, QuotaPolicy, StaticQuota
 
@@ -99,7 +99,7 @@ class Scheduler:
             models=list(self.queues),
         )
         self.intake = Intake(self._requests, self.pool, quota, clock)
-        self.completion = Completion(
+        self.outcomes = Outcomes(
             self._requests,
             self.tables,
             self.batcher,
@@ -155,7 +155,7 @@ class Scheduler:
         if req.in_flight:
             req.pending_finish = reason
         else:
-            self.completion.finish(self.queues[req.model], req, reason)
+            self.outcomes.finish(self.queues[req.model], req, reason)
         return req
 
     def has_work(self) -> bool:
@@ -191,7 +191,7 @@ class Scheduler:
         What else changed since the previous round: `finished_before_round`; in the jobs,
         each one's new block tables (`Job.fresh`)."""
         self._steps += 1
-        self.finished_before_round = self.completion.take_finished()
+        self.finished_before_round = self.outcomes.take_finished()
         # a static partition rebalances too: to take back the shares it lent to awake models
         if self._needs_rebalance or self._steps % self.rebalance_interval == 0:
             self.models.rebalance()
@@ -239,8 +239,8 @@ class Scheduler:
         q.busy.discard(job.phase)
         self._sm_in_use = max(self._sm_in_use - job.sm_share, 0.0) if self._in_flight else 0.0
         if result.error is not None:
-            return self.completion.failed(q, job, result.retry)
-        return self.completion.apply(q, job, result)
+            return self.outcomes.failed(q, job, result.retry)
+        return self.outcomes.apply(q, job, result)
 
     def _rebalance_later(self) -> None:
         """Work waits on quota, blocks were freed, or the models changed: rebalance next step."""

@@ -7,15 +7,15 @@ import pytest
 
 from muxserve.request import FinishReason, Request, RequestStatus
 from muxserve.scheduler.batcher import Batcher
-from muxserve.scheduler.completion import MAX_RETRIES, Completion
 from muxserve.scheduler.job import Job, JobResult, Phase, SeqResult
 from muxserve.scheduler.model_set import ModelSet
+from muxserve.scheduler.outcomes import MAX_RETRIES, Outcomes
 from muxserve.scheduler.quota import AdaptiveQuota, QuotaPolicy, StaticQuota
 from tests.helpers.scheduler import make_request, make_slot
 
 
 class Parts:
-    """Model a over 16 blocks: its queue, a batcher that forms its jobs, and a completion."""
+    """Model a over 16 blocks: its queue, a batcher that forms its jobs, and its outcomes."""
 
     def __init__(self, quota: QuotaPolicy) -> None:
         self.asked: list[str] = []  # each rebalance asked for the next step
@@ -32,7 +32,7 @@ class Parts:
             on_short=later,
             models=["a"],
         )
-        self.done = Completion(
+        self.done = Outcomes(
             self.requests,
             self.models.tables,
             self.batcher,

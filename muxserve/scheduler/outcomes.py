@@ -19,7 +19,7 @@ from muxserve.scheduler.model_slot import ModelQueue
 MAX_RETRIES = 2  # a request whose jobs are lost this often fails (it may be what kills them)
 
 
-class Completion:
+class Outcomes:
     """Applies job results and ends requests, freeing their blocks.
 
     `requests` is the scheduler's index of the requests it holds; an ended one leaves it and
