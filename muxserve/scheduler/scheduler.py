@@ -1,7 +1,10 @@
 """The event-driven scheduler over the shared KV pool (ADBS, or the FCFS / static baselines).
 
 `schedule()` hands out jobs for idle (model, phase) workers; `on_job_done()` applies their
-results. The same object drives the inline executor, worker processes and the simulator.
+results. The same object drives the inline executor, worker processes and the simulator. Its
+parts, each owned by the `Scheduler`: `ModelSet` (the models, asleep or awake, and the pool
+split over them), `Intake` (new requests), `Batcher` (what a job holds) and `Outcomes` (what
+a job's results do).
 """
 
 from __future__ import annotations
@@ -12,19 +15,17 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from muxserve.config import EngineConfig
-from muxserve.errors import PromptTooLongError, QueueFullError
-from muxserve.kv.block_pool import BlockPool
-from muxserve.kv.block_tables import BlockTables
-from muxserve.request import FinishReason, Request, RequestStatus, TokenLogprobs
+from muxserve.request import FinishReason, Request
 from muxserve.scheduler.batcher import Batcher
-from muxserve.scheduler.job import Job, JobResult, Phase, SeqResult
-from muxserve.scheduler.model_slot import ModelQueue, ModelSlot
+from muxserve.scheduler.intake import Intake
+from muxserve.scheduler.job import Job, JobResult, Phase
+from muxserve.scheduler.model_set import ModelSet
+from muxserve.scheduler.model_slot import ModelSlot
+from muxserve.scheduler.outcomes import Outcomes
 from muxserve.scheduler.policy import AdbsPolicy, FcfsPolicy, JobPolicy
 from muxserve.scheduler.quota import AdaptiveQuota, QuotaPolicy, StaticQuota
-from muxserve.scheduler.service_rate import retry_after_s
 
 SM_EPSILON = 1e-9  # shares are floats: 0.01 + 0.26 + 0.93 must fit a 1.2 limit
-MAX_RETRIES = 2  # a request whose jobs are lost this often fails (it may be what kills them)
 
 
 @dataclass(frozen=True)
@@ -67,42 +68,44 @@ class Scheduler:
     ) -> None:
         """`clock` times completions, for each model's service rate (a simulator passes its
         own). The models in `asleep` start asleep: no quota, no jobs, until `wake_model`."""
-        if not slots:
-            raise ValueError("the scheduler needs at least one model")
-        self.queues = {s.name: ModelQueue(s) for s in slots}
-        self._order = list(self.queues.values())
         self.policy = policy
         self.quota = quota
-        self.asleep: set[str] = set(asleep)
-        # ADBS splits the pool over the awake models; a static partition gives every model its
-        # share, then lends the sleeping ones' shares to the awake ones (StaticQuota)
-        split = self._awake_queues() if quota.adaptive else self.queues
-        initial = quota.initial(num_blocks, split) if split else {}
-        self.pool = BlockPool(num_blocks, {n: initial.get(n, 0) for n in self.queues})
-        self.tables = BlockTables(self.pool, {s.name: s.layout for s in slots})
-        if self.asleep and not quota.adaptive:
-            self._rebalance()
+        self._needs_rebalance = False
+        self.models = ModelSet(
+            slots, num_blocks, quota, asleep=asleep, rebalance_later=self._rebalance_later
+        )
+        # the model set's own objects, changed in place only: the hot loop reads them
+        m = self.models
+        self.queues, self._order, self.asleep = m.queues, m.order, m.asleep
+        self.pool, self.tables = m.pool, m.tables
         self.rebalance_interval = rebalance_interval
         self.sm_limit = 1.0 + sm_overload
         self.clock = clock
-        self._requests: dict[str, Request] = {}
+        self._requests: dict[str, Request] = {}  # every request held, shared with its parts
         self._in_flight: dict[int, Job] = {}
-        self._finished: list[str] = []  # finished since the last round began
         # the requests that finished (or were aborted) between the previous round and the
         # last one, their blocks freed: whoever mirrors their tables may drop them
         self.finished_before_round: tuple[str, ...] = ()
         self._sm_in_use = 0.0
         self._next_job_id = 0
         self._steps = 0
-        self._needs_rebalance = False
         self.batcher = Batcher(
             self.pool,
             self.tables,
             prefill_token_budget=prefill_token_budget,
             max_batch_size=max_batch_size,
-            rebalance=self._rebalance,
-            on_short=self._short_of_quota,
+            rebalance=self.models.rebalance,
+            on_short=self._rebalance_later,
             models=list(self.queues),
+        )
+        self.intake = Intake(self._requests, self.pool, quota, clock)
+        self.outcomes = Outcomes(
+            self._requests,
+            self.tables,
+            self.batcher,
+            adaptive=quota.adaptive,
+            clock=clock,
+            rebalance_later=self._rebalance_later,
         )
 
     @classmethod
@@ -135,56 +138,7 @@ class Scheduler:
     # ---- requests ----------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         """Queue a request; raises before anything is allocated if it can never run."""
-        q = self.queues[req.model]
-        slot = q.slot
-        total = req.num_prompt_tokens + req.params.max_tokens
-        if req.num_prompt_tokens >= slot.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {req.num_prompt_tokens} tokens; {slot.name}'s context is "
-                f"{slot.max_model_len} tokens",
-                "prompt",
-            )
-        if total > slot.max_model_len:
-            raise PromptTooLongError(
-                f"{slot.name}'s context is {slot.max_model_len} tokens, but {total} were asked "
-                f"({req.num_prompt_tokens} in the prompt, {req.params.max_tokens} to generate)",
-                "max_tokens",
-            )
-        need = slot.layout.physical_blocks_for(total)
-        ceiling = self.quota.ceiling(self.pool, slot.name)
-        if need > ceiling:
-            fits = ceiling // slot.layout.blocks_per_logical * slot.layout.tokens_per_block
-            raise PromptTooLongError(
-                f"{total} tokens of {slot.name} need {need} KV blocks; its share of the pool "
-                f"holds {ceiling} blocks ({fits} tokens)",
-                "max_tokens",
-            )
-        self._check_queue(q)
-        if req.request_id in self._requests:
-            raise ValueError(f"duplicate request id {req.request_id!r}")
-        if not q.has_work():
-            q.service.on_busy(self.clock())
-        self._requests[req.request_id] = req
-        q.waiting.append(req)
-
-    def _check_queue(self, q: ModelQueue) -> None:
-        """QueueFullError when the model's queue is at `max_waiting`, or when what waits would
-        take longer than `max_queue_wait_s` at the model's recent rate; its `retry_after` is
-        that wait."""
-        slot, waiting = q.slot, len(q.waiting)
-        wait = q.service.expected_wait(waiting, self.clock())
-        if waiting >= slot.max_waiting:
-            raise QueueFullError(
-                f"{slot.name}: {waiting} requests already waiting", "model", retry_after_s(wait)
-            )
-        bound = slot.max_queue_wait_s
-        if bound is not None and wait is not None and wait > bound:
-            raise QueueFullError(
-                f"{slot.name}: {waiting} requests already waiting, about {wait:.0f} s at its "
-                f"recent rate; over its max_queue_wait_s ({bound:g} s)",
-                "model",
-                retry_after_s(wait),
-            )
+        self.intake.add(self.queues[req.model], req)
 
     def get(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
@@ -201,7 +155,7 @@ class Scheduler:
         if req.in_flight:
             req.pending_finish = reason
         else:
-            self._finish(self.queues[req.model], req, reason)
+            self.outcomes.finish(self.queues[req.model], req, reason)
         return req
 
     def has_work(self) -> bool:
@@ -211,7 +165,7 @@ class Scheduler:
         """Work that `schedule()` could give out now: not only requests of asleep models."""
         if not self.asleep or self._in_flight:
             return bool(self._requests)
-        return any(q.has_work() for q in self._awake_queues().values())
+        return any(q.has_work() for q in self.models.awake().values())
 
     def overdue(self, limit_s: float) -> list[str]:
         """Requests that arrived more than `limit_s` ago and are not in a running job (one
@@ -237,16 +191,16 @@ class Scheduler:
         What else changed since the previous round: `finished_before_round`; in the jobs,
         each one's new block tables (`Job.fresh`)."""
         self._steps += 1
-        self.finished_before_round, self._finished = tuple(self._finished), []
+        self.finished_before_round = self.outcomes.take_finished()
         # a static partition rebalances too: to take back the shares it lent to awake models
         if self._needs_rebalance or self._steps % self.rebalance_interval == 0:
-            self._rebalance()
+            self.models.rebalance()
             self._needs_rebalance = False
         jobs = self._form_jobs()
         if not jobs and not self._in_flight and self._needs_rebalance:
             # Idle with work that is short of quota: rebalance now, not at the next call, which
             # an event-driven caller would only make once something else happened.
-            self._rebalance()
+            self.models.rebalance()
             self._needs_rebalance = False
             jobs = self._form_jobs()
         return jobs
@@ -285,88 +239,11 @@ class Scheduler:
         q.busy.discard(job.phase)
         self._sm_in_use = max(self._sm_in_use - job.sm_share, 0.0) if self._in_flight else 0.0
         if result.error is not None:
-            return self._job_failed(q, job, result.retry)
-        return self._apply(q, job, result)
+            return self.outcomes.failed(q, job, result.retry)
+        return self.outcomes.apply(q, job, result)
 
-    def _apply(self, q: ModelQueue, job: Job, result: JobResult) -> list[Request]:
-        """Apply a finished job's outputs: its requests' computed tokens, and their sampled
-        tokens, finishing a request where it stops: a stop token, a length, or what its
-        output check says (a stop string, a grammar). The one place a request's end is
-        decided, but for aborts and failed jobs.
-
-        This loop runs once per request per step: it reads fields, not properties, keeps
-        what is the same for the whole job in locals, and leaves the rare cases (a finish
-        asked meanwhile, prompt logprobs, logprobs) to their branches.
-        """
-        if len(result.outputs) != len(job.seqs):
-            raise ValueError(
-                f"job {job.job_id} ({job.model}): {len(result.outputs)} outputs for "
-                f"{len(job.seqs)} sequences"
-            )
-        changed: list[Request] = []
-        requests, prefill = self._requests, job.phase is Phase.PREFILL
-        max_len, finish = q.slot.max_model_len, self._finish
-        for seq, out in zip(job.seqs, result.outputs, strict=True):
-            req = requests.get(seq.request_id)
-            if req is None:
-                continue
-            req.in_flight = False
-            pending = req.pending_finish
-            if pending is not None:
-                finish(q, req, pending)
-                changed.append(req)
-                continue
-            req.num_computed_tokens = seq.start_pos + len(seq.token_ids)  # seq.end_pos
-            # A recomputed request whose chunk stops one short is decoding already: its last
-            # token is an output token that the next decode step feeds.
-            if prefill and (seq.sample or req.is_decoding):
-                q.prefilling.remove(req)
-            if out.prompt_logprobs:
-                self._add_prompt_logprobs(req, out)
-            params = req.params
-            if params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
-                finish(q, req, FinishReason.LENGTH)  # prompt logprobs only: done
-                changed.append(req)
-                continue
-            token = out.token_id
-            if token is None:
-                continue
-            output = req.output_token_ids
-            output.append(token)
-            if params.logprobs is not None and out.logprob is not None:
-                req.output_logprobs.append(TokenLogprobs(token, out.logprob, out.top_logprobs))
-            n, reason = len(output), None
-            if token in req.stop_ids and n > params.min_tokens:  # stop tokens are masked before
-                reason = FinishReason.STOP
-            elif n >= params.max_tokens or len(req.prompt_token_ids) + n >= max_len:
-                reason = FinishReason.LENGTH
-            if req.output_check is not None:
-                reason = req.output_check.check(req, reason)
-            if reason is not None:
-                finish(q, req, reason)
-            changed.append(req)
-        return changed
-
-    def _job_failed(self, q: ModelQueue, job: Job, retry: bool) -> list[Request]:
-        """A job that failed: its requests are computed again where its workers were lost
-        (`retry`, up to MAX_RETRIES times each), or end with an error; returns those ended."""
-        changed: list[Request] = []
-        for seq in job.seqs:
-            req = self._requests.get(seq.request_id)
-            if req is None:
-                continue
-            req.in_flight = False
-            pending = req.pending_finish
-            if pending is None and retry and req.num_retries < MAX_RETRIES:
-                req.num_retries += 1  # its worker was lost, not its fault: compute it again
-                self.batcher.preempt(q, req)
-                continue
-            self._finish(q, req, pending or FinishReason.ERROR)
-            changed.append(req)
-        return changed
-
-    def _short_of_quota(self) -> None:
-        """Work waits on quota, or blocks were freed by a preemption: rebalance next step."""
+    def _rebalance_later(self) -> None:
+        """Work waits on quota, blocks were freed, or the models changed: rebalance next step."""
         self._needs_rebalance = True
 
     @property
@@ -377,116 +254,30 @@ class Scheduler:
     def preemptions_by_model(self) -> dict[str, int]:
         return self.batcher.preemptions_by_model
 
-    # ---- sleep and wake ----------------------------------------------------------------------
-    def _awake_queues(self) -> dict[str, ModelQueue]:
-        if not self.asleep:
-            return self.queues
-        return {n: q for n, q in self.queues.items() if n not in self.asleep}
-
-    def _rebalance(self) -> None:
-        awake = self._awake_queues()
-        if awake:
-            self.quota.rebalance(self.pool, self.tables, awake)
-
+    # ---- the models: sleep and wake, join and leave (a mesh that changes shape) --------------
     def in_flight(self, model: str) -> int:
         """Requests of `model` waiting or running (a sleep must wait until none are)."""
         q = self.queues[model]
         return len(q.waiting) + len(q.running)
 
     def sleep_model(self, model: str) -> None:
-        """`model` runs no more jobs and its quota returns to the pool at once: ADBS gives it
-        out at the next rebalance, a static partition lends it to the awake models now. Its new
-        requests wait for `wake_model`.
-
-        Raises ValueError while it has requests running or a job in flight: those hold blocks.
-        """
-        q = self.queues[model]
-        if q.running or q.busy:
-            raise ValueError(f"{model}: {len(q.running)} requests running; it cannot sleep")
-        self.asleep.add(model)
-        if self.quota.adaptive:
-            quotas = {n: self.pool.quota(n) for n in self.queues}
-            quotas[model] = 0
-            self.pool.set_quotas(quotas)
-            self._needs_rebalance = True
-        else:
-            self._rebalance()
+        """`model` runs no more jobs and its quota returns to the pool (`ModelSet.sleep`); its
+        new requests wait for `wake_model`. ValueError while it has requests running."""
+        self.models.sleep(model)
 
     def wake_model(self, model: str) -> None:
-        """`model` runs jobs again; ADBS gives it a quota at the next rebalance, a static
-        partition its share now (less what borrowers still hold; that comes back as their
-        requests end)."""
-        self.asleep.discard(model)
-        self._needs_rebalance = True
-        if not self.quota.adaptive:
-            self._rebalance()
+        """`model` runs jobs again (`ModelSet.wake`)."""
+        self.models.wake(model)
 
-    # ---- models joining and leaving (a mesh that changes shape) ----------------------------
     def add_model(self, slot: ModelSlot) -> None:
         """A model joins, asleep: no quota and no jobs until `wake_model`."""
-        if slot.name in self.queues:
-            raise ValueError(f"{slot.name} is scheduled here already")
-        q = ModelQueue(slot)
-        self.queues[slot.name] = q
-        self._order.append(q)
-        self.asleep.add(slot.name)
+        self.models.add(slot)
         self.preemptions_by_model[slot.name] = 0
-        self.pool.add_model(slot.name)
-        self.tables.layouts[slot.name] = slot.layout
-        self._reshaped()
 
     def remove_model(self, model: str) -> None:
         """An asleep model with no requests leaves; ValueError otherwise."""
-        q = self.queues[model]
-        if model not in self.asleep or q.has_work():
-            raise ValueError(f"{model}: only an asleep model with no requests can be removed")
-        if len(self.queues) == 1:
-            raise ValueError(f"{model} is the last model here; it cannot be removed")
-        del self.queues[model], self.preemptions_by_model[model], self.tables.layouts[model]
-        self._order.remove(q)
-        self.asleep.discard(model)
-        self.pool.remove_model(model)
-        self._reshaped()
-
-    def _reshaped(self) -> None:
-        """A static partition splits the pool again over the models now here."""
-        if not self.quota.adaptive:
-            self.quota.initial(self.pool.num_blocks, self.queues)
-        self._rebalance()
-        self._needs_rebalance = True
-
-    # ---- results -----------------------------------------------------------------------
-    @staticmethod
-    def _add_prompt_logprobs(req: Request, out: SeqResult) -> None:
-        """Keep the prompt logprobs not had yet (a recomputed chunk scores its tokens again)."""
-        have = len(req.prompt_logprobs) + 1  # position of the next one wanted (0 has none)
-        skip = have - out.prompt_start
-        if skip < 0:
-            raise AssertionError(
-                f"{req.request_id}: prompt logprobs from {out.prompt_start}, expected {have}"
-            )
-        req.prompt_logprobs.extend(out.prompt_logprobs[skip:])
-
-    def _finish(self, q: ModelQueue, req: Request, reason: FinishReason) -> None:
-        self.tables.release(req.request_id)
-        self._finished.append(req.request_id)
-        if req.status is RequestStatus.RUNNING:
-            q.running.remove(req)
-            if req in q.prefilling:
-                q.prefilling.remove(req)
-        elif req.status is RequestStatus.WAITING:
-            q.waiting.remove(req)
-        req.status = RequestStatus.FINISHED
-        req.finish_reason = reason
-        req.pending_finish = None
-        del self._requests[req.request_id]
-        now = self.clock()
-        if reason not in (FinishReason.ABORT, FinishReason.TIMEOUT):  # no measure of service
-            q.service.on_finished(now)
-        if not q.has_work():
-            q.service.on_idle(now)
-        if not self.quota.adaptive:  # blocks freed: a share lent out may come back now
-            self._needs_rebalance = True
+        self.models.remove(model)
+        del self.preemptions_by_model[model]
 
     # ---- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, ModelStats]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.request import FinishReason, RequestStatus
 from muxserve.scheduler.job import Job, JobResult, Phase
-from muxserve.scheduler.scheduler import MAX_RETRIES
+from muxserve.scheduler.outcomes import MAX_RETRIES
 from tests.helpers.scheduler import make_request, make_scheduler, make_slot
 
 
