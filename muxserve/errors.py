@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+import signal
+
+
+def exit_cause(code: int | None) -> str:
+    """How a process ended, from its exit code, for an error message: "signal SIGKILL",
+    "exit code 3" (a signal Python does not name: "signal 70"; None: "no exit code")."""
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
 
 class MuxServeError(Exception):
     """Base of every error MuxServe raises on purpose."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import signal
 import socket
 import threading
 import time
@@ -20,6 +19,7 @@ from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 from typing import cast
 
+from muxserve.errors import exit_cause
 from muxserve.executor.messages import (
     Stop,
     WorkerInit,
@@ -123,7 +123,7 @@ class WorkerGroup:
             # it has imported torch (seconds; far more on a loaded host, or never if it is
             # stopped): sent from the engine's loop it would stall every model meanwhile.
             sender = threading.Thread(
-                target=_send_init, args=(parent, init), name=f"{proc.name}-init", daemon=True
+                target=send_init, args=(parent, init), name=f"{proc.name}-init", daemon=True
             )
             sender.start()
             self._senders.append(sender)
@@ -272,13 +272,8 @@ class WorkerGroup:
 
     def _died(self, proc: BaseProcess) -> WorkerDied:
         proc.join(STOP_TIMEOUT_S)
-        code = proc.exitcode
-        if code is not None and code < 0:
-            how = f"was killed by {signal.Signals(-code).name}"
-        else:
-            how = f"exited with code {code}"
         return WorkerDied(
-            f"worker {proc.name} (pid {proc.pid}) {how}",
+            f"worker {proc.name} (pid {proc.pid}) ended with {exit_cause(proc.exitcode)}",
             during_start=self.state is GroupState.STARTING,
         )
 
@@ -296,9 +291,10 @@ def reap(procs: list[BaseProcess], timeout: float = STOP_TIMEOUT_S) -> None:
         proc.close()
 
 
-def _send_init(conn: Connection, init: WorkerInit) -> None:
-    """Send a rank its `WorkerInit` (a thread's whole life). A rank gone first is no error
-    here: its death reaches the engine through the process sentinel."""
+def send_init(conn: Connection, init: object) -> None:
+    """Send a worker its init message (a thread's whole life: a large model's init is bigger
+    than a pipe holds). A worker gone first is no error here: its death reaches the engine
+    through the process sentinel."""
     with contextlib.suppress(OSError):
         conn.send(init)
 

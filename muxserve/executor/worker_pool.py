@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import threading
 import time
 from collections import deque
@@ -22,6 +21,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 
+from muxserve.errors import exit_cause
 from muxserve.executor.base import ModelSpec, cpu_threads
 from muxserve.executor.messages import (
     Attach,
@@ -36,7 +36,13 @@ from muxserve.executor.messages import (
 )
 from muxserve.executor.mirror import WorkerMirror
 from muxserve.executor.pool_worker import pool_worker_main
-from muxserve.executor.worker_group import STOP_TIMEOUT_S, GroupState, WorkerDied, reap
+from muxserve.executor.worker_group import (
+    STOP_TIMEOUT_S,
+    GroupState,
+    WorkerDied,
+    reap,
+    send_init,
+)
 from muxserve.models.causal_lm import CausalLM
 from muxserve.runner.kv_pool import KVPool
 from muxserve.scheduler.job import Job, JobResult, Phase
@@ -159,7 +165,7 @@ class PooledWorker:
         init = replace(self._init, attach=tuple(self.members.values()))
         # sent from a thread: the process reads it only after its torch import (seconds)
         sender = threading.Thread(
-            target=_send_quietly, args=(parent, init), name=f"{proc.name}-init", daemon=True
+            target=send_init, args=(parent, init), name=f"{proc.name}-init", daemon=True
         )
         sender.start()
         self._senders, self.procs, self.conns = [sender], [proc], [parent]
@@ -302,13 +308,10 @@ class PooledWorker:
     def _died(self) -> WorkerDied:
         proc = self.procs[0]
         proc.join(STOP_TIMEOUT_S)
-        code = proc.exitcode
-        how = f"exited with code {code}"
-        if code is not None and code < 0:
-            how = f"was killed by {signal.Signals(-code).name}"
         served = ", ".join(sorted(self.members)) or "no model"
+        cause = exit_cause(proc.exitcode)
         return WorkerDied(
-            f"pooled worker {proc.name} (pid {proc.pid}, serving {served}) {how}",
+            f"pooled worker {proc.name} (pid {proc.pid}, serving {served}) ended with {cause}",
             during_start=self.state is GroupState.STARTING,
         )
 
@@ -333,13 +336,6 @@ class PooledWorker:
         if not isinstance(msg, WorkerReport):
             raise TypeError(f"{self.label}: expected WorkerReport, got {type(msg).__name__}")
         return msg
-
-
-def _send_quietly(conn: Connection, msg: object) -> None:
-    """A thread's whole life: send `msg`; a process gone first is no error here (its death
-    reaches the engine through the sentinel)."""
-    with contextlib.suppress(OSError):
-        conn.send(msg)
 
 
 def attach_of(spec: ModelSpec, model: CausalLM) -> Attach:

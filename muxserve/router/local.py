@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from muxserve.config import Mesh, MuxConfig
-from muxserve.errors import MeshStartError
+from muxserve.errors import MeshStartError, exit_cause
 from muxserve.mesh.runtime import Endpoint, MeshLaunch
 from muxserve.router.mesh_process import LaunchContext
 from muxserve.router.preflight import check_plan, local_node
@@ -97,7 +97,7 @@ class LocalMeshProcess:
                     if not line:
                         code = proc.wait()
                         raise MeshStartError(
-                            f"mesh {self.name!r} exited with {_describe(code)} while starting; "
+                            f"mesh {self.name!r} exited with {exit_cause(code)} while starting; "
                             "see its log above"
                         )
                     reply: dict[str, Any] = json.loads(line)
@@ -110,7 +110,7 @@ class LocalMeshProcess:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
-        return f"its process ended with {_describe(code)}"
+        return f"its process ended with {exit_cause(code)}"
 
     def restart(self, timeout: float) -> Endpoint:
         if self.proc is not None:
@@ -142,12 +142,3 @@ class LocalMeshProcess:
             if pipe is not None:
                 with contextlib.suppress(OSError):
                     pipe.close()
-
-
-def _describe(code: int) -> str:
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"

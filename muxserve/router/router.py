@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -145,10 +145,9 @@ class Router:
     def _pick(self, model: str) -> MeshSupervisor:
         if model not in self._models:
             raise UnknownModelError(model, list(self._models))
-        replicas = [self.meshes[m] for m in self.routing.targets(model)]
-        up = [s for s in replicas if s.client.connected]
+        up = self._up_replicas(model)
         if not up:
-            # the connection is the truth; the supervisor's state may lag it by a loop turn
+            replicas = [self.meshes[m] for m in self.routing.targets(model)]
             states = ", ".join(
                 f"mesh {s.name!r} is {'down' if s.state is MeshState.OK else s.state.value}"
                 for s in replicas
@@ -156,7 +155,17 @@ class Router:
             raise MeshUnavailableError(
                 f"model {model!r} is unavailable: {states}; retry shortly", replicas[0].name
             )
-        return min(up, key=lambda s: s.client.outstanding)
+        return up[0]
+
+    def _up_replicas(self, model: str, exclude: Collection[str] = ()) -> list[MeshSupervisor]:
+        """The meshes taking `model`'s new requests that are connected (the connection is the
+        truth; the supervisor's state may lag it by a loop turn), fewest outstanding first."""
+        up = [
+            self.meshes[m]
+            for m in self.routing.targets(model)
+            if m not in exclude and self.meshes[m].client.connected
+        ]
+        return sorted(up, key=lambda s: s.client.outstanding)
 
     async def add_request(
         self, model: str, prompt: list[int], params: SamplingParams, request_id: str
@@ -221,12 +230,7 @@ class Router:
         """Send `request_id` to a replica it has not been to; False if none is up or takes it.
         `counted`: the lost mesh still counts it in flight (it had taken it)."""
         lost = routed.mesh
-        others = [
-            self.meshes[n]
-            for n in self.routing.targets(routed.model)
-            if n not in routed.tried and self.meshes[n].client.connected
-        ]
-        for mesh in sorted(others, key=lambda s: s.client.outstanding):
+        for mesh in self._up_replicas(routed.model, exclude=routed.tried):
             name = mesh.name
             routed.tried.add(name)
             try:

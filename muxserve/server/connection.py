@@ -17,7 +17,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
@@ -67,7 +67,7 @@ class OpenAIRequestHandler(web.RequestHandler):
             return super().handle_error(request, status, exc, message)
         status, text = describe_protocol_error(exc, message)
         log.warning("%d to %s: %s", status, request.remote, text)
-        on_error = getattr(self._manager, "on_protocol_error", None)
+        on_error = cast("_Server", self._manager).on_protocol_error
         if on_error is not None:
             on_error(status)
         if request.writer.output_size > 0:  # an answer is under way: nothing more can be said

@@ -223,8 +223,8 @@ def test_a_bad_worker_pool_is_refused_naming_the_key(demo_models: dict[str, Path
 
 
 def test_a_per_model_wake_includes_its_workers_start(demo_models: dict[str, Path]) -> None:
-    """Eager per-model workers: the wake returns with them ready, so its reported time holds
-    their start and the first job after it waits for nothing."""
+    """Eager per-model workers: the wake returns with them ready (started inside the wake,
+    not at the first job), new processes, and the first job after it gives HF's tokens."""
     raw = make_config(demo_models, executor="mps").model_dump()
     raw["models"] = [m for m in raw["models"] if m["name"] == "llama-demo"]
     engine = MuxEngine(parse_config(raw))
