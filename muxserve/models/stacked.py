@@ -77,6 +77,15 @@ class Stacked:
         return {**self.__dict__, "_key": None, "_stack": None}
 
 
+def same_kind(parts: Sequence[Tensor]) -> bool:
+    """Whether `parts` can stack: matrices of one width and dtype, or vectors of one dtype."""
+    first = parts[0]
+    return first.dim() in (1, 2) and all(
+        p.dim() == first.dim() and p.shape[1:] == first.shape[1:] and p.dtype == first.dtype
+        for p in parts
+    )
+
+
 def stack_of(parts: Sequence[Tensor]) -> Tensor | None:
     """The one tensor `parts` are consecutive row blocks of, as a view, or None.
 
@@ -84,14 +93,9 @@ def stack_of(parts: Sequence[Tensor]) -> Tensor | None:
     to back in one storage, the (sum of out_i, in) matrix (the sum of lengths) whose blocks they
     are, with the first part's strides.
     """
+    if not same_kind(parts):
+        return None
     first = parts[0]
-    if any(
-        p.dim() != first.dim() or p.shape[1:] != first.shape[1:] or p.dtype != first.dtype
-        for p in parts
-    ):
-        return None
-    if first.dim() not in (1, 2):
-        return None
     size = first.element_size()
     storage = first.untyped_storage().data_ptr()
     if first.dim() == 1 or first.is_contiguous():

@@ -57,6 +57,8 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import nn
 
+from muxserve.models.stacked import same_kind
+
 ALIGN = 64  # bytes: a cache line; each parameter gets whole lines
 SKEW = 32  # bytes past a line's start where a skewed parameter begins (see above)
 HUGE_PAGE = 2 << 20  # the mapping's size is rounded up to this
@@ -156,11 +158,7 @@ def column_major_weights(
 def _check_stack(stack: Sequence[torch.Tensor], transposed: set[int]) -> None:
     """A stack is matrices of one width and dtype, or vectors of one dtype, all column-major
     or none."""
-    first = stack[0]
-    if first.dim() not in (1, 2) or any(
-        p.dim() != first.dim() or p.shape[1:] != first.shape[1:] or p.dtype != first.dtype
-        for p in stack
-    ):
+    if not same_kind(stack):
         raise ValueError(
             "a stack is matrices of one width and dtype, or vectors of one dtype; got "
             + ", ".join(f"{tuple(p.shape)} {p.dtype}" for p in stack)

@@ -84,13 +84,22 @@ class DeviceTables:
         (pad_to or B,) int64, padding rows slot 0.
 
         `fresh`: requests whose tables are new in this job (`Job.fresh`): written from row 0.
-        A request the store has not seen is written whole too, and so is a table shorter than
-        what the store holds of it (it can only be a new one)."""
+        A request the store has not seen is written whole too. A table shorter than what the
+        store holds of it, not named fresh, is refused (ValueError, the store unchanged): the
+        scheduler names every new table, so a shorter one means a lost `fresh`."""
         n = len(seqs)
         total = pad_to if pad_to is not None else n
         if total < n:
             raise ValueError(f"cannot pad a batch of {n} sequences to {total}")
-        for rid in fresh:
+        named = set(fresh)
+        for s in seqs:
+            held = self._sent.get(s.request_id, 0)
+            if s.request_id not in named and held > s.block_table.shape[0]:
+                raise ValueError(
+                    f"{s.request_id}: its block table shrank from {held} to "
+                    f"{s.block_table.shape[0]} rows in a job that does not name it fresh"
+                )
+        for rid in named:
             if rid in self._sent:
                 self._sent[rid] = 0
         width = max((s.block_table.shape[0] for s in seqs), default=0)
@@ -103,8 +112,6 @@ class DeviceTables:
             table, rid = s.block_table, s.request_id
             rows = table.shape[0]
             sent = self._sent[rid]
-            if sent > rows:  # shrunk: a new table nobody named fresh
-                sent = 0
             end = max(rows, self._dirty[slot]) if sent == 0 else rows
             if end > sent:
                 chunk = np.zeros((end - sent, *self.row_shape), dtype=np.int64)

@@ -36,7 +36,6 @@ class Batcher:
         max_batch_size: int,
         rebalance: Callable[[], None],
         on_short: Callable[[], None],
-        models: list[str],
     ) -> None:
         self.pool = pool
         self.tables = tables
@@ -45,20 +44,17 @@ class Batcher:
         self._rebalance = rebalance
         self._on_short = on_short
         self.num_preemptions = 0
-        self.preemptions_by_model = dict.fromkeys(models, 0)
-        self.admitted: list[str] = []  # by the last `prefill`: their tables are new
 
-    def prefill(self, q: ModelQueue) -> list[SeqWork]:
+    def prefill(self, q: ModelQueue) -> tuple[list[SeqWork], list[str]]:
         """Continue chunked prefills, then admit waiting requests FIFO, within the token budget.
 
         Every request taken is in flight from here (`_chunk`); a job is formed of them all.
-        The requests admitted (their block tables new) are in `admitted` until the next call.
+        Returns the chunks and the requests admitted now (their block tables are new).
         """
-        budget, seqs = self.prefill_token_budget, list[SeqWork]()
-        self.admitted = []
+        budget, seqs, admitted = self.prefill_token_budget, list[SeqWork](), list[str]()
         for req in q.prefilling:
             if budget <= 0 or len(seqs) >= self.max_batch_size:
-                return seqs
+                return seqs, admitted
             if not req.in_flight:
                 seqs.append(self._chunk(req, budget))
                 budget -= len(seqs[-1].token_ids)
@@ -76,10 +72,10 @@ class Batcher:
             req.status = RequestStatus.RUNNING
             q.running.append(req)
             q.prefilling.append(req)
-            self.admitted.append(req.request_id)
+            admitted.append(req.request_id)
             seqs.append(self._chunk(req, budget))
             budget -= len(seqs[-1].token_ids)
-        return seqs
+        return seqs, admitted
 
     def _chunk(self, req: Request, budget: int) -> SeqWork:
         """The request's next prefill chunk, within `budget` tokens; it is in flight from now."""
@@ -190,6 +186,6 @@ class Batcher:
         req.history_sent = False  # its next decode runner may have forgotten it
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.preemptions_by_model[q.name] += 1
+        q.preemptions += 1
         self._on_short()
         q.requeue(req)

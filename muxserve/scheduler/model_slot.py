@@ -37,6 +37,7 @@ class ModelQueue:
     prefilling: list[Request] = field(default_factory=list)  # running, prefill not complete
     busy: set[Phase] = field(default_factory=set)  # phases with a job in flight
     service: ServiceRate = field(default_factory=ServiceRate)  # how fast requests leave
+    preemptions: int = 0  # of its requests, since it joined
 
     @property
     def name(self) -> str:

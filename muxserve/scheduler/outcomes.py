@@ -61,11 +61,6 @@ class Outcomes:
         what is the same for the whole job in locals, and leaves the rare cases (a finish
         asked meanwhile, prompt logprobs, logprobs) to their branches.
         """
-        if len(result.outputs) != len(job.seqs):
-            raise ValueError(
-                f"job {job.job_id} ({job.model}): {len(result.outputs)} outputs for "
-                f"{len(job.seqs)} sequences"
-            )
         changed: list[Request] = []
         requests, prefill = self.requests, job.phase is Phase.PREFILL
         max_len, finish = q.slot.max_model_len, self.finish

@@ -96,7 +96,6 @@ class Scheduler:
             max_batch_size=max_batch_size,
             rebalance=self.models.rebalance,
             on_short=self._rebalance_later,
-            models=list(self.queues),
         )
         self.intake = Intake(self._requests, self.pool, quota, clock)
         self.outcomes = Outcomes(
@@ -219,7 +218,8 @@ class Scheduler:
                 continue
             batcher = self.batcher
             if phase is Phase.PREFILL:
-                seqs, fresh = batcher.prefill(q), tuple(batcher.admitted)
+                seqs, admitted = batcher.prefill(q)
+                fresh = tuple(admitted)
             else:
                 seqs, fresh = batcher.decode(q), ()
             if not seqs:
@@ -233,7 +233,14 @@ class Scheduler:
         return jobs
 
     def on_job_done(self, job: Job, result: JobResult) -> list[Request]:
-        """Apply a job's outputs; returns the requests that changed (new token or finished)."""
+        """Apply a job's outputs; returns the requests that changed (new token or finished).
+        A result that does not match its job is refused before anything changes (ValueError):
+        the job stays in flight."""
+        if result.error is None and len(result.outputs) != len(job.seqs):
+            raise ValueError(
+                f"job {job.job_id} ({job.model}): {len(result.outputs)} outputs for "
+                f"{len(job.seqs)} sequences"
+            )
         self._in_flight.pop(job.job_id)
         q = self.queues[job.model]
         q.busy.discard(job.phase)
@@ -252,7 +259,7 @@ class Scheduler:
 
     @property
     def preemptions_by_model(self) -> dict[str, int]:
-        return self.batcher.preemptions_by_model
+        return {n: q.preemptions for n, q in self.queues.items()}
 
     # ---- the models: sleep and wake, join and leave (a mesh that changes shape) --------------
     def in_flight(self, model: str) -> int:
@@ -272,12 +279,10 @@ class Scheduler:
     def add_model(self, slot: ModelSlot) -> None:
         """A model joins, asleep: no quota and no jobs until `wake_model`."""
         self.models.add(slot)
-        self.preemptions_by_model[slot.name] = 0
 
     def remove_model(self, model: str) -> None:
         """An asleep model with no requests leaves; ValueError otherwise."""
         self.models.remove(model)
-        del self.preemptions_by_model[model]
 
     # ---- introspection -----------------------------------------------------------------
     def stats(self) -> dict[str, ModelStats]:
@@ -287,7 +292,7 @@ class Scheduler:
                 len(q.running),
                 self.pool.used(n),
                 self.pool.quota(n),
-                self.preemptions_by_model[n],
+                q.preemptions,
             )
             for n, q in self.queues.items()
         }

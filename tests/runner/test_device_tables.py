@@ -59,10 +59,13 @@ def test_appends_then_fresh_release_and_reuse() -> None:
     assert len(store) == 2
 
 
-def test_fresh_without_the_name_is_written_whole_when_it_shrank() -> None:
+def test_a_shorter_table_not_named_fresh_is_refused_and_changes_nothing() -> None:
     store = DeviceTables(CPU, LAYERS, HEADS, max_rows=8, slots=4)
     check(store, [seq("a", table(3, 1))])
-    check(store, [seq("a", table(2, 500))])  # shorter: it can only be a new table
+    with pytest.raises(ValueError, match="a: its block table shrank from 3 to 2 rows"):
+        store.update([seq("b", table(1, 9)), seq("a", table(2, 500))])
+    assert len(store) == 1  # "b" got no slot
+    check(store, [seq("a", table(3, 1))])  # what it held is still there
     check(store, [seq("a", table(2, 600))], fresh=["a", "not-in-this-job"])
 
 

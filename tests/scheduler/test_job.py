@@ -22,5 +22,10 @@ def test_outputs_must_match_the_sequences() -> None:
     short = JobResult(job.job_id, (SeqResult("r1", 7),))
     with pytest.raises(ValueError, match=r"job 0 \(a\): 1 outputs for 2 sequences"):
         s.on_job_done(job, short)
-    # nothing was applied: both requests still wait for their prefill's results
+    # nothing was applied: the job is still in flight, its requests wait for its results
     assert [r.num_computed_tokens for r in s.queues["a"].running] == [0, 0]
+    assert s.jobs_in_flight == 1 and s.schedule() == []
+    whole = JobResult(job.job_id, (SeqResult("r1", 7), SeqResult("r2", 8)))
+    assert [r.request_id for r in s.on_job_done(job, whole)] == ["r1", "r2"]
+    assert s.jobs_in_flight == 0
+    assert [r.num_computed_tokens for r in s.queues["a"].running] == [4, 4]
