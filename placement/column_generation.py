@@ -87,6 +87,9 @@ class Search:
     nodes: int
     rounds: int
     converged: bool  # the root LP was solved to optimality (no improving column left)
+    # the root's pricing ran to its share of the deadline: the clock may have cut it, so
+    # what was found depends on the CPU the run got
+    root_cut: bool = False
 
 
 @dataclass(frozen=True)
@@ -248,9 +251,10 @@ class BranchAndPrice:
         root_branch = Branch()
         root_deadline = deadline.fraction(ROOT_SHARE)  # the rest: the integer master, branching
         root = self._price(root_branch, root_deadline, value() * (1 + tolerance))
+        root_cut = root_deadline.passed()
         best = self._better(best, self._integer(root_branch, best, deadline))
         if root is None or root.bound == math.inf:
-            return Search(best, None, 1, self.rounds, False)
+            return Search(best, None, 1, self.rounds, False, root_cut)
         converged = root.converged
         heap = [_Node(-root.bound, 0, root_branch)]
         closed: list[float] = []  # bounds of nodes closed without being solved
@@ -295,7 +299,7 @@ class BranchAndPrice:
         if nodes > 1:  # the columns found while branching may combine better
             best = self._better(best, self._integer(root_branch, best, deadline))
         bound = max([-n.priority for n in heap] + closed + [value()])
-        return Search(best, bound, nodes, self.rounds, converged)
+        return Search(best, bound, nodes, self.rounds, converged, root_cut)
 
     @staticmethod
     def _better(a: Incumbent | None, b: Incumbent | None) -> Incumbent | None:

@@ -47,6 +47,11 @@ class ColumnPool:
     def __len__(self) -> int:
         return len(self._configs)
 
+    @property
+    def configs(self) -> list[Config]:
+        """Every configuration kept, in the order first found."""
+        return list(self._configs.values())
+
     def _master(self, table: CandidateTable, threads: int | None, backend: str) -> BranchAndPrice:
         return BranchAndPrice(Instance.whole(table), threads=threads, backend=backend,
                               label="ilp (pool)")  # fmt: skip

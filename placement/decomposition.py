@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from placement.candidates import CandidateTable
-from placement.column_generation import ROOT_SHARE, BranchAndPrice, Incumbent, Instance
+from placement.column_generation import BranchAndPrice, Incumbent, Instance
 from placement.column_pool import ColumnPool
 from placement.configurations import Config
 from placement.deadline import Deadline
@@ -215,15 +215,12 @@ def plan_by_nodes(
             pricing_nodes=NODE_PRICING,
             mip_limit_s=0.0,
         )
-        # the search prices its root until ROOT_SHARE of the time left: past that, the
-        # clock may have cut its pricing, and the plan depends on the CPU the run got
-        root_end = deadline.fraction(ROOT_SHARE)
         found = bp.search(
             None if starts is None else starts[node], deadline=deadline, tolerance=1e-4
         )
         if pool is not None:
             pool.add(bp.configs)
-        cut = cut or deadline.passed() or root_end.passed()
+        cut = cut or deadline.passed() or found.root_cut
         if stats is not None:
             stats["node searches"] = stats.get("node searches", 0) + 1
             stats["pricing rounds"] = stats.get("pricing rounds", 0) + found.rounds

@@ -22,7 +22,6 @@ from placement.mesh_groups import MeshPacker
 PAIR_SEARCH_NODES = 20  # search nodes
 PAIR_ROUNDS = 40  # pricing rounds per search node
 PAIR_PRICING = 5000  # branch-and-bound nodes per pricing call
-PAIR_WORK = (PAIR_SEARCH_NODES, PAIR_ROUNDS, PAIR_PRICING)
 
 
 def improve(
@@ -34,12 +33,10 @@ def improve(
     backend: str = "auto",
     progress: Callable[[str], None] | None = None,
     max_passes: int = 3,
-    max_pairs: int | None = None,
-    pair_work: tuple[int, int, int] = PAIR_WORK,
     stats: dict[str, int] | None = None,
 ) -> Incumbent:
-    """A plan at least as good as `start`, found by re-planning pairs of nodes (at most
-    `max_pairs` of them, so that the result does not depend on the CPU the run gets)."""
+    """A plan at least as good as `start`, found by re-planning pairs of nodes, each by a
+    search bounded by work (`PAIR_*`), at most `max_passes` passes over the pairs."""
     problem = table.problem
     cl = problem.cluster
     if cl.nodes < 2:
@@ -52,16 +49,14 @@ def improve(
     for cfg, (node, _) in zip(start.configs, where, strict=True):
         nodes[node].append(cfg)
     best = start.value
-    visited = 0
     for npass in range(max_passes):
         improved = False
         for a, b in _pairs(cl.nodes):
-            if deadline.passed() or (max_pairs is not None and visited >= max_pairs):
+            if deadline.passed():
                 return _incumbent(nodes)
-            visited += 1
             if stats is not None:
                 stats["pairs"] = stats.get("pairs", 0) + 1
-            better = _replan(table, nodes, (a, b), deadline, threads, backend, pair_work)
+            better = _replan(table, nodes, (a, b), deadline, threads, backend)
             if better is not None:
                 gain = sum(c.served for c in better[0] + better[1]) - sum(
                     c.served for c in nodes[a] + nodes[b]
@@ -102,7 +97,6 @@ def _replan(
     deadline: Deadline,
     threads: int | None,
     backend: str,
-    work: tuple[int, int, int],
 ) -> tuple[list[Config], list[Config]] | None:
     """The best re-plan of two nodes with their models and the plan's left-out replicas."""
     problem = table.problem
@@ -124,10 +118,10 @@ def _replan(
         threads=threads,
         backend=backend,
         label="ilp (local)",
-        max_nodes=work[0],
+        max_nodes=PAIR_SEARCH_NODES,
         mip_limit_s=0.0,  # a heuristic here: bounded work, no proof needed
-        max_rounds=work[1],
-        pricing_nodes=work[2],
+        max_rounds=PAIR_ROUNDS,
+        pricing_nodes=PAIR_PRICING,
     )
     start = Incumbent(
         sum(c.served for k in pair for c in nodes[k]), [*nodes[pair[0]], *nodes[pair[1]]]

@@ -269,22 +269,12 @@ def bench_point(
         "hf_ms": summary(hf_ms),
         "engine_ms": summary(ours_ms),
         "weights_read_ms": summary(weights_ms),
-        "ratio": {
-            "median": statistics.median(flat),
-            "q1": quartiles(flat)[0],
-            "q3": quartiles(flat)[1],
-            "rep_min": min(per_rep),
-            "rep_max": max(per_rep),
-        },
+        "ratio": {**ratio_stats(flat), "rep_min": min(per_rep), "rep_max": max(per_rep)},
         # the same steps in the timing thread's CPU time: what the time slices other processes
         # take do not inflate (their contention for caches and memory still does)
         "hf_cpu_ms": summary(cpu_ms[hf.step]),
         "engine_cpu_ms": summary(cpu_ms[side.step]),
-        "cpu_ratio": {
-            "median": statistics.median(cpu_ratios),
-            "q1": quartiles(cpu_ratios)[0],
-            "q3": quartiles(cpu_ratios)[1],
-        },
+        "cpu_ratio": ratio_stats(cpu_ratios),
         "engine_vs_weights_read": statistics.median(ours_ms) / statistics.median(weights_ms),
         # the same in thread CPU time (the read too), and per step with its quartiles: what
         # other processes' time slices do not inflate

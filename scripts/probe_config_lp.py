@@ -17,8 +17,8 @@ bound on every placement). The aggregate LP (`BranchAndPrice.aggregate`) is the 
 With `--combine 400,800` the pool's integer master (`ColumnPool.combine`) runs over the
 grown columns, the best 400 and 800 of them, from the planner's plan.
 
-Private seams (no public method does this; kept inside this script): the pool's
-configurations (`ColumnPool._configs`), the unrestricted master LP and its duals
+Private seams (no public method does this; kept inside this script): the unrestricted
+master LP and its duals
 (`BranchAndPrice._master_lp(Branch())` with `_deadline`), a priced configuration moved to a
 model's cheapest replica (`_to_units`), and `_lagrangian`.
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{' (deadline cut it)' if cut else ''}")  # fmt: skip
 
     bp = BranchAndPrice(Instance.whole(table), backend=args.backend, label="probe")
-    for cfg in pool._configs.values():
+    for cfg in pool.configs:
         bp.add(cfg)
     agg = bp.aggregate()
     aggregate = None if agg is None else agg[0]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -42,18 +41,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_decode import EngineSide, HFSide, Point, prompts, write_checkpoint  # noqa: E402
+from bench_decode import (  # noqa: E402
+    EngineSide,
+    HFSide,
+    Point,
+    prompts,
+    ratio_stats,
+    write_checkpoint,
+)
 from bench_vs_hf import SIZES  # noqa: E402
 
 from muxserve.config import parse_config  # noqa: E402
 from muxserve.engine import MuxEngine  # noqa: E402
 
 MATMULS = ("linear", "mm", "addmm", "bmm", "matmul")
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return {"median": statistics.median(values), "q1": q[0], "q3": q[2]}
 
 
 def time_pairs(hf: HFSide, side: EngineSide, steps: int) -> dict[str, Any]:
@@ -70,8 +71,8 @@ def time_pairs(hf: HFSide, side: EngineSide, steps: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind, values in (("wall_ms", walls), ("cpu_ms", cpus)):
         ratios = [e / h for e, h in zip(values["engine"], values["hf"], strict=True)]
-        out[kind] = {"hf": stats(values["hf"]), "engine": stats(values["engine"])}
-        out[kind]["ratio"] = stats(ratios)
+        out[kind] = {"hf": ratio_stats(values["hf"]), "engine": ratio_stats(values["engine"])}
+        out[kind]["ratio"] = ratio_stats(ratios)
     return out
 
 

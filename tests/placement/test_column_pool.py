@@ -41,6 +41,7 @@ def test_the_pool_keeps_each_configuration_once_in_the_order_first_found() -> No
     pool.add([a, b, a])
     pool.add([Config(1, (table.options(0, 1)[0],)), b])
     assert len(pool) == 2
+    assert pool.configs[0] is a and pool.configs[1] is b
 
 
 def test_the_pools_combination_beats_every_deal_and_is_exact_on_a_crowded_instance() -> None:
