@@ -41,15 +41,10 @@ from muxserve.executor.mps_daemon import (
 )
 from muxserve.executor.waker import Waker
 from muxserve.executor.watchdog import JobDeadline
-from muxserve.executor.worker_group import (
-    STOP_TIMEOUT_S,
-    GroupState,
-    WorkerDied,
-    WorkerGroup,
-    reap,
-)
+from muxserve.executor.worker_group import WorkerGroup
 from muxserve.executor.worker_plans import env_of, rank_plans
 from muxserve.executor.worker_pool import PooledWorker, PoolKey, attach_of, pooled_worker_for
+from muxserve.executor.worker_unit import STOP_TIMEOUT_S, GroupState, WorkerDied, reap
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing

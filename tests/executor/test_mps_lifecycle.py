@@ -14,7 +14,7 @@ from muxserve.engine import MuxEngine
 from muxserve.errors import ConfigError
 from muxserve.executor.lifecycle import WorkerLifecycle
 from muxserve.executor.mps import MpsExecutor
-from muxserve.executor.worker_group import GroupState
+from muxserve.executor.worker_unit import GroupState
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase

@@ -19,8 +19,8 @@ from muxserve.engine import MuxEngine
 from muxserve.errors import ConfigError
 from muxserve.executor.mps import MpsExecutor
 from muxserve.executor.watchdog import JobDeadline
-from muxserve.executor.worker_group import GroupState
 from muxserve.executor.worker_pool import PooledWorker
+from muxserve.executor.worker_unit import GroupState
 from muxserve.output_processor import RequestOutput
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase

@@ -123,7 +123,7 @@ def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]
 def test_a_restart_that_never_gets_ready_is_killed_and_started_again(
     demo_models: dict[str, Path], monkeypatch
 ) -> None:
-    from muxserve.executor import worker_group
+    from muxserve.executor import worker_unit
 
     raw = make_config(demo_models, executor="mps").model_dump()
     raw["models"] = [m for m in raw["models"] if m["name"] == "llama-demo"]
@@ -134,7 +134,7 @@ def test_a_restart_that_never_gets_ready_is_killed_and_started_again(
         executor.watch.start_timeout = 1.0  # for the hung restart (the first start is over)
         group = executor.groups[("llama-demo", Phase.DECODE)]
         [first] = [p.pid for p in group.procs]
-        real, dropped = worker_group.send_init, []
+        real, dropped = worker_unit.send_init, []
 
         def drop_first(conn, init) -> None:  # the restarted worker waits for its init forever
             if not dropped:
@@ -143,7 +143,7 @@ def test_a_restart_that_never_gets_ready_is_killed_and_started_again(
             executor.watch.start_timeout = 600.0  # the next start may take its time on a busy host
             real(conn, init)
 
-        monkeypatch.setattr(worker_group, "send_init", drop_first)
+        monkeypatch.setattr(worker_unit, "send_init", drop_first)
         os.kill(first, signal.SIGKILL)  # found while the prefill job runs; its restart hangs
         engine.start()
         prompt = prompts_for("llama-demo")[0]
