@@ -44,7 +44,13 @@ from muxserve.executor.watchdog import JobDeadline
 from muxserve.executor.worker_group import WorkerGroup
 from muxserve.executor.worker_plans import env_of, rank_plans
 from muxserve.executor.worker_pool import PooledWorker, PoolKey, attach_of, pooled_worker_for
-from muxserve.executor.worker_unit import STOP_TIMEOUT_S, GroupState, WorkerDied, reap
+from muxserve.executor.worker_unit import (
+    STOP_TIMEOUT_S,
+    GroupState,
+    WorkerDied,
+    reap,
+    wait_ready,
+)
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing
@@ -446,16 +452,16 @@ class MpsExecutor:
                     plans = rank_plans(spec, phase, ranks, self.daemon)
                     fresh[phase] = WorkerGroup(self.ctx, model, phase, plans)
         if fresh and not self.lifecycle.lazy:
-            # started here, before the loop's poll knows them, so only this thread reads them
+            # started here, before the loop's poll knows them, so only this thread reads them;
+            # all at once, and waited for under one deadline: their starts overlap
             for group in fresh.values():
                 group.start()
-            for group in fresh.values():
-                died = group.wait_ready(self.watch.start_timeout)
-                if died is not None:  # its first job starts it again (and counts failures)
-                    log.warning(
-                        "%s: %s while waking; starting at its first job", group.label, died.reason
-                    )
-                    group.kill()
+            for group, died in wait_ready(list(fresh.values()), self.watch.start_timeout):
+                # its first job starts it again (and counts failures)
+                log.warning(
+                    "%s: %s while waking; starting at its first job", group.label, died.reason
+                )
+                group.kill()
         with self._groups_lock:
             for phase, group in fresh.items():
                 self.groups[(model, phase)] = group

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnContext
-from typing import cast
 
 from muxserve.executor.messages import WorkerInit
 from muxserve.executor.mirror import WorkerMirror
 from muxserve.executor.worker import worker_main
-from muxserve.executor.worker_unit import GroupState, WorkerDied, WorkerUnit
+from muxserve.executor.worker_unit import GroupState, WorkerUnit
 from muxserve.scheduler.job import Job, Phase
 
 log = logging.getLogger(__name__)
@@ -78,24 +75,6 @@ class WorkerGroup(WorkerUnit):
             name = f"muxserve-{self.name}-{self.phase.value}-{rank}"
             self._spawn(worker_main, plan.env, init, name)
         self._starting()
-
-    def wait_ready(self, timeout: float) -> WorkerDied | None:
-        """After `start`, read the ranks' answers until all are ready (None) or one fails.
-
-        For a group no poll watches yet (a wake starts it before installing it), so that the
-        wake, not the model's first job, pays for the start."""
-        deadline = time.monotonic() + timeout
-        while self.state is GroupState.STARTING:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return WorkerDied(f"not ready after {timeout:.0f} s", during_start=True)
-            for obj in wait(self.waitables(), left):
-                event = self.on_readable(cast(Connection | int, obj))
-                if isinstance(event, WorkerDied):
-                    return event
-                if self.state is not GroupState.STARTING:
-                    break
-        return None
 
     # ---- jobs --------------------------------------------------------------------------
     def take_all(self) -> list[Job]:

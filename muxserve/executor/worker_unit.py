@@ -14,11 +14,12 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
+from typing import TypeVar, cast
 
 from muxserve.errors import exit_cause
 from muxserve.executor.messages import Attached, Stop, WorkerReady, WorkerStartFailed
@@ -246,6 +247,36 @@ class WorkerUnit:
             f"{self._describe(proc)} ended with {exit_cause(proc.exitcode)}",
             during_start=self.state is GroupState.STARTING,
         )
+
+
+U = TypeVar("U", bound=WorkerUnit)
+
+
+def wait_ready(units: Sequence[U], timeout: float) -> list[tuple[U, WorkerDied]]:
+    """After their `start`, read the units' answers until each is ready or has failed, all
+    under one deadline; the failed ones, each with why (a unit still starting at the deadline:
+    "not ready after ..."), in the order of `units`.
+
+    For units no poll watches yet (a wake starts its groups before installing them), so that
+    the wake, not the model's first job, pays for the start, and several units' starts overlap.
+    """
+    deadline = time.monotonic() + timeout
+    failed: dict[int, WorkerDied] = {}
+    while starting := [u for u in units if u.state is GroupState.STARTING and id(u) not in failed]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            for u in starting:
+                failed[id(u)] = WorkerDied(f"not ready after {timeout:.0f} s", during_start=True)
+            break
+        owners = {obj: u for u in starting for obj in u.waitables()}
+        for obj in wait(list(owners), left):
+            unit = owners[cast(Connection | int, obj)]
+            if id(unit) in failed or unit.state is not GroupState.STARTING:
+                continue  # given up on, or ready: the poll reads the rest once it is installed
+            event = unit.on_readable(cast(Connection | int, obj))
+            if isinstance(event, WorkerDied):
+                failed[id(unit)] = event
+    return [(u, failed[id(u)]) for u in units if id(u) in failed]
 
 
 def reap(procs: list[BaseProcess], timeout: float = STOP_TIMEOUT_S) -> None:

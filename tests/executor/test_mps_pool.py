@@ -17,6 +17,7 @@ import pytest
 from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.errors import ConfigError
+from muxserve.executor.messages import WorkerInit
 from muxserve.executor.mps import MpsExecutor
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.executor.worker_pool import PooledWorker
@@ -241,6 +242,48 @@ def test_a_per_model_wake_includes_its_workers_start(demo_models: dict[str, Path
         assert len(after) == 2 and not after & before
         [out] = engine.generate([prompts_for("llama-demo")[0]], GREEDY, "llama-demo")
         assert out.token_ids == list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
+    finally:
+        engine.shutdown()
+    assert not [p for p in after if Path(f"/proc/{p}").exists()]
+
+
+def test_a_per_model_wake_names_the_worker_that_could_not_start(
+    demo_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both groups start at once in the wake; the one whose worker fails is named and left for
+    its first job to start again, the other is ready; the model then serves HF's tokens."""
+    from muxserve.executor import worker_unit
+
+    raw = make_config(demo_models, executor="mps").model_dump()
+    raw["models"] = [m for m in raw["models"] if m["name"] == "llama-demo"]
+    engine = MuxEngine(parse_config(raw))
+    executor = engine.executor
+    assert isinstance(executor, MpsExecutor)
+    real, broken = worker_unit.send_init, []
+
+    def break_decode(conn, init) -> None:  # the woken decode worker gets no WorkerInit
+        if isinstance(init, WorkerInit) and init.phase is Phase.DECODE and not broken:
+            broken.append(init.name)
+            init = "not an init"
+        real(conn, init)
+
+    try:
+        engine.sleep("llama-demo", level=1)
+        monkeypatch.setattr(worker_unit, "send_init", break_decode)
+        with caplog.at_level("WARNING", logger="muxserve.executor.mps"):
+            engine.wake("llama-demo")
+        assert broken == ["llama-demo"]
+        assert [r.getMessage() for r in caplog.records if "while waking" in r.getMessage()] == [
+            "llama-demo/decode: could not start: TypeError: expected WorkerInit, got str while "
+            "waking; starting at its first job"
+        ]
+        groups = [executor.groups[("llama-demo", phase)] for phase in Phase]
+        assert [g.state for g in groups] == [GroupState.READY, GroupState.STOPPED]
+        assert executor.degraded() == {}
+        [out] = engine.generate([prompts_for("llama-demo")[0]], GREEDY, "llama-demo")
+        assert out.token_ids == list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
+        after = pool_pids(executor)
+        assert len(after) == 2
     finally:
         engine.shutdown()
     assert not [p for p in after if Path(f"/proc/{p}").exists()]
