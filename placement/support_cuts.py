@@ -19,15 +19,17 @@ here, so G is taken over more subsets than placements use: larger, still valid. 
 a placement's meshes of size s: Σ_{placed c} g(c) ≤ G·(meshes of size s). Every placement
 satisfies the row, so the LP with it is still a relaxation. The cut is scaled so that G = 1.
 
-Measured on 64 models / 64 GPUs (`python scripts/probe_support_cuts.py`): the aggregate LP
-with the DFF cuts stops at 611.42 with meshes* = 8.13 of 4 GPUs and 3.94 of 8 GPUs, whose
-supports need 8.35 and 4.09 meshes fractionally — so the cuts here are violated — but adding
-them (2 a round, 3-15 CPU-s a round) leaves the value at 611.42 after 37 rounds and ~500 CPU-s:
-the LP moves to another point of a large optimal face each time. Clique (conflict) and
-cardinality cuts are special cases (g an indicator) and cannot be violated there at all: the
-support of 4-GPU meshes has 17 conflicting pairs (cliques of 2-3 against 8.13 meshes), that
-of 8-GPU meshes none; at least 6 resp. 9 support items fit one mesh against the 4.83 resp.
-6.28 per mesh the LP places. So this family is off by default (`cut_bound(support=True)`).
+Measured on 64 models / 64 GPUs (`python scripts/probe_support_cuts.py --rounds 8 --ipm`, and
+`--rounds 25`; benchmarks/results/placement/support_cuts_probe*.json): the aggregate LP with
+the DFF cuts stops at 611.42 with 8.13 meshes of 4 GPUs and 3.94 of 8, whose supports need
+8.35 and 4.09 meshes fractionally, so violated cuts are found every round (1-2 a round, 10-17
+CPU-s a round) — yet the value stays at 611.42 after 25 rounds (306 CPU-s) by the simplex,
+and reaches 611.41 after 8 (105 CPU-s) by the interior point method: each cut moves the LP to
+another point of a large optimal face. Clique (conflict) and cardinality cuts are special
+cases (g an indicator) and are not violated there at all: the support of 4-GPU meshes has 17
+conflicting pairs (cliques of at most 3 against 8.13 meshes), that of 8-GPU meshes none; at
+least 6 resp. 9 support items fit one mesh against the 4.83 resp. 6.28 per mesh the LP
+places. So this family is off by default (`cut_bound(support=True)` turns it on).
 """
 
 from __future__ import annotations
