@@ -25,7 +25,7 @@ from muxserve.errors import CheckpointError
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import HFModelConfig, load_hf_config
 from muxserve.models.registry import build_model, checkpoint_shapes
-from muxserve.models.stacked import stacked_tensors
+from muxserve.models.stacked import bind_stacks, stacked_tensors
 from muxserve.models.weight_arena import column_major_weights, materialize_in_arena
 
 SINGLE_FILE = "model.safetensors"
@@ -116,7 +116,8 @@ def load_model(
 def place_on_cpu(model: CausalLM) -> None:
     """Give a model built on the meta device its CPU memory, laid out for decoding
     (`weight_arena`): the LM head skewed, tall matrices column-major, each stack of linears
-    (`stacked`) back to back. Uninitialised, as `Module.to_empty` leaves it."""
+    (`stacked`) back to back, each stack bound to its one matrix. Uninitialised, as
+    `Module.to_empty` leaves it."""
     head, stacks = model.head_weight(), stacked_tensors(model)
     materialize_in_arena(
         model,
@@ -124,6 +125,7 @@ def place_on_cpu(model: CausalLM) -> None:
         column_major=column_major_weights(model, head, stacks),
         stacks=stacks,
     )
+    bind_stacks(model)
 
 
 def _tensors(plan: CheckpointPlan) -> Iterator[tuple[str, torch.Tensor]]:

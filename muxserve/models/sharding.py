@@ -18,6 +18,7 @@ from muxserve.models.causal_lm import CausalLM
 from muxserve.models.hf_config import check_divisible
 from muxserve.models.loader import load_model, place_on_cpu
 from muxserve.models.registry import build_model
+from muxserve.models.stacked import bind_stacks
 
 
 def load_rank_models(
@@ -91,4 +92,5 @@ def _rank_slice(whole: torch.Tensor, shape: torch.Size, rank: int, world_size: i
 
 def _share(model: CausalLM) -> None:
     if next(model.parameters()).device.type == "cpu":
-        model.share_memory()
+        model.share_memory()  # each storage moves whole, so the stacks' views move with it
+        bind_stacks(model)  # (their addresses changed: bound here, not on the first step)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from muxserve.models.causal_lm import CausalLM
+from muxserve.models.stacked import bind_stacks
 
 HOST = torch.device("cpu")
 
@@ -43,6 +44,7 @@ class ModelWeights:
         if device.type == "cuda":
             model._apply(_pinned_copy)
             model.build_rope_cache(HOST, max_len)  # its tables are not buffers
+            bind_stacks(model)  # a stack bound to the device copies would keep them alive
             torch.cuda.empty_cache()  # give the freed weights back to the device
         self.on_device, self.in_host = False, True
 
@@ -55,6 +57,7 @@ class ModelWeights:
                 model._apply(lambda t: t.to(device, non_blocking=True))
                 model.build_rope_cache(device, max_len)
             stream.synchronize()
+            bind_stacks(model)
         self.on_device, self.in_host = True, False
 
     def dropped(self) -> None:

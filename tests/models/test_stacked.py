@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from muxserve.models.loader import load_model
+from muxserve.models.sharding import load_rank_models
 from muxserve.models.stacked import (
     STACK_ROWS,
     Stacked,
@@ -68,7 +69,7 @@ def test_many_rows_run_apart_on_the_same_memory() -> None:
     seq, stacked = arena_linears([(6, 4), (2, 4)], bias=True, column_major=True)
     x = torch.randn(STACK_ROWS + 1, 4, generator=torch.Generator().manual_seed(7))
     outs = stacked(x)
-    assert stacked._key is None  # never looked for the stack
+    assert stacked._at is None  # never looked for the stack
     for out, m in zip(outs, seq, strict=True):
         assert torch.equal(out, m(x))
     few = stacked(x[:STACK_ROWS])
@@ -88,9 +89,27 @@ def test_linears_apart_run_one_product_each() -> None:
     assert stacked._stack is None
 
 
-def test_a_moved_stack_is_looked_for_again() -> None:
-    """Weights copied elsewhere (here: each its own memory) make the stack run apart, with
-    the new values; the pickled copy a worker gets finds its own."""
+def test_a_bound_stack_is_not_looked_for_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bound where its weights are placed, a call only compares the first weight's address:
+    it looks for no stack (here: looking would fail)."""
+    seq, stacked = arena_linears([(6, 4), (2, 4)], bias=True, column_major=True)
+    stacked.bind()
+    assert stacked._at == seq[0].weight.data_ptr() and stacked._stack is not None
+
+    def no_search(parts: object) -> None:
+        raise AssertionError("a bound stack looked again")
+
+    monkeypatch.setattr("muxserve.models.stacked.stack_of", no_search)
+    x = torch.randn(2, 4)
+    outs = stacked(x)
+    for out, m in zip(outs, seq, strict=True):
+        assert torch.allclose(out, m(x), atol=1e-6)
+
+
+def test_a_moved_stack_is_bound_again() -> None:
+    """Weights copied elsewhere (here: each its own memory) make the call bind again and run
+    apart, with the new values; the pickled copy a worker gets is unbound and binds to its
+    own memory on its first call."""
     seq, stacked = arena_linears([(3, 4), (3, 4)], bias=False, column_major=True)
     x = torch.randn(2, 4)
     stacked(x)
@@ -99,10 +118,13 @@ def test_a_moved_stack_is_looked_for_again() -> None:
         for m in seq:
             m.weight.data = m.weight.data.clone() * 2
     out = stacked(x)
-    assert stacked._stack is None
+    assert stacked._stack is None and stacked._at == seq[0].weight.data_ptr()
     assert torch.equal(out[1], seq[1](x))
-    state = pickle.loads(pickle.dumps(stacked))
-    assert state._key is None and state._stack is None
+    copy = pickle.loads(pickle.dumps(stacked))
+    assert copy._at is None and copy._stack is None
+    assert copy._first is copy.linears[0]._parameters  # the copy's own module, not the original
+    assert torch.equal(copy(x)[1], copy.linears[1](x))
+    assert copy._at == copy.linears[0].weight.data_ptr()
 
 
 def test_column_parallel_shards_stack_and_row_parallel_ones_and_mixed_biases_never() -> None:
@@ -158,6 +180,7 @@ def test_the_cpu_loader_stacks_q_k_v_and_gate_up(
     stacks = stacks_in(model)
     assert len(stacks) == 2 * model.config.num_layers
     for s in stacks:
+        assert s._at == s.weights()[0].data_ptr() and s._stack is not None  # bound on load
         found = s._find()
         assert found is not None, s.linears
         weight, bias = found
@@ -166,3 +189,16 @@ def test_the_cpu_loader_stacks_q_k_v_and_gate_up(
         assert (weight.stride() == (1, weight.shape[0])) == tall
     tall = column_major_weights(model, model.head_weight(), stacked_tensors(model))
     assert any(w is model.head_weight() for w in tall)
+
+
+def test_shared_weights_are_bound_where_they_now_lie(make_checkpoint: MakeCheckpoint) -> None:
+    """A rank's weights moved to shared memory (for its workers) keep their stacks, bound at
+    the new addresses before any call, with the same outputs as the linears apart."""
+    [(model, _)] = load_rank_models(make_checkpoint("llama"), torch.float32, torch.device("cpu"), 1)
+    x = torch.randn(1, model.config.hidden_size)
+    for s in stacks_in(model):
+        assert s.weights()[0].is_shared()
+        assert s._at == s.weights()[0].data_ptr() and s._stack is not None
+        outs = s(x)
+        for out, m in zip(outs, s.linears, strict=True):
+            assert torch.allclose(out, m(x), atol=1e-6)
