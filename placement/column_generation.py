@@ -10,7 +10,7 @@ number of meshes of a size (at most k, or at least k + 1), else on a model's fra
 presence on meshes of a size (never on that size, or only on it). The integer master over
 the configurations found gives the plan.
 
-An `Instance` is what one search places: the whole problem, or (for the local search in
+An `Instance` (`instance`) is what one search places: the whole problem, or (for the local search in
 `ilp`) the units of a few nodes on those nodes. Work is bounded by counts (pricing rounds,
 search nodes, MIP nodes), so a search that ends before its deadline is deterministic.
 """
@@ -18,17 +18,16 @@ search nodes, MIP nodes), so a search that ends before its deadline is determini
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
-from placement.candidates import CandidateTable
+from placement.aggregate import Aggregate, AggregateSolution
 from placement.configurations import Config, price, price_bound, price_mip
+from placement.cut_bound import start_cuts
 from placement.deadline import Deadline
+from placement.instance import Instance
 from placement.lp import Program
 from placement.mesh_groups import MeshPacker, node_patterns, pattern_counts
 
@@ -41,33 +40,6 @@ PRICING_NODES = 20_000
 PRICING_KEEP = 5  # configurations kept per pricing call
 ROOT_SHARE = 0.7  # of a search's time left, for pricing at its root
 STABILIZE_FROM = 40  # units: from here on, pricing at the root is stabilised
-# the aggregate LP's cuts: Fekete-Schepers dual feasible functions of orders 1-3 applied to
-# each resource and to the mean of each pair of resources (shares of a mesh's capacity)
-CUT_GROUPS = ((0,), (1,), (2,), (3,), *itertools.combinations(range(4), 2))
-CUT_ORDERS = (1, 2, 3)
-
-
-@dataclass(frozen=True)
-class Instance:
-    """Units of a candidate table to place on `nodes` nodes of the problem's shape."""
-
-    table: CandidateTable
-    units: tuple[tuple[int, int], ...]  # (model, replica)
-    nodes: int
-    caps: Mapping[int, float]  # per replicated model: the most its units here serve in all
-
-    @classmethod
-    def whole(cls, table: CandidateTable) -> Instance:
-        p = table.problem
-        caps = {i: p.targets[i].rate for i in range(p.num_models) if table.replicas(i) > 1}
-        return cls(table, tuple(table.units), p.cluster.nodes, caps)
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return self.table.problem.mesh_sizes
-
-    def mandatory(self, k: int) -> bool:
-        return self.units[k][1] == 0
 
 
 @dataclass
@@ -395,63 +367,12 @@ class BranchAndPrice:
         return x
 
     # ---- pricing ------------------------------------------------------------------------
-    def aggregate(
-        self, deadline: Deadline | None = None
-    ) -> tuple[float, list[float], dict[int, float]] | None:
-        """The aggregate LP — each unit's candidates with the resources of all meshes of a
-        size pooled — and its duals (unit prices, weights): a bound in a fraction of a second
-        (as tight as the compact program's LP), and a point to steer pricing from."""
-        inst, prog = self.inst, Program(self.backend)
-        units = [prog.add_row(1.0 if inst.mandatory(k) else -math.inf, 1.0)
-                 for k in range(len(inst.units))]  # fmt: skip
-        caps = {i: prog.add_row(-math.inf, cap) for i, cap in inst.caps.items()}
-        pool = {(s, r): prog.add_row(-math.inf, 0.0) for s in inst.sizes for r in range(4)}
-        # valid cuts: a dual feasible function of each resource (and of each pair's mean)
-        cuts = {key: prog.add_row(-math.inf, 0.0) for s in inst.sizes for key in self._cut_keys(s)}
-        nodes = prog.add_row(-math.inf, float(inst.nodes))
-        for p in self.patterns:  # a node of pattern p adds p.count(s) meshes' worth of room
-            per_size = [(s, -float(p.count(s))) for s in sorted(set(p))]
-            rows = [pool[(s, r)] for s, _ in per_size for r in range(4)]
-            coefs = [a for _, a in per_size for r in range(4)]
-            rows += [cuts[key] for s, _ in per_size for key in self._cut_keys(s)]
-            coefs += [a for s, a in per_size for _ in self._cut_keys(s)]
-            prog.add_col(0.0, 0.0, math.inf, [*rows, nodes], [*coefs, 1.0])
-        cap = np.array(self.cap)
-        groups = np.zeros((4, len(CUT_GROUPS)))  # resource shares -> each group's mean
-        for g, group in enumerate(CUT_GROUPS):
-            groups[list(group), g] = 1.0 / len(group)
-        for k, (i, _) in enumerate(inst.units):
-            for s in inst.sizes:
-                opts = self.inst.table.options(i, s)
-                if not opts:
-                    continue
-                if (deadline or self._deadline).passed():
-                    return None
-                share = np.array([c.use for c in opts]) / cap  # (n, 4)
-                cut = _dff_all(np.minimum(share @ groups, 1.0))  # (n, groups, orders)
-                cut_rows = [cuts[(s, g, order)] for g in range(len(CUT_GROUPS))
-                            for order in CUT_ORDERS]  # fmt: skip
-                for c, sh, cc in zip(opts, share.tolist(), cut.reshape(len(opts), -1).tolist(),
-                                     strict=True):  # fmt: skip
-                    rows = [units[k]] + [pool[(s, r)] for r in range(4) if sh[r] > 0]
-                    coefs = [1.0] + [x for x in sh if x > 0]
-                    rows += [row for row, f in zip(cut_rows, cc, strict=True) if f > 0]
-                    coefs += [f for f in cc if f > 0]
-                    if i in caps:
-                        rows.append(caps[i])
-                        coefs.append(c.served)
-                    prog.add_col(c.served, 0.0, math.inf, rows, coefs)
-        sol = prog.solve(time_limit=max((deadline or self._deadline).left(), 0.05))
-        if sol.status != "optimal":
-            return None
-        d = sol.duals
-        price_ = [d[row] if inst.mandatory(k) else max(d[row], 0.0) for k, row in enumerate(units)]
-        weight = {i: 1.0 - max(d[caps[i]], 0.0) if i in caps else 1.0 for i in self.model_units}
-        return sol.value, price_, weight
-
-    @staticmethod
-    def _cut_keys(s: int) -> list[tuple[int, int, int]]:
-        return [(s, g, k) for g in range(len(CUT_GROUPS)) for k in CUT_ORDERS]
+    def aggregate(self, deadline: Deadline | None = None) -> AggregateSolution | None:
+        """The aggregate LP (`aggregate`) with the fixed cut family (`cut_bound.start_cuts`):
+        a bound in a fraction of a second (as tight as the compact program's LP), and its
+        duals, a point to steer pricing from."""
+        agg = Aggregate(self.inst)
+        return agg.solve(start_cuts(self.inst.sizes), self.backend, deadline or self._deadline)
 
     def _price(self, branch: Branch, deadline: Deadline, stop_at: float) -> _LP | None:
         """Column generation at a node, until no column improves the LP (the Lagrangian bound
@@ -470,9 +391,9 @@ class BranchAndPrice:
         if branch == Branch():
             agg = self.aggregate()
             if agg is not None:
-                bound = agg[0]
+                bound = agg.value
                 if len(self.inst.units) >= STABILIZE_FROM:
-                    center = (agg[1], agg[2])
+                    center = (agg.unit_price, agg.weight)
         t0 = last_report = time.perf_counter()
         for rounds in range(self.max_rounds):
             now = time.perf_counter()
@@ -644,26 +565,6 @@ class BranchAndPrice:
         artificial = sum(sol.x[col] for col in self.artificial_cols)
         lp = _LP(served, counts, presence, artificial)
         return lp, unit_price, weight_all, size_price
-
-
-def _dff(k: int, x: float) -> float:
-    """Fekete and Schepers' dual feasible function u^(k): items whose sizes add up to at most
-    1 have values adding up to at most 1, so Σ u^(k)(share) ≤ meshes is valid for a mesh
-    size's pooled candidates — and tighter than the pooled capacity where large items cannot
-    share a mesh (a 30B model's weights with a 7B model's decode on one GPU)."""
-    y = (k + 1) * x
-    if abs(y - round(y)) < 1e-9:
-        return x
-    return math.floor(y) / k
-
-
-def _dff_all(x: np.ndarray) -> np.ndarray:
-    """`_dff` of every order in CUT_ORDERS at every x: shape x.shape + (orders,)."""
-    out = []
-    for k in CUT_ORDERS:
-        y = (k + 1) * x
-        out.append(np.where(np.abs(y - np.round(y)) < 1e-9, x, np.floor(y) / k))
-    return np.stack(out, axis=-1)
 
 
 def _split(

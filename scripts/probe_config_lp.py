@@ -47,12 +47,13 @@ from bench_placement import CONFIGS, large_problem, paper_problem  # noqa: E402
 
 from muxserve.models.hf_config import load_hf_config  # noqa: E402
 from placement.candidates import CandidateTable, Mode, build_candidates  # noqa: E402
-from placement.column_generation import Branch, BranchAndPrice, Incumbent, Instance  # noqa: E402
+from placement.column_generation import Branch, BranchAndPrice, Incumbent  # noqa: E402
 from placement.column_pool import ColumnPool  # noqa: E402
 from placement.configurations import Config, price, price_bound, price_mip  # noqa: E402
 from placement.deadline import Deadline  # noqa: E402
 from placement.decomposition import plan_by_deals  # noqa: E402
 from placement.gpus import make_cluster  # noqa: E402
+from placement.instance import Instance  # noqa: E402
 from placement.problem import Problem, make_problem  # noqa: E402
 from placement.specs import spec_from_config  # noqa: E402
 from placement.workload import WorkloadFile, paper_workload, parse_workload  # noqa: E402
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     for cfg in pool.configs:
         bp.add(cfg)
     agg = bp.aggregate()
-    aggregate = None if agg is None else agg[0]
+    aggregate = None if agg is None else agg.value
     t1 = time.process_time()
     rounds, stopped = grow(bp, args.rounds, args.cpu_budget, args.mip_limit, t1)
     final = bp._master_lp(Branch())  # over the last round's columns too
