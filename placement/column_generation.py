@@ -353,14 +353,13 @@ class BranchAndPrice:
         return Incumbent(sum(c.served for c in picked), picked)
 
     def _start_vector(self, start: Incumbent) -> list[float] | None:
-        where = self.packer.place([c.size for c in start.configs])
-        if where is None:
+        nodes = self.packer.by_node(start.configs)
+        if nodes is None:
             return None
         x = [0.0] * self.prog.num_cols
         for cfg in start.configs:
             x[self.columns[cfg.key]] = 1.0
-        per_node = [[cfg.size for cfg, (n, _) in zip(start.configs, where, strict=True) if n == k]
-                    for k in range(self.inst.nodes)]  # fmt: skip
+        per_node = [[cfg.size for cfg in node] for node in nodes]
         for col, count in zip(self.pattern_cols, pattern_counts(self.patterns, per_node),
                               strict=True):  # fmt: skip
             x[col] = float(count)

@@ -515,11 +515,10 @@ def _set_start(m: _Compact, table: CandidateTable, plan: list[Config]) -> None:
             m.x[(k, cfg.size, rep, li)].setInitialValue(1)
     cl = table.problem.cluster
     packer = MeshPacker(cl.nodes, cl.gpus_per_node, table.problem.mesh_sizes)
-    where = packer.place([c.size for c in plan])
-    if where is None:
+    nodes = packer.by_node(plan)
+    if nodes is None:
         return
-    per_node = [[cfg.size for cfg, (n, _) in zip(plan, where, strict=True) if n == node]
-                for node in range(cl.nodes)]  # fmt: skip
+    per_node = [[cfg.size for cfg in node] for node in nodes]
     for k, count in enumerate(pattern_counts(m.patterns, per_node)):
         m.n[k].setInitialValue(count)
 
