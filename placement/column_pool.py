@@ -18,10 +18,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from placement.candidates import CandidateTable
-from placement.column_generation import BranchAndPrice, Incumbent
+from placement.column_generation import BranchAndPrice
 from placement.configurations import Config
 from placement.deadline import Deadline
 from placement.instance import Instance
+from placement.master import Incumbent
 
 POOL_MASTER_NODES = 1000  # branch-and-bound nodes of the integer master over the pool
 # configurations the master chooses from: those of the best reduced value at the pool LP's

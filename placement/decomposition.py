@@ -29,11 +29,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from placement.candidates import CandidateTable
-from placement.column_generation import BranchAndPrice, Incumbent
+from placement.column_generation import BranchAndPrice
 from placement.column_pool import ColumnPool
 from placement.configurations import Config
 from placement.deadline import Deadline
 from placement.instance import Instance
+from placement.master import Incumbent
 from placement.mesh_groups import MeshPacker
 
 # a node's search: small, and bounded by work so that the split plan is the same every run

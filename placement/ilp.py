@@ -35,7 +35,7 @@ import pulp
 
 from muxserve.errors import ConfigError
 from placement.candidates import RESOURCES, Candidate, CandidateTable, Mode, build_candidates
-from placement.column_generation import BranchAndPrice, Incumbent
+from placement.column_generation import BranchAndPrice
 from placement.column_pool import ColumnPool
 from placement.configurations import Config
 from placement.cut_bound import cut_bound
@@ -46,6 +46,7 @@ from placement.ilp_solver import SOLVERS, run_solver
 from placement.instance import Instance
 from placement.local_search import improve
 from placement.lp import highs_available
+from placement.master import Incumbent
 from placement.mesh_groups import MeshPacker, node_patterns, pattern_counts
 from placement.plan import Placement, assemble
 from placement.problem import Problem

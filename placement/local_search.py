@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from placement.candidates import CandidateTable
-from placement.column_generation import BranchAndPrice, Incumbent
+from placement.column_generation import BranchAndPrice
 from placement.configurations import Config
 from placement.deadline import Deadline
 from placement.instance import Instance
+from placement.master import Incumbent
 from placement.mesh_groups import MeshPacker
 
 # one pair's search: bounded by work (a heuristic here; no proof needed)

@@ -3,11 +3,11 @@ from __future__ import annotations
 import pytest
 
 from placement.candidates import CandidateTable, Mode, build_candidates
-from placement.column_generation import Incumbent
 from placement.deadline import Deadline
 from placement.decomposition import plan_by_nodes
 from placement.ilp import check
 from placement.local_search import improve
+from placement.master import Incumbent
 from placement.mesh_groups import MeshPacker
 from tests.helpers.placement import cluster, problem, spec
 
