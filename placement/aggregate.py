@@ -60,7 +60,7 @@ class Aggregate:
 
     def __init__(self, instance: Instance) -> None:
         self.inst = instance
-        table = instance.table
+        table = self.table = instance.table
         p = table.problem
         self.sizes = instance.sizes
         self.patterns = node_patterns(p.cluster.gpus_per_node, p.mesh_sizes)

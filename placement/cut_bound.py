@@ -42,6 +42,7 @@ from placement.aggregate import Aggregate
 from placement.candidates import CandidateTable
 from placement.deadline import Deadline
 from placement.instance import Instance
+from placement.support_cuts import SupportCut, separate_support
 
 GRID = 6  # weight vectors: the simplex grid of step 1/GRID over the four resources (84)
 FS_ORDERS = tuple(range(1, 11))  # Fekete-Schepers u^(k), k = 1..10
@@ -119,13 +120,15 @@ def cut_bound(
     backend: str = "auto",
     rounds: int = ROUNDS,
     per_size: int = PER_SIZE,
+    support: bool = False,
 ) -> CutBound | None:
     """The aggregate LP over the whole table with cuts separated from the family above:
     an upper bound on the total served rate of every placement; None if the deadline
-    passed before an LP was solved (or the LP has no solution)."""
+    passed before an LP was solved (or the LP has no solution). With `support`, once no
+    DFF cut is violated, each size's support is separated exactly (`support_cuts`)."""
     deadline = deadline or Deadline.never()
     agg = _Aggregate(table)
-    cuts = start_cuts(agg.sizes)
+    cuts: list[Cut | SupportCut] = list(start_cuts(agg.sizes))
     family = _family()
     grid = np.array(weight_grid())  # (W, 4)
     best: CutBound | None = None
@@ -137,11 +140,32 @@ def cut_bound(
             break
         value, x, meshes = solved.value, solved.x, solved.meshes
         best = CutBound(value if best is None else min(best.value, value), k, len(cuts))
-        added = agg.separate(x, meshes, grid, family, per_size)
+        added: list[Cut | SupportCut] = list(agg.separate(x, meshes, grid, family, per_size))
+        if not added and support:
+            added = list(_support_cuts(agg, x, meshes, deadline))
         if not added:
             break
         cuts += added
     return best
+
+
+def _support_cuts(
+    agg: _Aggregate, x: dict[int, np.ndarray], meshes: dict[int, float], deadline: Deadline
+) -> list[SupportCut]:
+    """Per size, the exact separation of the LP solution's support, where it is violated."""
+    out = []
+    for s in agg.sizes:
+        on = np.flatnonzero(x[s] > 1e-9)
+        if len(on) == 0:
+            continue
+        items = [agg.cands[s][k][1] for k in on]
+        cap = agg.table.capacity.as_tuple()
+        g = separate_support(items, x[s][on], meshes[s], cap, deadline=deadline)
+        if g is not None:
+            coefs = np.zeros(len(agg.cands[s]))
+            coefs[on] = g
+            out.append(SupportCut(s, tuple(float(v) for v in coefs)))
+    return out
 
 
 class _Aggregate(Aggregate):

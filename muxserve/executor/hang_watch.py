@@ -14,8 +14,9 @@ from collections.abc import Iterable, Sequence
 from multiprocessing.process import BaseProcess
 
 from muxserve.executor.watchdog import JobDeadline, ProgressProbe
-from muxserve.executor.worker_group import GroupState, WorkerDied, WorkerGroup
+from muxserve.executor.worker_group import WorkerGroup
 from muxserve.executor.worker_pool import PooledWorker
+from muxserve.executor.worker_unit import GroupState, WorkerDied
 
 STALL_SAMPLE_S = 1.0  # how often a running job's workers are checked for progress (/proc)
 START_TIMEOUT_S = 180.0  # every worker of the engine ready within this, or the engine fails

@@ -41,15 +41,16 @@ from muxserve.executor.mps_daemon import (
 )
 from muxserve.executor.waker import Waker
 from muxserve.executor.watchdog import JobDeadline
-from muxserve.executor.worker_group import (
+from muxserve.executor.worker_group import WorkerGroup
+from muxserve.executor.worker_plans import env_of, rank_plans
+from muxserve.executor.worker_pool import PooledWorker, PoolKey, attach_of, pooled_worker_for
+from muxserve.executor.worker_unit import (
     STOP_TIMEOUT_S,
     GroupState,
     WorkerDied,
-    WorkerGroup,
     reap,
+    wait_ready,
 )
-from muxserve.executor.worker_plans import env_of, rank_plans
-from muxserve.executor.worker_pool import PooledWorker, PoolKey, attach_of, pooled_worker_for
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing
@@ -186,16 +187,17 @@ class MpsExecutor:
         return list({id(u): u for u in self.groups.values()}.values())
 
     def _start_all(self, timeout: float) -> None:
-        for g in self._units():
+        units = self._units()
+        for g in units:
             if g.can_start:  # an asleep model's groups have no ranks
                 g.start()
         deadline = time.monotonic() + timeout
-        while starting := [g for g in self._units() if g.state is GroupState.STARTING]:
+        while starting := [g for g in units if g.state is GroupState.STARTING]:
             left = deadline - time.monotonic()
             if left <= 0:
                 names = ", ".join(g.label for g in starting)
                 raise WorkerFailedError(f"workers not ready after {timeout:.0f} s: {names}")
-            owners = self._owners()
+            owners = self._owners(units)
             for obj in _wait(list(owners), left):
                 event = owners[obj].on_readable(obj)
                 if isinstance(event, WorkerDied):
@@ -233,14 +235,16 @@ class MpsExecutor:
 
     def _poll(self, timeout: float) -> list[tuple[Job, JobResult]]:
         results, self._failed = self._failed, []
-        if results or not any(g.busy for g in self._units()):
+        # built once: the units change only under the lock, which this poll holds throughout
+        units = self._units()
+        if results or not any(g.busy for g in units):
             return results
         deadline = time.monotonic() + timeout
         while True:
-            results.extend(self._reap_hung())
-            owners = self._owners()
+            results.extend(self._reap_hung(units))
+            owners = self._owners(units)
             waker = self._waker.fileno()
-            until = min(deadline, self.watch.next_check(self._units()))
+            until = min(deadline, self.watch.next_check(units))
             ready = _wait([*owners, waker], max(0.0, until - time.monotonic()))
             woken = False
             restarted: set[int] = set()  # groups replaced this round: their other events are old
@@ -329,13 +333,13 @@ class MpsExecutor:
             self.daemon.stop()
 
     # ---- internals -----------------------------------------------------------------------
-    def _owners(self) -> dict[Waitable, Unit]:
-        return {obj: g for g in self._units() for obj in g.waitables()}
+    def _owners(self, units: list[Unit]) -> dict[Waitable, Unit]:
+        return {obj: g for g in units for obj in g.waitables()}
 
-    def _reap_hung(self) -> list[tuple[Job, JobResult]]:
+    def _reap_hung(self, units: list[Unit]) -> list[tuple[Job, JobResult]]:
         """Kill and restart every unit the watch finds hung; hand their jobs back."""
         results = []
-        for unit, died in self.watch.hung(self._units()):
+        for unit, died in self.watch.hung(units):
             results.extend(self._restart(unit, died))
         return results
 
@@ -448,16 +452,16 @@ class MpsExecutor:
                     plans = rank_plans(spec, phase, ranks, self.daemon)
                     fresh[phase] = WorkerGroup(self.ctx, model, phase, plans)
         if fresh and not self.lifecycle.lazy:
-            # started here, before the loop's poll knows them, so only this thread reads them
+            # started here, before the loop's poll knows them, so only this thread reads them;
+            # all at once, and waited for under one deadline: their starts overlap
             for group in fresh.values():
                 group.start()
-            for group in fresh.values():
-                died = group.wait_ready(self.watch.start_timeout)
-                if died is not None:  # its first job starts it again (and counts failures)
-                    log.warning(
-                        "%s: %s while waking; starting at its first job", group.label, died.reason
-                    )
-                    group.kill()
+            for group, died in wait_ready(list(fresh.values()), self.watch.start_timeout):
+                # its first job starts it again (and counts failures)
+                log.warning(
+                    "%s: %s while waking; starting at its first job", group.label, died.reason
+                )
+                group.kill()
         with self._groups_lock:
             for phase, group in fresh.items():
                 self.groups[(model, phase)] = group

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.executor.mps import MpsExecutor
 from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
-from tests.executor.conftest import SHARES
-from tests.helpers.engine import MAX_NEW, hf_greedy, make_config, run_all
+from tests.helpers.engine import GREEDY, hf_greedy, make_config, run_all
+from tests.helpers.mps import SHARES, mps_config
 
-GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 MODELS = ["llama-demo", "qwen-demo", "mistral-demo"]
 # tighter than the inline tests' TIGHT_POOL (200 blocks), where a run under load preempted 0-3
 # times: here 96 blocks (the largest request needs 80), 4-13 preemptions per run
@@ -95,10 +93,8 @@ def test_abort_while_in_flight_frees_blocks(engine):
 def test_pressure_preempts_and_the_workers_recompute_with_hf_tokens(demo_models, greedy_outputs):
     """A pool far too small: requests are preempted, and each re-admission (`Job.fresh`) makes
     every worker of the model take its new block table whole; the tokens are unchanged."""
-    raw = make_config(demo_models, executor="mps", kv_pool_bytes=MPS_TIGHT_POOL).model_dump()
-    for m in raw["models"]:
-        m["sm_share"] = SHARES
-    with MuxEngine(parse_config(raw)) as tight:
+    config = mps_config(demo_models, sm_share=SHARES, kv_pool_bytes=MPS_TIGHT_POOL)
+    with MuxEngine(config) as tight:
         for _ in range(3):  # whether a run preempts depends on when the workers answer
             assert run_all(tight, GREEDY) == greedy_outputs
             if tight.scheduler.num_preemptions:

@@ -9,26 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.errors import ConfigError
 from muxserve.executor.lifecycle import WorkerLifecycle
-from muxserve.executor.mps import MpsExecutor
-from muxserve.executor.worker_group import GroupState
+from muxserve.executor.worker_unit import GroupState
 from muxserve.output_processor import RequestOutput
-from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
-from tests.helpers.engine import MAX_NEW, hf_greedy, make_config, prompts_for
+from tests.helpers.engine import GREEDY, hf_greedy, make_config, prompts_for
+from tests.helpers.mps import mps_config, mps_engine_of
 from tests.helpers.wait import wait_until
 
-GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 MODELS = ("llama-demo", "qwen-demo")
-
-
-def engine_of(demo_models: dict[str, Path], **eng: object) -> MuxEngine:
-    raw = make_config(demo_models, executor="mps", **eng).model_dump()
-    raw["models"] = [m for m in raw["models"] if m["name"] in MODELS]
-    return MuxEngine(parse_config(raw))
 
 
 def generate(engine: MuxEngine, model: str, prompt: list[int]) -> list[int]:
@@ -63,10 +54,8 @@ def generate(engine: MuxEngine, model: str, prompt: list[int]) -> list[int]:
 def test_lazy_workers_start_at_a_models_first_job_and_idle_ones_stop(
     demo_models: dict[str, Path],
 ) -> None:
-    engine = engine_of(demo_models, worker_start="lazy", worker_idle_stop_s=1.0)
-    executor = engine.executor
-    assert isinstance(executor, MpsExecutor)
-    try:
+    config = mps_config(demo_models, *MODELS, worker_start="lazy", worker_idle_stop_s=1.0)
+    with mps_engine_of(config) as (engine, executor):
         # 1. nothing runs before a model is asked for
         assert all(pids == [] for pids in executor.worker_pids().values())
         engine.start()
@@ -92,8 +81,6 @@ def test_lazy_workers_start_at_a_models_first_job_and_idle_ones_stop(
         assert len(again) == 1 and again[0] not in first
         wait_until(lambda: engine.scheduler.jobs_in_flight == 0, 60.0, "idle")
         assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
-    finally:
-        engine.shutdown()
     assert all(pids == [] for pids in executor.worker_pids().values())
 
 

@@ -7,38 +7,37 @@ and no process left.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from pathlib import Path
 
 import pytest
 
-from muxserve.config import parse_config
+from muxserve.config import MuxConfig, parse_config
 from muxserve.engine import MuxEngine
 from muxserve.errors import ConfigError
+from muxserve.executor.messages import WorkerInit
 from muxserve.executor.mps import MpsExecutor
 from muxserve.executor.watchdog import JobDeadline
-from muxserve.executor.worker_group import GroupState
 from muxserve.executor.worker_pool import PooledWorker
-from muxserve.output_processor import RequestOutput
-from muxserve.sampling_params import SamplingParams
+from muxserve.executor.worker_unit import GroupState
 from muxserve.scheduler.job import Phase
-from tests.helpers.engine import MAX_NEW, hf_greedy, make_config, prompts_for
+from tests.helpers.engine import GREEDY, hf_greedy, make_config, prompts_for
+from tests.helpers.mps import mps_config, mps_engine_of, streamed, tokens_of
 from tests.helpers.wait import wait_until
 
-GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 BASES = ("llama-demo", "qwen-demo", "mistral-demo")
 COPIES = 2  # each demo model under two names: six models
 PER_MODEL = 2  # prompts per model
 
 
-def pooled_config(demo_models: dict[str, Path], **eng: object) -> dict[str, object]:
-    raw = make_config(demo_models, executor="mps", worker_pool="shared", **eng).model_dump()
+def pooled_config(demo_models: dict[str, Path], **eng: object) -> MuxConfig:
+    """The demo models, each under COPIES names, on pooled workers."""
+    raw = mps_config(demo_models, worker_pool="shared", **eng).model_dump()
     raw["models"] = [
         {**m, "name": f"{m['name']}-{i}"} for i in range(COPIES) for m in raw["models"]
     ]
-    return raw
+    return parse_config(raw)
 
 
 def base_of(name: str) -> str:
@@ -71,7 +70,7 @@ def pool_pids(executor: MpsExecutor) -> set[int]:
 
 @pytest.fixture(scope="module")
 def pooled(demo_models: dict[str, Path]) -> MuxEngine:
-    engine = MuxEngine(parse_config(pooled_config(demo_models)))
+    engine = MuxEngine(pooled_config(demo_models))
     yield engine
     executor = engine.executor
     pids = pool_pids(executor)  # type: ignore[arg-type]
@@ -145,17 +144,11 @@ def test_a_killed_pooled_worker_recomputes_every_models_job(
     finally:
         os.kill(victim, signal.SIGKILL)
 
-    async def read(rid: str) -> list[RequestOutput]:
-        return [o async for o in pooled.stream(rid)]
-
-    async def all_of() -> list[list[RequestOutput]]:
-        return list(await asyncio.gather(*(read(r) for _, r in rids)))
-
-    outs = asyncio.run(all_of())
+    outs = streamed(pooled, [r for _, r in rids])
     got: dict[str, list[list[int]]] = {m: [] for m in models}
     for (m, _), out in zip(rids, outs, strict=True):
         assert out[-1].error is None
-        got[m].append([t for o in out for t in o.token_ids])
+        got[m].append(tokens_of(out))
     for model in models:
         assert got[model] == want(demo_models, model), model
     assert in_job and pooled.scheduler.num_preemptions >= preempted + len(in_job)  # recomputed
@@ -200,11 +193,8 @@ def test_a_stopped_pooled_worker_is_found_by_the_watchdog_and_every_model_served
 def test_lazy_pooled_workers_start_at_the_first_job_and_stop_when_idle(
     demo_models: dict[str, Path],
 ) -> None:
-    raw = pooled_config(demo_models, worker_start="lazy", worker_idle_stop_s=1.0)
-    engine = MuxEngine(parse_config(raw))
-    executor = engine.executor
-    assert isinstance(executor, MpsExecutor)
-    try:
+    config = pooled_config(demo_models, worker_start="lazy", worker_idle_stop_s=1.0)
+    with mps_engine_of(config) as (engine, executor):
         assert pool_pids(executor) == set()
         got = generate_all(engine, ["mistral-demo-1"])
         assert got["mistral-demo-1"] == want(demo_models, "mistral-demo-1")
@@ -213,8 +203,6 @@ def test_lazy_pooled_workers_start_at_the_first_job_and_stop_when_idle(
         assert pool_pids(executor) == set()
         units = {id(u): u for u in executor.groups.values()}.values()
         assert all(u.state is GroupState.STOPPED for u in units)
-    finally:
-        engine.shutdown()
 
 
 def test_a_bad_worker_pool_is_refused_naming_the_key(demo_models: dict[str, Path]) -> None:
@@ -225,12 +213,7 @@ def test_a_bad_worker_pool_is_refused_naming_the_key(demo_models: dict[str, Path
 def test_a_per_model_wake_includes_its_workers_start(demo_models: dict[str, Path]) -> None:
     """Eager per-model workers: the wake returns with them ready (started inside the wake,
     not at the first job), new processes, and the first job after it gives HF's tokens."""
-    raw = make_config(demo_models, executor="mps").model_dump()
-    raw["models"] = [m for m in raw["models"] if m["name"] == "llama-demo"]
-    engine = MuxEngine(parse_config(raw))
-    executor = engine.executor
-    assert isinstance(executor, MpsExecutor)
-    try:
+    with mps_engine_of(mps_config(demo_models, "llama-demo")) as (engine, executor):
         before = pool_pids(executor)
         engine.sleep("llama-demo", level=1)
         assert pool_pids(executor) == set()
@@ -241,6 +224,39 @@ def test_a_per_model_wake_includes_its_workers_start(demo_models: dict[str, Path
         assert len(after) == 2 and not after & before
         [out] = engine.generate([prompts_for("llama-demo")[0]], GREEDY, "llama-demo")
         assert out.token_ids == list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
-    finally:
-        engine.shutdown()
+    assert not [p for p in after if Path(f"/proc/{p}").exists()]
+
+
+def test_a_per_model_wake_names_the_worker_that_could_not_start(
+    demo_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both groups start at once in the wake; the one whose worker fails is named and left for
+    its first job to start again, the other is ready; the model then serves HF's tokens."""
+    from muxserve.executor import worker_unit
+
+    real, broken = worker_unit.send_init, []
+
+    def break_decode(conn, init) -> None:  # the woken decode worker gets no WorkerInit
+        if isinstance(init, WorkerInit) and init.phase is Phase.DECODE and not broken:
+            broken.append(init.name)
+            init = "not an init"
+        real(conn, init)
+
+    with mps_engine_of(mps_config(demo_models, "llama-demo")) as (engine, executor):
+        engine.sleep("llama-demo", level=1)
+        monkeypatch.setattr(worker_unit, "send_init", break_decode)
+        with caplog.at_level("WARNING", logger="muxserve.executor.mps"):
+            engine.wake("llama-demo")
+        assert broken == ["llama-demo"]
+        assert [r.getMessage() for r in caplog.records if "while waking" in r.getMessage()] == [
+            "llama-demo/decode: could not start: TypeError: expected WorkerInit, got str while "
+            "waking; starting at its first job"
+        ]
+        groups = [executor.groups[("llama-demo", phase)] for phase in Phase]
+        assert [g.state for g in groups] == [GroupState.READY, GroupState.STOPPED]
+        assert executor.degraded() == {}
+        [out] = engine.generate([prompts_for("llama-demo")[0]], GREEDY, "llama-demo")
+        assert out.token_ids == list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
+        after = pool_pids(executor)
+        assert len(after) == 2
     assert not [p for p in after if Path(f"/proc/{p}").exists()]

@@ -7,13 +7,12 @@ busy model, a tensor-parallel model) are the same clear errors as with the inlin
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from muxserve.config import ModelEntry, SMShare, parse_config
+from muxserve.config import ModelEntry, MuxConfig, SMShare
 from muxserve.engine import MuxEngine
 from muxserve.errors import ModelBusyError, WorkerFailedError
 from muxserve.executor.base import ModelSpec, cpu_threads
@@ -21,32 +20,19 @@ from muxserve.executor.messages import Attach
 from muxserve.executor.mps import MpsExecutor
 from muxserve.executor.worker_pool import PooledWorker
 from muxserve.models.causal_lm import CausalLM
-from muxserve.output_processor import RequestOutput
 from muxserve.residency import ModelState
-from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
-from tests.helpers.engine import MAX_NEW, hf_greedy, prompts_for
+from tests.helpers.engine import GREEDY, hf_greedy, prompts_for
+from tests.helpers.mps import mps_config, mps_engine_of, streamed, tokens_of
 from tests.helpers.wait import wait_until
 
-GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 LLAMA, QWEN, MISTRAL = "llama-demo", "qwen-demo", "mistral-demo"
 HALF = SMShare(prefill=0.5, decode=0.5)  # another share class than the default (1.0) on CPUs
 
 
-def engine_of(demo: dict[str, Path], pool: str) -> MuxEngine:
-    return MuxEngine(
-        parse_config(
-            {
-                "models": [{"name": LLAMA, "path": str(demo[LLAMA])}],
-                "engine": {
-                    "kv_pool_bytes": 4 << 20,
-                    "block_bytes": 4096,
-                    "executor": "mps",
-                    "worker_pool": pool,
-                },
-            }
-        )
-    )
+def config_of(demo: dict[str, Path], pool: str) -> MuxConfig:
+    """llama-demo alone, on `pool` workers: the others are added while it serves."""
+    return mps_config(demo, LLAMA, worker_pool=pool)
 
 
 def entry(demo: dict[str, Path], name: str, share: SMShare | None = None) -> ModelEntry:
@@ -74,11 +60,8 @@ def held(executor: MpsExecutor) -> dict[str, list[str]]:
 def test_a_model_added_to_pooled_workers_attaches_on_wake_and_leaves_nothing_when_removed(
     demo_models: dict[str, Path],
 ) -> None:
-    eng = engine_of(demo_models, "shared")
-    ex = eng.executor
-    assert isinstance(ex, MpsExecutor)
-    before = pids(ex)
-    try:
+    with mps_engine_of(config_of(demo_models, "shared")) as (eng, ex):
+        before = pids(ex)
         assert len(before) == 2  # one prefill, one decode worker
         labels = sorted(held(ex))
         eng.add_model(entry(demo_models, QWEN))  # the running workers' class
@@ -120,23 +103,14 @@ def test_a_model_added_to_pooled_workers_attaches_on_wake_and_leaves_nothing_whe
         with pytest.raises(ModelBusyError, match="qwen-demo"):
             eng.remove_model(QWEN)
         eng.check_integrity()
-    finally:
-        eng.shutdown()
     assert not [p for p in before if alive(p)]
 
 
-def streamed(engine: MuxEngine, rids: list[str]) -> list[list[int]]:
+def streamed_tokens(engine: MuxEngine, rids: list[str]) -> list[list[int]]:
     """Each request's tokens, read from its stream (the engine's loop runs them)."""
-
-    async def read(rid: str) -> list[RequestOutput]:
-        return [o async for o in engine.stream(rid)]
-
-    async def all_of() -> list[list[RequestOutput]]:
-        return list(await asyncio.gather(*(read(r) for r in rids)))
-
-    outs = asyncio.run(all_of())
+    outs = streamed(engine, rids)
     assert [out[-1].error for out in outs] == [None] * len(rids)
-    return [[t for o in out for t in o.token_ids] for out in outs]
+    return [tokens_of(out) for out in outs]
 
 
 def test_a_wake_attaches_while_another_model_runs_on_the_same_worker(
@@ -144,10 +118,7 @@ def test_a_wake_attaches_while_another_model_runs_on_the_same_worker(
 ) -> None:
     """The wake returns once the worker built the model (read by the loop's poll, or by the
     waking thread between polls), while llama's jobs on the same workers go on."""
-    eng = engine_of(demo_models, "shared")
-    ex = eng.executor
-    assert isinstance(ex, MpsExecutor)
-    try:
+    with mps_engine_of(config_of(demo_models, "shared")) as (eng, ex):
         eng.add_model(entry(demo_models, QWEN))
         eng.start()
         rids = [eng.add_request(LLAMA, p, GREEDY) for p in prompts_for(LLAMA)[:2]]
@@ -158,22 +129,17 @@ def test_a_wake_attaches_while_another_model_runs_on_the_same_worker(
         assert all(isinstance(u, PooledWorker) and not u.attaching(QWEN) for u in units)
         qwen = [eng.add_request(QWEN, p, GREEDY) for p in prompts_for(QWEN)[:2]]
         want = {m: [list(t) for t in hf_greedy(m, demo_models[m])[:2]] for m in (LLAMA, QWEN)}
-        assert streamed(eng, rids) == want[LLAMA]
-        assert streamed(eng, qwen) == want[QWEN]
+        assert streamed_tokens(eng, rids) == want[LLAMA]
+        assert streamed_tokens(eng, qwen) == want[QWEN]
         wait_until(lambda: eng.scheduler.jobs_in_flight == 0, 60.0, "idle")
         eng.check_integrity()
-    finally:
-        eng.shutdown()
 
 
 def test_a_model_added_with_its_own_workers_starts_them_on_wake_and_stops_them_on_sleep(
     demo_models: dict[str, Path],
 ) -> None:
-    eng = engine_of(demo_models, "per_model")
-    ex = eng.executor
-    assert isinstance(ex, MpsExecutor)
-    before = pids(ex)
-    try:
+    with mps_engine_of(config_of(demo_models, "per_model")) as (eng, ex):
+        before = pids(ex)
         assert len(before) == 2
         eng.add_model(entry(demo_models, QWEN))
         assert ex.worker_pids()[(QWEN, Phase.PREFILL)] == [] and pids(ex) == before
@@ -192,8 +158,6 @@ def test_a_model_added_with_its_own_workers_starts_them_on_wake_and_stops_them_o
         with pytest.raises(ValueError, match="tp2: tensor_parallel=2 cannot be added"):
             ex.add_model(replace(spec, name="tp2", tensor_parallel=2))
         eng.check_integrity()
-    finally:
-        eng.shutdown()
     assert not [p for p in before if alive(p)]
 
 
@@ -202,10 +166,7 @@ def test_a_wake_the_workers_cannot_build_fails_and_leaves_the_model_asleep(
 ) -> None:
     import muxserve.executor.mps as mps
 
-    eng = engine_of(demo_models, "shared")
-    ex = eng.executor
-    assert isinstance(ex, MpsExecutor)
-    try:
+    with mps_engine_of(config_of(demo_models, "shared")) as (eng, ex):
         labels = sorted(held(ex))
         eng.add_model(entry(demo_models, QWEN))
         real = mps.attach_of
@@ -228,5 +189,3 @@ def test_a_wake_the_workers_cannot_build_fails_and_leaves_the_model_asleep(
         check_tokens(eng, demo_models, QWEN)
         check_tokens(eng, demo_models, LLAMA)  # the other model was served throughout
         eng.check_integrity()
-    finally:
-        eng.shutdown()

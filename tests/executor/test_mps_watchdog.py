@@ -15,24 +15,16 @@ import time
 from pathlib import Path
 
 from muxserve.client.in_process import InProcessClient
-from muxserve.config import parse_config
 from muxserve.engine import MuxEngine
 from muxserve.executor.mps import MpsExecutor
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.output_processor import RequestOutput
-from muxserve.sampling_params import SamplingParams
 from muxserve.scheduler.job import Phase
-from tests.helpers.engine import MAX_NEW, hf_greedy, make_config, prompts_for
+from tests.helpers.engine import GREEDY, MAX_NEW, hf_greedy, prompts_for
+from tests.helpers.mps import mps_config, mps_engine_of, streamed, tokens_of
+from tests.helpers.wait import wait_until
 
-GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 LONG_DEADLINE_S = 600.0  # step 1: no watchdog may fire while qwen-demo is read
-
-
-def wait_for(cond, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
-        time.sleep(0.01)
 
 
 async def read(engine: MuxEngine, rid: str) -> tuple[list[RequestOutput], int]:
@@ -43,21 +35,16 @@ async def read(engine: MuxEngine, rid: str) -> tuple[list[RequestOutput], int]:
 
 
 def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]) -> None:
-    two = {m: demo_models[m] for m in ("llama-demo", "qwen-demo")}
-    raw = make_config(
+    two = ("llama-demo", "qwen-demo")
+    config = mps_config(
         demo_models,
-        executor="mps",
+        *two,
         job_timeout_s=LONG_DEADLINE_S,
         job_timeout_per_token_s=0,
         job_stall_s=None,  # the deadline alone, here; the stall check has its own test
-    ).model_dump()
-    raw["models"] = [m for m in raw["models"] if m["name"] in two]
-    config = parse_config(raw)
+    )
     assert all(m.sm_share.decode == 1.0 for m in config.models)  # the defaults
-    engine = MuxEngine(config)
-    executor = engine.executor
-    assert isinstance(executor, MpsExecutor)
-    try:
+    with mps_engine_of(config) as (engine, executor):
         group = executor.groups[("llama-demo", Phase.DECODE)]
         [victim] = [p.pid for p in group.procs]
         os.kill(victim, signal.SIGSTOP)  # its first decode job will never return
@@ -85,10 +72,10 @@ def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]
 
         def watch() -> None:  # /health while the stopped group restarts
             client = InProcessClient(engine, manage=False)
-            wait_for(lambda: executor.watch.hangs == 1, "hung group killed")
+            wait_until(lambda: executor.watch.hangs == 1, 60.0, "hung group killed")
             # the recomputes run freely
             executor.watch.deadline = JobDeadline(LONG_DEADLINE_S, 0.0, None)
-            wait_for(lambda: "llama-demo" in engine.degraded(), "llama-demo degraded", 10)
+            wait_until(lambda: "llama-demo" in engine.degraded(), 10.0, "llama-demo degraded")
             seen_degraded.append(client.health().to_json())
 
         async def llama_and_watch() -> list[tuple[list[RequestOutput], int]]:
@@ -100,7 +87,7 @@ def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]
         llama = asyncio.run(llama_and_watch())
         assert [hangs for _, hangs in llama] == [1, 1, 1]  # recomputed, then done
         for m, got in (("qwen-demo", qwen), ("llama-demo", llama)):
-            want = [list(t) for t in hf_greedy(m, two[m])[:3]]
+            want = [list(t) for t in hf_greedy(m, demo_models[m])[:3]]
             for (outs, _), tokens in zip(got, want, strict=True):
                 assert [t for o in outs for t in o.token_ids] == tokens
                 reason = "length" if len(tokens) == MAX_NEW else "stop"  # EOS before the limit
@@ -111,30 +98,23 @@ def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]
         assert "no result after" in local["degraded_models"]["llama-demo"]  # type: ignore[index]
         assert group.procs[0].pid != victim
         assert not Path(f"/proc/{victim}").exists()  # killed and reaped
-        wait_for(lambda: not engine.degraded(), "llama-demo serving again")
+        wait_until(lambda: not engine.degraded(), 60.0, "llama-demo serving again")
         assert engine.scheduler.num_preemptions == stuck  # the hung job's requests, recomputed
-        wait_for(lambda: engine.scheduler.jobs_in_flight == 0, "idle")
+        wait_until(lambda: engine.scheduler.jobs_in_flight == 0, 60.0, "idle")
         engine.check_integrity()
         assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
-    finally:
-        engine.shutdown()
 
 
 def test_a_restart_that_never_gets_ready_is_killed_and_started_again(
     demo_models: dict[str, Path], monkeypatch
 ) -> None:
-    from muxserve.executor import worker_group
+    from muxserve.executor import worker_unit
 
-    raw = make_config(demo_models, executor="mps").model_dump()
-    raw["models"] = [m for m in raw["models"] if m["name"] == "llama-demo"]
-    engine = MuxEngine(parse_config(raw))
-    executor = engine.executor
-    assert isinstance(executor, MpsExecutor)
-    try:
+    with mps_engine_of(mps_config(demo_models, "llama-demo")) as (engine, executor):
         executor.watch.start_timeout = 1.0  # for the hung restart (the first start is over)
         group = executor.groups[("llama-demo", Phase.DECODE)]
         [first] = [p.pid for p in group.procs]
-        real, dropped = worker_group.send_init, []
+        real, dropped = worker_unit.send_init, []
 
         def drop_first(conn, init) -> None:  # the restarted worker waits for its init forever
             if not dropped:
@@ -143,56 +123,38 @@ def test_a_restart_that_never_gets_ready_is_killed_and_started_again(
             executor.watch.start_timeout = 600.0  # the next start may take its time on a busy host
             real(conn, init)
 
-        monkeypatch.setattr(worker_group, "send_init", drop_first)
+        monkeypatch.setattr(worker_unit, "send_init", drop_first)
         os.kill(first, signal.SIGKILL)  # found while the prefill job runs; its restart hangs
         engine.start()
         prompt = prompts_for("llama-demo")[0]
         rid = engine.add_request("llama-demo", prompt, GREEDY)
-
-        async def collect() -> list[RequestOutput]:
-            return [o async for o in engine.stream(rid)]
-
-        outs = asyncio.run(collect())
+        [outs] = streamed(engine, [rid])
         want = list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
-        assert [t for o in outs for t in o.token_ids] == want
+        assert tokens_of(outs) == want
         assert outs[-1].error is None
         assert dropped == ["llama-demo"] and executor.watch.hangs == 1  # the hung start, killed
         assert group.failed_starts == 0  # the second start got ready
         assert first not in [p.pid for p in group.procs]
-        wait_for(lambda: engine.scheduler.jobs_in_flight == 0, "idle")
+        wait_until(lambda: engine.scheduler.jobs_in_flight == 0, 60.0, "idle")
         assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
-    finally:
-        engine.shutdown()
 
 
 def test_a_stopped_worker_is_found_by_its_stall_long_before_its_deadline(
     demo_models: dict[str, Path], caplog
 ) -> None:
-    raw = make_config(
-        demo_models, executor="mps", job_timeout_s=LONG_DEADLINE_S, job_stall_s=1.0
-    ).model_dump()
-    raw["models"] = [m for m in raw["models"] if m["name"] == "llama-demo"]
-    engine = MuxEngine(parse_config(raw))
-    executor = engine.executor
-    assert isinstance(executor, MpsExecutor)
-    try:
+    config = mps_config(demo_models, "llama-demo", job_timeout_s=LONG_DEADLINE_S, job_stall_s=1.0)
+    with mps_engine_of(config) as (engine, executor):
         group = executor.groups[("llama-demo", Phase.DECODE)]
         [victim] = [p.pid for p in group.procs]
         os.kill(victim, signal.SIGSTOP)  # its first decode job makes no progress
         engine.start()
         rid = engine.add_request("llama-demo", prompts_for("llama-demo")[0], GREEDY)
-
-        async def collect() -> list[RequestOutput]:
-            return [o async for o in engine.stream(rid)]
-
         with caplog.at_level("ERROR", logger="muxserve.executor.mps"):
-            outs = asyncio.run(collect())
+            [outs] = streamed(engine, [rid])
         want = list(hf_greedy("llama-demo", demo_models["llama-demo"])[0])
-        assert [t for o in outs for t in o.token_ids] == want and outs[-1].error is None
+        assert tokens_of(outs) == want and outs[-1].error is None
         assert executor.watch.hangs == 1
         [line] = [r.getMessage() for r in caplog.records if "killed" in r.getMessage()]
         assert line.startswith("llama-demo/decode: no progress for ")
         assert "(stopped or stuck;" in line and "its job is recomputed" in line
         assert not Path(f"/proc/{victim}").exists()
-    finally:
-        engine.shutdown()

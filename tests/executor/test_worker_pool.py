@@ -12,8 +12,8 @@ import torch
 from muxserve.config import SMShare
 from muxserve.executor.base import ModelSpec
 from muxserve.executor.messages import Attach, Attached, PoolInit, Report, WorkerReady, WorkerReport
-from muxserve.executor.worker_group import GroupState
 from muxserve.executor.worker_pool import PooledWorker, pooled_worker_for
+from muxserve.executor.worker_unit import GroupState
 from muxserve.runner.kv_pool import KVPool
 from muxserve.scheduler.job import Job, Phase
 

@@ -1,0 +1,89 @@
+"""Waiting for freshly started worker units (a wake's groups), without processes: one deadline
+for them all, and each failure named by its unit."""
+
+from __future__ import annotations
+
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from muxserve.executor import worker_unit
+from muxserve.executor.messages import WorkerReady, WorkerStartFailed
+from muxserve.executor.mirror import WorkerMirror
+from muxserve.executor.worker_unit import GroupState, WorkerDied, WorkerUnit, wait_ready
+from muxserve.scheduler.job import Job, Phase
+
+
+class FakeUnit(WorkerUnit):
+    """A started unit of one process whose engine end of the pipe is `conn`."""
+
+    def __init__(self, name: str, conn: Connection) -> None:
+        super().__init__(cast(Any, None), name, Phase.DECODE)
+        self.conns = [conn]
+        self.state = GroupState.STARTING
+
+    def all_mirrors(self) -> list[WorkerMirror]:
+        return []
+
+    def _job_mirrors(self, job: Job) -> list[WorkerMirror]:
+        return []
+
+
+def started(name: str, answer: object | None) -> tuple[FakeUnit, Connection]:
+    """A unit and its process's end of the pipe, on which `answer` (if any) is already sent."""
+    ours, theirs = Pipe()
+    if answer is not None:
+        theirs.send(answer)
+    return FakeUnit(name, ours), theirs
+
+
+def test_each_failed_unit_is_named_and_the_others_get_ready() -> None:
+    a, a_end = started("a/decode", WorkerStartFailed("RuntimeError: boom"))
+    b, b_end = started("b/decode", WorkerReady(1))
+    c, c_end = started("c/decode", WorkerStartFailed("OSError: no shm"))
+    failed = wait_ready([a, b, c], 60.0)
+    assert [(u.label, d) for u, d in failed] == [
+        ("a/decode", WorkerDied("could not start: RuntimeError: boom", during_start=True)),
+        ("c/decode", WorkerDied("could not start: OSError: no shm", during_start=True)),
+    ]
+    assert [u.state for u in (a, b, c)] == [
+        GroupState.STARTING,  # the caller kills it
+        GroupState.READY,
+        GroupState.STARTING,
+    ]
+    for end in (a_end, b_end, c_end, *a.conns, *b.conns, *c.conns):
+        end.close()
+
+
+def test_units_are_waited_for_under_one_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two units that never answer: one wait, on both, for the whole timeout (not one timeout
+    each), then both are named as not ready. The clock is a stand-in that each wait moves."""
+    clock = SimpleNamespace(now=100.0)
+    waits: list[tuple[int, float]] = []
+
+    def fake_wait(objs: list[object], timeout: float) -> list[object]:
+        waits.append((len(objs), timeout))
+        clock.now += timeout  # nothing arrived meanwhile
+        return []
+
+    monkeypatch.setattr(worker_unit, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    monkeypatch.setattr(worker_unit, "wait", fake_wait)
+    (a, a_end), (b, b_end) = started("a/prefill", None), started("a/decode", None)
+    failed = wait_ready([a, b], 10.0)
+    assert waits == [(2, 10.0)] and clock.now == 110.0
+    not_ready = WorkerDied("not ready after 10 s", during_start=True)
+    assert [(u.label, d) for u, d in failed] == [("a/prefill", not_ready), ("a/decode", not_ready)]
+    for end in (a_end, b_end, *a.conns, *b.conns):
+        end.close()
+
+
+def test_nothing_started_is_nothing_to_wait_for() -> None:
+    a, a_end = started("a/decode", None)
+    a.state = GroupState.STOPPED  # an asleep model's group: never started
+    assert wait_ready([a], 0.0) == []
+    assert wait_ready([], 0.0) == []
+    a_end.close()
+    a.conns[0].close()
