@@ -1,81 +1,41 @@
 """Branch and price over mesh configurations: a tight bound and a near-optimal plan.
 
-The master program picks configurations (`configurations.Config`) so that every unit (a
-model, or one of its replicas) is on at most one mesh — replica 0 of every model on exactly
-one —, a replicated model's replicas serve at most its rate together, and the meshes fit the
-nodes (node patterns). Its LP, grown by pricing until no configuration improves it, bounds
-every placement from above, and the Lagrangian bound of each pricing round bounds it even
-before that. The search branches best bound first, re-pricing at each node: on a fractional
-number of meshes of a size (at most k, or at least k + 1), else on a model's fractional
-presence on meshes of a size (never on that size, or only on it). The integer master over
-the configurations found gives the plan.
+The restricted master program (`master`) picks configurations; its LP, grown by pricing
+until no configuration improves it, bounds every placement from above, and the Lagrangian
+bound of each pricing round bounds it even before that. The search branches best bound
+first, re-pricing at each node: on a fractional number of meshes of a size (at most k, or at
+least k + 1), else on a model's fractional presence on meshes of a size (never on that size,
+or only on it). The integer master over the configurations found gives the plan.
 
-An `Instance` is what one search places: the whole problem, or (for the local search in
-`ilp`) the units of a few nodes on those nodes. Work is bounded by counts (pricing rounds,
-search nodes, MIP nodes), so a search that ends before its deadline is deterministic.
+An `Instance` (`instance`) is what one search places: the whole problem, or (for the local
+search and the node-by-node plan) the units of a few nodes on those nodes. Work is bounded
+by counts (pricing rounds, search nodes, MIP nodes), so a search that ends before its
+deadline is deterministic.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
-from placement.candidates import CandidateTable
+from placement.aggregate import Aggregate, AggregateSolution
 from placement.configurations import Config, price, price_bound, price_mip
+from placement.cut_bound import start_cuts
 from placement.deadline import Deadline
-from placement.lp import Program
-from placement.mesh_groups import MeshPacker, node_patterns, pattern_counts
+from placement.instance import Instance
+from placement.master import MASTER_NODES, Branch, Incumbent, Master, MasterLP, split
 
 MAX_ROUNDS = 200  # pricing rounds per search node
 MAX_NODES = 400  # search nodes
-MASTER_NODES = 5000  # branch-and-bound nodes of one integer master
 # branch-and-bound nodes of one pricing call: past them its columns are a heuristic's, and
 # the LP relaxation (or the MIP solver) bounds what is left
 PRICING_NODES = 20_000
 PRICING_KEEP = 5  # configurations kept per pricing call
 ROOT_SHARE = 0.7  # of a search's time left, for pricing at its root
 STABILIZE_FROM = 40  # units: from here on, pricing at the root is stabilised
-# the aggregate LP's cuts: Fekete-Schepers dual feasible functions of orders 1-3 applied to
-# each resource and to the mean of each pair of resources (shares of a mesh's capacity)
-CUT_GROUPS = ((0,), (1,), (2,), (3,), *itertools.combinations(range(4), 2))
-CUT_ORDERS = (1, 2, 3)
-
-
-@dataclass(frozen=True)
-class Instance:
-    """Units of a candidate table to place on `nodes` nodes of the problem's shape."""
-
-    table: CandidateTable
-    units: tuple[tuple[int, int], ...]  # (model, replica)
-    nodes: int
-    caps: Mapping[int, float]  # per replicated model: the most its units here serve in all
-
-    @classmethod
-    def whole(cls, table: CandidateTable) -> Instance:
-        p = table.problem
-        caps = {i: p.targets[i].rate for i in range(p.num_models) if table.replicas(i) > 1}
-        return cls(table, tuple(table.units), p.cluster.nodes, caps)
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return self.table.problem.mesh_sizes
-
-    def mandatory(self, k: int) -> bool:
-        return self.units[k][1] == 0
-
-
-@dataclass
-class Incumbent:
-    """A feasible placement: its configurations (meshes are placed on nodes afterwards)."""
-
-    value: float
-    configs: list[Config]
 
 
 @dataclass
@@ -92,36 +52,11 @@ class Search:
     root_cut: bool = False
 
 
-@dataclass(frozen=True)
-class Branch:
-    """The restrictions of a search node."""
-
-    lo: tuple[tuple[int, int], ...] = ()  # (size, k): at least k meshes of that size
-    hi: tuple[tuple[int, int], ...] = ()  # (size, k): at most k
-    forbid: frozenset[tuple[int, int]] = frozenset()  # (model, size): never on that size
-
-    def allows(self, cfg: Config) -> bool:
-        return all((c.model, cfg.size) not in self.forbid for c in cfg.cands)
-
-    def closed(self, size: int) -> bool:
-        return any(s == size and k == 0 for s, k in self.hi)
-
-
 @dataclass(order=True)
 class _Node:
     priority: float  # -bound: the heap pops the best bound first
     order: int  # ties: first pushed first (deterministic)
     branch: Branch = field(compare=False)
-
-
-@dataclass
-class _LP:
-    value: float
-    counts: dict[int, float]  # meshes of each size in the LP solution
-    presence: dict[tuple[int, int], float]  # (model, size): the model's weight on that size
-    artificial: float  # how much of the "place replica 0" rows the LP left unmet
-    bound: float = math.inf  # proven bound on the node's placements (inf: none yet)
-    converged: bool = False  # no column improves the LP: `value` is the node's LP optimum
 
 
 class BranchAndPrice:
@@ -149,11 +84,10 @@ class BranchAndPrice:
         table = instance.table
         self.problem = table.problem
         self.progress, self.label = progress, label
-        cl = self.problem.cluster
-        self.patterns = node_patterns(cl.gpus_per_node, self.problem.mesh_sizes)
-        self.packer = MeshPacker(instance.nodes, cl.gpus_per_node, self.problem.mesh_sizes)
+        self.backend = backend
+        self.master = Master(instance, threads=threads, backend=backend)
+        self.patterns, self.unit_index = self.master.patterns, self.master.unit_index
         self.cap = table.capacity.as_tuple()
-        self.unit_index = {u: k for k, u in enumerate(instance.units)}
         self.model_units: dict[int, list[int]] = {}
         for k, (i, _) in enumerate(instance.units):
             self.model_units.setdefault(i, []).append(k)
@@ -164,12 +98,6 @@ class BranchAndPrice:
             c: k for i in self.model_units for s in instance.sizes
             for k, c in enumerate(table.options(i, s))
         }  # fmt: skip
-        self.penalty = 1e3 * (self.problem.total_rate + 1.0)
-        self.backend = backend
-        self._build(backend, threads)
-        self.columns: dict[tuple, int] = {}  # config key -> column
-        self.configs: list[Config] = []  # per config column, in column order
-        self.config_cols: list[int] = []
         for i, units in self.model_units.items():  # every model alone, at its best that fits
             for s in table.sizes(i):
                 alone = next((c for c in table.options(i, s) if table.fits([c])), None)
@@ -178,61 +106,14 @@ class BranchAndPrice:
         self.rounds = 0
         self._deadline = Deadline.never()
 
-    # ---- the master program -----------------------------------------------------------
-    def _build(self, backend: str, threads: int | None) -> None:
-        inst, prog = self.inst, Program(backend, threads)
-        self.prog = prog
-        self.unit_rows = [
-            prog.add_row(1.0 if inst.mandatory(k) else -math.inf, 1.0)
-            for k in range(len(inst.units))
-        ]
-        self.cap_rows = {i: prog.add_row(-math.inf, cap) for i, cap in inst.caps.items()}
-        self.size_rows = {s: prog.add_row(-math.inf, 0.0) for s in inst.sizes}  # ≤ supply
-        self.count_rows = {s: prog.add_row(0.0, math.inf) for s in inst.sizes}  # branching
-        self.nodes_row = prog.add_row(-math.inf, float(inst.nodes))
-        self.pattern_cols = []
-        for p in self.patterns:
-            rows = [self.size_rows[s] for s in inst.sizes if s in p] + [self.nodes_row]
-            coefs = [-float(p.count(s)) for s in inst.sizes if s in p] + [1.0]
-            self.pattern_cols.append(
-                prog.add_col(0.0, 0.0, float(inst.nodes), rows, coefs, integer=True)
-            )
-        self.artificial_cols = [
-            prog.add_col(-self.penalty, 0.0, math.inf, [self.unit_rows[k]], [1.0])
-            for k in range(len(inst.units))
-            if inst.mandatory(k)
-        ]
+    @property
+    def configs(self) -> list[Config]:
+        """The master's configurations, in column order."""
+        return self.master.configs
 
     def add(self, cfg: Config) -> bool:
-        """Add a configuration as a column; False if it is there already."""
-        key = cfg.key
-        if key in self.columns:
-            return False
-        rows, coefs = [], []
-        for c in cfg.cands:
-            rows.append(self.unit_rows[self.unit_index[(c.model, c.replica)]])
-            coefs.append(1.0)
-            if c.model in self.cap_rows:
-                rows.append(self.cap_rows[c.model])
-                coefs.append(c.served)
-        rows += [self.size_rows[cfg.size], self.count_rows[cfg.size]]
-        coefs += [1.0, 1.0]
-        col = self.prog.add_col(cfg.served, 0.0, math.inf, rows, coefs, integer=True)
-        self.columns[key] = col
-        self.configs.append(cfg)
-        self.config_cols.append(col)
-        return True
-
-    def _restrict(self, branch: Branch, integer: bool) -> None:
-        """Apply a node's restrictions: forbidden columns to 0, bounds on mesh counts."""
-        hi_bound = 1.0 if integer else math.inf
-        for cfg, col in zip(self.configs, self.config_cols, strict=True):
-            self.prog.set_col_bounds(col, 0.0, hi_bound if branch.allows(cfg) else 0.0)
-        lo, hi = dict(branch.lo), dict(branch.hi)
-        for s, row in self.count_rows.items():
-            self.prog.set_row_bounds(row, float(lo.get(s, 0)), float(hi.get(s, math.inf)))
-        for col in self.artificial_cols:
-            self.prog.set_col_bounds(col, 0.0, 0.0 if integer else math.inf)
+        """Add a configuration to the master; False if it is there already."""
+        return self.master.add(cfg)
 
     # ---- the search ---------------------------------------------------------------------
     def search(self, start: Incumbent | None, *, deadline: Deadline, tolerance: float) -> Search:
@@ -252,7 +133,7 @@ class BranchAndPrice:
         root_deadline = deadline.fraction(ROOT_SHARE)  # the rest: the integer master, branching
         root = self._price(root_branch, root_deadline, value() * (1 + tolerance))
         root_cut = root_deadline.passed()
-        best = self._better(best, self._integer(root_branch, best, deadline))
+        best = self._better(best, self.master.integer(root_branch, best, deadline))
         if root is None or root.bound == math.inf:
             return Search(best, None, 1, self.rounds, False, root_cut)
         converged = root.converged
@@ -281,9 +162,9 @@ class BranchAndPrice:
                 if nodes == 1:  # the root did not converge: branching needs its LP
                     break
                 continue
-            children = _split(node.branch, lp, self.inst.sizes, self.inst.caps)
+            children = split(node.branch, lp, self.inst.sizes, self.inst.caps)
             if not children:  # integral where we branch: the integer master decides
-                best = self._better(best, self._integer(node.branch, best, deadline))
+                best = self._better(best, self.master.integer(node.branch, best, deadline))
                 closed.append(lp.bound)
                 continue
             for child in children:
@@ -297,7 +178,7 @@ class BranchAndPrice:
                     f"bound {max(-heap[0].priority, *closed, value()):.2f}"
                 )
         if nodes > 1:  # the columns found while branching may combine better
-            best = self._better(best, self._integer(root_branch, best, deadline))
+            best = self._better(best, self.master.integer(root_branch, best, deadline))
         bound = max([-n.priority for n in heap] + closed + [value()])
         return Search(best, bound, nodes, self.rounds, converged, root_cut)
 
@@ -311,7 +192,7 @@ class BranchAndPrice:
         """The `keep` configurations with the largest reduced values at the duals of the
         master LP over the columns so far (its own columns first, ties in column order);
         all of them if the LP has no solution."""
-        master = self._master_lp(Branch())
+        master = self.master.lp(Branch(), self._deadline)
         if master is None:
             return list(self.configs)
         _, unit_price, weight, size_price = master
@@ -331,7 +212,7 @@ class BranchAndPrice:
         the configurations with a positive reduced value are added; how many (None if the
         LP has no solution or the deadline cut the round)."""
         self._deadline = deadline
-        master = self._master_lp(Branch())
+        master = self.master.lp(Branch(), self._deadline)
         if master is None:
             return None
         lp, unit_price, weight, size_price = master
@@ -354,106 +235,17 @@ class BranchAndPrice:
     ) -> Incumbent | None:
         """The best plan the columns so far make together (the integer master, unrestricted,
         from `start` where given); None if they make none."""
-        return self._integer(Branch(), start, deadline, node_limit)
-
-    def _integer(
-        self,
-        branch: Branch,
-        start: Incumbent | None,
-        deadline: Deadline,
-        node_limit: int = MASTER_NODES,
-    ) -> Incumbent | None:
-        """The integer master over the columns so far, within the node's restrictions."""
-        if deadline.passed() and start is not None:
-            return None
-        self._restrict(branch, integer=True)
-        x0 = None
-        if start is not None and all(branch.allows(c) for c in start.configs):
-            x0 = self._start_vector(start)
-        sol = self.prog.solve_mip(max(deadline.left(), 0.2), node_limit, x0)
-        self._restrict(branch, integer=False)
-        if not sol.feasible:
-            return None
-        picked = [cfg for cfg, col in zip(self.configs, self.config_cols, strict=True)
-                  if sol.x[col] > 0.5]  # fmt: skip
-        if self.packer.place([c.size for c in picked]) is None:
-            return None  # cannot happen for a solution within the node patterns
-        return Incumbent(sum(c.served for c in picked), picked)
-
-    def _start_vector(self, start: Incumbent) -> list[float] | None:
-        where = self.packer.place([c.size for c in start.configs])
-        if where is None:
-            return None
-        x = [0.0] * self.prog.num_cols
-        for cfg in start.configs:
-            x[self.columns[cfg.key]] = 1.0
-        per_node = [[cfg.size for cfg, (n, _) in zip(start.configs, where, strict=True) if n == k]
-                    for k in range(self.inst.nodes)]  # fmt: skip
-        for col, count in zip(self.pattern_cols, pattern_counts(self.patterns, per_node),
-                              strict=True):  # fmt: skip
-            x[col] = float(count)
-        return x
+        return self.master.integer(Branch(), start, deadline, node_limit)
 
     # ---- pricing ------------------------------------------------------------------------
-    def aggregate(
-        self, deadline: Deadline | None = None
-    ) -> tuple[float, list[float], dict[int, float]] | None:
-        """The aggregate LP — each unit's candidates with the resources of all meshes of a
-        size pooled — and its duals (unit prices, weights): a bound in a fraction of a second
-        (as tight as the compact program's LP), and a point to steer pricing from."""
-        inst, prog = self.inst, Program(self.backend)
-        units = [prog.add_row(1.0 if inst.mandatory(k) else -math.inf, 1.0)
-                 for k in range(len(inst.units))]  # fmt: skip
-        caps = {i: prog.add_row(-math.inf, cap) for i, cap in inst.caps.items()}
-        pool = {(s, r): prog.add_row(-math.inf, 0.0) for s in inst.sizes for r in range(4)}
-        # valid cuts: a dual feasible function of each resource (and of each pair's mean)
-        cuts = {key: prog.add_row(-math.inf, 0.0) for s in inst.sizes for key in self._cut_keys(s)}
-        nodes = prog.add_row(-math.inf, float(inst.nodes))
-        for p in self.patterns:  # a node of pattern p adds p.count(s) meshes' worth of room
-            per_size = [(s, -float(p.count(s))) for s in sorted(set(p))]
-            rows = [pool[(s, r)] for s, _ in per_size for r in range(4)]
-            coefs = [a for _, a in per_size for r in range(4)]
-            rows += [cuts[key] for s, _ in per_size for key in self._cut_keys(s)]
-            coefs += [a for s, a in per_size for _ in self._cut_keys(s)]
-            prog.add_col(0.0, 0.0, math.inf, [*rows, nodes], [*coefs, 1.0])
-        cap = np.array(self.cap)
-        groups = np.zeros((4, len(CUT_GROUPS)))  # resource shares -> each group's mean
-        for g, group in enumerate(CUT_GROUPS):
-            groups[list(group), g] = 1.0 / len(group)
-        for k, (i, _) in enumerate(inst.units):
-            for s in inst.sizes:
-                opts = self.inst.table.options(i, s)
-                if not opts:
-                    continue
-                if (deadline or self._deadline).passed():
-                    return None
-                share = np.array([c.use for c in opts]) / cap  # (n, 4)
-                cut = _dff_all(np.minimum(share @ groups, 1.0))  # (n, groups, orders)
-                cut_rows = [cuts[(s, g, order)] for g in range(len(CUT_GROUPS))
-                            for order in CUT_ORDERS]  # fmt: skip
-                for c, sh, cc in zip(opts, share.tolist(), cut.reshape(len(opts), -1).tolist(),
-                                     strict=True):  # fmt: skip
-                    rows = [units[k]] + [pool[(s, r)] for r in range(4) if sh[r] > 0]
-                    coefs = [1.0] + [x for x in sh if x > 0]
-                    rows += [row for row, f in zip(cut_rows, cc, strict=True) if f > 0]
-                    coefs += [f for f in cc if f > 0]
-                    if i in caps:
-                        rows.append(caps[i])
-                        coefs.append(c.served)
-                    prog.add_col(c.served, 0.0, math.inf, rows, coefs)
-        sol = prog.solve(time_limit=max((deadline or self._deadline).left(), 0.05))
-        if sol.status != "optimal":
-            return None
-        d = sol.duals
-        price_ = [d[row] if inst.mandatory(k) else max(d[row], 0.0) for k, row in enumerate(units)]
-        weight = {i: 1.0 - max(d[caps[i]], 0.0) if i in caps else 1.0 for i in self.model_units}
-        return sol.value, price_, weight
+    def aggregate(self, deadline: Deadline | None = None) -> AggregateSolution | None:
+        """The aggregate LP (`aggregate`) with the fixed cut family (`cut_bound.start_cuts`):
+        a bound in a fraction of a second (as tight as the compact program's LP), and its
+        duals, a point to steer pricing from."""
+        agg = Aggregate(self.inst)
+        return agg.solve(start_cuts(self.inst.sizes), self.backend, deadline or self._deadline)
 
-    @staticmethod
-    def _cut_keys(s: int) -> list[tuple[int, int, int]]:
-        return [(s, g, k) for g in range(len(CUT_GROUPS)) for k in CUT_ORDERS]
-
-    def _price(self, branch: Branch, deadline: Deadline, stop_at: float) -> _LP | None:
+    def _price(self, branch: Branch, deadline: Deadline, stop_at: float) -> MasterLP | None:
         """Column generation at a node, until no column improves the LP (the Lagrangian bound
         meets it), the Lagrangian bound falls to `stop_at`, the round limit, or the deadline;
         None if the LP was never solved.
@@ -463,16 +255,16 @@ class BranchAndPrice:
         keeps the bound low while the master's duals still swing.
         """
         self._deadline = deadline
-        lp: _LP | None = None
+        lp: MasterLP | None = None
         bound = math.inf
         center: tuple[list[float], dict[int, float]] | None = None
         alpha = 1.0  # the first round prices at the center itself
         if branch == Branch():
             agg = self.aggregate()
             if agg is not None:
-                bound = agg[0]
+                bound = agg.value
                 if len(self.inst.units) >= STABILIZE_FROM:
-                    center = (agg[1], agg[2])
+                    center = (agg.unit_price, agg.weight)
         t0 = last_report = time.perf_counter()
         for rounds in range(self.max_rounds):
             now = time.perf_counter()
@@ -486,11 +278,11 @@ class BranchAndPrice:
                     f"bound {shown}, {len(self.configs)} configurations"
                 )
             self.rounds += 1
-            master = self._master_lp(branch)
+            master = self.master.lp(branch, self._deadline)
             if master is None:
                 if deadline.passed():
                     break
-                return _LP(-math.inf, {}, {}, 0.0, -math.inf, True)  # no placement here
+                return MasterLP(-math.inf, {}, {}, 0.0, -math.inf, True)  # no placement here
             lp, out_price, out_weight, size_price = master
             lp.bound = bound
             if center is None:
@@ -613,84 +405,3 @@ class BranchAndPrice:
         )
         caps = sum((1.0 - weight[i]) * cap for i, cap in self.inst.caps.items())
         return sum(unit_price) + caps + self.inst.nodes * per_node
-
-    def _master_lp(
-        self, branch: Branch
-    ) -> tuple[_LP, list[float], dict[int, float], dict[int, float]] | None:
-        """The restricted master LP at a node; its duals price new columns. None where the
-        node's mesh counts admit no solution (then no placement of the node exists) or the
-        solve ran out of time."""
-        self._restrict(branch, integer=False)
-        sol = self.prog.solve(time_limit=max(self._deadline.left(), 0.05))
-        if sol.status != "optimal":
-            return None
-        d = sol.duals
-        unit_price = []
-        for k, row in enumerate(self.unit_rows):  # an optional unit's price is ≥ 0
-            unit_price.append(d[row] if self.inst.mandatory(k) else max(d[row], 0.0))
-        weight = {i: 1.0 - max(d[row], 0.0) for i, row in self.cap_rows.items()}
-        weight_all = {i: weight.get(i, 1.0) for i in self.model_units}
-        size_price = {s: d[self.size_rows[s]] + d[self.count_rows[s]] for s in self.inst.sizes}
-        served, presence = 0.0, dict[tuple[int, int], float]()
-        counts = dict.fromkeys(self.inst.sizes, 0.0)
-        for cfg, col in zip(self.configs, self.config_cols, strict=True):
-            x = sol.x[col]
-            if x <= 1e-12:
-                continue
-            served += cfg.served * x
-            counts[cfg.size] += x
-            for c in cfg.cands:
-                presence[(c.model, cfg.size)] = presence.get((c.model, cfg.size), 0.0) + x
-        artificial = sum(sol.x[col] for col in self.artificial_cols)
-        lp = _LP(served, counts, presence, artificial)
-        return lp, unit_price, weight_all, size_price
-
-
-def _dff(k: int, x: float) -> float:
-    """Fekete and Schepers' dual feasible function u^(k): items whose sizes add up to at most
-    1 have values adding up to at most 1, so Σ u^(k)(share) ≤ meshes is valid for a mesh
-    size's pooled candidates — and tighter than the pooled capacity where large items cannot
-    share a mesh (a 30B model's weights with a 7B model's decode on one GPU)."""
-    y = (k + 1) * x
-    if abs(y - round(y)) < 1e-9:
-        return x
-    return math.floor(y) / k
-
-
-def _dff_all(x: np.ndarray) -> np.ndarray:
-    """`_dff` of every order in CUT_ORDERS at every x: shape x.shape + (orders,)."""
-    out = []
-    for k in CUT_ORDERS:
-        y = (k + 1) * x
-        out.append(np.where(np.abs(y - np.round(y)) < 1e-9, x, np.floor(y) / k))
-    return np.stack(out, axis=-1)
-
-
-def _split(
-    branch: Branch, lp: _LP, sizes: tuple[int, ...], replicated: Mapping[int, float]
-) -> list[Branch]:
-    """Two children that cut off the LP solution; none if it is integral where we branch."""
-
-    def frac(x: float) -> float:
-        return min(x % 1, 1 - x % 1)
-
-    counts = {s: c for s, c in lp.counts.items() if frac(c) > 1e-6}
-    if counts:
-        s = max(counts, key=lambda s: (frac(counts[s]), s))
-        lo, hi = dict(branch.lo), dict(branch.hi)
-        down = Branch(branch.lo, tuple({**hi, s: math.floor(counts[s])}.items()), branch.forbid)
-        up = Branch(tuple({**lo, s: math.ceil(counts[s])}.items()), branch.hi, branch.forbid)
-        return [down, up]
-    # a replicated model may be on several sizes at once: "never on s" or "only on s" would
-    # not cover every placement, so only models on one mesh are branched on
-    present = {
-        k: x for k, x in lp.presence.items() if 1e-6 < x < 1 - 1e-6 and k[0] not in replicated
-    }
-    if present:
-        (i, s) = max(present, key=lambda k: (frac(present[k]), k))
-        elsewhere = {(i, t) for t in sizes if t != s}
-        return [
-            Branch(branch.lo, branch.hi, branch.forbid | {(i, s)}),
-            Branch(branch.lo, branch.hi, branch.forbid | elsewhere),
-        ]
-    return []

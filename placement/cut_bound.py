@@ -1,9 +1,10 @@
 """A tighter aggregate bound at scale: the aggregate LP with separated dual-feasible-function cuts.
 
-The aggregate LP pools the resources of all meshes of a size, so it lets items share a mesh
-they cannot share. `column_generation` gives it a fixed family of valid cuts — Fekete and
-Schepers' dual feasible functions (DFFs) of orders 1-3 applied to each resource and to the
-mean of each pair of resources. Here the family is larger and the cuts are *separated*: after
+The aggregate LP (`aggregate`) pools the resources of all meshes of a size, so it lets items
+share a mesh they cannot share. `column_generation` gives it a fixed family of valid cuts
+(`start_cuts`) — Fekete and Schepers' dual feasible functions (DFFs) of orders 1-3 applied to
+each resource and to the mean of each pair of resources. Here the family is larger and the
+cuts are *separated*: after
 each solve, for every mesh size, the cuts of the family that the LP solution violates most
 are added, and the LP is solved again, until none is violated (or a round limit).
 
@@ -32,16 +33,15 @@ configuration LP (pricing) sees.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from placement.aggregate import Aggregate
 from placement.candidates import CandidateTable
 from placement.deadline import Deadline
-from placement.lp import Program
-from placement.mesh_groups import node_patterns
+from placement.instance import Instance
 from placement.support_cuts import SupportCut, separate_support
 
 GRID = 6  # weight vectors: the simplex grid of step 1/GRID over the four resources (84)
@@ -49,7 +49,6 @@ FS_ORDERS = tuple(range(1, 11))  # Fekete-Schepers u^(k), k = 1..10
 F0_LAMBDAS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)  # f_0^λ
 ROUNDS = 8  # separation rounds at most (64/64: saturated after 3)
 PER_SIZE = 8  # cuts added per mesh size and round: the most violated
-SLACK = 1e-9  # as `candidates.fits` allows
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,7 @@ def cut_bound(
         solved = agg.solve(cuts, backend, deadline)
         if solved is None:
             break
-        value, x, meshes = solved
+        value, x, meshes = solved.value, solved.x, solved.meshes
         best = CutBound(value if best is None else min(best.value, value), k, len(cuts))
         added: list[Cut | SupportCut] = list(agg.separate(x, meshes, grid, family, per_size))
         if not added and support:
@@ -169,77 +168,11 @@ def _support_cuts(
     return out
 
 
-class _Aggregate:
-    """The aggregate LP's data: each unit's candidates per size, as shares of a mesh."""
+class _Aggregate(Aggregate):
+    """The aggregate LP over the whole table, and the separation of cuts from its solution."""
 
     def __init__(self, table: CandidateTable) -> None:
-        p = table.problem
-        self.table = table
-        self.sizes = p.mesh_sizes
-        self.nodes = p.cluster.nodes
-        self.patterns = node_patterns(p.cluster.gpus_per_node, p.mesh_sizes)
-        room = np.array([c * (1 + SLACK) + SLACK for c in table.capacity.as_tuple()])
-        self.units = list(table.units)
-        self.caps = {i: p.targets[i].rate for i in range(p.num_models) if table.replicas(i) > 1}
-        # per size: (unit index, candidate) and their shares (n, 4)
-        self.cands: dict[int, list] = {s: [] for s in self.sizes}
-        for k, (i, j) in enumerate(self.units):
-            for s in self.sizes:
-                for c in table.options(i, s, j):
-                    self.cands[s].append((k, c))
-        self.shares = {
-            s: np.array([c.use for _, c in self.cands[s]], float).reshape(-1, 4) / room
-            for s in self.sizes
-        }
-
-    def solve(
-        self, cuts: Sequence[Cut | SupportCut], backend: str, deadline: Deadline
-    ) -> tuple[float, dict[int, np.ndarray], dict[int, float]] | None:
-        """The LP's value, each size's candidate weights and its number of meshes."""
-        prog = Program(backend)
-        units = [prog.add_row(1.0 if j == 0 else -math.inf, 1.0) for _, j in self.units]
-        caps = {i: prog.add_row(-math.inf, cap) for i, cap in self.caps.items()}
-        pool = {(s, r): prog.add_row(-math.inf, 0.0) for s in self.sizes for r in range(4)}
-        cut_rows = [prog.add_row(-math.inf, 0.0) for _ in cuts]
-        nodes = prog.add_row(-math.inf, float(self.nodes))
-        by_size: dict[int, list[int]] = {s: [] for s in self.sizes}
-        for n, cut in enumerate(cuts):
-            by_size[cut.size].append(n)
-        pattern_cols = []
-        for pat in self.patterns:  # a node of pattern p adds p.count(s) meshes of size s
-            rows, coefs = [nodes], [1.0]
-            for s in sorted(set(pat)):
-                rows += [pool[(s, r)] for r in range(4)] + [cut_rows[n] for n in by_size[s]]
-                coefs += [-float(pat.count(s))] * (4 + len(by_size[s]))
-            pattern_cols.append(prog.add_col(0.0, 0.0, math.inf, rows, coefs))
-        cols: dict[int, list[int]] = {}
-        for s in self.sizes:
-            sh = self.shares[s]
-            values = np.stack([cuts[n].values(sh) for n in by_size[s]], axis=1) if by_size[
-                s] else np.zeros((len(sh), 0))  # fmt: skip
-            cols[s] = []
-            for (k, c), share, vals in zip(self.cands[s], sh.tolist(), values.tolist(),
-                                           strict=True):  # fmt: skip
-                rows = [units[k]] + [pool[(s, r)] for r in range(4) if share[r] > 0]
-                coefs = [1.0] + [x for x in share if x > 0]
-                rows += [cut_rows[n] for n, f in zip(by_size[s], vals, strict=True) if f > 0]
-                coefs += [f for f in vals if f > 0]
-                if c.model in caps:
-                    rows.append(caps[c.model])
-                    coefs.append(c.served)
-                cols[s].append(prog.add_col(c.served, 0.0, math.inf, rows, coefs))
-        if deadline.passed():
-            return None
-        sol = prog.solve(time_limit=max(deadline.left(), 0.05))
-        if sol.status != "optimal":
-            return None
-        x = {s: np.array([sol.x[col] for col in cols[s]]) for s in self.sizes}
-        meshes = {
-            s: sum(pat.count(s) * sol.x[col] for pat, col in zip(self.patterns, pattern_cols,
-                                                                  strict=True))
-            for s in self.sizes
-        }  # fmt: skip
-        return sol.value, x, meshes
+        super().__init__(Instance.whole(table))
 
     def separate(
         self,

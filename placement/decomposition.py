@@ -29,10 +29,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from placement.candidates import CandidateTable
-from placement.column_generation import BranchAndPrice, Incumbent, Instance
+from placement.column_generation import BranchAndPrice
 from placement.column_pool import ColumnPool
 from placement.configurations import Config
 from placement.deadline import Deadline
+from placement.instance import Instance
+from placement.master import Incumbent
 from placement.mesh_groups import MeshPacker
 
 # a node's search: small, and bounded by work so that the split plan is the same every run
@@ -151,13 +153,9 @@ def pricing_groups(table: CandidateTable, best: Incumbent) -> list[list[int]]:
     for shift in (None, *range(n)):
         out += [sorted({i for i, _ in g}) for g in deal(table, shift)]
     p = table.problem
-    packer = MeshPacker(n, p.cluster.gpus_per_node, p.mesh_sizes)
-    where = packer.place([c.size for c in best.configs])
-    if where is not None:
-        nodes: list[set[int]] = [set() for _ in range(n)]
-        for cfg, (node, _) in zip(best.configs, where, strict=True):
-            nodes[node].update(c.model for c in cfg.cands)
-        out += [sorted(g) for g in nodes]
+    nodes = MeshPacker(n, p.cluster.gpus_per_node, p.mesh_sizes).by_node(best.configs)
+    if nodes is not None:
+        out += [sorted({c.model for cfg in node for c in cfg.cands}) for node in nodes]
     unique = dict.fromkeys(tuple(g) for g in out if g)  # each once, first seen first
     return [list(g) for g in unique]
 
@@ -166,13 +164,8 @@ def _nodes_of(table: CandidateTable, plan: Incumbent) -> tuple[Groups, list[Incu
     """`plan`'s meshes placed on the nodes: each node's units and its part of the plan."""
     p = table.problem
     n = p.cluster.nodes
-    where = MeshPacker(n, p.cluster.gpus_per_node, p.mesh_sizes).place(
-        [c.size for c in plan.configs]
-    )
-    assert where is not None  # the pool's plans are packed
-    configs: list[list[Config]] = [[] for _ in range(n)]
-    for cfg, (node, _) in zip(plan.configs, where, strict=True):
-        configs[node].append(cfg)
+    configs = MeshPacker(n, p.cluster.gpus_per_node, p.mesh_sizes).by_node(plan.configs)
+    assert configs is not None  # the pool's plans are packed
     groups = [[(c.model, c.replica) for cfg in cs for c in cfg.cands] for cs in configs]
     return groups, [Incumbent(sum(c.served for c in cs), cs) for cs in configs]
 

@@ -35,7 +35,7 @@ import pulp
 
 from muxserve.errors import ConfigError
 from placement.candidates import RESOURCES, Candidate, CandidateTable, Mode, build_candidates
-from placement.column_generation import BranchAndPrice, Incumbent, Instance
+from placement.column_generation import BranchAndPrice
 from placement.column_pool import ColumnPool
 from placement.configurations import Config
 from placement.cut_bound import cut_bound
@@ -43,8 +43,10 @@ from placement.deadline import Deadline
 from placement.decomposition import plan_by_deals
 from placement.greedy import Progress, solve_greedy, stderr_progress
 from placement.ilp_solver import SOLVERS, run_solver
+from placement.instance import Instance
 from placement.local_search import improve
 from placement.lp import highs_available
+from placement.master import Incumbent
 from placement.mesh_groups import MeshPacker, node_patterns, pattern_counts
 from placement.plan import Placement, assemble
 from placement.problem import Problem
@@ -514,11 +516,10 @@ def _set_start(m: _Compact, table: CandidateTable, plan: list[Config]) -> None:
             m.x[(k, cfg.size, rep, li)].setInitialValue(1)
     cl = table.problem.cluster
     packer = MeshPacker(cl.nodes, cl.gpus_per_node, table.problem.mesh_sizes)
-    where = packer.place([c.size for c in plan])
-    if where is None:
+    nodes = packer.by_node(plan)
+    if nodes is None:
         return
-    per_node = [[cfg.size for cfg, (n, _) in zip(plan, where, strict=True) if n == node]
-                for node in range(cl.nodes)]  # fmt: skip
+    per_node = [[cfg.size for cfg in node] for node in nodes]
     for k, count in enumerate(pattern_counts(m.patterns, per_node)):
         m.n[k].setInitialValue(count)
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from placement.candidates import CandidateTable
-from placement.column_generation import BranchAndPrice, Incumbent, Instance
+from placement.column_generation import BranchAndPrice
 from placement.configurations import Config
 from placement.deadline import Deadline
+from placement.instance import Instance
+from placement.master import Incumbent
 from placement.mesh_groups import MeshPacker
 
 # one pair's search: bounded by work (a heuristic here; no proof needed)
@@ -41,13 +43,9 @@ def improve(
     cl = problem.cluster
     if cl.nodes < 2:
         return start
-    packer = MeshPacker(cl.nodes, cl.gpus_per_node, problem.mesh_sizes)
-    where = packer.place([c.size for c in start.configs])
-    if where is None:
+    nodes = MeshPacker(cl.nodes, cl.gpus_per_node, problem.mesh_sizes).by_node(start.configs)
+    if nodes is None:
         return start
-    nodes: list[list[Config]] = [[] for _ in range(cl.nodes)]
-    for cfg, (node, _) in zip(start.configs, where, strict=True):
-        nodes[node].append(cfg)
     best = start.value
     for npass in range(max_passes):
         improved = False
@@ -130,12 +128,5 @@ def _replan(
     if found.best is None or found.best.value <= start.value + 1e-9:
         return None
     cl = problem.cluster
-    where = MeshPacker(2, cl.gpus_per_node, problem.mesh_sizes).place(
-        [c.size for c in found.best.configs]
-    )
-    if where is None:
-        return None
-    out: tuple[list[Config], list[Config]] = ([], [])
-    for cfg, (node, _) in zip(found.best.configs, where, strict=True):
-        out[node].append(cfg)
-    return out
+    two = MeshPacker(2, cl.gpus_per_node, problem.mesh_sizes).by_node(found.best.configs)
+    return None if two is None else (two[0], two[1])

@@ -9,6 +9,17 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Protocol, TypeVar
+
+
+class Mesh(Protocol):
+    """Anything with a mesh size (a configuration, a greedy mesh)."""
+
+    @property
+    def size(self) -> int: ...
+
+
+M = TypeVar("M", bound=Mesh)
 
 
 def node_patterns(gpus_per_node: int, sizes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -161,6 +172,16 @@ class MeshPacker:
             left = tuple(max(c - slots[s], 0) for s, c in zip(self.sizes, left, strict=True))
             node += 1
         return [out[k] for k in range(len(sizes))]
+
+    def by_node(self, meshes: Sequence[M]) -> list[list[M]] | None:
+        """The meshes `place` puts on each node, in the order given; None if they do not fit."""
+        where = self.place([m.size for m in meshes])
+        if where is None:
+            return None
+        out: list[list[M]] = [[] for _ in range(self.nodes)]
+        for mesh, (node, _) in zip(meshes, where, strict=True):
+            out[node].append(mesh)
+        return out
 
     def _key(self, counts: Mapping[int, int]) -> tuple[int, ...]:
         return tuple(counts.get(s, 0) for s in self.sizes)

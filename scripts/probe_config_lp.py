@@ -17,10 +17,9 @@ bound on every placement). The aggregate LP (`BranchAndPrice.aggregate`) is the 
 With `--combine 400,800` the pool's integer master (`ColumnPool.combine`) runs over the
 grown columns, the best 400 and 800 of them, from the planner's plan.
 
-Private seams (no public method does this; kept inside this script): the unrestricted
-master LP and its duals
-(`BranchAndPrice._master_lp(Branch())` with `_deadline`), a priced configuration moved to a
-model's cheapest replica (`_to_units`), and `_lagrangian`.
+Seams used here: the unrestricted master LP and its duals (`BranchAndPrice.master.lp`),
+and two private ones (no public method does this; kept inside this script): a priced
+configuration moved to a model's cheapest replica (`_to_units`), and `_lagrangian`.
 
 Writes JSON (command, load average before and after, per-round values, bounds, plans) and a
 PNG (master LP value against CPU seconds, the plans and the bound as horizontal lines).
@@ -47,12 +46,14 @@ from bench_placement import CONFIGS, large_problem, paper_problem  # noqa: E402
 
 from muxserve.models.hf_config import load_hf_config  # noqa: E402
 from placement.candidates import CandidateTable, Mode, build_candidates  # noqa: E402
-from placement.column_generation import Branch, BranchAndPrice, Incumbent, Instance  # noqa: E402
+from placement.column_generation import BranchAndPrice  # noqa: E402
 from placement.column_pool import ColumnPool  # noqa: E402
 from placement.configurations import Config, price, price_bound, price_mip  # noqa: E402
 from placement.deadline import Deadline  # noqa: E402
 from placement.decomposition import plan_by_deals  # noqa: E402
 from placement.gpus import make_cluster  # noqa: E402
+from placement.instance import Instance  # noqa: E402
+from placement.master import Branch, Incumbent  # noqa: E402
 from placement.problem import Problem, make_problem  # noqa: E402
 from placement.specs import spec_from_config  # noqa: E402
 from placement.workload import WorkloadFile, paper_workload, parse_workload  # noqa: E402
@@ -128,7 +129,6 @@ def grow(
     bp: BranchAndPrice, rounds: int | None, cpu_budget: float | None, mip_limit: float, t0: float
 ) -> tuple[list[dict], str]:
     """Column generation on the unrestricted master from its columns so far."""
-    bp._deadline = Deadline.never()
     out: list[dict] = []
     empty, r = 0, 0
     while True:
@@ -136,7 +136,7 @@ def grow(
             return out, "rounds"
         if cpu_budget is not None and time.process_time() - t0 >= cpu_budget:
             return out, "cpu budget"
-        master = bp._master_lp(Branch())
+        master = bp.master.lp(Branch(), Deadline.never())
         if master is None:
             return out, "master LP not solved"
         lp, unit_price, weight, size_price = master
@@ -253,10 +253,10 @@ def main(argv: list[str] | None = None) -> dict:
     for cfg in pool.configs:
         bp.add(cfg)
     agg = bp.aggregate()
-    aggregate = None if agg is None else agg[0]
+    aggregate = None if agg is None else agg.value
     t1 = time.process_time()
     rounds, stopped = grow(bp, args.rounds, args.cpu_budget, args.mip_limit, t1)
-    final = bp._master_lp(Branch())  # over the last round's columns too
+    final = bp.master.lp(Branch(), Deadline.never())  # over the last round's columns too
     plans = combine(table, bp, best, columns, args.combine_limit, args.backend)
 
     lag = [r["lagrangian"] for r in rounds if math.isfinite(r["lagrangian"])]

@@ -15,8 +15,9 @@ script measures three families at the point where the DFF cuts saturate:
   likely to move).
 
 Private seams, kept inside this script: `cut_bound._Aggregate` (its `solve` is wrapped to
-record each LP), and the HiGHS object inside `lp.Program` (for `--ipm`). Writes JSON (the
-command, load average before and after, each variant's solves) and a PNG of the bounds.
+record each LP), and the HiGHS object inside the `lp.Program` that `aggregate` makes (for
+`--ipm`). Writes JSON (the command, load average before and after, each variant's solves)
+and a PNG of the bounds.
 
     python scripts/probe_support_cuts.py --rounds 8 --ipm
 """
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_placement import large_problem  # noqa: E402
 
+from placement import aggregate as ag  # noqa: E402
 from placement import cut_bound as cb  # noqa: E402
 from placement.candidates import Mode, build_candidates  # noqa: E402
 from placement.lp import Program  # noqa: E402
@@ -54,7 +56,7 @@ def run(table: object, rounds: int, support: bool, ipm: bool) -> dict:
     """cut_bound with every LP solve recorded (value, meshes per size, CPU-s since start)."""
     solves: list[dict] = []
     points: list[tuple] = []
-    orig_solve, orig_program = cb._Aggregate.solve, cb.Program
+    orig_solve, orig_program = cb._Aggregate.solve, ag.Program
     start = time.process_time()
 
     class IpmProgram(Program):
@@ -67,7 +69,7 @@ def run(table: object, rounds: int, support: bool, ipm: bool) -> dict:
     def solve(self, cuts, backend, deadline):  # type: ignore[no-untyped-def]
         found = orig_solve(self, cuts, backend, deadline)
         if found is not None:
-            value, x, meshes = found
+            value, x, meshes = found.value, found.x, found.meshes
             points.append((self, x, meshes))
             cpu = time.process_time() - start
             used = {str(s): m for s, m in meshes.items() if m > 1e-9}
@@ -78,12 +80,12 @@ def run(table: object, rounds: int, support: bool, ipm: bool) -> dict:
 
     cb._Aggregate.solve = solve  # type: ignore[method-assign]
     if ipm:
-        cb.Program = IpmProgram  # type: ignore[misc]
+        ag.Program = IpmProgram  # type: ignore[misc]
     try:
         found = cb.cut_bound(table, rounds=rounds, support=support)  # type: ignore[arg-type]
     finally:
         cb._Aggregate.solve = orig_solve  # type: ignore[method-assign]
-        cb.Program = orig_program  # type: ignore[misc]
+        ag.Program = orig_program  # type: ignore[misc]
     assert found is not None
     res = {"value": found.value, "rounds": found.rounds, "cuts": found.cuts,
            "cpu_s": time.process_time() - start, "solves": solves}  # fmt: skip

@@ -5,12 +5,13 @@ import random
 import pytest
 
 from placement.candidates import Mode, build_candidates
-from placement.column_generation import BranchAndPrice, Instance
+from placement.column_generation import BranchAndPrice
 from placement.column_pool import ColumnPool
 from placement.configurations import Config
 from placement.deadline import Deadline
 from placement.decomposition import deal, plan_by_deals, plan_by_nodes, pricing_groups
 from placement.ilp import check
+from placement.instance import Instance
 from placement.mesh_groups import MeshPacker
 from tests.helpers.placement import cluster, problem, spec
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from placement.candidates import Candidate, CandidateTable, Capacity, Mode, build_candidates
-from placement.column_generation import BranchAndPrice, Instance
+from placement.column_generation import BranchAndPrice
 from placement.cut_bound import cut_bound, dff, start_cuts, weight_grid
 from placement.deadline import Deadline
 from placement.ilp import solve_ilp
+from placement.instance import Instance
 from placement.lp import highs_available
 from tests.helpers.placement import cluster, problem, random_problem, spec
 from tests.placement.exhaustive import best_placement
@@ -33,7 +34,7 @@ def crowded_gpu() -> CandidateTable:
 def test_separated_cuts_close_a_gap_the_fixed_family_leaves_on_a_hand_made_instance() -> None:
     table = crowded_gpu()
     fixed = BranchAndPrice(Instance.whole(table)).aggregate()
-    assert fixed is not None and fixed[0] == pytest.approx(4.56, abs=1e-6)
+    assert fixed is not None and fixed.value == pytest.approx(4.56, abs=1e-6)
     found = cut_bound(table)
     assert found is not None
     assert found.value == pytest.approx(4.2, abs=1e-6)
@@ -52,7 +53,7 @@ def test_the_bound_is_at_least_the_optimum_and_at_most_the_fixed_familys(seed: i
     fixed = BranchAndPrice(Instance.whole(table)).aggregate()
     assert found is not None and fixed is not None
     assert found.value >= exact - 1e-7
-    assert found.value <= fixed[0] + 1e-6
+    assert found.value <= fixed.value + 1e-6
 
 
 @pytest.mark.skipif(not highs_available(), reason="needs highspy")
@@ -112,5 +113,5 @@ def test_with_replicas_the_bound_is_at_least_the_optimal_plan() -> None:
     found = cut_bound(table)
     fixed = BranchAndPrice(Instance.whole(table)).aggregate()
     assert found is not None and fixed is not None
-    assert plan.served_total - 1e-7 <= found.value <= fixed[0] + 1e-6
+    assert plan.served_total - 1e-7 <= found.value <= fixed.value + 1e-6
     assert found.value <= p.total_rate + 1e-9

@@ -2,14 +2,17 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 import placement.ilp as ilp_module
 from placement.candidates import Mode, build_candidates
-from placement.column_generation import BranchAndPrice, Instance, _dff
+from placement.column_generation import BranchAndPrice
+from placement.cut_bound import dff
 from placement.deadline import Deadline
 from placement.decomposition import deal, plan_by_nodes
 from placement.ilp import check, solve_ilp
+from placement.instance import Instance
 from placement.mesh_groups import MeshPacker
 from tests.helpers.placement import cluster, problem, random_problem, spec
 from tests.placement.exhaustive import best_placement
@@ -41,10 +44,13 @@ def test_node_by_node_plan_is_feasible_and_each_node_holds_its_models() -> None:
 @pytest.mark.parametrize("x", [0.0, 0.2, 1 / 3, 0.4, 0.5, 0.51, 2 / 3, 0.8, 1.0])
 def test_dual_feasible_functions(x: float) -> None:
     # u^(k)(x) + u^(k)(1 - x) <= 1: items filling a mesh never count for more than one mesh
+    def u(k: int, x: float) -> float:  # Fekete and Schepers' u^(k), the fixed family's
+        return float(dff("fs", float(k), np.array(x)))
+
     for k in (1, 2, 3):
-        assert 0.0 <= _dff(k, x) <= 1.0
-        assert _dff(k, x) + _dff(k, 1.0 - x) <= 1.0 + 1e-12
-    assert [_dff(1, x) for x in (0.3, 0.5, 0.6)] == [0.0, 0.5, 1.0]
+        assert 0.0 <= u(k, x) <= 1.0
+        assert u(k, x) + u(k, 1.0 - x) <= 1.0 + 1e-12
+    assert [u(1, x) for x in (0.3, 0.5, 0.6)] == [0.0, 0.5, 1.0]
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -54,7 +60,7 @@ def test_aggregate_bound_with_cuts_bounds_the_optimum(seed: int) -> None:
     if exact == float("-inf"):
         pytest.skip("no placement holds every model")
     found = BranchAndPrice(Instance.whole(build_candidates(p, Mode.MUX))).aggregate()
-    assert found is not None and found[0] >= exact - 1e-7
+    assert found is not None and found.value >= exact - 1e-7
 
 
 def test_at_scale_the_ilp_plans_by_nodes_and_notes_nothing_cut(monkeypatch) -> None:
