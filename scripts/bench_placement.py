@@ -37,7 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_placement_report import PAPER_MAX_RATE, markdown, plot, sides_with  # noqa: E402
+from bench_placement_report import (  # noqa: E402
+    PAPER_MAX_RATE,
+    markdown,
+    plot,
+    plot_large,
+    sides_with,
+)
 
 from muxserve.models.hf_config import load_hf_config  # noqa: E402
 from placement.algorithms import ALGORITHMS, SolveOptions, solve  # noqa: E402
@@ -315,12 +321,14 @@ def main() -> int:
     ap.add_argument("--hot-rate", type=float, default=200.0, help="llm-0's rate, replicas run")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--from-json", type=Path, default=None,
-                    help="only redraw bench.png and bench.md from this bench.json")  # fmt: skip
+                    help="only redraw bench.png and bench.md from this bench.json (large.png and "
+                    "large.md from a large.json)")  # fmt: skip
     args = ap.parse_args()
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text())
-        plot(saved, args.out / "bench.png")
-        (args.out / "bench.md").write_text(markdown(saved))
+        name = "bench" if "paper" in saved else "large"  # a --large-only run's large.json
+        (plot if name == "bench" else plot_large)(saved, args.out / f"{name}.png")
+        (args.out / f"{name}.md").write_text(markdown(saved))
         return 0
     args.simulate = tuple(a for a in args.simulate.split(",") if a)
     args.contention = tuple(a for a in args.contention.split(",") if a)
@@ -334,7 +342,8 @@ def main() -> int:
         result |= {"load_after": load(), "wall_s": time.perf_counter() - t0}
         (args.out / "large.json").write_text(json.dumps(result, indent=1) + "\n")
         (args.out / "large.md").write_text(markdown(result))
-        log(f"wrote {args.out / 'large.json'}")
+        plot_large(result, args.out / "large.png")
+        log(f"wrote {args.out / 'large.json'} and {args.out / 'large.png'}")
         return 0
     scales = [float(x) for x in args.scales.split(",")]
     result["paper"] = [row for scale in scales for row in run_paper(scale, args)]

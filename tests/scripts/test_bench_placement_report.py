@@ -69,3 +69,17 @@ def test_no_simulation_no_verdict(report: ModuleType) -> None:
     }
     assert report.sides_with(r) == {}
     assert report.interference({"paper": [r]}) == []
+
+
+def test_large_only_runs_get_their_own_plot_and_table(report: ModuleType, tmp_path: Path) -> None:
+    run = {"estimated": 594.6, "bound": 611.4, "gap": 0.0283, "greedy": 390.2}
+    run |= {"solve_s": 31.2, "wall_s": 31.3, "cpu_s": 31.2, "status": "gap left", "notes": []}
+    run |= {"load_before": 0.7, "load_after": 0.8}
+    large = {"models": 64, "gpus": 64, "alpha": 0.7, "max_rate": 100.0, "requested": 885.6}
+    large |= {"time_limit_s": 60.0, "runs": [run, run], "spread": 0.0, "same_plan": True}
+    result = {"large": large | {"median": 594.6}}
+    png = tmp_path / "large.png"
+    report.plot_large(result, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = report.markdown(result)
+    assert "| 2 | 594.6 | 611.4 | 2.83% | 31.3 | 31.2 | 0.7-0.8 | 390.2 |" in table
