@@ -319,10 +319,12 @@ class MpsExecutor:
         self._waker.wake()
 
     def shutdown(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for group in self._units():
+        with self._groups_lock:  # a wake installs its groups under it, unless closed
+            if self._closed:
+                return
+            self._closed = True
+            units = self._units()
+        for group in units:
             group.stop()
         reap([p for p, _ in self._retiring])
         self._retiring = []
@@ -454,17 +456,29 @@ class MpsExecutor:
         if fresh and not self.lifecycle.lazy:
             # started here, before the loop's poll knows them, so only this thread reads them;
             # all at once, and waited for under one deadline: their starts overlap
-            for group in fresh.values():
-                group.start()
-            for group, died in wait_ready(list(fresh.values()), self.watch.start_timeout):
+            try:
+                for group in fresh.values():
+                    group.start()
+                failed = wait_ready(list(fresh.values()), self.watch.start_timeout)
+            except BaseException:  # a start that raised, an unexpected message, ^C: nobody
+                for group in fresh.values():  # else knows these processes, so none may stay
+                    group.kill()
+                raise
+            for group, died in failed:
                 # its first job starts it again (and counts failures)
                 log.warning(
                     "%s: %s while waking; starting at its first job", group.label, died.reason
                 )
                 group.kill()
         with self._groups_lock:
-            for phase, group in fresh.items():
-                self.groups[(model, phase)] = group
+            closed = self._closed  # shut down meanwhile: `shutdown` could not see these
+            if not closed:
+                for phase, group in fresh.items():
+                    self.groups[(model, phase)] = group
+        if closed:
+            for group in fresh.values():
+                group.kill()
+            raise WorkerFailedError(f"{model}: the executor was shut down while it woke")
         if pooled:
             self._await_attached(pooled, model)
 
