@@ -187,21 +187,15 @@ class MpsExecutor:
         return list({id(u): u for u in self.groups.values()}.values())
 
     def _start_all(self, timeout: float) -> None:
-        units = self._units()
-        for g in units:
-            if g.can_start:  # an asleep model's groups have no ranks
-                g.start()
-        deadline = time.monotonic() + timeout
-        while starting := [g for g in units if g.state is GroupState.STARTING]:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                names = ", ".join(g.label for g in starting)
-                raise WorkerFailedError(f"workers not ready after {timeout:.0f} s: {names}")
-            owners = self._owners(units)
-            for obj in _wait(list(owners), left):
-                event = owners[obj].on_readable(obj)
-                if isinstance(event, WorkerDied):
-                    raise WorkerFailedError(f"{owners[obj].label}: {event.reason}")
+        """Start every unit that can (an asleep model's groups have no ranks) and wait for
+        them under one deadline; WorkerFailedError naming each that failed (the caller shuts
+        the executor down)."""
+        units = [u for u in self._units() if u.can_start]
+        for unit in units:
+            unit.start()
+        failed = wait_ready(units, timeout)
+        if failed:
+            raise WorkerFailedError("; ".join(f"{u.label}: {d.reason}" for u, d in failed))
 
     # ---- the executor interface ------------------------------------------------------------
     def submit(self, jobs: Sequence[Job]) -> None:
