@@ -64,7 +64,10 @@ class PooledWorker(WorkerUnit):
         self.attach_errors: dict[str, str] = {}  # models the process could not attach, why
         self._queue: deque[Job] = deque()  # other models' jobs waiting for this process
 
-    can_start = True  # a pool runs whether or not a model is attached (a wake only attaches)
+    @property
+    def can_start(self) -> bool:
+        """Always: a pool runs whether or not a model is attached (a wake only attaches)."""
+        return True
 
     # ---- models --------------------------------------------------------------------------
     def attach(self, msg: Attach) -> None:

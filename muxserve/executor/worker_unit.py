@@ -77,6 +77,15 @@ class WorkerUnit:
         """How many processes a start spawns (each must be ready)."""
         return 1
 
+    @property
+    def can_start(self) -> bool:
+        """Whether `start` has processes to spawn (an asleep model's group has none)."""
+        raise NotImplementedError
+
+    def mirrors_of(self, model: str) -> list[WorkerMirror]:
+        """The mirrors of `model`'s requests here (none: the model is not served here)."""
+        raise NotImplementedError
+
     def all_mirrors(self) -> list[WorkerMirror]:
         raise NotImplementedError
 
@@ -128,6 +137,11 @@ class WorkerUnit:
         self._senders.append(sender)
         self.procs.append(proc)
         self.conns.append(parent)
+
+    def start(self) -> None:
+        """Spawn the processes and send their inits; their answers come through
+        `on_readable` (the unit is STARTING until every one is ready)."""
+        raise NotImplementedError
 
     def _starting(self) -> None:
         """Every process is spawned: wait for their WorkerReady."""
@@ -198,7 +212,16 @@ class WorkerUnit:
         if self.job is not None and not self._sent:
             self._dispatch()
 
+    def assign(self, job: Job) -> None:
+        """Take a job; it goes out when the processes are ready and free."""
+        raise NotImplementedError
+
     def take_job(self) -> Job | None:
+        """Take back the job at the head (finished, or lost with the processes)."""
+        raise NotImplementedError
+
+    def take_all(self) -> list[Job]:
+        """Every job held, head first (the unit gave up: they fail)."""
         raise NotImplementedError
 
     # ---- events ----------------------------------------------------------------------------
