@@ -150,6 +150,7 @@ class PooledWorker(WorkerUnit):
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         """Spawn the process and send its init with every member attached."""
+        self._check_stopped()
         init = replace(self._init, attach=tuple(self.members.values()))
         self._spawn(pool_worker_main, self.env, init, f"muxserve-{self.name}")
         self._pending = []

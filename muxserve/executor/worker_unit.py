@@ -143,6 +143,15 @@ class WorkerUnit:
         `on_readable` (the unit is STARTING until every one is ready)."""
         raise NotImplementedError
 
+    def _check_stopped(self) -> None:
+        """Before a start: `_spawn` appends to `procs`, so a start over processes still there
+        would lose track of them (they would outlive the unit)."""
+        if self.state is not GroupState.STOPPED or self.procs:
+            raise RuntimeError(
+                f"{self.label}: started while {self.state.value} with {len(self.procs)} "
+                "process(es); stop or kill it first"
+            )
+
     def _starting(self) -> None:
         """Every process is spawned: wait for their WorkerReady."""
         self.state = GroupState.STARTING
@@ -172,12 +181,7 @@ class WorkerUnit:
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
-        for proc in self.procs:
-            proc.join(STOP_TIMEOUT_S)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(STOP_TIMEOUT_S)
-            proc.close()
+        reap(self.procs)  # killed: they end at once
         for sender in self._senders:  # its reader is gone: the send ends with an error now
             sender.join(STOP_TIMEOUT_S)
         for conn in self.conns:

@@ -46,6 +46,7 @@ class ExitingUnit(FakeUnit):
         WorkerUnit.__init__(self, multiprocessing.get_context("spawn"), name, Phase.DECODE)
 
     def start(self) -> None:
+        self._check_stopped()
         self._spawn(exit_with_3, {}, None, f"muxserve-{self.name}")
         self._starting()
 
@@ -110,6 +111,8 @@ def test_nothing_started_is_nothing_to_wait_for() -> None:
 def test_a_process_that_dies_while_starting_is_named_with_its_exit_code() -> None:
     dying = ExitingUnit("a/decode")
     dying.start()
+    with pytest.raises(RuntimeError, match=r"a/decode: started while starting with 1 process"):
+        dying.start()  # over a live process: it would be lost
     ready, ready_end = started("b/decode", WorkerReady(1))
     pid = dying.procs[0].pid
     failed = wait_ready([dying, ready], 60.0)
