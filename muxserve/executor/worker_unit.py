@@ -160,13 +160,20 @@ class WorkerUnit:
         self.jobs_done = 0
 
     def stop(self) -> None:
-        """Ask every process to exit, kill those that do not, and close the pipes."""
+        """Ask every process to exit, kill those that do not, and close the pipes: the
+        executor shuts down, so the jobs held (if any) go with it."""
+        self.take_all()
         reap(self.retire())
 
     def retire(self) -> list[BaseProcess]:
         """Ask every process to exit and let go of them at once: the unit is stopped (a later
         `start` begins afresh) and the processes, still exiting, are the caller's to `reap`,
-        so a caller that must not wait (the engine's loop) need not."""
+        so a caller that must not wait (the engine's loop) need not.
+
+        Only an idle unit retires (an idle stop; a sleep or a removal, which wait until the
+        model has no request in flight): a job held would never get its result."""
+        if self.job is not None:
+            raise RuntimeError(f"{self.label}: retired holding job {self.job.job_id}")
         for conn in self.conns:
             with contextlib.suppress(OSError):  # already gone
                 conn.send(Stop())  # read before the closed pipe's end of file

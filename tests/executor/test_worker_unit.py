@@ -33,6 +33,11 @@ class FakeUnit(WorkerUnit):
     def _job_mirrors(self, job: Job) -> list[WorkerMirror]:
         return []
 
+    def take_all(self) -> list[Job]:
+        jobs = [] if self.job is None else [self.job]
+        self.job = None
+        return jobs
+
 
 def exit_with_3(conn: Connection, env: dict[str, str]) -> None:
     """A worker's whole life: it ends at once, with exit code 3, before any answer."""
@@ -124,3 +129,15 @@ def test_a_process_that_dies_while_starting_is_named_with_its_exit_code() -> Non
     assert not Path(f"/proc/{pid}").exists()
     for end in (ready_end, *ready.conns):
         end.close()
+
+
+def test_only_an_idle_unit_retires_and_a_stop_drops_its_job() -> None:
+    """A job held by a retiring unit would never get its result: refused, naming it; a stop
+    (the executor shuts down) lets the job go with it."""
+    a, a_end = started("a/decode", None)
+    a.job = cast(Job, SimpleNamespace(job_id=7))
+    with pytest.raises(RuntimeError, match="a/decode: retired holding job 7"):
+        a.retire()
+    a.stop()
+    assert (a.job, a.state, a.conns) == (None, GroupState.STOPPED, [])
+    a_end.close()
