@@ -17,7 +17,7 @@ from muxserve.executor.worker_unit import GroupState
 from muxserve.output_processor import RequestOutput
 from muxserve.scheduler.job import Phase
 from tests.helpers.engine import GREEDY, hf_greedy, make_config, prompts_for
-from tests.helpers.mps import mps_config, mps_engine_of
+from tests.helpers.mps import mps_config, mps_engine_of, tokens_of
 from tests.helpers.wait import wait_until
 
 MODELS = ("llama-demo", "qwen-demo")
@@ -49,7 +49,7 @@ def generate(engine: MuxEngine, model: str, prompt: list[int]) -> list[int]:
     outs = asyncio.run(both())
     assert outs[-1].error is None
     assert all(d == {} for d in starting_seen), starting_seen
-    return [t for o in outs for t in o.token_ids]
+    return tokens_of(outs)
 
 
 def test_lazy_workers_start_at_a_models_first_job_and_idle_ones_stop(

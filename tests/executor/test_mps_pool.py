@@ -230,11 +230,18 @@ def test_a_per_model_wake_includes_its_workers_start(demo_models: dict[str, Path
 def test_a_per_model_wake_names_the_worker_that_could_not_start(
     demo_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Both groups start at once in the wake; the one whose worker fails is named and left for
-    its first job to start again, the other is ready; the model then serves HF's tokens."""
+    """The woken decode worker gets no WorkerInit: the wake names it in a warning, kills it
+    (its process gone) and leaves the group for its first job to start again; the prefill
+    group is ready; the model then serves HF's tokens."""
     from muxserve.executor import worker_unit
+    from muxserve.executor.worker_group import WorkerGroup
 
     real, broken = worker_unit.send_init, []
+    real_start, woken = WorkerGroup.start, {}
+
+    def start(group: WorkerGroup) -> None:  # the woken groups' pids, by phase
+        real_start(group)
+        woken[group.phase] = [p.pid for p in group.procs]
 
     def break_decode(conn, init) -> None:  # the woken decode worker gets no WorkerInit
         if isinstance(init, WorkerInit) and init.phase is Phase.DECODE and not broken:
@@ -245,9 +252,14 @@ def test_a_per_model_wake_names_the_worker_that_could_not_start(
     with mps_engine_of(mps_config(demo_models, "llama-demo")) as (engine, executor):
         engine.sleep("llama-demo", level=1)
         monkeypatch.setattr(worker_unit, "send_init", break_decode)
+        monkeypatch.setattr(WorkerGroup, "start", start)
         with caplog.at_level("WARNING", logger="muxserve.executor.mps"):
             engine.wake("llama-demo")
+        monkeypatch.setattr(WorkerGroup, "start", real_start)
         assert broken == ["llama-demo"]
+        [killed] = woken[Phase.DECODE]
+        assert not Path(f"/proc/{killed}").exists()
+        assert pool_pids(executor) == set(woken[Phase.PREFILL])
         assert [r.getMessage() for r in caplog.records if "while waking" in r.getMessage()] == [
             "llama-demo/decode: could not start: TypeError: expected WorkerInit, got str while "
             "waking; starting at its first job"
