@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 5.0  # a worker not gone this long after `Stop` is killed
 
+Waitable = Connection | int  # a worker's pipe, or a process sentinel
+
 
 class GroupState(enum.Enum):
     STARTING = "starting"  # spawned; not every process said WorkerReady yet
@@ -236,13 +238,11 @@ class WorkerUnit:
         raise NotImplementedError
 
     # ---- events ----------------------------------------------------------------------------
-    def waitables(self) -> list[Connection | int]:
+    def waitables(self) -> list[Waitable]:
         """What `multiprocessing.connection.wait` watches for this unit: pipes, then deaths."""
         return [*self.conns, *(p.sentinel for p in self.procs)]
 
-    def on_readable(
-        self, obj: Connection | int
-    ) -> tuple[Job, JobResult] | WorkerDied | Attached | None:
+    def on_readable(self, obj: Waitable) -> tuple[Job, JobResult] | WorkerDied | Attached | None:
         """Handle one ready waitable: a finished job (the next one goes out), a death, a
         pooled worker's acknowledged attach (a waking thread may be waiting for it), or
         nothing to report."""
@@ -303,14 +303,20 @@ def wait_ready(units: Sequence[U], timeout: float) -> list[tuple[U, WorkerDied]]
                 failed[id(u)] = WorkerDied(f"not ready after {timeout:.0f} s", during_start=True)
             break
         owners = {obj: u for u in starting for obj in u.waitables()}
-        for obj in wait(list(owners), left):
-            unit = owners[cast(Connection | int, obj)]
+        for obj in wait_any(list(owners), left):
+            unit = owners[obj]
             if id(unit) in failed or unit.state is not GroupState.STARTING:
                 continue  # given up on, or ready: the poll reads the rest once it is installed
-            event = unit.on_readable(cast(Connection | int, obj))
+            event = unit.on_readable(obj)
             if isinstance(event, WorkerDied):
                 failed[id(unit)] = event
     return [(u, failed[id(u)]) for u in units if id(u) in failed]
+
+
+def wait_any(objs: list[Waitable], timeout: float) -> list[Waitable]:
+    """`multiprocessing.connection.wait`, typed for what we give it: those of `objs` that are
+    ready (empty after `timeout`)."""
+    return cast(list[Waitable], wait(objs, timeout))
 
 
 def reap(procs: list[BaseProcess], timeout: float = STOP_TIMEOUT_S) -> None:

@@ -253,7 +253,7 @@ def test_a_per_model_wake_names_the_worker_that_could_not_start(
         engine.sleep("llama-demo", level=1)
         monkeypatch.setattr(worker_unit, "send_init", break_decode)
         monkeypatch.setattr(WorkerGroup, "start", start)
-        with caplog.at_level("WARNING", logger="muxserve.executor.mps"):
+        with caplog.at_level("WARNING", logger="muxserve.executor.mps_roster"):
             engine.wake("llama-demo")
         monkeypatch.setattr(WorkerGroup, "start", real_start)
         assert broken == ["llama-demo"]
@@ -280,10 +280,10 @@ def test_a_wake_that_raises_leaves_no_worker_behind(
     """A wake whose decode group cannot start (its `start` raises) kills the prefill group it
     had started, and raises; a wake during which the executor shuts down kills what it started
     instead of installing it. No process is left either time, and none is installed."""
-    from muxserve.executor import mps
+    from muxserve.executor import mps_roster
     from muxserve.executor.worker_group import WorkerGroup
 
-    real_start, real_wait = WorkerGroup.start, mps.wait_ready
+    real_start, real_wait = WorkerGroup.start, mps_roster.wait_ready
     started: list[int] = []
 
     def start_then_fail(group: WorkerGroup) -> None:
@@ -308,7 +308,7 @@ def test_a_wake_that_raises_leaves_no_worker_behind(
         assert executor.worker_pids() == {("llama-demo", p): [] for p in Phase}
 
         monkeypatch.setattr(WorkerGroup, "start", real_start)
-        monkeypatch.setattr(mps, "wait_ready", shut_down_meanwhile)
+        monkeypatch.setattr(mps_roster, "wait_ready", shut_down_meanwhile)
         started.clear()
         with pytest.raises(WorkerFailedError, match="llama-demo: the executor was shut down"):
             engine.wake("llama-demo")
