@@ -78,10 +78,15 @@ class Aggregate:
         }
 
     def solve(
-        self, cuts: Sequence[AggregateCut], backend: str, deadline: Deadline
+        self,
+        cuts: Sequence[AggregateCut],
+        backend: str,
+        deadline: Deadline,
+        solver: str = "simplex",
     ) -> AggregateSolution | None:
-        """The LP with `cuts`; None if the deadline passed first or it has no solution."""
-        inst, prog = self.inst, Program(backend)
+        """The LP with `cuts` (`solver`: see `lp.Program`); None if the deadline passed first
+        or it has no solution."""
+        inst, prog = self.inst, Program(backend, solver=solver)
         units = [prog.add_row(1.0 if inst.mandatory(k) else -math.inf, 1.0)
                  for k in range(len(inst.units))]  # fmt: skip
         caps = {i: prog.add_row(-math.inf, cap) for i, cap in inst.caps.items()}
