@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placement.candidates import Candidate
+from placement.candidates import Candidate, room
 from placement.deadline import Deadline
 from placement.lp import Program
 
@@ -79,7 +79,7 @@ def price(
         v = c.served * (1.0 if weight is None else weight[c.model]) - model_price[c.model]
         if v > MIN_VALUE:
             by_model.setdefault(c.model, []).append((v, c))
-    room0 = [cap * (1 + 1e-9) + 1e-9 for cap in capacity]
+    room0 = room(capacity)
     lam = _multipliers(list(by_model.values()), room0, threshold)
 
     def net(vc: tuple[float, Candidate]) -> float:  # value less the multipliers' charge
@@ -108,15 +108,15 @@ def price(
         if total <= need:
             return total
         for r in range(4):
-            room, frac = room0[r] - used[r], 0.0
+            free, frac = room0[r] - used[r], 0.0
             for dw, dv, d in hulls[r]:
                 if d < depth:
                     continue
-                if dw <= room:
-                    room -= dw
+                if dw <= free:
+                    free -= dw
                     frac += dv
                 else:
-                    frac += dv * room / dw
+                    frac += dv * free / dw
                     break
             total = min(total, frac)
         return total
@@ -287,7 +287,7 @@ def price_mip(
     prog = Program(backend)
     terms: list[tuple[int, float, Candidate]] = []
     by_model: dict[int, list[int]] = {}
-    room = [cap * (1 + 1e-9) + 1e-9 for cap in capacity]  # as `fits` allows
+    fit = room(capacity)  # as `fits` allows
     resource = [prog.add_row(-math.inf, 1.0) for r in range(4)]  # as shares of the capacity
     for c in options:
         v = c.served * (1.0 if weight is None else weight[c.model]) - model_price[c.model]
@@ -299,7 +299,7 @@ def price_mip(
     one = {m: prog.add_row(-math.inf, 1.0) for m in by_model}
     for _, v, c in terms:
         rows = [one[c.model]] + [resource[r] for r in range(4) if c.use[r] > 0]
-        coefs = [1.0] + [c.use[r] / room[r] for r in range(4) if c.use[r] > 0]
+        coefs = [1.0] + [c.use[r] / fit[r] for r in range(4) if c.use[r] > 0]
         prog.add_col(v, 0.0, 1.0, rows, coefs, integer=True)
     sol = prog.solve_mip(time_limit)
     if not sol.feasible:

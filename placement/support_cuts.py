@@ -25,17 +25,21 @@ larger, still valid. Summed over a placement's meshes of size s: Σ_{placed c} g
 G·(meshes of size s). Every placement satisfies the row, so the LP with it is still a
 relaxation. The cut is scaled so that G = 1.
 
-Measured on 64 models / 64 GPUs (`python scripts/probe_support_cuts.py --rounds 8 --ipm`, and
-`--rounds 25`; benchmarks/results/placement/support_cuts_probe*.json): the aggregate LP with
-the DFF cuts stops at 611.42 with 8.13 meshes of 4 GPUs and 3.94 of 8, whose supports need
-8.35 and 4.09 meshes fractionally, so violated cuts are found every round (1-2 a round, 10-17
-CPU-s a round) — yet the value stays at 611.42 after 25 rounds (306 CPU-s) by the simplex,
-and reaches 611.41 after 8 (105 CPU-s) by the interior point method: each cut moves the LP to
-another point of a large optimal face. Clique (conflict) and cardinality cuts are special
-cases (g an indicator) and are not violated there at all: the support of 4-GPU meshes has 17
-conflicting pairs (cliques of at most 3 against 8.13 meshes), that of 8-GPU meshes none; at
-least 6 resp. 9 support items fit one mesh against the 4.83 resp. 6.28 per mesh the LP
-places. So this family is off by default (`cut_bound(support=True)` turns it on).
+Measured on 64 models / 64 GPUs (`python scripts/probe_support_cuts.py --rounds 8 --ipm`,
+benchmarks/results/placement/support_cuts_probe.json, load 0.9-1.2): the aggregate LP with
+the DFF cuts stops at 611.42 with 8.13 meshes of 4 GPUs and 3.94 of 8. Each round the
+separation finds violated cuts (1-2, 12-14 CPU-s a round by the simplex, 13-22 by the
+interior point method); it stops at the first, so the covering LP is only bracketed: by the
+simplex between 8.15-8.18 and 8.31-8.32 meshes of 4 GPUs, 3.96-3.98 and 4.06 of 8 (the cuts
+are violated by 0.2-1.2 %). By the simplex the value stays at 611.4225, with the same meshes
+per size (to 1e-13), after 8 rounds (78 CPU-s); by the interior point method
+(`solver="ipm"`) it falls to 611.398 after 8 (109 CPU-s). Why the cuts barely move the value
+(a large optimal face is one guess) was not measured. Clique (conflict) and cardinality cuts
+are special cases (g an indicator) and are not violated there at all: the support of 4-GPU
+meshes has 17 conflicting pairs (cliques of at most 3 against 8.13 meshes), that of 8-GPU
+meshes none; at least 6 resp. 9 support items fit one mesh against the 4.83 resp. 6.28 per
+mesh the LP places. So this family is off by default (`cut_bound(support=True)` turns it
+on).
 """
 
 from __future__ import annotations
