@@ -24,12 +24,11 @@ from typing import Protocol
 import numpy as np
 
 from placement.candidates import Candidate
+from placement.candidates import room as fit_room
 from placement.deadline import Deadline
 from placement.instance import Instance
 from placement.lp import Program
 from placement.mesh_groups import node_patterns
-
-SLACK = 1e-9  # as `candidates.fits` allows
 
 
 class AggregateCut(Protocol):
@@ -65,8 +64,8 @@ class Aggregate:
         self.sizes = instance.sizes
         self.patterns = node_patterns(p.cluster.gpus_per_node, p.mesh_sizes)
         # a mesh fits with Σ use ≤ cap·(1 + ε) + ε (`candidates.fits`)
-        room = np.array([c * (1 + SLACK) + SLACK for c in table.capacity.as_tuple()])
-        self.models = list(dict.fromkeys(i for i, _ in instance.units))
+        room = np.array(fit_room(table.capacity))
+        self.models = list(instance.model_units)
         # per size: (unit index, candidate) and their shares (n, 4)
         self.cands: dict[int, list[tuple[int, Candidate]]] = {s: [] for s in self.sizes}
         for k, (i, j) in enumerate(instance.units):
@@ -78,10 +77,15 @@ class Aggregate:
         }
 
     def solve(
-        self, cuts: Sequence[AggregateCut], backend: str, deadline: Deadline
+        self,
+        cuts: Sequence[AggregateCut],
+        backend: str,
+        deadline: Deadline,
+        solver: str = "simplex",
     ) -> AggregateSolution | None:
-        """The LP with `cuts`; None if the deadline passed first or it has no solution."""
-        inst, prog = self.inst, Program(backend)
+        """The LP with `cuts` (`solver`: see `lp.Program`); None if the deadline passed first
+        or it has no solution."""
+        inst, prog = self.inst, Program(backend, solver=solver)
         units = [prog.add_row(1.0 if inst.mandatory(k) else -math.inf, 1.0)
                  for k in range(len(inst.units))]  # fmt: skip
         caps = {i: prog.add_row(-math.inf, cap) for i, cap in inst.caps.items()}

@@ -117,14 +117,23 @@ class CandidateTable:
         return sum(len(v) for v in self._options.values())
 
 
-def fits(cands: Iterable[Candidate], capacity: Capacity, slack: float = 1e-9) -> bool:
+FIT_SLACK = 1e-9  # a mesh fits with Σ use ≤ cap·(1 + FIT_SLACK) + FIT_SLACK: rounding aside
+
+
+def room(capacity: Capacity | tuple[float, float, float, float]) -> list[float]:
+    """Per resource, the most the candidates of one fitting mesh may use together (the
+    capacity less nothing but rounding): the one place the fit slack is written out."""
+    caps = capacity.as_tuple() if isinstance(capacity, Capacity) else capacity
+    return [cap * (1 + FIT_SLACK) + FIT_SLACK for cap in caps]
+
+
+def fits(cands: Iterable[Candidate], capacity: Capacity) -> bool:
+    """Whether `cands` fit one mesh of `capacity` together."""
     total = [0.0, 0.0, 0.0, 0.0]
     for c in cands:
         for k in range(4):
             total[k] += c.use[k]
-    return all(
-        t <= cap * (1 + slack) + slack for t, cap in zip(total, capacity.as_tuple(), strict=False)
-    )
+    return all(t <= r for t, r in zip(total, room(capacity), strict=True))
 
 
 def mesh_capacity(problem: Problem, mode: Mode) -> Capacity:

@@ -88,9 +88,7 @@ class BranchAndPrice:
         self.master = Master(instance, threads=threads, backend=backend)
         self.patterns, self.unit_index = self.master.patterns, self.master.unit_index
         self.cap = table.capacity.as_tuple()
-        self.model_units: dict[int, list[int]] = {}
-        for k, (i, _) in enumerate(instance.units):
-            self.model_units.setdefault(i, []).append(k)
+        self.model_units = instance.model_units
         self.options = {
             s: [c for i in self.model_units for c in table.options(i, s)] for s in instance.sizes
         }

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placement.candidates import Candidate
+from placement.candidates import Candidate, room
 from placement.deadline import Deadline
 from placement.lp import Program
 
 NODE_LIMIT = 20_000  # branch-and-bound nodes per pricing call before handing over to the MIP
+MIN_VALUE = 1e-9  # a candidate worth no more than this is left out of every configuration
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,9 @@ def price(
     by_model: dict[int, list[tuple[float, Candidate]]] = {}
     for c in options:
         v = c.served * (1.0 if weight is None else weight[c.model]) - model_price[c.model]
-        if v > 1e-9:
+        if v > MIN_VALUE:
             by_model.setdefault(c.model, []).append((v, c))
-    room0 = [cap * (1 + 1e-9) + 1e-9 for cap in capacity]
+    room0 = room(capacity)
     lam = _multipliers(list(by_model.values()), room0, threshold)
 
     def net(vc: tuple[float, Candidate]) -> float:  # value less the multipliers' charge
@@ -107,15 +108,15 @@ def price(
         if total <= need:
             return total
         for r in range(4):
-            room, frac = room0[r] - used[r], 0.0
+            free, frac = room0[r] - used[r], 0.0
             for dw, dv, d in hulls[r]:
                 if d < depth:
                     continue
-                if dw <= room:
-                    room -= dw
+                if dw <= free:
+                    free -= dw
                     frac += dv
                 else:
-                    frac += dv * room / dw
+                    frac += dv * free / dw
                     break
             total = min(total, frac)
         return total
@@ -257,7 +258,7 @@ def price_bound(
     one: dict[int, int] = {}
     for c in options:
         v = c.served * (1.0 if weight is None else weight[c.model]) - model_price[c.model]
-        if v <= 1e-9:
+        if v <= MIN_VALUE:
             continue
         if c.model not in one:
             one[c.model] = prog.add_row(-math.inf, 1.0)
@@ -278,18 +279,19 @@ def price_mip(
     threshold: float,
     time_limit: float,
     weight: Sequence[float] | Mapping[int, float] | None = None,
+    backend: str = "auto",
 ) -> Priced:
     """The best configuration by the same value, from a MIP solver (HiGHS where installed,
-    else CBC): for when branch and bound stalls. Its upper bound holds even when the solver
-    stops at the time limit (the solver's own bound)."""
-    prog = Program()
+    else CBC): for when branch and bound stalls. Its upper bound is the solver's own dual
+    bound, so it holds at the time limit and within HiGHS's relative gap (1e-4) alike."""
+    prog = Program(backend)
     terms: list[tuple[int, float, Candidate]] = []
     by_model: dict[int, list[int]] = {}
-    room = [cap * (1 + 1e-9) + 1e-9 for cap in capacity]  # as `fits` allows
+    fit = room(capacity)  # as `fits` allows
     resource = [prog.add_row(-math.inf, 1.0) for r in range(4)]  # as shares of the capacity
     for c in options:
         v = c.served * (1.0 if weight is None else weight[c.model]) - model_price[c.model]
-        if v > 1e-9:
+        if v > MIN_VALUE:
             by_model.setdefault(c.model, [])
             terms.append((len(terms), v, c))
     if not terms:
@@ -297,7 +299,7 @@ def price_mip(
     one = {m: prog.add_row(-math.inf, 1.0) for m in by_model}
     for _, v, c in terms:
         rows = [one[c.model]] + [resource[r] for r in range(4) if c.use[r] > 0]
-        coefs = [1.0] + [c.use[r] / room[r] for r in range(4) if c.use[r] > 0]
+        coefs = [1.0] + [c.use[r] / fit[r] for r in range(4) if c.use[r] > 0]
         prog.add_col(v, 0.0, 1.0, rows, coefs, integer=True)
     sol = prog.solve_mip(time_limit)
     if not sol.feasible:
@@ -305,7 +307,7 @@ def price_mip(
     exact = sol.status == "optimal"
     chosen = tuple(c for k, _, c in terms if sol.x[k] > 0.5)
     value = sum(v for k, v, _ in terms if sol.x[k] > 0.5)
-    upper = max(value, threshold) if exact else max(sol.bound, value)
+    upper = max(sol.bound, value, threshold) if exact else max(sol.bound, value)
     if not chosen or value <= threshold:
         return Priced([], exact, upper)
     return Priced([(value, Config(size, chosen))], exact, upper)

@@ -33,16 +33,16 @@ configuration LP (pricing) sees.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from placement.aggregate import Aggregate
+from placement.aggregate import Aggregate, AggregateSolution
 from placement.candidates import CandidateTable
 from placement.deadline import Deadline
 from placement.instance import Instance
-from placement.support_cuts import SupportCut, separate_support
+from placement.support_cuts import Separation, SupportCut, separate_support
 
 GRID = 6  # weight vectors: the simplex grid of step 1/GRID over the four resources (84)
 FS_ORDERS = tuple(range(1, 11))  # Fekete-Schepers u^(k), k = 1..10
@@ -73,6 +73,16 @@ class CutBound:
     value: float
     rounds: int
     cuts: int
+
+
+@dataclass(frozen=True)
+class Round:
+    """One LP solve of `cut_bound` and what was separated from its solution."""
+
+    solution: AggregateSolution
+    cuts: int  # cut rows in that LP
+    added: int  # cuts separated from its solution (0: the last round)
+    support: dict[int, Separation] = field(default_factory=dict)  # per size, where separated
 
 
 def dff(kind: str, param: float, x: np.ndarray) -> np.ndarray:
@@ -121,11 +131,14 @@ def cut_bound(
     rounds: int = ROUNDS,
     per_size: int = PER_SIZE,
     support: bool = False,
+    solver: str = "simplex",
+    on_round: Callable[[Round], None] | None = None,
 ) -> CutBound | None:
     """The aggregate LP over the whole table with cuts separated from the family above:
     an upper bound on the total served rate of every placement; None if the deadline
     passed before an LP was solved (or the LP has no solution). With `support`, once no
-    DFF cut is violated, each size's support is separated exactly (`support_cuts`)."""
+    DFF cut is violated, each size's support is separated exactly (`support_cuts`).
+    `solver` is the LP method (`lp.Program`); `on_round` sees every round as it ends."""
     deadline = deadline or Deadline.never()
     agg = _Aggregate(table)
     cuts: list[Cut | SupportCut] = list(start_cuts(agg.sizes))
@@ -135,36 +148,51 @@ def cut_bound(
     for k in range(rounds + 1):
         if deadline.passed():
             break
-        solved = agg.solve(cuts, backend, deadline)
+        solved = agg.solve(cuts, backend, deadline, solver)
         if solved is None:
             break
         value, x, meshes = solved.value, solved.x, solved.meshes
         best = CutBound(value if best is None else min(best.value, value), k, len(cuts))
         added: list[Cut | SupportCut] = list(agg.separate(x, meshes, grid, family, per_size))
-        if not added and support:
-            added = list(_support_cuts(agg, x, meshes, deadline))
+        found: dict[int, Separation] = {}
+        if not added and support and k < rounds:
+            found = _support(agg, x, meshes, deadline, backend)
+            added = [SupportCut(s, tuple(float(v) for v in sep.g))
+                     for s, sep in found.items() if sep.g is not None]  # fmt: skip
+        if k == rounds:
+            added = []  # no LP is left to add them to
+        if on_round is not None:
+            on_round(Round(solved, len(cuts), len(added), found))
         if not added:
             break
         cuts += added
     return best
 
 
-def _support_cuts(
-    agg: _Aggregate, x: dict[int, np.ndarray], meshes: dict[int, float], deadline: Deadline
-) -> list[SupportCut]:
-    """Per size, the exact separation of the LP solution's support, where it is violated."""
-    out = []
+def _support(
+    agg: _Aggregate,
+    x: dict[int, np.ndarray],
+    meshes: dict[int, float],
+    deadline: Deadline,
+    backend: str,
+) -> dict[int, Separation]:
+    """Per size, the exact separation of the LP solution's support, its cut's coefficients
+    spread over all of the size's candidates (0 off the support)."""
+    out = {}
+    cap = agg.table.capacity.as_tuple()
     for s in agg.sizes:
         on = np.flatnonzero(x[s] > 1e-9)
         if len(on) == 0:
             continue
         items = [agg.cands[s][k][1] for k in on]
-        cap = agg.table.capacity.as_tuple()
-        g = separate_support(items, x[s][on], meshes[s], cap, deadline=deadline)
-        if g is not None:
+        units = [agg.cands[s][k][0] for k in on]
+        sep = separate_support(items, x[s][on], meshes[s], cap, units=units,
+                               deadline=deadline, backend=backend)  # fmt: skip
+        if sep.g is not None:
             coefs = np.zeros(len(agg.cands[s]))
-            coefs[on] = g
-            out.append(SupportCut(s, tuple(float(v) for v in coefs)))
+            coefs[on] = sep.g
+            sep = Separation(coefs, sep.cover_lower, sep.cover_upper)
+        out[s] = sep
     return out
 
 

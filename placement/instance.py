@@ -34,6 +34,14 @@ class Instance:
     def sizes(self) -> tuple[int, ...]:
         return self.table.problem.mesh_sizes
 
+    @property
+    def model_units(self) -> dict[int, list[int]]:
+        """Per model here (in the order of its first unit): the indices of its units."""
+        out: dict[int, list[int]] = {}
+        for k, (i, _) in enumerate(self.units):
+            out.setdefault(i, []).append(k)
+        return out
+
     def mandatory(self, k: int) -> bool:
         """Unit k is a model's replica 0: it must be placed."""
         return self.units[k][1] == 0

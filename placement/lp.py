@@ -48,11 +48,21 @@ class Solution:
 
 
 class Program:
-    """Rows and columns with bounds; `solve` as an LP, `solve_mip` with integer columns."""
+    """Rows and columns with bounds; `solve` as an LP, `solve_mip` with integer columns.
 
-    def __init__(self, backend: str = "auto", threads: int | None = None) -> None:
+    `solver` picks the LP method: "simplex" (the default: a vertex, warm-started), or "ipm",
+    HiGHS's interior point method without crossover (a point inside the optimal face; HiGHS
+    only)."""
+
+    def __init__(
+        self, backend: str = "auto", threads: int | None = None, solver: str = "simplex"
+    ) -> None:
+        if solver not in ("simplex", "ipm"):
+            raise ValueError(f"unknown LP solver {solver!r} (simplex or ipm)")
         use_highs = backend == "highs" or (backend == "auto" and highs_available())
-        self._impl: _Highs | _Pulp = _Highs(threads) if use_highs else _Pulp(threads)
+        if solver == "ipm" and not use_highs:
+            raise ValueError("the ipm solver needs HiGHS (highspy), not CBC")
+        self._impl: _Highs | _Pulp = _Highs(threads, solver) if use_highs else _Pulp(threads)
         self.num_rows = 0
         self.num_cols = 0
 
@@ -131,7 +141,7 @@ def quiet_highs_banner() -> None:
 
 
 class _Highs:
-    def __init__(self, threads: int | None) -> None:
+    def __init__(self, threads: int | None, solver: str = "simplex") -> None:
         import highspy
 
         quiet_highs_banner()
@@ -141,6 +151,9 @@ class _Highs:
         h.setOptionValue("output_flag", False)
         h.setOptionValue("random_seed", 0)
         h.setOptionValue("threads", threads or 1)  # deterministic, and one core is ours
+        if solver == "ipm":
+            h.setOptionValue("solver", "ipm")
+            h.setOptionValue("run_crossover", "off")
         h.changeObjectiveSense(highspy.ObjSense.kMaximize)
         self.integer: list[int] = []
 

@@ -69,7 +69,7 @@ class Master:
         self.patterns = node_patterns(gpus, problem.mesh_sizes)
         self.packer = MeshPacker(instance.nodes, gpus, problem.mesh_sizes)
         self.unit_index = {u: k for k, u in enumerate(instance.units)}
-        self.models = list(dict.fromkeys(i for i, _ in instance.units))
+        self.models = list(instance.model_units)
         # an unmet "place replica 0" row costs more than any plan serves
         self.penalty = 1e3 * (problem.total_rate + 1.0)
         self.columns: dict[tuple, int] = {}  # config key -> column

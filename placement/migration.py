@@ -29,7 +29,14 @@ from dataclasses import dataclass, replace
 
 from muxserve.config import MuxConfig
 from muxserve.errors import ConfigError
-from placement.candidates import Candidate, CandidateTable, Capacity, Mode, build_candidates
+from placement.candidates import (
+    Candidate,
+    CandidateTable,
+    Capacity,
+    Mode,
+    build_candidates,
+    room,
+)
 from placement.plan import PlacedMesh, PlacedModel, Placement, assemble
 from placement.problem import Problem, Target
 from placement.specs import PlannerModel
@@ -273,7 +280,7 @@ def _best_fit(options: Sequence[Sequence[Candidate]], capacity: Capacity) -> lis
     serve the most: depth-first branch and bound over each model's options, most served
     first, with the uses summed as it goes; at most `_NODES_CAP` nodes (then the best found)."""
     n = len(options)
-    cap = [c * (1 + 1e-9) + 1e-9 for c in capacity.as_tuple()]
+    cap = room(capacity)
     tops = [opts[0].served if opts else 0.0 for opts in options]
     rest = [sum(tops[k:]) for k in range(n + 1)]
     best: list[Candidate | None] = [None] * n

@@ -173,6 +173,19 @@ class EngineSide:
             self.engine.abort(rid)
 
 
+def bench_engine(
+    folder: Path, pool_bytes: int, prefill_budget: int, max_batch: int, block_bytes: int | None
+) -> MuxEngine:
+    """The one-model CPU engine the decode benchmarks time: `folder`'s checkpoint, named
+    "bench"; `block_bytes` None keeps the engine's default block size."""
+    engine: dict[str, Any] = {"kv_pool_bytes": pool_bytes, "device": "cpu"}
+    engine |= {"prefill_token_budget": prefill_budget, "max_batch_size": max_batch}
+    if block_bytes is not None:
+        engine["block_bytes"] = block_bytes
+    models = [{"name": "bench", "path": str(folder), "rate": 1.0}]
+    return MuxEngine(parse_config({"models": models, "engine": engine}))
+
+
 def read_weights(model: torch.nn.Module) -> None:
     """One pass over every weight: the memory traffic a batch-1 decode step cannot avoid."""
     with torch.inference_mode():
@@ -375,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--e2e-repeats", type=int, default=4)
     p.add_argument("--out", default="benchmarks/results/decode")
     args = p.parse_args(argv)
+    if args.vocab <= PROMPT_VOCAB:
+        p.error(
+            f"--vocab {args.vocab}: prompt ids are drawn below {PROMPT_VOCAB}, so it must be larger"
+        )
     import transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # past_key_values' rename
@@ -396,25 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         tokens = sum(pt.batch for pt in args.points) * longest
         tokens += args.e2e * (args.e2e_prompts[1] + args.e2e_tokens + 16)
         kv_bytes = 2 * args.layers * args.kv_heads * (args.hidden // args.heads) * 4 * tokens
-        engine = MuxEngine(
-            parse_config(
-                {
-                    "models": [{"name": "bench", "path": str(folder), "rate": 1.0}],
-                    "engine": {
-                        "kv_pool_bytes": 2 * kv_bytes + (64 << 20),
-                        "block_bytes": args.block_bytes,
-                        "device": "cpu",
-                        # one prefill job for the whole batch: every row starts decoding at
-                        # the same length, as HF's do
-                        "prefill_token_budget": max(
-                            [pt.batch * pt.prompt for pt in args.points]
-                            + [args.e2e * args.e2e_prompts[1]]
-                        ),
-                        "max_batch_size": max([pt.batch for pt in args.points] + [args.e2e]),
-                    },
-                }
-            )
-        )
+        # one prefill job for the whole batch: every row starts decoding at the same length,
+        # as HF's do
+        e2e_budget = args.e2e * args.e2e_prompts[1]
+        budget = max([pt.batch * pt.prompt for pt in args.points] + [e2e_budget])
+        batch = max([pt.batch for pt in args.points] + [args.e2e])
+        engine = bench_engine(folder, 2 * kv_bytes + (64 << 20), budget, batch, args.block_bytes)
         try:
             ours = engine.executor.runners["bench"].model  # type: ignore[attr-defined]
             for point in args.points:

@@ -31,10 +31,16 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_decode import EngineSide, Point, prompts, ratio_stats, write_checkpoint  # noqa: E402
+from bench_decode import (  # noqa: E402
+    EngineSide,
+    Point,
+    bench_engine,
+    prompts,
+    ratio_stats,
+    write_checkpoint,
+)
 from bench_vs_hf import SIZES  # noqa: E402
 
-from muxserve.config import parse_config  # noqa: E402
 from muxserve.engine import MuxEngine  # noqa: E402
 from muxserve.models.stacked import STACK_ROWS, Stacked, stacks_in  # noqa: E402
 
@@ -125,18 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         write_checkpoint(folder, argparse.Namespace(**vars(size)))
         tokens = point.batch * (point.prompt + total + 16)
-        engine = MuxEngine(
-            parse_config(
-                {
-                    "models": [{"name": "bench", "path": str(folder), "rate": 1.0}],
-                    "engine": {
-                        "kv_pool_bytes": tokens * size.kv_bytes_per_token() * 5 // 4 + (16 << 20),
-                        "device": "cpu",
-                        "prefill_token_budget": point.batch * point.prompt,
-                        "max_batch_size": point.batch,
-                    },
-                }
-            )
+        engine = bench_engine(
+            folder,
+            tokens * size.kv_bytes_per_token() * 5 // 4 + (16 << 20),
+            point.batch * point.prompt,
+            point.batch,
+            None,
         )
         try:
             for s in stacks_in(engine.executor.runners["bench"].model):  # type: ignore[attr-defined]

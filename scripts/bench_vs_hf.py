@@ -47,10 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # this checkout's muxserve; bench_decode
 
-from bench_decode import Point, bench_point, write_checkpoint  # noqa: E402
-
-from muxserve.config import parse_config  # noqa: E402
-from muxserve.engine import MuxEngine  # noqa: E402
+from bench_decode import Point, bench_engine, bench_point, write_checkpoint  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -123,22 +120,14 @@ def bench_model(
                 "cells": rows,
             }
         )
-        engine = MuxEngine(
-            parse_config(
-                {
-                    "models": [{"name": "bench", "path": str(folder), "rate": 1.0}],
-                    "engine": {
-                        # one cell at a time: each aborts its requests before the next
-                        "kv_pool_bytes": longest * size.kv_bytes_per_token() * 5 // 4 + (16 << 20),
-                        "block_bytes": args.block_bytes,
-                        "device": "cpu",
-                        # one prefill job per cell: every row starts decoding at one length,
-                        # as HF's do
-                        "prefill_token_budget": max(c.batch * c.prompt for c in cells),
-                        "max_batch_size": max(c.batch for c in cells),
-                    },
-                }
-            )
+        # one cell at a time: each aborts its requests before the next; one prefill job per
+        # cell: every row starts decoding at one length, as HF's do
+        engine = bench_engine(
+            folder,
+            longest * size.kv_bytes_per_token() * 5 // 4 + (16 << 20),
+            max(c.batch * c.prompt for c in cells),
+            max(c.batch for c in cells),
+            args.block_bytes,
         )
         try:
             ours = engine.executor.runners["bench"].model  # type: ignore[attr-defined]

@@ -11,13 +11,12 @@ script measures three families at the point where the DFF cuts saturate:
 - the exact separation of the support (`support_cuts`, which contains both as special
   cases): `cut_bound(support=True)` for `--rounds` rounds, each LP solve's value recorded,
   solved by the simplex (as the planner does) and, with `--ipm`, by HiGHS's interior point
-  method without crossover (a point in the middle of the optimal face, which a cut is more
-  likely to move).
+  method without crossover (`solver="ipm"`: a point inside the optimal face). Each round
+  records the covering LP's value per size: the meshes the support needs fractionally.
 
-Private seams, kept inside this script: `cut_bound._Aggregate` (its `solve` is wrapped to
-record each LP), and the HiGHS object inside the `lp.Program` that `aggregate` makes (for
-`--ipm`). Writes JSON (the command, load average before and after, each variant's solves)
-and a PNG of the bounds.
+Every round is read through `cut_bound`'s `on_round`. Writes JSON (the command, load average
+before and after, each variant's rounds) and a PNG of the bounds against the target: a
+bound within 2 % of the plan (the plan's value × 1.02).
 
     python scripts/probe_support_cuts.py --rounds 8 --ipm
 """
@@ -40,67 +39,55 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_placement import large_problem  # noqa: E402
 
-from placement import aggregate as ag  # noqa: E402
-from placement import cut_bound as cb  # noqa: E402
-from placement.candidates import Mode, build_candidates  # noqa: E402
-from placement.lp import Program  # noqa: E402
+from placement.aggregate import Aggregate  # noqa: E402
+from placement.candidates import CandidateTable, Mode, build_candidates  # noqa: E402
+from placement.cut_bound import ROUNDS, Round, cut_bound  # noqa: E402
+from placement.instance import Instance  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "placement" / "support_cuts_probe.json"
+LARGE = ROOT / "benchmarks" / "results" / "placement" / "large.json"  # the plan's value
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run(table: object, rounds: int, support: bool, ipm: bool) -> dict:
-    """cut_bound with every LP solve recorded (value, meshes per size, CPU-s since start)."""
+def run(table: CandidateTable, rounds: int, support: bool, solver: str) -> dict:
+    """cut_bound with every round recorded (value, meshes per size, the covering LP per
+    size, CPU-s since the start at the round's end)."""
     solves: list[dict] = []
-    points: list[tuple] = []
-    orig_solve, orig_program = cb._Aggregate.solve, ag.Program
+    last: list[Round] = []
     start = time.process_time()
 
-    class IpmProgram(Program):
-        def __init__(self, *a: object, **k: object) -> None:
-            super().__init__(*a, **k)  # type: ignore[arg-type]
-            h = self._impl.h  # type: ignore[union-attr]
-            h.setOptionValue("solver", "ipm")
-            h.setOptionValue("run_crossover", "off")
+    def seen(r: Round) -> None:
+        last[:] = [r]
+        sol = r.solution
+        rec = {"cuts": r.cuts, "added": r.added, "value": sol.value,
+               "cpu_s": time.process_time() - start,
+               "meshes": {str(s): m for s, m in sol.meshes.items() if m > 1e-9},
+               "cover": {str(s): [sep.cover_lower, sep.cover_upper]
+                         for s, sep in r.support.items()}}  # fmt: skip
+        solves.append(rec)
+        log(f"  LP {len(solves)}: {sol.value:.4f} with {r.cuts} cuts, +{r.added}, "
+            f"cover {rec['cover']}, {rec['cpu_s']:.1f} CPU-s")  # fmt: skip
 
-    def solve(self, cuts, backend, deadline):  # type: ignore[no-untyped-def]
-        found = orig_solve(self, cuts, backend, deadline)
-        if found is not None:
-            value, x, meshes = found.value, found.x, found.meshes
-            points.append((self, x, meshes))
-            cpu = time.process_time() - start
-            used = {str(s): m for s, m in meshes.items() if m > 1e-9}
-            solves.append({"cuts": len(cuts), "value": value, "cpu_s": cpu, "meshes": used})
-            log(f"  LP {len(solves)}: {value:.4f} with {len(cuts)} cuts, "
-                f"{solves[-1]['cpu_s']:.1f} CPU-s")  # fmt: skip
-        return found
-
-    cb._Aggregate.solve = solve  # type: ignore[method-assign]
-    if ipm:
-        ag.Program = IpmProgram  # type: ignore[misc]
-    try:
-        found = cb.cut_bound(table, rounds=rounds, support=support)  # type: ignore[arg-type]
-    finally:
-        cb._Aggregate.solve = orig_solve  # type: ignore[method-assign]
-        ag.Program = orig_program  # type: ignore[misc]
+    found = cut_bound(table, rounds=rounds, support=support, solver=solver, on_round=seen)
     assert found is not None
     res = {"value": found.value, "rounds": found.rounds, "cuts": found.cuts,
            "cpu_s": time.process_time() - start, "solves": solves}  # fmt: skip
-    res["point"] = points[-1]
+    res["point"] = last[0].solution
     return res
 
 
-def small_families(agg: object, x: dict, meshes: dict) -> dict:
-    """Clique and cardinality statistics of each size's support at the point."""
+def small_families(agg: Aggregate, x: dict, meshes: dict) -> dict:
+    """Clique and cardinality statistics of each size's support at the point (x in the
+    candidate order of `agg`, which `cut_bound`'s LP shares)."""
     out = {}
-    for s in agg.sizes:  # type: ignore[attr-defined]
+    for s in agg.sizes:
         on = np.flatnonzero(x[s] > 1e-9)
         if len(on) == 0:
             continue
-        sh, xs = agg.shares[s][on], x[s][on]  # type: ignore[attr-defined]
+        sh, xs = agg.shares[s][on], x[s][on]
         n = len(on)
         pairs = {(a, b) for a, b in itertools.combinations(range(n), 2)
                  if np.any(sh[a] + sh[b] > 1 + 1e-9)}  # fmt: skip
@@ -119,7 +106,7 @@ def small_families(agg: object, x: dict, meshes: dict) -> dict:
 
 
 def plot(res: dict, path: Path) -> None:
-    """Each variant's LP value against CPU seconds (titled PNG)."""
+    """Each variant's LP value against CPU seconds, and the target (titled PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,7 +118,9 @@ def plot(res: dict, path: Path) -> None:
             solves = res[name]["solves"]
             xs, ys = [v["cpu_s"] for v in solves], [v["value"] for v in solves]
             ax.plot(xs, ys, marker=".", label=f"{name}: {res[name]['value']:.3f}")
-    ax.axhline(606.4, color="tab:red", ls="--", label="606.4: a 2 % gap for the plan's 594.6")
+    plan = res["plan"]
+    ax.axhline(plan * 1.02, color="tab:red", ls="--",
+               label=f"{plan * 1.02:.1f}: the plan's {plan:.1f} × 1.02")  # fmt: skip
     ax.set_xlabel("CPU seconds")
     ax.set_ylabel("aggregate LP bound (req/s)")
     ax.set_ylim(604.0, 612.0)
@@ -151,17 +140,19 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     table = build_candidates(large_problem(0.7, 100.0, 8.0), Mode.MUX)
     command = " ".join(["python scripts/probe_support_cuts.py", *(argv or sys.argv[1:])])
-    res: dict = {"command": command}
+    plan = json.loads(LARGE.read_text())["large"]["median"]
+    res: dict = {"command": command, "plan": plan, "target": plan * 1.02}
     log("DFF cuts alone")
-    plain = run(table, cb.ROUNDS, support=False, ipm=False)
-    agg, x, meshes = plain.pop("point")
+    plain = run(table, ROUNDS, support=False, solver="simplex")
+    point = plain.pop("point")
     res["dff"] = plain
-    res["small_families"] = small_families(agg, x, meshes)
+    agg = Aggregate(Instance.whole(table))
+    res["small_families"] = small_families(agg, point.x, point.meshes)
     log(json.dumps(res["small_families"]))
-    for ipm in (False, True) if args.ipm else (False,):
-        name = "support_ipm" if ipm else "support_simplex"
+    for solver in ("simplex", "ipm") if args.ipm else ("simplex",):
+        name = f"support_{solver}"
         log(name)
-        res[name] = run(table, args.rounds, support=True, ipm=ipm)
+        res[name] = run(table, args.rounds, support=True, solver=solver)
         res[name].pop("point")
     res["load_before"], res["load_after"] = load_before, os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,14 +45,12 @@ from bench_decode import (  # noqa: E402
     EngineSide,
     HFSide,
     Point,
+    bench_engine,
     prompts,
     ratio_stats,
     write_checkpoint,
 )
 from bench_vs_hf import SIZES  # noqa: E402
-
-from muxserve.config import parse_config  # noqa: E402
-from muxserve.engine import MuxEngine  # noqa: E402
 
 MATMULS = ("linear", "mm", "addmm", "bmm", "matmul")
 
@@ -176,19 +174,12 @@ def main(argv: list[str] | None = None) -> int:
             folder, dtype=torch.float32, attn_implementation="sdpa"
         ).eval()
         tokens = point.batch * (point.prompt + total_steps + 16)
-        engine = MuxEngine(
-            parse_config(
-                {
-                    "models": [{"name": "bench", "path": str(folder), "rate": 1.0}],
-                    "engine": {
-                        "kv_pool_bytes": tokens * size.kv_bytes_per_token() * 5 // 4 + (16 << 20),
-                        "block_bytes": args.block_bytes,
-                        "device": "cpu",
-                        "prefill_token_budget": point.batch * point.prompt,
-                        "max_batch_size": point.batch,
-                    },
-                }
-            )
+        engine = bench_engine(
+            folder,
+            tokens * size.kv_bytes_per_token() * 5 // 4 + (16 << 20),
+            point.batch * point.prompt,
+            point.batch,
+            args.block_bytes,
         )
         try:
             batch = prompts(point, seed=point.batch * 100_003 + point.prompt)

@@ -43,3 +43,10 @@ def test_an_instance_places_its_own_units_only() -> None:
 def test_a_passed_deadline_gives_no_solution() -> None:
     agg = Aggregate(Instance.whole(crowded_gpu()))
     assert agg.solve([], "auto", Deadline.after(0.0)) is None
+
+
+def test_an_instance_lists_each_models_units_in_order() -> None:
+    table = crowded_gpu()
+    inst = Instance(table, ((2, 0), (0, 0), (2, 1), (0, 1)), 1, {})
+    assert inst.model_units == {2: [0, 2], 0: [1, 3]}
+    assert Aggregate(inst).models == [2, 0]

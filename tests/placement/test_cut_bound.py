@@ -7,7 +7,7 @@ import pytest
 
 from placement.candidates import Candidate, CandidateTable, Capacity, Mode, build_candidates
 from placement.column_generation import BranchAndPrice
-from placement.cut_bound import cut_bound, dff, start_cuts, weight_grid
+from placement.cut_bound import Round, cut_bound, dff, start_cuts, weight_grid
 from placement.deadline import Deadline
 from placement.ilp import solve_ilp
 from placement.instance import Instance
@@ -78,6 +78,18 @@ def test_dual_feasible_functions_keep_sums_within_one(seed: int) -> None:
         assert dff("f0", lam, x).sum() <= 1.0 + 1e-12
 
 
+@pytest.mark.parametrize("x", [0.0, 0.2, 1 / 3, 0.4, 0.5, 0.51, 2 / 3, 0.8, 1.0])
+def test_dual_feasible_functions(x: float) -> None:
+    # u^(k)(x) + u^(k)(1 - x) <= 1: items filling a mesh never count for more than one mesh
+    def u(k: int, x: float) -> float:  # Fekete and Schepers' u^(k), the fixed family's
+        return float(dff("fs", float(k), np.array(x)))
+
+    for k in (1, 2, 3):
+        assert 0.0 <= u(k, x) <= 1.0
+        assert u(k, x) + u(k, 1.0 - x) <= 1.0 + 1e-12
+    assert [u(1, x) for x in (0.3, 0.5, 0.6)] == [0.0, 0.5, 1.0]
+
+
 def test_dual_feasible_function_values() -> None:
     x = np.array([0.1, 0.22, 0.3, 0.5, 0.6, 0.85])
     assert dff("fs", 1, x).tolist() == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
@@ -115,3 +127,15 @@ def test_with_replicas_the_bound_is_at_least_the_optimal_plan() -> None:
     assert found is not None and fixed is not None
     assert plan.served_total - 1e-7 <= found.value <= fixed.value + 1e-6
     assert found.value <= p.total_rate + 1e-9
+
+
+@pytest.mark.skipif(not highs_available(), reason="needs highspy")
+def test_the_interior_point_method_gives_the_same_bound_and_every_round_is_seen() -> None:
+    rounds: list[Round] = []
+    found = cut_bound(crowded_gpu(), solver="ipm", on_round=rounds.append)
+    assert found is not None and found.value == pytest.approx(4.2, abs=1e-6)
+    assert [r.solution.value for r in rounds] == pytest.approx([4.56, 4.2], abs=1e-6)
+    assert [(r.cuts, r.added, r.support) for r in rounds] == [
+        (len(start_cuts((1,))), 1, {}),
+        (len(start_cuts((1,))) + 1, 0, {}),
+    ]

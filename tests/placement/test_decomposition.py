@@ -2,13 +2,11 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 
 import placement.ilp as ilp_module
 from placement.candidates import Mode, build_candidates
 from placement.column_generation import BranchAndPrice
-from placement.cut_bound import dff
 from placement.deadline import Deadline
 from placement.decomposition import deal, plan_by_nodes
 from placement.ilp import check, solve_ilp
@@ -39,18 +37,6 @@ def test_node_by_node_plan_is_feasible_and_each_node_holds_its_models() -> None:
     packer = MeshPacker(p.cluster.nodes, p.cluster.gpus_per_node, p.mesh_sizes)
     assert check(table, found.configs, packer) is None
     assert found.value == pytest.approx(sum(c.served for c in found.configs))
-
-
-@pytest.mark.parametrize("x", [0.0, 0.2, 1 / 3, 0.4, 0.5, 0.51, 2 / 3, 0.8, 1.0])
-def test_dual_feasible_functions(x: float) -> None:
-    # u^(k)(x) + u^(k)(1 - x) <= 1: items filling a mesh never count for more than one mesh
-    def u(k: int, x: float) -> float:  # Fekete and Schepers' u^(k), the fixed family's
-        return float(dff("fs", float(k), np.array(x)))
-
-    for k in (1, 2, 3):
-        assert 0.0 <= u(k, x) <= 1.0
-        assert u(k, x) + u(k, 1.0 - x) <= 1.0 + 1e-12
-    assert [u(1, x) for x in (0.3, 0.5, 0.6)] == [0.0, 0.5, 1.0]
 
 
 @pytest.mark.parametrize("seed", range(8))
