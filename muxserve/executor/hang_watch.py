@@ -14,15 +14,14 @@ from collections.abc import Iterable, Sequence
 from multiprocessing.process import BaseProcess
 
 from muxserve.executor.watchdog import JobDeadline, ProgressProbe
-from muxserve.executor.worker_group import WorkerGroup
-from muxserve.executor.worker_pool import PooledWorker
-from muxserve.executor.worker_unit import GroupState, WorkerDied
+from muxserve.executor.worker_unit import GroupState, WorkerDied, WorkerUnit
 
 STALL_SAMPLE_S = 1.0  # how often a running job's workers are checked for progress (/proc)
 START_TIMEOUT_S = 180.0  # every worker of the engine ready within this, or the engine fails
 
-# what runs a (model, phase)'s jobs: its own processes, or a pooled worker it shares
-Unit = WorkerGroup | PooledWorker
+# what runs a (model, phase)'s jobs: its own processes, or a pooled worker it shares; the
+# executor drives both through what `WorkerUnit` declares
+Unit = WorkerUnit
 
 
 class HangWatch:

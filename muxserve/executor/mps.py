@@ -11,6 +11,7 @@ A job goes to its (model, phase) group as a delta message; results come back as 
 finish, in any order. A worker that dies fails only its group's job and is
 started again. On CUDA the executor runs its own MPS daemon and gives each worker
 `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` from its share; on CPU a share becomes a thread count.
+A model's sleep, wake, addition and removal are its `MpsRoster`'s (mps_roster.py).
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.multiprocessing
@@ -39,6 +39,7 @@ from muxserve.executor.mps_daemon import (
     become_client,
     cuda_initialized,
 )
+from muxserve.executor.mps_roster import MpsRoster
 from muxserve.executor.waker import Waker
 from muxserve.executor.watchdog import JobDeadline
 from muxserve.executor.worker_group import WorkerGroup
@@ -47,14 +48,17 @@ from muxserve.executor.worker_pool import PooledWorker, PoolKey, attach_of, pool
 from muxserve.executor.worker_unit import (
     STOP_TIMEOUT_S,
     GroupState,
+    Waitable,
     WorkerDied,
+    WorkerUnit,
     reap,
+    wait_any,
     wait_ready,
 )
 from muxserve.models.causal_lm import CausalLM
 from muxserve.models.sharding import load_rank_models, rank_device
 from muxserve.runner.kv_pool import KVPool, PoolSizing
-from muxserve.runner.model_weights import ModelWeights, weight_bytes
+from muxserve.runner.model_weights import weight_bytes
 from muxserve.scheduler.job import Job, JobResult, Phase
 
 log = logging.getLogger(__name__)
@@ -62,8 +66,6 @@ log = logging.getLogger(__name__)
 IDLE_CHECK_S = 0.5  # how often groups are checked for idleness (lifecycle.idle_stop_s)
 ATTACH_TIMEOUT_S = 120.0  # a wake waits this long for its pooled workers to build the model
 MAX_FAILED_STARTS = 3  # restarts in a row that die before ready: the group gives up
-
-Waitable = Connection | int  # a worker's pipe, or a process sentinel
 
 
 class MpsExecutor:
@@ -95,15 +97,16 @@ class MpsExecutor:
         self.nbytes: dict[str, int] = {}  # each model's weights on one rank
         # held by `poll` and `stop_idle` (the loop's thread) and by a sleep or wake changing a
         # model's groups from another thread, so no pipe closes under a waiting poll
-        self._groups_lock = threading.RLock()
+        self.groups_lock = threading.RLock()
         self._retiring: list[tuple[BaseProcess, float]] = []  # stopped workers still exiting
         self.watch = HangWatch(deadline, cpu_workers=self.pool.buffer.device.type == "cpu")
         self._next_idle_check = 0.0
         self.lifecycle = lifecycle or WorkerLifecycle()
         self.idle_stops = 0  # groups stopped for having been idle (lifecycle.idle_stop_s)
         self.attach_timeout = ATTACH_TIMEOUT_S
-        self._acks = Waker()  # a poll read an `Attached`: a waking thread rechecks
-        self._pooled: dict[PoolKey, PooledWorker] = {}  # shared mode: by (phase, class)
+        self.acks = Waker()  # a poll read an `Attached`: a waking thread rechecks
+        self.pooled: dict[PoolKey, PooledWorker] = {}  # shared mode: by (phase, class)
+        self.roster = MpsRoster(self)  # its models' sleep, wake, add and remove
 
     @classmethod
     def create(
@@ -166,7 +169,7 @@ class MpsExecutor:
             executor.watch.start_timeout = start_timeout
             executor.specs = list(specs)
             executor.ctx, executor.device = ctx, device
-            executor._pooled = pooled
+            executor.pooled = pooled
             executor.shards = {s.name: shards.get(s.name) for s in specs}
             executor.nbytes = {n: weight_bytes(r[0][0]) for n, r in shards.items()}
         except BaseException:
@@ -187,21 +190,20 @@ class MpsExecutor:
         return list({id(u): u for u in self.groups.values()}.values())
 
     def _start_all(self, timeout: float) -> None:
-        units = self._units()
-        for g in units:
-            if g.can_start:  # an asleep model's groups have no ranks
-                g.start()
-        deadline = time.monotonic() + timeout
-        while starting := [g for g in units if g.state is GroupState.STARTING]:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                names = ", ".join(g.label for g in starting)
-                raise WorkerFailedError(f"workers not ready after {timeout:.0f} s: {names}")
-            owners = self._owners(units)
-            for obj in _wait(list(owners), left):
-                event = owners[obj].on_readable(obj)
-                if isinstance(event, WorkerDied):
-                    raise WorkerFailedError(f"{owners[obj].label}: {event.reason}")
+        """Start every unit that can (an asleep model's groups have no ranks) and wait for
+        them under one deadline; WorkerFailedError naming each that failed (the caller shuts
+        the executor down)."""
+        units = [u for u in self._units() if u.can_start]
+        for unit in units:
+            unit.start()
+        failed = wait_ready(units, timeout)
+        if failed:
+            raise WorkerFailedError("; ".join(f"{u.label}: {d.reason}" for u, d in failed))
+
+    @property
+    def closed(self) -> bool:
+        """`shutdown` ran: its workers are gone (read under `groups_lock` by a wake)."""
+        return self._closed
 
     # ---- the executor interface ------------------------------------------------------------
     def submit(self, jobs: Sequence[Job]) -> None:
@@ -209,7 +211,7 @@ class MpsExecutor:
             raise WorkerFailedError("the executor was shut down: its workers are gone")
         if not jobs:
             return
-        with self._groups_lock:  # a wake may be writing to a pooled worker's pipe
+        with self.groups_lock:  # a wake may be writing to a pooled worker's pipe
             self._submit(jobs)
 
     def _submit(self, jobs: Sequence[Job]) -> None:
@@ -230,7 +232,7 @@ class MpsExecutor:
             group.assign(job)
 
     def poll(self, timeout: float) -> list[tuple[Job, JobResult]]:
-        with self._groups_lock:
+        with self.groups_lock:
             return self._poll(timeout)
 
     def _poll(self, timeout: float) -> list[tuple[Job, JobResult]]:
@@ -245,7 +247,7 @@ class MpsExecutor:
             owners = self._owners(units)
             waker = self._waker.fileno()
             until = min(deadline, self.watch.next_check(units))
-            ready = _wait([*owners, waker], max(0.0, until - time.monotonic()))
+            ready = wait_any([*owners, waker], max(0.0, until - time.monotonic()))
             woken = False
             restarted: set[int] = set()  # groups replaced this round: their other events are old
             for obj in sorted(ready, key=lambda o: not isinstance(o, Connection)):  # pipes first
@@ -261,7 +263,7 @@ class MpsExecutor:
                     results.extend(self._restart(group, event))
                     restarted.add(id(group))
                 elif isinstance(event, Attached):  # a wake waits for it; no need to wait on
-                    self._acks.wake()
+                    self.acks.wake()
                     woken = True
                 elif event is not None:
                     results.append(event)
@@ -274,7 +276,7 @@ class MpsExecutor:
         iteration; it looks at most every IDLE_CHECK_S."""
         if self.lifecycle.idle_stop_s is None or self._closed:
             return 0
-        with self._groups_lock:
+        with self.groups_lock:
             return self._stop_idle()
 
     def _stop_idle(self) -> int:
@@ -319,15 +321,17 @@ class MpsExecutor:
         self._waker.wake()
 
     def shutdown(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for group in self._units():
+        with self.groups_lock:  # a wake installs its groups under it, unless closed
+            if self._closed:
+                return
+            self._closed = True
+            units = self._units()
+        for group in units:
             group.stop()
         reap([p for p, _ in self._retiring])
         self._retiring = []
         self._waker.close()
-        self._acks.close()
+        self.acks.close()
         self.pools.clear()
         if self.daemon is not None:
             self.daemon.stop()
@@ -395,113 +399,23 @@ class MpsExecutor:
         return next(s for s in self.specs if s.name == model).estimated_weight_bytes()
 
     def sleep_model(self, model: str, level: int) -> None:
-        """Stop the model's workers, or detach it from its pooled ones (between two polls of
-        the loop), then move the engine's copy of its shards, which the workers mapped, to
-        host memory (level 1; on a CPU they are there already, in shared memory) or drop it
-        (level 2)."""
-        spec = next(s for s in self.specs if s.name == model)
-        self._waker.wake()  # a waiting poll returns and lets go of the groups
-        exiting: list[BaseProcess] = []
-        with self._groups_lock:
-            for phase in Phase:
-                unit = self.groups[(model, phase)]
-                if isinstance(unit, PooledWorker):
-                    unit.detach(model)  # the process stays up for the others
-                else:
-                    exiting += unit.retire()
-        reap(exiting)  # outside the lock: the loop serves the other models meanwhile
-        with self._groups_lock:
-            shards = self.shards.get(model)
-            if level == 1 and shards is not None:
-                for shard, _ in shards:
-                    ModelWeights(shard).to_host(shard, spec.max_model_len)
-                return
-            self.shards[model] = None  # the groups' inits hold the shards too: new, empty ones
-            for phase in Phase:
-                if isinstance(self.groups[(model, phase)], WorkerGroup):
-                    self.groups[(model, phase)] = WorkerGroup(self.ctx, model, phase, [])
+        """Stop the model's workers (or detach it from its pooled ones) and move or drop its
+        shards: `MpsRoster.sleep`."""
+        self.roster.sleep(model, level)
 
     def wake_model(self, model: str) -> None:
-        """The shards back on their devices (or loaded again), then attached to the model's
-        pooled workers (running: nothing starts), or its own groups rebuilt and, with eager
-        workers, started and waited for: a wake's time includes the start it needs, not the
-        model's first job. Lazy workers start at its first job."""
-        spec = next(s for s in self.specs if s.name == model)
-        shards = self.shards.get(model)
-        if shards is None:
-            shards = load_rank_models(
-                spec.path, spec.dtype, self.device, spec.tensor_parallel, spec.max_model_len
-            )
-        else:
-            for shard, device in shards:
-                ModelWeights(shard).to_device(shard, device, spec.max_model_len)
-        ranks = [(m, self.pools[r]) for r, (m, _) in enumerate(shards)]
-        fresh: dict[Phase, WorkerGroup] = {}
-        pooled: list[PooledWorker] = []
-        with self._groups_lock:
-            self.shards[model] = shards
-            self.nbytes[model] = weight_bytes(shards[0][0])
-            for phase in Phase:
-                unit = self.groups[(model, phase)]
-                if isinstance(unit, PooledWorker):
-                    unit.attach(attach_of(spec, shards[0][0]))
-                    if unit.state is GroupState.STOPPED and not self.lifecycle.lazy:
-                        unit.start()  # its class has no running worker: its init attaches it
-                    pooled.append(unit)
-                else:
-                    plans = rank_plans(spec, phase, ranks, self.daemon)
-                    fresh[phase] = WorkerGroup(self.ctx, model, phase, plans)
-        if fresh and not self.lifecycle.lazy:
-            # started here, before the loop's poll knows them, so only this thread reads them;
-            # all at once, and waited for under one deadline: their starts overlap
-            for group in fresh.values():
-                group.start()
-            for group, died in wait_ready(list(fresh.values()), self.watch.start_timeout):
-                # its first job starts it again (and counts failures)
-                log.warning(
-                    "%s: %s while waking; starting at its first job", group.label, died.reason
-                )
-                group.kill()
-        with self._groups_lock:
-            for phase, group in fresh.items():
-                self.groups[(model, phase)] = group
-        if pooled:
-            self._await_attached(pooled, model)
+        """Its shards back and its workers started or attached, waited for: `MpsRoster.wake`."""
+        self.roster.wake(model)
 
-    def _await_attached(self, units: list[PooledWorker], model: str) -> None:
-        """Wait (up to `attach_timeout`) until each pooled worker has built `model` (its
-        `Attached`, or the `WorkerReady` of a worker started with it), so the wake's time
-        includes the build and the model's first job does not pay it.
+    def add_model(self, spec: ModelSpec) -> None:
+        """Take on `spec`'s model, asleep: `MpsRoster.add`."""
+        self.roster.add(spec)
 
-        The pipes are read here, under the lock, between two polls (the loop polls only while
-        jobs run); the wait itself is outside the lock, so the loop runs the other workers'
-        jobs meanwhile, and this worker's queued ones wait only for the build itself.
-        Raises WorkerFailedError, the model put back to sleep, if a worker cannot build it.
-        """
-        deadline = time.monotonic() + self.attach_timeout
-        while True:
-            with self._groups_lock:
-                self._acks.clear()  # before looking: an ack read later wakes the wait below
-                for unit in units:
-                    self._drain(unit)
-                waiting = [u for u in units if u.attaching(model)]
-                objs = [o for u in waiting for o in u.waitables()]
-            if not waiting:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                names = ", ".join(u.label for u in waiting)
-                log.warning(
-                    "%s: not attached after %.0f s by %s", model, self.attach_timeout, names
-                )
-                return
-            _wait([*objs, self._acks.fileno()], left)
-        failed = [f"{u.label}: {u.attach_errors[model]}" for u in units if model in u.attach_errors]
-        if failed:  # the wake fails, undone: the model is asleep again, as before it
-            self.sleep_model(model, 1)
-            raise WorkerFailedError(f"{model}: its workers could not build it: {'; '.join(failed)}")
+    def remove_model(self, model: str) -> None:
+        """Forget an asleep `model` with no job in flight: `MpsRoster.remove`."""
+        self.roster.remove(model)
 
-    def _drain(self, unit: PooledWorker) -> None:
+    def drain(self, unit: WorkerUnit) -> None:
         """Handle what `unit`'s process has sent, under the lock while no poll runs: a
         result is kept for the next poll, a death restarts it (as a poll would)."""
         while unit.conns and unit.conns[0].poll(0):  # a closed pipe (death) reads as ready
@@ -512,54 +426,6 @@ class MpsExecutor:
             if isinstance(event, tuple):
                 self._failed.append(event)
 
-    # ---- a model added or removed while serving (muxserve/roster.py) -------------------------
-    def add_model(self, spec: ModelSpec) -> None:
-        """Take on `spec`'s model, asleep: with pooled workers it joins its share class's (made
-        if its class has none; started at its wake), otherwise it gets groups with no workers
-        (built at its wake). Nothing is loaded until it wakes. Tensor-parallel models are
-        refused: their ranks would need pools this engine may not have."""
-        if spec.tensor_parallel > 1:
-            raise ValueError(
-                f"{spec.name}: tensor_parallel={spec.tensor_parallel} cannot be added to a "
-                "running mps engine (only tensor_parallel: 1); list it in the engine's config"
-            )
-        spec = replace(spec, asleep=True)
-        with self._groups_lock:
-            new: dict[tuple[str, Phase], Unit] = {}
-            for phase in Phase:
-                if self.lifecycle.pooled:
-                    env = env_of(self.daemon)
-                    kv = self.pools[0]
-                    new[(spec.name, phase)] = pooled_worker_for(
-                        self._pooled, self.ctx, spec, phase, kv, env
-                    )
-                else:
-                    new[(spec.name, phase)] = WorkerGroup(self.ctx, spec.name, phase, [])
-            # new containers, not updates: `degraded` and `worker_pids` read without the lock
-            self.groups = {**self.groups, **new}
-            self.specs = [*self.specs, spec]
-            self.shards = {**self.shards, spec.name: None}
-
-    def remove_model(self, model: str) -> None:
-        """Forget an asleep `model` with no job in flight: its groups (no workers while
-        asleep), its place in its pooled workers (a worker no model uses any more stops), and
-        its shards' host copy."""
-        exiting: list[BaseProcess] = []
-        with self._groups_lock:
-            units = [self.groups[(model, phase)] for phase in Phase]
-            self.groups = {k: u for k, u in self.groups.items() if k[0] != model}
-            used = {id(u) for u in self.groups.values()}
-            for unit in units:
-                if isinstance(unit, PooledWorker):
-                    unit.detach(model)
-                if id(unit) not in used:  # a pooled worker of its class alone, or its groups
-                    exiting += unit.retire()
-                    self._pooled = {k: p for k, p in self._pooled.items() if p is not unit}
-            self.specs = [s for s in self.specs if s.name != model]
-            self.shards = {n: s for n, s in self.shards.items() if n != model}
-            self.nbytes = {n: b for n, b in self.nbytes.items() if n != model}
-        reap(exiting)
-
     def worker_pids(self) -> dict[tuple[str, Phase], list[int]]:
         """The live worker processes, by (model, phase): for tests and operators (a pooled
         worker's pid appears under every model attached to it)."""
@@ -569,14 +435,9 @@ class MpsExecutor:
         """What each running, idle pooled worker holds (model names and weight bytes), asked
         of the processes themselves: for tests and operators, when no job runs."""
         self._waker.wake()
-        with self._groups_lock:
+        with self.groups_lock:
             out = {}
             for unit in self._units():
                 if isinstance(unit, PooledWorker) and (rep := unit.report()) is not None:
                     out[unit.label] = rep
             return out
-
-
-def _wait(objs: list[Waitable], timeout: float) -> list[Waitable]:
-    """`multiprocessing.connection.wait`, typed for what we give it."""
-    return cast(list[Waitable], wait(objs, timeout))

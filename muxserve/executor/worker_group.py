@@ -67,6 +67,7 @@ class WorkerGroup(WorkerUnit):
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Spawn every rank and send its init; answers come through `on_readable`."""
+        self._check_stopped()
         port = _free_port() if len(self.ranks) > 1 else 0
         for rank, plan in enumerate(self.ranks):
             init = plan.init

@@ -64,7 +64,10 @@ class PooledWorker(WorkerUnit):
         self.attach_errors: dict[str, str] = {}  # models the process could not attach, why
         self._queue: deque[Job] = deque()  # other models' jobs waiting for this process
 
-    can_start = True  # a pool runs whether or not a model is attached (a wake only attaches)
+    @property
+    def can_start(self) -> bool:
+        """Always: a pool runs whether or not a model is attached (a wake only attaches)."""
+        return True
 
     # ---- models --------------------------------------------------------------------------
     def attach(self, msg: Attach) -> None:
@@ -147,6 +150,7 @@ class PooledWorker(WorkerUnit):
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         """Spawn the process and send its init with every member attached."""
+        self._check_stopped()
         init = replace(self._init, attach=tuple(self.members.values()))
         self._spawn(pool_worker_main, self.env, init, f"muxserve-{self.name}")
         self._pending = []

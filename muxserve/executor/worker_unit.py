@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 5.0  # a worker not gone this long after `Stop` is killed
 
+Waitable = Connection | int  # a worker's pipe, or a process sentinel
+
 
 class GroupState(enum.Enum):
     STARTING = "starting"  # spawned; not every process said WorkerReady yet
@@ -76,6 +78,15 @@ class WorkerUnit:
     def width(self) -> int:
         """How many processes a start spawns (each must be ready)."""
         return 1
+
+    @property
+    def can_start(self) -> bool:
+        """Whether `start` has processes to spawn (an asleep model's group has none)."""
+        raise NotImplementedError
+
+    def mirrors_of(self, model: str) -> list[WorkerMirror]:
+        """The mirrors of `model`'s requests here (none: the model is not served here)."""
+        raise NotImplementedError
 
     def all_mirrors(self) -> list[WorkerMirror]:
         raise NotImplementedError
@@ -129,6 +140,20 @@ class WorkerUnit:
         self.procs.append(proc)
         self.conns.append(parent)
 
+    def start(self) -> None:
+        """Spawn the processes and send their inits; their answers come through
+        `on_readable` (the unit is STARTING until every one is ready)."""
+        raise NotImplementedError
+
+    def _check_stopped(self) -> None:
+        """Before a start: `_spawn` appends to `procs`, so a start over processes still there
+        would lose track of them (they would outlive the unit)."""
+        if self.state is not GroupState.STOPPED or self.procs:
+            raise RuntimeError(
+                f"{self.label}: started while {self.state.value} with {len(self.procs)} "
+                "process(es); stop or kill it first"
+            )
+
     def _starting(self) -> None:
         """Every process is spawned: wait for their WorkerReady."""
         self.state = GroupState.STARTING
@@ -137,13 +162,20 @@ class WorkerUnit:
         self.jobs_done = 0
 
     def stop(self) -> None:
-        """Ask every process to exit, kill those that do not, and close the pipes."""
+        """Ask every process to exit, kill those that do not, and close the pipes: the
+        executor shuts down, so the jobs held (if any) go with it."""
+        self.take_all()
         reap(self.retire())
 
     def retire(self) -> list[BaseProcess]:
         """Ask every process to exit and let go of them at once: the unit is stopped (a later
         `start` begins afresh) and the processes, still exiting, are the caller's to `reap`,
-        so a caller that must not wait (the engine's loop) need not."""
+        so a caller that must not wait (the engine's loop) need not.
+
+        Only an idle unit retires (an idle stop; a sleep or a removal, which wait until the
+        model has no request in flight): a job held would never get its result."""
+        if self.job is not None:
+            raise RuntimeError(f"{self.label}: retired holding job {self.job.job_id}")
         for conn in self.conns:
             with contextlib.suppress(OSError):  # already gone
                 conn.send(Stop())  # read before the closed pipe's end of file
@@ -158,12 +190,7 @@ class WorkerUnit:
         for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
-        for proc in self.procs:
-            proc.join(STOP_TIMEOUT_S)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(STOP_TIMEOUT_S)
-            proc.close()
+        reap(self.procs)  # killed: they end at once
         for sender in self._senders:  # its reader is gone: the send ends with an error now
             sender.join(STOP_TIMEOUT_S)
         for conn in self.conns:
@@ -198,17 +225,24 @@ class WorkerUnit:
         if self.job is not None and not self._sent:
             self._dispatch()
 
+    def assign(self, job: Job) -> None:
+        """Take a job; it goes out when the processes are ready and free."""
+        raise NotImplementedError
+
     def take_job(self) -> Job | None:
+        """Take back the job at the head (finished, or lost with the processes)."""
+        raise NotImplementedError
+
+    def take_all(self) -> list[Job]:
+        """Every job held, head first (the unit gave up: they fail)."""
         raise NotImplementedError
 
     # ---- events ----------------------------------------------------------------------------
-    def waitables(self) -> list[Connection | int]:
+    def waitables(self) -> list[Waitable]:
         """What `multiprocessing.connection.wait` watches for this unit: pipes, then deaths."""
         return [*self.conns, *(p.sentinel for p in self.procs)]
 
-    def on_readable(
-        self, obj: Connection | int
-    ) -> tuple[Job, JobResult] | WorkerDied | Attached | None:
+    def on_readable(self, obj: Waitable) -> tuple[Job, JobResult] | WorkerDied | Attached | None:
         """Handle one ready waitable: a finished job (the next one goes out), a death, a
         pooled worker's acknowledged attach (a waking thread may be waiting for it), or
         nothing to report."""
@@ -269,14 +303,20 @@ def wait_ready(units: Sequence[U], timeout: float) -> list[tuple[U, WorkerDied]]
                 failed[id(u)] = WorkerDied(f"not ready after {timeout:.0f} s", during_start=True)
             break
         owners = {obj: u for u in starting for obj in u.waitables()}
-        for obj in wait(list(owners), left):
-            unit = owners[cast(Connection | int, obj)]
+        for obj in wait_any(list(owners), left):
+            unit = owners[obj]
             if id(unit) in failed or unit.state is not GroupState.STARTING:
                 continue  # given up on, or ready: the poll reads the rest once it is installed
-            event = unit.on_readable(cast(Connection | int, obj))
+            event = unit.on_readable(obj)
             if isinstance(event, WorkerDied):
                 failed[id(unit)] = event
     return [(u, failed[id(u)]) for u in units if id(u) in failed]
+
+
+def wait_any(objs: list[Waitable], timeout: float) -> list[Waitable]:
+    """`multiprocessing.connection.wait`, typed for what we give it: those of `objs` that are
+    ready (empty after `timeout`)."""
+    return cast(list[Waitable], wait(objs, timeout))
 
 
 def reap(procs: list[BaseProcess], timeout: float = STOP_TIMEOUT_S) -> None:

@@ -60,8 +60,10 @@ class Stacked:
         """Look for the one matrix the weights lie as, where they lie now: where they are
         placed, and again after they move (a stale stack would multiply by the old memory
         and keep it alive)."""
-        self._at = self._first["weight"].data_ptr()
-        self._stack = self._find()
+        # both at once, after the look: a `_find` that raises leaves it unbound, not bound
+        # to the new address with the old stack
+        at, stack = self._first["weight"].data_ptr(), self._find()
+        self._at, self._stack = at, stack
 
     def __call__(self, x: Tensor) -> list[Tensor]:
         """Each linear's output for `x` (..., in): one product, split, where the weights lie

@@ -44,7 +44,9 @@ class ModelWeights:
         if device.type == "cuda":
             model._apply(_pinned_copy)
             model.build_rope_cache(HOST, max_len)  # its tables are not buffers
-            bind_stacks(model)  # a stack bound to the device copies would keep them alive
+            # defensive: on CUDA the weights are not laid out as stacks (only the CPU loader's
+            # arena is), so none is bound; were one, it would keep the device copies alive
+            bind_stacks(model)
             torch.cuda.empty_cache()  # give the freed weights back to the device
         self.on_device, self.in_host = False, True
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from muxserve.engine import MuxEngine
-from muxserve.errors import ConfigError
+from muxserve.errors import ConfigError, WorkerFailedError
 from muxserve.executor.lifecycle import WorkerLifecycle
+from muxserve.executor.messages import WorkerInit
 from muxserve.executor.worker_unit import GroupState
 from muxserve.output_processor import RequestOutput
 from muxserve.scheduler.job import Phase
 from tests.helpers.engine import GREEDY, hf_greedy, make_config, prompts_for
-from tests.helpers.mps import mps_config, mps_engine_of
+from tests.helpers.mps import mps_config, mps_engine_of, tokens_of
 from tests.helpers.wait import wait_until
 
 MODELS = ("llama-demo", "qwen-demo")
@@ -48,7 +49,7 @@ def generate(engine: MuxEngine, model: str, prompt: list[int]) -> list[int]:
     outs = asyncio.run(both())
     assert outs[-1].error is None
     assert all(d == {} for d in starting_seen), starting_seen
-    return [t for o in outs for t in o.token_ids]
+    return tokens_of(outs)
 
 
 def test_lazy_workers_start_at_a_models_first_job_and_idle_ones_stop(
@@ -90,6 +91,37 @@ def test_eager_workers_are_the_default_and_never_stop_when_no_idle_limit_is_set(
     config = make_config(demo_models, executor="mps")
     assert (config.engine.worker_start, config.engine.worker_idle_stop_s) == ("eager", None)
     assert WorkerLifecycle().idle_expired(0.0, 1e9) is False
+
+
+def test_an_eager_engine_whose_worker_cannot_start_fails_naming_it(
+    demo_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every group starts and is waited for; the engine fails naming the one whose worker
+    could not start, and no worker is left (the ready ones are stopped too)."""
+    from muxserve.executor import worker_unit
+    from muxserve.executor.worker_group import WorkerGroup
+
+    real_send, real_start = worker_unit.send_init, WorkerGroup.start
+    pids: list[int] = []
+
+    def break_decode(conn, init) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(init, WorkerInit) and init.phase is Phase.DECODE:
+            init = "not an init"
+        real_send(conn, init)
+
+    def start(group: WorkerGroup) -> None:
+        real_start(group)
+        pids.extend(p.pid for p in group.procs if p.pid is not None)
+
+    monkeypatch.setattr(worker_unit, "send_init", break_decode)
+    monkeypatch.setattr(WorkerGroup, "start", start)
+    with pytest.raises(WorkerFailedError) as failed:
+        MuxEngine(mps_config(demo_models, "llama-demo"))
+    assert str(failed.value) == (
+        "llama-demo/decode: could not start: TypeError: expected WorkerInit, got str"
+    )
+    assert len(pids) == 2
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
 @pytest.mark.parametrize(

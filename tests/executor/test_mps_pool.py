@@ -15,7 +15,7 @@ import pytest
 
 from muxserve.config import MuxConfig, parse_config
 from muxserve.engine import MuxEngine
-from muxserve.errors import ConfigError
+from muxserve.errors import ConfigError, WorkerFailedError
 from muxserve.executor.messages import WorkerInit
 from muxserve.executor.mps import MpsExecutor
 from muxserve.executor.watchdog import JobDeadline
@@ -230,11 +230,18 @@ def test_a_per_model_wake_includes_its_workers_start(demo_models: dict[str, Path
 def test_a_per_model_wake_names_the_worker_that_could_not_start(
     demo_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Both groups start at once in the wake; the one whose worker fails is named and left for
-    its first job to start again, the other is ready; the model then serves HF's tokens."""
+    """The woken decode worker gets no WorkerInit: the wake names it in a warning, kills it
+    (its process gone) and leaves the group for its first job to start again; the prefill
+    group is ready; the model then serves HF's tokens."""
     from muxserve.executor import worker_unit
+    from muxserve.executor.worker_group import WorkerGroup
 
     real, broken = worker_unit.send_init, []
+    real_start, woken = WorkerGroup.start, {}
+
+    def start(group: WorkerGroup) -> None:  # the woken groups' pids, by phase
+        real_start(group)
+        woken[group.phase] = [p.pid for p in group.procs]
 
     def break_decode(conn, init) -> None:  # the woken decode worker gets no WorkerInit
         if isinstance(init, WorkerInit) and init.phase is Phase.DECODE and not broken:
@@ -245,9 +252,14 @@ def test_a_per_model_wake_names_the_worker_that_could_not_start(
     with mps_engine_of(mps_config(demo_models, "llama-demo")) as (engine, executor):
         engine.sleep("llama-demo", level=1)
         monkeypatch.setattr(worker_unit, "send_init", break_decode)
-        with caplog.at_level("WARNING", logger="muxserve.executor.mps"):
+        monkeypatch.setattr(WorkerGroup, "start", start)
+        with caplog.at_level("WARNING", logger="muxserve.executor.mps_roster"):
             engine.wake("llama-demo")
+        monkeypatch.setattr(WorkerGroup, "start", real_start)
         assert broken == ["llama-demo"]
+        [killed] = woken[Phase.DECODE]
+        assert not Path(f"/proc/{killed}").exists()
+        assert pool_pids(executor) == set(woken[Phase.PREFILL])
         assert [r.getMessage() for r in caplog.records if "while waking" in r.getMessage()] == [
             "llama-demo/decode: could not start: TypeError: expected WorkerInit, got str while "
             "waking; starting at its first job"
@@ -260,3 +272,46 @@ def test_a_per_model_wake_names_the_worker_that_could_not_start(
         after = pool_pids(executor)
         assert len(after) == 2
     assert not [p for p in after if Path(f"/proc/{p}").exists()]
+
+
+def test_a_wake_that_raises_leaves_no_worker_behind(
+    demo_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wake whose decode group cannot start (its `start` raises) kills the prefill group it
+    had started, and raises; a wake during which the executor shuts down kills what it started
+    instead of installing it. No process is left either time, and none is installed."""
+    from muxserve.executor import mps_roster
+    from muxserve.executor.worker_group import WorkerGroup
+
+    real_start, real_wait = WorkerGroup.start, mps_roster.wait_ready
+    started: list[int] = []
+
+    def start_then_fail(group: WorkerGroup) -> None:
+        if group.phase is Phase.DECODE:
+            raise RuntimeError("cannot spawn")
+        real_start(group)
+        started.extend(p.pid for p in group.procs if p.pid is not None)
+
+    def shut_down_meanwhile(units, timeout):  # type: ignore[no-untyped-def]
+        failed = real_wait(units, timeout)
+        started.extend(p.pid for u in units for p in u.procs if p.pid is not None)
+        executor.shutdown()
+        return failed
+
+    with mps_engine_of(mps_config(demo_models, "llama-demo")) as (engine, executor):
+        engine.sleep("llama-demo", level=1)
+        monkeypatch.setattr(WorkerGroup, "start", start_then_fail)
+        with pytest.raises(RuntimeError, match="cannot spawn"):
+            engine.wake("llama-demo")
+        assert len(started) == 1
+        assert not [p for p in started if Path(f"/proc/{p}").exists()]
+        assert executor.worker_pids() == {("llama-demo", p): [] for p in Phase}
+
+        monkeypatch.setattr(WorkerGroup, "start", real_start)
+        monkeypatch.setattr(mps_roster, "wait_ready", shut_down_meanwhile)
+        started.clear()
+        with pytest.raises(WorkerFailedError, match="llama-demo: the executor was shut down"):
+            engine.wake("llama-demo")
+        assert len(started) == 2
+        assert not [p for p in started if Path(f"/proc/{p}").exists()]
+        assert executor.worker_pids() == {("llama-demo", p): [] for p in Phase}

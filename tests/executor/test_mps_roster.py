@@ -164,18 +164,18 @@ def test_a_model_added_with_its_own_workers_starts_them_on_wake_and_stops_them_o
 def test_a_wake_the_workers_cannot_build_fails_and_leaves_the_model_asleep(
     demo_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import muxserve.executor.mps as mps
+    import muxserve.executor.mps_roster as mps_roster
 
     with mps_engine_of(config_of(demo_models, "shared")) as (eng, ex):
         labels = sorted(held(ex))
         eng.add_model(entry(demo_models, QWEN))
-        real = mps.attach_of
+        real = mps_roster.attach_of
 
         def broken(spec: ModelSpec, model: CausalLM) -> Attach:
             a = real(spec, model)  # a layout whose blocks are not the pool's: the build raises
             return replace(a, layout=replace(a.layout, block_bytes=2 * a.layout.block_bytes))
 
-        monkeypatch.setattr(mps, "attach_of", broken)
+        monkeypatch.setattr(mps_roster, "attach_of", broken)
         with pytest.raises(
             WorkerFailedError,
             match=r"qwen-demo: its workers could not build it.*"
@@ -184,7 +184,7 @@ def test_a_wake_the_workers_cannot_build_fails_and_leaves_the_model_asleep(
             eng.wake(QWEN)
         assert eng.model_states()[QWEN] is ModelState.ASLEEP
         assert held(ex) == {label: [LLAMA] for label in labels}  # nothing of it held
-        monkeypatch.setattr(mps, "attach_of", real)
+        monkeypatch.setattr(mps_roster, "attach_of", real)
         eng.wake(QWEN)  # the same wake, with a message the workers can build
         check_tokens(eng, demo_models, QWEN)
         check_tokens(eng, demo_models, LLAMA)  # the other model was served throughout

@@ -89,7 +89,7 @@ def test_a_stopped_worker_holds_back_only_its_model(demo_models: dict[str, Path]
         for m, got in (("qwen-demo", qwen), ("llama-demo", llama)):
             want = [list(t) for t in hf_greedy(m, demo_models[m])[:3]]
             for (outs, _), tokens in zip(got, want, strict=True):
-                assert [t for o in outs for t in o.token_ids] == tokens
+                assert tokens_of(outs) == tokens
                 reason = "length" if len(tokens) == MAX_NEW else "stop"  # EOS before the limit
                 assert (outs[-1].finish_reason, outs[-1].error) == (reason, None)
         (health,) = seen_degraded

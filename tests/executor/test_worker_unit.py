@@ -1,10 +1,12 @@
-"""Waiting for freshly started worker units (a wake's groups), without processes: one deadline
-for them all, and each failure named by its unit."""
+"""Waiting for freshly started worker units (a wake's groups): one deadline for them all, and
+each failure named by its unit (a process that dies while starting too)."""
 
 from __future__ import annotations
 
+import multiprocessing
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -30,6 +32,28 @@ class FakeUnit(WorkerUnit):
 
     def _job_mirrors(self, job: Job) -> list[WorkerMirror]:
         return []
+
+    def take_all(self) -> list[Job]:
+        jobs = [] if self.job is None else [self.job]
+        self.job = None
+        return jobs
+
+
+def exit_with_3(conn: Connection, env: dict[str, str]) -> None:
+    """A worker's whole life: it ends at once, with exit code 3, before any answer."""
+    raise SystemExit(3)
+
+
+class ExitingUnit(FakeUnit):
+    """A unit of one real process that exits with code 3 while starting."""
+
+    def __init__(self, name: str) -> None:
+        WorkerUnit.__init__(self, multiprocessing.get_context("spawn"), name, Phase.DECODE)
+
+    def start(self) -> None:
+        self._check_stopped()
+        self._spawn(exit_with_3, {}, None, f"muxserve-{self.name}")
+        self._starting()
 
 
 def started(name: str, answer: object | None) -> tuple[FakeUnit, Connection]:
@@ -87,3 +111,33 @@ def test_nothing_started_is_nothing_to_wait_for() -> None:
     assert wait_ready([], 0.0) == []
     a_end.close()
     a.conns[0].close()
+
+
+def test_a_process_that_dies_while_starting_is_named_with_its_exit_code() -> None:
+    dying = ExitingUnit("a/decode")
+    dying.start()
+    with pytest.raises(RuntimeError, match=r"a/decode: started while starting with 1 process"):
+        dying.start()  # over a live process: it would be lost
+    ready, ready_end = started("b/decode", WorkerReady(1))
+    pid = dying.procs[0].pid
+    failed = wait_ready([dying, ready], 60.0)
+    died = WorkerDied(f"worker muxserve-a/decode (pid {pid}) ended with exit code 3", True)
+    assert [(u.label, d) for u, d in failed] == [("a/decode", died)]
+    assert [dying.state, ready.state] == [GroupState.STARTING, GroupState.READY]
+    dying.kill()  # what the caller does with a failed unit
+    assert (dying.state, dying.procs) == (GroupState.STOPPED, [])
+    assert not Path(f"/proc/{pid}").exists()
+    for end in (ready_end, *ready.conns):
+        end.close()
+
+
+def test_only_an_idle_unit_retires_and_a_stop_drops_its_job() -> None:
+    """A job held by a retiring unit would never get its result: refused, naming it; a stop
+    (the executor shuts down) lets the job go with it."""
+    a, a_end = started("a/decode", None)
+    a.job = cast(Job, SimpleNamespace(job_id=7))
+    with pytest.raises(RuntimeError, match="a/decode: retired holding job 7"):
+        a.retire()
+    a.stop()
+    assert (a.job, a.state, a.conns) == (None, GroupState.STOPPED, [])
+    a_end.close()
