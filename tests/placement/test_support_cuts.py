@@ -85,15 +85,19 @@ def spread(table: CandidateTable, size: int, most: int = 9) -> list[Candidate]:
     return (firsts + seconds)[:most]
 
 
-@pytest.mark.parametrize("seed", range(12))
+# the first 12 seeds whose random table has candidates of two models or more on some size
+# (seeds 1, 2, 6 and 10 have one model per size: nothing to separate)
+SEVERAL_MODELS = (0, 3, 4, 5, 7, 8, 9, 11, 12, 13, 14, 16)
+
+
+@pytest.mark.parametrize("seed", SEVERAL_MODELS)
 def test_every_cut_holds_for_every_configuration_of_a_random_table(seed: int) -> None:
     rng = random.Random(seed)
     table = build_candidates(random_problem(rng), Mode.MUX)
     cap = table.capacity.as_tuple()
     size = max(table.problem.mesh_sizes, key=lambda s: len({c.model for c in spread(table, s)}))
     items = spread(table, size)
-    if len({c.model for c in items}) < 2:
-        pytest.skip("too few models")
+    assert len({c.model for c in items}) >= 2
     units = [c.model for c in items]  # replica 0 of each model: one unit per model
     xs = np.array([rng.uniform(0.2, 1.0) for _ in items])
     for meshes in (0.2, 0.5, 1.0):
