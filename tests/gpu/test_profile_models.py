@@ -3,7 +3,6 @@ a small profile that placement's loader reads."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from placement.profile_table import load_profile
+from tests.helpers.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "profile_models.py"
@@ -23,12 +23,7 @@ GIB = 2**30
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("profile_models", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["profile_models"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("profile_models")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -4,27 +4,19 @@ meshes' histograms, models served per mesh, and medians with their spread."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from muxserve.config import parse_config
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_elastic.py"
+from tests.helpers.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_elastic", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_elastic"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_elastic")
 
 
 def args(**kw: object) -> argparse.Namespace:

@@ -3,7 +3,6 @@ keeping the throughput measured last, with that run's load average."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,18 +10,14 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_engine.py"
+from tests.helpers.scripts import load_script
+
 TINY = ["--skip-throughput", "--running", "8", "--rounds", "3", "--repeats", "1"]
 
 
 @pytest.fixture(scope="module")
 def bench_engine() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_engine", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_engine"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_engine")
 
 
 def run(bench_engine: ModuleType, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict:

@@ -3,27 +3,18 @@ repeat agrees, gauges found whatever the server's label order."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
 from muxserve.bench.client import RunResult
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_modes.py"
+from tests.helpers.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench_modes() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_modes", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_modes"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_modes")
 
 
 def run(rate: float, repeat: int, p99: float, tokens: float, att: float = 1.0) -> dict[str, Any]:

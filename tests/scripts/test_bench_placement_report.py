@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_placement_report.py"
+from tests.helpers.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def report() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_placement_report", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_placement_report"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_placement_report")
 
 
 def row(**plans: tuple[float, float, float, float]) -> dict:

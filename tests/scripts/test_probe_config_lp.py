@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "probe_config_lp.py"
+from tests.helpers.scripts import load_script
+
 TINY = ["--instance", "small", "--models", "5", "--nodes", "2", "--gpus-per-node", "4"]
 
 
 @pytest.fixture(scope="module")
 def probe() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("probe_config_lp", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["probe_config_lp"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("probe_config_lp")
 
 
 def test_grows_the_lp_from_the_pool_between_the_plan_and_the_bounds(
