@@ -225,7 +225,7 @@ class BranchAndPrice:
                 threshold = size_price[s] + 1e-7 * max(1.0, lp.value)
                 priced = price(s, options, model_price, self.cap, keep, threshold, weight,
                                node_limit=node_limit)  # fmt: skip
-                added += sum(self.add(self._to_units(cfg, unit_price)) for _, cfg in priced.configs)
+                added += sum(self.add(self.to_units(cfg, unit_price)) for _, cfg in priced.configs)
         return added
 
     def combine(
@@ -295,7 +295,7 @@ class BranchAndPrice:
             if priced is None:
                 return lp  # a round cut short bounds nothing
             best_value, configs = priced
-            here = self._lagrangian(sep_price, sep_weight, best_value)
+            here = self.lagrangian(sep_price, sep_weight, best_value)
             alpha = min(alpha, 0.5)
             if here < bound:
                 bound = here
@@ -304,7 +304,7 @@ class BranchAndPrice:
             added = 0
             tol = 1e-9 * max(1.0, lp.value)
             for cfg in configs:
-                cfg = self._to_units(cfg, out_price)
+                cfg = self.to_units(cfg, out_price)
                 rc = sum(out_weight[c.model] * c.served - out_price[self.unit_index[(c.model,
                          c.replica)]] for c in cfg.cands) - size_price[cfg.size]  # fmt: skip
                 if rc > tol:
@@ -382,7 +382,7 @@ class BranchAndPrice:
             configs += [cfg for _, cfg in priced.configs]
         return best_value, configs
 
-    def _to_units(self, cfg: Config, unit_price: list[float]) -> Config:
+    def to_units(self, cfg: Config, unit_price: list[float]) -> Config:
         """A priced configuration's candidates on each model's cheapest unit (replica)."""
         cands = []
         for c in cfg.cands:
@@ -393,7 +393,7 @@ class BranchAndPrice:
             cands.append(c)
         return Config(cfg.size, tuple(cands))
 
-    def _lagrangian(
+    def lagrangian(
         self, unit_price: list[float], weight: Mapping[int, float], best_value: dict[int, float]
     ) -> float:
         """Σ unit prices + Σ rate prices × caps + the most any packing of meshes earns at the

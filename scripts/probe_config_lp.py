@@ -10,7 +10,7 @@ and bound (`price`, 20,000 nodes, 10 configurations kept), with the MIP (`price_
 fallback where branch and bound finds nothing — for `--rounds` rounds, until a CPU-time
 budget, or until two rounds in a row add nothing. Per round it records the master LP value,
 the columns added and the CPU seconds, and the Lagrangian bound at those duals (the formula
-of `BranchAndPrice._lagrangian`: Σ unit prices + Σ rate prices × caps + nodes × the best
+of `BranchAndPrice.lagrangian`: Σ unit prices + Σ rate prices × caps + nodes × the best
 node pattern at each size's bound on a configuration's value; each size's bound is the
 search's own where it finished, else the MIP's or the pricing LP's — always a valid upper
 bound on every placement). The aggregate LP (`BranchAndPrice.aggregate`) is the other bound.
@@ -19,7 +19,7 @@ grown columns, the best 400 and 800 of them, from the planner's plan.
 
 Seams used here: the unrestricted master LP and its duals (`BranchAndPrice.master.lp`),
 and two private ones (no public method does this; kept inside this script): a priced
-configuration moved to a model's cheapest replica (`_to_units`), and `_lagrangian`.
+configuration moved to a model's cheapest replica (`to_units`), and `lagrangian`.
 
 Writes JSON (command, load average before and after, per-round values, bounds, plans) and a
 PNG (master LP value against CPU seconds, the plans and the bound as horizontal lines).
@@ -122,7 +122,7 @@ def price_round(
             bound = min(bound, price_bound(options, model_price, bp.cap, weight))
         upper[s] = bound
         exact = exact and exact_here
-    return [bp._to_units(c, unit_price) for c in found], upper, exact
+    return [bp.to_units(c, unit_price) for c in found], upper, exact
 
 
 def grow(
@@ -144,7 +144,7 @@ def grow(
         added = sum(bp.add(c) for c in found)
         row = {"round": r, "master_lp": lp.value, "added": added, "columns": len(bp.configs),
                "cpu_s": time.process_time() - t0, "exact": exact,
-               "lagrangian": bp._lagrangian(unit_price, weight, upper)}  # fmt: skip
+               "lagrangian": bp.lagrangian(unit_price, weight, upper)}  # fmt: skip
         out.append(row)
         log(f"round {r}: master LP {lp.value:.3f}, added {added}, "
             f"{row['cpu_s']:.1f} CPU-s, Lagrangian {row['lagrangian']:.1f}"
